@@ -1,0 +1,31 @@
+"""g2vlm-hf: G²VLM as a Hugging Face transformers model. Importing the package registers it with the Auto classes."""
+
+from .modeling import (
+    G2VLMCausalLMOutputWithPast,
+    G2VLMConfig,
+    G2VLMForConditionalGeneration,
+    G2VLMModel,
+    G2VLMModelOutputWithPast,
+    G2VLMPreTrainedModel,
+    G2VLMReconstructionOutput,
+    G2VLMTextConfig,
+    G2VLMTextModel,
+)
+from .registration import register
+
+register()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "G2VLMCausalLMOutputWithPast",
+    "G2VLMConfig",
+    "G2VLMForConditionalGeneration",
+    "G2VLMModel",
+    "G2VLMModelOutputWithPast",
+    "G2VLMPreTrainedModel",
+    "G2VLMReconstructionOutput",
+    "G2VLMTextConfig",
+    "G2VLMTextModel",
+    "register",
+]

@@ -1,0 +1,141 @@
+"""Configuration classes of G²VLM: the two-expert text decoder and the composite model."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from transformers import Dinov2WithRegistersConfig, PreTrainedConfig, Qwen2VLTextConfig, Qwen2VLVisionConfig
+
+GEOMETRY_ENCODER_ATTENTION_MODES = ("per_view", "official_packed_windows")
+
+
+class G2VLMTextConfig(Qwen2VLTextConfig):
+    r"""
+    Configuration of the G²VLM two-expert decoder: a Qwen2-VL language model whose every layer exists twice, once for
+    the semantic expert (text and Qwen2-VL image tokens) and once for the geometry expert (DINOv2 patch tokens), with
+    one shared attention. All Qwen2-VL text fields keep their meaning; the multimodal RoPE sections live in
+    `rope_parameters["mrope_section"]` (the official model uses `[16, 24, 24]`).
+
+    Args:
+        geometry_layer_scale_init (`float`, *optional*, defaults to 0.01):
+            Initial value of the two LayerScale vectors that scale the geometry expert's attention output and MLP
+            output before the residual additions.
+    """
+
+    model_type = "g2vlm_text"
+    base_config_key = "text_config"
+
+    geometry_layer_scale_init: float = 0.01
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.rope_parameters.setdefault("mrope_section", [16, 24, 24])
+        head_dim = self.hidden_size // self.num_attention_heads
+        if 2 * sum(self.rope_parameters["mrope_section"]) != head_dim:
+            raise ValueError(
+                f"rope_parameters['mrope_section']={self.rope_parameters['mrope_section']} must sum to half the head "
+                f"dimension ({head_dim // 2} for hidden_size={self.hidden_size} and "
+                f"num_attention_heads={self.num_attention_heads})."
+            )
+
+
+class G2VLMConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`G2VLMForConditionalGeneration`]: a Qwen2-VL semantic vision encoder, a DINOv2-with-registers
+    geometry encoder, the two-expert decoder and the Pi3-style geometry heads.
+
+    Args:
+        text_config (`dict` or [`G2VLMTextConfig`], *optional*):
+            The two-expert decoder.
+        vision_config (`dict` or [`~transformers.Qwen2VLVisionConfig`], *optional*):
+            The semantic vision encoder (Qwen2-VL ViT with its 2x2 merger into the decoder width).
+        geometry_config (`dict` or [`~transformers.Dinov2WithRegistersConfig`], *optional*):
+            The geometry encoder (DINOv2 with registers). Only its patch tokens after the final layer norm are used.
+        image_token_id (`int`, *optional*, defaults to 151655):
+            Placeholder token of semantic image features (`<|image_pad|>`).
+        geometry_token_id (`int`, *optional*, defaults to 151657):
+            Placeholder token of geometry (DINOv2 patch) features (`<|geo_pad|>`, added by the conversion).
+        vision_start_token_id (`int`, *optional*, defaults to 151652):
+            `<|vision_start|>`, opening every semantic image and every geometry view.
+        vision_end_token_id (`int`, *optional*, defaults to 151653):
+            `<|vision_end|>`, closing every semantic image and every geometry view.
+        geometry_encoder_attention (`str`, *optional*, defaults to `"per_view"`):
+            How the geometry encoder attends. `"per_view"` is plain DINOv2: each view attends over its own CLS,
+            register and patch tokens. `"official_packed_windows"` reproduces the released G²VLM code, which packs all
+            views of a scene into one sequence and attends in windows of `num_patches` tokens (so windows straddle
+            views and the last `5 * num_views` tokens get a zero attention output). The released weights were trained
+            with it; converted official checkpoints turn it on.
+        head_depth (`int`, *optional*, defaults to 5):
+            Transformer blocks in each geometry-head decoder.
+        head_num_attention_heads (`int`, *optional*, defaults to 16):
+            Attention heads of the head decoders (their width is the decoder's `hidden_size`).
+        head_mlp_ratio (`float`, *optional*, defaults to 4.0):
+            MLP expansion of the head decoders.
+        head_layer_norm_eps (`float`, *optional*, defaults to 1e-6):
+            LayerNorm epsilon of the head decoders.
+        head_rope_theta (`float`, *optional*, defaults to 100.0):
+            Base of the 2D RoPE over the patch grid in the head decoders.
+        point_head_hidden_size (`int`, *optional*, defaults to 1024):
+            Output width of the point, global-point and confidence decoders.
+        camera_head_hidden_size (`int`, *optional*, defaults to 512):
+            Output width of the camera decoder and width of the camera head.
+        use_global_points (`bool`, *optional*, defaults to `True`):
+            Whether the global-points decoder (cross-attending to the first view) and its head exist.
+        use_confidence_head (`bool`, *optional*, defaults to `False`):
+            Whether a confidence decoder and its 1-channel head exist (only some official checkpoints have one).
+        tie_word_embeddings (`bool`, *optional*, defaults to `False`):
+            Whether the LM head shares the input embedding matrix.
+    """
+
+    model_type = "g2vlm"
+    sub_configs_defaults: ClassVar = {
+        "text_config": G2VLMTextConfig,
+        "vision_config": Qwen2VLVisionConfig,
+        "geometry_config": Dinov2WithRegistersConfig,
+    }
+    keys_to_ignore_at_inference: ClassVar = ["past_key_values"]
+
+    text_config: dict | PreTrainedConfig | None = None
+    vision_config: dict | PreTrainedConfig | None = None
+    geometry_config: dict | PreTrainedConfig | None = None
+    image_token_id: int = 151655
+    geometry_token_id: int = 151657
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    geometry_encoder_attention: Literal["per_view", "official_packed_windows"] = "per_view"
+    head_depth: int = 5
+    head_num_attention_heads: int = 16
+    head_mlp_ratio: float = 4.0
+    head_layer_norm_eps: float = 1e-6
+    head_rope_theta: float = 100.0
+    point_head_hidden_size: int = 1024
+    camera_head_hidden_size: int = 512
+    use_global_points: bool = True
+    use_confidence_head: bool = False
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.geometry_encoder_attention not in GEOMETRY_ENCODER_ATTENTION_MODES:
+            raise ValueError(
+                f"geometry_encoder_attention={self.geometry_encoder_attention!r} is not supported; choose one of "
+                f"{GEOMETRY_ENCODER_ATTENTION_MODES}."
+            )
+        if self.text_config.hidden_size % self.head_num_attention_heads:
+            raise ValueError(
+                f"The geometry-head decoders run at the decoder width ({self.text_config.hidden_size}), which must be "
+                f"divisible by head_num_attention_heads={self.head_num_attention_heads}."
+            )
+        if self.vision_config.hidden_size != self.text_config.hidden_size:
+            raise ValueError(
+                f"vision_config.hidden_size={self.vision_config.hidden_size} (the ViT merger's output width) must equal "
+                f"text_config.hidden_size={self.text_config.hidden_size}."
+            )
+
+    @property
+    def geometry_patch_size(self) -> int:
+        """Side in pixels of one geometry (DINOv2) patch; geometry images must be multiples of it."""
+        return self.geometry_config.patch_size
+
+
+__all__ = ["G2VLMConfig", "G2VLMTextConfig"]

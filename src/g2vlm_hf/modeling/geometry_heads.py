@@ -1,0 +1,292 @@
+"""Pi3-style geometry heads: per-view transformer decoders over the decoder's geometry tokens, then small heads for
+local point maps, camera poses, global point maps and (optionally) confidence.
+
+Every head sees the same input: the final-normed hidden states of one view's geometry tokens,
+`(scenes * views, h * w, hidden)`, with a 2D RoPE over the `(h, w)` patch grid.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configuration_g2vlm import G2VLMConfig
+
+
+class G2VLMRotary2D(nn.Module):
+    """2D rotary embedding: the first half of each head rotates with the patch row, the second half with the
+    patch column (each half a standard 1D RoPE with base `theta`)."""
+
+    def __init__(self, theta: float):
+        super().__init__()
+        self.theta = theta
+
+    def _rotate(self, states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        dim = states.shape[-1]
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, dim, 2, device=states.device, dtype=torch.float32) / dim))
+        angles = positions.to(torch.float32)[..., None] * inv_freq  # (batch, seq, dim / 2)
+        angles = torch.cat((angles, angles), dim=-1)[:, None]  # (batch, 1, seq, dim)
+        first, second = states.chunk(2, dim=-1)
+        rotated_half = torch.cat((-second, first), dim=-1)
+        return states * angles.cos().to(states.dtype) + rotated_half * angles.sin().to(states.dtype)
+
+    def forward(self, states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """states `(batch, heads, seq, head_dim)`, positions `(batch, seq, 2)` as (row, column)."""
+        rows, columns = states.chunk(2, dim=-1)
+        return torch.cat((self._rotate(rows, positions[..., 0]), self._rotate(columns, positions[..., 1])), dim=-1)
+
+
+class G2VLMHeadAttention(nn.Module):
+    """Multi-head self-attention with 2D RoPE."""
+
+    def __init__(self, dim: int, num_heads: int, rope: G2VLMRotary2D):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.rope = rope
+
+    def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        batch, seq, dim = hidden_states.shape
+        qkv = self.qkv(hidden_states).view(batch, seq, 3, self.num_heads, dim // self.num_heads)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4)  # each (batch, heads, seq, head_dim)
+        query, key = self.rope(query, positions), self.rope(key, positions)
+        attn = F.scaled_dot_product_attention(query, key, value)
+        return self.proj(attn.transpose(1, 2).reshape(batch, seq, dim))
+
+
+class G2VLMHeadCrossAttention(nn.Module):
+    """Multi-head cross-attention with 2D RoPE on queries and keys."""
+
+    def __init__(self, dim: int, num_heads: int, rope: G2VLMRotary2D):
+        super().__init__()
+        self.num_heads = num_heads
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(dim, dim)
+        self.value = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.rope = rope
+
+    def _heads(self, states: torch.Tensor) -> torch.Tensor:
+        batch, seq, dim = states.shape
+        return states.view(batch, seq, self.num_heads, dim // self.num_heads).transpose(1, 2)
+
+    def forward(
+        self, hidden_states: torch.Tensor, context: torch.Tensor, positions: torch.Tensor, context_positions: torch.Tensor
+    ) -> torch.Tensor:
+        query = self.rope(self._heads(self.query(hidden_states)), positions)
+        key = self.rope(self._heads(self.key(context)), context_positions)
+        attn = F.scaled_dot_product_attention(query, key, self._heads(self.value(context)))
+        return self.proj(attn.transpose(1, 2).reshape(hidden_states.shape))
+
+
+class G2VLMHeadMLP(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+
+class G2VLMHeadBlock(nn.Module):
+    """Pre-norm transformer block: self-attention with 2D RoPE, then MLP."""
+
+    def __init__(self, config: G2VLMConfig, rope: G2VLMRotary2D):
+        super().__init__()
+        dim, eps = config.text_config.hidden_size, config.head_layer_norm_eps
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = G2VLMHeadAttention(dim, config.head_num_attention_heads, rope)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = G2VLMHeadMLP(dim, int(dim * config.head_mlp_ratio))
+
+    def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states + self.attn(self.norm1(hidden_states), positions)
+        return hidden_states + self.mlp(self.norm2(hidden_states))
+
+
+class G2VLMHeadCrossBlock(nn.Module):
+    """Pre-norm block: self-attention, cross-attention to a context (the first view), then MLP."""
+
+    def __init__(self, config: G2VLMConfig, rope: G2VLMRotary2D):
+        super().__init__()
+        dim, eps, heads = config.text_config.hidden_size, config.head_layer_norm_eps, config.head_num_attention_heads
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = G2VLMHeadAttention(dim, heads, rope)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.norm_y = nn.LayerNorm(dim, eps=eps)
+        self.cross_attn = G2VLMHeadCrossAttention(dim, heads, rope)
+        self.norm3 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = G2VLMHeadMLP(dim, int(dim * config.head_mlp_ratio))
+
+    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states + self.attn(self.norm1(hidden_states), positions)
+        context = self.norm_y(context)
+        hidden_states = hidden_states + self.cross_attn(self.norm2(hidden_states), context, positions, positions)
+        return hidden_states + self.mlp(self.norm3(hidden_states))
+
+
+class G2VLMHeadDecoder(nn.Module):
+    """`head_depth` blocks at the decoder width, then a linear projection to `out_dim`. With `cross_attention`,
+    every block also attends to a context sequence."""
+
+    def __init__(self, config: G2VLMConfig, rope: G2VLMRotary2D, out_dim: int, cross_attention: bool = False):
+        super().__init__()
+        block = G2VLMHeadCrossBlock if cross_attention else G2VLMHeadBlock
+        self.blocks = nn.ModuleList(block(config, rope) for _ in range(config.head_depth))
+        self.linear_out = nn.Linear(config.text_config.hidden_size, out_dim)
+
+    def forward(
+        self, hidden_states: torch.Tensor, positions: torch.Tensor, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        for block in self.blocks:
+            if context is None:
+                hidden_states = block(hidden_states, positions)
+            else:
+                hidden_states = block(hidden_states, context, positions)
+        return self.linear_out(hidden_states)
+
+
+class G2VLMPixelHead(nn.Module):
+    """Linear map of each patch token to `channels * patch**2` values, pixel-shuffled to full resolution."""
+
+    def __init__(self, in_dim: int, channels: int, patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Linear(in_dim, channels * patch_size**2)
+
+    def forward(self, tokens: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+        """tokens `(batch, grid_h * grid_w, in_dim)` -> `(batch, grid_h * patch, grid_w * patch, channels)`."""
+        features = self.proj(tokens).transpose(1, 2).reshape(tokens.shape[0], -1, grid_h, grid_w)
+        return F.pixel_shuffle(features, self.patch_size).permute(0, 2, 3, 1)
+
+
+class G2VLMResidualMLPBlock(nn.Module):
+    """Three ReLU linear layers with a skip connection."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.res_conv1 = nn.Linear(dim, dim)
+        self.res_conv2 = nn.Linear(dim, dim)
+        self.res_conv3 = nn.Linear(dim, dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.res_conv1(hidden_states))
+        out = F.relu(self.res_conv2(out))
+        return hidden_states + F.relu(self.res_conv3(out))
+
+
+def rotation_from_9d(matrix: torch.Tensor) -> torch.Tensor:
+    """Nearest rotation to each of `(batch, 9)` (rows L2-normalised first) by SVD, reflections fixed: `(batch, 3, 3)`
+    with det +1."""
+    rows = F.normalize(matrix.view(-1, 3, 3), p=2, dim=-1)
+    u, _, vh = torch.linalg.svd(rows.transpose(-1, -2))
+    v = vh.transpose(-1, -2)
+    det = torch.det(v @ u.transpose(-1, -2))
+    v = torch.cat((v[..., :-1], v[..., -1:] * det.view(-1, 1, 1)), dim=-1)
+    return v @ u.transpose(-1, -2)
+
+
+class G2VLMCameraHead(nn.Module):
+    """Camera-to-world pose of each view from its camera-decoder tokens: residual MLPs, average over patches, MLP,
+    then a translation and a 9-vector orthogonalised to a rotation."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.res_conv = nn.ModuleList(G2VLMResidualMLPBlock(dim) for _ in range(2))
+        self.pose_mlp = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.ReLU())
+        self.fc_t = nn.Linear(dim, 3)
+        self.fc_rot = nn.Linear(dim, 9)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens `(batch, patches, dim)` -> poses `(batch, 4, 4)`."""
+        for block in self.res_conv:
+            tokens = block(tokens)
+        features = self.pose_mlp(tokens.mean(dim=1))
+        pose = torch.zeros(tokens.shape[0], 4, 4, device=tokens.device, dtype=tokens.dtype)
+        pose[:, :3, :3] = rotation_from_9d(self.fc_rot(features))
+        pose[:, :3, 3] = self.fc_t(features)
+        pose[:, 3, 3] = 1.0
+        return pose
+
+
+class G2VLMGeometryHeads(nn.Module):
+    """All geometry heads. Their weights stay in float32 and they run with autocast off: the exponential depth and
+    the SVD are unstable in half precision."""
+
+    def __init__(self, config: G2VLMConfig):
+        super().__init__()
+        self.patch_size = config.geometry_patch_size
+        rope = G2VLMRotary2D(config.head_rope_theta)
+        point_dim, camera_dim = config.point_head_hidden_size, config.camera_head_hidden_size
+        self.point_decoder = G2VLMHeadDecoder(config, rope, point_dim)
+        self.point_head = G2VLMPixelHead(point_dim, 3, self.patch_size)
+        self.camera_decoder = G2VLMHeadDecoder(config, rope, camera_dim)
+        self.camera_head = G2VLMCameraHead(camera_dim)
+        self.global_points_decoder = None
+        self.global_point_head = None
+        if config.use_global_points:
+            self.global_points_decoder = G2VLMHeadDecoder(config, rope, point_dim, cross_attention=True)
+            self.global_point_head = G2VLMPixelHead(point_dim, 3, self.patch_size)
+        self.confidence_decoder = None
+        self.confidence_head = None
+        if config.use_confidence_head:
+            self.confidence_decoder = G2VLMHeadDecoder(config, rope, point_dim)
+            self.confidence_head = G2VLMPixelHead(point_dim, 1, self.patch_size)
+
+    def forward(self, geometry_tokens: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """
+        Args:
+            geometry_tokens: `(scenes, views, grid_h, grid_w, hidden)` final-normed decoder states of the geometry
+                tokens.
+
+        Returns:
+            A dict with `camera_poses (scenes, views, 4, 4)`, `local_points`, `world_points`, `global_points`
+            `(scenes, views, H, W, 3)`, `depth (scenes, views, H, W)` and `confidence (scenes, views, H, W)` or None.
+        """
+        scenes, views, grid_h, grid_w, dim = geometry_tokens.shape
+        height, width = grid_h * self.patch_size, grid_w * self.patch_size
+        tokens = geometry_tokens.reshape(scenes * views, grid_h * grid_w, dim).float()
+        rows, columns = torch.meshgrid(
+            torch.arange(grid_h, device=tokens.device), torch.arange(grid_w, device=tokens.device), indexing="ij"
+        )
+        positions = torch.stack((rows, columns), dim=-1).view(1, -1, 2).expand(scenes * views, -1, -1)
+
+        def per_view(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(scenes, views, *x.shape[1:])
+
+        with torch.autocast(device_type=tokens.device.type, enabled=False):
+            raw = self.point_head(self.point_decoder(tokens, positions), grid_h, grid_w)
+            xy, log_depth = raw.split([2, 1], dim=-1)
+            depth = torch.exp(log_depth)
+            local_points = per_view(torch.cat((xy * depth, depth), dim=-1))
+            camera_poses = per_view(self.camera_head(self.camera_decoder(tokens, positions)))
+            world_points = torch.einsum("bnij,bnhwj->bnhwi", camera_poses[..., :3, :3], local_points)
+            world_points = world_points + camera_poses[..., None, None, :3, 3]
+
+            global_points = None
+            if self.global_points_decoder is not None:
+                first_view = tokens.view(scenes, views, grid_h * grid_w, dim)[:, :1].expand(-1, views, -1, -1)
+                context = first_view.reshape(scenes * views, grid_h * grid_w, dim)
+                hidden = self.global_points_decoder(tokens, positions, context=context)
+                global_points = per_view(self.global_point_head(hidden, grid_h, grid_w))
+
+            confidence = None
+            if self.confidence_decoder is not None:
+                hidden = self.confidence_decoder(tokens, positions)
+                confidence = per_view(self.confidence_head(hidden, grid_h, grid_w)[..., 0])
+
+        return {
+            "camera_poses": camera_poses,
+            "local_points": local_points,
+            "world_points": world_points,
+            "global_points": global_points,
+            "depth": local_points[..., 2],
+            "confidence": confidence,
+        }
+
+
+__all__ = ["G2VLMGeometryHeads"]

@@ -1,0 +1,340 @@
+"""G²VLM: a Qwen2-VL semantic encoder, a DINOv2 geometry encoder, a two-expert decoder and Pi3-style geometry heads."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GenerationMixin
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+from transformers.cache_utils import Cache
+from transformers.utils import logging
+
+from .configuration_g2vlm import G2VLMConfig
+from .geometry_encoder import G2VLMGeometryEncoder
+from .geometry_heads import G2VLMGeometryHeads
+from .outputs import G2VLMCausalLMOutputWithPast, G2VLMModelOutputWithPast, G2VLMReconstructionOutput
+from .pretrained import G2VLMPreTrainedModel
+from .text_decoder import G2VLMTextModel
+from .token_layout import get_block_ids, get_rope_index
+
+logger = logging.get_logger(__name__)
+
+
+class G2VLMModel(G2VLMPreTrainedModel):
+    """The encoders and the two-expert decoder, without LM head or geometry heads."""
+
+    def __init__(self, config: G2VLMConfig):
+        super().__init__(config)
+        self.visual = Qwen2VisionTransformerPretrainedModel._from_config(config.vision_config)
+        self.geometry_encoder = G2VLMGeometryEncoder._from_config(
+            config.geometry_config, packed_windows=config.geometry_encoder_attention == "official_packed_windows"
+        )
+        self.geometry_projector = nn.Linear(config.geometry_config.hidden_size, config.text_config.hidden_size)
+        self.language_model = G2VLMTextModel._from_config(config.text_config)
+        self.rope_deltas = None
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.language_model.embed_tokens = value
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor) -> torch.Tensor:
+        """Semantic image features after the 2x2 merger: `(total merged patches, hidden)`."""
+        pixel_values = pixel_values.to(self.visual.get_dtype())
+        return self.visual(pixel_values, grid_thw=image_grid_thw).pooler_output
+
+    def get_geometry_features(self, geometry_pixel_values: torch.Tensor) -> torch.Tensor:
+        """Geometry features in the decoder width.
+
+        Args:
+            geometry_pixel_values: `(batch, views, 3, H, W)` ImageNet-normalised, H and W multiples of the patch.
+
+        Returns:
+            `(batch, views, H / patch * W / patch, hidden)`.
+        """
+        check_geometry_pixel_values(geometry_pixel_values, self.config.geometry_patch_size)
+        batch, views = geometry_pixel_values.shape[:2]
+        patch_tokens = self.geometry_encoder(geometry_pixel_values.flatten(0, 1), views_per_scene=views)
+        return self.geometry_projector(patch_tokens).view(batch, views, patch_tokens.shape[1], -1)
+
+    def geometry_grid_thw(self, geometry_pixel_values: torch.Tensor) -> torch.LongTensor:
+        """`(batch * views, 3)` token grids `(1, H / patch, W / patch)` of the geometry views, in prompt order."""
+        batch, views, _, height, width = geometry_pixel_values.shape
+        patch = self.config.geometry_patch_size
+        grid = torch.tensor([1, height // patch, width // patch], device=geometry_pixel_values.device)
+        return grid.expand(batch * views, 3)
+
+    def compute_position_ids(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None,
+        image_grid_thw: torch.LongTensor | None,
+        geometry_grid_thw: torch.LongTensor | None,
+    ) -> torch.LongTensor:
+        """3D positions of `input_ids`, continuing after the cache; updates `self.rope_deltas`."""
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        has_media = image_grid_thw is not None or geometry_grid_thw is not None
+        previous_deltas = self.rope_deltas if (past_length and self.rope_deltas is not None) else None
+        if past_length and not has_media:
+            deltas = previous_deltas if previous_deltas is not None else torch.zeros(1, 1, dtype=torch.long)
+            positions = torch.arange(past_length, past_length + input_ids.shape[1], device=input_ids.device)
+            return (positions.view(1, 1, -1) + deltas.to(input_ids.device).view(1, -1, 1)).expand(3, input_ids.shape[0], -1)
+        start_positions = None
+        if past_length:
+            deltas = previous_deltas if previous_deltas is not None else torch.zeros(input_ids.shape[0], 1, dtype=torch.long)
+            start_positions = past_length + deltas.view(-1).cpu().expand(input_ids.shape[0])
+        chunk_mask = attention_mask[:, -input_ids.shape[1] :] if attention_mask is not None else None
+        position_ids, self.rope_deltas = get_rope_index(
+            input_ids,
+            image_grid_thw,
+            geometry_grid_thw,
+            chunk_mask,
+            image_token_id=self.config.image_token_id,
+            geometry_token_id=self.config.geometry_token_id,
+            spatial_merge_size=self.config.vision_config.spatial_merge_size,
+            start_positions=start_positions,
+            past_length=past_length,
+        )
+        return position_ids
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        geometry_pixel_values: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> G2VLMModelOutputWithPast:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(total_patches, channels * temporal_patch * patch * patch)`):
+            Flattened Qwen2-VL patches of the semantic images (from the Qwen2-VL image processor).
+        image_grid_thw (`torch.LongTensor` of shape `(num_images, 3)`):
+            Patch grid of each semantic image.
+        geometry_pixel_values (`torch.FloatTensor` of shape `(batch_size, num_views, 3, height, width)`):
+            ImageNet-normalised geometry views; height and width multiples of the geometry patch size (14).
+        """
+        if input_ids is None:
+            raise ValueError(
+                "G2VLMModel needs `input_ids`: the positions of images and the attention blocks are read from the "
+                "placeholder tokens."
+            )
+        if inputs_embeds is None:
+            image_mask = input_ids == self.config.image_token_id
+            geometry_placeholders = input_ids == self.config.geometry_token_id
+            # Placeholders may lie outside the embedding matrix (`<|geo_pad|>` is added by the conversion).
+            inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask | geometry_placeholders, 0))
+            if pixel_values is not None:
+                features = self.get_image_features(pixel_values, image_grid_thw)
+                inputs_embeds = scatter_features(inputs_embeds, image_mask, features, "semantic image")
+            if geometry_pixel_values is not None:
+                features = self.get_geometry_features(geometry_pixel_values).flatten(0, 2)
+                inputs_embeds = scatter_features(inputs_embeds, geometry_placeholders, features, "geometry")
+            elif bool(geometry_placeholders.any()):
+                raise ValueError("`input_ids` holds geometry placeholders but no `geometry_pixel_values` were given.")
+            if pixel_values is None and bool(image_mask.any()):
+                raise ValueError("`input_ids` holds image placeholders but no `pixel_values` were given.")
+
+        if position_ids is None:
+            geometry_grid_thw = (
+                self.geometry_grid_thw(geometry_pixel_values) if geometry_pixel_values is not None else None
+            )
+            position_ids = self.compute_position_ids(
+                input_ids, attention_mask, past_key_values, image_grid_thw, geometry_grid_thw
+            )
+        chunk_mask = attention_mask[:, -input_ids.shape[1] :] if attention_mask is not None else None
+        block_ids = get_block_ids(
+            input_ids,
+            chunk_mask,
+            image_token_id=self.config.image_token_id,
+            geometry_token_id=self.config.geometry_token_id,
+            vision_start_token_id=self.config.vision_start_token_id,
+            vision_end_token_id=self.config.vision_end_token_id,
+        )
+        geometry_mask = input_ids == self.config.geometry_token_id
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            position_ids=position_ids,
+            geometry_mask=geometry_mask,
+            attention_mask=attention_mask,
+            block_ids=block_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return G2VLMModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            rope_deltas=self.rope_deltas,
+            geometry_mask=geometry_mask,
+        )
+
+
+def check_geometry_pixel_values(geometry_pixel_values: torch.Tensor, patch_size: int) -> None:
+    """Raise a ValueError naming the problem when geometry images cannot be encoded."""
+    if geometry_pixel_values.ndim != 5 or geometry_pixel_values.shape[2] != 3:
+        raise ValueError(
+            "geometry_pixel_values must have shape (batch_size, num_views, 3, height, width), got "
+            f"{tuple(geometry_pixel_values.shape)}; all views of one scene must have the same size."
+        )
+    height, width = geometry_pixel_values.shape[-2:]
+    if height % patch_size or width % patch_size:
+        raise ValueError(
+            f"Geometry images must have sides that are multiples of the patch size {patch_size}, got {height}x{width}; "
+            "resize them (the G2VLM processor resizes to width 518 and a height multiple of 14)."
+        )
+
+
+def scatter_features(
+    inputs_embeds: torch.Tensor, placeholder_mask: torch.BoolTensor, features: torch.Tensor, kind: str
+) -> torch.Tensor:
+    """Put `features` (one row per placeholder token, in order) in place of the placeholders."""
+    num_placeholders = int(placeholder_mask.sum())
+    if num_placeholders != features.shape[0]:
+        raise ValueError(
+            f"The prompt has {num_placeholders} {kind} placeholder tokens but the {kind} inputs give "
+            f"{features.shape[0]} features: build `input_ids` with the processor so that both agree."
+        )
+    features = features.to(inputs_embeds.device, inputs_embeds.dtype)
+    return inputs_embeds.masked_scatter(placeholder_mask.unsqueeze(-1), features)
+
+
+class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
+    """G²VLM with a language-modelling head (spatial-reasoning chat) and geometry heads (3D reconstruction)."""
+
+    _keep_in_fp32_modules_strict = ["geometry_heads"]
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: G2VLMConfig):
+        super().__init__(config)
+        self.model = G2VLMModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.geometry_heads = G2VLMGeometryHeads(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        geometry_pixel_values: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> G2VLMCausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Token ids for the causal language-modelling loss; -100 is ignored.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            geometry_pixel_values=geometry_pixel_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+        return G2VLMCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            rope_deltas=outputs.rope_deltas,
+        )
+
+    def reconstruct(
+        self,
+        input_ids: torch.LongTensor,
+        geometry_pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> G2VLMReconstructionOutput:
+        """Reconstruct each scene of the batch from its geometry views.
+
+        Args:
+            input_ids: `(batch, seq)` prompt holding one geometry block per row (the processor builds it; the official
+                prompt is `<|im_start|>Reconstruct the 3D scene.` followed by the views).
+            geometry_pixel_values: `(batch, views, 3, H, W)` ImageNet-normalised views, H and W multiples of 14.
+
+        Returns:
+            [`G2VLMReconstructionOutput`] with camera poses, point maps and depth in float32.
+        """
+        if geometry_pixel_values is None:
+            raise ValueError("reconstruct() needs geometry_pixel_values: at least one view per scene.")
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            geometry_pixel_values=geometry_pixel_values,
+            use_cache=False,
+            **kwargs,
+        )
+        batch, views, _, height, width = geometry_pixel_values.shape
+        patch = self.config.geometry_patch_size
+        tokens = outputs.last_hidden_state[outputs.geometry_mask]
+        tokens = tokens.view(batch, views, height // patch, width // patch, -1)
+        return G2VLMReconstructionOutput(**self.geometry_heads(tokens))
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, is_first_iteration=False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, is_first_iteration=is_first_iteration, **kwargs
+        )
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            # The images live in the cache after prefill; `generate()` only drops the inputs it knows.
+            for key in ("pixel_values", "image_grid_thw", "geometry_pixel_values"):
+                model_inputs.pop(key, None)
+        return model_inputs
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        # Overridden: the prompt needs 3D multimodal positions; generation then extends them by one per step.
+        input_ids = model_kwargs.get("input_ids", inputs_tensor)
+        geometry_pixel_values = model_kwargs.get("geometry_pixel_values")
+        geometry_grid_thw = (
+            self.model.geometry_grid_thw(geometry_pixel_values) if geometry_pixel_values is not None else None
+        )
+        position_ids, self.model.rope_deltas = get_rope_index(
+            input_ids,
+            model_kwargs.get("image_grid_thw"),
+            geometry_grid_thw,
+            model_kwargs.get("attention_mask"),
+            image_token_id=self.config.image_token_id,
+            geometry_token_id=self.config.geometry_token_id,
+            spatial_merge_size=self.config.vision_config.spatial_merge_size,
+        )
+        return position_ids
+
+
+__all__ = ["G2VLMForConditionalGeneration", "G2VLMModel"]

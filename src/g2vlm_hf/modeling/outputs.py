@@ -1,0 +1,73 @@
+"""Output classes of the G²VLM models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache
+from transformers.utils import ModelOutput
+
+
+@dataclass
+class G2VLMModelOutputWithPast(ModelOutput):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+        Final hidden states, each token normed by its expert's final norm.
+    past_key_values (`Cache`, *optional*):
+        The key/value cache of the shared attention.
+    rope_deltas (`torch.LongTensor` of shape `(batch_size, 1)`, *optional*):
+        Offset between a text token's sequence index and its multimodal RoPE position after the prompt.
+    geometry_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
+        True on the geometry (DINOv2 patch) tokens.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    rope_deltas: torch.LongTensor | None = None
+    geometry_mask: torch.BoolTensor | None = None
+
+
+@dataclass
+class G2VLMCausalLMOutputWithPast(ModelOutput):
+    r"""
+    rope_deltas (`torch.LongTensor` of shape `(batch_size, 1)`, *optional*):
+        Offset between a text token's sequence index and its multimodal RoPE position after the prompt.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    rope_deltas: torch.LongTensor | None = None
+
+
+@dataclass
+class G2VLMReconstructionOutput(ModelOutput):
+    r"""
+    3D reconstruction of each scene, in the frame of the scene's first camera up to the model's scale. All tensors
+    are float32. `H` and `W` are the geometry image sizes in pixels (multiples of the patch size).
+
+    camera_poses (`torch.FloatTensor` of shape `(batch_size, num_views, 4, 4)`):
+        Camera-to-world transforms: rotation (orthonormal, det +1) and translation, last row `[0, 0, 0, 1]`.
+    local_points (`torch.FloatTensor` of shape `(batch_size, num_views, H, W, 3)`):
+        Per-pixel 3D points in each camera's frame (x right, y down, z forward); z is the depth.
+    world_points (`torch.FloatTensor` of shape `(batch_size, num_views, H, W, 3)`):
+        `local_points` moved to the world frame by `camera_poses`.
+    global_points (`torch.FloatTensor` of shape `(batch_size, num_views, H, W, 3)`, *optional*):
+        Point maps predicted directly in the first view's frame by the global-points head.
+    depth (`torch.FloatTensor` of shape `(batch_size, num_views, H, W)`):
+        Positive depth along each camera's z axis (`local_points[..., 2]`).
+    confidence (`torch.FloatTensor` of shape `(batch_size, num_views, H, W)`, *optional*):
+        Unnormalised per-pixel confidence (higher is more reliable); None when the checkpoint has no confidence head.
+    """
+
+    camera_poses: torch.FloatTensor | None = None
+    local_points: torch.FloatTensor | None = None
+    world_points: torch.FloatTensor | None = None
+    global_points: torch.FloatTensor | None = None
+    depth: torch.FloatTensor | None = None
+    confidence: torch.FloatTensor | None = None

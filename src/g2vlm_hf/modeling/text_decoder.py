@@ -1,0 +1,219 @@
+"""The two-expert decoder: every token goes through its own expert's projections, norms and MLP, and ALL tokens
+meet in ONE softmax attention (grouped-query, multimodal RoPE).
+
+Leaf names: the semantic expert keeps the Qwen2 names (`q_proj`, `k_proj`, `v_proj`, `o_proj`, `q_norm`, `k_norm`,
+`input_layernorm`, `post_attention_layernorm`, `mlp.{gate,up,down}_proj`, final `norm`); the geometry expert uses
+`geo_`-prefixed leaves (`geo_q_proj`, ..., `geo_mlp.geo_gate_proj`, `geo_norm`) plus the LayerScale vectors
+`geo_attn_layer_scale` and `geo_mlp_layer_scale`.
+"""
+
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+    Qwen2VLRMSNorm,
+    Qwen2VLRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+
+from .configuration_g2vlm import G2VLMTextConfig
+from .layers import G2VLMLayerScale, G2VLMMLP, route_tokens
+from .pretrained import G2VLMPreTrainedModel
+from .token_layout import TEXT_BLOCK_ID
+
+
+class G2VLMAttention(nn.Module):
+    """Shared attention of the two experts: per-expert q/k/v projections and QK-norm, one attention call through
+    the configured backend (`ALL_ATTENTION_FUNCTIONS`, eager as the readable reference), per-expert output
+    projection."""
+
+    def __init__(self, config: G2VLMTextConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        q_size = config.num_attention_heads * self.head_dim
+        kv_size = config.num_key_value_heads * self.head_dim
+        for prefix in ("", "geo_"):
+            setattr(self, f"{prefix}q_proj", nn.Linear(config.hidden_size, q_size, bias=True))
+            setattr(self, f"{prefix}k_proj", nn.Linear(config.hidden_size, kv_size, bias=True))
+            setattr(self, f"{prefix}v_proj", nn.Linear(config.hidden_size, kv_size, bias=True))
+            setattr(self, f"{prefix}o_proj", nn.Linear(q_size, config.hidden_size, bias=False))
+            setattr(self, f"{prefix}q_norm", Qwen2VLRMSNorm(self.head_dim, eps=config.rms_norm_eps))
+            setattr(self, f"{prefix}k_norm", Qwen2VLRMSNorm(self.head_dim, eps=config.rms_norm_eps))
+
+    def _project(self, hidden_states: torch.Tensor, geometry_mask: torch.BoolTensor | None, name: str):
+        """Per-expert projection `name` ("q", "k" or "v") split into heads: `(batch, heads, seq, head_dim)`."""
+        batch, seq = hidden_states.shape[:2]
+        semantic_proj, geometry_proj = getattr(self, f"{name}_proj"), getattr(self, f"geo_{name}_proj")
+        states = route_tokens(hidden_states, geometry_mask, semantic_proj, geometry_proj)
+        states = states.view(batch, seq, -1, self.head_dim)
+        if name != "v":
+            states = route_tokens(states, geometry_mask, getattr(self, f"{name}_norm"), getattr(self, f"geo_{name}_norm"))
+        return states.transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        geometry_mask: torch.BoolTensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, seq = hidden_states.shape[:2]
+        query = self._project(hidden_states, geometry_mask, "q")
+        key = self._project(hidden_states, geometry_mask, "k")
+        value = self._project(hidden_states, geometry_mask, "v")
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(batch, seq, -1).contiguous()
+        attn_output = route_tokens(attn_output, geometry_mask, self.o_proj, self.geo_o_proj)
+        return attn_output, attn_weights
+
+
+class G2VLMDecoderLayer(GradientCheckpointingLayer):
+    """Route to the experts, one shared attention, route back; LayerScale on the geometry branches."""
+
+    def __init__(self, config: G2VLMTextConfig, layer_idx: int):
+        super().__init__()
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = G2VLMAttention(config, layer_idx)
+        self.input_layernorm = Qwen2VLRMSNorm(hidden, eps=eps)
+        self.post_attention_layernorm = Qwen2VLRMSNorm(hidden, eps=eps)
+        self.mlp = G2VLMMLP(hidden, config.intermediate_size, config.hidden_act)
+        self.geo_input_layernorm = Qwen2VLRMSNorm(hidden, eps=eps)
+        self.geo_post_attention_layernorm = Qwen2VLRMSNorm(hidden, eps=eps)
+        self.geo_mlp = G2VLMMLP(hidden, config.intermediate_size, config.hidden_act, prefix="geo_")
+        self.geo_attn_layer_scale = G2VLMLayerScale(hidden, config.geometry_layer_scale_init)
+        self.geo_mlp_layer_scale = G2VLMLayerScale(hidden, config.geometry_layer_scale_init)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        geometry_mask: torch.BoolTensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = route_tokens(hidden_states, geometry_mask, self.input_layernorm, self.geo_input_layernorm)
+        hidden_states, _ = self.self_attn(
+            hidden_states, geometry_mask, position_embeddings, attention_mask, past_key_values, **kwargs
+        )
+        hidden_states = residual + self._scale_geometry(hidden_states, geometry_mask, self.geo_attn_layer_scale)
+
+        residual = hidden_states
+        hidden_states = route_tokens(
+            hidden_states, geometry_mask, self.post_attention_layernorm, self.geo_post_attention_layernorm
+        )
+        hidden_states = route_tokens(hidden_states, geometry_mask, self.mlp, self.geo_mlp)
+        return residual + self._scale_geometry(hidden_states, geometry_mask, self.geo_mlp_layer_scale)
+
+    @staticmethod
+    def _scale_geometry(
+        hidden_states: torch.Tensor, geometry_mask: torch.BoolTensor | None, layer_scale: G2VLMLayerScale
+    ) -> torch.Tensor:
+        if geometry_mask is None:
+            return hidden_states
+        return torch.where(geometry_mask.unsqueeze(-1), layer_scale(hidden_states), hidden_states)
+
+
+class G2VLMTextModel(G2VLMPreTrainedModel):
+    """The two-expert decoder without LM head. Returns the final hidden states, each token normed by its expert's
+    final norm."""
+
+    config: G2VLMTextConfig
+    input_modalities = ("text",)
+    _no_split_modules = ["G2VLMDecoderLayer"]
+
+    def __init__(self, config: G2VLMTextConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(G2VLMDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = Qwen2VLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.geo_norm = Qwen2VLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = Qwen2VLRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.LongTensor,
+        geometry_mask: torch.BoolTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        block_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """
+        Args:
+            inputs_embeds: `(batch, seq, hidden)`, with the image features already in place.
+            position_ids: `(3, batch, seq)` multimodal RoPE positions.
+            geometry_mask: `(batch, seq)`, True on geometry tokens (None: no geometry token).
+            attention_mask: `(batch, past + seq)` padding mask, 1 on real tokens.
+            block_ids: `(batch, seq)` bidirectional block of each token, -1 for causal text (None: all causal).
+        """
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if geometry_mask is not None and not bool(geometry_mask.any()):
+            geometry_mask = None
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if block_ids is not None and past_length:
+            block_ids = F.pad(block_ids, (past_length, 0), value=TEXT_BLOCK_ID)
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            block_sequence_ids=block_ids,
+        )
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                geometry_mask,
+                position_embeddings,
+                attention_mask=causal_mask,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+        hidden_states = route_tokens(hidden_states, geometry_mask, self.norm, self.geo_norm)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+
+__all__ = ["G2VLMTextModel"]

@@ -1,0 +1,25 @@
+"""Registration of the G²VLM classes with the transformers Auto factories."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+from .modeling import G2VLMConfig, G2VLMForConditionalGeneration, G2VLMModel, G2VLMTextConfig, G2VLMTextModel
+
+_registered = False
+
+
+def register() -> None:
+    """Register the configs and models with AutoConfig, AutoModel and AutoModelForImageTextToText.
+
+    Idempotent: called on `import g2vlm_hf`, safe to call again.
+    """
+    global _registered
+    if _registered:
+        return
+    AutoConfig.register(G2VLMConfig.model_type, G2VLMConfig, exist_ok=True)
+    AutoConfig.register(G2VLMTextConfig.model_type, G2VLMTextConfig, exist_ok=True)
+    AutoModel.register(G2VLMConfig, G2VLMModel, exist_ok=True)
+    AutoModel.register(G2VLMTextConfig, G2VLMTextModel, exist_ok=True)
+    AutoModelForImageTextToText.register(G2VLMConfig, G2VLMForConditionalGeneration, exist_ok=True)
+    _registered = True
