@@ -8,6 +8,15 @@ from transformers import Dinov2WithRegistersConfig, PreTrainedConfig, Qwen2VLTex
 
 GEOMETRY_ENCODER_ATTENTION_MODES = ("per_view", "official_packed_windows")
 
+# Default encoders: those of G²VLM-2B (the Qwen2-VL-2B ViT and DINOv2-L with 4 registers).
+G2VLM_2B_VISION = dict(
+    depth=32, embed_dim=1280, hidden_size=1536, hidden_act="quick_gelu", mlp_ratio=4, num_heads=16, patch_size=14
+)
+G2VLM_2B_GEOMETRY = dict(
+    hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4, patch_size=14, image_size=518,
+    num_register_tokens=4, layer_norm_eps=1e-6, layerscale_value=1.0,
+)  # fmt: skip
+
 
 class G2VLMTextConfig(Qwen2VLTextConfig):
     r"""
@@ -25,6 +34,14 @@ class G2VLMTextConfig(Qwen2VLTextConfig):
     model_type = "g2vlm_text"
     base_config_key = "text_config"
 
+    # Defaults: the decoder of G²VLM-2B (Qwen2-VL-2B sizes).
+    vocab_size: int = 151936
+    hidden_size: int = 1536
+    intermediate_size: int = 8960
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 12
+    num_key_value_heads: int | None = 2
+    rms_norm_eps: float = 1e-6
     geometry_layer_scale_init: float = 0.01
 
     def __post_init__(self, **kwargs):
@@ -42,7 +59,7 @@ class G2VLMTextConfig(Qwen2VLTextConfig):
 class G2VLMConfig(PreTrainedConfig):
     r"""
     Configuration of [`G2VLMForConditionalGeneration`]: a Qwen2-VL semantic vision encoder, a DINOv2-with-registers
-    geometry encoder, the two-expert decoder and the Pi3-style geometry heads.
+    geometry encoder, the two-expert decoder and the Pi3-style geometry heads. The defaults describe G²VLM-2B.
 
     Args:
         text_config (`dict` or [`G2VLMTextConfig`], *optional*):
@@ -115,6 +132,10 @@ class G2VLMConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        if self.vision_config is None:
+            self.vision_config = dict(G2VLM_2B_VISION)
+        if self.geometry_config is None:
+            self.geometry_config = dict(G2VLM_2B_GEOMETRY)
         super().__post_init__(**kwargs)
         if self.geometry_encoder_attention not in GEOMETRY_ENCODER_ATTENTION_MODES:
             raise ValueError(

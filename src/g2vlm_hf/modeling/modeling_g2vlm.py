@@ -54,7 +54,6 @@ class G2VLMModel(G2VLMPreTrainedModel):
         Returns:
             `(batch, views, H / patch * W / patch, hidden)`.
         """
-        check_geometry_pixel_values(geometry_pixel_values, self.config.geometry_patch_size)
         batch, views = geometry_pixel_values.shape[:2]
         patch_tokens = self.geometry_encoder(geometry_pixel_values.flatten(0, 1), views_per_scene=views)
         return self.geometry_projector(patch_tokens).view(batch, views, patch_tokens.shape[1], -1)
@@ -121,26 +120,38 @@ class G2VLMModel(G2VLMPreTrainedModel):
         geometry_pixel_values (`torch.FloatTensor` of shape `(batch_size, num_views, 3, height, width)`):
             ImageNet-normalised geometry views; height and width multiples of the geometry patch size (14).
         """
+        if geometry_pixel_values is not None:
+            geometry_pixel_values = as_geometry_pixel_values(geometry_pixel_values, self.config.geometry_patch_size)
         if input_ids is None:
             raise ValueError(
                 "G2VLMModel needs `input_ids`: the positions of images and the attention blocks are read from the "
                 "placeholder tokens."
             )
+        # Placeholders stand for media only when the media come with this call: after prefill (with a cache) a
+        # placeholder id is an ordinary token.
+        image_token_id = self.config.image_token_id if pixel_values is not None else None
+        geometry_token_id = self.config.geometry_token_id if geometry_pixel_values is not None else None
+        image_mask = input_ids == image_token_id if image_token_id is not None else None
+        geometry_mask = input_ids == geometry_token_id if geometry_token_id is not None else None
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past_length == 0:
+            for token_id, media in ((self.config.image_token_id, pixel_values), (self.config.geometry_token_id, geometry_pixel_values)):
+                if media is None and bool((input_ids == token_id).any()):
+                    name = "pixel_values" if token_id == self.config.image_token_id else "geometry_pixel_values"
+                    raise ValueError(f"`input_ids` holds {name.split('_')[0]} placeholders but no `{name}` were given.")
+
         if inputs_embeds is None:
-            image_mask = input_ids == self.config.image_token_id
-            geometry_placeholders = input_ids == self.config.geometry_token_id
+            placeholders = torch.zeros_like(input_ids, dtype=torch.bool)
+            for mask in (image_mask, geometry_mask):
+                placeholders = placeholders | mask if mask is not None else placeholders
             # Placeholders may lie outside the embedding matrix (`<|geo_pad|>` is added by the conversion).
-            inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask | geometry_placeholders, 0))
-            if pixel_values is not None:
+            inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
+            if image_mask is not None:
                 features = self.get_image_features(pixel_values, image_grid_thw)
                 inputs_embeds = scatter_features(inputs_embeds, image_mask, features, "semantic image")
-            if geometry_pixel_values is not None:
+            if geometry_mask is not None:
                 features = self.get_geometry_features(geometry_pixel_values).flatten(0, 2)
-                inputs_embeds = scatter_features(inputs_embeds, geometry_placeholders, features, "geometry")
-            elif bool(geometry_placeholders.any()):
-                raise ValueError("`input_ids` holds geometry placeholders but no `geometry_pixel_values` were given.")
-            if pixel_values is None and bool(image_mask.any()):
-                raise ValueError("`input_ids` holds image placeholders but no `pixel_values` were given.")
+                inputs_embeds = scatter_features(inputs_embeds, geometry_mask, features, "geometry")
 
         if position_ids is None:
             geometry_grid_thw = (
@@ -153,12 +164,11 @@ class G2VLMModel(G2VLMPreTrainedModel):
         block_ids = get_block_ids(
             input_ids,
             chunk_mask,
-            image_token_id=self.config.image_token_id,
-            geometry_token_id=self.config.geometry_token_id,
+            image_token_id=image_token_id,
+            geometry_token_id=geometry_token_id,
             vision_start_token_id=self.config.vision_start_token_id,
             vision_end_token_id=self.config.vision_end_token_id,
         )
-        geometry_mask = input_ids == self.config.geometry_token_id
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
@@ -177,8 +187,18 @@ class G2VLMModel(G2VLMPreTrainedModel):
         )
 
 
-def check_geometry_pixel_values(geometry_pixel_values: torch.Tensor, patch_size: int) -> None:
-    """Raise a ValueError naming the problem when geometry images cannot be encoded."""
+def as_geometry_pixel_values(geometry_pixel_values: torch.Tensor | list[torch.Tensor], patch_size: int) -> torch.Tensor:
+    """Validate geometry views and return them as one `(batch, views, 3, H, W)` tensor.
+
+    A list of `(3, H, W)` views is taken as one scene. Raises a ValueError naming the problem otherwise.
+    """
+    if isinstance(geometry_pixel_values, (list, tuple)):
+        sizes = sorted({tuple(view.shape) for view in geometry_pixel_values})
+        if len(sizes) != 1:
+            raise ValueError(
+                f"All views of one scene must have the same size, got {sizes}; resize them to one size first."
+            )
+        geometry_pixel_values = torch.stack(list(geometry_pixel_values))[None]
     if geometry_pixel_values.ndim != 5 or geometry_pixel_values.shape[2] != 3:
         raise ValueError(
             "geometry_pixel_values must have shape (batch_size, num_views, 3, height, width), got "
@@ -190,6 +210,7 @@ def check_geometry_pixel_values(geometry_pixel_values: torch.Tensor, patch_size:
             f"Geometry images must have sides that are multiples of the patch size {patch_size}, got {height}x{width}; "
             "resize them (the G2VLM processor resizes to width 518 and a height multiple of 14)."
         )
+    return geometry_pixel_values
 
 
 def scatter_features(
@@ -275,7 +296,7 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
     def reconstruct(
         self,
         input_ids: torch.LongTensor,
-        geometry_pixel_values: torch.Tensor,
+        geometry_pixel_values: torch.Tensor | list[torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.LongTensor | None = None,
@@ -286,13 +307,15 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
         Args:
             input_ids: `(batch, seq)` prompt holding one geometry block per row (the processor builds it; the official
                 prompt is `<|im_start|>Reconstruct the 3D scene.` followed by the views).
-            geometry_pixel_values: `(batch, views, 3, H, W)` ImageNet-normalised views, H and W multiples of 14.
+            geometry_pixel_values: `(batch, views, 3, H, W)` ImageNet-normalised views, H and W multiples of 14
+                (or a list of `(3, H, W)` views of one scene).
 
         Returns:
             [`G2VLMReconstructionOutput`] with camera poses, point maps and depth in float32.
         """
         if geometry_pixel_values is None:
             raise ValueError("reconstruct() needs geometry_pixel_values: at least one view per scene.")
+        geometry_pixel_values = as_geometry_pixel_values(geometry_pixel_values, self.config.geometry_patch_size)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -322,9 +345,10 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
         # Overridden: the prompt needs 3D multimodal positions; generation then extends them by one per step.
         input_ids = model_kwargs.get("input_ids", inputs_tensor)
         geometry_pixel_values = model_kwargs.get("geometry_pixel_values")
-        geometry_grid_thw = (
-            self.model.geometry_grid_thw(geometry_pixel_values) if geometry_pixel_values is not None else None
-        )
+        geometry_grid_thw = None
+        if geometry_pixel_values is not None:
+            geometry_pixel_values = as_geometry_pixel_values(geometry_pixel_values, self.config.geometry_patch_size)
+            geometry_grid_thw = self.model.geometry_grid_thw(geometry_pixel_values)
         position_ids, self.model.rope_deltas = get_rope_index(
             input_ids,
             model_kwargs.get("image_grid_thw"),

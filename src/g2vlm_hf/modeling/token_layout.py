@@ -25,8 +25,8 @@ class MediaRun:
     is_geometry: bool
 
 
-def find_media_runs(ids: list[int], image_token_id: int, geometry_token_id: int) -> list[MediaRun]:
-    """Runs of image or geometry placeholders in `ids`, in order."""
+def find_media_runs(ids: list[int], image_token_id: int | None, geometry_token_id: int | None) -> list[MediaRun]:
+    """Runs of image or geometry placeholders in `ids`, in order (a None id is not looked for)."""
     runs, i = [], 0
     while i < len(ids):
         token = ids[i]
@@ -60,6 +60,10 @@ class _GridQueue:
         self.next += 1
         return t, h // self.merge_size, w // self.merge_size
 
+    @property
+    def exhausted(self) -> bool:
+        return self.next >= len(self.grids)
+
     def check_all_used(self) -> None:
         if self.next != len(self.grids):
             raise ValueError(
@@ -71,7 +75,7 @@ class _GridQueue:
 def _split_run(run: MediaRun, queue: _GridQueue) -> list[tuple[int, int, int]]:
     """Grids covering one placeholder run (several images may sit back to back)."""
     grids, remaining = [], run.end - run.start
-    while remaining > 0:
+    while remaining > 0 and not (grids and queue.exhausted):
         t, h, w = queue.take()
         remaining -= t * h * w
         grids.append((t, h, w))
@@ -144,8 +148,8 @@ def get_block_ids(
     input_ids: torch.LongTensor,
     attention_mask: torch.Tensor | None,
     *,
-    image_token_id: int,
-    geometry_token_id: int,
+    image_token_id: int | None,
+    geometry_token_id: int | None,
     vision_start_token_id: int,
     vision_end_token_id: int,
 ) -> torch.LongTensor | None:
@@ -154,8 +158,8 @@ def get_block_ids(
     Each image with its start/end markers is a block; geometry views that follow each other directly (end marker
     then start marker) share one block, so all views of a scene attend to each other.
     """
-    is_media = (input_ids == image_token_id) | (input_ids == geometry_token_id)
-    if not bool(is_media.any()):
+    media_ids = [token for token in (image_token_id, geometry_token_id) if token is not None]
+    if not media_ids or not bool(torch.isin(input_ids, torch.tensor(media_ids, device=input_ids.device)).any()):
         return None
     block_ids = torch.full(input_ids.shape, TEXT_BLOCK_ID, dtype=torch.long)
     mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()

@@ -1,0 +1,108 @@
+"""Shared fixtures: the official tiny checkpoint converted once per session, and tiny random models."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import g2vlm_hf  # noqa: F401  (registers the Auto classes)
+from g2vlm_hf import G2VLMConfig, G2VLMForConditionalGeneration
+from g2vlm_hf.conversion import convert_official_checkpoint
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FIXTURE_DIR = REPO_ROOT.parent / "shared" / "fixtures" / "official-tiny"
+KEYS_2B_FILE = REPO_ROOT.parent / "shared" / "fixtures" / "official-2b-keys.json"
+NEWLINE_TOKEN_ID = 198  # "\n" in the fixture tokenizer; the official decode loop starts by feeding it
+
+# Tiny random model: hidden 128 with 4 query heads and 2 KV heads (grouped-query), head_dim 32.
+TINY_IMAGE_TOKEN, TINY_GEO_TOKEN, TINY_START, TINY_END = 96, 97, 98, 99
+
+
+def tiny_config(**overrides) -> G2VLMConfig:
+    """A small random G2VLM configuration exercising every part (GQA, both encoders, all heads)."""
+    values = dict(
+        text_config=dict(
+            vocab_size=100,
+            hidden_size=128,
+            intermediate_size=192,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=128, num_heads=2, patch_size=14),
+        geometry_config=dict(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=14, image_size=56, num_register_tokens=4
+        ),
+        image_token_id=TINY_IMAGE_TOKEN,
+        geometry_token_id=TINY_GEO_TOKEN,
+        vision_start_token_id=TINY_START,
+        vision_end_token_id=TINY_END,
+        head_depth=1,
+        head_num_attention_heads=4,
+        point_head_hidden_size=48,
+        camera_head_hidden_size=32,
+        use_confidence_head=True,
+    )
+    values.update(overrides)
+    return G2VLMConfig(**values)
+
+
+def tiny_model(seed: int = 0, **overrides) -> G2VLMForConditionalGeneration:
+    torch.manual_seed(seed)
+    return G2VLMForConditionalGeneration(tiny_config(**overrides)).eval()
+
+
+def geometry_block(num_views: int, grid_h: int, grid_w: int) -> list[int]:
+    """Token ids of a geometry block: each view wrapped in its own start/end markers."""
+    return [TINY_START, *[TINY_GEO_TOKEN] * (grid_h * grid_w), TINY_END] * num_views
+
+
+def image_block(grid_h: int, grid_w: int, merge: int = 2) -> list[int]:
+    return [TINY_START, *[TINY_IMAGE_TOKEN] * (grid_h * grid_w // merge**2), TINY_END]
+
+
+def image_patches(grid_h: int, grid_w: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random Qwen2-VL patches of one image and its grid."""
+    generator = torch.Generator().manual_seed(seed)
+    patches = torch.randn(grid_h * grid_w, 3 * 2 * 14 * 14, generator=generator)
+    return patches, torch.tensor([[1, grid_h, grid_w]])
+
+
+@dataclass
+class Golden:
+    """The official outputs stored in the fixture for one precision."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict
+
+    def phase_ids(self, phase: str, media_index_key: str, placeholder_id: int) -> torch.Tensor:
+        """Rebuild one official inference phase as token ids with our placeholder tokens."""
+        length = int(self.tensors[f"{phase}.packed_seqlens"].sum())
+        ids = torch.full((length,), -1, dtype=torch.long)
+        ids[self.tensors[f"{phase}.packed_text_indexes"]] = self.tensors[f"{phase}.packed_text_ids"]
+        ids[self.tensors[f"{phase}.{media_index_key}"]] = placeholder_id
+        assert bool((ids >= 0).all()), f"{phase} leaves tokens unassigned"
+        return ids
+
+
+def load_golden(precision: str) -> Golden:
+    """Golden tensors of `precision`; the inputs (stored in the fp32 file only) are shared by both runs."""
+    tensors = load_file(FIXTURE_DIR / "golden_fp32.safetensors")
+    tensors.update(load_file(FIXTURE_DIR / f"golden_{precision}.safetensors"))
+    meta = json.loads((FIXTURE_DIR / f"golden_{precision}.json").read_text())
+    return Golden(tensors, meta)
+
+
+@pytest.fixture(scope="session")
+def converted_tiny(tmp_path_factory) -> Path:
+    """The official tiny checkpoint converted by the package, once per test session."""
+    return convert_official_checkpoint(FIXTURE_DIR / "checkpoint", tmp_path_factory.mktemp("converted") / "g2vlm-tiny")

@@ -1,0 +1,90 @@
+"""Conversion of the official checkpoint folder: the CLI, the key table and its failure modes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+from conftest import FIXTURE_DIR
+from g2vlm_hf import G2VLMForConditionalGeneration
+from g2vlm_hf.conversion import convert_official_checkpoint
+from g2vlm_hf.conversion.cli import main as convert_cli
+
+OFFICIAL = FIXTURE_DIR / "checkpoint"
+
+
+@pytest.fixture
+def official_copy(tmp_path):
+    folder = tmp_path / "official"
+    shutil.copytree(OFFICIAL, folder)
+    return folder
+
+
+def test_cli_converts_into_a_loadable_folder(tmp_path):
+    output = tmp_path / "out"
+    assert convert_cli([str(OFFICIAL), str(output)]) == 0
+    model = AutoModelForImageTextToText.from_pretrained(output)
+    assert isinstance(model, G2VLMForConditionalGeneration)
+    assert model.config.geometry_encoder_attention == "official_packed_windows"
+    assert model.config.text_config.rope_parameters["mrope_section"] == [16, 24, 24]
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    assert tokenizer.convert_tokens_to_ids("<|geo_pad|>") == model.config.geometry_token_id
+    generation = json.loads((output / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_converted_weights_are_the_official_ones(converted_tiny):
+    official = load_file(OFFICIAL / "model.safetensors")
+    converted = load_file(converted_tiny / "model.safetensors")
+    assert len(official) == len(converted)
+    pairs = {
+        "dino_model.encoder.layer.1.attention.attention.query.weight": "model.geometry_encoder.encoder.layer.1.attention.q_proj.weight",
+        "language_model.model.layers.0.self_attn.q_proj_moe_geo.bias": "model.language_model.layers.0.self_attn.geo_q_proj.bias",
+        "language_model.model.layers.1.mlp_moe_geo.down_proj.weight": "model.language_model.layers.1.geo_mlp.geo_down_proj.weight",
+        "language_model.model.layers.1.ls2.gamma": "model.language_model.layers.1.geo_mlp_layer_scale.gamma",
+        "camera_head.more_mlps.2.weight": "geometry_heads.camera_head.pose_mlp.2.weight",
+        "global_points_decoder.blocks.4.cross_attn.k_proj.bias": "geometry_heads.global_points_decoder.blocks.4.cross_attn.key.bias",
+    }
+    for old, new in pairs.items():
+        assert torch.equal(official[old], converted[new]), old
+
+
+def test_cli_refuses_to_overwrite(tmp_path, capsys):
+    output = tmp_path / "out"
+    output.mkdir()
+    assert convert_cli([str(OFFICIAL), str(output)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def _rewrite_weights(folder, edit):
+    weights = load_file(folder / "model.safetensors")
+    edit(weights)
+    save_file(weights, folder / "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda w: w.pop("language_model.model.layers.0.self_attn.k_norm_moe_geo.weight"), "with no official key"),
+        (lambda w: w.update({"extra_head.weight": torch.zeros(2)}), "extra_head.weight"),
+        (lambda w: w.update({"dino2llm.bias": torch.zeros(3)}), "shape mismatch"),
+    ],
+)
+def test_mismatched_official_folder_fails_naming_the_keys_and_writes_nothing(official_copy, tmp_path, edit, message):
+    _rewrite_weights(official_copy, edit)
+    output = tmp_path / "converted"
+    with pytest.raises(ValueError, match=message):
+        convert_official_checkpoint(official_copy, output)
+    assert not output.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["official"]  # no staging folder left behind
+
+
+def test_missing_official_file_is_named(official_copy, tmp_path):
+    (official_copy / "dino_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="dino_config.json"):
+        convert_official_checkpoint(official_copy, tmp_path / "converted")

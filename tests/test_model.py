@@ -1,0 +1,314 @@
+"""Behaviour of the model on tiny random weights and on the converted official fixture: caching, generation,
+batching, attention pattern, expert routing, save/load, geometry invariants and input errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, Dinov2WithRegistersModel, DynamicCache
+
+from conftest import (
+    NEWLINE_TOKEN_ID,
+    TINY_GEO_TOKEN,
+    geometry_block,
+    image_block,
+    image_patches,
+    load_golden,
+    tiny_model,
+)
+from g2vlm_hf import G2VLMForConditionalGeneration
+
+GRID_H, GRID_W, VIEWS = 2, 3, 2  # geometry views of 28x42 pixels
+IMAGE_GRID = (4, 4)  # one semantic image of 4x4 patches -> 4 merged tokens
+
+
+def views(batch: int = 1, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, VIEWS, 3, GRID_H * 14, GRID_W * 14, generator=generator)
+
+
+def chat_prompt(prefix: list[int], question: list[int]) -> list[int]:
+    return [*prefix, *geometry_block(VIEWS, GRID_H, GRID_W), *image_block(*IMAGE_GRID), *question]
+
+
+@pytest.fixture(scope="module")
+def model() -> G2VLMForConditionalGeneration:
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def chat_inputs() -> dict:
+    pixels, grid = image_patches(*IMAGE_GRID)
+    ids = torch.tensor([chat_prompt([1, 5, 6, 7], [8, 9, 10, 11])])
+    return dict(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, geometry_pixel_values=views())
+
+
+def test_single_pass_equals_phased_cached_computation_on_official_fixture(converted_tiny):
+    """The official inference runs in phases with a KV cache; one forward over the whole prompt must agree."""
+    golden = load_golden("fp32")
+    model = AutoModelForImageTextToText.from_pretrained(converted_tiny, dtype=torch.float32).eval()
+    config, tensors = model.config, golden.tensors
+    phases = [
+        dict(input_ids=tensors["chat.phase0.packed_text_ids"]),
+        dict(
+            input_ids=golden.phase_ids("chat.phase1", "packed_dino_token_indexes", config.geometry_token_id),
+            geometry_pixel_values=tensors["chat.phase1.packed_dino_images"][None],
+        ),
+        dict(
+            input_ids=golden.phase_ids("chat.phase2", "packed_vit_token_indexes", config.image_token_id),
+            pixel_values=tensors["chat.phase2.packed_vit_images"][0],
+            image_grid_thw=tensors["chat.phase2.packed_image_grid_thw"],
+        ),
+        dict(input_ids=torch.cat([tensors["chat.phase3.packed_text_ids"], torch.tensor([NEWLINE_TOKEN_ID])])),
+    ]
+    cache = DynamicCache(config=config.text_config)
+    with torch.no_grad():
+        phased = [
+            model(**{**phase, "input_ids": phase["input_ids"][None]}, past_key_values=cache, use_cache=True).logits
+            for phase in phases
+        ]
+        merged = {key: value for phase in phases for key, value in phase.items() if key != "input_ids"}
+        single = model(input_ids=torch.cat([phase["input_ids"] for phase in phases])[None], **merged).logits
+    torch.testing.assert_close(torch.cat(phased, dim=1), single, rtol=1e-4, atol=1e-5)
+
+
+def test_single_pass_equals_phased_cached_computation_with_gqa(model, chat_inputs):
+    ids = chat_inputs["input_ids"]
+    prefix = 4
+    geometry_end = prefix + len(geometry_block(VIEWS, GRID_H, GRID_W))
+    image_end = geometry_end + len(image_block(*IMAGE_GRID))
+    cache = DynamicCache(config=model.config.text_config)
+    with torch.no_grad():
+        single = model(**chat_inputs).logits
+        phased = [
+            model(input_ids=ids[:, :prefix], past_key_values=cache, use_cache=True).logits,
+            model(
+                input_ids=ids[:, prefix:geometry_end],
+                geometry_pixel_values=chat_inputs["geometry_pixel_values"],
+                past_key_values=cache,
+                use_cache=True,
+            ).logits,
+            model(
+                input_ids=ids[:, geometry_end:image_end],
+                pixel_values=chat_inputs["pixel_values"],
+                image_grid_thw=chat_inputs["image_grid_thw"],
+                past_key_values=cache,
+                use_cache=True,
+            ).logits,
+            model(input_ids=ids[:, image_end:], past_key_values=cache, use_cache=True).logits,
+        ]
+    torch.testing.assert_close(torch.cat(phased, dim=1), single, rtol=1e-4, atol=1e-5)
+
+
+def test_generate_with_cache_equals_recomputing_without_cache(model, chat_inputs):
+    kwargs = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        cached = model.generate(**chat_inputs, use_cache=True, **kwargs)
+        uncached = model.generate(**chat_inputs, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(torch.stack(cached.scores), torch.stack(uncached.scores), rtol=1e-4, atol=1e-5)
+
+
+def test_generate_continues_the_single_pass_greedy_argmax(model, chat_inputs):
+    with torch.no_grad():
+        generated = model.generate(**chat_inputs, max_new_tokens=4, do_sample=False)
+        sequence = chat_inputs["input_ids"]
+        for _ in range(4):
+            logits = model(**{**chat_inputs, "input_ids": sequence}).logits
+            sequence = torch.cat([sequence, logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, sequence)
+
+
+def test_left_padded_batch_generation_equals_one_by_one(model):
+    prompts = [chat_prompt([1, 5], [8, 9, 10]), chat_prompt([1, 5, 6, 7, 12, 13], [8])]
+    geometry = views(batch=2)
+    pixels = [image_patches(*IMAGE_GRID, seed=row) for row in range(2)]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        batched = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=torch.cat([p for p, _ in pixels]),
+            image_grid_thw=torch.cat([g for _, g in pixels]),
+            geometry_pixel_values=geometry,
+            max_new_tokens=5,
+            do_sample=False,
+        )
+        for row, prompt in enumerate(prompts):
+            single = model.generate(
+                input_ids=torch.tensor([prompt]),
+                pixel_values=pixels[row][0],
+                image_grid_thw=pixels[row][1],
+                geometry_pixel_values=geometry[row : row + 1],
+                max_new_tokens=5,
+                do_sample=False,
+            )
+            assert batched[row, width:].tolist() == single[0, len(prompt) :].tolist()
+
+
+def test_reconstruct_batch_equals_one_scene_at_a_time(model):
+    ids = torch.tensor([[1, 5, *geometry_block(VIEWS, GRID_H, GRID_W)]] * 2)
+    scenes = views(batch=2)
+    with torch.no_grad():
+        batched = model.reconstruct(input_ids=ids, geometry_pixel_values=scenes)
+        for row in range(2):
+            single = model.reconstruct(input_ids=ids[row : row + 1], geometry_pixel_values=scenes[row : row + 1])
+            for name in ("camera_poses", "local_points", "world_points", "global_points", "depth", "confidence"):
+                torch.testing.assert_close(batched[name][row], single[name][0], rtol=1e-4, atol=1e-5)
+
+
+def test_geometry_invariants_hold_for_random_weights(model):
+    ids = torch.tensor([[1, 5, *geometry_block(VIEWS, GRID_H, GRID_W)]])
+    with torch.no_grad():
+        out = model.reconstruct(input_ids=ids, geometry_pixel_values=views(seed=3))
+    shape = (1, VIEWS, GRID_H * 14, GRID_W * 14)
+    assert out.camera_poses.shape == (1, VIEWS, 4, 4)
+    assert out.local_points.shape == out.world_points.shape == out.global_points.shape == (*shape, 3)
+    assert out.depth.shape == out.confidence.shape == shape
+    assert all(t.dtype == torch.float32 for t in (out.camera_poses, out.local_points, out.depth))
+    rotations = out.camera_poses[..., :3, :3].double()
+    identity = torch.eye(3, dtype=torch.float64).expand_as(rotations)
+    torch.testing.assert_close(rotations @ rotations.transpose(-1, -2), identity, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.linalg.det(rotations), torch.ones(1, VIEWS, dtype=torch.float64), rtol=0, atol=1e-5)
+    assert torch.equal(out.camera_poses[..., 3, :], torch.tensor([0.0, 0.0, 0.0, 1.0]).expand(1, VIEWS, 4))
+    homogeneous = torch.cat([out.local_points, torch.ones_like(out.depth)[..., None]], dim=-1)
+    world = torch.einsum("bnij,bnhwj->bnhwi", out.camera_poses, homogeneous)[..., :3]
+    torch.testing.assert_close(out.world_points, world, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.depth, out.local_points[..., 2])
+    assert bool((out.depth > 0).all())
+
+
+def test_image_blocks_are_bidirectional_and_text_is_causal(model):
+    ids = torch.tensor([[1, 5, *geometry_block(VIEWS, GRID_H, GRID_W), 8, 9]])
+    scene = views()
+    first_geo = 3  # after [1, 5, <start>]
+    with torch.no_grad():
+        base = model.model(input_ids=ids, geometry_pixel_values=scene).last_hidden_state
+        # the second view changes: the FIRST view's tokens see it (one block over all views) ...
+        other = scene.clone()
+        other[:, 1] += 1.0
+        changed_view = model.model(input_ids=ids, geometry_pixel_values=other).last_hidden_state
+        # ... while a text token after the block changes nothing before it
+        later_text = ids.clone()
+        later_text[0, -1] = 10
+        changed_text = model.model(input_ids=later_text, geometry_pixel_values=scene).last_hidden_state
+    assert not torch.allclose(changed_view[0, first_geo], base[0, first_geo])
+    assert torch.allclose(changed_view[0, :2], base[0, :2])  # text before the block is causal
+    assert torch.equal(changed_text[0, :-1], base[0, :-1])
+
+
+def test_text_only_tokens_never_use_the_geometry_expert(model):
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        layer = model.model.language_model.layers[0]
+        saved = layer.self_attn.geo_q_proj.weight.clone()
+        layer.self_attn.geo_q_proj.weight.add_(1.0)
+        after = model(input_ids=ids).logits
+        with_geometry = model(input_ids=torch.tensor([[1, *geometry_block(1, GRID_H, GRID_W)]]), geometry_pixel_values=views()[:, :1])
+        layer.self_attn.geo_q_proj.weight.copy_(saved)
+        with_geometry_restored = model(input_ids=torch.tensor([[1, *geometry_block(1, GRID_H, GRID_W)]]), geometry_pixel_values=views()[:, :1])
+    assert torch.equal(before, after)
+    assert not torch.allclose(with_geometry.logits, with_geometry_restored.logits)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_attention_backends_agree_with_padding(implementation, chat_inputs):
+    reference = tiny_model(seed=1)
+    reference.set_attn_implementation("eager")
+    candidate = tiny_model(seed=1)
+    candidate.set_attn_implementation(implementation)
+    for sub_model in (candidate.model.language_model, candidate.model.visual, candidate.model.geometry_encoder):
+        assert sub_model.config._attn_implementation == implementation
+    ids = torch.cat([torch.zeros(1, 3, dtype=torch.long), chat_inputs["input_ids"]], dim=1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(chat_inputs["input_ids"])], dim=1)
+    inputs = {**chat_inputs, "input_ids": ids, "attention_mask": mask}
+    with torch.no_grad():
+        expected = reference(**inputs).logits[:, 3:]
+        actual = candidate(**inputs).logits[:, 3:]
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_per_view_geometry_encoder_is_plain_dinov2(model):
+    encoder = model.model.geometry_encoder
+    assert not encoder.packed_windows
+    reference = Dinov2WithRegistersModel(encoder.config).eval()
+    reference.load_state_dict(encoder.state_dict())
+    pixels = views().flatten(0, 1)
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels).last_hidden_state[:, 1 + encoder.config.num_register_tokens :]
+        actual = encoder(pixels, views_per_scene=VIEWS)
+    torch.testing.assert_close(actual, expected)
+
+
+def test_packed_window_mode_leaves_the_tail_tokens_without_attention():
+    model = tiny_model(geometry_encoder_attention="official_packed_windows")
+    encoder = model.model.geometry_encoder
+    captured = []
+    hook = encoder.encoder.layer[0].attention.o_proj.register_forward_hook(lambda m, args, out: captured.append(args[0]))
+    with torch.no_grad():
+        encoder(views().flatten(0, 1), views_per_scene=VIEWS)
+    hook.remove()
+    attended = captured[0].reshape(VIEWS * (GRID_H * GRID_W + 5), -1)
+    tail = 5 * VIEWS  # CLS + 4 registers per view, counted from the end of the packed scene
+    assert torch.count_nonzero(attended[-tail:]) == 0
+    assert bool((attended[:-tail].abs().sum(-1) > 0).all())
+
+
+def test_save_pretrained_round_trip(model, chat_inputs, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded, info = AutoModelForImageTextToText.from_pretrained(tmp_path, output_loading_info=True)
+    assert isinstance(loaded, G2VLMForConditionalGeneration)
+    assert all(not keys for name, keys in info.items()), info
+    ids = torch.tensor([[1, 5, *geometry_block(VIEWS, GRID_H, GRID_W)]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(**chat_inputs).logits, model(**chat_inputs).logits, rtol=0, atol=0)
+        expected = model.reconstruct(input_ids=ids, geometry_pixel_values=views())
+        actual = loaded.reconstruct(input_ids=ids, geometry_pixel_values=views())
+    torch.testing.assert_close(actual.world_points, expected.world_points, rtol=0, atol=0)
+
+
+def test_initialisation_covers_every_parameter():
+    with torch.device("meta"):
+        meta_model = G2VLMForConditionalGeneration(tiny_model().config)
+    model = G2VLMForConditionalGeneration._from_config(meta_model.config)
+    layer = model.model.language_model.layers[0]
+    assert torch.all(layer.geo_attn_layer_scale.gamma == model.config.text_config.geometry_layer_scale_init)
+    for name, parameter in model.named_parameters():
+        assert torch.isfinite(parameter).all(), name
+
+
+class TestBadInput:
+    def test_geometry_sides_must_be_multiples_of_the_patch(self, model):
+        ids = torch.tensor([[1, *geometry_block(1, GRID_H, GRID_W)]])
+        with pytest.raises(ValueError, match="multiples of the patch size 14"):
+            model.reconstruct(input_ids=ids, geometry_pixel_values=torch.randn(1, 1, 3, 30, 42))
+
+    def test_views_of_one_scene_must_share_a_size(self, model):
+        ids = torch.tensor([[1, *geometry_block(2, GRID_H, GRID_W)]])
+        with pytest.raises(ValueError, match="same size"):
+            model.reconstruct(input_ids=ids, geometry_pixel_values=[torch.randn(3, 28, 42), torch.randn(3, 42, 28)])
+
+    def test_geometry_placeholder_count_must_match_the_features(self, model):
+        ids = torch.tensor([[1, *geometry_block(2, GRID_H, GRID_W)[:-3], 99]])
+        with pytest.raises(ValueError, match="geometry placeholder tokens"):
+            model.reconstruct(input_ids=ids, geometry_pixel_values=views())
+
+    def test_image_placeholders_need_pixel_values(self, model):
+        with pytest.raises(ValueError, match="no `pixel_values`"):
+            model(input_ids=torch.tensor([[1, *image_block(*IMAGE_GRID)]]))
+
+    def test_more_images_than_placeholders(self, model):
+        pixels, grid = image_patches(*IMAGE_GRID)
+        with pytest.raises(ValueError, match="placeholder tokens"):
+            model(
+                input_ids=torch.tensor([[1, *image_block(*IMAGE_GRID)]]),
+                pixel_values=torch.cat([pixels, pixels]),
+                image_grid_thw=torch.cat([grid, grid]),
+            )
+
+    def test_geometry_placeholders_need_views(self, model):
+        with pytest.raises(ValueError, match="no `geometry_pixel_values`"):
+            model(input_ids=torch.tensor([[1, TINY_GEO_TOKEN]]))
