@@ -11,6 +11,7 @@ from .modeling import (
     G2VLMTextConfig,
     G2VLMTextModel,
 )
+from .processing import G2VLMGeometryImageProcessor, G2VLMProcessor
 from .registration import register
 
 register()
@@ -21,9 +22,11 @@ __all__ = [
     "G2VLMCausalLMOutputWithPast",
     "G2VLMConfig",
     "G2VLMForConditionalGeneration",
+    "G2VLMGeometryImageProcessor",
     "G2VLMModel",
     "G2VLMModelOutputWithPast",
     "G2VLMPreTrainedModel",
+    "G2VLMProcessor",
     "G2VLMReconstructionOutput",
     "G2VLMTextConfig",
     "G2VLMTextModel",

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .modeling import G2VLMConfig, G2VLMForConditionalGeneration, G2VLMModel, G2VLMTextConfig, G2VLMTextModel
+from .processing import G2VLMProcessor
 
 _registered = False
 
 
 def register() -> None:
-    """Register the configs and models with AutoConfig, AutoModel and AutoModelForImageTextToText.
+    """Register the configs, models and processor with AutoConfig, AutoModel, AutoModelForImageTextToText and
+    AutoProcessor.
 
     Idempotent: called on `import g2vlm_hf`, safe to call again.
     """
@@ -22,4 +24,5 @@ def register() -> None:
     AutoModel.register(G2VLMConfig, G2VLMModel, exist_ok=True)
     AutoModel.register(G2VLMTextConfig, G2VLMTextModel, exist_ok=True)
     AutoModelForImageTextToText.register(G2VLMConfig, G2VLMForConditionalGeneration, exist_ok=True)
+    AutoProcessor.register(G2VLMConfig, G2VLMProcessor, exist_ok=True)
     _registered = True

@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 from huggingface_hub import save_torch_state_dict
 from safetensors import safe_open
-from transformers import AddedToken, GenerationConfig, PreTrainedTokenizerFast
+from transformers import AddedToken, AutoImageProcessor, GenerationConfig, PreTrainedTokenizerFast
 from transformers.utils import logging
 
 from ..modeling import G2VLMConfig, G2VLMForConditionalGeneration
+from ..processing import G2VLMProcessor
 
 logger = logging.get_logger(__name__)
 
@@ -172,7 +173,8 @@ def _read_json(path: Path) -> dict:
 
 def _load_tokenizer(input_dir: Path) -> PreTrainedTokenizerFast:
     """The official tokenizer as its tokenizer.json defines it, plus the geometry placeholder token."""
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(input_dir))
+    # batched generation pads on the left
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(input_dir), padding_side="left")
     if GEOMETRY_PLACEHOLDER not in tokenizer.get_vocab():
         tokenizer.add_tokens([AddedToken(GEOMETRY_PLACEHOLDER, special=True, normalized=False)], special_tokens=True)
     return tokenizer
@@ -247,7 +249,7 @@ def convert_official_checkpoint(
     try:
         config.save_pretrained(staging)
         _generation_config(config).save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        _build_processor(input_dir, tokenizer).save_pretrained(staging)
         save_torch_state_dict(state_dict, staging, max_shard_size=max_shard_size)
         _check_loads_cleanly(staging)
         if output_dir.exists():
@@ -258,6 +260,15 @@ def convert_official_checkpoint(
             shutil.rmtree(staging)
     logger.info(f"Converted {len(mapping)} weights from {input_dir} into {output_dir}.")
     return output_dir
+
+
+def _build_processor(input_dir: Path, tokenizer: PreTrainedTokenizerFast) -> G2VLMProcessor:
+    """The processor of the converted model: the official Qwen2-VL image settings, the default geometry settings."""
+    if not (input_dir / "preprocessor_config.json").is_file():
+        raise FileNotFoundError(
+            f"{input_dir} has no preprocessor_config.json (the Qwen2-VL image processor settings of the checkpoint)."
+        )
+    return G2VLMProcessor(image_processor=AutoImageProcessor.from_pretrained(str(input_dir)), tokenizer=tokenizer)
 
 
 def _generation_config(config: G2VLMConfig) -> GenerationConfig:

@@ -1,0 +1,8 @@
+"""Processors of G²VLM: tokenizer + semantic image processor + geometry image processor + chat template."""
+
+from .chat_template import CHAT_TEMPLATE, RECONSTRUCTION_PROMPT
+from .image_io import load_image
+from .image_processing_geometry import G2VLMGeometryImageProcessor
+from .processing_g2vlm import G2VLMProcessor
+
+__all__ = ["CHAT_TEMPLATE", "G2VLMGeometryImageProcessor", "G2VLMProcessor", "RECONSTRUCTION_PROMPT", "load_image"]

@@ -1,0 +1,32 @@
+"""The G²VLM chat template, reproducing the prompt layout of the official `chat_with_recon`:
+
+    <|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n
+    [one geometry view per image of the turn] [one semantic image per image of the turn] question<|im_end|>\n
+    <|im_start|>assistant\n
+
+Each image of a user turn is used twice: all of them first as geometry views (one geometry block, the scene), then
+each as a semantic image. Render with `geometry=False` to leave the geometry views out (plain Qwen2-VL layout).
+"""
+
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}"
+    "{{ message['content'] }}"
+    "{% else %}"
+    "{% set images = message['content'] | selectattr('type', 'equalto', 'image') | list %}"
+    "{% if geometry is not defined or geometry %}"
+    "{% for image in images %}<|vision_start|><|geo_pad|><|vision_end|>{% endfor %}"
+    "{% endif %}"
+    "{% for image in images %}<|vision_start|><|image_pad|><|vision_end|>{% endfor %}"
+    "{% for item in message['content'] if item['type'] == 'text' %}{{ item['text'] }}{% endfor %}"
+    "{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+RECONSTRUCTION_PROMPT = "<|im_start|>Reconstruct the 3D scene."

@@ -1,0 +1,77 @@
+"""Reading user images into 8-bit RGB PIL images, with clear errors for what cannot be read."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+
+def load_image(source: ImageSource) -> Image.Image:
+    """Return `source` as an 8-bit RGB PIL image.
+
+    Accepted: a path, a PIL image or a `(H, W)`, `(H, W, 3)` or `(H, W, 4)` array (uint8, uint16, or float in [0, 1]).
+    Conversions: grayscale is replicated to three channels; an alpha channel is composited onto white; 16-bit images
+    are scaled to 8 bits (value / 257); palette images are expanded.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"Image file {path} does not exist.")
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                image = opened.copy()
+        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            raise ValueError(f"{path} is not an image that Pillow can read ({error}).") from error
+    elif isinstance(source, Image.Image):
+        image = source
+    elif isinstance(source, np.ndarray):
+        image = _array_to_image(source)
+    else:
+        raise ValueError(
+            f"Cannot use an object of type {type(source).__name__} as an image: pass a path, a PIL image or a "
+            "numpy array."
+        )
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB version of a PIL image of any mode (see `load_image` for the conversions)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        values = np.asarray(image, dtype=np.float64) / 257.0
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if values.max(initial=0) > 255 else 255.0
+        return Image.fromarray(np.clip(np.rint(values * 255.0 / peak), 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _array_to_image(array: np.ndarray) -> Image.Image:
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
+        raise ValueError(f"An image array must be (H, W), (H, W, 3) or (H, W, 4), got shape {array.shape}.")
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            raise ValueError("A float image array must hold finite values in [0, 1].")
+        array = np.rint(array * 255.0).astype(np.uint8)
+    elif array.dtype == np.uint16:
+        array = np.rint(array / 257.0).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise ValueError(f"Unsupported image array dtype {array.dtype}: use uint8, uint16 or float in [0, 1].")
+    return Image.fromarray(array)

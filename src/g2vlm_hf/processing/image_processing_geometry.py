@@ -1,0 +1,163 @@
+"""Image processor of the geometry (DINOv2) views, reproducing the official G²VLM preprocessing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers.image_processing_base import BatchFeature, ImageProcessingMixin
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from transformers.utils import TensorType
+
+from .image_io import ImageSource, load_image
+
+# Key/value bytes per prompt token of G²VLM-2B in bfloat16 (28 layers x K and V x 2 KV heads x 128 dims x 2 bytes),
+# used to tell users what a very long list of views would cost.
+G2VLM_2B_KV_BYTES_PER_TOKEN = 28 * 2 * 2 * 128 * 2
+
+
+class G2VLMGeometryImageProcessor(ImageProcessingMixin):
+    r"""
+    Turns the views of a scene into `geometry_pixel_values` `(scenes, views, 3, H, W)`, as the official code does:
+    every view is resized (LANCZOS) to `target_width` and the height the FIRST view's aspect ratio gives, rounded to a
+    multiple of `patch_size`; sides that are still not multiples of the patch are then resized (bilinear,
+    antialiased) down to the nearest multiple; values are scaled to [0, 1] and normalised with the ImageNet mean/std.
+
+    Args:
+        do_resize (`bool`, *optional*, defaults to `True`):
+            Resize to `target_width`. Without it, sides are only brought down to multiples of `patch_size`.
+        target_width (`int`, *optional*, defaults to 518):
+            Width of the resized views in pixels.
+        patch_size (`int`, *optional*, defaults to 14):
+            Geometry encoder patch; output sides are multiples of it.
+        do_normalize (`bool`, *optional*, defaults to `True`):
+            Normalise with `image_mean` and `image_std` after scaling to [0, 1].
+        image_mean (`list[float]`, *optional*, defaults to the ImageNet mean):
+        image_std (`list[float]`, *optional*, defaults to the ImageNet std):
+        max_views (`int`, *optional*, defaults to 256):
+            Largest number of views in one scene; more raise a ValueError with a memory estimate.
+    """
+
+    model_input_names = ["geometry_pixel_values"]
+
+    def __init__(
+        self,
+        do_resize: bool = True,
+        target_width: int = 518,
+        patch_size: int = 14,
+        do_normalize: bool = True,
+        image_mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        image_std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        max_views: int = 256,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if target_width % patch_size:
+            raise ValueError(f"target_width={target_width} must be a multiple of patch_size={patch_size}.")
+        self.do_resize = do_resize
+        self.target_width = target_width
+        self.patch_size = patch_size
+        self.do_normalize = do_normalize
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
+        self.max_views = max_views
+
+    def __call__(self, images, return_tensors: str | TensorType | None = "pt", **kwargs) -> BatchFeature:
+        return self.preprocess(images, return_tensors=return_tensors, **kwargs)
+
+    def preprocess(
+        self,
+        images: ImageSource | Sequence[ImageSource] | Sequence[Sequence[ImageSource]],
+        return_tensors: str | TensorType | None = "pt",
+        do_resize: bool | None = None,
+        target_width: int | None = None,
+    ) -> BatchFeature:
+        """
+        Args:
+            images: one view, the views of one scene, or a list of scenes (each a list of views). Paths, PIL images
+                and arrays are accepted (see `load_image` for the colour conversions).
+
+        Returns:
+            `BatchFeature` with `geometry_pixel_values` `(scenes, views, 3, H, W)`; all scenes of a batch must give
+            the same number of views and size.
+        """
+        scenes = [self.preprocess_scene(scene, do_resize, target_width) for scene in as_scenes(images)]
+        shapes = sorted({tuple(scene.shape) for scene in scenes})
+        if len(shapes) > 1:
+            raise ValueError(
+                f"The scenes of a batch give different numbers of views or sizes {shapes}; process them one by one."
+            )
+        return BatchFeature({"geometry_pixel_values": torch.stack(scenes)}, tensor_type=return_tensors)
+
+    def preprocess_scene(
+        self, views: Sequence[ImageSource], do_resize: bool | None = None, target_width: int | None = None
+    ) -> torch.Tensor:
+        """`(views, 3, H, W)` normalised pixels of one scene."""
+        do_resize = self.do_resize if do_resize is None else do_resize
+        target_width = target_width or self.target_width
+        if len(views) == 0:
+            raise ValueError("A scene needs at least one view.")
+        if len(views) > self.max_views:
+            raise ValueError(self._too_many_views_message(len(views), target_width))
+        pil_views = [load_image(view) for view in views]
+        width, height = pil_views[0].size
+        if do_resize:
+            width, height = target_width, max(1, round(height * target_width / width / self.patch_size)) * self.patch_size
+        arrays = []
+        for view in pil_views:
+            if view.size != (width, height):
+                if not do_resize:
+                    raise ValueError(
+                        f"With do_resize=False all views of a scene must share one size: got {view.size} and "
+                        f"{pil_views[0].size}."
+                    )
+                view = view.resize((width, height), Image.Resampling.LANCZOS)
+            arrays.append(np.asarray(view, dtype=np.uint8))
+        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+        patch = self.patch_size
+        fitted = (max(patch, height // patch * patch), max(patch, width // patch * patch))
+        if fitted != (height, width):
+            pixels = F.interpolate(pixels, fitted, mode="bilinear", align_corners=False, antialias=True)
+        if self.do_normalize:
+            mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
+            std = torch.tensor(self.image_std).view(1, 3, 1, 1)
+            pixels = (pixels - mean) / std
+        return pixels
+
+    def unnormalize(self, geometry_pixel_values: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB `(..., H, W, 3)` images back from `geometry_pixel_values` `(..., 3, H, W)` (e.g. to colour points)."""
+        pixels = geometry_pixel_values.float()
+        if self.do_normalize:
+            shape = (3, 1, 1)
+            pixels = pixels * torch.tensor(self.image_std).view(shape) + torch.tensor(self.image_mean).view(shape)
+        return (pixels.clamp(0, 1) * 255).round().to(torch.uint8).movedim(-3, -1)
+
+    def _too_many_views_message(self, num_views: int, target_width: int) -> str:
+        tokens_per_view = (target_width // self.patch_size) ** 2 * 3 // 4  # a 4:3 view, as an order of magnitude
+        tokens = num_views * tokens_per_view
+        gigabytes = tokens * G2VLM_2B_KV_BYTES_PER_TOKEN / 1e9
+        return (
+            f"{num_views} views exceed max_views={self.max_views}. At width {target_width} a 4:3 view is about "
+            f"{tokens_per_view} geometry tokens, so these views would put about {tokens:,} tokens in the prompt "
+            f"(about {gigabytes:.0f} GB of key/value cache alone for G2VLM-2B in bfloat16, before activations). "
+            "Subsample the views (e.g. every k-th video frame) or raise max_views if you have the memory."
+        )
+
+
+def as_scenes(images) -> list[list[ImageSource]]:
+    """Normalise one view / a list of views / a list of scenes to a list of scenes."""
+    if isinstance(images, (list, tuple)):
+        if len(images) == 0:
+            raise ValueError("No geometry images were given: reconstruction needs at least one view.")
+        if all(isinstance(scene, (list, tuple)) for scene in images):
+            return [list(scene) for scene in images]
+        if any(isinstance(scene, (list, tuple)) for scene in images):
+            raise ValueError("Pass either the views of one scene or a list of scenes (lists of views), not a mix.")
+        return [list(images)]
+    return [[images]]
+
+
+__all__ = ["G2VLMGeometryImageProcessor"]
