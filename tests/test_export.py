@@ -1,0 +1,331 @@
+"""Tests of `g2vlm_hf.export`: writing a reconstruction as PLY, GLB, JSON and 16-bit depth PNGs."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from g2vlm_hf import export
+from g2vlm_hf.export import (
+    compute_keep_mask,
+    export_reconstruction,
+    filter_points,
+    load_depth_png16,
+    save_cameras_json,
+    save_depth_png16,
+    save_point_cloud_ply,
+    save_scene_glb,
+)
+
+trimesh = pytest.importorskip("trimesh")
+
+N, H, W = 3, 6, 8
+PLANE_Z = 5.0
+
+
+def _rotation_y(angle: float) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    return np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
+
+
+def make_scene(views: int = N, seed: int = 0) -> dict[str, np.ndarray]:
+    """Pinhole cameras (OpenCV frame) looking at the plane z = 5; world_points = R @ local + t exactly."""
+    rng = np.random.default_rng(seed)
+    focal = 6.0
+    v, u = np.meshgrid(np.arange(H) + 0.5, np.arange(W) + 0.5, indexing="ij")
+    rays = np.stack([(u - W / 2) / focal, (v - H / 2) / focal, np.ones_like(u)], axis=-1)  # (H, W, 3), z = 1
+    poses, points, depths = [], [], []
+    for index in range(views):
+        pose = np.eye(4)
+        pose[:3, :3] = _rotation_y(0.15 * (index - 1))
+        pose[:3, 3] = [0.4 * index, -0.1 * index, 0.2 * index]
+        world_rays = rays @ pose[:3, :3].T
+        scale = (PLANE_Z - pose[2, 3]) / world_rays[..., 2]  # depth, since the ray's local z is 1
+        local = rays * scale[..., None]
+        poses.append(pose)
+        points.append(local @ pose[:3, :3].T + pose[:3, 3])
+        depths.append(local[..., 2])
+    return {
+        "camera_poses": np.stack(poses).astype(np.float32),
+        "world_points": np.stack(points).astype(np.float32),
+        "depth": np.stack(depths).astype(np.float32),
+        "confidence": rng.permutation(views * H * W).reshape(views, H, W).astype(np.float32) + 1.0,
+        "images": rng.integers(0, 256, size=(views, H, W, 3), dtype=np.uint8),
+    }
+
+
+@pytest.fixture
+def scene() -> dict[str, np.ndarray]:
+    return make_scene()
+
+
+def test_synthetic_scene_is_consistent(scene):
+    assert np.allclose(scene["world_points"][..., 2], PLANE_Z, atol=1e-4)
+    assert (scene["depth"] > 0).all()
+
+
+# ----------------------------------------------------------------------------------------------------------- filtering
+
+
+def test_filter_keeps_all_finite_points_in_pixel_order(scene):
+    points, colours = filter_points(scene["world_points"], scene["images"])
+    assert points.dtype == np.float32 and colours.dtype == np.uint8
+    np.testing.assert_array_equal(points, scene["world_points"].reshape(-1, 3))
+    np.testing.assert_array_equal(colours, scene["images"].reshape(-1, 3))
+
+
+def test_filter_drops_nan_and_inf_points(scene):
+    world = scene["world_points"].copy()
+    world[0, 0, 0, 0] = np.nan
+    world[1, 2, 3, 2] = np.inf
+    world[2, 5, 7, 1] = -np.inf
+    points, colours = filter_points(world, scene["images"])
+    assert points.shape == (N * H * W - 3, 3) and colours.shape == (N * H * W - 3, 3)
+    assert np.isfinite(points).all()
+    mask = compute_keep_mask(world)
+    assert mask.shape == (N, H, W) and mask.sum() == N * H * W - 3
+    assert not mask[0, 0, 0] and not mask[1, 2, 3] and not mask[2, 5, 7]
+    np.testing.assert_array_equal(colours, scene["images"][mask])
+
+
+@pytest.mark.parametrize("percentile", [20.0, 50.0, 90.0])
+def test_confidence_percentile_keeps_expected_fraction(scene, percentile):
+    total = N * H * W
+    points, _ = filter_points(
+        scene["world_points"], scene["images"], scene["confidence"], confidence_percentile=percentile
+    )
+    expected = total * (1 - percentile / 100)
+    assert abs(points.shape[0] - expected) <= 1
+    # The kept points are exactly the most confident ones.
+    mask = compute_keep_mask(scene["world_points"], scene["confidence"], confidence_percentile=percentile)
+    assert scene["confidence"][mask].min() > scene["confidence"][~mask].max()
+
+
+def test_confidence_percentile_ignored_without_confidence(scene):
+    points, _ = filter_points(scene["world_points"], scene["images"], None, confidence_percentile=50.0)
+    assert points.shape[0] == N * H * W
+
+
+def test_max_points_subsample_is_seeded_subset(scene):
+    full, _ = filter_points(scene["world_points"], scene["images"])
+    first, colours = filter_points(scene["world_points"], scene["images"], max_points=50, seed=3)
+    again, _ = filter_points(scene["world_points"], scene["images"], max_points=50, seed=3)
+    other, _ = filter_points(scene["world_points"], scene["images"], max_points=50, seed=4)
+    assert first.shape == (50, 3) and colours.shape == (50, 3)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    assert {tuple(p) for p in first} <= {tuple(p) for p in full}
+
+
+def test_filter_accepts_torch_tensors(scene):
+    points, colours = filter_points(
+        torch.from_numpy(scene["world_points"]).to(torch.bfloat16),
+        torch.from_numpy(scene["images"]),
+        torch.from_numpy(scene["confidence"]),
+        confidence_percentile=50.0,
+    )
+    assert points.dtype == np.float32 and points.shape == (N * H * W // 2, 3)
+    assert colours.dtype == np.uint8
+
+
+# --------------------------------------------------------------------------------------------------------- file formats
+
+
+def test_ply_round_trip(scene, tmp_path):
+    points, colours = filter_points(scene["world_points"], scene["images"])
+    path = save_point_cloud_ply(tmp_path / "cloud.ply", points, colours)
+    assert path == tmp_path / "cloud.ply"
+    assert path.read_bytes().startswith(b"ply\nformat binary_little_endian")
+    loaded = trimesh.load(path)
+    assert isinstance(loaded, trimesh.PointCloud)
+    np.testing.assert_array_equal(np.asarray(loaded.vertices, dtype=np.float32), points)
+    np.testing.assert_array_equal(np.asarray(loaded.colors)[:, :3], colours)
+    assert os.listdir(tmp_path) == ["cloud.ply"]
+
+
+def test_glb_round_trip(scene, tmp_path):
+    points, colours = filter_points(scene["world_points"], scene["images"], max_points=100)
+    path = save_scene_glb(tmp_path / "scene.glb", points, colours, scene["camera_poses"], image_size=(H, W))
+    loaded = trimesh.load(path)
+    assert isinstance(loaded, trimesh.Scene)
+
+    clouds = [g for g in loaded.geometry.values() if isinstance(g, trimesh.PointCloud)]
+    assert len(clouds) == 1
+    np.testing.assert_allclose(np.asarray(clouds[0].vertices), points, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(clouds[0].colors)[:, :3], colours)
+
+    cameras = sorted(name for name in loaded.graph.nodes_geometry if name.startswith("camera_"))
+    assert cameras == [f"camera_{i}" for i in range(N)]
+    for index, name in enumerate(cameras):
+        transform, geometry_name = loaded.graph[name]
+        np.testing.assert_allclose(transform, scene["camera_poses"][index], atol=1e-6)
+        frustum = loaded.geometry[geometry_name]
+        assert isinstance(frustum, trimesh.path.Path3D)
+        # Apex at the camera centre; the base lies in front of the camera (+z) at 5% of the scene's extent.
+        local = np.asarray(frustum.vertices)
+        assert np.isclose(np.linalg.norm(local, axis=1).min(), 0.0)
+        assert local[:, 2].max() > 0 and np.isclose(local[:, 2].min(), 0.0)
+    extent = np.linalg.norm(np.ptp(np.concatenate([points, scene["camera_poses"][:, :3, 3]]), axis=0))
+    assert np.isclose(local[:, 2].max(), 0.05 * extent, rtol=1e-5)
+
+
+def test_cameras_json_round_trip(scene, tmp_path):
+    path = save_cameras_json(tmp_path / "cameras.json", torch.from_numpy(scene["camera_poses"]), (H, W))
+    document = json.loads(path.read_text())
+    cameras = document["cameras"]
+    assert [c["index"] for c in cameras] == list(range(N))
+    assert all(c["width"] == W and c["height"] == H for c in cameras)
+    np.testing.assert_allclose(np.array([c["camera_to_world"] for c in cameras]), scene["camera_poses"], atol=0)
+
+
+def test_depth_png16_round_trip(scene, tmp_path):
+    depth = scene["depth"][2].astype(np.float64)  # view 2 is tilted, so its depth varies
+    depth[0, 0], depth[1, 1], depth[2, 2] = np.nan, np.inf, -1.0
+    depth_range = save_depth_png16(tmp_path / "d.png", depth)
+    valid = np.isfinite(depth) & (depth > 0)
+    assert depth_range == (depth[valid].min(), depth[valid].max())
+
+    with Image.open(tmp_path / "d.png") as image:
+        assert image.mode == "I;16" and image.size == (W, H)
+        codes = np.array(image)
+        assert float(image.text["depth_min"]) == depth_range[0]
+    assert codes[~valid].tolist() == [0, 0, 0]
+    assert codes[valid].min() == 1 and codes[valid].max() == 65535
+
+    decoded = load_depth_png16(tmp_path / "d.png")
+    step = (depth_range[1] - depth_range[0]) / 65534
+    assert np.isnan(decoded[~valid]).all()
+    assert np.abs(decoded[valid] - depth[valid]).max() <= step / 2 + 1e-12
+
+
+def test_depth_png16_constant_and_empty(tmp_path):
+    assert save_depth_png16(tmp_path / "c.png", np.full((4, 5), 2.5)) == (2.5, 2.5)
+    np.testing.assert_array_equal(load_depth_png16(tmp_path / "c.png"), np.full((4, 5), 2.5))
+    assert save_depth_png16(tmp_path / "e.png", np.full((4, 5), np.nan)) is None
+    assert np.isnan(load_depth_png16(tmp_path / "e.png")).all()
+
+
+# ------------------------------------------------------------------------------------------------------------ export
+
+
+def test_export_reconstruction_writes_every_file(scene, tmp_path):
+    out = tmp_path / "out"
+    inputs = {key: torch.from_numpy(value) for key, value in scene.items()}
+    written = export_reconstruction(out, **inputs, confidence_percentile=20.0)
+    names = [p.relative_to(out).as_posix() for p in written]
+    assert names == ["scene.glb", "points.ply", "cameras.json"] + [f"depth/view_{i:03d}.png" for i in range(N)]
+    assert sorted(os.listdir(out)) == ["cameras.json", "depth", "points.ply", "scene.glb"]
+    assert sorted(os.listdir(out / "depth")) == [f"view_{i:03d}.png" for i in range(N)]
+
+    cloud = trimesh.load(out / "points.ply")
+    assert len(cloud.vertices) == round(0.8 * N * H * W)
+    glb = trimesh.load(out / "scene.glb")
+    [glb_cloud] = [g for g in glb.geometry.values() if isinstance(g, trimesh.PointCloud)]
+    assert len(glb_cloud.vertices) == len(cloud.vertices)
+    assert sum(name.startswith("camera_") for name in glb.graph.nodes_geometry) == N
+    for index in range(N):
+        decoded = load_depth_png16(out / "depth" / f"view_{index:03d}.png")
+        np.testing.assert_allclose(decoded, scene["depth"][index], atol=1e-4)
+
+
+def _bad(scene: dict[str, np.ndarray], **changes: object) -> dict[str, object]:
+    return {**scene, **changes}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s: {"camera_poses": s["camera_poses"][:2]}, "views but `camera_poses` has"),
+        (lambda s: {"images": s["images"][:, :, :4]}, "`images`"),
+        (lambda s: {"images": s["images"].astype(np.float32)}, "uint8"),
+        (lambda s: {"depth": s["depth"][:, :4]}, "`depth`"),
+        (lambda s: {"confidence": s["confidence"][:2]}, "`confidence`"),
+        (lambda s: {"world_points": s["world_points"][None]}, "pass one scene"),
+        (lambda s: {"camera_poses": s["camera_poses"][:0]}, "zero views"),
+        (lambda s: {"camera_poses": s["camera_poses"] * 2}, "last row"),
+        (lambda s: {"world_points": np.full_like(s["world_points"], np.nan)}, "filtered away"),
+    ],
+)
+def test_export_rejects_bad_input(scene, tmp_path, change, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        export_reconstruction(tmp_path / "out", **_bad(scene, **change(scene)))
+    assert not (tmp_path / "out").exists()
+
+
+def test_zero_views_rejected_by_filter():
+    with pytest.raises(ValueError, match="zero views"):
+        filter_points(np.zeros((0, H, W, 3)), np.zeros((0, H, W, 3), dtype=np.uint8))
+
+
+def test_bad_percentile_and_max_points(scene):
+    with pytest.raises(ValueError, match="confidence_percentile"):
+        compute_keep_mask(scene["world_points"], scene["confidence"], confidence_percentile=120.0)
+    with pytest.raises(ValueError, match="max_points"):
+        filter_points(scene["world_points"], scene["images"], max_points=0)
+
+
+def test_missing_trimesh_says_how_to_install(scene, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "trimesh", None)
+    with pytest.raises(ImportError, match=r'pip install "g2vlm-hf\[export\]"'):
+        save_point_cloud_ply(tmp_path / "x.ply", np.zeros((1, 3)), np.zeros((1, 3), dtype=np.uint8))
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------------------- atomicity
+
+
+def test_failed_write_keeps_old_file_and_leaves_no_temporary(scene, tmp_path, monkeypatch):
+    target = tmp_path / "points.ply"
+    target.write_bytes(b"old")
+
+    def failing_replace(source, destination):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        save_point_cloud_ply(target, np.zeros((4, 3)), np.zeros((4, 3), dtype=np.uint8))
+    assert os.listdir(tmp_path) == ["points.ply"]
+    assert target.read_bytes() == b"old"
+
+
+def test_export_failing_midway_leaves_no_files(scene, tmp_path, monkeypatch):
+    real_replace = os.replace
+    calls = []
+
+    def replace_then_fail(source, destination):
+        calls.append(destination)
+        if len(calls) == 4:  # after scene.glb, points.ply and cameras.json, on the first depth map
+            raise OSError("disk full")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(export.os, "replace", replace_then_fail)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="disk full"):
+        export_reconstruction(out, **scene)
+    assert len(calls) == 4
+    assert not out.exists()
+
+
+def test_export_failing_while_encoding_writes_nothing(scene, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    real_encode = export._encode_depth_png16
+
+    def encode_then_fail(depth):
+        if encode_then_fail.calls == 1:
+            raise RuntimeError("encoder crashed")
+        encode_then_fail.calls += 1
+        return real_encode(depth)
+
+    encode_then_fail.calls = 0
+    monkeypatch.setattr(export, "_encode_depth_png16", encode_then_fail)
+    with pytest.raises(RuntimeError, match="encoder crashed"):
+        export_reconstruction(out, **scene)
+    assert list(Path(out).rglob("*")) == []
