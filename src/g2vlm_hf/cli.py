@@ -1,0 +1,167 @@
+"""`g2vlm`: 3D reconstruction and spatial chat from the command line.
+
+    g2vlm reconstruct --model MODEL view1.png view2.png ... --output out/   (or --folder DIR, or --video FILE)
+    g2vlm chat --model MODEL --image room.png "How far is the chair from the door?"
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreamer
+from transformers.utils import logging
+
+from .processing.image_io import load_image
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CLIError(Exception):
+    """A problem with the command line's inputs, reported without a traceback."""
+
+
+def images_in_folder(folder: Path) -> list[Path]:
+    """The image files of `folder`, sorted by name."""
+    if not folder.is_dir():
+        raise CLIError(f"{folder} is not a folder.")
+    files = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise CLIError(f"{folder} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+    return files
+
+
+def video_frames(video: Path, every: int, max_frames: int | None) -> list[Image.Image]:
+    """Every `every`-th frame of `video` (at most `max_frames`), decoded with PyAV."""
+    try:
+        import av
+    except ImportError as error:
+        raise CLIError('Reading videos needs PyAV: pip install "g2vlm-hf[video]"') from error
+    if not video.is_file():
+        raise CLIError(f"Video file {video} does not exist.")
+    frames = []
+    try:
+        with av.open(str(video)) as container:
+            decoded = container.decode(video=0)
+            for index, frame in enumerate(logging.tqdm(decoded, desc="Reading frames", unit="frame")):
+                if index % every == 0:
+                    frames.append(frame.to_image())
+                    if max_frames is not None and len(frames) >= max_frames:
+                        break
+    except av.FFmpegError as error:
+        raise CLIError(f"Cannot decode {video}: {error}") from error
+    if not frames:
+        raise CLIError(f"{video} holds no video frames.")
+    return frames
+
+
+def collect_views(args: argparse.Namespace) -> list:
+    sources = [args.images != [], args.folder is not None, args.video is not None]
+    if sum(sources) != 1:
+        raise CLIError("Give the views as image files, or --folder DIR, or --video FILE (exactly one of them).")
+    if args.video is not None:
+        return video_frames(args.video, args.every, args.max_views)
+    paths = images_in_folder(args.folder) if args.folder is not None else [Path(p) for p in args.images]
+    return [load_image(path) for path in logging.tqdm(paths, desc="Reading images", unit="image")]
+
+
+def load(model_path: str, dtype: str, device: str):
+    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=DTYPES[dtype]).to(device).eval()
+    return model, AutoProcessor.from_pretrained(model_path)
+
+
+def run_reconstruct(args: argparse.Namespace) -> int:
+    from .export import export_reconstruction
+
+    views = collect_views(args)
+    model, processor = load(args.model, args.dtype, args.device)
+    inputs = processor(geometry_images=views, return_tensors="pt").to(args.device)
+    with torch.inference_mode():
+        output = model.reconstruct(**inputs)
+    colours = processor.geometry_image_processor.unnormalize(inputs["geometry_pixel_values"][0].cpu())
+    written = export_reconstruction(
+        args.output,
+        camera_poses=output.camera_poses[0],
+        world_points=output.world_points[0],
+        depth=output.depth[0],
+        confidence=None if output.confidence is None else output.confidence[0],
+        images=colours,
+        confidence_percentile=args.confidence_percentile,
+        max_points=args.max_points,
+    )
+    print(f"Reconstructed {len(views)} views into {args.output}:")
+    for path in written:
+        print(f"  {path}")
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    images = [load_image(path) for path in args.image]
+    model, processor = load(args.model, args.dtype, args.device)
+    content = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": args.question}]
+    inputs = processor.apply_chat_template(
+        [{"role": "user", "content": content}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    ).to(args.device)
+    streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    with torch.inference_mode():
+        model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="g2vlm", description="G2VLM: 3D reconstruction and spatial chat.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--model", required=True, help="converted checkpoint folder or Hub id")
+        sub.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="weights dtype (default: as saved)")
+        sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+    recon = commands.add_parser("reconstruct", help="views of one scene -> scene.glb, points.ply, cameras.json, depth")
+    common(recon)
+    recon.add_argument("images", nargs="*", default=[], help="image files of the views")
+    recon.add_argument("--folder", type=Path, help="use every image of this folder (sorted by name)")
+    recon.add_argument("--video", type=Path, help="use frames of this video file")
+    recon.add_argument("--every", type=int, default=10, help="with --video: keep every N-th frame (default 10)")
+    recon.add_argument("--max-views", type=int, default=None, help="with --video: keep at most this many frames")
+    recon.add_argument("--output", type=Path, required=True, help="output folder")
+    recon.add_argument(
+        "--confidence-percentile", type=float, default=None, help="drop points below this confidence percentile"
+    )
+    recon.add_argument("--max-points", type=int, default=None, help="randomly keep at most this many points")
+    recon.set_defaults(run=run_reconstruct)
+
+    chat = commands.add_parser("chat", help="images + question -> streamed answer")
+    common(chat)
+    chat.add_argument("--image", action="append", default=[], required=True, help="an image (repeat for several)")
+    chat.add_argument("question", help="the question about the images")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.set_defaults(run=run_chat)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import g2vlm_hf  # noqa: F401  (registers the Auto classes)
+
+    args = build_parser().parse_args(argv)
+    if getattr(args, "every", 1) < 1:
+        print("g2vlm: error: --every must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        return args.run(args)
+    except (CLIError, ValueError, OSError) as error:
+        print(f"g2vlm: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

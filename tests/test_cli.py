@@ -1,0 +1,119 @@
+"""The `g2vlm` command line: reconstruction to files that reload with trimesh, and streamed chat."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from conftest import FIXTURE_DIR
+from g2vlm_hf.cli import main as g2vlm
+
+trimesh = pytest.importorskip("trimesh", reason="the export extra (trimesh) is part of the test extras")
+
+IMAGES = FIXTURE_DIR / "images"
+VIEWS = [IMAGES / f"view_{index}.png" for index in range(3)]
+
+
+def reference_reconstruction(converted_tiny, views):
+    model = AutoModelForImageTextToText.from_pretrained(converted_tiny).eval()
+    processor = AutoProcessor.from_pretrained(converted_tiny)
+    with torch.no_grad():
+        return model.reconstruct(**processor(geometry_images=views, return_tensors="pt"))
+
+
+def test_reconstruct_writes_files_that_reload_with_the_model_points(converted_tiny, tmp_path):
+    output = tmp_path / "scene"
+    assert g2vlm(["reconstruct", "--model", str(converted_tiny), *map(str, VIEWS), "--output", str(output)]) == 0
+    expected = reference_reconstruction(converted_tiny, VIEWS)
+
+    cloud = trimesh.load(output / "points.ply")
+    points = expected.world_points[0].reshape(-1, 3).numpy()
+    assert len(cloud.vertices) == len(points)
+    np.testing.assert_allclose(np.asarray(cloud.vertices), points, rtol=1e-5, atol=1e-5)
+
+    scene = trimesh.load(output / "scene.glb")
+    cameras = [name for name in scene.graph.nodes_geometry if name.startswith("camera_")]
+    assert len(cameras) == len(VIEWS)
+
+    saved = json.loads((output / "cameras.json").read_text())["cameras"]
+    np.testing.assert_allclose(np.array([c["camera_to_world"] for c in saved]), expected.camera_poses[0].numpy(), atol=1e-6)
+    assert sorted(p.name for p in (output / "depth").iterdir()) == [f"view_00{i}.png" for i in range(3)]
+    assert Image.open(output / "depth" / "view_000.png").mode == "I;16"
+
+
+def test_reconstruct_from_a_folder_equals_from_files(converted_tiny, tmp_path):
+    folder = tmp_path / "views"
+    folder.mkdir()
+    for view in VIEWS:
+        shutil.copy(view, folder / view.name)
+    (folder / "notes.txt").write_text("not an image, ignored")
+    assert g2vlm(["reconstruct", "--model", str(converted_tiny), "--folder", str(folder), "--output", str(tmp_path / "a")]) == 0
+    assert g2vlm(["reconstruct", "--model", str(converted_tiny), *map(str, VIEWS), "--output", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "a" / "cameras.json").read_text() == (tmp_path / "b" / "cameras.json").read_text()
+
+
+def test_reconstruct_from_video_frames(converted_tiny, tmp_path):
+    av = pytest.importorskip("av", reason="the video extra (PyAV) is part of the test extras")
+    video = tmp_path / "walk.mp4"
+    with av.open(str(video), "w") as container:
+        stream = container.add_stream("mpeg4", rate=5)
+        stream.width, stream.height, stream.pix_fmt = 518, 140, "yuv420p"
+        for index in range(6):
+            frame = Image.open(VIEWS[index % 3]).convert("RGB").resize((518, 140))
+            for packet in stream.encode(av.VideoFrame.from_image(frame)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    output = tmp_path / "scene"
+    args = ["reconstruct", "--model", str(converted_tiny), "--video", str(video), "--every", "2", "--output", str(output)]
+    assert g2vlm(args) == 0
+    assert len(json.loads((output / "cameras.json").read_text())["cameras"]) == 3  # frames 0, 2 and 4
+
+
+def test_max_points_subsamples_the_cloud(converted_tiny, tmp_path):
+    output = tmp_path / "scene"
+    args = ["reconstruct", "--model", str(converted_tiny), *map(str, VIEWS[:2]), "--output", str(output)]
+    assert g2vlm([*args, "--max-points", "1000"]) == 0
+    assert len(trimesh.load(output / "points.ply").vertices) == 1000
+
+
+def test_chat_streams_the_greedy_answer(converted_tiny, capsys):
+    question = "How far is the red box from the blue wall?"
+    assert g2vlm(["chat", "--model", str(converted_tiny), "--image", str(IMAGES / "chat.png"), question, "--max-new-tokens", "6"]) == 0
+    streamed = capsys.readouterr().out
+
+    model = AutoModelForImageTextToText.from_pretrained(converted_tiny).eval()
+    processor = AutoProcessor.from_pretrained(converted_tiny)
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(IMAGES / "chat.png")}, {"type": "text", "text": question}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    expected = processor.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert streamed.strip() == expected.strip()
+
+
+class TestBadInput:
+    def test_no_views(self, converted_tiny, tmp_path, capsys):
+        assert g2vlm(["reconstruct", "--model", str(converted_tiny), "--output", str(tmp_path / "o")]) == 2
+        assert "exactly one of them" in capsys.readouterr().err
+        assert not (tmp_path / "o").exists()
+
+    def test_corrupt_image_leaves_nothing_behind(self, converted_tiny, tmp_path, capsys):
+        broken = tmp_path / "broken.png"
+        broken.write_bytes(b"\x89PNG but not really")
+        args = ["reconstruct", "--model", str(converted_tiny), str(VIEWS[0]), str(broken), "--output", str(tmp_path / "o")]
+        assert g2vlm(args) == 2
+        assert "not an image" in capsys.readouterr().err
+        assert not (tmp_path / "o").exists()
+
+    def test_empty_folder(self, converted_tiny, tmp_path, capsys):
+        (tmp_path / "empty").mkdir()
+        args = ["reconstruct", "--model", str(converted_tiny), "--folder", str(tmp_path / "empty"), "--output", str(tmp_path / "o")]
+        assert g2vlm(args) == 2
+        assert "holds no image files" in capsys.readouterr().err
