@@ -48,8 +48,9 @@ class G2VLMCausalLMOutputWithPast(ModelOutput):
 @dataclass
 class G2VLMReconstructionOutput(ModelOutput):
     r"""
-    3D reconstruction of each scene, in the frame of the scene's first camera up to the model's scale. All tensors
-    are float32. `H` and `W` are the geometry image sizes in pixels (multiples of the patch size).
+    3D reconstruction of each scene, in one world frame per scene chosen by the model, at the model's (unknown,
+    not metric-guaranteed) scale. All tensors are float32. `H` and `W` are the geometry image sizes in pixels
+    (multiples of the patch size).
 
     camera_poses (`torch.FloatTensor` of shape `(batch_size, num_views, 4, 4)`):
         Camera-to-world transforms: rotation (orthonormal, det +1) and translation, last row `[0, 0, 0, 1]`.
@@ -58,7 +59,8 @@ class G2VLMReconstructionOutput(ModelOutput):
     world_points (`torch.FloatTensor` of shape `(batch_size, num_views, H, W, 3)`):
         `local_points` moved to the world frame by `camera_poses`.
     global_points (`torch.FloatTensor` of shape `(batch_size, num_views, H, W, 3)`, *optional*):
-        Point maps predicted directly in the first view's frame by the global-points head.
+        Point maps predicted directly by the global-points head (which cross-attends to the first view), without
+        going through the camera poses.
     depth (`torch.FloatTensor` of shape `(batch_size, num_views, H, W)`):
         Positive depth along each camera's z axis (`local_points[..., 2]`).
     confidence (`torch.FloatTensor` of shape `(batch_size, num_views, H, W)`, *optional*):

@@ -1,0 +1,37 @@
+"""The example scripts run offline on the converted tiny fixture (each in its own process, as a user runs them)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+EXAMPLES = REPO_ROOT / "examples"
+
+
+def run_example(name: str, *args: str, cwd) -> str:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_quickstart_converts_reconstructs_and_chats(tmp_path):
+    out = run_example("quickstart.py", "--output", str(tmp_path / "model"), cwd=tmp_path)
+    assert "camera poses (1, 3, 4, 4)" in out and "answer:" in out
+    assert (tmp_path / "model" / "config.json").is_file()
+
+
+def test_reconstruct_to_glb(converted_tiny, tmp_path):
+    out = run_example("reconstruct_to_glb.py", "--model", str(converted_tiny), "--output", str(tmp_path / "s"), cwd=tmp_path)
+    assert {line.rsplit("/", 1)[-1] for line in out.split()} >= {"scene.glb", "points.ply", "cameras.json"}
+
+
+@pytest.mark.parametrize("name", ["spatial_chat.py", "chat_with_geometry.py"])
+def test_chat_examples(name, converted_tiny, tmp_path):
+    out = run_example(name, "--model", str(converted_tiny), cwd=tmp_path)
+    assert out.strip()
