@@ -43,7 +43,7 @@ def test_converted_weights_are_the_official_ones(converted_tiny):
     converted = load_file(converted_tiny / "model.safetensors")
     assert len(official) == len(converted)
     pairs = {
-        "dino_model.encoder.layer.1.attention.attention.query.weight": "model.geometry_encoder.encoder.layer.1.attention.q_proj.weight",
+        "dino_model.encoder.layer.1.attention.attention.query.weight": "model.geometry_encoder.encoder.layer.1.attention.query.weight",
         "language_model.model.layers.0.self_attn.q_proj_moe_geo.bias": "model.language_model.layers.0.self_attn.geo_q_proj.bias",
         "language_model.model.layers.1.mlp_moe_geo.down_proj.weight": "model.language_model.layers.1.geo_mlp.geo_down_proj.weight",
         "language_model.model.layers.1.ls2.gamma": "model.language_model.layers.1.geo_mlp_layer_scale.gamma",

@@ -235,7 +235,15 @@ def test_per_view_geometry_encoder_is_plain_dinov2(model):
     encoder = model.model.geometry_encoder
     assert not encoder.packed_windows
     reference = Dinov2WithRegistersModel(encoder.config).eval()
-    reference.load_state_dict(encoder.state_dict())
+    # our attention keeps the original DINOv2 leaf names; transformers' uses q/k/v/o_proj
+    names = {".attention.query.": ".attention.q_proj.", ".attention.key.": ".attention.k_proj.",
+             ".attention.value.": ".attention.v_proj.", ".attention.dense.": ".attention.o_proj."}  # fmt: skip
+    state = {}
+    for key, value in encoder.state_dict().items():
+        for ours, theirs in names.items():
+            key = key.replace(ours, theirs)
+        state[key] = value
+    reference.load_state_dict(state)
     pixels = views().flatten(0, 1)
     with torch.no_grad():
         expected = reference(pixel_values=pixels).last_hidden_state[:, 1 + encoder.config.num_register_tokens :]
@@ -247,7 +255,7 @@ def test_packed_window_mode_leaves_the_tail_tokens_without_attention():
     model = tiny_model(geometry_encoder_attention="official_packed_windows")
     encoder = model.model.geometry_encoder
     captured = []
-    hook = encoder.encoder.layer[0].attention.o_proj.register_forward_hook(lambda m, args, out: captured.append(args[0]))
+    hook = encoder.encoder.layer[0].attention.dense.register_forward_hook(lambda m, args, out: captured.append(args[0]))
     with torch.no_grad():
         encoder(views().flatten(0, 1), views_per_scene=VIEWS)
     hook.remove()

@@ -45,11 +45,9 @@ OFFICIAL_KEY_RENAMES: list[tuple[str, str]] = [
     (r"\.ls2\.gamma$", ".geo_mlp_layer_scale.gamma"),
     # semantic encoder (same layout as transformers' Qwen2-VL vision tower)
     (r"^vit_model\.", "model.visual."),
-    # geometry encoder: transformers 5 names the DINOv2 attention projections q/k/v/o_proj
-    (r"^dino_model\.(encoder\.layer\.\d+\.attention)\.attention\.query\.", r"dino_model.\1.q_proj."),
-    (r"^dino_model\.(encoder\.layer\.\d+\.attention)\.attention\.key\.", r"dino_model.\1.k_proj."),
-    (r"^dino_model\.(encoder\.layer\.\d+\.attention)\.attention\.value\.", r"dino_model.\1.v_proj."),
-    (r"^dino_model\.(encoder\.layer\.\d+\.attention)\.output\.dense\.", r"dino_model.\1.o_proj."),
+    # geometry encoder (its attention keeps the original DINOv2 leaf names query/key/value/dense)
+    (r"\.attention\.attention\.(query|key|value)\.", r".attention.\1."),
+    (r"\.attention\.output\.dense\.", ".attention.dense."),
     (r"^dino_model\.", "model.geometry_encoder."),
     (r"^dino2llm\.", "model.geometry_projector."),
     # geometry heads

@@ -21,38 +21,58 @@ from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers im
 )
 
 
-class G2VLMPackedWindowAttention(Dinov2WithRegistersAttention):
-    """DINOv2 self-attention over the official packed windows (see the module docstring). Same weights and
-    names as `Dinov2WithRegistersAttention`; only which tokens attend to which differs."""
+class G2VLMGeometryEncoderAttention(Dinov2WithRegistersAttention):
+    """DINOv2 self-attention with two changes to transformers' `Dinov2WithRegistersAttention`:
+
+    - leaf names `query`, `key`, `value`, `dense` (the original DINOv2 names) instead of `q_proj`, `k_proj`,
+      `v_proj`, `o_proj`, so that PEFT's suffix matching of a standard LoRA recipe (`target_modules=["q_proj",
+      "v_proj"]`) adapts the decoder's semantic expert only, not the geometry encoder;
+    - the optional official packed-window pattern (see the module docstring).
+    """
+
+    def __init__(self, config: Dinov2WithRegistersConfig, packed_windows: bool = False):
+        super().__init__(config)
+        self.query, self.key, self.value, self.dense = self.q_proj, self.k_proj, self.v_proj, self.o_proj
+        del self.q_proj, self.k_proj, self.v_proj, self.o_proj
+        self.packed_windows = packed_windows
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *, views_per_scene: int, **kwargs
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, views_per_scene: int = 1, **kwargs
     ) -> tuple[torch.Tensor, None]:
         num_views_total, tokens_per_view, _ = hidden_states.shape
-        num_scenes = num_views_total // views_per_scene
-        num_patches = tokens_per_view - 1 - self.config.num_register_tokens
-        windowed = num_patches * views_per_scene
+        if self.packed_windows:
+            # one packed sequence per scene, cut into windows of num_patches tokens; the tail gets no window
+            num_scenes = num_views_total // views_per_scene
+            window = tokens_per_view - 1 - self.config.num_register_tokens
+            windowed = window * views_per_scene
+        else:
+            num_scenes, views_per_scene, window, windowed = num_views_total, 1, tokens_per_view, tokens_per_view
 
-        def windows(projection: torch.nn.Linear) -> torch.Tensor:
-            # (scenes, views * tokens, heads, head_dim) -> (scenes * views, heads, num_patches, head_dim)
+        def split(projection: torch.nn.Linear) -> torch.Tensor:
+            # (scenes, tokens, heads, head_dim) -> (windows, heads, window, head_dim)
             states = projection(hidden_states).view(num_scenes, views_per_scene * tokens_per_view, -1, self.head_dim)
-            return states[:, :windowed].reshape(num_scenes * views_per_scene, num_patches, -1, self.head_dim).transpose(1, 2)
+            return states[:, :windowed].reshape(-1, window, states.shape[2], self.head_dim).transpose(1, 2)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
         window_output, _ = attention_interface(
             self,
-            windows(self.q_proj),
-            windows(self.k_proj),
-            windows(self.v_proj),
-            None,
+            split(self.query),
+            split(self.key),
+            split(self.value),
+            attention_mask if not self.packed_windows else None,
             dropout=0.0 if not self.training else self.attention_dropout,
             scaling=self.scaling,
         )
-        packed = window_output.new_zeros(num_scenes, views_per_scene * tokens_per_view, window_output.shape[-2] * self.head_dim)
-        packed[:, :windowed] = window_output.reshape(num_scenes, windowed, -1)
-        return self.o_proj(packed.view(num_views_total, tokens_per_view, -1)), None
+        width = window_output.shape[-2] * self.head_dim
+        if windowed == views_per_scene * tokens_per_view:
+            attended = window_output.reshape(num_views_total, tokens_per_view, width)
+        else:
+            attended = window_output.new_zeros(num_scenes, views_per_scene * tokens_per_view, width)
+            attended[:, :windowed] = window_output.reshape(num_scenes, windowed, width)
+            attended = attended.view(num_views_total, tokens_per_view, width)
+        return self.dense(attended), None
 
 
 class G2VLMGeometryEncoder(Dinov2WithRegistersModel):
@@ -66,10 +86,9 @@ class G2VLMGeometryEncoder(Dinov2WithRegistersModel):
     def __init__(self, config: Dinov2WithRegistersConfig, packed_windows: bool = False):
         super().__init__(config)
         self.packed_windows = packed_windows
-        if packed_windows:
-            for layer in self.encoder.layer:
-                layer.attention = G2VLMPackedWindowAttention(config)
-            self.post_init()
+        for layer in self.encoder.layer:
+            layer.attention = G2VLMGeometryEncoderAttention(config, packed_windows)
+        self.post_init()
 
     def forward(self, pixel_values: torch.Tensor, views_per_scene: int = 1, **kwargs) -> torch.Tensor:
         """
@@ -82,10 +101,8 @@ class G2VLMGeometryEncoder(Dinov2WithRegistersModel):
             `(scenes * views, H / patch * W / patch, hidden)` patch tokens after the final layer norm.
         """
         hidden_states = self.embeddings(pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype))
-        if self.packed_windows:
-            kwargs["views_per_scene"] = views_per_scene
         for layer in self.encoder.layer:
-            hidden_states = layer(hidden_states, None, **kwargs)
+            hidden_states = layer(hidden_states, None, views_per_scene=views_per_scene, **kwargs)
         hidden_states = self.layernorm(hidden_states)
         return hidden_states[:, 1 + self.config.num_register_tokens :]
 
