@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-from .modeling import G2VLMConfig, G2VLMForConditionalGeneration, G2VLMModel, G2VLMTextConfig, G2VLMTextModel
+from .modeling import (
+    G2VLMConfig,
+    G2VLMForConditionalGeneration,
+    G2VLMForReconstruction,
+    G2VLMModel,
+    G2VLMReconstructionConfig,
+    G2VLMTextConfig,
+    G2VLMTextModel,
+)
 from .processing import G2VLMProcessor
 
 _registered = False
@@ -21,8 +29,11 @@ def register() -> None:
         return
     AutoConfig.register(G2VLMConfig.model_type, G2VLMConfig, exist_ok=True)
     AutoConfig.register(G2VLMTextConfig.model_type, G2VLMTextConfig, exist_ok=True)
+    AutoConfig.register(G2VLMReconstructionConfig.model_type, G2VLMReconstructionConfig, exist_ok=True)
     AutoModel.register(G2VLMConfig, G2VLMModel, exist_ok=True)
+    AutoModel.register(G2VLMReconstructionConfig, G2VLMForReconstruction, exist_ok=True)
     AutoModel.register(G2VLMTextConfig, G2VLMTextModel, exist_ok=True)
     AutoModelForImageTextToText.register(G2VLMConfig, G2VLMForConditionalGeneration, exist_ok=True)
     AutoProcessor.register(G2VLMConfig, G2VLMProcessor, exist_ok=True)
+    AutoProcessor.register(G2VLMReconstructionConfig, G2VLMProcessor, exist_ok=True)
     _registered = True

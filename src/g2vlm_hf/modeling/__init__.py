@@ -1,7 +1,7 @@
 """G²VLM configuration and model classes."""
 
-from .configuration_g2vlm import G2VLMConfig, G2VLMTextConfig
-from .modeling_g2vlm import G2VLMForConditionalGeneration, G2VLMModel
+from .configuration_g2vlm import G2VLMConfig, G2VLMReconstructionConfig, G2VLMTextConfig
+from .modeling_g2vlm import G2VLMForConditionalGeneration, G2VLMForReconstruction, G2VLMModel
 from .outputs import G2VLMCausalLMOutputWithPast, G2VLMModelOutputWithPast, G2VLMReconstructionOutput
 from .pretrained import G2VLMPreTrainedModel
 from .text_decoder import G2VLMTextModel
@@ -10,9 +10,11 @@ __all__ = [
     "G2VLMCausalLMOutputWithPast",
     "G2VLMConfig",
     "G2VLMForConditionalGeneration",
+    "G2VLMForReconstruction",
     "G2VLMModel",
     "G2VLMModelOutputWithPast",
     "G2VLMPreTrainedModel",
+    "G2VLMReconstructionConfig",
     "G2VLMReconstructionOutput",
     "G2VLMTextConfig",
     "G2VLMTextModel",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 from transformers import Dinov2WithRegistersConfig, PreTrainedConfig, Qwen2VLTextConfig, Qwen2VLVisionConfig
+from transformers.configuration_utils import SubConfigSpec
 
 GEOMETRY_ENCODER_ATTENTION_MODES = ("per_view", "official_packed_windows")
 
@@ -107,8 +108,8 @@ class G2VLMConfig(PreTrainedConfig):
     model_type = "g2vlm"
     sub_configs_defaults: ClassVar = {
         "text_config": G2VLMTextConfig,
-        "vision_config": Qwen2VLVisionConfig,
-        "geometry_config": Dinov2WithRegistersConfig,
+        "vision_config": SubConfigSpec(Qwen2VLVisionConfig, init_kwargs=G2VLM_2B_VISION),
+        "geometry_config": SubConfigSpec(Dinov2WithRegistersConfig, init_kwargs=G2VLM_2B_GEOMETRY),
     }
     keys_to_ignore_at_inference: ClassVar = ["past_key_values"]
 
@@ -132,10 +133,6 @@ class G2VLMConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
-        if self.vision_config is None:
-            self.vision_config = dict(G2VLM_2B_VISION)
-        if self.geometry_config is None:
-            self.geometry_config = dict(G2VLM_2B_GEOMETRY)
         super().__post_init__(**kwargs)
         if self.geometry_encoder_attention not in GEOMETRY_ENCODER_ATTENTION_MODES:
             raise ValueError(
@@ -147,7 +144,7 @@ class G2VLMConfig(PreTrainedConfig):
                 f"The geometry-head decoders run at the decoder width ({self.text_config.hidden_size}), which must be "
                 f"divisible by head_num_attention_heads={self.head_num_attention_heads}."
             )
-        if self.vision_config.hidden_size != self.text_config.hidden_size:
+        if self.vision_config is not None and self.vision_config.hidden_size != self.text_config.hidden_size:
             raise ValueError(
                 f"vision_config.hidden_size={self.vision_config.hidden_size} (the ViT merger's output width) must equal "
                 f"text_config.hidden_size={self.text_config.hidden_size}."
@@ -159,4 +156,18 @@ class G2VLMConfig(PreTrainedConfig):
         return self.geometry_config.patch_size
 
 
-__all__ = ["G2VLMConfig", "G2VLMTextConfig"]
+class G2VLMReconstructionConfig(G2VLMConfig):
+    r"""
+    Configuration of [`G2VLMForReconstruction`]: G²VLM without the semantic vision encoder and the LM head, for users
+    who only want 3D. Same fields as [`G2VLMConfig`]; `vision_config` is optional and unused.
+    """
+
+    model_type = "g2vlm_reconstruction"
+    sub_configs_defaults: ClassVar = {
+        "text_config": G2VLMTextConfig,
+        "vision_config": SubConfigSpec(Qwen2VLVisionConfig, optional=True),
+        "geometry_config": SubConfigSpec(Dinov2WithRegistersConfig, init_kwargs=G2VLM_2B_GEOMETRY),
+    }
+
+
+__all__ = ["G2VLMConfig", "G2VLMReconstructionConfig", "G2VLMTextConfig"]

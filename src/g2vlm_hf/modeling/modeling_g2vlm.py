@@ -1,7 +1,5 @@
 """G²VLM: a Qwen2-VL semantic encoder, a DINOv2 geometry encoder, a two-expert decoder and Pi3-style geometry heads."""
 
-from __future__ import annotations
-
 import torch
 from torch import nn
 from transformers import GenerationMixin
@@ -9,7 +7,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransforme
 from transformers.cache_utils import Cache
 from transformers.utils import logging
 
-from .configuration_g2vlm import G2VLMConfig
+from .configuration_g2vlm import G2VLMConfig, G2VLMReconstructionConfig
 from .geometry_encoder import G2VLMGeometryEncoder
 from .geometry_heads import G2VLMGeometryHeads
 from .outputs import G2VLMCausalLMOutputWithPast, G2VLMModelOutputWithPast, G2VLMReconstructionOutput
@@ -25,7 +23,12 @@ class G2VLMModel(G2VLMPreTrainedModel):
 
     def __init__(self, config: G2VLMConfig):
         super().__init__(config)
-        self.visual = Qwen2VisionTransformerPretrainedModel._from_config(config.vision_config)
+        # The reconstruction-only model (G2VLMForReconstruction) has no semantic encoder.
+        self.visual = (
+            Qwen2VisionTransformerPretrainedModel._from_config(config.vision_config)
+            if config.vision_config is not None
+            else None
+        )
         self.geometry_encoder = G2VLMGeometryEncoder._from_config(
             config.geometry_config, packed_windows=config.geometry_encoder_attention == "official_packed_windows"
         )
@@ -33,6 +36,10 @@ class G2VLMModel(G2VLMPreTrainedModel):
         self.language_model = G2VLMTextModel._from_config(config.text_config)
         self.rope_deltas = None
         self.post_init()
+
+    @property
+    def spatial_merge_size(self) -> int:
+        return self.config.vision_config.spatial_merge_size if self.config.vision_config is not None else 1
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.language_model.embed_tokens
@@ -42,6 +49,8 @@ class G2VLMModel(G2VLMPreTrainedModel):
 
     def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor) -> torch.Tensor:
         """Semantic image features after the 2x2 merger: `(total merged patches, hidden)`."""
+        if self.visual is None:
+            raise ValueError("This model has no semantic image encoder (it is reconstruction-only): pass no pixel_values.")
         pixel_values = pixel_values.to(self.visual.get_dtype())
         return self.visual(pixel_values, grid_thw=image_grid_thw).pooler_output
 
@@ -93,7 +102,7 @@ class G2VLMModel(G2VLMPreTrainedModel):
             chunk_mask,
             image_token_id=self.config.image_token_id,
             geometry_token_id=self.config.geometry_token_id,
-            spatial_merge_size=self.config.vision_config.spatial_merge_size,
+            spatial_merge_size=self.spatial_merge_size,
             start_positions=start_positions,
             past_length=past_length,
         )
@@ -227,6 +236,42 @@ def scatter_features(
     return inputs_embeds.masked_scatter(placeholder_mask.unsqueeze(-1), features)
 
 
+def geometry_token_grid(
+    hidden_states: torch.Tensor, geometry_mask: torch.BoolTensor, geometry_pixel_values: torch.Tensor, patch: int
+) -> torch.Tensor:
+    """The hidden states of the geometry tokens as `(batch, views, H / patch, W / patch, hidden)`."""
+    batch, views, _, height, width = geometry_pixel_values.shape
+    return hidden_states[geometry_mask].view(batch, views, height // patch, width // patch, -1)
+
+
+def reconstruct_scenes(
+    model: G2VLMModel,
+    geometry_heads: G2VLMGeometryHeads,
+    input_ids: torch.LongTensor,
+    geometry_pixel_values: torch.Tensor | list[torch.Tensor] | None,
+    attention_mask: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    image_grid_thw: torch.LongTensor | None = None,
+    **kwargs,
+) -> G2VLMReconstructionOutput:
+    """Run the encoders and the decoder over the prompt, then the geometry heads over the geometry tokens."""
+    if geometry_pixel_values is None:
+        raise ValueError("Reconstruction needs geometry_pixel_values: at least one view per scene.")
+    patch = model.config.geometry_patch_size
+    geometry_pixel_values = as_geometry_pixel_values(geometry_pixel_values, patch)
+    outputs = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        pixel_values=pixel_values,
+        image_grid_thw=image_grid_thw,
+        geometry_pixel_values=geometry_pixel_values,
+        use_cache=False,
+        **kwargs,
+    )
+    tokens = geometry_token_grid(outputs.last_hidden_state, outputs.geometry_mask, geometry_pixel_values, patch)
+    return G2VLMReconstructionOutput(**geometry_heads(tokens))
+
+
 class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
     """G²VLM with a language-modelling head (spatial-reasoning chat) and geometry heads (3D reconstruction)."""
 
@@ -306,30 +351,18 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
 
         Args:
             input_ids: `(batch, seq)` prompt holding one geometry block per row (the processor builds it; the official
-                prompt is `<|im_start|>Reconstruct the 3D scene.` followed by the views).
+                prompt is `<|im_start|>Reconstruct the 3D scene.` followed by the views). A chat prompt works too: the
+                result is the geometry its answer is grounded in.
             geometry_pixel_values: `(batch, views, 3, H, W)` ImageNet-normalised views, H and W multiples of 14
                 (or a list of `(3, H, W)` views of one scene).
 
         Returns:
             [`G2VLMReconstructionOutput`] with camera poses, point maps and depth in float32.
         """
-        if geometry_pixel_values is None:
-            raise ValueError("reconstruct() needs geometry_pixel_values: at least one view per scene.")
-        geometry_pixel_values = as_geometry_pixel_values(geometry_pixel_values, self.config.geometry_patch_size)
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            image_grid_thw=image_grid_thw,
-            geometry_pixel_values=geometry_pixel_values,
-            use_cache=False,
-            **kwargs,
-        )
-        batch, views, _, height, width = geometry_pixel_values.shape
-        patch = self.config.geometry_patch_size
-        tokens = outputs.last_hidden_state[outputs.geometry_mask]
-        tokens = tokens.view(batch, views, height // patch, width // patch, -1)
-        return G2VLMReconstructionOutput(**self.geometry_heads(tokens))
+        return reconstruct_scenes(
+            self.model, self.geometry_heads, input_ids, geometry_pixel_values, attention_mask, pixel_values,
+            image_grid_thw, **kwargs,
+        )  # fmt: skip
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, is_first_iteration=False, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(
@@ -356,9 +389,38 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
             model_kwargs.get("attention_mask"),
             image_token_id=self.config.image_token_id,
             geometry_token_id=self.config.geometry_token_id,
-            spatial_merge_size=self.config.vision_config.spatial_merge_size,
+            spatial_merge_size=self.model.spatial_merge_size,
         )
         return position_ids
 
 
-__all__ = ["G2VLMForConditionalGeneration", "G2VLMModel"]
+class G2VLMForReconstruction(G2VLMPreTrainedModel):
+    """G²VLM for 3D reconstruction only: the geometry encoder, the two-expert decoder and the geometry heads, without
+    the semantic vision encoder and the LM head. Loads with `AutoModel` from a reconstruction-only export."""
+
+    config: G2VLMReconstructionConfig
+    _keep_in_fp32_modules_strict = ["geometry_heads"]
+
+    def __init__(self, config: G2VLMReconstructionConfig):
+        super().__init__(config)
+        self.model = G2VLMModel(config)
+        self.geometry_heads = G2VLMGeometryHeads(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        geometry_pixel_values: torch.Tensor | list[torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> G2VLMReconstructionOutput:
+        """Same as [`G2VLMForConditionalGeneration.reconstruct`]."""
+        return reconstruct_scenes(self.model, self.geometry_heads, input_ids, geometry_pixel_values, attention_mask, **kwargs)
+
+    reconstruct = forward
+
+
+__all__ = ["G2VLMForConditionalGeneration", "G2VLMForReconstruction", "G2VLMModel"]

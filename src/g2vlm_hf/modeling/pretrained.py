@@ -1,6 +1,5 @@
 """The `PreTrainedModel` base of every G²VLM model class: capability flags and weight initialisation."""
 
-
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
