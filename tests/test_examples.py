@@ -35,3 +35,11 @@ def test_reconstruct_to_glb(converted_tiny, tmp_path):
 def test_chat_examples(name, converted_tiny, tmp_path):
     out = run_example(name, "--model", str(converted_tiny), cwd=tmp_path)
     assert out.strip()
+
+
+def test_finetune_lora_recipe_lowers_both_losses(tmp_path):
+    out = run_example("finetune_lora.py", "--output", str(tmp_path / "lora"), "--steps", "12", cwd=tmp_path)
+    curves = {line.split(":")[0]: [float(v) for v in line.split()[2::2]] for line in out.splitlines() if " start " in line}
+    assert curves["lm"][1] < 0.5 * curves["lm"][0], curves
+    assert curves["geometry"][1] < curves["geometry"][0], curves
+    assert (tmp_path / "lora" / "adapter_config.json").is_file()

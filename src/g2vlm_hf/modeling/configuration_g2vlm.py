@@ -8,6 +8,14 @@ from transformers import Dinov2WithRegistersConfig, PreTrainedConfig, Qwen2VLTex
 from transformers.configuration_utils import SubConfigSpec
 
 GEOMETRY_ENCODER_ATTENTION_MODES = ("per_view", "official_packed_windows")
+DEFAULT_GEOMETRY_LOSS_WEIGHTS = {
+    "local_points": 1.0,
+    "global_points": 1.0,
+    "camera": 0.2,
+    "camera_translation": 100.0,
+    "confidence": 0.05,
+    "confidence_threshold": 0.02,
+}
 
 # Default encoders: those of G²VLM-2B (the Qwen2-VL-2B ViT and DINOv2-L with 4 registers).
 G2VLM_2B_VISION = dict(
@@ -101,6 +109,10 @@ class G2VLMConfig(PreTrainedConfig):
             Whether the global-points decoder (cross-attending to the first view) and its head exist.
         use_confidence_head (`bool`, *optional*, defaults to `False`):
             Whether a confidence decoder and its 1-channel head exist (only some official checkpoints have one).
+        geometry_loss_weights (`dict`, *optional*):
+            Weights of the reconstruction losses used with `geometry_targets`: `local_points` (1.0),
+            `global_points` (1.0), `camera` (0.2) and, inside the camera term, `camera_translation` (100.0) — the
+            official recipe — plus `confidence` (0.05) and its `confidence_threshold` (0.02) with a confidence head.
         tie_word_embeddings (`bool`, *optional*, defaults to `False`):
             Whether the LM head shares the input embedding matrix.
     """
@@ -130,10 +142,18 @@ class G2VLMConfig(PreTrainedConfig):
     camera_head_hidden_size: int = 512
     use_global_points: bool = True
     use_confidence_head: bool = False
+    geometry_loss_weights: dict | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        self.geometry_loss_weights = {**DEFAULT_GEOMETRY_LOSS_WEIGHTS, **(self.geometry_loss_weights or {})}
+        unknown = set(self.geometry_loss_weights) - set(DEFAULT_GEOMETRY_LOSS_WEIGHTS)
+        if unknown:
+            raise ValueError(
+                f"geometry_loss_weights has unknown term(s) {sorted(unknown)}; the terms are "
+                f"{sorted(DEFAULT_GEOMETRY_LOSS_WEIGHTS)}."
+            )
         if self.geometry_encoder_attention not in GEOMETRY_ENCODER_ATTENTION_MODES:
             raise ValueError(
                 f"geometry_encoder_attention={self.geometry_encoder_attention!r} is not supported; choose one of "

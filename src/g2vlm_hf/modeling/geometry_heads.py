@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_g2vlm import G2VLMConfig
 
@@ -92,7 +93,7 @@ class G2VLMHeadMLP(nn.Module):
         return self.fc2(self.act(self.fc1(hidden_states)))
 
 
-class G2VLMHeadBlock(nn.Module):
+class G2VLMHeadBlock(GradientCheckpointingLayer):
     """Pre-norm transformer block: self-attention with 2D RoPE, then MLP."""
 
     def __init__(self, config: G2VLMConfig, rope: G2VLMRotary2D):
@@ -108,7 +109,7 @@ class G2VLMHeadBlock(nn.Module):
         return hidden_states + self.mlp(self.norm2(hidden_states))
 
 
-class G2VLMHeadCrossBlock(nn.Module):
+class G2VLMHeadCrossBlock(GradientCheckpointingLayer):
     """Pre-norm block: self-attention, cross-attention to a context (the first view), then MLP."""
 
     def __init__(self, config: G2VLMConfig, rope: G2VLMRotary2D):
@@ -248,7 +249,6 @@ class G2VLMGeometryHeads(nn.Module):
             `(scenes, views, H, W, 3)`, `depth (scenes, views, H, W)` and `confidence (scenes, views, H, W)` or None.
         """
         scenes, views, grid_h, grid_w, dim = geometry_tokens.shape
-        height, width = grid_h * self.patch_size, grid_w * self.patch_size
         tokens = geometry_tokens.reshape(scenes * views, grid_h * grid_w, dim).float()
         rows, columns = torch.meshgrid(
             torch.arange(grid_h, device=tokens.device), torch.arange(grid_w, device=tokens.device), indexing="ij"

@@ -10,6 +10,7 @@ from transformers.utils import logging
 from .configuration_g2vlm import G2VLMConfig, G2VLMReconstructionConfig
 from .geometry_encoder import G2VLMGeometryEncoder
 from .geometry_heads import G2VLMGeometryHeads
+from .geometry_losses import G2VLMGeometryLossWeights, check_geometry_targets, geometry_losses
 from .outputs import G2VLMCausalLMOutputWithPast, G2VLMModelOutputWithPast, G2VLMReconstructionOutput
 from .pretrained import G2VLMPreTrainedModel
 from .text_decoder import G2VLMTextModel
@@ -306,13 +307,24 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.LongTensor | None = None,
         geometry_pixel_values: torch.Tensor | None = None,
+        geometry_targets: dict[str, torch.Tensor] | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> G2VLMCausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-            Token ids for the causal language-modelling loss; -100 is ignored.
+            Token ids for the causal language-modelling loss; -100 is ignored (the processor's `assistant_labels`
+            builds labels that train on the assistant replies only).
+        geometry_targets (`dict[str, torch.Tensor]`, *optional*):
+            Known geometry of the views, for the reconstruction losses: `world_points` `(batch, views, H, W, 3)`,
+            `valid_mask` `(batch, views, H, W)` and `camera_poses` `(batch, views, 4, 4)` (camera-to-world), in any
+            common world frame and scale. The loss terms are weighted by `config.geometry_loss_weights`.
         """
+        if labels is not None and not bool((labels[..., 1:] != -100).any()):
+            raise ValueError(
+                "`labels` supervise no token (all are -100 after the first position): label at least one token, or "
+                "pass no labels."
+            )
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -328,14 +340,35 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
-        loss = None
+        lm_loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+            lm_loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        losses, reconstruction = None, None
+        if geometry_targets is not None:
+            if geometry_pixel_values is None:
+                raise ValueError("geometry_targets need the geometry_pixel_values of the same views.")
+            views = as_geometry_pixel_values(geometry_pixel_values, self.config.geometry_patch_size)
+            check_geometry_targets(geometry_targets, *views.shape[:2], *views.shape[-2:])
+            tokens = geometry_token_grid(hidden_states, outputs.geometry_mask, views, self.config.geometry_patch_size)
+            reconstruction = G2VLMReconstructionOutput(**self.geometry_heads(tokens))
+            losses = geometry_losses(
+                reconstruction,
+                geometry_targets["world_points"],
+                geometry_targets["valid_mask"],
+                geometry_targets["camera_poses"],
+                G2VLMGeometryLossWeights(**self.config.geometry_loss_weights),
+            )
+        total = [term for term in (lm_loss, losses and losses["total"]) if term is not None]
         return G2VLMCausalLMOutputWithPast(
-            loss=loss,
+            loss=sum(total) if total else None,
             logits=logits,
             past_key_values=outputs.past_key_values,
             rope_deltas=outputs.rope_deltas,
+            lm_loss=lm_loss,
+            geometry_losses=losses,
+            reconstruction=reconstruction,
         )
 
     def reconstruct(

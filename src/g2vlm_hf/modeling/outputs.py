@@ -33,8 +33,17 @@ class G2VLMModelOutputWithPast(ModelOutput):
 @dataclass
 class G2VLMCausalLMOutputWithPast(ModelOutput):
     r"""
+    loss (`torch.FloatTensor` of shape `()`, *optional*):
+        Causal language-modelling loss (with `labels`) plus the total geometry loss (with `geometry_targets`).
     rope_deltas (`torch.LongTensor` of shape `(batch_size, 1)`, *optional*):
         Offset between a text token's sequence index and its multimodal RoPE position after the prompt.
+    lm_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        The language-modelling part of `loss`.
+    geometry_losses (`dict[str, torch.FloatTensor]`, *optional*):
+        The named reconstruction losses (`local_points`, `global_points`, `camera_translation`, `camera_rotation`,
+        `camera`, `confidence` when there is a confidence head) and their weighted `total`, with `geometry_targets`.
+    reconstruction (`G2VLMReconstructionOutput`, *optional*):
+        The geometry heads' predictions the geometry losses were computed on.
     """
 
     loss: torch.FloatTensor | None = None
@@ -43,6 +52,9 @@ class G2VLMCausalLMOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     rope_deltas: torch.LongTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    geometry_losses: dict[str, torch.FloatTensor] | None = None
+    reconstruction: "G2VLMReconstructionOutput | None" = None
 
 
 @dataclass

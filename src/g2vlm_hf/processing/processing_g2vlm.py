@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 from transformers.utils import TensorType
@@ -16,6 +17,7 @@ IMAGE_TOKEN = "<|image_pad|>"
 GEOMETRY_TOKEN = "<|geo_pad|>"
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
+ASSISTANT_HEADER = "<|im_start|>assistant\n"
 
 
 class G2VLMProcessor(ProcessorMixin):
@@ -144,6 +146,26 @@ class G2VLMProcessor(ProcessorMixin):
         encoded = self.tokenizer(texts, **tokenizer_kwargs)
         data.update(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def assistant_labels(self, input_ids: torch.LongTensor) -> torch.LongTensor:
+        """Labels that train on the assistant replies only: a copy of `input_ids` with -100 everywhere except the
+        tokens after each `<|im_start|>assistant\\n` header, up to and including the `<|im_end|>` that closes it."""
+        header = self.tokenizer.encode(ASSISTANT_HEADER, add_special_tokens=False)
+        end_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        labels = torch.full_like(input_ids, -100)
+        for row, ids in enumerate(input_ids.tolist()):
+            position = 0
+            while position <= len(ids) - len(header):
+                if ids[position : position + len(header)] != header:
+                    position += 1
+                    continue
+                start = end = position + len(header)
+                while end < len(ids) and ids[end] != end_id:
+                    end += 1
+                end = min(end + 1, len(ids))  # the closing <|im_end|> is trained too
+                labels[row, start:end] = input_ids[row, start:end]
+                position = end
+        return labels
 
     def _semantic_image(self, image: ImageSource) -> Image.Image:
         image = load_image(image)
