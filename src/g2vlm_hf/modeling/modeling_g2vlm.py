@@ -19,6 +19,14 @@ from .token_layout import get_block_ids, get_rope_index
 logger = logging.get_logger(__name__)
 
 
+class G2VLMVisionEncoder(Qwen2VisionTransformerPretrainedModel):
+    """transformers' Qwen2-VL vision tower, also allowed to run with flex attention: without flash-attention it
+    attends per image through the attention interface with no mask, which flex attention computes as well (tested
+    against eager); transformers' class only lacks the flag."""
+
+    _supports_flex_attn = True
+
+
 class G2VLMModel(G2VLMPreTrainedModel):
     """The encoders and the two-expert decoder, without LM head or geometry heads."""
 
@@ -26,7 +34,7 @@ class G2VLMModel(G2VLMPreTrainedModel):
         super().__init__(config)
         # The reconstruction-only model (G2VLMForReconstruction) has no semantic encoder.
         self.visual = (
-            Qwen2VisionTransformerPretrainedModel._from_config(config.vision_config)
+            G2VLMVisionEncoder._from_config(config.vision_config)
             if config.vision_config is not None
             else None
         )
@@ -95,7 +103,7 @@ class G2VLMModel(G2VLMPreTrainedModel):
         if past_length:
             deltas = previous_deltas if previous_deltas is not None else torch.zeros(input_ids.shape[0], 1, dtype=torch.long)
             start_positions = past_length + deltas.view(-1).cpu().expand(input_ids.shape[0])
-        chunk_mask = attention_mask[:, -input_ids.shape[1] :] if attention_mask is not None else None
+        chunk_mask = attention_mask[:, -input_ids.shape[1] :] if is_padding_mask(attention_mask) else None
         position_ids, self.rope_deltas = get_rope_index(
             input_ids,
             image_grid_thw,
@@ -170,7 +178,7 @@ class G2VLMModel(G2VLMPreTrainedModel):
             position_ids = self.compute_position_ids(
                 input_ids, attention_mask, past_key_values, image_grid_thw, geometry_grid_thw
             )
-        chunk_mask = attention_mask[:, -input_ids.shape[1] :] if attention_mask is not None else None
+        chunk_mask = attention_mask[:, -input_ids.shape[1] :] if is_padding_mask(attention_mask) else None
         block_ids = get_block_ids(
             input_ids,
             chunk_mask,
@@ -195,6 +203,11 @@ class G2VLMModel(G2VLMPreTrainedModel):
             rope_deltas=self.rope_deltas,
             geometry_mask=geometry_mask,
         )
+
+
+def is_padding_mask(attention_mask) -> bool:
+    """Whether `attention_mask` is a 2D padding mask (generation may pass prepared 4D masks instead)."""
+    return isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2
 
 
 def as_geometry_pixel_values(geometry_pixel_values: torch.Tensor | list[torch.Tensor], patch_size: int) -> torch.Tensor:
@@ -397,14 +410,26 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
             image_grid_thw, **kwargs,
         )  # fmt: skip
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, is_first_iteration=False, **kwargs):
+    def prepare_inputs_for_generation(
+        self, input_ids, past_key_values=None, attention_mask=None, is_first_iteration=False, **kwargs
+    ):
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids, past_key_values=past_key_values, is_first_iteration=is_first_iteration, **kwargs
+            input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
         )
         if not is_first_iteration and kwargs.get("use_cache", True):
             # The images live in the cache after prefill; `generate()` only drops the inputs it knows.
             for key in ("pixel_values", "image_grid_thw", "geometry_pixel_values"):
                 model_inputs.pop(key, None)
+        elif model_inputs.get("attention_mask") is not None and not is_padding_mask(model_inputs["attention_mask"]):
+            # With a static cache `generate()` prepares plain causal 4D masks; the prompt needs its image blocks,
+            # which the model builds from the 2D padding mask (or none) and the placeholders.
+            model_inputs["attention_mask"] = attention_mask
+            if attention_mask is None:
+                del model_inputs["attention_mask"]
         return model_inputs
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):

@@ -23,9 +23,17 @@ class G2VLMPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_attention_backend = True
-    # flash-attention and flex need the block-aware dispatch of the attention-kernels work; until then they are off.
-    _supports_flash_attn = False
-    _supports_flex_attn = False
+    _supports_flash_attn = True  # the decoder goes through varlen_attention (mixed causal / bidirectional runs)
+    _supports_flex_attn = True  # the mixed mask becomes a BlockMask through create_causal_mask
+
+    def _flash_attn_can_dispatch(self, flash_attn_version: int, is_init_check: bool = False) -> bool:
+        try:
+            return super()._flash_attn_can_dispatch(flash_attn_version, is_init_check)
+        except (ImportError, ValueError) as error:
+            raise type(error)(
+                f"{error} G2VLM also runs with attn_implementation='sdpa' (the default; CPU and GPU), "
+                "'flex_attention' (PyTorch's flex attention) or 'eager' (the reference)."
+            ) from error
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

@@ -17,7 +17,9 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_flash_attention_utils import lazy_import_flash_attention
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.generic import is_flash_attention_requested
 from transformers.models.qwen2_vl.modeling_qwen2_vl import (
     Qwen2VLRMSNorm,
     Qwen2VLRotaryEmbedding,
@@ -29,6 +31,13 @@ from .configuration_g2vlm import G2VLMTextConfig
 from .layers import G2VLMLayerScale, G2VLMMLP, route_tokens
 from .pretrained import G2VLMPreTrainedModel
 from .token_layout import TEXT_BLOCK_ID
+from .varlen_attention import VarlenPlan, plan_varlen_attention, varlen_attention
+
+
+def varlen_kernel(implementation: str) -> Callable:
+    """The variable-length kernel (`flash_attn_varlen_func` signature) of a flash-attention implementation."""
+    (_, flash_varlen_fn, *_), _ = lazy_import_flash_attention(implementation)
+    return flash_varlen_fn
 
 
 class G2VLMAttention(nn.Module):
@@ -72,6 +81,7 @@ class G2VLMAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         past_key_values: Cache | None = None,
+        varlen_plan: VarlenPlan | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, seq = hidden_states.shape[:2]
@@ -83,19 +93,18 @@ class G2VLMAttention(nn.Module):
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
+        dropout = 0.0 if not self.training else self.attention_dropout
+        if varlen_plan is not None:
+            # flash-attention: causal text runs and bidirectional blocks in separate varlen calls (see varlen_attention)
+            kernel = varlen_kernel(self.config._attn_implementation)
+            attn_output, attn_weights = varlen_attention(query, key, value, varlen_plan, kernel, self.scaling, dropout), None
+        else:
+            attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
+            attn_output, attn_weights = attention_interface(
+                self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
+            )
         attn_output = attn_output.reshape(batch, seq, -1).contiguous()
         attn_output = route_tokens(attn_output, geometry_mask, self.o_proj, self.geo_o_proj)
         return attn_output, attn_weights
@@ -124,12 +133,13 @@ class G2VLMDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
+        varlen_plan: VarlenPlan | None = None,
         **kwargs,
     ) -> torch.Tensor:
         residual = hidden_states
         hidden_states = route_tokens(hidden_states, geometry_mask, self.input_layernorm, self.geo_input_layernorm)
         hidden_states, _ = self.self_attn(
-            hidden_states, geometry_mask, position_embeddings, attention_mask, past_key_values, **kwargs
+            hidden_states, geometry_mask, position_embeddings, attention_mask, past_key_values, varlen_plan, **kwargs
         )
         hidden_states = residual + self._scale_geometry(hidden_states, geometry_mask, self.geo_attn_layer_scale)
 
@@ -184,7 +194,8 @@ class G2VLMTextModel(G2VLMPreTrainedModel):
             inputs_embeds: `(batch, seq, hidden)`, with the image features already in place.
             position_ids: `(3, batch, seq)` multimodal RoPE positions.
             geometry_mask: `(batch, seq)`, True on geometry tokens (None: no geometry token).
-            attention_mask: `(batch, past + seq)` padding mask, 1 on real tokens.
+            attention_mask: `(batch, past + seq)` padding mask, 1 on real tokens (or the masks `generate()` prepares
+                for a static cache).
             block_ids: `(batch, seq)` bidirectional block of each token, -1 for causal text (None: all causal).
         """
         if use_cache and past_key_values is None:
@@ -192,15 +203,24 @@ class G2VLMTextModel(G2VLMPreTrainedModel):
         if geometry_mask is not None and not bool(geometry_mask.any()):
             geometry_mask = None
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if block_ids is not None and past_length:
-            block_ids = F.pad(block_ids, (past_length, 0), value=TEXT_BLOCK_ID)
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            block_sequence_ids=block_ids,
-        )
+        causal_mask, varlen_plan = None, None
+        if isinstance(attention_mask, dict):  # prepared by generate() for a compileable cache (text decoding)
+            causal_mask = attention_mask["full_attention"]
+        elif is_flash_attention_requested(self.config):
+            batch, q_len = inputs_embeds.shape[:2]
+            varlen_plan = plan_varlen_attention(
+                batch, q_len, past_length, attention_mask, block_ids, inputs_embeds.device
+            )
+        else:
+            if block_ids is not None and past_length:
+                block_ids = F.pad(block_ids, (past_length, 0), value=TEXT_BLOCK_ID)
+            causal_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                block_sequence_ids=block_ids,
+            )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         hidden_states = inputs_embeds
         for layer in self.layers:
@@ -210,6 +230,7 @@ class G2VLMTextModel(G2VLMPreTrainedModel):
                 position_embeddings,
                 attention_mask=causal_mask,
                 past_key_values=past_key_values,
+                varlen_plan=varlen_plan,
                 **kwargs,
             )
         hidden_states = route_tokens(hidden_states, geometry_mask, self.norm, self.geo_norm)

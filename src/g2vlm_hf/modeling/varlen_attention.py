@@ -1,0 +1,163 @@
+"""The shared attention through variable-length (flash-attention style) kernels.
+
+One varlen call is either causal or not, while a G²VLM prompt mixes causal text with bidirectional image blocks. So
+the tokens of each row are cut into runs at block boundaries: a run of text is causal, an image block (markers
+included) is bidirectional, and every run attends to all valid keys of its row up to the run's end. All causal runs
+go into one varlen call (causal masks aligned bottom-right, as flash-attention does when a query segment is shorter
+than its key segment), all bidirectional runs into a second call. Keys are gathered per run, so a key is read once
+per later run of its row (a few runs per prompt in practice).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .token_layout import TEXT_BLOCK_ID
+
+
+@dataclass
+class VarlenGroup:
+    """Runs attended with one kernel call: packed query/key indices and their cumulative lengths."""
+
+    causal: bool
+    query_index: torch.LongTensor  # into (batch * q_len) flattened queries
+    key_index: torch.LongTensor  # into (batch * kv_len) flattened keys, repeated per run
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+@dataclass
+class VarlenPlan:
+    """How the queries of one forward pass attend: one group per kind of run (causal, bidirectional)."""
+
+    groups: list[VarlenGroup]
+    batch: int
+    q_len: int
+
+
+def plan_varlen_attention(
+    batch: int,
+    q_len: int,
+    past_length: int,
+    attention_mask: torch.Tensor | None,
+    block_ids: torch.LongTensor | None,
+    device: torch.device,
+) -> VarlenPlan:
+    """Cut every row into runs and pack them for varlen kernels.
+
+    Args:
+        batch, q_len: shape of the current chunk of queries.
+        past_length: number of cached tokens before the chunk (the keys are `past_length + q_len` long).
+        attention_mask: `(batch, past_length + q_len)`, 0 on padding (None: no padding).
+        block_ids: `(batch, q_len)` bidirectional block of each query token, -1 for causal text (None: all causal).
+    """
+    kv_len = past_length + q_len
+    mask = torch.ones(batch, kv_len, dtype=torch.bool) if attention_mask is None else attention_mask.bool().cpu()
+    blocks = None if block_ids is None else block_ids.cpu()
+    runs = {True: ([], [], [0], [0]), False: ([], [], [0], [0])}  # causal -> (queries, keys, cu_q, cu_k)
+    for row in range(batch):
+        valid_keys = torch.nonzero(mask[row]).flatten()
+        query_positions = [i for i in range(q_len) if mask[row, past_length + i]]
+        start = 0
+        while start < len(query_positions):
+            block = TEXT_BLOCK_ID if blocks is None else int(blocks[row, query_positions[start]])
+            end = start + 1
+            while end < len(query_positions) and (
+                TEXT_BLOCK_ID if blocks is None else int(blocks[row, query_positions[end]])
+            ) == block:
+                end += 1
+            last = past_length + query_positions[end - 1]
+            keys = valid_keys[valid_keys <= last]
+            queries, key_list, cu_q, cu_k = runs[block == TEXT_BLOCK_ID]
+            queries.extend(row * q_len + position for position in query_positions[start:end])
+            key_list.append(row * kv_len + keys)
+            cu_q.append(cu_q[-1] + end - start)
+            cu_k.append(cu_k[-1] + len(keys))
+            start = end
+    groups = []
+    for causal, (queries, key_list, cu_q, cu_k) in runs.items():
+        if not queries:
+            continue
+        cu_q_tensor, cu_k_tensor = torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32)
+        groups.append(
+            VarlenGroup(
+                causal=causal,
+                query_index=torch.tensor(queries, dtype=torch.long, device=device),
+                key_index=torch.cat(key_list).to(device),
+                cu_seqlens_q=cu_q_tensor.to(device),
+                cu_seqlens_k=cu_k_tensor.to(device),
+                max_seqlen_q=int((cu_q_tensor[1:] - cu_q_tensor[:-1]).max()),
+                max_seqlen_k=int((cu_k_tensor[1:] - cu_k_tensor[:-1]).max()),
+            )
+        )
+    return VarlenPlan(groups=groups, batch=batch, q_len=q_len)
+
+
+def varlen_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    plan: VarlenPlan,
+    kernel: Callable,
+    scaling: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Attention of `query` `(batch, heads, q_len, dim)` over `key`/`value` `(batch, kv_heads, kv_len, dim)` as
+    `plan` says, through `kernel` (flash_attn_varlen_func's signature). Returns `(batch, q_len, heads, dim)`; padded
+    query rows are zero."""
+    batch, heads, q_len, dim = query.shape
+    queries = query.transpose(1, 2).reshape(batch * q_len, heads, dim)
+    keys = key.transpose(1, 2).reshape(-1, key.shape[1], dim)
+    values = value.transpose(1, 2).reshape(-1, value.shape[1], dim)
+    output = queries.new_zeros(batch * q_len, heads, dim)
+    for group in plan.groups:
+        output[group.query_index] = kernel(
+            queries[group.query_index],
+            keys[group.key_index],
+            values[group.key_index],
+            cu_seqlens_q=group.cu_seqlens_q,
+            cu_seqlens_k=group.cu_seqlens_k,
+            max_seqlen_q=group.max_seqlen_q,
+            max_seqlen_k=group.max_seqlen_k,
+            dropout_p=dropout,
+            softmax_scale=scaling,
+            causal=group.causal,
+        )
+    return output.view(batch, q_len, heads, dim)
+
+
+def reference_varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """Plain PyTorch implementation of `flash_attn_varlen_func`'s semantics (grouped-query heads, one attention per
+    segment, causal mask aligned to the bottom right), for CPUs and for testing the packing. No dropout."""
+    if dropout_p:
+        raise ValueError("The reference varlen attention has no dropout.")
+    output = q.new_empty(q.shape)
+    groups = q.shape[1] // k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    for segment in range(len(cu_seqlens_q) - 1):
+        q0, q1 = int(cu_seqlens_q[segment]), int(cu_seqlens_q[segment + 1])
+        k0, k1 = int(cu_seqlens_k[segment]), int(cu_seqlens_k[segment + 1])
+        seg_q = q[q0:q1].transpose(0, 1).float()
+        seg_k = k[k0:k1].repeat_interleave(groups, dim=1).transpose(0, 1).float()
+        seg_v = v[k0:k1].repeat_interleave(groups, dim=1).transpose(0, 1).float()
+        scores = seg_q @ seg_k.transpose(-1, -2) * scale
+        if causal:
+            offset = (k1 - k0) - (q1 - q0)
+            allowed = torch.arange(k1 - k0)[None, :] <= torch.arange(q1 - q0)[:, None] + offset
+            scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
+        output[q0:q1] = (scores.softmax(-1) @ seg_v).transpose(0, 1).to(q.dtype)
+    return output
