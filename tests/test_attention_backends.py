@@ -15,7 +15,12 @@ from transformers.masking_utils import create_causal_mask
 from conftest import tiny_config, tiny_model
 from g2vlm_hf.modeling import text_decoder
 from g2vlm_hf.modeling.token_layout import TEXT_BLOCK_ID
-from g2vlm_hf.modeling.varlen_attention import plan_varlen_attention, reference_varlen_attention, varlen_attention
+from g2vlm_hf.modeling.varlen_attention import (
+    plan_varlen_attention,
+    reference_varlen_attention,
+    sdpa_varlen_attention,
+    varlen_attention,
+)
 from test_model import GRID_H, GRID_W, IMAGE_GRID, VIEWS, chat_prompt, geometry_block, image_patches, views
 
 
@@ -59,13 +64,14 @@ def test_varlen_plan_equals_the_dense_mask(past_length, with_padding):
     attention_mask = torch.ones(batch, kv_len, dtype=torch.long)
     if with_padding:
         attention_mask[1, :3] = 0  # left padding of row 1
-    plan = plan_varlen_attention(batch, q_len, past_length, attention_mask, blocks, query.device)
-    assert {group.causal for group in plan.groups} == {True, False}
-    actual = varlen_attention(query, key, value, plan, reference_varlen_attention, dim**-0.5)
     expected = dense_reference(query, key, value, attention_mask, blocks, past_length, dim**-0.5)
     valid = attention_mask[:, past_length:].bool()
-    torch.testing.assert_close(actual[valid], expected[valid], rtol=1e-5, atol=1e-5)
-    assert torch.count_nonzero(actual[~valid]) == 0
+    for kernel in (reference_varlen_attention, sdpa_varlen_attention):
+        plan = plan_varlen_attention(batch, q_len, past_length, attention_mask, blocks, query.device, kernel)
+        assert {group.causal for group in plan.groups} == {True, False}
+        actual = varlen_attention(query, key, value, plan, dim**-0.5)
+        torch.testing.assert_close(actual[valid], expected[valid], rtol=1e-5, atol=1e-5)
+        assert torch.count_nonzero(actual[~valid]) == 0
 
 
 def test_reference_varlen_aligns_causal_masks_bottom_right():
@@ -102,9 +108,10 @@ def padded_chat_inputs() -> dict:
     )
 
 
-def test_flash_path_matches_sdpa_for_a_padded_multimodal_batch(flash_path_on_cpu):
+def test_flash_path_matches_eager_for_a_padded_multimodal_batch(flash_path_on_cpu):
     inputs = padded_chat_inputs()
     reference, flash = tiny_model(seed=2), flash_path_on_cpu(tiny_model(seed=2))
+    reference.set_attn_implementation("eager")
     with torch.no_grad():
         expected = reference(**inputs).logits
         actual = flash(**inputs).logits

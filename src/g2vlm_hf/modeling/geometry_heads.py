@@ -23,36 +23,45 @@ class G2VLMRotary2D(nn.Module):
         super().__init__()
         self.theta = theta
 
-    def _rotate(self, states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        dim = states.shape[-1]
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, dim, 2, device=states.device, dtype=torch.float32) / dim))
-        angles = positions.to(torch.float32)[..., None] * inv_freq  # (batch, seq, dim / 2)
-        angles = torch.cat((angles, angles), dim=-1)[:, None]  # (batch, 1, seq, dim)
-        first, second = states.chunk(2, dim=-1)
-        rotated_half = torch.cat((-second, first), dim=-1)
-        return states * angles.cos().to(states.dtype) + rotated_half * angles.sin().to(states.dtype)
+    def embeddings(self, positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, ...]:
+        """cos/sin tables `(batch, 1, seq, head_dim / 2)` of the row half and the column half, computed once per
+        forward and shared by every block."""
+        half = head_dim // 2
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, half, 2, device=positions.device, dtype=torch.float32) / half))
+        tables = []
+        for axis in range(2):
+            angles = positions[..., axis].to(torch.float32)[..., None] * inv_freq  # (batch, seq, half / 2)
+            angles = torch.cat((angles, angles), dim=-1)[:, None]
+            tables += [angles.cos(), angles.sin()]
+        return tuple(tables)
 
-    def forward(self, states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """states `(batch, heads, seq, head_dim)`, positions `(batch, seq, 2)` as (row, column)."""
+    @staticmethod
+    def apply(states: torch.Tensor, embeddings: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Rotate `states` `(batch, heads, seq, head_dim)` by the tables of `embeddings`."""
+        cos_rows, sin_rows, cos_columns, sin_columns = (table.to(states.dtype) for table in embeddings)
         rows, columns = states.chunk(2, dim=-1)
-        return torch.cat((self._rotate(rows, positions[..., 0]), self._rotate(columns, positions[..., 1])), dim=-1)
+        return torch.cat((_rotate(rows, cos_rows, sin_rows), _rotate(columns, cos_columns, sin_columns)), dim=-1)
+
+
+def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    first, second = states.chunk(2, dim=-1)
+    return states * cos + torch.cat((-second, first), dim=-1) * sin
 
 
 class G2VLMHeadAttention(nn.Module):
     """Multi-head self-attention with 2D RoPE."""
 
-    def __init__(self, dim: int, num_heads: int, rope: G2VLMRotary2D):
+    def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.rope = rope
 
-    def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, rope: tuple[torch.Tensor, ...]) -> torch.Tensor:
         batch, seq, dim = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch, seq, 3, self.num_heads, dim // self.num_heads)
         query, key, value = qkv.permute(2, 0, 3, 1, 4)  # each (batch, heads, seq, head_dim)
-        query, key = self.rope(query, positions), self.rope(key, positions)
+        query, key = G2VLMRotary2D.apply(query, rope), G2VLMRotary2D.apply(key, rope)
         attn = F.scaled_dot_product_attention(query, key, value)
         return self.proj(attn.transpose(1, 2).reshape(batch, seq, dim))
 
@@ -60,24 +69,22 @@ class G2VLMHeadAttention(nn.Module):
 class G2VLMHeadCrossAttention(nn.Module):
     """Multi-head cross-attention with 2D RoPE on queries and keys."""
 
-    def __init__(self, dim: int, num_heads: int, rope: G2VLMRotary2D):
+    def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
         self.query = nn.Linear(dim, dim)
         self.key = nn.Linear(dim, dim)
         self.value = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
-        self.rope = rope
 
     def _heads(self, states: torch.Tensor) -> torch.Tensor:
         batch, seq, dim = states.shape
         return states.view(batch, seq, self.num_heads, dim // self.num_heads).transpose(1, 2)
 
-    def forward(
-        self, hidden_states: torch.Tensor, context: torch.Tensor, positions: torch.Tensor, context_positions: torch.Tensor
-    ) -> torch.Tensor:
-        query = self.rope(self._heads(self.query(hidden_states)), positions)
-        key = self.rope(self._heads(self.key(context)), context_positions)
+    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor, rope: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        # queries and the context share the same patch grid, hence the same rotary tables
+        query = G2VLMRotary2D.apply(self._heads(self.query(hidden_states)), rope)
+        key = G2VLMRotary2D.apply(self._heads(self.key(context)), rope)
         attn = F.scaled_dot_product_attention(query, key, self._heads(self.value(context)))
         return self.proj(attn.transpose(1, 2).reshape(hidden_states.shape))
 
@@ -96,37 +103,37 @@ class G2VLMHeadMLP(nn.Module):
 class G2VLMHeadBlock(GradientCheckpointingLayer):
     """Pre-norm transformer block: self-attention with 2D RoPE, then MLP."""
 
-    def __init__(self, config: G2VLMConfig, rope: G2VLMRotary2D):
+    def __init__(self, config: G2VLMConfig):
         super().__init__()
         dim, eps = config.text_config.hidden_size, config.head_layer_norm_eps
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = G2VLMHeadAttention(dim, config.head_num_attention_heads, rope)
+        self.attn = G2VLMHeadAttention(dim, config.head_num_attention_heads)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = G2VLMHeadMLP(dim, int(dim * config.head_mlp_ratio))
 
-    def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states + self.attn(self.norm1(hidden_states), positions)
+    def forward(self, hidden_states: torch.Tensor, rope: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        hidden_states = hidden_states + self.attn(self.norm1(hidden_states), rope)
         return hidden_states + self.mlp(self.norm2(hidden_states))
 
 
 class G2VLMHeadCrossBlock(GradientCheckpointingLayer):
     """Pre-norm block: self-attention, cross-attention to a context (the first view), then MLP."""
 
-    def __init__(self, config: G2VLMConfig, rope: G2VLMRotary2D):
+    def __init__(self, config: G2VLMConfig):
         super().__init__()
         dim, eps, heads = config.text_config.hidden_size, config.head_layer_norm_eps, config.head_num_attention_heads
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = G2VLMHeadAttention(dim, heads, rope)
+        self.attn = G2VLMHeadAttention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.norm_y = nn.LayerNorm(dim, eps=eps)
-        self.cross_attn = G2VLMHeadCrossAttention(dim, heads, rope)
+        self.cross_attn = G2VLMHeadCrossAttention(dim, heads)
         self.norm3 = nn.LayerNorm(dim, eps=eps)
         self.mlp = G2VLMHeadMLP(dim, int(dim * config.head_mlp_ratio))
 
-    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states + self.attn(self.norm1(hidden_states), positions)
+    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor, rope: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        hidden_states = hidden_states + self.attn(self.norm1(hidden_states), rope)
         context = self.norm_y(context)
-        hidden_states = hidden_states + self.cross_attn(self.norm2(hidden_states), context, positions, positions)
+        hidden_states = hidden_states + self.cross_attn(self.norm2(hidden_states), context, rope)
         return hidden_states + self.mlp(self.norm3(hidden_states))
 
 
@@ -134,20 +141,20 @@ class G2VLMHeadDecoder(nn.Module):
     """`head_depth` blocks at the decoder width, then a linear projection to `out_dim`. With `cross_attention`,
     every block also attends to a context sequence."""
 
-    def __init__(self, config: G2VLMConfig, rope: G2VLMRotary2D, out_dim: int, cross_attention: bool = False):
+    def __init__(self, config: G2VLMConfig, out_dim: int, cross_attention: bool = False):
         super().__init__()
         block = G2VLMHeadCrossBlock if cross_attention else G2VLMHeadBlock
-        self.blocks = nn.ModuleList(block(config, rope) for _ in range(config.head_depth))
+        self.blocks = nn.ModuleList(block(config) for _ in range(config.head_depth))
         self.linear_out = nn.Linear(config.text_config.hidden_size, out_dim)
 
     def forward(
-        self, hidden_states: torch.Tensor, positions: torch.Tensor, context: torch.Tensor | None = None
+        self, hidden_states: torch.Tensor, rope: tuple[torch.Tensor, ...], context: torch.Tensor | None = None
     ) -> torch.Tensor:
         for block in self.blocks:
             if context is None:
-                hidden_states = block(hidden_states, positions)
+                hidden_states = block(hidden_states, rope)
             else:
-                hidden_states = block(hidden_states, context, positions)
+                hidden_states = block(hidden_states, context, rope)
         return self.linear_out(hidden_states)
 
 
@@ -221,21 +228,22 @@ class G2VLMGeometryHeads(nn.Module):
     def __init__(self, config: G2VLMConfig):
         super().__init__()
         self.patch_size = config.geometry_patch_size
-        rope = G2VLMRotary2D(config.head_rope_theta)
+        self.head_dim = config.text_config.hidden_size // config.head_num_attention_heads
+        self.rope = G2VLMRotary2D(config.head_rope_theta)
         point_dim, camera_dim = config.point_head_hidden_size, config.camera_head_hidden_size
-        self.point_decoder = G2VLMHeadDecoder(config, rope, point_dim)
+        self.point_decoder = G2VLMHeadDecoder(config, point_dim)
         self.point_head = G2VLMPixelHead(point_dim, 3, self.patch_size)
-        self.camera_decoder = G2VLMHeadDecoder(config, rope, camera_dim)
+        self.camera_decoder = G2VLMHeadDecoder(config, camera_dim)
         self.camera_head = G2VLMCameraHead(camera_dim)
         self.global_points_decoder = None
         self.global_point_head = None
         if config.use_global_points:
-            self.global_points_decoder = G2VLMHeadDecoder(config, rope, point_dim, cross_attention=True)
+            self.global_points_decoder = G2VLMHeadDecoder(config, point_dim, cross_attention=True)
             self.global_point_head = G2VLMPixelHead(point_dim, 3, self.patch_size)
         self.confidence_decoder = None
         self.confidence_head = None
         if config.use_confidence_head:
-            self.confidence_decoder = G2VLMHeadDecoder(config, rope, point_dim)
+            self.confidence_decoder = G2VLMHeadDecoder(config, point_dim)
             self.confidence_head = G2VLMPixelHead(point_dim, 1, self.patch_size)
 
     def forward(self, geometry_tokens: torch.Tensor) -> dict[str, torch.Tensor | None]:
@@ -253,17 +261,18 @@ class G2VLMGeometryHeads(nn.Module):
         rows, columns = torch.meshgrid(
             torch.arange(grid_h, device=tokens.device), torch.arange(grid_w, device=tokens.device), indexing="ij"
         )
-        positions = torch.stack((rows, columns), dim=-1).view(1, -1, 2).expand(scenes * views, -1, -1)
+        positions = torch.stack((rows, columns), dim=-1).view(1, -1, 2)
+        rope = self.rope.embeddings(positions, self.head_dim)  # shared by all views and blocks
 
         def per_view(x: torch.Tensor) -> torch.Tensor:
             return x.reshape(scenes, views, *x.shape[1:])
 
         with torch.autocast(device_type=tokens.device.type, enabled=False):
-            raw = self.point_head(self.point_decoder(tokens, positions), grid_h, grid_w)
+            raw = self.point_head(self.point_decoder(tokens, rope), grid_h, grid_w)
             xy, log_depth = raw.split([2, 1], dim=-1)
             depth = torch.exp(log_depth)
             local_points = per_view(torch.cat((xy * depth, depth), dim=-1))
-            camera_poses = per_view(self.camera_head(self.camera_decoder(tokens, positions)))
+            camera_poses = per_view(self.camera_head(self.camera_decoder(tokens, rope)))
             world_points = torch.einsum("bnij,bnhwj->bnhwi", camera_poses[..., :3, :3], local_points)
             world_points = world_points + camera_poses[..., None, None, :3, 3]
 
@@ -271,12 +280,12 @@ class G2VLMGeometryHeads(nn.Module):
             if self.global_points_decoder is not None:
                 first_view = tokens.view(scenes, views, grid_h * grid_w, dim)[:, :1].expand(-1, views, -1, -1)
                 context = first_view.reshape(scenes * views, grid_h * grid_w, dim)
-                hidden = self.global_points_decoder(tokens, positions, context=context)
+                hidden = self.global_points_decoder(tokens, rope, context=context)
                 global_points = per_view(self.global_point_head(hidden, grid_h, grid_w))
 
             confidence = None
             if self.confidence_decoder is not None:
-                hidden = self.confidence_decoder(tokens, positions)
+                hidden = self.confidence_decoder(tokens, rope)
                 confidence = per_view(self.confidence_head(hidden, grid_h, grid_w)[..., 0])
 
         return {

@@ -31,7 +31,7 @@ from .configuration_g2vlm import G2VLMTextConfig
 from .layers import G2VLMLayerScale, G2VLMMLP, route_tokens
 from .pretrained import G2VLMPreTrainedModel
 from .token_layout import TEXT_BLOCK_ID
-from .varlen_attention import VarlenPlan, plan_varlen_attention, varlen_attention
+from .varlen_attention import VarlenPlan, plan_varlen_attention, sdpa_varlen_attention, varlen_attention
 
 
 def varlen_kernel(implementation: str) -> Callable:
@@ -95,9 +95,8 @@ class G2VLMAttention(nn.Module):
 
         dropout = 0.0 if not self.training else self.attention_dropout
         if varlen_plan is not None:
-            # flash-attention: causal text runs and bidirectional blocks in separate varlen calls (see varlen_attention)
-            kernel = varlen_kernel(self.config._attn_implementation)
-            attn_output, attn_weights = varlen_attention(query, key, value, varlen_plan, kernel, self.scaling, dropout), None
+            # causal text runs and bidirectional blocks in separate varlen calls (see varlen_attention)
+            attn_output, attn_weights = varlen_attention(query, key, value, varlen_plan, self.scaling, dropout), None
         else:
             attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
                 self.config._attn_implementation, eager_attention_forward
@@ -204,12 +203,13 @@ class G2VLMTextModel(G2VLMPreTrainedModel):
             geometry_mask = None
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         causal_mask, varlen_plan = None, None
+        kernel = self._varlen_kernel(block_ids)
         if isinstance(attention_mask, dict):  # prepared by generate() for a compileable cache (text decoding)
             causal_mask = attention_mask["full_attention"]
-        elif is_flash_attention_requested(self.config):
+        elif kernel is not None:
             batch, q_len = inputs_embeds.shape[:2]
             varlen_plan = plan_varlen_attention(
-                batch, q_len, past_length, attention_mask, block_ids, inputs_embeds.device
+                batch, q_len, past_length, attention_mask, block_ids, inputs_embeds.device, kernel
             )
         else:
             if block_ids is not None and past_length:
@@ -235,6 +235,19 @@ class G2VLMTextModel(G2VLMPreTrainedModel):
             )
         hidden_states = route_tokens(hidden_states, geometry_mask, self.norm, self.geo_norm)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+    def _varlen_kernel(self, block_ids: torch.LongTensor | None) -> Callable | None:
+        """The varlen kernel to run this pass with, or None for one pass with a mask.
+
+        flash-attention always goes through varlen runs; sdpa does when the chunk holds image blocks (the big
+        bidirectional blocks then need no mask); eager and flex always use the dense mask / BlockMask.
+        """
+        implementation = self.config._attn_implementation
+        if is_flash_attention_requested(self.config):
+            return varlen_kernel(implementation)
+        if implementation == "sdpa" and block_ids is not None:
+            return sdpa_varlen_attention
+        return None
 
 
 __all__ = ["G2VLMTextModel"]

@@ -31,11 +31,14 @@ class VarlenGroup:
 
 @dataclass
 class VarlenPlan:
-    """How the queries of one forward pass attend: one group per kind of run (causal, bidirectional)."""
+    """How the queries of one forward pass attend: one group per kind of run (causal, bidirectional), and the
+    varlen kernel (`flash_attn_varlen_func`'s signature) that computes them."""
 
     groups: list[VarlenGroup]
     batch: int
     q_len: int
+    kv_len: int  # past + current tokens; a static cache may hold longer (unused) key buffers
+    kernel: Callable
 
 
 def plan_varlen_attention(
@@ -45,6 +48,7 @@ def plan_varlen_attention(
     attention_mask: torch.Tensor | None,
     block_ids: torch.LongTensor | None,
     device: torch.device,
+    kernel: Callable,
 ) -> VarlenPlan:
     """Cut every row into runs and pack them for varlen kernels.
 
@@ -93,7 +97,7 @@ def plan_varlen_attention(
                 max_seqlen_k=int((cu_k_tensor[1:] - cu_k_tensor[:-1]).max()),
             )
         )
-    return VarlenPlan(groups=groups, batch=batch, q_len=q_len)
+    return VarlenPlan(groups=groups, batch=batch, q_len=q_len, kv_len=kv_len, kernel=kernel)
 
 
 def varlen_attention(
@@ -101,23 +105,25 @@ def varlen_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     plan: VarlenPlan,
-    kernel: Callable,
     scaling: float,
     dropout: float = 0.0,
 ) -> torch.Tensor:
     """Attention of `query` `(batch, heads, q_len, dim)` over `key`/`value` `(batch, kv_heads, kv_len, dim)` as
-    `plan` says, through `kernel` (flash_attn_varlen_func's signature). Returns `(batch, q_len, heads, dim)`; padded
-    query rows are zero."""
+    `plan` says, through its kernel. Returns `(batch, q_len, heads, dim)`; padded query rows are zero."""
     batch, heads, q_len, dim = query.shape
     queries = query.transpose(1, 2).reshape(batch * q_len, heads, dim)
     keys = key.transpose(1, 2).reshape(-1, key.shape[1], dim)
     values = value.transpose(1, 2).reshape(-1, value.shape[1], dim)
     output = queries.new_zeros(batch * q_len, heads, dim)
+    buffer_len = key.shape[2]
     for group in plan.groups:
-        output[group.query_index] = kernel(
+        key_index = group.key_index
+        if buffer_len != plan.kv_len:  # static cache: rows are buffer_len apart in the flattened keys
+            key_index = key_index // plan.kv_len * buffer_len + key_index % plan.kv_len
+        output[group.query_index] = plan.kernel(
             queries[group.query_index],
-            keys[group.key_index],
-            values[group.key_index],
+            keys[key_index],
+            values[key_index],
             cu_seqlens_q=group.cu_seqlens_q,
             cu_seqlens_k=group.cu_seqlens_k,
             max_seqlen_q=group.max_seqlen_q,
@@ -160,4 +166,40 @@ def reference_varlen_attention(
             allowed = torch.arange(k1 - k0)[None, :] <= torch.arange(q1 - q0)[:, None] + offset
             scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
         output[q0:q1] = (scores.softmax(-1) @ seg_v).transpose(0, 1).to(q.dtype)
+    return output
+
+
+def sdpa_varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """`flash_attn_varlen_func`'s semantics through PyTorch's scaled_dot_product_attention, one call per segment.
+    Used for prompts with image blocks under `attn_implementation="sdpa"`: a bidirectional block then needs no mask
+    at all (the fast kernels apply), where one pass over the whole prompt would need a dense mixed mask."""
+    output = q.new_empty(q.shape)
+    for segment in range(len(cu_seqlens_q) - 1):
+        q0, q1 = int(cu_seqlens_q[segment]), int(cu_seqlens_q[segment + 1])
+        k0, k1 = int(cu_seqlens_k[segment]), int(cu_seqlens_k[segment + 1])
+        mask = None
+        if causal and q1 - q0 > 1:
+            offset = (k1 - k0) - (q1 - q0)
+            mask = torch.arange(k1 - k0, device=q.device)[None, :] <= torch.arange(q1 - q0, device=q.device)[:, None] + offset
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            q[q0:q1].transpose(0, 1)[None],
+            k[k0:k1].transpose(0, 1)[None],
+            v[k0:k1].transpose(0, 1)[None],
+            attn_mask=mask,
+            dropout_p=dropout_p,
+            scale=softmax_scale,
+            enable_gqa=True,
+        )
+        output[q0:q1] = attended[0].transpose(0, 1)
     return output

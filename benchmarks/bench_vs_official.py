@@ -1,0 +1,140 @@
+"""CPU benchmark of the port against the official implementation on the same weights, in one run.
+
+Both sides load the official tiny checkpoint of ../shared/fixtures/official-tiny (the port after conversion) and see
+the same view images (the synthetic room at 518x392). Measured: reconstruction latency (preprocessing included) for
+2/8/16 views and decode tokens/s at batch 1, each with its analytic FLOP or byte count and the floor they imply on
+this machine. The official side runs in the harness environment (../shared/tools/official-harness: a venv with
+torch 2.14.1, torchvision and transformers 4.49) with the harness's CPU stand-in for flash_attn, in float32.
+
+    python benchmarks/bench_vs_official.py --official-python /path/to/harness-venv/bin/python \
+        --ref-dir /path/to/official/tree [--views 2 8 16] [--decode-steps 32] [--threads 2]
+
+Without --official-python only the port is measured. Prints a table; never a test.
+"""
+
+import argparse
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers.generation.streamers import BaseStreamer
+
+import g2vlm_hf  # noqa: F401
+from costs import decode_bytes_per_token, measure_peaks, reconstruction_flops
+from g2vlm_hf.conversion import convert_official_checkpoint
+from g2vlm_hf.training import render_room, yaw_pose
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT.parent / "shared" / "fixtures" / "official-tiny" / "checkpoint"
+SHIM = ROOT.parent / "shared" / "tools" / "official-harness" / "shim"
+HEIGHT, WIDTH = 392, 518
+
+
+def write_views(folder: Path, count: int) -> list[str]:
+    poses = np.stack([yaw_pose(0.15 * i - 1.0, 0.05 * i, 2.0 * i - 15) for i in range(count)])
+    paths = []
+    for index, image in enumerate(render_room(poses, HEIGHT, WIDTH).images):
+        path = folder / f"view_{index:03d}.png"
+        Image.fromarray(image).save(path)
+        paths.append(str(path))
+    return paths
+
+
+class TokenClock(BaseStreamer):
+    """Records when each generated token arrives (the first `put` is the prompt)."""
+
+    def __init__(self):
+        self.times, self.prompt_seen = [], False
+
+    def put(self, value):
+        if self.prompt_seen:
+            self.times.append(time.perf_counter())
+        self.prompt_seen = True
+
+    def end(self):
+        pass
+
+
+def best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def port_results(model_dir: Path, cases: list[list[str]], decode_steps: int, repeats: int) -> dict:
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    results = {"recon": []}
+    with torch.inference_mode():
+        for paths in cases:
+            seconds = best_of(lambda: model.reconstruct(**processor(geometry_images=paths, return_tensors="pt")), repeats)
+            results["recon"].append({"views": len(paths), "seconds": seconds})
+        messages = [{"role": "user", "content": [{"type": "image", "image": cases[0][0]}, {"type": "text", "text": "How far is the red box?"}]}]
+        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+
+        # decode rate from the arrival times of the generated tokens (prefill excluded)
+        rates = []
+        for _ in range(repeats):
+            clock = TokenClock()
+            model.generate(**inputs, max_new_tokens=decode_steps, min_new_tokens=decode_steps, do_sample=False, streamer=clock)
+            rates.append((len(clock.times) - 1) / (clock.times[-1] - clock.times[0]))
+    results["decode"] = {"steps": decode_steps - 1, "tokens_per_second": max(rates)}
+    results["context"] = inputs["input_ids"].shape[1]
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--official-python", help="python of the official harness environment")
+    parser.add_argument("--ref-dir", help="the official source tree (git archive of InternRobotics/G2VLM)")
+    parser.add_argument("--views", type=int, nargs="+", default=[2, 8, 16])
+    parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        model_dir = convert_official_checkpoint(FIXTURE, scratch / "converted")
+        all_views = write_views(scratch, max(args.views))
+        cases = [all_views[:count] for count in args.views]
+        config = AutoConfig.from_pretrained(model_dir)
+        port = port_results(model_dir, cases, args.decode_steps, args.repeats)
+        official = None
+        if args.official_python:
+            command = [
+                args.official_python, str(ROOT / "benchmarks" / "official_runner.py"), "--ref-dir", args.ref_dir,
+                "--shim", str(SHIM), "--checkpoint", str(FIXTURE), "--views", json.dumps(cases),
+                "--decode-steps", str(args.decode_steps), "--repeats", str(args.repeats), "--threads", str(args.threads),
+            ]  # fmt: skip
+            official = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+
+    peak_flops, peak_bandwidth = measure_peaks()
+    print(f"CPU, {args.threads} threads, float32; measured peaks: {peak_flops / 1e9:.1f} GFLOP/s matmul, {peak_bandwidth / 1e9:.1f} GB/s copy")
+    print(f"{'benchmark':<28}{'port':>12}{'official':>12}{'speed-up':>10}{'floor':>12}{'port/floor':>12}")
+    for index, case in enumerate(port["recon"]):
+        flops = reconstruction_flops(config, case["views"], HEIGHT, WIDTH)
+        floor = flops / peak_flops
+        official_s = official["recon"][index]["seconds"] if official else float("nan")
+        print(f"{'recon ' + str(case['views']) + ' views (s)':<28}{case['seconds']:>12.3f}{official_s:>12.3f}"
+              f"{official_s / case['seconds']:>10.2f}{floor:>12.4f}{case['seconds'] / floor:>12.1f}")  # fmt: skip
+    decode = port["decode"]
+    floor = decode_bytes_per_token(config, port["context"]) / peak_bandwidth
+    official_rate = official["decode"]["tokens_per_second"] if official else float("nan")
+    print(f"{'decode batch 1 (tokens/s)':<28}{decode['tokens_per_second']:>12.1f}{official_rate:>12.1f}"
+          f"{decode['tokens_per_second'] / official_rate:>10.2f}{1 / floor:>12.1f}{(1 / floor) / decode['tokens_per_second']:>12.1f}")  # fmt: skip
+    print(f"(recon floor: analytic FLOPs / peak; decode floor: weights + KV bytes per token / bandwidth; context {port['context']} tokens)")
+
+
+if __name__ == "__main__":
+    main()
