@@ -1,0 +1,101 @@
+"""A reconstruction-only checkpoint: a converted G²VLM folder without the semantic ViT and the LM head.
+
+It holds what 3D reconstruction runs through (DINOv2, projector, the two-expert decoder, geometry heads) and loads with
+`AutoModel.from_pretrained(folder)` as [`G2VLMForReconstruction`]. Its reconstructions equal the full model's
+(`model.reconstruct`) for the same inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from transformers.utils import logging
+
+from ..modeling import G2VLMConfig, G2VLMForReconstruction, G2VLMReconstructionConfig
+from .sharding import is_weight_file, save_component_shards
+
+logger = logging.get_logger(__name__)
+
+DROPPED_COMPONENTS = ("semantic-encoder", "lm-head")
+# Files of a full folder that a reconstruction-only folder does not keep (it does not generate text).
+DROPPED_FILES = ("config.json", "generation_config.json", "README.md")
+
+
+def read_model_type(folder: str | Path) -> str:
+    """The `model_type` of the `config.json` in `folder` (a ValueError if there is none)."""
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{folder} is not a converted G2VLM folder: it has no config.json.")
+    return json.loads(config_file.read_text(encoding="utf-8")).get("model_type", "")
+
+
+def reconstruction_config(config: G2VLMConfig) -> G2VLMReconstructionConfig:
+    """The [`G2VLMReconstructionConfig`] of a full config: same fields, no `vision_config`."""
+    values = config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "_name_or_path", "auto_map"):
+        values.pop(key, None)
+    values["vision_config"] = None
+    recon = G2VLMReconstructionConfig(**values)
+    recon.architectures = [G2VLMForReconstruction.__name__]
+    return recon
+
+
+def build_reconstruction_only(
+    full_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    max_shard_size: str = "5GB",
+    overwrite: bool = False,
+) -> Path:
+    """Turn the converted full folder `full_dir` into a reconstruction-only folder at `output_dir`.
+
+    Drops the `model.visual.*` and `lm_head.*` weights and the generation config, writes a
+    [`G2VLMReconstructionConfig`] (`vision_config=None`, `architectures=["G2VLMForReconstruction"]`), keeps the
+    processor and tokenizer files, and shards the weights by component. The result is written to a temporary folder,
+    checked to load with no missing or unexpected weight, then moved into place; `full_dir` is only read.
+
+    Returns:
+        `output_dir`, loadable with `AutoModel.from_pretrained` (after `import g2vlm_hf`).
+    """
+    full_dir, output_dir = Path(full_dir), Path(output_dir)
+    model_type = read_model_type(full_dir)
+    if model_type != G2VLMConfig.model_type:
+        raise ValueError(
+            f"{full_dir} holds a {model_type!r} checkpoint; a reconstruction-only folder is built from a full "
+            f"{G2VLMConfig.model_type!r} one (the output of g2vlm-convert)."
+        )
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"{output_dir} exists; pass overwrite=True (or --overwrite) to replace it.")
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    staging.chmod(0o755)
+    try:
+        reconstruction_config(G2VLMConfig.from_pretrained(full_dir)).save_pretrained(staging)
+        for source in sorted(full_dir.iterdir()):
+            if source.is_file() and not is_weight_file(source.name) and source.name not in DROPPED_FILES:
+                shutil.copy2(source, staging / source.name)
+        save_component_shards(full_dir, staging, max_shard_size=max_shard_size, exclude=DROPPED_COMPONENTS)
+        check_loads_cleanly(staging)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        staging.rename(output_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    logger.info(f"Wrote the reconstruction-only checkpoint of {full_dir} into {output_dir}.")
+    return output_dir
+
+
+def check_loads_cleanly(folder: str | Path) -> None:
+    """Load a reconstruction-only folder on the meta device; a ValueError naming any missing/unexpected weight."""
+    _, info = G2VLMForReconstruction.from_pretrained(folder, output_loading_info=True, device_map="meta")
+    problems = {name: sorted(keys) for name, keys in info.items() if keys and name != "error_msgs"}
+    if problems or info.get("error_msgs"):
+        raise ValueError(f"The reconstruction-only checkpoint does not load cleanly: {problems or info['error_msgs']}")
+
+
+__all__ = ["build_reconstruction_only", "check_loads_cleanly", "read_model_type", "reconstruction_config"]
