@@ -42,6 +42,21 @@ class G2VLMTextConfig(Qwen2VLTextConfig):
 
     model_type = "g2vlm_text"
     base_config_key = "text_config"
+    # Tensor parallelism: both experts' projections are split over attention heads (column-wise) and joined after
+    # the output projection (row-wise); the MLPs alike. Per-head QK-norm and grouped-query attention stay local.
+    base_model_tp_plan: ClassVar = {
+        f"layers.*.{path}": style
+        for prefix in ("", "geo_")
+        for path, style in (
+            (f"self_attn.{prefix}q_proj", "colwise"),
+            (f"self_attn.{prefix}k_proj", "colwise"),
+            (f"self_attn.{prefix}v_proj", "colwise"),
+            (f"self_attn.{prefix}o_proj", "rowwise"),
+            (f"{prefix}mlp.{prefix}gate_proj", "colwise"),
+            (f"{prefix}mlp.{prefix}up_proj", "colwise"),
+            (f"{prefix}mlp.{prefix}down_proj", "rowwise"),
+        )
+    }
 
     # Defaults: the decoder of G²VLM-2B (Qwen2-VL-2B sizes).
     vocab_size: int = 151936

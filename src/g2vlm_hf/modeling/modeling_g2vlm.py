@@ -291,6 +291,7 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
 
     _keep_in_fp32_modules_strict = ["geometry_heads"]
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: G2VLMConfig):
         super().__init__(config)

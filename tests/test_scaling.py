@@ -1,0 +1,81 @@
+"""Scaling past one device: big-model inference with CPU/disk offload, and the tensor-parallel plan."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from conftest import geometry_block, image_patches, tiny_model
+from test_model import GRID_H, GRID_W, IMAGE_GRID, VIEWS, chat_prompt, views
+from test_full_size import FULL_SIZE_TOKEN_IDS, official_2b  # noqa: F401  (fixture)
+from g2vlm_hf import G2VLMForConditionalGeneration
+from g2vlm_hf.conversion import config_from_official
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    model = tiny_model(seed=7)
+    folder = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def test_offloaded_model_gives_the_same_generation_and_reconstruction(saved_tiny, tmp_path):
+    model, folder = saved_tiny
+    offloaded = AutoModelForImageTextToText.from_pretrained(
+        folder, device_map="auto", max_memory={"cpu": "2MB"}, offload_folder=tmp_path / "offload"
+    )
+    assert {"cpu", "disk"} <= set(offloaded.hf_device_map.values())
+    # no placement splits a decoder layer (both experts + their shared attention), an encoder block or a head block
+    placed = list(offloaded.hf_device_map)
+    assert not any(re.search(r"layers\.\d+\.(self_attn|mlp|geo_mlp)", name) for name in placed), placed
+    assert not any(re.search(r"(blocks|layer)\.\d+\.\w+", name) for name in placed), placed
+    pixels, grid = image_patches(*IMAGE_GRID)
+    inputs = dict(
+        input_ids=torch.tensor([chat_prompt([1, 5, 6], [8, 9])]), pixel_values=pixels, image_grid_thw=grid,
+        geometry_pixel_values=views(),
+    )  # fmt: skip
+    recon_ids = torch.tensor([[1, 5, *geometry_block(VIEWS, GRID_H, GRID_W)]])
+    with torch.no_grad():
+        assert torch.equal(
+            offloaded.generate(**inputs, max_new_tokens=5, do_sample=False),
+            model.generate(**inputs, max_new_tokens=5, do_sample=False),
+        )
+        torch.testing.assert_close(
+            offloaded.reconstruct(input_ids=recon_ids, geometry_pixel_values=views()).world_points,
+            model.reconstruct(input_ids=recon_ids, geometry_pixel_values=views()).world_points,
+            rtol=0, atol=0,
+        )  # fmt: skip
+
+
+def test_tensor_parallel_plan_covers_both_experts_and_shards_evenly(official_2b):  # noqa: F811
+    configs = official_2b["configs"]
+    config = config_from_official(
+        configs["text_config"], configs["vit_config"], configs["dino_config"], token_ids=FULL_SIZE_TOKEN_IDS,
+        use_confidence_head=False,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = G2VLMForConditionalGeneration(config)
+    plan = model._tp_plan
+    modules = dict(model.named_modules())
+    for pattern, style in plan.items():
+        regex = re.compile("^" + re.escape(pattern).replace(r"\*", r"\d+") + "$")
+        matched = [name for name in modules if regex.match(name)]
+        assert matched, f"TP plan entry {pattern!r} matches no module"
+        for name in matched:
+            weight = modules[name].weight
+            dim = 0 if style.startswith("colwise") or style == "embedding_rowwise" and False else 1
+            if style.startswith("colwise"):
+                dim = 0
+            for world_size in (2,):
+                assert weight.shape[dim] % world_size == 0, (name, style, tuple(weight.shape))
+    planned = {re.sub(r"\.\d+\.", ".*.", name) for name in modules}
+    for leaf in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        for prefix in ("", "geo_"):
+            assert f"model.language_model.layers.*.self_attn.{prefix}{leaf}" in plan
+    assert "model.language_model.layers.*.geo_mlp.geo_down_proj" in planned
+    assert plan["model.language_model.layers.*.geo_mlp.geo_down_proj"] == "rowwise"
+    assert plan["lm_head"] == "colwise_gather_output"
