@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, CompileConfig
 from transformers.generation.streamers import BaseStreamer
 
 import g2vlm_hf  # noqa: F401
-from costs import decode_bytes_per_token, measure_peaks, reconstruction_flops
+from costs import decode_bytes_per_token, decoder_flops, measure_peaks, reconstruction_flops
 from g2vlm_hf.conversion import convert_official_checkpoint
 from g2vlm_hf.training import render_room, yaw_pose
 
@@ -70,6 +70,28 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
+def decode_rate(model, inputs: dict, steps: int, repeats: int, **generate_kwargs) -> float:
+    """Best decode tokens/s over `repeats` runs, from the arrival times of the generated tokens (prefill excluded)."""
+    rates = []
+    for _ in range(repeats):
+        clock = TokenClock()
+        model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, streamer=clock, **generate_kwargs)
+        rates.append((len(clock.times) - 1) / (clock.times[-1] - clock.times[0]))
+    return max(rates)
+
+
+def prefill_rates(model, repeats: int) -> dict[tuple[int, int], float]:
+    """Prefill tokens/s of text prompts at batch 1 and 8 with 1k and 4k tokens of context."""
+    rates = {}
+    vocab = model.config.text_config.vocab_size
+    for batch in (1, 8):
+        for context in (1024, 4096):
+            ids = torch.randint(0, vocab - 10, (batch, context), generator=torch.Generator().manual_seed(0))
+            seconds = best_of(lambda: model(input_ids=ids, logits_to_keep=1), repeats)
+            rates[(batch, context)] = batch * context / seconds
+    return rates
+
+
 def port_results(model_dir: Path, cases: list[list[str]], decode_steps: int, repeats: int) -> dict:
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -81,13 +103,13 @@ def port_results(model_dir: Path, cases: list[list[str]], decode_steps: int, rep
         messages = [{"role": "user", "content": [{"type": "image", "image": cases[0][0]}, {"type": "text", "text": "How far is the red box?"}]}]
         inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
 
-        # decode rate from the arrival times of the generated tokens (prefill excluded)
-        rates = []
-        for _ in range(repeats):
-            clock = TokenClock()
-            model.generate(**inputs, max_new_tokens=decode_steps, min_new_tokens=decode_steps, do_sample=False, streamer=clock)
-            rates.append((len(clock.times) - 1) / (clock.times[-1] - clock.times[0]))
-    results["decode"] = {"steps": decode_steps - 1, "tokens_per_second": max(rates)}
+        results["decode"] = decode_rate(model, inputs, decode_steps, repeats)
+        compile_config = CompileConfig(fullgraph=False, dynamic=False)
+        compile_config._compile_all_devices = True  # transformers only auto-compiles on accelerators by default
+        results["decode_compiled"] = decode_rate(
+            model, inputs, decode_steps, repeats + 1, cache_implementation="static", compile_config=compile_config
+        )
+        results["prefill"] = prefill_rates(model, repeats)
     results["context"] = inputs["input_ids"].shape[1]
     return results
 
@@ -128,12 +150,17 @@ def main() -> None:
         official_s = official["recon"][index]["seconds"] if official else float("nan")
         print(f"{'recon ' + str(case['views']) + ' views (s)':<28}{case['seconds']:>12.3f}{official_s:>12.3f}"
               f"{official_s / case['seconds']:>10.2f}{floor:>12.4f}{case['seconds'] / floor:>12.1f}")  # fmt: skip
-    decode = port["decode"]
     floor = decode_bytes_per_token(config, port["context"]) / peak_bandwidth
     official_rate = official["decode"]["tokens_per_second"] if official else float("nan")
-    print(f"{'decode batch 1 (tokens/s)':<28}{decode['tokens_per_second']:>12.1f}{official_rate:>12.1f}"
-          f"{decode['tokens_per_second'] / official_rate:>10.2f}{1 / floor:>12.1f}{(1 / floor) / decode['tokens_per_second']:>12.1f}")  # fmt: skip
-    print(f"(recon floor: analytic FLOPs / peak; decode floor: weights + KV bytes per token / bandwidth; context {port['context']} tokens)")
+    for name, rate in (("decode b1 (tok/s)", port["decode"]), ("decode b1 static+compile", port["decode_compiled"])):
+        print(f"{name:<28}{rate:>12.1f}{official_rate:>12.1f}{rate / official_rate:>10.2f}{1 / floor:>12.1f}"
+              f"{(1 / floor) / rate:>12.1f}")  # fmt: skip
+    for (batch, context), rate in port["prefill"].items():
+        floor_rate = peak_flops / (decoder_flops(config, context) / context)
+        label = f"prefill b{batch} {context // 1024}k (tok/s)"
+        print(f"{label:<28}{rate:>12.0f}{'-':>12}{'-':>10}{floor_rate:>12.0f}{floor_rate / rate:>12.1f}")
+    print(f"(floors: recon and prefill analytic FLOPs / peak FLOP/s; decode weights + KV bytes per token / bandwidth; "
+          f"decode context {port['context']} tokens; 'port/floor' = how many times the floor the port takes)")
 
 
 if __name__ == "__main__":
