@@ -135,6 +135,19 @@ def varlen_attention(
     return output.view(batch, q_len, heads, dim)
 
 
+def segments(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor):
+    """`(q_start, q_end, k_start, k_end)` of each packed segment."""
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for index in range(len(bounds_q) - 1):
+        yield bounds_q[index], bounds_q[index + 1], bounds_k[index], bounds_k[index + 1]
+
+
+def bottom_right_causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """`(q_len, k_len)` bool mask: query i sees keys up to i + (k_len - q_len), as flash-attention aligns it."""
+    offset = k_len - q_len
+    return torch.arange(k_len, device=device)[None, :] <= torch.arange(q_len, device=device)[:, None] + offset
+
+
 def reference_varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -154,17 +167,13 @@ def reference_varlen_attention(
     output = q.new_empty(q.shape)
     groups = q.shape[1] // k.shape[1]
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    for segment in range(len(cu_seqlens_q) - 1):
-        q0, q1 = int(cu_seqlens_q[segment]), int(cu_seqlens_q[segment + 1])
-        k0, k1 = int(cu_seqlens_k[segment]), int(cu_seqlens_k[segment + 1])
+    for q0, q1, k0, k1 in segments(cu_seqlens_q, cu_seqlens_k):
         seg_q = q[q0:q1].transpose(0, 1).float()
         seg_k = k[k0:k1].repeat_interleave(groups, dim=1).transpose(0, 1).float()
         seg_v = v[k0:k1].repeat_interleave(groups, dim=1).transpose(0, 1).float()
         scores = seg_q @ seg_k.transpose(-1, -2) * scale
         if causal:
-            offset = (k1 - k0) - (q1 - q0)
-            allowed = torch.arange(k1 - k0)[None, :] <= torch.arange(q1 - q0)[:, None] + offset
-            scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
+            scores = scores.masked_fill(~bottom_right_causal_mask(q1 - q0, k1 - k0, scores.device), float("-inf"))
         output[q0:q1] = (scores.softmax(-1) @ seg_v).transpose(0, 1).to(q.dtype)
     return output
 
@@ -185,13 +194,8 @@ def sdpa_varlen_attention(
     Used for prompts with image blocks under `attn_implementation="sdpa"`: a bidirectional block then needs no mask
     at all (the fast kernels apply), where one pass over the whole prompt would need a dense mixed mask."""
     output = q.new_empty(q.shape)
-    for segment in range(len(cu_seqlens_q) - 1):
-        q0, q1 = int(cu_seqlens_q[segment]), int(cu_seqlens_q[segment + 1])
-        k0, k1 = int(cu_seqlens_k[segment]), int(cu_seqlens_k[segment + 1])
-        mask = None
-        if causal and q1 - q0 > 1:
-            offset = (k1 - k0) - (q1 - q0)
-            mask = torch.arange(k1 - k0, device=q.device)[None, :] <= torch.arange(q1 - q0, device=q.device)[:, None] + offset
+    for q0, q1, k0, k1 in segments(cu_seqlens_q, cu_seqlens_k):
+        mask = bottom_right_causal_mask(q1 - q0, k1 - k0, q.device) if causal and q1 - q0 > 1 else None
         attended = torch.nn.functional.scaled_dot_product_attention(
             q[q0:q1].transpose(0, 1)[None],
             k[k0:k1].transpose(0, 1)[None],
