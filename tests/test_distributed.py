@@ -1,16 +1,15 @@
-"""Data-parallel fine-tuning: two processes (gloo, CPU) with the same global batch follow the single-process loss
-curve and end with the same weights."""
+"""Data-parallel fine-tuning: two processes (torchrun, gloo, CPU) with the same global batch follow the
+single-process loss curve and end with the same weights."""
 
 from __future__ import annotations
 
-import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch.nn.parallel import DistributedDataParallel
 
 from conftest import geometry_block, tiny_model
 from test_finetuning import HEIGHT, IMAGENET_MEAN, IMAGENET_STD, WIDTH
@@ -59,22 +58,6 @@ def train(model, batch_for_step, steps: int = STEPS) -> list[float]:
     return losses
 
 
-def data_parallel_worker(rank: int, world_size: int, port: int, output: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    torch.set_num_threads(1)
-    model = tiny_model(seed=0).train()
-    # the semantic encoder gets no image in this batch: its parameters take no part in the loss
-    replica = DistributedDataParallel(model, find_unused_parameters=True)
-    shard = rows(global_batch(), slice(rank, rank + 1))
-    local = train(replica, lambda: shard)
-    gathered = [None] * world_size
-    dist.all_gather_object(gathered, local)
-    if rank == 0:
-        torch.save({"losses": gathered, "state": model.state_dict()}, output)
-    dist.destroy_process_group()
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -87,7 +70,12 @@ def test_two_process_ddp_reproduces_the_single_process_run(tmp_path):
     single_losses = train(single, lambda: batch)
 
     output = tmp_path / "ddp.pt"
-    mp.spawn(data_parallel_worker, args=(2, free_port(), str(output)), nprocs=2, join=True)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), str(Path(__file__).with_name("ddp_worker.py")), str(output),
+    ]  # fmt: skip
+    launched = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-3000:]
     result = torch.load(output)
     # the global loss is the mean of the two ranks' losses (equal token and pixel counts per scene)
     ddp_losses = [sum(pair) / 2 for pair in zip(*result["losses"])]
