@@ -12,7 +12,6 @@ import os
 import sys
 import time
 import types
-from pathlib import Path
 
 
 def load_official(ref: str, shim: str, checkpoint: str):
