@@ -5,7 +5,7 @@
 
 As a Hugging Face Space: this file as `app.py`, `requirements.txt` naming g2vlm-hf[demo], and the `G2VLM_MODEL`
 variable set to the model repository. Reconstruction writes a GLB (coloured points + one camera frustum per view)
-with `g2vlm_hf.export.export_reconstruction`; the chat answers with the views' geometry in the model's context.
+with `g2vlm_hf.export.export_model_scene`; the chat answers with the views' geometry in the model's context.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import g2vlm_hf  # noqa: F401  (registers G2VLM with the Auto classes)
-from g2vlm_hf.export import export_reconstruction
+from g2vlm_hf.export import export_model_scene
 
 DEFAULT_MODEL = os.environ.get("G2VLM_MODEL", "")
 
@@ -48,14 +48,11 @@ class G2VLMDemo:
         inputs = self.processor(geometry_images=_paths(files), return_tensors="pt").to(self.device)
         with torch.inference_mode():
             scene = self.model.reconstruct(**inputs)
-        colours = self.processor.geometry_image_processor.unnormalize(inputs["geometry_pixel_values"][0].cpu())
-        written = export_reconstruction(
+        written = export_model_scene(
             tempfile.mkdtemp(prefix="g2vlm-demo-"),
-            camera_poses=scene.camera_poses[0],
-            world_points=scene.world_points[0],
-            depth=scene.depth[0],
-            confidence=None if scene.confidence is None else scene.confidence[0],
-            images=colours,
+            scene,
+            inputs["geometry_pixel_values"],
+            self.processor.geometry_image_processor,
             max_points=self.max_points,
         )
         return str(next(path for path in written if path.suffix == ".glb"))

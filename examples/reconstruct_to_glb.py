@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import g2vlm_hf  # noqa: F401
-from g2vlm_hf.export import export_reconstruction
+from g2vlm_hf.export import export_model_scene
 
 EXAMPLE_VIEWS = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official-tiny" / "images"
 
@@ -34,14 +34,12 @@ def main() -> None:
     inputs = processor(geometry_images=[str(v) for v in views], return_tensors="pt")
     with torch.inference_mode():
         scene = model.reconstruct(**inputs)
-    colours = processor.geometry_image_processor.unnormalize(inputs["geometry_pixel_values"][0])
-    written = export_reconstruction(
+    # coloured by the views as the processor resized them
+    written = export_model_scene(
         args.output,
-        camera_poses=scene.camera_poses[0],
-        world_points=scene.world_points[0],
-        depth=scene.depth[0],
-        confidence=None if scene.confidence is None else scene.confidence[0],
-        images=colours,
+        scene,
+        inputs["geometry_pixel_values"],
+        processor.geometry_image_processor,
         confidence_percentile=args.confidence_percentile,
     )
     for path in written:

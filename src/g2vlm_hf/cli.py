@@ -76,21 +76,18 @@ def load(model_path: str, dtype: str, device: str):
 
 
 def run_reconstruct(args: argparse.Namespace) -> int:
-    from .export import export_reconstruction
+    from .export import export_model_scene
 
     views = collect_views(args)
     model, processor = load(args.model, args.dtype, args.device)
     inputs = processor(geometry_images=views, return_tensors="pt").to(args.device)
     with torch.inference_mode():
         output = model.reconstruct(**inputs)
-    colours = processor.geometry_image_processor.unnormalize(inputs["geometry_pixel_values"][0].cpu())
-    written = export_reconstruction(
+    written = export_model_scene(
         args.output,
-        camera_poses=output.camera_poses[0],
-        world_points=output.world_points[0],
-        depth=output.depth[0],
-        confidence=None if output.confidence is None else output.confidence[0],
-        images=colours,
+        output,
+        inputs["geometry_pixel_values"],
+        processor.geometry_image_processor,
         confidence_percentile=args.confidence_percentile,
         max_points=args.max_points,
     )

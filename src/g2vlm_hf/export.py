@@ -558,3 +558,27 @@ def export_reconstruction(
         raise
     logger.info(f"Wrote {len(written)} files to {output_dir}")
     return written
+
+
+def export_model_scene(
+    output_dir: str | os.PathLike[str],
+    reconstruction: Any,
+    geometry_pixel_values: torch.Tensor,
+    geometry_image_processor: Any,
+    *,
+    scene: int = 0,
+    **options: Any,
+) -> list[Path]:
+    """Writes scene `scene` of a model's reconstruction (`G2VLMReconstructionOutput`), coloured by its geometry views
+    (`geometry_pixel_values` as the processor made them, unnormalised by `geometry_image_processor`). `options` go
+    to [`export_reconstruction`] (`confidence_percentile`, `max_points`, ...)."""
+    confidence = reconstruction.confidence
+    return export_reconstruction(
+        output_dir,
+        camera_poses=reconstruction.camera_poses[scene],
+        world_points=reconstruction.world_points[scene],
+        depth=reconstruction.depth[scene],
+        confidence=None if confidence is None else confidence[scene],
+        images=geometry_image_processor.unnormalize(geometry_pixel_values[scene].cpu()),
+        **options,
+    )
