@@ -88,8 +88,15 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     args = parser.parse_args()
 
-    if not (args.model / "config.json").is_file() and args.model == Path("outputs/g2vlm-tiny"):
-        convert_official_checkpoint(FIXTURE, args.model)
+    training_args = TrainingArguments(
+        output_dir=str(args.output), max_steps=args.steps, per_device_train_batch_size=2,
+        learning_rate=args.learning_rate, lr_scheduler_type="constant", logging_steps=5, save_strategy="no",
+        report_to=[], remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), seed=0,
+    )  # fmt: skip
+    # under `accelerate launch` one process converts the fixture while the others wait
+    with training_args.main_process_first(desc="converting the tiny fixture"):
+        if not (args.model / "config.json").is_file() and args.model == Path("outputs/g2vlm-tiny"):
+            convert_official_checkpoint(FIXTURE, args.model)
     processor = AutoProcessor.from_pretrained(args.model)
     processor.geometry_image_processor.target_width = args.width  # render at the geometry resolution: no resize
     processor.semantic_image_size = args.width
@@ -100,7 +107,8 @@ def main() -> None:
     # LoRA on the attention and MLP projections of both experts
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=lora_target_modules(semantic=True, geometry=True))
     model = get_peft_model(model, lora)
-    print(trainable_report(model))
+    if training_args.process_index == 0:
+        print(trainable_report(model))
 
     dataset = make_dataset(args.scenes, args.views, height, args.width)
     collator = Collator(processor)
@@ -108,20 +116,18 @@ def main() -> None:
     before = evaluate(model, fixed_batch)
     trainer = Trainer(
         model=model,
-        args=TrainingArguments(
-            output_dir=str(args.output), max_steps=args.steps, per_device_train_batch_size=2,
-            learning_rate=args.learning_rate, lr_scheduler_type="constant", logging_steps=5, save_strategy="no",
-            report_to=[], remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), seed=0,
-        ),  # fmt: skip
+        args=training_args,
         train_dataset=dataset,
         data_collator=collator,
     )
     trainer.train()
     trainer.save_model(str(args.output))
     after = evaluate(model, fixed_batch)
-    for name in ("loss", "lm", "geometry"):
-        print(f"{name}: start {before[name]:.4f} end {after[name]:.4f}")
-    print(f"adapter saved to {args.output}")
+    if trainer.is_world_process_zero():
+        print(f"processes: {training_args.world_size}")
+        for name in ("loss", "lm", "geometry"):
+            print(f"{name}: start {before[name]:.4f} end {after[name]:.4f}")
+        print(f"adapter saved to {args.output}")
 
 
 if __name__ == "__main__":

@@ -89,6 +89,9 @@ class G2VLMGeometryEncoder(Dinov2WithRegistersModel):
         for layer in self.encoder.layer:
             layer.attention = G2VLMGeometryEncoderAttention(config, packed_windows)
         self.post_init()
+        # G²VLM never masks patches: left trainable, this parameter would get no gradient, which breaks DDP without
+        # `find_unused_parameters` and leaves it out of sharded optimizer checkpoints
+        self.embeddings.mask_token.requires_grad_(False)
 
     def forward(self, pixel_values: torch.Tensor, views_per_scene: int = 1, **kwargs) -> torch.Tensor:
         """

@@ -18,6 +18,8 @@ PARAMETER_GROUPS = (
     "geometry_projector",  # DINOv2 width -> decoder width
     "geometry_heads",  # point, camera, global-point (and confidence) heads
 )
+# parameters no forward pass of G²VLM uses (DINOv2's patch-masking token): never made trainable
+NEVER_USED = ("geometry_encoder.embeddings.mask_token",)
 
 # Paper, section on training: stage 1 learns geometry with the semantic expert frozen; stage 2 trains both experts.
 TRAINING_STAGES = {
@@ -77,7 +79,7 @@ def set_trainable(model: nn.Module, groups: tuple[str, ...] | list[str]) -> Trai
     if unknown:
         raise ValueError(f"Unknown parameter group(s) {sorted(unknown)}; choose from {PARAMETER_GROUPS}.")
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(parameter_group(name) in groups)
+        parameter.requires_grad_(parameter_group(name) in groups and not name.endswith(NEVER_USED))
     report = trainable_report(model)
     logger.info(f"Trainable parts {sorted(groups)}: {report}")
     return report
