@@ -18,12 +18,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from accelerate import Accelerator, DistributedType, FullyShardedDataParallelPlugin
+from accelerate import Accelerator, DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
 from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -109,7 +110,8 @@ def main() -> None:
     parser.add_argument("--resume", type=Path)
     args = parser.parse_args()
 
-    accelerator = Accelerator()  # every trainable parameter takes part: no `find_unused_parameters` needed
+    # every trainable parameter takes part: no `find_unused_parameters`; a stuck collective fails instead of hanging
+    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=90))])
     assert accelerator.num_processes == 2 and accelerator.distributed_type == DistributedType.MULTI_CPU
     torch.set_num_threads(1)
     run(args, accelerator)

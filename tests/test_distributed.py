@@ -24,7 +24,7 @@ CONFIGS = REPO_ROOT / "examples" / "accelerate"
 # On a machine without GPUs: accelerate runs the processes on the CPU over gloo, pinned to the loopback interface so
 # that gloo needs no lookup of the machine's hostname.
 CPU_ENVIRONMENT = {"ACCELERATE_USE_CPU": "true", "GLOO_SOCKET_IFNAME": "lo"}
-LAUNCH_TIMEOUT_S = 240
+LAUNCH_TIMEOUT_S = 150
 
 
 def global_batch() -> dict:
