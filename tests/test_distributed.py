@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT, geometry_block, tiny_model
+from conftest import REPO_ROOT, geometry_block, image_patches, tiny_model
+from test_model import GRID_H, GRID_W, IMAGE_GRID, VIEWS, chat_prompt, views
 from test_finetuning import HEIGHT, IMAGENET_MEAN, IMAGENET_STD, WIDTH
 from g2vlm_hf.training import render_room, yaw_pose
 
@@ -89,13 +90,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def accelerate_launch(config: str, script: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file examples/accelerate/CONFIG` with two CPU processes, as in the README."""
-    command = [
-        sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", str(CONFIGS / config),
-        "--num_processes", "2", "--mixed_precision", "no", "--main_process_ip", "127.0.0.1",
-        "--main_process_port", str(free_port()), str(script), *args,
-    ]  # fmt: skip
+def launch(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Runs a launcher command with the CPU environment; a launch that outlives LAUNCH_TIMEOUT_S is stopped."""
     # output to files, not pipes: a rank that outlives its launcher must not keep the test waiting on a pipe
     with (cwd / "launch.out").open("w+") as stdout, (cwd / "launch.err").open("w+") as stderr:
         process = subprocess.Popen(
@@ -110,6 +106,25 @@ def accelerate_launch(config: str, script: Path, *args: str, cwd: Path) -> subpr
         stdout.seek(0)
         stderr.seek(0)
         return subprocess.CompletedProcess(command, process.returncode, stdout.read(), stderr.read())
+
+
+def accelerate_launch(config: str, script: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file examples/accelerate/CONFIG` with two CPU processes, as in the README."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", str(CONFIGS / config),
+        "--num_processes", "2", "--mixed_precision", "no", "--main_process_ip", "127.0.0.1",
+        "--main_process_port", str(free_port()), str(script), *args,
+    ]  # fmt: skip
+    return launch(command, cwd)
+
+
+def torchrun(script: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2` on the CPU, as in the README."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), str(script), *args,
+    ]  # fmt: skip
+    return launch(command, cwd)
 
 
 @pytest.fixture(scope="session")
@@ -178,3 +193,38 @@ def test_the_finetuning_recipe_runs_unchanged_under_accelerate(two_processes, co
     assert launched.returncode == 0, failure_report(launched)
     assert "processes: 2" in launched.stdout
     assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+
+
+def tensor_parallel_inputs() -> tuple[dict, dict]:
+    """A chat prompt with a semantic image and geometry views, and a reconstruction-only prompt."""
+    pixels, grid = image_patches(*IMAGE_GRID)
+    chat = dict(
+        input_ids=torch.tensor([chat_prompt([1, 5, 6], [8, 9])]), pixel_values=pixels, image_grid_thw=grid,
+        geometry_pixel_values=views(),
+    )  # fmt: skip
+    recon = dict(input_ids=torch.tensor([[1, 5, *geometry_block(VIEWS, GRID_H, GRID_W)]]), geometry_pixel_values=views())
+    return chat, recon
+
+
+def test_tensor_parallel_plan_shards_both_experts_over_two_processes(two_processes, tmp_path):
+    model = tiny_model(seed=7)
+    model.save_pretrained(tmp_path / "model")
+    launched = torchrun(TESTS / "tensor_parallel_worker.py", str(tmp_path / "model"), str(tmp_path / "tp.pt"), cwd=tmp_path)
+    assert launched.returncode == 0, failure_report(launched)
+    result = torch.load(tmp_path / "tp.pt")
+
+    text = model.config.text_config
+    hidden, head_dim = text.hidden_size, text.hidden_size // text.num_attention_heads
+    half_heads, half_kv, half_mlp = text.num_attention_heads // 2, text.num_key_value_heads // 2, text.intermediate_size // 2
+    for prefix in ("", "geo_"):  # both experts: heads and MLP columns split in two, inputs of the output layers too
+        assert result["shards"][f"{prefix}q_proj"] == (half_heads * head_dim, hidden)
+        assert result["shards"][f"{prefix}k_proj"] == (half_kv * head_dim, hidden)
+        assert result["shards"][f"{prefix}o_proj"] == (hidden, half_heads * head_dim)
+        assert result["shards"][f"{prefix}gate_proj"] == (half_mlp, hidden)
+        assert result["shards"][f"{prefix}down_proj"] == (hidden, half_mlp)
+
+    chat, recon = tensor_parallel_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(result["logits"], model(**chat).logits, rtol=1e-5, atol=1e-5)
+        assert torch.equal(result["generated"], model.generate(**chat, max_new_tokens=5, do_sample=False))
+        torch.testing.assert_close(result["world_points"], model.reconstruct(**recon).world_points, rtol=1e-5, atol=1e-5)
