@@ -48,6 +48,22 @@ def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return states * cos + torch.cat((-second, first), dim=-1) * sin
 
 
+CPU_MIN_HEAD_DIM = 16
+
+
+def head_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Softmax attention over `(batch, heads, seq, head_dim)`. On the CPU, heads narrower than 16 are zero-padded to
+    16: PyTorch's CPU flash kernel vectorises over head_dim and runs a 16-wide head faster than an 8-wide one
+    (1.4x on 16 views of 1036 tokens x 16 heads x 8, 2 cores); zero columns change neither the scores nor, once
+    sliced off, the output."""
+    head_dim = query.shape[-1]
+    if query.device.type != "cpu" or head_dim >= CPU_MIN_HEAD_DIM:
+        return F.scaled_dot_product_attention(query, key, value)
+    padding = (0, CPU_MIN_HEAD_DIM - head_dim)
+    query, key, value = F.pad(query, padding), F.pad(key, padding), F.pad(value, padding)
+    return F.scaled_dot_product_attention(query, key, value, scale=head_dim**-0.5)[..., :head_dim]
+
+
 class G2VLMHeadAttention(nn.Module):
     """Multi-head self-attention with 2D RoPE."""
 
@@ -62,7 +78,7 @@ class G2VLMHeadAttention(nn.Module):
         qkv = self.qkv(hidden_states).view(batch, seq, 3, self.num_heads, dim // self.num_heads)
         query, key, value = qkv.permute(2, 0, 3, 1, 4)  # each (batch, heads, seq, head_dim)
         query, key = G2VLMRotary2D.apply(query, rope), G2VLMRotary2D.apply(key, rope)
-        attn = F.scaled_dot_product_attention(query, key, value)
+        attn = head_attention(query, key, value)
         return self.proj(attn.transpose(1, 2).reshape(batch, seq, dim))
 
 
@@ -85,7 +101,7 @@ class G2VLMHeadCrossAttention(nn.Module):
         # queries and the context share the same patch grid, hence the same rotary tables
         query = G2VLMRotary2D.apply(self._heads(self.query(hidden_states)), rope)
         key = G2VLMRotary2D.apply(self._heads(self.key(context)), rope)
-        attn = F.scaled_dot_product_attention(query, key, self._heads(self.value(context)))
+        attn = head_attention(query, key, self._heads(self.value(context)))
         return self.proj(attn.transpose(1, 2).reshape(hidden_states.shape))
 
 
