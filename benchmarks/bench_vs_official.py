@@ -92,6 +92,18 @@ def prefill_rates(model, repeats: int) -> dict[tuple[int, int], float]:
     return rates
 
 
+def long_context_decode_rates(model, steps: int, repeats: int) -> dict[tuple[int, int], float]:
+    """Decode tokens/s (all sequences together) after text prompts of 1k and 4k tokens at batch 1 and 8."""
+    rates = {}
+    vocab = model.config.text_config.vocab_size
+    for batch in (1, 8):
+        for context in (1024, 4096):
+            ids = torch.randint(0, vocab - 10, (batch, context), generator=torch.Generator().manual_seed(0))
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            rates[(batch, context)] = batch * decode_rate(model, inputs, steps, repeats)
+    return rates
+
+
 def port_results(model_dir: Path, cases: list[list[str]], decode_steps: int, repeats: int) -> dict:
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -110,6 +122,7 @@ def port_results(model_dir: Path, cases: list[list[str]], decode_steps: int, rep
             model, inputs, decode_steps, repeats + 1, cache_implementation="static", compile_config=compile_config
         )
         results["prefill"] = prefill_rates(model, repeats)
+        results["long_decode"] = long_context_decode_rates(model, decode_steps, repeats)
     results["context"] = inputs["input_ids"].shape[1]
     return results
 
@@ -158,6 +171,10 @@ def main() -> None:
     for (batch, context), rate in port["prefill"].items():
         floor_rate = peak_flops / (decoder_flops(config, context) / context)
         label = f"prefill b{batch} {context // 1024}k (tok/s)"
+        print(f"{label:<28}{rate:>12.0f}{'-':>12}{'-':>10}{floor_rate:>12.0f}{floor_rate / rate:>12.1f}")
+    for (batch, context), rate in port["long_decode"].items():
+        floor_rate = batch * peak_bandwidth / decode_bytes_per_token(config, context, batch)
+        label = f"decode b{batch} {context // 1024}k (tok/s)"
         print(f"{label:<28}{rate:>12.0f}{'-':>12}{'-':>10}{floor_rate:>12.0f}{floor_rate / rate:>12.1f}")
     print(f"(floors: recon and prefill analytic FLOPs / peak FLOP/s; decode weights + KV bytes per token / bandwidth; "
           f"decode context {port['context']} tokens; 'port/floor' = how many times the floor the port takes)")
