@@ -1,6 +1,9 @@
-"""Multi-process fine-tuning on the CPU: two gloo processes started by `accelerate launch` with the configs in
-examples/accelerate/ (the commands of the README's "Scaling out" section) follow the single-process loss curve and
-end with the same weights, under DDP and FSDP2, straight through and resumed from a checkpoint."""
+"""Several processes on the CPU, over gloo, started with the commands of the README's "Scaling out" section:
+
+- fine-tuning under `accelerate launch` with the configs in examples/accelerate/: two processes follow the
+  single-process loss curve and end with the same weights, under DDP and FSDP2, straight through and resumed from a
+  checkpoint; the fine-tuning example runs unchanged;
+- tensor parallelism under `torchrun`: both experts sharded over two processes give the unsharded outputs."""
 
 from __future__ import annotations
 
@@ -101,7 +104,11 @@ def launch(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
             process.wait(timeout=LAUNCH_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             process.terminate()  # the launcher stops its ranks on SIGTERM
-            process.wait(timeout=30)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
             stderr.write(f"\n[stopped after {LAUNCH_TIMEOUT_S} s]\n")
         stdout.seek(0)
         stderr.seek(0)
