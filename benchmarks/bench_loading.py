@@ -48,7 +48,7 @@ class PeakSampler:
                 self.peak[key] = max(self.peak.get(key, 0), value)
             time.sleep(self.interval_s)
 
-    def __enter__(self) -> "PeakSampler":
+    def __enter__(self) -> PeakSampler:
         self._thread.start()
         return self
 
@@ -81,8 +81,9 @@ def write_random_checkpoint(folder: Path) -> int:
 
 def measure_load(folder: str) -> dict:
     """Runs in a fresh process: load in bf16 while sampling memory, then one greedy token."""
-    import g2vlm_hf  # noqa: F401
     from transformers import AutoModelForImageTextToText
+
+    import g2vlm_hf  # noqa: F401
 
     torch.set_num_threads(2)
     baseline = resident_bytes()

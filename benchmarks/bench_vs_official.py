@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from costs import decode_bytes_per_token, decoder_flops, measure_peaks, reconstruction_flops
 from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, CompileConfig
 from transformers.generation.streamers import BaseStreamer
 
 import g2vlm_hf  # noqa: F401
-from costs import decode_bytes_per_token, decoder_flops, measure_peaks, reconstruction_flops
 from g2vlm_hf.conversion import convert_official_checkpoint
 from g2vlm_hf.training import render_room, yaw_pose
 

@@ -108,8 +108,8 @@ def main():
             return out
 
         model.generate_text = timed
-        from data.transforms import QwenVL2ImageTransform
         import data.transforms as official_transforms
+        from data.transforms import QwenVL2ImageTransform
         from modeling.qwen2vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
         processor = Qwen2VLImageProcessor(min_pixels=3136, max_pixels=12845056, patch_size=14, merge_size=2,

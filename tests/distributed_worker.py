@@ -37,7 +37,7 @@ from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_distributed import global_batch, make_optimizer, rows, trainable_model  # noqa: E402
+from test_distributed import global_batch, make_optimizer, rows, trainable_model
 
 
 def shard_like_accelerate_fsdp2(model: torch.nn.Module) -> list[str]:

@@ -15,8 +15,9 @@ from transformers import AutoModelForImageTextToText, DistributedConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import g2vlm_hf  # noqa: E402, F401
-from test_distributed import tensor_parallel_inputs  # noqa: E402
+from test_distributed import tensor_parallel_inputs
+
+import g2vlm_hf  # noqa: F401
 
 
 def main(folder: str, output: str) -> None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_config, tiny_model
+from test_model import GRID_H, GRID_W, IMAGE_GRID, VIEWS, chat_prompt, geometry_block, image_patches, views
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
-from conftest import tiny_config, tiny_model
 from g2vlm_hf.modeling import text_decoder
 from g2vlm_hf.modeling.token_layout import TEXT_BLOCK_ID
 from g2vlm_hf.modeling.varlen_attention import (
@@ -21,7 +22,6 @@ from g2vlm_hf.modeling.varlen_attention import (
     sdpa_varlen_attention,
     varlen_attention,
 )
-from test_model import GRID_H, GRID_W, IMAGE_GRID, VIEWS, chat_prompt, geometry_block, image_patches, views
 
 
 def dense_reference(query, key, value, attention_mask, block_ids, past_length, scaling):

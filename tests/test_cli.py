@@ -8,10 +8,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import FIXTURE_DIR
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from conftest import FIXTURE_DIR
 from g2vlm_hf.cli import main as g2vlm
 
 trimesh = pytest.importorskip("trimesh", reason="the export extra (trimesh) is part of the test extras")

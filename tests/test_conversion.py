@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 import torch
+from conftest import FIXTURE_DIR
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-from conftest import FIXTURE_DIR
 from g2vlm_hf import G2VLMForConditionalGeneration
 from g2vlm_hf.conversion import convert_official_checkpoint
 from g2vlm_hf.conversion.cli import main as convert_cli

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO_ROOT, geometry_block, image_patches, tiny_model
-from test_model import GRID_H, GRID_W, IMAGE_GRID, VIEWS, chat_prompt, views
 from test_finetuning import HEIGHT, IMAGENET_MEAN, IMAGENET_STD, WIDTH
+from test_model import GRID_H, GRID_W, IMAGE_GRID, VIEWS, chat_prompt, views
+
 from g2vlm_hf.training import render_room, yaw_pose
 
 STEPS = 4

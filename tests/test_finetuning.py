@@ -8,9 +8,9 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import geometry_block, image_block, image_patches, tiny_model
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from conftest import geometry_block, image_block, image_patches, tiny_model
 from g2vlm_hf.modeling.geometry_losses import geometry_losses, transform_points
 from g2vlm_hf.training import (
     freeze_for_stage,

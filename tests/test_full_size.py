@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import KEYS_2B_FILE
+
 from g2vlm_hf import G2VLMForConditionalGeneration
 from g2vlm_hf.conversion import config_from_official, expected_state_dict_shapes, map_official_keys
 

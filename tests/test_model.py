@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, Dinov2WithRegistersModel, DynamicCache
-
 from conftest import (
     NEWLINE_TOKEN_ID,
     TINY_GEO_TOKEN,
@@ -16,6 +14,8 @@ from conftest import (
     load_golden,
     tiny_model,
 )
+from transformers import AutoModelForImageTextToText, Dinov2WithRegistersModel, DynamicCache
+
 from g2vlm_hf import G2VLMForConditionalGeneration
 
 GRID_H, GRID_W, VIEWS = 2, 3, 2  # geometry views of 28x42 pixels

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText
-
 from conftest import NEWLINE_TOKEN_ID, load_golden
+from transformers import AutoModelForImageTextToText
 
 TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2}
 DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}

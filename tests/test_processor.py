@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import FIXTURE_DIR, NEWLINE_TOKEN_ID, load_golden
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreamer
 
-from conftest import FIXTURE_DIR, NEWLINE_TOKEN_ID, load_golden
 from g2vlm_hf import G2VLMGeometryImageProcessor, G2VLMProcessor
 
 IMAGES = FIXTURE_DIR / "images"

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from conftest import tiny_config
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 import g2vlm_hf
-from conftest import tiny_config
 from g2vlm_hf import G2VLMConfig, G2VLMForConditionalGeneration, G2VLMModel
 
 
@@ -32,6 +32,6 @@ def test_config_round_trips_through_auto_config(tmp_path):
     config.save_pretrained(tmp_path)
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, G2VLMConfig)
-    drop_path = lambda d: {k: v for k, v in d.items() if k != "_name_or_path"}  # noqa: E731
+    drop_path = lambda d: {k: v for k, v in d.items() if k != "_name_or_path"}
     assert drop_path(loaded.to_dict()) == drop_path(config.to_dict())
     assert loaded.text_config.rope_parameters["mrope_section"] == [4, 6, 6]

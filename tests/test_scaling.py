@@ -6,11 +6,11 @@ import re
 
 import pytest
 import torch
+from conftest import geometry_block, image_patches, tiny_model
+from test_full_size import FULL_SIZE_TOKEN_IDS, official_2b  # noqa: F401  (fixture)
+from test_model import GRID_H, GRID_W, IMAGE_GRID, VIEWS, chat_prompt, views
 from transformers import AutoModelForImageTextToText
 
-from conftest import geometry_block, image_patches, tiny_model
-from test_model import GRID_H, GRID_W, IMAGE_GRID, VIEWS, chat_prompt, views
-from test_full_size import FULL_SIZE_TOKEN_IDS, official_2b  # noqa: F401  (fixture)
 from g2vlm_hf import G2VLMForConditionalGeneration
 from g2vlm_hf.conversion import config_from_official
 

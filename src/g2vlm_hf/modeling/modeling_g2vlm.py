@@ -3,8 +3,8 @@
 import torch
 from torch import nn
 from transformers import GenerationMixin
-from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 from transformers.cache_utils import Cache
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 from transformers.utils import logging
 
 from .configuration_g2vlm import G2VLMConfig, G2VLMReconstructionConfig

@@ -54,7 +54,7 @@ class G2VLMCausalLMOutputWithPast(ModelOutput):
     rope_deltas: torch.LongTensor | None = None
     lm_loss: torch.FloatTensor | None = None
     geometry_losses: dict[str, torch.FloatTensor] | None = None
-    reconstruction: "G2VLMReconstructionOutput | None" = None
+    reconstruction: G2VLMReconstructionOutput | None = None
 
 
 @dataclass

@@ -15,20 +15,20 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
+from transformers.modeling_flash_attention_utils import lazy_import_flash_attention
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
-from transformers.modeling_flash_attention_utils import lazy_import_flash_attention
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils.generic import is_flash_attention_requested
 from transformers.models.qwen2_vl.modeling_qwen2_vl import (
     Qwen2VLRMSNorm,
     Qwen2VLRotaryEmbedding,
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
+from transformers.utils.generic import is_flash_attention_requested
 
 from .configuration_g2vlm import G2VLMTextConfig
-from .layers import G2VLMLayerScale, G2VLMMLP, route_tokens
+from .layers import G2VLMMLP, G2VLMLayerScale, route_tokens
 from .pretrained import G2VLMPreTrainedModel
 from .token_layout import TEXT_BLOCK_ID
 from .varlen_attention import VarlenPlan, plan_varlen_attention, sdpa_varlen_attention, varlen_attention

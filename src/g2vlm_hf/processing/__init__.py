@@ -5,4 +5,4 @@ from .image_io import load_image
 from .image_processing_geometry import G2VLMGeometryImageProcessor
 from .processing_g2vlm import G2VLMProcessor
 
-__all__ = ["CHAT_TEMPLATE", "G2VLMGeometryImageProcessor", "G2VLMProcessor", "RECONSTRUCTION_PROMPT", "load_image"]
+__all__ = ["CHAT_TEMPLATE", "RECONSTRUCTION_PROMPT", "G2VLMGeometryImageProcessor", "G2VLMProcessor", "load_image"]
