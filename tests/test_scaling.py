@@ -68,12 +68,12 @@ def test_tensor_parallel_plan_covers_both_experts_and_shards_evenly(official_2b)
         matched = [name for name in modules if regex.match(name)]
         assert matched, f"TP plan entry {pattern!r} matches no module"
         for name in matched:
-            weight = modules[name].weight
-            dim = 0 if style.startswith("colwise") or style == "embedding_rowwise" and False else 1
-            if style.startswith("colwise"):
-                dim = 0
-            for world_size in (2,):
-                assert weight.shape[dim] % world_size == 0, (name, style, tuple(weight.shape))
+            # column-wise splits the output features, row-wise the input features; over 2 ranks, whole heads each
+            shape = modules[name].weight.shape
+            assert shape[0 if style.startswith("colwise") else 1] % 2 == 0, (name, style, tuple(shape))
+    text = config.text_config
+    # the degree must split whole query and key-value heads: 2 is the largest for the 2B (12 and 2 heads)
+    assert text.num_attention_heads % 2 == 0 and text.num_key_value_heads % 2 == 0
     planned = {re.sub(r"\.\d+\.", ".*.", name) for name in modules}
     for leaf in ("q_proj", "k_proj", "v_proj", "o_proj"):
         for prefix in ("", "geo_"):
