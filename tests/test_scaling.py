@@ -9,7 +9,7 @@ import torch
 from conftest import geometry_block, image_patches, tiny_model
 from test_full_size import FULL_SIZE_TOKEN_IDS, official_2b  # noqa: F401  (fixture)
 from test_model import GRID_H, GRID_W, IMAGE_GRID, VIEWS, chat_prompt, views
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, DistributedConfig
 
 from g2vlm_hf import G2VLMForConditionalGeneration
 from g2vlm_hf.conversion import config_from_official
@@ -81,3 +81,11 @@ def test_tensor_parallel_plan_covers_both_experts_and_shards_evenly(official_2b)
     assert "model.language_model.layers.*.geo_mlp.geo_down_proj" in planned
     assert plan["model.language_model.layers.*.geo_mlp.geo_down_proj"] == "rowwise"
     assert plan["lm_head"] == "colwise_gather_output"
+
+
+def test_a_tensor_parallel_degree_that_splits_heads_is_refused_before_anything_is_sharded():
+    model = tiny_model()  # 4 query heads, 2 key-value heads
+    with pytest.raises(ValueError, match=r"over 4 processes would split attention heads.*4 query and 2 key-value"):
+        G2VLMForConditionalGeneration.maybe_distribute_model(model, DistributedConfig(tp_size=4), mesh_manager=None)
+    # a degree dividing both head counts goes on to transformers (which, with no device mesh, leaves the model as is)
+    assert G2VLMForConditionalGeneration.maybe_distribute_model(model, DistributedConfig(tp_size=2), None) is model

@@ -1,4 +1,7 @@
-"""The `PreTrainedModel` base of every G²VLM model class: capability flags and weight initialisation."""
+"""The `PreTrainedModel` base of every G²VLM model class: capability flags, weight initialisation and the
+tensor-parallel guard."""
+
+import math
 
 from torch import nn
 from transformers import PreTrainedModel
@@ -34,6 +37,20 @@ class G2VLMPreTrainedModel(PreTrainedModel):
                 f"{error} G2VLM also runs with attn_implementation='sdpa' (the default; CPU and GPU), "
                 "'flex_attention' (PyTorch's flex attention) or 'eager' (the reference)."
             ) from error
+
+    @classmethod
+    def maybe_distribute_model(cls, model: nn.Module, distributed_config, mesh_manager):
+        """Refuses a tensor-parallel degree that would split attention heads (the plan shards whole heads)."""
+        tp_size = getattr(distributed_config, "tp_size", None) or 1
+        text = model.config.text_config
+        if tp_size > 1 and (text.num_attention_heads % tp_size or text.num_key_value_heads % tp_size):
+            raise ValueError(
+                f"Tensor parallelism over {tp_size} processes would split attention heads: the decoder has "
+                f"{text.num_attention_heads} query and {text.num_key_value_heads} key-value heads, and the degree must "
+                "divide both. Start fewer processes per model (torchrun --nproc_per_node), e.g. "
+                f"{math.gcd(text.num_attention_heads, text.num_key_value_heads)}."
+            )
+        return super().maybe_distribute_model(model, distributed_config, mesh_manager)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
