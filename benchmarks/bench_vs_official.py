@@ -1,13 +1,18 @@
 """CPU benchmark of the port against the official implementation on the same weights, in one run.
 
-Both sides load the official tiny checkpoint of ../shared/fixtures/official-tiny (the port after conversion) and see
-the same view images (the synthetic room at 518x392). Measured: reconstruction latency (preprocessing included) for
-2/8/16 views and decode tokens/s at batch 1, each with its analytic FLOP or byte count and the floor they imply on
-this machine. The official side runs in the harness environment (../shared/tools/official-harness: a venv with
-torch 2.14.1, torchvision and transformers 4.49) with the harness's CPU stand-in for flash_attn, in float32.
+Both sides load one official-layout checkpoint (the port after conversion): by default the tiny fixture of
+../shared/fixtures/official-tiny, or a full-size one with random weights from benchmarks/make_random_official.py.
+Both see the same view images (the synthetic room at 518x392). Measured: reconstruction latency (preprocessing
+included) for 2/8/16 views and decode tokens/s at batch 1, and for the port prefill and decode at batch 1 and 8 with
+1k and 4k tokens of context, each with its analytic FLOP or byte count and the floor it implies on this machine.
+The official side runs in the harness environment (../shared/tools/official-harness: a venv with torch 2.14.1,
+torchvision and transformers 4.49) with the harness's CPU stand-in for flash_attn, in float32.
 
     python benchmarks/bench_vs_official.py --official-python /path/to/harness-venv/bin/python \
         --ref-dir /path/to/official/tree [--views 2 8 16] [--decode-steps 32] [--threads 2]
+    python benchmarks/make_random_official.py /tmp/g2vlm-2b-official     # full size: 9 GB, then
+    python benchmarks/bench_vs_official.py ... --checkpoint /tmp/g2vlm-2b-official --views 2 --decode-steps 8 \
+        --repeats 1 --no-long-context
 
 Without --official-python only the port is measured. Prints a table; never a test.
 """
@@ -104,7 +109,7 @@ def long_context_decode_rates(model, steps: int, repeats: int) -> dict[tuple[int
     return rates
 
 
-def port_results(model_dir: Path, cases: list[list[str]], decode_steps: int, repeats: int) -> dict:
+def port_results(model_dir: Path, cases: list[list[str]], decode_steps: int, repeats: int, long_context: bool) -> dict:
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
     results = {"recon": []}
@@ -121,8 +126,9 @@ def port_results(model_dir: Path, cases: list[list[str]], decode_steps: int, rep
         results["decode_compiled"] = decode_rate(
             model, inputs, decode_steps, repeats + 1, cache_implementation="static", compile_config=compile_config
         )
-        results["prefill"] = prefill_rates(model, repeats)
-        results["long_decode"] = long_context_decode_rates(model, decode_steps, repeats)
+        if long_context:
+            results["prefill"] = prefill_rates(model, repeats)
+            results["long_decode"] = long_context_decode_rates(model, decode_steps, repeats)
     results["context"] = inputs["input_ids"].shape[1]
     return results
 
@@ -131,7 +137,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--official-python", help="python of the official harness environment")
     parser.add_argument("--ref-dir", help="the official source tree (git archive of InternRobotics/G2VLM)")
+    parser.add_argument("--checkpoint", type=Path, default=FIXTURE, help="official-layout checkpoint folder "
+                        "(default: the tiny fixture; benchmarks/make_random_official.py writes a full-size one)")
     parser.add_argument("--views", type=int, nargs="+", default=[2, 8, 16])
+    parser.add_argument("--long-context", action=argparse.BooleanOptionalAction, default=True,
+                        help="also prefill and decode at batch 1 and 8 with 1k and 4k tokens of context")
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -140,16 +150,16 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        model_dir = convert_official_checkpoint(FIXTURE, scratch / "converted")
+        model_dir = convert_official_checkpoint(args.checkpoint, scratch / "converted")
         all_views = write_views(scratch, max(args.views))
         cases = [all_views[:count] for count in args.views]
         config = AutoConfig.from_pretrained(model_dir)
-        port = port_results(model_dir, cases, args.decode_steps, args.repeats)
+        port = port_results(model_dir, cases, args.decode_steps, args.repeats, args.long_context)
         official = None
         if args.official_python:
             command = [
                 args.official_python, str(ROOT / "benchmarks" / "official_runner.py"), "--ref-dir", args.ref_dir,
-                "--shim", str(SHIM), "--checkpoint", str(FIXTURE), "--views", json.dumps(cases),
+                "--shim", str(SHIM), "--checkpoint", str(args.checkpoint), "--views", json.dumps(cases),
                 "--decode-steps", str(args.decode_steps), "--repeats", str(args.repeats), "--threads", str(args.threads),
             ]  # fmt: skip
             official = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
@@ -168,11 +178,11 @@ def main() -> None:
     for name, rate in (("decode b1 (tok/s)", port["decode"]), ("decode b1 static+compile", port["decode_compiled"])):
         print(f"{name:<28}{rate:>12.1f}{official_rate:>12.1f}{rate / official_rate:>10.2f}{1 / floor:>12.1f}"
               f"{(1 / floor) / rate:>12.1f}")  # fmt: skip
-    for (batch, context), rate in port["prefill"].items():
+    for (batch, context), rate in port.get("prefill", {}).items():
         floor_rate = peak_flops / (decoder_flops(config, context) / context)
         label = f"prefill b{batch} {context // 1024}k (tok/s)"
         print(f"{label:<28}{rate:>12.0f}{'-':>12}{'-':>10}{floor_rate:>12.0f}{floor_rate / rate:>12.1f}")
-    for (batch, context), rate in port["long_decode"].items():
+    for (batch, context), rate in port.get("long_decode", {}).items():
         floor_rate = batch * peak_bandwidth / decode_bytes_per_token(config, context, batch)
         label = f"decode b{batch} {context // 1024}k (tok/s)"
         print(f"{label:<28}{rate:>12.0f}{'-':>12}{'-':>10}{floor_rate:>12.0f}{floor_rate / rate:>12.1f}")

@@ -50,7 +50,7 @@ def load_official(ref: str, shim: str, checkpoint: str):
 
     from data.data_utils import add_special_tokens
     from data.transforms_vggt import DinoImageNormalizeTransform
-    from safetensors.torch import load_file
+    from safetensors import safe_open
     from transformers import PreTrainedTokenizerFast
 
     llm_config = Qwen2VLConfig.from_json_file(os.path.join(checkpoint, "text_config.json"))
@@ -63,9 +63,13 @@ def load_official(ref: str, shim: str, checkpoint: str):
                          dino_config=dino_config, vit_max_num_patch_per_side=36)  # fmt: skip
     model = G2VLM(Qwen2VLForCausalLM(llm_config), Qwen2VisionTransformerPretrainedModel(vit_config),
                   Dinov2WithRegistersModel(dino_config), config)  # fmt: skip
-    state = {k: v.float() for k, v in load_file(os.path.join(checkpoint, "model.safetensors")).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not missing and not unexpected, (missing, unexpected)
+    # one tensor at a time into the float32 model, so that a full-size checkpoint never sits in memory twice
+    state = model.state_dict()
+    with safe_open(os.path.join(checkpoint, "model.safetensors"), framework="pt") as weights:
+        assert set(weights.keys()) == set(state), set(weights.keys()) ^ set(state)
+        with torch.no_grad():
+            for key in weights.keys():
+                state[key].copy_(weights.get_tensor(key))
     tokenizer = PreTrainedTokenizerFast.from_pretrained(checkpoint)
     tokenizer, token_ids, _ = add_special_tokens(tokenizer)
     return torch, model.eval(), tokenizer, token_ids, DinoImageNormalizeTransform(target_size=518)
