@@ -42,6 +42,12 @@ class G2VLMDemo:
         self.processor = AutoProcessor.from_pretrained(model)
         self.max_new_tokens = max_new_tokens
         self.max_points = max_points
+        # one folder per request inside one scratch folder, removed with the demo (Gradio copies what it serves)
+        self.scratch = tempfile.TemporaryDirectory(prefix="g2vlm-demo-")
+
+    def close(self) -> None:
+        """Remove the scenes written so far."""
+        self.scratch.cleanup()
 
     def reconstruct(self, files: Sequence | None) -> str:
         """Reconstruct the uploaded views; return the path of the GLB scene."""
@@ -49,7 +55,7 @@ class G2VLMDemo:
         with torch.inference_mode():
             scene = self.model.reconstruct(**inputs)
         written = export_model_scene(
-            tempfile.mkdtemp(prefix="g2vlm-demo-"),
+            tempfile.mkdtemp(prefix="scene-", dir=self.scratch.name),
             scene,
             inputs["geometry_pixel_values"],
             self.processor.geometry_image_processor,

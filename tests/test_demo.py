@@ -58,3 +58,5 @@ def test_demo_serves_reconstruction_and_chat(converted_tiny, tmp_path):
         assert answer == demo.answer([str(view) for view in VIEWS], QUESTION)  # the app returns the model's answer
     finally:
         app.close()
+        demo.close()
+    assert not Path(demo.scratch.name).exists()  # the written scenes do not outlive the demo
