@@ -15,7 +15,7 @@ from transformers import AutoModelForImageTextToText, DistributedConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_distributed import tensor_parallel_inputs
+from test_model import chat_and_reconstruction_inputs
 
 import g2vlm_hf  # noqa: F401
 
@@ -35,7 +35,7 @@ def main(folder: str, output: str) -> None:
             "down_proj": layer.mlp.down_proj, "geo_down_proj": layer.geo_mlp.geo_down_proj,
         }.items()
     }  # fmt: skip
-    chat, recon = tensor_parallel_inputs()
+    chat, recon = chat_and_reconstruction_inputs()
     with torch.no_grad():
         result = {
             "shards": shards,

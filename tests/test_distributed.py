@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, geometry_block, image_patches, tiny_model
+from conftest import REPO_ROOT, geometry_block, tiny_model
 from test_finetuning import HEIGHT, IMAGENET_MEAN, IMAGENET_STD, WIDTH
-from test_model import GRID_H, GRID_W, IMAGE_GRID, VIEWS, chat_prompt, views
+from test_model import chat_and_reconstruction_inputs
 
 from g2vlm_hf.training import render_room, yaw_pose
 
@@ -202,17 +202,6 @@ def test_the_finetuning_recipe_runs_unchanged_under_accelerate(two_processes, co
     assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
 
 
-def tensor_parallel_inputs() -> tuple[dict, dict]:
-    """A chat prompt with a semantic image and geometry views, and a reconstruction-only prompt."""
-    pixels, grid = image_patches(*IMAGE_GRID)
-    chat = dict(
-        input_ids=torch.tensor([chat_prompt([1, 5, 6], [8, 9])]), pixel_values=pixels, image_grid_thw=grid,
-        geometry_pixel_values=views(),
-    )  # fmt: skip
-    recon = dict(input_ids=torch.tensor([[1, 5, *geometry_block(VIEWS, GRID_H, GRID_W)]]), geometry_pixel_values=views())
-    return chat, recon
-
-
 def test_tensor_parallel_plan_shards_both_experts_over_two_processes(two_processes, tmp_path):
     model = tiny_model(seed=7)
     model.save_pretrained(tmp_path / "model")
@@ -230,7 +219,7 @@ def test_tensor_parallel_plan_shards_both_experts_over_two_processes(two_process
         assert result["shards"][f"{prefix}gate_proj"] == (half_mlp, hidden)
         assert result["shards"][f"{prefix}down_proj"] == (hidden, half_mlp)
 
-    chat, recon = tensor_parallel_inputs()
+    chat, recon = chat_and_reconstruction_inputs()
     with torch.no_grad():
         torch.testing.assert_close(result["logits"], model(**chat).logits, rtol=1e-5, atol=1e-5)
         assert torch.equal(result["generated"], model.generate(**chat, max_new_tokens=5, do_sample=False))

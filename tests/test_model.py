@@ -31,6 +31,17 @@ def chat_prompt(prefix: list[int], question: list[int]) -> list[int]:
     return [*prefix, *geometry_block(VIEWS, GRID_H, GRID_W), *image_block(*IMAGE_GRID), *question]
 
 
+def chat_and_reconstruction_inputs() -> tuple[dict, dict]:
+    """A chat prompt with a semantic image and geometry views, and a reconstruction-only prompt over those views."""
+    pixels, grid = image_patches(*IMAGE_GRID)
+    chat = dict(
+        input_ids=torch.tensor([chat_prompt([1, 5, 6], [8, 9])]), pixel_values=pixels, image_grid_thw=grid,
+        geometry_pixel_values=views(),
+    )  # fmt: skip
+    recon = dict(input_ids=torch.tensor([[1, 5, *geometry_block(VIEWS, GRID_H, GRID_W)]]), geometry_pixel_values=views())
+    return chat, recon
+
+
 @pytest.fixture(scope="module")
 def model() -> G2VLMForConditionalGeneration:
     return tiny_model()

@@ -6,9 +6,9 @@ import re
 
 import pytest
 import torch
-from conftest import geometry_block, image_patches, tiny_model
+from conftest import tiny_model
 from test_full_size import FULL_SIZE_TOKEN_IDS, official_2b  # noqa: F401  (fixture)
-from test_model import GRID_H, GRID_W, IMAGE_GRID, VIEWS, chat_prompt, views
+from test_model import chat_and_reconstruction_inputs
 from transformers import AutoModelForImageTextToText, DistributedConfig
 
 from g2vlm_hf import G2VLMForConditionalGeneration
@@ -35,22 +35,15 @@ def test_offloaded_model_gives_the_same_generation_and_reconstruction(saved_tiny
     placed = list(offloaded.hf_device_map)
     assert not any(re.search(r"layers\.\d+\.(self_attn|mlp|geo_mlp)", name) for name in placed), placed
     assert not any(re.search(r"(blocks|layer)\.\d+\.\w+", name) for name in placed), placed
-    pixels, grid = image_patches(*IMAGE_GRID)
-    inputs = dict(
-        input_ids=torch.tensor([chat_prompt([1, 5, 6], [8, 9])]), pixel_values=pixels, image_grid_thw=grid,
-        geometry_pixel_values=views(),
-    )  # fmt: skip
-    recon_ids = torch.tensor([[1, 5, *geometry_block(VIEWS, GRID_H, GRID_W)]])
+    chat, recon = chat_and_reconstruction_inputs()
     with torch.no_grad():
         assert torch.equal(
-            offloaded.generate(**inputs, max_new_tokens=5, do_sample=False),
-            model.generate(**inputs, max_new_tokens=5, do_sample=False),
+            offloaded.generate(**chat, max_new_tokens=5, do_sample=False),
+            model.generate(**chat, max_new_tokens=5, do_sample=False),
         )
         torch.testing.assert_close(
-            offloaded.reconstruct(input_ids=recon_ids, geometry_pixel_values=views()).world_points,
-            model.reconstruct(input_ids=recon_ids, geometry_pixel_values=views()).world_points,
-            rtol=0, atol=0,
-        )  # fmt: skip
+            offloaded.reconstruct(**recon).world_points, model.reconstruct(**recon).world_points, rtol=0, atol=0
+        )
 
 
 def test_tensor_parallel_plan_covers_both_experts_and_shards_evenly(official_2b):  # noqa: F811
