@@ -20,6 +20,10 @@ from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers im
     eager_attention_forward,
 )
 
+# G²VLM never masks patches: left trainable, DINOv2's mask token would get no gradient, which breaks DDP without
+# `find_unused_parameters` and leaves it out of sharded optimizer checkpoints. Frozen, and never made trainable.
+UNUSED_PARAMETERS = ("embeddings.mask_token",)
+
 
 class G2VLMGeometryEncoderAttention(Dinov2WithRegistersAttention):
     """DINOv2 self-attention with two changes to transformers' `Dinov2WithRegistersAttention`:
@@ -89,9 +93,8 @@ class G2VLMGeometryEncoder(Dinov2WithRegistersModel):
         for layer in self.encoder.layer:
             layer.attention = G2VLMGeometryEncoderAttention(config, packed_windows)
         self.post_init()
-        # G²VLM never masks patches: left trainable, this parameter would get no gradient, which breaks DDP without
-        # `find_unused_parameters` and leaves it out of sharded optimizer checkpoints
-        self.embeddings.mask_token.requires_grad_(False)
+        for name in UNUSED_PARAMETERS:
+            self.get_parameter(name).requires_grad_(False)
 
     def forward(self, pixel_values: torch.Tensor, views_per_scene: int = 1, **kwargs) -> torch.Tensor:
         """

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from torch import nn
 from transformers.utils import logging
 
+from ..modeling.geometry_encoder import UNUSED_PARAMETERS
+
 logger = logging.get_logger(__name__)
 
 PARAMETER_GROUPS = (
@@ -18,8 +20,8 @@ PARAMETER_GROUPS = (
     "geometry_projector",  # DINOv2 width -> decoder width
     "geometry_heads",  # point, camera, global-point (and confidence) heads
 )
-# parameters no forward pass of G²VLM uses (DINOv2's patch-masking token): never made trainable
-NEVER_USED = ("geometry_encoder.embeddings.mask_token",)
+# parameters no forward pass of G²VLM uses (see geometry_encoder.UNUSED_PARAMETERS): never made trainable
+NEVER_USED = tuple(f"geometry_encoder.{name}" for name in UNUSED_PARAMETERS)
 
 # Paper, section on training: stage 1 learns geometry with the semantic expert frozen; stage 2 trains both experts.
 TRAINING_STAGES = {
