@@ -1,10 +1,11 @@
 """Pushing converted checkpoints to the Hub (`g2vlm_hf.conversion.push_to_hub`, `g2vlm-convert --push-to-hub`).
 
-Every call goes over HTTP to the offline Hub server of `tests/hub_server.py` through the real huggingface_hub and
-transformers clients (nothing of them is mocked). NOT covered offline: the Xet storage path (the server runs with
-`HF_HUB_DISABLE_XET=1`, so uploads use the LFS protocol) and real-Hub behaviour (CDN redirects, permissions, rate
-limits, size rules); `tests/test_hub_real.py` pushes to the real Hub when a token is given (opt-in marker
-`real_hub`).
+Everything that talks to the Hub runs in a child process (`HubClient`, tests/hub_testing.py) whose environment points
+the real huggingface_hub and transformers at the offline Hub server of tests/hub_server.py (`HF_ENDPOINT`,
+`HF_HUB_DISABLE_XET=1`, `HF_HOME`, `HF_TOKEN`); nothing of them is patched. This process reads the server's state
+and computes the reference outputs from the local folder. NOT covered offline: the Xet storage path (uploads use
+the LFS protocol) and real-Hub behaviour (permissions, rate limits, size rules); `tests/test_hub_real.py` pushes to
+the real Hub when a token is given (opt-in marker `real_hub`).
 """
 
 from __future__ import annotations
@@ -18,16 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import HfApi
 from safetensors.torch import load, load_file, save_file
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helper modules, not a package
 from conftest import FIXTURE_DIR
-from hub_server import running_hub_server
-from hub_testing import TOKEN, VIEWS, fast_tiny_copy, folder_digest, model_outputs
+from hub_server import HubServer
+from hub_testing import TOKEN, VIEWS, HubClient, fast_tiny_copy, folder_digest, hub_env, model_outputs
 
-from g2vlm_hf import G2VLMForConditionalGeneration, G2VLMForReconstruction
 from g2vlm_hf.conversion import (
     COMPONENTS,
     HubAuthError,
@@ -35,11 +34,8 @@ from g2vlm_hf.conversion import (
     HubVerificationError,
     build_reconstruction_only,
     component_of,
-    push_to_hub,
     save_component_shards,
-    verify_upload,
 )
-from g2vlm_hf.conversion.cli import main as convert_cli
 
 REPO = "user/g2vlm-tiny"
 PARITY = {"camera poses, fp32 (max. relative error)": "1e-6", "greedy tokens": "identical"}
@@ -72,12 +68,34 @@ def lfs_uploads(hub) -> list[str]:
     return [r.path.rsplit("/", 1)[-1] for r in hub.requests if r.kind == "lfs_upload" and r.status == 200]
 
 
+CLIENT_IMPORTS = """
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+from g2vlm_hf.conversion import push_to_hub, verify_upload
+from g2vlm_hf.conversion.cli import main as convert_cli
+from hub_testing import model_outputs
+"""
+
+
+def hub_client(server: HubServer, workdir: Path, token: str | None = TOKEN) -> HubClient:
+    """A child process with g2vlm_hf, pointed at `server` by its environment (the token in HF_TOKEN)."""
+    client = HubClient(hub_env(server.url, workdir / "hf-home", token), workdir / "client")
+    client.run(CLIENT_IMPORTS)
+    return client
+
+
 @pytest.fixture(scope="module")
 def hub():
-    with running_hub_server() as server:
+    with HubServer() as server:
         yield server
         unknown = [(r.method, r.path) for r in server.requests if r.kind == "unknown"]
         assert not unknown, f"endpoints the test server does not implement: {unknown}"
+
+
+@pytest.fixture(scope="module")
+def client(hub, tmp_path_factory):
+    with hub_client(hub, tmp_path_factory.mktemp("hub-client")) as child:
+        yield child
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +104,17 @@ def tiny(converted_tiny, tmp_path_factory) -> Path:
     return fast_tiny_copy(converted_tiny, tmp_path_factory.mktemp("hub") / "g2vlm-tiny")
 
 
+def push(client: HubClient, folder: Path, repo_id: str, **kwargs):
+    """`push_to_hub(folder, repo_id, **kwargs)` in the child (the token comes from its HF_TOKEN)."""
+    return client.run("push_to_hub(folder, repo_id, **kwargs)", folder=folder, repo_id=repo_id, kwargs=kwargs)
+
+
 @pytest.fixture(scope="module")
-def pushed(hub, tiny):
+def pushed(hub, client, tiny):
     before = folder_digest(tiny)
-    result = push_to_hub(tiny, REPO, token=TOKEN, example_images=VIEWS, parity=PARITY, source="official-tiny")
-    return result, before
+    hub.clear_requests()
+    result = push(client, tiny, REPO, example_images=VIEWS, parity=PARITY, source="official-tiny")
+    return result, before, hub.requests
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +124,7 @@ def local_full(tiny):
 
 
 def test_push_uploads_component_shards_config_code_and_card(hub, pushed, tiny):
-    result, before = pushed
+    result, before, requests = pushed
     assert folder_digest(tiny) == before, "the pushed folder was modified"
     files = hub.files(REPO, result.commit_oid)
     served_digests = {path: hashlib.sha256(data).hexdigest() for path, data in files.items()}
@@ -130,6 +154,16 @@ def test_push_uploads_component_shards_config_code_and_card(hub, pushed, tiny):
     for reference in config["auto_map"].values():
         assert f"{reference.split('.')[0]}.py" in files
 
+    # The download-back check fetched every file of the commit: regular files from /resolve, the weights from the
+    # storage origin /resolve redirected to, without the token.
+    prefix = f"/{REPO}/resolve/{result.commit_oid}/"
+    fetched = {r.path[len(prefix) :] for r in requests if r.kind == "resolve" and r.path.startswith(prefix)}
+    assert fetched == set(result.files)
+    from_storage = {r.path.rsplit("/", 1)[-1] for r in requests if r.kind == "storage_get"}
+    assert from_storage >= {result.files[shard] for shard in shards} and all(
+        r.token is None for r in requests if r.kind in ("storage_get", "lfs_upload")
+    )
+
 
 def test_a_component_past_max_shard_size_is_split_and_still_loads(tiny, tmp_path):
     components = save_component_shards(tiny, tmp_path, max_shard_size="4MB")
@@ -146,15 +180,22 @@ def test_a_component_past_max_shard_size_is_split_and_still_loads(tiny, tmp_path
         component_of("model.something_new.weight")
 
 
-def test_from_pretrained_reproduces_the_local_model(pushed, local_full):
-    hub_model = AutoModelForImageTextToText.from_pretrained(REPO, dtype=torch.float32).eval()
-    hub_processor = AutoProcessor.from_pretrained(REPO)
-    assert type(hub_model) is G2VLMForConditionalGeneration  # the installed package's class, not the remote code
+def test_from_pretrained_reproduces_the_local_model(pushed, client, local_full):
+    class_name, outputs = client.run(
+        """
+        model = AutoModelForImageTextToText.from_pretrained(repo, dtype=torch.float32).eval()
+        (f"{type(model).__module__}.{type(model).__name__}", model_outputs(AutoProcessor.from_pretrained(repo), model))
+        """,
+        repo=REPO,
+    )
+    assert (
+        class_name == "g2vlm_hf.modeling.modeling_g2vlm.G2VLMForConditionalGeneration"
+    )  # the package, not remote code
     local_model, local_processor = local_full
-    assert_same_tensors(model_outputs(local_processor, local_model), model_outputs(hub_processor, hub_model))
+    assert_same_tensors(model_outputs(local_processor, local_model), outputs)
 
 
-def test_reconstruction_only_folder_and_push(hub, tiny, local_full, tmp_path):
+def test_reconstruction_only_folder_and_push(hub, client, tiny, local_full, tmp_path):
     folder = build_reconstruction_only(tiny, tmp_path / "recon")
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "g2vlm_reconstruction" and config["vision_config"] is None
@@ -168,26 +209,29 @@ def test_reconstruction_only_folder_and_push(hub, tiny, local_full, tmp_path):
     with torch.inference_mode():
         expected = full_model.reconstruct(**inputs)
     before = folder_digest(tiny)
-    result = push_to_hub(tiny, "user/g2vlm-tiny-recon", token=TOKEN, reconstruction_only=True)
+    result = push(client, tiny, "user/g2vlm-tiny-recon", reconstruction_only=True)
     assert folder_digest(tiny) == before
     assert result.reconstruction_only and "lm-head" not in str(sorted(result.files))
     assert json.loads(hub.files("user/g2vlm-tiny-recon")["config.json"])["auto_map"]["AutoModel"] == (
         "modeling_g2vlm.G2VLMForReconstruction"
     )
-    for source in (folder, "user/g2vlm-tiny-recon"):
-        model = AutoModel.from_pretrained(source, dtype=torch.float32).eval()
-        assert type(model) is G2VLMForReconstruction
-        with torch.inference_mode():
-            scene = model.reconstruct(
-                **AutoProcessor.from_pretrained(source)(geometry_images=[str(v) for v in VIEWS], return_tensors="pt")
-            )
-        for field in ("camera_poses", "local_points", "world_points", "global_points", "depth"):
-            assert torch.equal(getattr(scene, field), getattr(expected, field)), (source, field)
+    code = """
+    model = AutoModel.from_pretrained(source, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        scene = model.reconstruct(**AutoProcessor.from_pretrained(source)(geometry_images=views, return_tensors="pt"))
+    (type(model).__name__, {field: getattr(scene, field) for field in fields})
+    """
+    fields = ("camera_poses", "local_points", "world_points", "global_points", "depth")
+    for source in (folder, "user/g2vlm-tiny-recon"):  # the local folder, and the Hub through the child
+        class_name, scene = client.run(code, source=source, views=[str(v) for v in VIEWS], fields=fields)
+        assert class_name == "G2VLMForReconstruction"
+        for field in fields:
+            assert torch.equal(scene[field], getattr(expected, field)), (source, field)
 
 
-def test_pinned_revisions_and_branches(hub, tiny, tmp_path):
+def test_pinned_revisions_and_branches(hub, client, tiny, tmp_path):
     repo = "user/pinned"
-    first = push_to_hub(tiny, repo, token=TOKEN, verify=False)
+    first = push(client, tiny, repo, verify=False)
     changed = tmp_path / "changed"
     shutil.copytree(tiny, changed)
     weights = load_file(changed / "model.safetensors")
@@ -196,7 +240,7 @@ def test_pinned_revisions_and_branches(hub, tiny, tmp_path):
     save_file(weights, changed / "model.safetensors", metadata={"format": "pt"})
 
     hub.clear_requests()
-    second = push_to_hub(changed, repo, token=TOKEN, commit_message="Scale the LM head")
+    second = push(client, changed, repo, commit_message="Scale the LM head")
     assert second.commit_oid != first.commit_oid and hub.head(repo) == second.commit_oid
     # Component shards: only the changed component is uploaded again.
     assert lfs_uploads(hub) == [second.files["model-lm-head.safetensors"]]
@@ -204,34 +248,39 @@ def test_pinned_revisions_and_branches(hub, tiny, tmp_path):
         path for path, digest in second.files.items() if path.endswith(".safetensors") and digest != first.files[path]
     ]
     assert changed_files == ["model-lm-head.safetensors"]
-
-    pinned = AutoModelForImageTextToText.from_pretrained(repo, revision=first.commit_oid, dtype=torch.float32)
-    latest = AutoModelForImageTextToText.from_pretrained(repo, dtype=torch.float32)
-    assert torch.equal(pinned.lm_head.weight, original_head.float())
-    assert torch.equal(latest.lm_head.weight, 2 * original_head.float())
-    assert AutoConfig.from_pretrained(repo, revision=first.commit_oid).model_type == "g2vlm"
-
-    on_branch = push_to_hub(tiny, repo, token=TOKEN, revision="dev", commit_message="Original weights", verify=False)
+    on_branch = push(client, tiny, repo, revision="dev", commit_message="Original weights", verify=False)
     assert hub.head(repo, "dev") == on_branch.commit_oid and hub.head(repo) == second.commit_oid
-    branch_model = AutoModelForImageTextToText.from_pretrained(repo, revision="dev", dtype=torch.float32)
-    assert torch.equal(branch_model.lm_head.weight, original_head.float())
+
+    heads = client.run(
+        """
+        load = lambda revision: AutoModelForImageTextToText.from_pretrained(repo, revision=revision, dtype=torch.float32)
+        heads = {name: load(revision).lm_head.weight for name, revision in revisions.items()}
+        heads, AutoConfig.from_pretrained(repo, revision=revisions["pinned"]).model_type
+        """,
+        repo=repo,
+        revisions={"pinned": first.commit_oid, "latest": None, "branch": "dev"},
+    )
+    assert heads[1] == "g2vlm"
+    assert torch.equal(heads[0]["pinned"], original_head.float())
+    assert torch.equal(heads[0]["latest"], 2 * original_head.float())
+    assert torch.equal(heads[0]["branch"], original_head.float())
 
 
-def test_rerun_sends_nothing_already_on_the_hub(hub, pushed, tiny):
-    result, _ = pushed
+def test_rerun_sends_nothing_already_on_the_hub(hub, client, pushed, tiny):
+    result, _, _ = pushed
     hub.clear_requests()
-    again = push_to_hub(tiny, REPO, token=TOKEN, example_images=VIEWS, parity=PARITY, source="official-tiny")
+    again = push(client, tiny, REPO, example_images=VIEWS, parity=PARITY, source="official-tiny")
     assert again.commit_oid == result.commit_oid  # no empty commit
     assert hub.count("lfs_upload") == 0 and hub.count("commit") == 0
 
 
-def test_failed_commit_then_resume_uploads_no_lfs_object_twice(hub, tiny):
+def test_failed_commit_then_resume_uploads_no_lfs_object_twice(hub, client, tiny):
     repo = "user/resume-commit"
     before = folder_digest(tiny)
     hub.clear_requests()
     hub.fail_next("commit", status=500)
     with pytest.raises(HubPushError) as failure:
-        push_to_hub(tiny, repo, token=TOKEN)
+        push(client, tiny, repo)
     message = str(failure.value)
     assert "commit" in message and "HTTP 500" in message and "was not modified" in message and "Re-run" in message
     assert folder_digest(tiny) == before
@@ -240,17 +289,17 @@ def test_failed_commit_then_resume_uploads_no_lfs_object_twice(hub, tiny):
     assert set(hub.files(repo)) == {".gitattributes"}  # nothing committed
 
     hub.clear_requests()
-    result = push_to_hub(tiny, repo, token=TOKEN)
+    result = push(client, tiny, repo)
     assert lfs_uploads(hub) == [] and hub.count("lfs_batch") == len(COMPONENTS) and hub.count("commit") == 1
     assert hub.head(repo) == result.commit_oid and folder_digest(tiny) == before
 
 
-def test_failed_lfs_upload_then_resume_sends_only_the_missing_shards(hub, tiny):
+def test_failed_lfs_upload_then_resume_sends_only_the_missing_shards(hub, client, tiny):
     repo = "user/resume-lfs"
     hub.clear_requests()
     hub.fail_next("lfs_upload", status=403, skip=2)  # 403 is not retried: the third shard fails at once
     with pytest.raises(HubPushError) as failure:
-        push_to_hub(tiny, repo, token=TOKEN)
+        push(client, tiny, repo)
     first_run = lfs_uploads(hub)
     assert len(first_run) == 2
     message = str(failure.value)
@@ -260,7 +309,7 @@ def test_failed_lfs_upload_then_resume_sends_only_the_missing_shards(hub, tiny):
     assert len(uploaded) == 2 and failed.endswith(".safetensors") and failed not in uploaded
 
     hub.clear_requests()
-    result = push_to_hub(tiny, repo, token=TOKEN)
+    result = push(client, tiny, repo)
     second_run = lfs_uploads(hub)
     assert {result.files[name] for name in uploaded} == set(first_run)  # the message named what reached the Hub
     assert not set(second_run) & set(first_run)
@@ -269,58 +318,72 @@ def test_failed_lfs_upload_then_resume_sends_only_the_missing_shards(hub, tiny):
     }
 
 
-def test_verification_fails_loudly_on_a_mismatch(pushed):
-    result, _ = pushed
-    verify_upload(REPO, result.commit_oid, result.files, token=TOKEN)  # what the push checked
+def test_verification_fails_loudly_on_a_mismatch(client, pushed):
+    result, _, _ = pushed
+    verify = "verify_upload(repo, commit, expected)"
+    client.run(verify, repo=REPO, commit=result.commit_oid, expected=result.files)  # what the push checked
     wrong = {**result.files, "config.json": "0" * 64, "not-uploaded.json": "0" * 64}
     with pytest.raises(HubVerificationError) as failure:
-        verify_upload(REPO, result.commit_oid, wrong, token=TOKEN)
+        client.run(verify, repo=REPO, commit=result.commit_oid, expected=wrong)
     message = str(failure.value)
     assert f"config.json: sha256 {result.files['config.json']} on the Hub, {'0' * 64} uploaded" in message
     assert "not-uploaded.json: cannot be downloaded" in message
     assert "model-lm-head.safetensors" not in message
 
 
-def test_invalid_repo_id_fails_before_any_request(hub, tiny, capsys):
+def test_invalid_repo_id_fails_before_any_request(hub, client, tiny):
     hub.clear_requests()
     with pytest.raises(ValueError, match="Invalid Hub repository id 'not a/valid id'"):
-        push_to_hub(tiny, "not a/valid id", token=TOKEN)
-    assert convert_cli([str(FIXTURE_DIR / "checkpoint"), "unused", "--push-to-hub", "a/b/c", "--token", TOKEN]) == 2
-    assert "Invalid Hub repository id" in capsys.readouterr().err
+        push(client, tiny, "not a/valid id")
+    argv = [str(FIXTURE_DIR / "checkpoint"), "unused", "--push-to-hub", "a/b/c", "--token", TOKEN]
+    assert client.run("convert_cli(argv)", argv=argv) == 2
+    assert "Invalid Hub repository id" in client.stderr
     assert hub.requests == []
 
 
-def test_token_errors_are_clear_and_leave_the_folder_intact(tiny, tmp_path, capsys):
+def test_token_errors_are_clear_and_leave_the_folder_intact(tiny, tmp_path):
     before = folder_digest(tiny)
-    with running_hub_server(require_token="the-only-token") as strict:
+    with HubServer(require_token="the-only-token") as strict, hub_client(strict, tmp_path, token=None) as client:
         with pytest.raises(HubAuthError, match="needs a token"):
-            push_to_hub(tiny, "user/needs-token")
+            push(client, tiny, "user/needs-token")
         output = tmp_path / "never-converted"
-        assert convert_cli([str(FIXTURE_DIR / "checkpoint"), str(output), "--push-to-hub", "user/needs-token"]) == 1
-        assert "needs a token" in capsys.readouterr().err and not output.exists()  # checked before converting
+        argv = [str(FIXTURE_DIR / "checkpoint"), str(output), "--push-to-hub", "user/needs-token"]
+        assert client.run("convert_cli(argv)", argv=argv) == 1
+        assert "needs a token" in client.stderr and not output.exists()  # checked before converting
         assert strict.requests == []  # refused before any network access
         with pytest.raises(HubAuthError, match="HTTP 401"):
-            push_to_hub(tiny, "user/needs-token", token="hf_wrong_token")
+            push(client, tiny, "user/needs-token", token="hf_wrong_token")
         assert not strict.repo_exists("user/needs-token")
-        assert push_to_hub(tiny, "user/needs-token", token="the-only-token", private=True).commit_oid
-        assert HfApi(token="the-only-token").model_info("user/needs-token").private is True
+        assert push(client, tiny, "user/needs-token", token="the-only-token", private=True).commit_oid
+        assert client.run(
+            "from huggingface_hub import HfApi; HfApi(token='the-only-token').model_info('user/needs-token').private"
+        )
     assert folder_digest(tiny) == before
 
 
-def test_cli_converts_pushes_and_resumes(hub, tmp_path, capsys):
-    output = tmp_path / "recon"
-    argv = [str(FIXTURE_DIR / "checkpoint"), str(output), "--reconstruction-only", "--push-to-hub", "user/cli-recon",
-            "--token", TOKEN, "--parity", "poses=1e-6", "--commit-message", "First upload"]  # fmt: skip
-    assert convert_cli(argv) == 0
-    out = capsys.readouterr().out
-    assert "Pushed to user/cli-recon@main" in out and "verified by sha256" in out
+def test_cli_converts_pushes_and_resumes(hub, client, tmp_path):
+    output = tmp_path / "recon"  # no --token: the child's HF_TOKEN
+    argv = [
+        str(FIXTURE_DIR / "checkpoint"),
+        str(output),
+        "--reconstruction-only",
+        "--push-to-hub",
+        "user/cli-recon",
+        "--parity",
+        "poses=1e-6",
+        "--commit-message",
+        "First upload",
+    ]  # fmt: skip (the token: HF_TOKEN)
+    cli = "convert_cli(argv)"
+    assert client.run(cli, argv=argv) == 0
+    assert "Pushed to user/cli-recon@main" in client.stdout and "verified by sha256" in client.stdout
     assert json.loads((output / "config.json").read_text())["model_type"] == "g2vlm_reconstruction"
-    assert type(AutoModel.from_pretrained("user/cli-recon")) is G2VLMForReconstruction
+    assert client.run("type(AutoModel.from_pretrained('user/cli-recon')).__name__") == "G2VLMForReconstruction"
     assert "| poses | 1e-6 |" in hub.files("user/cli-recon")["README.md"].decode()
 
     hub.clear_requests()
-    assert convert_cli(argv) == 0  # OUTPUT exists: pushed as it is, nothing re-sent
-    assert "pushing it as it is" in capsys.readouterr().out
+    assert client.run(cli) == 0  # OUTPUT exists: pushed as it is, nothing re-sent
+    assert "pushing it as it is" in client.stdout
     assert hub.count("lfs_upload") == 0 and hub.count("commit") == 0
-    assert convert_cli([*argv[:2], "--push-to-hub", "user/cli-recon", "--token", TOKEN]) == 2  # kind mismatch
-    assert "--overwrite" in capsys.readouterr().err
+    assert client.run(cli, argv=[*argv[:2], "--push-to-hub", "user/cli-recon"]) == 2  # kind mismatch
+    assert "--overwrite" in client.stderr
