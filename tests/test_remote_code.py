@@ -11,7 +11,11 @@ covers the real Hub when given a token.
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -22,23 +26,77 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hub_server import HubServer
 from hub_testing import HubClient, fast_tiny_copy, hub_env, model_outputs, sources_changed_since_collection
 
+import g2vlm_hf
 from g2vlm_hf import modeling, processing
 from g2vlm_hf.conversion import build_reconstruction_only, remote_code_files
 from g2vlm_hf.conversion.remote_code import check_remote_code
 
 
-def test_remote_code_is_the_package_source_verbatim():
+def test_remote_code_is_the_package_source_with_flat_imports():
     files = remote_code_files()
+    root = Path(g2vlm_hf.__file__).parent
     sources = {
         path.name: path
         for package in (modeling, processing)
         for path in Path(package.__file__).parent.glob("*.py")
         if path.name != "__init__.py"
     }
+    sources.update({path.name: path for path in [root / "compat.py"] if path.is_file()})  # a shared top-level module
     assert sorted(files) == sorted(sources)
     for name, text in files.items():
         header, body = text.split("\n", 1)
-        assert header.startswith("# Copied verbatim from g2vlm_hf") and body == sources[name].read_text(), name
+        source = sources[name].read_text()
+        expected = re.sub(r"^(\s*)from \.\.compat import", r"\1from .compat import", source, flags=re.MULTILINE)
+        how = "verbatim" if expected == source else "with its `from ..` imports made `from .`"
+        assert header.startswith(f"# Copied {how} from g2vlm_hf") and body == expected, name
+
+
+def write_package(root: Path, modules: dict[str, str]) -> Path:
+    for name, text in modules.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(textwrap.dedent(text))
+    return root
+
+
+# A package laid out like g2vlm_hf whose modeling and processing modules import a shared top-level module.
+FLAT_PACKAGE = {
+    "compat.py": """
+        import transformers
+        FLAVOUR = "compat of transformers " + transformers.__version__
+        """,
+    "modeling/configuration_flat.py": """
+        from transformers import PretrainedConfig
+        from ..compat import FLAVOUR
+
+        class FlatConfig(PretrainedConfig):
+            model_type = "flat_test"
+
+            def __init__(self, flavour=FLAVOUR, **kwargs):
+                self.flavour = flavour
+                super().__init__(**kwargs)
+        """,
+    "processing/processing_flat.py": """
+        if True:
+            from ..compat import (
+                FLAVOUR,
+            )
+        from .configuration_flat import FlatConfig
+        """,
+    "export.py": "import trimesh\n",
+}
+
+
+def test_parent_imports_of_shared_modules_are_flattened(tmp_path):
+    root = write_package(tmp_path / "pkg", FLAT_PACKAGE)
+    files = remote_code_files(root)
+    assert sorted(files) == ["compat.py", "configuration_flat.py", "processing_flat.py"]  # no export.py
+    assert "\nfrom .compat import FLAVOUR\n" in files["configuration_flat.py"]
+    assert "\n    from .compat import (\n        FLAVOUR,\n    )\n" in files["processing_flat.py"]
+    assert files["compat.py"].split("\n", 1)[1] == (root / "compat.py").read_text()
+
+    (root / "modeling" / "modeling_flat.py").write_text("from ..export import trimesh\n")
+    with pytest.raises(ValueError, match=r"do not travel: modeling_flat.py: from \.\.export import"):
+        remote_code_files(root)
 
 
 @pytest.mark.parametrize(
@@ -59,24 +117,37 @@ def test_optional_third_party_imports_are_allowed():
 CHILD = """
 import importlib.util, sys
 import torch
-from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
+import transformers
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 from hub_testing import model_outputs
 
 full = AutoModelForImageTextToText.from_pretrained("user/remote-full", dtype=torch.float32, trust_remote_code=True).eval()
 processor = AutoProcessor.from_pretrained("user/remote-full", trust_remote_code=True)
 recon = AutoModel.from_pretrained("user/remote-recon", dtype=torch.float32, trust_remote_code=True).eval()
+flat = AutoConfig.from_pretrained("user/flat-compat", trust_remote_code=True)
 classes = {
     "full": type(full), "recon": type(recon), "processor": type(processor),
-    "geometry_processor": type(processor.geometry_image_processor),
+    "geometry_processor": type(processor.geometry_image_processor), "flat": type(flat),
 }
 {
     "classes": {name: f"{cls.__module__}.{cls.__name__}" for name, cls in classes.items()},
     "recon has a ViT": getattr(recon.model, "visual", None) is not None,
+    "flat flavour": (flat.flavour, "compat of transformers " + transformers.__version__),
     "outputs": model_outputs(processor, full, recon),
     "g2vlm_hf findable": importlib.util.find_spec("g2vlm_hf") is not None,
     "g2vlm_hf modules": sorted(name for name in sys.modules if name.split(".")[0] == "g2vlm_hf"),
 }
 """
+
+
+def flat_repo(folder: Path) -> Path:
+    """A config-only repository whose remote code imports a shared module (`FLAT_PACKAGE`), flattened."""
+    for name, text in remote_code_files(write_package(folder / "pkg", FLAT_PACKAGE)).items():
+        (folder / name).write_text(text)
+    config = {"model_type": "flat_test", "auto_map": {"AutoConfig": "configuration_flat.FlatConfig"}}
+    (folder / "config.json").write_text(json.dumps(config))
+    shutil.rmtree(folder / "pkg")
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +158,15 @@ def repos(converted_tiny, tmp_path_factory):
         with HubClient(hub_env(hub.url, work / "home"), work / "publisher") as publisher:
             publisher.run(
                 """
+                from huggingface_hub import HfApi
                 from g2vlm_hf.conversion import push_to_hub
                 push_to_hub(folder, "user/remote-full", verify=False)
                 push_to_hub(folder, "user/remote-recon", reconstruction_only=True, verify=False)
+                HfApi().create_repo("user/flat-compat")
+                HfApi().upload_folder(repo_id="user/flat-compat", folder_path=flat)
                 """,
                 folder=folder,
+                flat=flat_repo(tmp_path_factory.mktemp("flat")),
             )
         yield hub, folder
 
@@ -108,6 +183,8 @@ def test_trust_remote_code_without_the_package_reproduces_the_package(repos, tmp
         assert qualified.startswith("transformers_modules."), (name, qualified)
     assert remote["classes"]["full"].endswith(".G2VLMForConditionalGeneration")
     assert remote["classes"]["recon"].endswith(".G2VLMForReconstruction") and not remote["recon has a ViT"]
+    flavour, expected_flavour = remote["flat flavour"]  # `from ..compat` flattened: the loader found compat.py
+    assert remote["classes"]["flat"].endswith(".FlatConfig") and flavour == expected_flavour
 
     full = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
     recon = AutoModel.from_pretrained(build_reconstruction_only(folder, tmp_path / "recon"), dtype=torch.float32).eval()

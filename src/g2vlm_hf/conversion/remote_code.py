@@ -2,23 +2,26 @@
 
 transformers' dynamic-module loader downloads the file named in `auto_map` and, recursively, the files it imports with
 single-dot relative imports from the same (flat) folder. `g2vlm_hf/modeling/*.py` and `g2vlm_hf/processing/*.py`
-(without their `__init__.py`) already import each other that way only, so they are copied verbatim, with one comment
-line on top saying where they come from; `check_remote_code` fails if a module ever imports something that would not
-travel (a parent-package import, a sibling that is not copied, or a third-party package other than torch,
-transformers, numpy and PIL).
+(without their `__init__.py`) import each other that way, and the top-level modules of `SHARED_MODULES` (such as
+`g2vlm_hf/compat.py`) with `from ..compat import ...`: all of them are copied into one folder, verbatim but for those
+imports, which become `from .compat import ...`, with one comment line on top saying where each file comes from.
+`check_remote_code` fails if a module imports something that would not travel (another parent-package import, a
+sibling that is not copied, or a third-party package other than torch, transformers, numpy and PIL).
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import re
 import sys
 from pathlib import Path
 
-from .. import modeling, processing
-
-# Packages copied into the flat set, and what their modules may import besides the standard library.
-SOURCE_PACKAGES = (modeling, processing)
+# The package, its subpackages copied into the flat set, the top-level modules these may import with `from ..name`,
+# and what all of them may import besides the standard library.
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+SOURCE_PACKAGES = ("modeling", "processing")
+SHARED_MODULES = ("compat",)
 ALLOWED_THIRD_PARTY = frozenset({"torch", "transformers", "numpy", "PIL"})
 
 CONFIG_AUTO_MAP = {
@@ -36,34 +39,59 @@ PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_g2vlm.G2VLMProcessor"}
 PROCESSOR_FILES = ("processor_config.json", "tokenizer_config.json")
 
 
-def _header(package: str, name: str) -> str:
+def _header(relative_path: str, rewritten: bool) -> str:
     from .. import __version__
 
+    how = "with its `from ..` imports made `from .`" if rewritten else "verbatim"
     return (
-        f"# Copied verbatim from g2vlm_hf {__version__} (g2vlm_hf/{package}/{name}) for trust_remote_code; "
+        f"# Copied {how} from g2vlm_hf {__version__} (g2vlm_hf/{relative_path}) for trust_remote_code; "
         "edit the package, not this copy.\n"
     )
 
 
-def source_modules() -> dict[str, Path]:
-    """File name -> source path of every module that goes into the remote code (a ValueError on a name clash)."""
+def source_modules(root: str | Path = PACKAGE_ROOT) -> dict[str, Path]:
+    """File name -> source path of every module that goes into the remote code (a ValueError on a name clash):
+    the modules of `SOURCE_PACKAGES` and the `SHARED_MODULES` of the package `root` that exist."""
+    root = Path(root)
+    paths = [path for package in SOURCE_PACKAGES for path in sorted((root / package).glob("*.py"))]
+    paths += [root / f"{name}.py" for name in SHARED_MODULES if (root / f"{name}.py").is_file()]
     modules: dict[str, Path] = {}
-    for package in SOURCE_PACKAGES:
-        for path in sorted(Path(package.__file__).parent.glob("*.py")):
-            if path.name == "__init__.py":
-                continue
-            if path.name in modules:
-                raise ValueError(f"Two remote-code modules are named {path.name}: {modules[path.name]} and {path}.")
-            modules[path.name] = path
+    for path in paths:
+        if path.name == "__init__.py":
+            continue
+        if path.name in modules:
+            raise ValueError(f"Two remote-code modules are named {path.name}: {modules[path.name]} and {path}.")
+        modules[path.name] = path
     return modules
 
 
-def remote_code_files() -> dict[str, str]:
-    """File name -> text of the flat remote-code files (header line + the package module, unchanged)."""
-    files = {
-        name: _header(path.parent.name, name) + path.read_text(encoding="utf-8")
-        for name, path in source_modules().items()
-    }
+_PARENT_IMPORT = re.compile(r"from(\s+)\.\.(?=[A-Za-z_])")
+
+
+def flatten_imports(text: str) -> str:
+    """`text` of a subpackage module with each `from ..<shared module> import ...` made `from .<module> import ...`.
+
+    Other imports are left as they are (`check_remote_code` refuses those that would not travel).
+    """
+    lines = text.splitlines(keepends=True)
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.ImportFrom) and node.level == 2 and (node.module or "").split(".")[0] in SHARED_MODULES:
+            line = lines[node.lineno - 1]
+            statement = line[node.col_offset :]
+            if not _PARENT_IMPORT.match(statement):
+                raise ValueError(f"Cannot flatten the import on line {node.lineno}: {line.strip()!r}")
+            lines[node.lineno - 1] = line[: node.col_offset] + _PARENT_IMPORT.sub(r"from\1.", statement, count=1)
+    return "".join(lines)
+
+
+def remote_code_files(root: str | Path = PACKAGE_ROOT) -> dict[str, str]:
+    """File name -> text of the flat remote-code files (header line + the module, its shared imports flattened)."""
+    root = Path(root)
+    files = {}
+    for name, path in source_modules(root).items():
+        text = path.read_text(encoding="utf-8")
+        flat = flatten_imports(text) if path.parent != root else text
+        files[name] = _header(path.relative_to(root).as_posix(), flat != text) + flat
     check_remote_code(files)
     return files
 
@@ -118,4 +146,4 @@ def write_remote_code(folder: str | Path, *, reconstruction_only: bool = False) 
     return written
 
 
-__all__ = ["check_remote_code", "remote_code_files", "source_modules", "write_remote_code"]
+__all__ = ["check_remote_code", "flatten_imports", "remote_code_files", "source_modules", "write_remote_code"]
