@@ -6,8 +6,8 @@ or without a revision), ``list_repo_files`` / ``list_repo_tree``, ``preupload_lf
 ``upload_file`` / ``upload_folder`` (preupload, LFS batch API, LFS PUT and verify, NDJSON commit), and downloads
 through ``/{repo}/resolve/{revision}/{path}`` (``hf_hub_download``, ``snapshot_download``, ``from_pretrained``).
 
-As on the real Hub, the LFS objects live on a separate storage origin: the batch API hands out (signed) upload URLs
-there, and ``/resolve`` answers a file stored with LFS with a 302 redirect to it, carrying the file's metadata
+As on the real Hub, the LFS objects live on a separate storage host (``localhost``, a second port on 127.0.0.1): the
+batch API hands out (signed) upload URLs there, and ``/resolve`` answers a file stored with LFS with a 302 redirect to it, carrying the file's metadata
 (``X-Linked-Etag`` = sha256, ``X-Linked-Size``, ``X-Repo-Commit``); the client must not follow it with its token.
 A regular file is answered directly with ``ETag`` (its git blob id) and ``X-Repo-Commit``. Errors carry
 ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``) and ``X-Error-Message``, which
@@ -226,7 +226,9 @@ class HubServer:
 
     @property
     def storage_url(self) -> str:
-        return self._origin("storage")
+        """The storage origin, named `localhost` (it listens on 127.0.0.1 too): clients tell a CDN from the Hub by
+        its host name (huggingface_hub 1.x ignores the port), and must not send it their token."""
+        return self._origin("storage").replace("127.0.0.1", "localhost")
 
     # ------------------------------------------------------------------------------------------ for tests
     @property
@@ -495,7 +497,7 @@ class HubServer:
 
     def _storage_get(self, request: _Request, repo_id: str, oid: str) -> tuple:
         self._check_signature(request, repo_id, oid)
-        return 200, {"Content-Type": "application/octet-stream"}, self._repos[repo_id].lfs[oid]
+        return _content(request, self._repos[repo_id].lfs[oid], {})
 
     def _lfs_verify(self, request: _Request, repo_id: str) -> tuple:
         repo, payload = self._repo(request, repo_id), _json_body(request)
@@ -548,14 +550,14 @@ class HubServer:
         f = commit.files.get(path)
         if f is None:
             raise HttpError(404, "Entry not found", code="EntryNotFound", headers={"X-Repo-Commit": commit.oid})
-        headers = {"X-Repo-Commit": commit.oid, "ETag": f'"{f.blob_id}"', "Accept-Ranges": "bytes"}
+        headers = {"X-Repo-Commit": commit.oid, "ETag": f'"{f.blob_id}"'}
         if f.lfs:  # the Hub redirects to its storage, with the metadata of the file on the redirect itself
             headers.update(
                 {"Location": self._signed(repo_id, f.sha256), "X-Linked-Etag": f'"{f.sha256}"',
                  "X-Linked-Size": str(len(f.data))}
             )  # fmt: skip
             return 302, headers, b""
-        return 200, {**headers, "Content-Type": "application/octet-stream"}, f.data
+        return _content(request, f.data, headers)
 
 
 @dataclass
@@ -573,6 +575,19 @@ def _json_body(request: _Request) -> dict:
         return json.loads(request.body or b"{}")
     except ValueError:
         raise HttpError(400, "The request body is not JSON") from None
+
+
+def _content(request: _Request, data: bytes, headers: dict) -> tuple[int, dict, bytes]:
+    """`data`, or the part of it that a `Range: bytes=first-[last]` header asks for (206), as a download server."""
+    headers = {**headers, "Content-Type": "application/octet-stream", "Accept-Ranges": "bytes"}
+    wanted = request.headers.get("Range") or ""
+    first, _, last = wanted.removeprefix("bytes=").partition("-")
+    if not wanted or not first.isdigit() or not (last.isdigit() or last == ""):
+        return 200, headers, data
+    start, end = int(first), min(int(last) if last else len(data) - 1, len(data) - 1)
+    if start > end:
+        raise HttpError(416, f"Range not satisfiable: {wanted}", headers={"Content-Range": f"bytes */{len(data)}"})
+    return 206, {**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}"}, data[start : end + 1]
 
 
 def _ok(data: Any) -> tuple[int, dict, bytes]:

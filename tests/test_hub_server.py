@@ -56,12 +56,14 @@ def make_folder(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
-def request(url: str, method: str = "HEAD", token: str | None = None) -> http.client.HTTPResponse:
+def request(url: str, method: str = "HEAD", token: str | None = None, **headers: str) -> http.client.HTTPResponse:
     """One request, redirects not followed."""
     parts = urlsplit(url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
     target = parts.path + (f"?{parts.query}" if parts.query else "")
-    connection.request(method, target, headers={"Authorization": f"Bearer {token}"} if token else {})
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    connection.request(method, target, headers=headers)
     response = connection.getresponse()
     response.body = response.read()
     connection.close()
@@ -125,6 +127,8 @@ def test_resolve_answers_like_the_hub(hub, client):
     location = lfs.headers["Location"]
     assert location.startswith(hub.storage_url) and hub.storage_url != hub.url  # another origin, as a CDN
     assert request(location, "GET").body == bytes(100)
+    part = request(location, "GET", Range="bytes=90-")  # resuming a download
+    assert part.status == 206 and part.headers["Content-Range"] == "bytes 90-99/100" and part.body == bytes(10)
     assert request(location, "GET", token=TOKEN).status == 400  # a client must not send its token there
     assert request(location.split("?")[0], "GET").status == 403  # unsigned
 
@@ -266,4 +270,3 @@ def test_transformers_auto_classes_load_from_the_server(hub, client, tmp_path):
     assert names == ("BertConfig", 16, ["[CLS]", "hello", "off", "##line", "world", "[SEP]"])
     head = hub.head("user/bert")
     assert any(r.kind == "resolve" and r.path == f"/user/bert/resolve/{head}/vocab.txt" for r in hub.requests)
-
