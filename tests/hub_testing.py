@@ -202,7 +202,7 @@ class HubClient:
                 pass_fds=(write_fd,),
             )  # fmt: skip
         os.close(write_fd)
-        self._replies = read_fd
+        self._replies: int | None = read_fd
 
     def __enter__(self) -> HubClient:  # noqa: PYI034
         return self
@@ -221,8 +221,9 @@ class HubClient:
                 self.process.wait(timeout=20)
         with contextlib.suppress(OSError):
             self.process.stdin.close()
-        with contextlib.suppress(OSError):
+        if self._replies is not None:
             os.close(self._replies)
+            self._replies = None
 
     def _read(self, size: int, deadline: float) -> bytes:
         data = bytearray()
@@ -245,7 +246,7 @@ class HubClient:
     def run(self, code: str, /, **variables: Any) -> Any:
         try:
             _send(self.process.stdin, pickle.dumps((textwrap.dedent(code), variables)))
-        except OSError:
+        except (OSError, ValueError):
             raise RuntimeError(f"the Hub client is gone ({self.process.poll()}); its log: {self.log_tail()}") from None
         deadline = time.monotonic() + self.timeout
         status, value, self.stdout, self.stderr = pickle.loads(

@@ -270,3 +270,29 @@ def test_transformers_auto_classes_load_from_the_server(hub, client, tmp_path):
     assert names == ("BertConfig", 16, ["[CLS]", "hello", "off", "##line", "world", "[SEP]"])
     head = hub.head("user/bert")
     assert any(r.kind == "resolve" and r.path == f"/user/bert/resolve/{head}/vocab.txt" for r in hub.requests)
+
+
+def test_clients_take_the_hub_from_their_environment_and_are_bounded(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what this process has must not leak into the client
+    monkeypatch.setenv("HF_TOKEN", "hf_not_this_one")
+    with HubClient(hub_env(hub.url, tmp_path / "home"), tmp_path / "client", timeout=3) as child:
+        seen = child.run("import os; {k: v for k, v in os.environ.items() if k.startswith(('HF_', 'HUGGINGFACE'))}")
+        assert seen == {
+            "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "home"),
+            "HF_HUB_CACHE": str(tmp_path / "home" / "hub"), "HF_HUB_DISABLE_TELEMETRY": "1", "HF_TOKEN": TOKEN,
+        }  # fmt: skip
+        with pytest.raises(TimeoutError):
+            child.run("import time; time.sleep(60)")
+        assert child.process.poll() is not None  # killed, not left running
+
+
+def test_a_client_without_the_package_cannot_import_it(hub, tmp_path):
+    with HubClient(hub_env(hub.url, tmp_path / "home"), tmp_path / "client", without_package=True) as child:
+        with pytest.raises(ModuleNotFoundError, match="g2vlm_hf"):
+            child.run("import g2vlm_hf")
+        path, hub_version = child.run("import sys, huggingface_hub; sys.path, huggingface_hub.__version__")
+    import huggingface_hub
+
+    assert hub_version == huggingface_hub.__version__  # the same site-packages, without g2vlm_hf
+    source = str(Path(__file__).resolve().parents[1] / "src")
+    assert not [entry for entry in path if entry.startswith(source)]
