@@ -103,7 +103,7 @@ class TestOutputFlags:
     def test_the_cache_has_the_installed_transformers_name(self, model):
         with torch.no_grad():
             out = model(**chat_inputs())
-        assert CACHE_NAME in out.keys()
+        assert CACHE_NAME in out
         cache = output_cache(out)
         step = {"input_ids": torch.tensor([[11]]), CACHE_NAME: cache}
         with torch.no_grad():
@@ -252,14 +252,17 @@ def test_auto_model_loads_a_model_that_reconstructs_without_warnings(converted_t
 
 
 def test_a_model_cast_to_bfloat16_still_reconstructs_in_float32(model):
-    inputs = dict(input_ids=torch.tensor([[1, 5, *geometry_block(VIEWS, GRID_H, GRID_W)]]), geometry_pixel_values=views())
+    inputs = dict(
+        input_ids=torch.tensor([[1, 5, *geometry_block(VIEWS, GRID_H, GRID_W)]]), geometry_pixel_values=views()
+    )
     cast = tiny_model().to(torch.bfloat16)
     with torch.no_grad():
         reference = model.reconstruct(**inputs)
         scene = cast.reconstruct(**inputs)
     assert scene.world_points.dtype == torch.float32 and scene.camera_poses.dtype == torch.float32
     rotations = scene.camera_poses[..., :3, :3]
-    torch.testing.assert_close(rotations @ rotations.transpose(-1, -2), torch.eye(3).expand_as(rotations), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        rotations @ rotations.transpose(-1, -2), torch.eye(3).expand_as(rotations), atol=1e-5, rtol=0
+    )
     relative = (scene.world_points - reference.world_points).norm() / reference.world_points.norm()
     assert relative < 0.1
-

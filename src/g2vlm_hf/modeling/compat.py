@@ -51,9 +51,12 @@ def accepts_cache_alias(method: Callable) -> Callable:
     parameters = list(signature.parameters.values())
     cache_parameter = inspect.Parameter("cache", inspect.Parameter.KEYWORD_ONLY, default=None)
     position = next(
-        (i for i, parameter in enumerate(parameters) if parameter.kind is inspect.Parameter.VAR_KEYWORD), len(parameters)
+        (i for i, parameter in enumerate(parameters) if parameter.kind is inspect.Parameter.VAR_KEYWORD),
+        len(parameters),
     )
-    wrapper.__signature__ = signature.replace(parameters=[*parameters[:position], cache_parameter, *parameters[position:]])
+    wrapper.__signature__ = signature.replace(
+        parameters=[*parameters[:position], cache_parameter, *parameters[position:]]
+    )
     return wrapper
 
 

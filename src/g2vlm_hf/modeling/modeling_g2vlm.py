@@ -391,13 +391,13 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
             `valid_mask` `(batch, views, H, W)` and `camera_poses` `(batch, views, 4, 4)` (camera-to-world), in any
             common world frame and scale. The loss terms are weighted by `config.geometry_loss_weights`.
         """
-        if self.training and geometry_targets is None and geometry_pixel_values is not None:
-            if any(parameter.requires_grad for parameter in self.geometry_heads.parameters()):
-                logger.warning_once(
-                    "The geometry heads only run with `geometry_targets`: without them they get no gradient in this "
-                    "step. Under DistributedDataParallel freeze them (`model.geometry_heads.requires_grad_(False)` or "
-                    "`g2vlm_hf.training.freeze_for_stage`) or set `find_unused_parameters=True`."
-                )
+        heads_trainable = any(parameter.requires_grad for parameter in self.geometry_heads.parameters())
+        if self.training and geometry_targets is None and geometry_pixel_values is not None and heads_trainable:
+            logger.warning_once(
+                "The geometry heads only run with `geometry_targets`: without them they get no gradient in this "
+                "step. Under DistributedDataParallel freeze them (`model.geometry_heads.requires_grad_(False)` or "
+                "`g2vlm_hf.training.freeze_for_stage`) or set `find_unused_parameters=True`."
+            )
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -508,9 +508,9 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
         # tokens may hold new images), with an assistant model's first call (for which `generate()` says
         # `is_first_iteration=False`) and with every step without a cache.
         prefill = is_first_iteration or cache is None or cache.get_seq_length() == 0
-        if model_inputs.get("inputs_embeds") is not None and input_ids is not None:
-            if input_ids.shape[1] == model_inputs["inputs_embeds"].shape[1]:
-                model_inputs["input_ids"] = input_ids  # the layout of the images is read from the ids
+        embeds = model_inputs.get("inputs_embeds")
+        if embeds is not None and input_ids is not None and input_ids.shape[1] == embeds.shape[1]:
+            model_inputs["input_ids"] = input_ids  # the layout of the images is read from the ids
         for key in ("pixel_values", "image_grid_thw", "geometry_pixel_values"):
             if not prefill:  # the images live in the cache; `generate()` only drops the inputs it knows
                 model_inputs.pop(key, None)
