@@ -200,6 +200,33 @@ class TestGeneration:
         assert torch.equal(continued, recomputed)
 
 
+    @pytest.mark.parametrize("batch", [1, 2])
+    def test_beam_search_sees_each_prompt_with_its_own_images(self, model, batch):
+        first = chat_inputs()
+        pixels, grid = image_patches(4, 6, seed=5)  # the second prompt's image is another size
+        ids = [1, 7, *geometry_block(VIEWS, GRID_H, GRID_W), *image_block(4, 6), 8]
+        second = dict(input_ids=torch.tensor([ids]), pixel_values=pixels, image_grid_thw=grid)
+        prompts = [first, second][:batch]
+        width = max(p["input_ids"].shape[1] for p in prompts)
+        inputs = dict(
+            input_ids=torch.cat([F.pad(p["input_ids"], (width - p["input_ids"].shape[1], 0)) for p in prompts]),
+            attention_mask=torch.cat(
+                [F.pad(torch.ones_like(p["input_ids"]), (width - p["input_ids"].shape[1], 0)) for p in prompts]
+            ),
+            pixel_values=torch.cat([p["pixel_values"] for p in prompts]),
+            image_grid_thw=torch.cat([p["image_grid_thw"] for p in prompts]),
+            geometry_pixel_values=views(batch),
+        )
+        with torch.no_grad():
+            expected = model(**inputs).logits[:, -1]
+            out = model.generate(
+                **inputs, num_beams=3, num_return_sequences=3, max_new_tokens=1, do_sample=False,
+                output_logits=True, return_dict_in_generate=True,
+            )  # fmt: skip
+        # every beam of a prompt starts from that prompt's own next-token logits
+        torch.testing.assert_close(out.logits[0], expected.repeat_interleave(3, dim=0), rtol=1e-4, atol=1e-5)
+
+
 class TestLosses:
     def test_labels_copied_from_input_ids_skip_the_placeholders(self, converted_tiny):
         model = G2VLMForConditionalGeneration.from_pretrained(converted_tiny).eval()

@@ -524,6 +524,32 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
                 del model_inputs["attention_mask"]
         return model_inputs
 
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # Overridden: the semantic images are flattened over the batch (patches and grids), so each sample's own
+        # images are repeated (`generate()` would repeat every patch row). The geometry views are per sample already.
+        images = {key: model_kwargs.pop(key, None) for key in ("pixel_values", "image_grid_thw")}
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        if images["pixel_values"] is not None and expand_size > 1:
+            if input_ids is None or input_ids.shape[1] == 0:
+                raise ValueError(
+                    "Beam search or several sequences per prompt with images need the prompt's `input_ids`."
+                )
+            rows = input_ids[::expand_size]
+            is_image = rows == self.config.image_token_id
+            starts = is_image & ~F.pad(is_image[:, :-1], (1, 0), value=False)  # one run of placeholders per image
+            images_per_sample = starts.sum(-1).tolist()
+            grids = images["image_grid_thw"]
+            grids_per_sample = grids.split(images_per_sample)
+            patches_per_sample = images["pixel_values"].split([int(g.prod(-1).sum()) for g in grids_per_sample])
+            images = {
+                "pixel_values": torch.cat([chunk for chunk in patches_per_sample for _ in range(expand_size)]),
+                "image_grid_thw": torch.cat([chunk for chunk in grids_per_sample for _ in range(expand_size)]),
+            }
+        model_kwargs.update({key: value for key, value in images.items() if value is not None})
+        return input_ids, model_kwargs
+
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         # Overridden: the prompt needs 3D multimodal positions; generation then extends them by one per step.
         input_ids = model_kwargs.get("input_ids")
