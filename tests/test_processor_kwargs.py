@@ -200,6 +200,42 @@ def test_assistant_tokens_mask_marks_the_replies(processor):
         assert replies == "The box is red.<|im_end|>Blue.<|im_end|>"
 
 
+def test_assistant_tokens_mask_agrees_with_assistant_labels(processor):
+    """The training labels of `assistant_labels` (found by token search) and transformers' assistant mask (found by
+    the template's `{% generation %}` spans) mark the same tokens, for string and list message contents."""
+    text_only = [
+        [{"role": "user", "content": "How far is the door?"}, {"role": "assistant", "content": "About two metres."}],
+        [{"role": "user", "content": "And the box?"}, {"role": "assistant", "content": "One."}],
+    ]
+    with_image = [conversation("Colour?", "Red.", "Sure?", "Yes, red.", IMAGES / "chat.png")]
+    for batch in (text_only, with_image):
+        inputs = processor.apply_chat_template(
+            batch, tokenize=True, return_dict=True, return_tensors="pt", return_assistant_tokens_mask=True
+        )
+        labels = processor.assistant_labels(inputs["input_ids"])
+        assert torch.equal(inputs["assistant_masks"].bool(), labels != -100)
+
+
+@pytest.mark.skipif(
+    "sanitize_control_tokens" not in inspect.signature(ProcessorMixin.apply_chat_template).parameters,
+    reason="transformers < 5.23 has no sanitize_control_tokens",
+)
+def test_sanitized_user_text_cannot_add_image_placeholders(processor):
+    """With `sanitize_control_tokens=True`, an `<|image_pad|>` typed by the user stays text, as in transformers."""
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "path": str(VIEWS[0])}, {"type": "text", "text": "Is <|image_pad|> odd?"}],
+        }
+    ]
+    with pytest.raises(ValueError, match="2 <\\|image_pad\\|> placeholder"):
+        processor.apply_chat_template(messages, tokenize=True, return_dict=True)
+    inputs = processor.apply_chat_template(messages, tokenize=True, return_dict=True, sanitize_control_tokens=True)
+    grid = inputs["image_grid_thw"][0]
+    assert inputs["input_ids"][0].count(processor.image_token_id) == int(grid.prod()) // 4
+    assert processor.tokenizer.decode(inputs["input_ids"][0]).endswith("Is <|image_pad|> odd?<|im_end|>\n")
+
+
 def test_offsets_mapping_is_returned_when_asked(processor):
     messages = conversation("Colour?", "Red.", "Sure?", "Yes.", IMAGES / "chat.png")
     inputs = processor.apply_chat_template(
