@@ -257,6 +257,19 @@ def test_offsets_mapping_is_returned_when_asked(processor):
     assert "".join(spans) == text
 
 
+def test_mm_token_type_ids_mark_image_and_geometry_tokens(processor):
+    """`return_mm_token_type_ids=True` (transformers' 0 = text, 1 = image) is honoured, not dropped: semantic image
+    tokens are typed as transformers types them, and geometry tokens, also image features, are 1 too."""
+    text = [f"{GEOMETRY}{SEMANTIC} Where?", f"{GEOMETRY}{SEMANTIC} And now?"]
+    inputs = processor(images=[VIEWS[0], VIEWS[1]], text=text, return_mm_token_type_ids=True, return_tensors="pt")
+    types = inputs["mm_token_type_ids"]
+    semantic = torch.tensor(processor.create_mm_token_type_ids(inputs["input_ids"])) == 1
+    geometry = inputs["input_ids"] == processor.geometry_token_id
+    assert bool(semantic.any()) and bool(geometry.any())
+    assert torch.equal(types == 1, semantic | geometry)
+    assert "mm_token_type_ids" not in processor(images=[VIEWS[0]], text=text[0])
+
+
 @pytest.fixture(scope="module")
 def image_server() -> Iterator[str]:
     """A real HTTP server on 127.0.0.1 serving the fixture images."""

@@ -183,7 +183,7 @@ class G2VLMProcessor(ProcessorMixin):
                 omitted while the text holds geometry placeholders, each prompt's `images` serve as its views.
             **kwargs: see [`G2VLMProcessorKwargs`], e.g. `return_tensors="pt"`, `padding_side="left"` (batched
                 generation), `max_length`, `do_rescale`, `target_width`, `return_offsets_mapping`,
-                `return_text_replacement_offsets`.
+                `return_text_replacement_offsets`, `return_mm_token_type_ids`.
 
         Returns:
             [`~transformers.BatchFeature`] with the tokenizer's outputs (`input_ids`, `attention_mask`, ...) and,
@@ -252,6 +252,8 @@ class G2VLMProcessor(ProcessorMixin):
         data.update(encoded)
         if switches["return_text_replacement_offsets"]:
             data["text_replacement_offsets"] = offsets
+        if switches["return_mm_token_type_ids"]:
+            data["mm_token_type_ids"] = self._mm_token_type_ids(encoded["input_ids"])
         skip = sorted({*getattr(self, "skip_tensor_conversion", []), "text_replacement_offsets"})
         return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=skip)
 
@@ -266,6 +268,13 @@ class G2VLMProcessor(ProcessorMixin):
                     f"Truncation cut {token} tokens (kept {kept} of {written} per prompt): raise `max_length` or "
                     "disable truncation; image features need all their tokens."
                 )
+
+    def _mm_token_type_ids(self, input_ids) -> list[list[int]]:
+        """transformers' modality types per token (0 text, 1 image): both semantic image tokens and geometry tokens
+        stand for image features, so both are 1."""
+        rows = input_ids.tolist() if hasattr(input_ids, "tolist") else input_ids
+        image_ids = (self.image_token_id, self.geometry_token_id)
+        return [[int(token in image_ids) for token in row] for row in rows]
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         """The `<|image_pad|>` run that stands for semantic image `image_idx` (one per merged ViT patch)."""
