@@ -298,6 +298,7 @@ def test_image_urls_in_messages_are_fetched(processor, image_server):
     for block in (
         {"type": "image", "url": f"{image_server}/chat.png"},
         {"type": "image", "image": f"{image_server}/chat.png"},
+        {"type": "image_url", "image_url": {"url": f"{image_server}/chat.png"}},  # OpenAI style
     ):
         by_url = processor.apply_chat_template(
             [{"role": "user", "content": [block, {"type": "text", "text": question}]}],
