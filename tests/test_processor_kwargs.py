@@ -21,7 +21,7 @@ from transformers import AutoProcessor, ProcessorMixin
 
 from g2vlm_hf import G2VLMGeometryImageProcessor, G2VLMProcessor
 from g2vlm_hf.conversion.convert_official import _build_processor, _load_tokenizer
-from g2vlm_hf.processing.processing_g2vlm import G2VLMProcessorKwargs
+from g2vlm_hf.processing import G2VLMProcessorKwargs
 
 CHECKPOINT = FIXTURE_DIR / "checkpoint"
 IMAGES = FIXTURE_DIR / "images"

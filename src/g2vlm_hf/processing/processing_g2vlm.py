@@ -11,7 +11,7 @@ from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 from transformers.image_utils import ImageInput
 from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, TextKwargs, Unpack
-from transformers.tokenization_utils_base import PreTokenizedInput, TextInput
+from transformers.tokenization_utils_base import TextInput
 
 from .chat_template import CHAT_TEMPLATE, RECONSTRUCTION_PROMPT
 from .image_io import ImageSource, is_url, load_image
@@ -169,7 +169,7 @@ class G2VLMProcessor(ProcessorMixin):
     def __call__(
         self,
         images: ImageInput | None = None,
-        text: TextInput | PreTokenizedInput | list[TextInput] | None = None,
+        text: TextInput | list[TextInput] | None = None,
         geometry_images: ImageInput | None = None,
         **kwargs: Unpack[G2VLMProcessorKwargs],
     ) -> BatchFeature:
