@@ -266,11 +266,14 @@ class TestBadInput:
         with pytest.raises(ValueError, match="needs 'camera_poses'"):
             tiny_model()(**batch)
 
-    def test_labels_must_supervise_something(self):
+    def test_a_reconstruction_only_batch_trains_on_geometry_alone(self):
+        # a batch whose labels are all -100 (reconstruction samples in a mixed Trainer run) is not an error
         batch = synthetic_batch()
         batch["labels"] = torch.full_like(batch["labels"], -100)
-        with pytest.raises(ValueError, match="supervise no token"):
-            tiny_model()(**batch)
+        outputs = tiny_model().train()(**batch)
+        assert outputs.lm_loss.item() == 0.0
+        torch.testing.assert_close(outputs.loss, outputs.geometry_losses["total"])
+        outputs.loss.backward()
 
     def test_lora_target_matching_nothing(self):
         with pytest.raises(ValueError, match="not found in the base model"):

@@ -8,7 +8,6 @@ from .modeling import (
     G2VLMConfig,
     G2VLMForConditionalGeneration,
     G2VLMForReconstruction,
-    G2VLMModel,
     G2VLMReconstructionConfig,
     G2VLMTextConfig,
     G2VLMTextModel,
@@ -30,7 +29,9 @@ def register() -> None:
     AutoConfig.register(G2VLMConfig.model_type, G2VLMConfig, exist_ok=True)
     AutoConfig.register(G2VLMTextConfig.model_type, G2VLMTextConfig, exist_ok=True)
     AutoConfig.register(G2VLMReconstructionConfig.model_type, G2VLMReconstructionConfig, exist_ok=True)
-    AutoModel.register(G2VLMConfig, G2VLMModel, exist_ok=True)
+    # AutoModel gives the model that can both chat and reconstruct (not the headless backbone, which has neither
+    # the LM head nor the geometry heads): `AutoModel.from_pretrained(converted)` then loads every weight.
+    AutoModel.register(G2VLMConfig, G2VLMForConditionalGeneration, exist_ok=True)
     AutoModel.register(G2VLMReconstructionConfig, G2VLMForReconstruction, exist_ok=True)
     AutoModel.register(G2VLMTextConfig, G2VLMTextModel, exist_ok=True)
     AutoModelForImageTextToText.register(G2VLMConfig, G2VLMForConditionalGeneration, exist_ok=True)

@@ -26,7 +26,7 @@ ALLOWED_THIRD_PARTY = frozenset({"torch", "transformers", "numpy", "PIL"})
 
 CONFIG_AUTO_MAP = {
     "AutoConfig": "configuration_g2vlm.G2VLMConfig",
-    "AutoModel": "modeling_g2vlm.G2VLMModel",
+    "AutoModel": "modeling_g2vlm.G2VLMForConditionalGeneration",
     "AutoModelForImageTextToText": "modeling_g2vlm.G2VLMForConditionalGeneration",
     "AutoProcessor": "processing_g2vlm.G2VLMProcessor",
 }

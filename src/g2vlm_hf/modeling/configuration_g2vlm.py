@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 from transformers import Dinov2WithRegistersConfig, PreTrainedConfig, Qwen2VLTextConfig, Qwen2VLVisionConfig
-from transformers.configuration_utils import SubConfigSpec
 
 GEOMETRY_ENCODER_ATTENTION_MODES = ("per_view", "official_packed_windows")
 DEFAULT_GEOMETRY_LOSS_WEIGHTS = {
@@ -135,8 +134,8 @@ class G2VLMConfig(PreTrainedConfig):
     model_type = "g2vlm"
     sub_configs_defaults: ClassVar = {
         "text_config": G2VLMTextConfig,
-        "vision_config": SubConfigSpec(Qwen2VLVisionConfig, init_kwargs=G2VLM_2B_VISION),
-        "geometry_config": SubConfigSpec(Dinov2WithRegistersConfig, init_kwargs=G2VLM_2B_GEOMETRY),
+        "vision_config": Qwen2VLVisionConfig,
+        "geometry_config": Dinov2WithRegistersConfig,
     }
     keys_to_ignore_at_inference: ClassVar = ["past_key_values"]
 
@@ -161,6 +160,13 @@ class G2VLMConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        # Missing encoders default to those of G²VLM-2B (transformers would build its own classes' defaults).
+        if self.vision_config is None and "vision_config" in self.sub_configs_defaults:
+            self.vision_config = Qwen2VLVisionConfig(**G2VLM_2B_VISION)
+        if isinstance(self.vision_config, dict) and "vision_config" not in self.sub_configs_defaults:
+            self.vision_config = Qwen2VLVisionConfig(**self.vision_config)
+        if self.geometry_config is None:
+            self.geometry_config = Dinov2WithRegistersConfig(**G2VLM_2B_GEOMETRY)
         super().__post_init__(**kwargs)
         self.geometry_loss_weights = {**DEFAULT_GEOMETRY_LOSS_WEIGHTS, **(self.geometry_loss_weights or {})}
         unknown = set(self.geometry_loss_weights) - set(DEFAULT_GEOMETRY_LOSS_WEIGHTS)
@@ -198,10 +204,10 @@ class G2VLMReconstructionConfig(G2VLMConfig):
     """
 
     model_type = "g2vlm_reconstruction"
+    # No semantic encoder: `vision_config` stays None unless given (then it is kept, unused).
     sub_configs_defaults: ClassVar = {
         "text_config": G2VLMTextConfig,
-        "vision_config": SubConfigSpec(Qwen2VLVisionConfig, optional=True),
-        "geometry_config": SubConfigSpec(Dinov2WithRegistersConfig, init_kwargs=G2VLM_2B_GEOMETRY),
+        "geometry_config": Dinov2WithRegistersConfig,
     }
 
 

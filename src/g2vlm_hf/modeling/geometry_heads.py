@@ -11,8 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import logging
 
 from .configuration_g2vlm import G2VLMConfig
+
+logger = logging.get_logger(__name__)
 
 
 class G2VLMRotary2D(nn.Module):
@@ -230,16 +233,18 @@ class G2VLMCameraHead(nn.Module):
         for block in self.res_conv:
             tokens = block(tokens)
         features = self.pose_mlp(tokens.mean(dim=1))
-        pose = torch.zeros(tokens.shape[0], 4, 4, device=tokens.device, dtype=tokens.dtype)
-        pose[:, :3, :3] = rotation_from_9d(self.fc_rot(features))
-        pose[:, :3, 3] = self.fc_t(features)
+        pose = torch.zeros(tokens.shape[0], 4, 4, device=tokens.device, dtype=torch.float32)
+        pose[:, :3, :3] = rotation_from_9d(self.fc_rot(features).float())
+        pose[:, :3, 3] = self.fc_t(features).float()
         pose[:, 3, 3] = 1.0
         return pose
 
 
 class G2VLMGeometryHeads(nn.Module):
-    """All geometry heads. Their weights stay in float32 and they run with autocast off: the exponential depth and
-    the SVD are unstable in half precision."""
+    """All geometry heads. Their weights stay in float32 when loaded (`_keep_in_fp32_modules_strict`) and they run
+    with autocast off: the exponential depth and the SVD are unstable in half precision. A model cast as a whole
+    afterwards (`model.to(torch.bfloat16)`) runs the head decoders in that dtype and still takes the exponential and
+    the SVD, and returns every output, in float32."""
 
     def __init__(self, config: G2VLMConfig):
         super().__init__()
@@ -273,7 +278,13 @@ class G2VLMGeometryHeads(nn.Module):
             `(scenes, views, H, W, 3)`, `depth (scenes, views, H, W)` and `confidence (scenes, views, H, W)` or None.
         """
         scenes, views, grid_h, grid_w, dim = geometry_tokens.shape
-        tokens = geometry_tokens.reshape(scenes * views, grid_h * grid_w, dim).float()
+        dtype = self.camera_head.fc_t.weight.dtype
+        if dtype != torch.float32:
+            logger.warning_once(
+                f"The geometry heads are in {dtype}, not float32 (the model was cast after loading); load with "
+                "`from_pretrained(..., dtype=...)` instead to keep them in float32 for full-precision geometry."
+            )
+        tokens = geometry_tokens.reshape(scenes * views, grid_h * grid_w, dim).to(dtype)
         rows, columns = torch.meshgrid(
             torch.arange(grid_h, device=tokens.device), torch.arange(grid_w, device=tokens.device), indexing="ij"
         )
@@ -284,7 +295,7 @@ class G2VLMGeometryHeads(nn.Module):
             return x.reshape(scenes, views, *x.shape[1:])
 
         with torch.autocast(device_type=tokens.device.type, enabled=False):
-            raw = self.point_head(self.point_decoder(tokens, rope), grid_h, grid_w)
+            raw = self.point_head(self.point_decoder(tokens, rope), grid_h, grid_w).float()
             xy, log_depth = raw.split([2, 1], dim=-1)
             depth = torch.exp(log_depth)
             local_points = per_view(torch.cat((xy * depth, depth), dim=-1))
@@ -297,12 +308,12 @@ class G2VLMGeometryHeads(nn.Module):
                 first_view = tokens.view(scenes, views, grid_h * grid_w, dim)[:, :1].expand(-1, views, -1, -1)
                 context = first_view.reshape(scenes * views, grid_h * grid_w, dim)
                 hidden = self.global_points_decoder(tokens, rope, context=context)
-                global_points = per_view(self.global_point_head(hidden, grid_h, grid_w))
+                global_points = per_view(self.global_point_head(hidden, grid_h, grid_w).float())
 
             confidence = None
             if self.confidence_decoder is not None:
                 hidden = self.confidence_decoder(tokens, rope)
-                confidence = per_view(self.confidence_head(hidden, grid_h, grid_w)[..., 0])
+                confidence = per_view(self.confidence_head(hidden, grid_h, grid_w)[..., 0].float())
 
         return {
             "camera_poses": camera_poses,

@@ -1,12 +1,15 @@
 """G²VLM: a Qwen2-VL semantic encoder, a DINOv2 geometry encoder, a two-expert decoder and Pi3-style geometry heads."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin
 from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
-from transformers.utils import logging
+from transformers.utils import can_return_tuple, logging
 
+from .compat import accepts_cache_alias, cache_kwargs, output_cache
 from .configuration_g2vlm import G2VLMConfig, G2VLMReconstructionConfig
 from .geometry_encoder import G2VLMGeometryEncoder
 from .geometry_heads import G2VLMGeometryHeads
@@ -56,12 +59,29 @@ class G2VLMModel(G2VLMPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.language_model.embed_tokens = value
 
-    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor) -> torch.Tensor:
-        """Semantic image features after the 2x2 merger: `(total merged patches, hidden)`."""
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        """Semantic image features, as transformers' Qwen2-VL returns them.
+
+        Args:
+            pixel_values: `(total patches, channels * temporal_patch * patch * patch)` from the Qwen2-VL image processor.
+            image_grid_thw: `(num_images, 3)` patch grid of each image.
+
+        Returns:
+            [`~transformers.modeling_outputs.BaseModelOutputWithPooling`]: `pooler_output` is a tuple with one
+            `(merged patches, hidden_size)` tensor per image (after the 2x2 merger, in the decoder width);
+            `last_hidden_state` holds the vision tower's states before the merger.
+        """
         if self.visual is None:
             raise ValueError("This model has no semantic image encoder (it is reconstruction-only): pass no pixel_values.")
-        pixel_values = pixel_values.to(self.visual.get_dtype())
-        return self.visual(pixel_values, grid_thw=image_grid_thw).pooler_output
+        if image_grid_thw is None:
+            raise ValueError("`pixel_values` need their `image_grid_thw` (the processor returns both).")
+        outputs = self.visual(pixel_values.to(self.visual.dtype), grid_thw=image_grid_thw, **kwargs)
+        split_sizes = (image_grid_thw.prod(-1) // self.spatial_merge_size**2).tolist()
+        outputs.pooler_output = torch.split(outputs.pooler_output, split_sizes)
+        return outputs
 
     def get_geometry_features(self, geometry_pixel_values: torch.Tensor) -> torch.Tensor:
         """Geometry features in the decoder width.
@@ -117,6 +137,25 @@ class G2VLMModel(G2VLMPreTrainedModel):
         )
         return position_ids
 
+    def layout_ids_from_embeds(self, inputs_embeds: torch.Tensor) -> torch.LongTensor:
+        """Stand-in `input_ids` for a prompt given only as embeddings: the image placeholders and vision markers,
+        found by comparing with their embeddings (as transformers' Qwen2-VL finds its placeholders), -1 elsewhere."""
+        embedding = self.get_input_embeddings()
+        layout_ids = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=inputs_embeds.device)
+        special = (
+            self.config.image_token_id,
+            self.config.geometry_token_id,
+            self.config.vision_start_token_id,
+            self.config.vision_end_token_id,
+        )
+        for token_id in special:
+            if token_id < embedding.num_embeddings:
+                row = embedding.weight[token_id].to(inputs_embeds.device, inputs_embeds.dtype)
+                layout_ids = layout_ids.masked_fill((inputs_embeds == row).all(-1), token_id)
+        return layout_ids
+
+    @accepts_cache_alias
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -131,6 +170,12 @@ class G2VLMModel(G2VLMPreTrainedModel):
         **kwargs,
     ) -> G2VLMModelOutputWithPast:
         r"""
+        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Token ids, with the processor's placeholder tokens where the images go. With `inputs_embeds` instead,
+            the placeholders and vision markers are found by comparing embeddings (as in Qwen2-VL); pass both when a
+            placeholder lies outside the embedding matrix (the converted tiny checkpoints' `<|geo_pad|>`).
+        past_key_values (`Cache`, *optional*):
+            The key/value cache of the shared attention (also accepted as `cache`, transformers 5.24's name).
         pixel_values (`torch.FloatTensor` of shape `(total_patches, channels * temporal_patch * patch * patch)`):
             Flattened Qwen2-VL patches of the semantic images (from the Qwen2-VL image processor).
         image_grid_thw (`torch.LongTensor` of shape `(num_images, 3)`):
@@ -138,13 +183,20 @@ class G2VLMModel(G2VLMPreTrainedModel):
         geometry_pixel_values (`torch.FloatTensor` of shape `(batch_size, num_views, 3, height, width)`):
             ImageNet-normalised geometry views; height and width multiples of the geometry patch size (14).
         """
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("Pass `input_ids` (from the processor) or `inputs_embeds`.")
         if geometry_pixel_values is not None:
             geometry_pixel_values = as_geometry_pixel_values(geometry_pixel_values, self.config.geometry_patch_size)
+        if use_cache is None:
+            # as transformers' `merge_with_config_defaults`: the config's default, never while checkpointing
+            use_cache = self.config.text_config.use_cache and not (self.is_gradient_checkpointing and self.training)
         if input_ids is None:
-            raise ValueError(
-                "G2VLMModel needs `input_ids`: the positions of images and the attention blocks are read from the "
-                "placeholder tokens."
-            )
+            if geometry_pixel_values is not None and self.config.geometry_token_id >= self.config.text_config.vocab_size:
+                raise ValueError(
+                    "The geometry placeholder id lies outside the embedding matrix, so it cannot be found in "
+                    "`inputs_embeds`: pass the prompt's `input_ids` together with `inputs_embeds`."
+                )
+            input_ids = self.layout_ids_from_embeds(inputs_embeds)
         # Placeholders stand for media only when the media come with this call: after prefill (with a cache) a
         # placeholder id is an ordinary token.
         image_token_id = self.config.image_token_id if pixel_values is not None else None
@@ -164,12 +216,12 @@ class G2VLMModel(G2VLMPreTrainedModel):
                 placeholders = placeholders | mask if mask is not None else placeholders
             # Placeholders may lie outside the embedding matrix (`<|geo_pad|>` is added by the conversion).
             inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
-            if image_mask is not None:
-                features = self.get_image_features(pixel_values, image_grid_thw)
-                inputs_embeds = scatter_features(inputs_embeds, image_mask, features, "semantic image")
-            if geometry_mask is not None:
-                features = self.get_geometry_features(geometry_pixel_values).flatten(0, 2)
-                inputs_embeds = scatter_features(inputs_embeds, geometry_mask, features, "geometry")
+        if image_mask is not None:
+            features = torch.cat(self.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output)
+            inputs_embeds = scatter_features(inputs_embeds, image_mask, features, "semantic image")
+        if geometry_mask is not None:
+            features = self.get_geometry_features(geometry_pixel_values).flatten(0, 2)
+            inputs_embeds = scatter_features(inputs_embeds, geometry_mask, features, "geometry")
 
         if position_ids is None:
             geometry_grid_thw = (
@@ -199,9 +251,11 @@ class G2VLMModel(G2VLMPreTrainedModel):
         )
         return G2VLMModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             rope_deltas=self.rope_deltas,
             geometry_mask=geometry_mask,
+            **cache_kwargs(output_cache(outputs)),
         )
 
 
@@ -309,6 +363,8 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
+    @accepts_cache_alias
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -327,17 +383,20 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
     ) -> G2VLMCausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-            Token ids for the causal language-modelling loss; -100 is ignored (the processor's `assistant_labels`
-            builds labels that train on the assistant replies only).
+            Token ids for the causal language-modelling loss; -100 is ignored, and so are the image and geometry
+            placeholders (so `labels = input_ids.clone()` works). A batch with no supervised token gives a zero
+            language loss. The processor's `assistant_labels` builds labels that train on the assistant replies only.
         geometry_targets (`dict[str, torch.Tensor]`, *optional*):
             Known geometry of the views, for the reconstruction losses: `world_points` `(batch, views, H, W, 3)`,
             `valid_mask` `(batch, views, H, W)` and `camera_poses` `(batch, views, 4, 4)` (camera-to-world), in any
             common world frame and scale. The loss terms are weighted by `config.geometry_loss_weights`.
         """
-        if labels is not None and not bool((labels[..., 1:] != -100).any()):
-            raise ValueError(
-                "`labels` supervise no token (all are -100 after the first position): label at least one token, or "
-                "pass no labels."
+        heads_trainable = any(parameter.requires_grad for parameter in self.geometry_heads.parameters())
+        if self.training and geometry_targets is None and geometry_pixel_values is not None and heads_trainable:
+            logger.warning_once(
+                "The geometry heads only run with `geometry_targets`: without them they get no gradient in this "
+                "step. Under DistributedDataParallel freeze them (`model.geometry_heads.requires_grad_(False)` or "
+                "`g2vlm_hf.training.freeze_for_stage`) or set `find_unused_parameters=True`."
             )
         outputs = self.model(
             input_ids=input_ids,
@@ -349,16 +408,13 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
             image_grid_thw=image_grid_thw,
             geometry_pixel_values=geometry_pixel_values,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
-        lm_loss = None
-        if labels is not None:
-            lm_loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
-            )
+        lm_loss = self.language_modeling_loss(logits, labels, **kwargs) if labels is not None else None
         losses, reconstruction = None, None
         if geometry_targets is not None:
             if geometry_pixel_values is None:
@@ -378,12 +434,31 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
         return G2VLMCausalLMOutputWithPast(
             loss=sum(total) if total else None,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             rope_deltas=outputs.rope_deltas,
             lm_loss=lm_loss,
             geometry_losses=losses,
             reconstruction=reconstruction,
+            **cache_kwargs(output_cache(outputs)),
         )
+
+    def language_modeling_loss(self, logits: torch.Tensor, labels: torch.LongTensor, **kwargs) -> torch.Tensor:
+        """transformers' causal LM loss, with the image and geometry placeholders never taken as targets and a zero
+        loss (still in the graph) for a batch that supervises no token, as happens in mixed reconstruction/chat
+        batches."""
+        placeholder_ids = torch.tensor([self.config.image_token_id, self.config.geometry_token_id], device=labels.device)
+        labels = labels.masked_fill(torch.isin(labels, placeholder_ids), -100)
+        vocab_size = self.config.text_config.vocab_size
+        out_of_range = (labels != -100) & ((labels < 0) | (labels >= vocab_size))
+        if bool(out_of_range.any()):
+            raise ValueError(
+                f"`labels` hold ids outside the vocabulary [0, {vocab_size}), e.g. {int(labels[out_of_range][0])}: "
+                "use -100 for the positions to ignore."
+            )
+        if not bool((labels[..., 1:] != -100).any()):
+            return logits.sum() * 0.0
+        return self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
 
     def reconstruct(
         self,
@@ -412,20 +487,36 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
         )  # fmt: skip
 
     def prepare_inputs_for_generation(
-        self, input_ids, past_key_values=None, attention_mask=None, is_first_iteration=False, **kwargs
+        self,
+        input_ids,
+        past_key_values=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        is_first_iteration=False,
+        **kwargs,
     ):
+        cache = kwargs.pop("cache", None) if past_key_values is None else past_key_values
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
-            past_key_values=past_key_values,
             attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
             is_first_iteration=is_first_iteration,
+            **cache_kwargs(cache),
             **kwargs,
         )
-        if not is_first_iteration and kwargs.get("use_cache", True):
-            # The images live in the cache after prefill; `generate()` only drops the inputs it knows.
-            for key in ("pixel_values", "image_grid_thw", "geometry_pixel_values"):
+        # The media go with the first step of a `generate()` call (also one continuing from a cache, whose new
+        # tokens may hold new images), with an assistant model's first call (for which `generate()` says
+        # `is_first_iteration=False`) and with every step without a cache.
+        prefill = is_first_iteration or cache is None or cache.get_seq_length() == 0
+        embeds = model_inputs.get("inputs_embeds")
+        if embeds is not None and input_ids is not None and input_ids.shape[1] == embeds.shape[1]:
+            model_inputs["input_ids"] = input_ids  # the layout of the images is read from the ids
+        for key in ("pixel_values", "image_grid_thw", "geometry_pixel_values"):
+            if not prefill:  # the images live in the cache; `generate()` only drops the inputs it knows
                 model_inputs.pop(key, None)
-        elif model_inputs.get("attention_mask") is not None and not is_padding_mask(model_inputs["attention_mask"]):
+            elif kwargs.get(key) is not None:  # `generate()` drops them for an assistant's prefill too
+                model_inputs[key] = kwargs[key]
+        if prefill and model_inputs.get("attention_mask") is not None and not is_padding_mask(model_inputs["attention_mask"]):
             # With a static cache `generate()` prepares plain causal 4D masks; the prompt needs its image blocks,
             # which the model builds from the 2D padding mask (or none) and the placeholders.
             model_inputs["attention_mask"] = attention_mask
@@ -433,14 +524,56 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
                 del model_inputs["attention_mask"]
         return model_inputs
 
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # Overridden: the semantic images are flattened over the batch (patches and grids), so each sample's own
+        # images are repeated (`generate()` would repeat every patch row). The geometry views are per sample already.
+        images = {key: model_kwargs.pop(key, None) for key in ("pixel_values", "image_grid_thw")}
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        if images["pixel_values"] is not None and expand_size > 1:
+            if input_ids is None or input_ids.shape[1] == 0:
+                raise ValueError(
+                    "Beam search or several sequences per prompt with images need the prompt's `input_ids`."
+                )
+            rows = input_ids[::expand_size]
+            is_image = rows == self.config.image_token_id
+            starts = is_image & ~F.pad(is_image[:, :-1], (1, 0), value=False)  # one run of placeholders per image
+            images_per_sample = starts.sum(-1).tolist()
+            grids = images["image_grid_thw"]
+            grids_per_sample = grids.split(images_per_sample)
+            patches_per_sample = images["pixel_values"].split([int(g.prod(-1).sum()) for g in grids_per_sample])
+            images = {
+                "pixel_values": torch.cat([chunk for chunk in patches_per_sample for _ in range(expand_size)]),
+                "image_grid_thw": torch.cat([chunk for chunk in grids_per_sample for _ in range(expand_size)]),
+            }
+        model_kwargs.update({key: value for key, value in images.items() if value is not None})
+        return input_ids, model_kwargs
+
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         # Overridden: the prompt needs 3D multimodal positions; generation then extends them by one per step.
-        input_ids = model_kwargs.get("input_ids", inputs_tensor)
+        input_ids = model_kwargs.get("input_ids")
+        if input_ids is None or input_ids.shape[1] == 0:
+            is_ids = inputs_tensor.ndim == 2 and not inputs_tensor.is_floating_point()
+            input_ids = inputs_tensor if is_ids else self.model.layout_ids_from_embeds(model_kwargs["inputs_embeds"])
         geometry_pixel_values = model_kwargs.get("geometry_pixel_values")
         geometry_grid_thw = None
         if geometry_pixel_values is not None:
             geometry_pixel_values = as_geometry_pixel_values(geometry_pixel_values, self.config.geometry_patch_size)
             geometry_grid_thw = self.model.geometry_grid_thw(geometry_pixel_values)
+        cache = output_cache(model_kwargs)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if past_length:
+            # Continuing from a cache (a later chat turn): the earlier turns and their images live in the cache, so
+            # only the new tokens get positions, continuing the cached ones; the cached part is never fed again.
+            new_positions = self.model.compute_position_ids(
+                input_ids[:, past_length:],
+                model_kwargs.get("attention_mask"),
+                cache,
+                model_kwargs.get("image_grid_thw"),
+                geometry_grid_thw,
+            )
+            return F.pad(new_positions, (past_length, 0))
         position_ids, self.model.rope_deltas = get_rope_index(
             input_ids,
             model_kwargs.get("image_grid_thw"),

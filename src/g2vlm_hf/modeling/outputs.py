@@ -5,33 +5,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import ModelOutput
+
+# The G²VLM outputs extend transformers' own, so that the cache field carries the installed release's name
+# (`past_key_values` up to 5.23, `cache` from 5.24) and everything transformers does with its outputs applies.
 
 
 @dataclass
-class G2VLMModelOutputWithPast(ModelOutput):
+class G2VLMModelOutputWithPast(BaseModelOutputWithPast):
     r"""
     last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
         Final hidden states, each token normed by its expert's final norm.
-    past_key_values (`Cache`, *optional*):
-        The key/value cache of the shared attention.
     rope_deltas (`torch.LongTensor` of shape `(batch_size, 1)`, *optional*):
         Offset between a text token's sequence index and its multimodal RoPE position after the prompt.
     geometry_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
         True on the geometry (DINOv2 patch) tokens.
     """
 
-    last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     rope_deltas: torch.LongTensor | None = None
     geometry_mask: torch.BoolTensor | None = None
 
 
 @dataclass
-class G2VLMCausalLMOutputWithPast(ModelOutput):
+class G2VLMCausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
     loss (`torch.FloatTensor` of shape `()`, *optional*):
         Causal language-modelling loss (with `labels`) plus the total geometry loss (with `geometry_targets`).
@@ -46,11 +43,6 @@ class G2VLMCausalLMOutputWithPast(ModelOutput):
         The geometry heads' predictions the geometry losses were computed on.
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     rope_deltas: torch.LongTensor | None = None
     lm_loss: torch.FloatTensor | None = None
     geometry_losses: dict[str, torch.FloatTensor] | None = None

@@ -3,6 +3,14 @@
 from .chat_template import CHAT_TEMPLATE, RECONSTRUCTION_PROMPT
 from .image_io import load_image
 from .image_processing_geometry import G2VLMGeometryImageProcessor
-from .processing_g2vlm import G2VLMProcessor
+from .processing_g2vlm import G2VLMGeometryImagesKwargs, G2VLMProcessor, G2VLMProcessorKwargs
 
-__all__ = ["CHAT_TEMPLATE", "RECONSTRUCTION_PROMPT", "G2VLMGeometryImageProcessor", "G2VLMProcessor", "load_image"]
+__all__ = [
+    "CHAT_TEMPLATE",
+    "RECONSTRUCTION_PROMPT",
+    "G2VLMGeometryImageProcessor",
+    "G2VLMGeometryImagesKwargs",
+    "G2VLMProcessor",
+    "G2VLMProcessorKwargs",
+    "load_image",
+]

@@ -17,8 +17,10 @@ def load_image(source: ImageSource) -> Image.Image:
 
     Accepted: a path, a PIL image or a `(H, W)`, `(H, W, 3)` or `(H, W, 4)` array (uint8, uint16, or float in [0, 1]).
     Conversions: grayscale is replicated to three channels; an alpha channel is composited onto white; 16-bit images
-    are scaled to 8 bits (value / 257); palette images are expanded.
+    are scaled to 8 bits (value / 257); palette images are expanded. http(s) URLs are fetched with transformers.
     """
+    if is_url(source):
+        source = _fetch_url(source)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
@@ -39,6 +41,25 @@ def load_image(source: ImageSource) -> Image.Image:
             "numpy array."
         )
     return to_rgb(image)
+
+
+URL_TIMEOUT_S = 30.0
+"""Seconds to wait for an image URL to answer (transformers' `load_image` waits forever by default)."""
+
+
+def is_url(source: object) -> bool:
+    """Whether `source` is an http(s) URL (read over the network rather than as a file path)."""
+    return isinstance(source, str) and source.startswith(("http://", "https://"))
+
+
+def _fetch_url(url: str) -> Image.Image:
+    """The image at `url`, fetched the way transformers' processors fetch image URLs."""
+    from transformers.image_utils import load_image as transformers_load_image
+
+    try:
+        return transformers_load_image(url, timeout=URL_TIMEOUT_S)
+    except Exception as error:  # network errors, HTTP error pages, undecodable bytes
+        raise ValueError(f"Could not read an image from {url} ({type(error).__name__}: {error}).") from error
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

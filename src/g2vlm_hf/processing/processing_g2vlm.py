@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+import re
+from typing import Any, TypedDict
 
 import torch
 from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
-from transformers.utils import TensorType
+from transformers.image_utils import ImageInput
+from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, TextKwargs, Unpack
+from transformers.tokenization_utils_base import TextInput
 
 from .chat_template import CHAT_TEMPLATE, RECONSTRUCTION_PROMPT
-from .image_io import ImageSource, load_image
+from .image_io import ImageSource, is_url, load_image
 from .image_processing_geometry import G2VLMGeometryImageProcessor, as_scenes
 
 IMAGE_TOKEN = "<|image_pad|>"
@@ -18,6 +22,51 @@ GEOMETRY_TOKEN = "<|geo_pad|>"
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
+
+# Processor-level switches that transformers may also mirror into `text_kwargs`; never handed to the tokenizer.
+_PROCESSOR_SWITCHES = ("return_mm_token_type_ids", "return_text_replacement_offsets")
+
+
+class G2VLMGeometryImagesKwargs(TypedDict, total=False):
+    r"""
+    Keyword arguments of the geometry image processor ([`G2VLMGeometryImageProcessor`]), given flat or as
+    `geometry_images_kwargs={...}`. A flat keyword that the semantic image processor also takes (`do_resize`,
+    `do_normalize`, `image_mean`, `image_std`) reaches both, as transformers does for every component that takes it.
+
+    do_resize (`bool`, *optional*):
+        Resize the views to `target_width`.
+    target_width (`int`, *optional*):
+        Width of the resized views in pixels.
+    do_normalize (`bool`, *optional*):
+        Normalise with `image_mean` and `image_std`.
+    image_mean (`float` or `list[float]`, *optional*):
+    image_std (`float` or `list[float]`, *optional*):
+    max_views (`int`, *optional*):
+        Largest number of views in one scene.
+    """
+
+    do_resize: bool | None
+    target_width: int | None
+    do_normalize: bool | None
+    image_mean: float | list[float] | tuple[float, ...] | None
+    image_std: float | list[float] | tuple[float, ...] | None
+    max_views: int | None
+
+
+class G2VLMProcessorKwargs(ProcessingKwargs, total=False):
+    """Keyword arguments of [`G2VLMProcessor.__call__`]: `text_kwargs` (tokenizer), `images_kwargs` (semantic
+    Qwen2-VL image processor) and `geometry_images_kwargs` (geometry image processor), each also accepted flat."""
+
+    geometry_images_kwargs: G2VLMGeometryImagesKwargs
+    # Batches of prompts of different lengths pad to the longest by default (the tokenizer's own default is no
+    # padding); a saved tokenizer default or an explicit `padding=` wins over this.
+    _defaults = {"text_kwargs": {"padding": True}}  # noqa: RUF012 (transformers reads this class attribute)
+
+
+class _G2VLMModalityKwargs(ProcessingKwargs, total=False):
+    """`G2VLMProcessorKwargs` without the geometry group: what transformers' `_merge_kwargs` knows how to route."""
+
+    _defaults = G2VLMProcessorKwargs._defaults
 
 
 class G2VLMProcessor(ProcessorMixin):
@@ -28,6 +77,10 @@ class G2VLMProcessor(ProcessorMixin):
     `<|vision_start|><|geo_pad|><|vision_end|>`; the processor expands every pad to the number of features of its
     image. The chat template writes these for you; in a chat, every image of a user turn is used both as a geometry
     view and as a semantic image, as the official `chat_with_recon` does.
+
+    Keyword arguments follow transformers' processors (see [`G2VLMProcessorKwargs`]): flat (`padding="max_length"`,
+    `do_rescale=False`, `target_width=...`) or grouped (`text_kwargs={...}`, `images_kwargs={...}`,
+    `geometry_images_kwargs={...}`), with the tokenizer's saved defaults applied unless overridden.
 
     Args:
         image_processor ([`~transformers.Qwen2VLImageProcessor`]):
@@ -42,6 +95,10 @@ class G2VLMProcessor(ProcessorMixin):
             Semantic images are first resized (bicubic) to this square size, as in the official chat; `None` keeps
             them as they are (the Qwen2-VL processor still resizes to multiples of 28).
     """
+
+    valid_processor_kwargs = G2VLMProcessorKwargs
+    image_token = IMAGE_TOKEN
+    geometry_token = GEOMETRY_TOKEN
 
     def __init__(
         self,
@@ -77,75 +134,152 @@ class G2VLMProcessor(ProcessorMixin):
     def model_input_names(self) -> list[str]:
         return [*self.tokenizer.model_input_names, "pixel_values", "image_grid_thw", "geometry_pixel_values"]
 
+    def _merge_kwargs(
+        self,
+        ModelProcessorKwargs: type | None = None,
+        tokenizer_init_kwargs: dict | None = None,
+        **kwargs,
+    ) -> dict[str, Any]:
+        """transformers' `_merge_kwargs` (text and image groups, same precedence), plus `geometry_images_kwargs`:
+        flat geometry keywords win over the `geometry_images_kwargs` dict, which wins over the geometry image
+        processor's own settings."""
+        if ModelProcessorKwargs is None or ModelProcessorKwargs is G2VLMProcessorKwargs:
+            ModelProcessorKwargs = _G2VLMModalityKwargs
+        geometry_names = set(G2VLMGeometryImagesKwargs.__annotations__)
+        nested = dict(kwargs.pop("geometry_images_kwargs", None) or {})
+        unknown = sorted(set(nested) - geometry_names)
+        if unknown:
+            raise ValueError(
+                f"`geometry_images_kwargs` takes {sorted(geometry_names)}; {unknown} are not geometry image "
+                "processor settings."
+            )
+        flat = {key: kwargs[key] for key in geometry_names if key in kwargs}
+        doubled = sorted(set(flat) & set(nested))
+        if doubled:
+            raise ValueError(
+                f"Keyword argument(s) {doubled} were passed two times: in `geometry_images_kwargs` and as a **kwarg."
+            )
+        # Keys only the geometry processor takes would be reported as ignored by transformers' merge.
+        for key in set(flat) - self._other_component_kwarg_names():
+            kwargs.pop(key)
+        merged = super()._merge_kwargs(ModelProcessorKwargs, tokenizer_init_kwargs=tokenizer_init_kwargs, **kwargs)
+        merged["geometry_images_kwargs"] = {**nested, **flat}
+        return merged
+
     def __call__(
         self,
-        text: str | Sequence[str] | None = None,
-        images=None,
-        geometry_images=None,
-        videos=None,
-        audio=None,
-        return_tensors: str | TensorType | None = None,
-        padding: bool | str = True,
-        padding_side: str | None = None,
-        **kwargs,
+        images: ImageInput | None = None,
+        text: TextInput | list[TextInput] | None = None,
+        geometry_images: ImageInput | None = None,
+        **kwargs: Unpack[G2VLMProcessorKwargs],
     ) -> BatchFeature:
         """
         Args:
+            images: semantic images (paths, URLs, PIL images or arrays): one list per prompt, or a flat list handed
+                out in placeholder order.
             text: one prompt or a batch. Without text, `geometry_images` get the official reconstruction prompt
                 (`<|im_start|>Reconstruct the 3D scene.` followed by the views).
-            images: semantic images: one list per prompt (or a flat list, handed out in placeholder order).
             geometry_images: geometry views: one list of views per prompt (or the views of a single prompt). When
                 omitted while the text holds geometry placeholders, each prompt's `images` serve as its views.
-            return_tensors: `"pt"` for PyTorch tensors.
-            padding, padding_side: passed to the tokenizer (batched generation wants `padding_side="left"`).
+            **kwargs: see [`G2VLMProcessorKwargs`], e.g. `return_tensors="pt"`, `padding_side="left"` (batched
+                generation), `max_length`, `do_rescale`, `target_width`, `return_offsets_mapping`,
+                `return_text_replacement_offsets`, `return_mm_token_type_ids`.
 
         Returns:
-            [`~transformers.BatchFeature`] with `input_ids`, `attention_mask`, and, when given, `pixel_values`,
-            `image_grid_thw` and `geometry_pixel_values`.
+            [`~transformers.BatchFeature`] with the tokenizer's outputs (`input_ids`, `attention_mask`, ...) and,
+            when given, `pixel_values`, `image_grid_thw` and `geometry_pixel_values`.
         """
-        if videos is not None or audio is not None:
-            raise ValueError("G2VLM takes images only; `videos` and `audio` are not supported.")
+        for modality in ("videos", "audio"):
+            if kwargs.pop(modality, None) is not None:
+                raise ValueError(f"G2VLM takes images only; `{modality}` are not supported.")
         if text is None:
+            if images is not None:
+                raise ValueError(
+                    "`images` need a `text` holding their placeholders (the first positional argument is `images`, "
+                    "as in transformers' processors: pass the prompt as `text=`)."
+                )
             if geometry_images is None:
                 raise ValueError("Pass `text`, or `geometry_images` for the reconstruction prompt.")
             scenes = as_scenes(geometry_images)
             texts = [RECONSTRUCTION_PROMPT + f"{VISION_START}{GEOMETRY_TOKEN}{VISION_END}" * len(s) for s in scenes]
+        elif isinstance(text, str):
+            texts = [text]
+        elif isinstance(text, (list, tuple)) and all(isinstance(prompt, str) for prompt in text):
+            texts = list(text)
         else:
-            texts = [text] if isinstance(text, str) else list(text)
-        image_counts = [prompt.count(IMAGE_TOKEN) for prompt in texts]
-        geometry_counts = [prompt.count(GEOMETRY_TOKEN) for prompt in texts]
+            raise ValueError("`text` must be a string or a list of strings.")
 
+        merged = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        text_kwargs = dict(merged["text_kwargs"])
+        switches = {key: bool(text_kwargs.pop(key, None) or merged.get(key)) for key in _PROCESSOR_SWITCHES}
+        return_tensors = text_kwargs.pop("return_tensors", None)
+        placeholders = _placeholder_pattern(bool(text_kwargs.get("sanitize_control_tokens")))
+
+        image_counts = [len(placeholders[IMAGE_TOKEN].findall(prompt)) for prompt in texts]
+        geometry_counts = [len(placeholders[GEOMETRY_TOKEN].findall(prompt)) for prompt in texts]
         semantic = per_prompt(images, image_counts, "images", IMAGE_TOKEN)
         if geometry_images is None and any(geometry_counts) and images is not None:
             geometry_images = semantic
         geometry = per_prompt(geometry_images, geometry_counts, "geometry_images", GEOMETRY_TOKEN)
+        # Fetch each URL once, even when an image serves both as semantic image and as geometry view.
+        fetched: dict[str, Image.Image] = {}
+        semantic = [[_fetch_once(image, fetched) for image in prompt_images] for prompt_images in semantic]
+        geometry = [[_fetch_once(view, fetched) for view in prompt_views] for prompt_views in geometry]
 
-        data = {}
+        data: dict[str, Any] = {}
+        replacements: dict[str, list[str]] = {IMAGE_TOKEN: [], GEOMETRY_TOKEN: []}
         if any(image_counts):
             flat = [self._semantic_image(image) for prompt_images in semantic for image in prompt_images]
-            semantic_inputs = self.image_processor(images=flat, return_tensors="pt")
+            images_kwargs = {**merged["images_kwargs"], "return_tensors": "pt"}
+            semantic_inputs = self.image_processor(images=flat, **images_kwargs)
             data.update(pixel_values=semantic_inputs["pixel_values"], image_grid_thw=semantic_inputs["image_grid_thw"])
-            merge = self.image_processor.merge_size**2
-            counts = iter((semantic_inputs["image_grid_thw"].prod(-1) // merge).tolist())
-            texts = [expand(prompt, IMAGE_TOKEN, [next(counts) for _ in range(n)]) for prompt, n in zip(texts, image_counts)]
+            replacements[IMAGE_TOKEN] = [self.replace_image_token(semantic_inputs, i) for i in range(len(flat))]
         if any(geometry_counts):
             if not all(geometry_counts):
                 raise ValueError(
                     "In a batch, either every prompt has geometry views or none has; process the prompts separately."
                 )
-            views = self.geometry_image_processor(geometry, return_tensors="pt")["geometry_pixel_values"]
+            geometry_processor, call_kwargs = self._geometry_processor(merged["geometry_images_kwargs"])
+            views = geometry_processor(geometry, return_tensors="pt", **call_kwargs)["geometry_pixel_values"]
             data["geometry_pixel_values"] = views
-            tokens_per_view = (views.shape[-2] // self.geometry_image_processor.patch_size) * (
-                views.shape[-1] // self.geometry_image_processor.patch_size
-            )
-            texts = [expand(prompt, GEOMETRY_TOKEN, [tokens_per_view] * n) for prompt, n in zip(texts, geometry_counts)]
+            patch = geometry_processor.patch_size
+            tokens_per_view = (views.shape[-2] // patch) * (views.shape[-1] // patch)
+            replacements[GEOMETRY_TOKEN] = [GEOMETRY_TOKEN * tokens_per_view] * sum(geometry_counts)
 
-        tokenizer_kwargs = dict(padding=padding, **kwargs)
-        if padding_side is not None:
-            tokenizer_kwargs["padding_side"] = padding_side
-        encoded = self.tokenizer(texts, **tokenizer_kwargs)
-        data.update(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        texts, offsets = expand_placeholders(texts, replacements, placeholders)
+        encoded = self.tokenizer(texts, **text_kwargs)
+        self._check_placeholders_kept(encoded["input_ids"], texts, placeholders)
+        data.update(encoded)
+        if switches["return_text_replacement_offsets"]:
+            data["text_replacement_offsets"] = offsets
+        if switches["return_mm_token_type_ids"]:
+            data["mm_token_type_ids"] = self._mm_token_type_ids(encoded["input_ids"])
+        skip = sorted({*getattr(self, "skip_tensor_conversion", []), "text_replacement_offsets"})
+        return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=skip)
+
+    def _check_placeholders_kept(self, input_ids, texts: list[str], placeholders: dict[str, re.Pattern]) -> None:
+        """Refuse a tokenization that cut image or geometry tokens (truncation): the model cannot use such input."""
+        rows = input_ids.tolist() if hasattr(input_ids, "tolist") else input_ids
+        for token, token_id in ((IMAGE_TOKEN, self.image_token_id), (GEOMETRY_TOKEN, self.geometry_token_id)):
+            kept = [list(row).count(token_id) for row in rows]
+            written = [len(placeholders[token].findall(prompt)) for prompt in texts]
+            if kept != written:
+                raise ValueError(
+                    f"Truncation cut {token} tokens (kept {kept} of {written} per prompt): raise `max_length` or "
+                    "disable truncation; image features need all their tokens."
+                )
+
+    def _mm_token_type_ids(self, input_ids) -> list[list[int]]:
+        """transformers' modality types per token (0 text, 1 image): both semantic image tokens and geometry tokens
+        stand for image features, so both are 1."""
+        rows = input_ids.tolist() if hasattr(input_ids, "tolist") else input_ids
+        image_ids = (self.image_token_id, self.geometry_token_id)
+        return [[int(token in image_ids) for token in row] for row in rows]
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        """The `<|image_pad|>` run that stands for semantic image `image_idx` (one per merged ViT patch)."""
+        merge = self.image_processor.merge_size**2
+        return IMAGE_TOKEN * int(image_inputs["image_grid_thw"][image_idx].prod() // merge)
 
     def assistant_labels(self, input_ids: torch.LongTensor) -> torch.LongTensor:
         """Labels that train on the assistant replies only: a copy of `input_ids` with -100 everywhere except the
@@ -173,9 +307,56 @@ class G2VLMProcessor(ProcessorMixin):
             image = image.resize((self.semantic_image_size,) * 2, Image.Resampling.BICUBIC)
         return image
 
+    def _other_component_kwarg_names(self) -> set[str]:
+        """Keyword names the tokenizer or the semantic image processor take (flat ones are routed to them too)."""
+        valid = getattr(self.image_processor, "valid_kwargs", None)
+        return {
+            *TextKwargs.__annotations__,
+            *ImagesKwargs.__annotations__,
+            *getattr(valid, "__annotations__", {}),
+        }
+
+    def _geometry_processor(self, overrides: dict[str, Any]) -> tuple[G2VLMGeometryImageProcessor, dict[str, Any]]:
+        """The geometry image processor with `overrides` applied, and the ones its `preprocess` takes directly."""
+        call_kwargs = {key: overrides[key] for key in ("do_resize", "target_width") if overrides.get(key) is not None}
+        settings = {key: value for key, value in overrides.items() if key not in call_kwargs and value is not None}
+        target_width = call_kwargs.get("target_width")
+        patch = self.geometry_image_processor.patch_size
+        if target_width is not None and (target_width <= 0 or target_width % patch):
+            raise ValueError(f"target_width={target_width} must be a positive multiple of the patch size {patch}.")
+        if not settings:
+            return self.geometry_image_processor, call_kwargs
+        processor = copy.deepcopy(self.geometry_image_processor)
+        for key, value in settings.items():
+            if key in ("image_mean", "image_std"):
+                value = [float(value)] * 3 if isinstance(value, (int, float)) else [float(v) for v in value]
+            setattr(processor, key, value)
+        return processor, call_kwargs
+
+
+def _placeholder_pattern(sanitized: bool) -> dict[str, re.Pattern]:
+    """Regexes of the two placeholders. With `sanitize_control_tokens` (set by transformers' `apply_chat_template`
+    from 5.23), placeholders that user text wrote are marked and must stay plain text, as transformers does."""
+    prefix = ""
+    if sanitized:
+        from transformers.processing_utils import _UNMARKED  # only reachable where transformers sets the flag
+
+        prefix = _UNMARKED
+    return {token: re.compile(prefix + re.escape(token)) for token in (IMAGE_TOKEN, GEOMETRY_TOKEN)}
+
+
+def _fetch_once(image: Any, fetched: dict[str, Image.Image]) -> Any:
+    """`image`, or the image its http(s) URL points to (each URL fetched once per call)."""
+    if not is_url(image):
+        return image
+    if image not in fetched:
+        fetched[image] = load_image(image)
+    return fetched[image]
+
 
 def per_prompt(items, counts: list[int], name: str, token: str) -> list[list]:
     """Split `items` (nested per prompt, or flat in placeholder order) into one list per prompt, checking counts."""
+    mismatch = f"the number of {token} tokens in the prompts should be the same as the number of `{name}`"
     if items is None:
         items = []
     elif not isinstance(items, (list, tuple)):
@@ -183,30 +364,64 @@ def per_prompt(items, counts: list[int], name: str, token: str) -> list[list]:
     if items and all(isinstance(item, (list, tuple)) for item in items):
         nested = [list(item) for item in items]
         if len(nested) != len(counts):
-            raise ValueError(f"`{name}` holds {len(nested)} lists for {len(counts)} prompts: give one list per prompt.")
+            raise ValueError(
+                f"`{name}` holds {len(nested)} lists for {len(counts)} prompts: give one list per prompt ({mismatch})."
+            )
     else:
         if len(items) != sum(counts):
             raise ValueError(
                 f"The prompts hold {sum(counts)} {token} placeholder(s) but {len(items)} `{name}` were given: "
-                f"write one {token} (between {VISION_START} and {VISION_END}) per image."
+                f"{mismatch}; write one {token} (between {VISION_START} and {VISION_END}) per image."
             )
         flat = iter(items)
         nested = [[next(flat) for _ in range(count)] for count in counts]
     for index, (prompt_items, count) in enumerate(zip(nested, counts)):
         if len(prompt_items) != count:
             raise ValueError(
-                f"Prompt {index} holds {count} {token} placeholder(s) but {len(prompt_items)} `{name}` were given for it."
+                f"Prompt {index} holds {count} {token} placeholder(s) but {len(prompt_items)} `{name}` were given for "
+                f"it ({mismatch})."
             )
     return nested
 
 
-def expand(prompt: str, token: str, lengths: list[int]) -> str:
-    """Replace the i-th `token` of `prompt` by `lengths[i]` copies of it."""
-    pieces = prompt.split(token)
-    out = [pieces[0]]
-    for length, piece in zip(lengths, pieces[1:]):
-        out.append(token * length + piece)
-    return "".join(out)
+def expand_placeholders(
+    texts: list[str], replacements: dict[str, list[str]], patterns: dict[str, re.Pattern]
+) -> tuple[list[str], list[list[dict[str, Any]]]]:
+    """Replace, in order through the batch, the i-th occurrence of each placeholder by `replacements[token][i]`.
+
+    Also returns, per prompt, transformers' replacement offsets (`type`, `span` in the original prompt, `new_span`
+    in the expanded one, `text`, `replacement`), which `apply_chat_template` uses to place assistant masks.
+    """
+    kinds = {IMAGE_TOKEN: "image", GEOMETRY_TOKEN: "geometry_image"}
+    active = [token for token, values in replacements.items() if values]
+    if not active:
+        return list(texts), [[] for _ in texts]
+    pattern = re.compile("|".join(f"(?:{patterns[token].pattern})" for token in active))
+    queues = {token: iter(replacements[token]) for token in active}
+    expanded, offsets = [], []
+    for prompt in texts:
+        pieces, prompt_offsets, last, shift = [], [], 0, 0
+        for match in pattern.finditer(prompt):
+            token = match.group()
+            replacement = next(queues[token])
+            start, end = match.span()
+            pieces += [prompt[last:start], replacement]
+            new_start = start + shift
+            prompt_offsets.append(
+                {
+                    "type": kinds[token],
+                    "span": (start, end),
+                    "new_span": (new_start, new_start + len(replacement)),
+                    "text": token,
+                    "replacement": replacement,
+                }
+            )
+            shift += len(replacement) - (end - start)
+            last = end
+        pieces.append(prompt[last:])
+        expanded.append("".join(pieces))
+        offsets.append(prompt_offsets)
+    return expanded, offsets
 
 
-__all__ = ["G2VLMProcessor"]
+__all__ = ["G2VLMGeometryImagesKwargs", "G2VLMProcessor", "G2VLMProcessorKwargs"]

@@ -1,0 +1,63 @@
+"""Differences between the transformers releases g2vlm-hf runs on, kept in one place.
+
+The Hub copy of the modeling code runs on whatever transformers its user has, so the modeling files ask this module
+instead of testing versions themselves. Supported: transformers 5.21 through 5.24 (the bounds in pyproject.toml).
+
+- 5.24 renamed the key/value cache from `past_key_values` to `cache`, in model inputs, in model outputs and in the
+  generation and masking utilities (the old name is deprecated until 5.40).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import fields
+from typing import Any
+
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+LEGACY_CACHE_NAME = "past_key_values"
+CACHE_NAME: str = "cache" if "cache" in {field.name for field in fields(BaseModelOutputWithPast)} else LEGACY_CACHE_NAME
+"""What the installed transformers calls the key/value cache in model inputs and outputs."""
+
+
+def cache_kwargs(cache: Any) -> dict[str, Any]:
+    """`{name: cache}` under the installed transformers' name, for calls into transformers (masks, generation)."""
+    return {CACHE_NAME: cache}
+
+
+def output_cache(output: Any) -> Any:
+    """The cache held by a transformers `ModelOutput` (or a dict of model inputs), under either name."""
+    return output.get(CACHE_NAME)
+
+
+def accepts_cache_alias(method: Callable) -> Callable:
+    """Let `method`, which names its cache parameter `past_key_values`, also take it as `cache` (the name
+    transformers 5.24 passes from `generate()` and documents), on every supported release."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if "cache" in kwargs:
+            cache = kwargs.pop("cache")
+            if kwargs.get(LEGACY_CACHE_NAME) is not None and cache is not None:
+                raise ValueError("Pass the key/value cache once, as `cache` or as `past_key_values`, not both.")
+            if cache is not None or LEGACY_CACHE_NAME not in kwargs:
+                kwargs[LEGACY_CACHE_NAME] = cache
+        return method(self, *args, **kwargs)
+
+    # `generate()` checks its keyword arguments against the signature: show both names.
+    signature = inspect.signature(method)
+    parameters = list(signature.parameters.values())
+    cache_parameter = inspect.Parameter("cache", inspect.Parameter.KEYWORD_ONLY, default=None)
+    position = next(
+        (i for i, parameter in enumerate(parameters) if parameter.kind is inspect.Parameter.VAR_KEYWORD),
+        len(parameters),
+    )
+    wrapper.__signature__ = signature.replace(
+        parameters=[*parameters[:position], cache_parameter, *parameters[position:]]
+    )
+    return wrapper
+
+
+__all__ = ["CACHE_NAME", "LEGACY_CACHE_NAME", "accepts_cache_alias", "cache_kwargs", "output_cache"]
