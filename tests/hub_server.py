@@ -7,8 +7,9 @@ or without a revision), ``list_repo_files`` / ``list_repo_tree``, ``preupload_lf
 through ``/{repo}/resolve/{revision}/{path}`` (``hf_hub_download``, ``snapshot_download``, ``from_pretrained``).
 
 As on the real Hub, the LFS objects live on a separate storage host (``localhost``, a second port on 127.0.0.1): the
-batch API hands out (signed) upload URLs there, and ``/resolve`` answers a file stored with LFS with a 302 redirect to it, carrying the file's metadata
-(``X-Linked-Etag`` = sha256, ``X-Linked-Size``, ``X-Repo-Commit``); the client must not follow it with its token.
+batch API hands out (signed) upload URLs there, and ``/resolve`` answers a file stored with LFS with a 302 redirect
+to it, carrying the file's metadata (``X-Linked-Etag`` = sha256, ``X-Linked-Size``, ``X-Repo-Commit``); the client
+must not follow it with its token.
 A regular file is answered directly with ``ETag`` (its git blob id) and ``X-Repo-Commit``. Errors carry
 ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``) and ``X-Error-Message``, which
 huggingface_hub maps to its exception classes.
@@ -37,6 +38,7 @@ import json
 import os
 import socket
 import threading
+import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -209,7 +211,7 @@ class HubServer:
             thread.join(timeout=5)
         self._servers, self._threads = {}, []
 
-    def __enter__(self) -> HubServer:  # noqa: PYI034
+    def __enter__(self) -> HubServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -292,6 +294,11 @@ class HubServer:
                 if e.code:
                     out_headers["X-Error-Code"] = e.code
                 status, payload = e.status, json.dumps({"error": e.message, **e.extra}).encode()
+            except Exception as e:
+                out_headers, status = {"Content-Type": "application/json"}, 500
+                payload = json.dumps(
+                    {"error": f"test Hub server error: {e!r}", "trace": traceback.format_exc()}
+                ).encode()
             record.status = status
         return status, out_headers, payload
 

@@ -113,7 +113,7 @@ def _execute(code: str, namespace: dict) -> Any:
     """Run `code` in `namespace`; the value of its last statement if that is an expression, else None."""
     tree = ast.parse(code)
     last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
-    exec(compile(tree, "<hub client>", "exec"), namespace)  # noqa: S102 - the tests' own snippets
+    exec(compile(tree, "<hub client>", "exec"), namespace)
     return None if last is None else eval(compile(ast.Expression(last.value), "<hub client>", "eval"), namespace)
 
 
@@ -128,11 +128,11 @@ def serve(reply_fd: int) -> None:
         try:
             with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
                 reply = ("ok", _execute(code, namespace))
-        except BaseException as error:  # noqa: BLE001 - SystemExit of a CLI included: it goes back to the parent
+        except BaseException as error:
             reply = ("error", (_portable(error), traceback.format_exc()))
         try:
             data = pickle.dumps((*reply, stdout.getvalue(), stderr.getvalue()))
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             failure = ChildError(f"the value of the snippet cannot be pickled: {error!r}", ("PicklingError",))
             data = pickle.dumps(("error", (failure, ""), stdout.getvalue(), stderr.getvalue()))
         _send(replies, data)
@@ -204,7 +204,7 @@ class HubClient:
         os.close(write_fd)
         self._replies: int | None = read_fd
 
-    def __enter__(self) -> HubClient:  # noqa: PYI034
+    def __enter__(self) -> HubClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
