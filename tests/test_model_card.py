@@ -41,6 +41,8 @@ def hub(converted_tiny, tmp_path_factory):
                 folder=folder, full=FULL, recon=RECON, parity=PARITY, common=common,
             )  # fmt: skip
         yield server
+        unknown = [(r.method, r.path) for r in server.requests if r.kind == "unknown"]
+        assert not unknown, f"endpoints the test server does not implement: {unknown}"
 
 
 def card(hub, repo_id: str) -> ModelCard:

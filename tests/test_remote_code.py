@@ -169,6 +169,8 @@ def repos(converted_tiny, tmp_path_factory):
                 flat=flat_repo(tmp_path_factory.mktemp("flat")),
             )
         yield hub, folder
+        unknown = [(r.method, r.path) for r in hub.requests if r.kind == "unknown"]
+        assert not unknown, f"endpoints the test server does not implement: {unknown}"
 
 
 def test_trust_remote_code_without_the_package_reproduces_the_package(repos, tmp_path):
