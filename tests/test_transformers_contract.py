@@ -94,9 +94,13 @@ class TestOutputFlags:
         inputs = chat_inputs()
         with torch.no_grad():
             assert isinstance(output_cache(model(**inputs)), DynamicCache)
+            assert isinstance(
+                output_cache(model.model.language_model(inputs_embeds=torch.randn(1, 3, 128))), DynamicCache
+            )
             model.config.text_config.use_cache = False
             try:
                 assert output_cache(model(**inputs)) is None
+                assert output_cache(model.model.language_model(inputs_embeds=torch.randn(1, 3, 128))) is None
             finally:
                 model.config.text_config.use_cache = True
 
@@ -213,7 +217,6 @@ class TestGeneration:
                 max_new_tokens=3, do_sample=False,
             )  # fmt: skip
         assert torch.equal(continued, recomputed)
-
 
     @pytest.mark.parametrize("batch", [1, 2])
     def test_beam_search_sees_each_prompt_with_its_own_images(self, model, batch):

@@ -248,8 +248,9 @@ class G2VLMModel(G2VLMPreTrainedModel):
             geometry_mask=geometry_mask,
             attention_mask=attention_mask,
             block_ids=block_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            return_dict=True,
+            **cache_kwargs(past_key_values),
             **kwargs,
         )
         return G2VLMModelOutputWithPast(
