@@ -13,6 +13,7 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_g2vlm import G2VLMConfig
+from .intrinsics import estimate_intrinsics
 
 
 class G2VLMRotary2D(nn.Module):
@@ -270,7 +271,8 @@ class G2VLMGeometryHeads(nn.Module):
 
         Returns:
             A dict with `camera_poses (scenes, views, 4, 4)`, `local_points`, `world_points`, `global_points`
-            `(scenes, views, H, W, 3)`, `depth (scenes, views, H, W)` and `confidence (scenes, views, H, W)` or None.
+            `(scenes, views, H, W, 3)`, `depth (scenes, views, H, W)`, `confidence (scenes, views, H, W)` or None, and `intrinsics (scenes, views, 3, 3)`
+            fitted to the local points (see `intrinsics.estimate_intrinsics`).
         """
         scenes, views, grid_h, grid_w, dim = geometry_tokens.shape
         tokens = geometry_tokens.reshape(scenes * views, grid_h * grid_w, dim).float()
@@ -304,6 +306,8 @@ class G2VLMGeometryHeads(nn.Module):
                 hidden = self.confidence_decoder(tokens, rope)
                 confidence = per_view(self.confidence_head(hidden, grid_h, grid_w)[..., 0])
 
+            intrinsics = estimate_intrinsics(local_points, confidence)
+
         return {
             "camera_poses": camera_poses,
             "local_points": local_points,
@@ -311,6 +315,7 @@ class G2VLMGeometryHeads(nn.Module):
             "global_points": global_points,
             "depth": local_points[..., 2],
             "confidence": confidence,
+            "intrinsics": intrinsics,
         }
 
 
