@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import geometry_block, tiny_model
+
 from g2vlm_hf.modeling.intrinsics import estimate_intrinsics, rescale_intrinsics
 from g2vlm_hf.training import render_room
 from g2vlm_hf.training.synthetic import yaw_pose
@@ -86,7 +86,7 @@ def test_reconstruction_output_carries_intrinsics():
     pixels = torch.randn(1, views, 3, grid_h * 14, grid_w * 14, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         output = model.reconstruct(input_ids=ids, geometry_pixel_values=pixels)
-    batch, views, height, width, _ = output.local_points.shape
+    batch, views, _, width, _ = output.local_points.shape
     assert output.intrinsics.shape == (batch, views, 3, 3) and output.intrinsics.dtype == torch.float32
     torch.testing.assert_close(output.intrinsics, estimate_intrinsics(output.local_points, output.confidence))
     assert torch.isfinite(output.intrinsics).all()

@@ -94,9 +94,7 @@ def estimate_intrinsics(
     return intrinsics.to(dtype)
 
 
-def _fit_line(
-    inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _fit_line(inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted least squares `targets ~ slope * inputs + offset` over the last two dims, in closed form. Centred
     sums keep it accurate when the inputs hardly vary; a degenerate fit gives NaN."""
     count = weights.sum((-2, -1))
@@ -114,9 +112,7 @@ def _fit_line(
     return torch.where(degenerate, nan, slope), torch.where(degenerate, nan, offset)
 
 
-def rescale_intrinsics(
-    intrinsics: torch.Tensor, from_size: Sequence[int], to_size: Sequence[int]
-) -> torch.Tensor:
+def rescale_intrinsics(intrinsics: torch.Tensor, from_size: Sequence[int], to_size: Sequence[int]) -> torch.Tensor:
     """Intrinsics of the same camera after resizing its image from `from_size` to `to_size` (both `(height, width)`).
 
     With the continuous pixel convention of this module a resize by `(s_y, s_x)` multiplies `fx, cx` by `s_x` and
