@@ -183,7 +183,7 @@ def test_glb_round_trip(scene, tmp_path):
 
 def test_frustums_follow_the_robust_scale_not_the_outliers(scene, tmp_path):
     """2% of far outliers set the bounding box; the frustums must stay sized by the bulk of the scene."""
-    points, colours = filter_points(scene["world_points"], scene["images"])
+    points, _ = filter_points(scene["world_points"], scene["images"])
     scale = export.robust_scene_scale(points, scene["camera_poses"])
     centres = scene["camera_poses"][:, :3, 3]
     direct = np.median([np.median(np.linalg.norm(points - c, axis=1)) for c in centres])
