@@ -115,8 +115,16 @@ def test_colmap_subsample_and_errors(room, tmp_path):
     assert model.num_points3D() == 100 and not (tmp_path / "a" / "images").exists()
     assert sorted(image.name for image in model.images.values()) == ["a.png", "b.png", "c.png"]
     bad = dict(room, intrinsics=room["intrinsics"].copy())
-    bad["intrinsics"][1, 0, 0] = np.nan
-    with pytest.raises(ValueError, match="intrinsics"):
+    bad["intrinsics"][1, 0, 0] = np.nan  # view 1 has no usable camera: it and its points are left out
+    bad["intrinsics"][2, 1, 1] = -3.0  # nor has view 2
+    export_colmap(tmp_path / "partial", **bad)
+    model = pycolmap.Reconstruction()
+    model.read_text(str(tmp_path / "partial"))
+    assert sorted(model.images) == [1] and sorted(model.cameras) == [1]
+    assert model.num_points3D() == H * W
+    assert sorted(p.name for p in (tmp_path / "partial" / "images").iterdir()) == ["view_000.png"]
+    bad["intrinsics"][0, 0, 0] = 0.0
+    with pytest.raises(ValueError, match="usable pinhole camera"):
         export_colmap(tmp_path / "b", **bad)
     with pytest.raises(ValueError, match="filtered away"):
         export_colmap(tmp_path / "c", **dict(room, world_points=np.full_like(room["world_points"], np.nan)))

@@ -5,7 +5,8 @@ Files, in `output_dir`:
 
 - `cameras.txt`: one `PINHOLE` camera per view (`fx fy cx cy` from the fitted intrinsics, in pixels of the geometry
   views);
-- `images.txt`: one image per view with its WORLD-TO-CAMERA pose (COLMAP's convention: quaternion `qw qx qy qz` and
+- `images.txt`: one image per view (views whose fitted camera is unusable, i.e. non-finite or with a focal length
+  <= 0, are left out with a warning, and so are their points; IMAGE_ID and CAMERA_ID are the view index + 1) with its WORLD-TO-CAMERA pose (COLMAP's convention: quaternion `qw qx qy qz` and
   translation of `x_cam = R x_world + t`; our poses are camera-to-world, so they are inverted here) and its 2D
   observations;
 - `points3D.txt`: the kept points (finite, and above the confidence percentile) with their colour, each observed once,
@@ -120,7 +121,7 @@ def export_colmap(
         `list[Path]`: The written files.
 
     Raises:
-        ValueError: On mismatched shapes, non-finite intrinsics, or when every point is filtered away.
+        ValueError: On mismatched shapes, when no view has a usable camera, or when every point is filtered away.
     """
     poses = _validate_poses(camera_poses)
     points = _to_numpy(world_points, "world_points").astype(np.float64)
@@ -131,8 +132,17 @@ def export_colmap(
     matrices = _to_numpy(intrinsics, "intrinsics").astype(np.float64)
     if matrices.shape != (views, 3, 3):
         raise ValueError(f"`intrinsics` must have shape ({views}, 3, 3), got {tuple(matrices.shape)}")
-    if not np.isfinite(matrices).all() or (matrices[:, 0, 0] <= 0).any() or (matrices[:, 1, 1] <= 0).any():
-        raise ValueError("`intrinsics` must be finite with positive focal lengths (a view could not be fitted)")
+    usable_camera = np.isfinite(matrices).all(axis=(1, 2)) & (matrices[:, 0, 0] > 0) & (matrices[:, 1, 1] > 0)
+    if not usable_camera.any():
+        raise ValueError(
+            "No view has a usable pinhole camera (finite intrinsics with positive focal lengths); the point maps do "
+            "not look like a pinhole camera's"
+        )
+    if not usable_camera.all():
+        logger.warning(
+            f"Views {np.flatnonzero(~usable_camera).tolist()} have no usable pinhole camera (non-finite intrinsics or "
+            "a focal length <= 0); they and their points are left out of the COLMAP model"
+        )
     colours = _to_numpy(images, "images")
     if colours.shape != points.shape or colours.dtype != np.uint8:
         raise ValueError(f"`images` must be uint8 of shape {tuple(points.shape)}, got {colours.dtype} {colours.shape}")
@@ -141,6 +151,7 @@ def export_colmap(
         raise ValueError(f"`image_names` must be {views} distinct names without spaces, got {names}")
 
     keep = compute_keep_mask(points, confidence, confidence_percentile=confidence_percentile)
+    keep &= usable_camera[:, None, None]
     flat = np.flatnonzero(keep)
     if flat.size == 0:
         raise ValueError("All points were filtered away (non-finite points or confidence below the percentile)")
@@ -163,8 +174,10 @@ def export_colmap(
     error = np.where(np.isfinite(error), error, -1.0)  # COLMAP's "unknown"
 
     cameras = ["# Camera list with one line of data per camera:", "#   CAMERA_ID, MODEL, WIDTH, HEIGHT, PARAMS[]"]
-    cameras.append(f"# Number of cameras: {views}")
+    cameras.append(f"# Number of cameras: {int(usable_camera.sum())}")
     for index, matrix in enumerate(matrices):
+        if not usable_camera[index]:
+            continue
         fx, fy, cx, cy = matrix[0, 0], matrix[1, 1], matrix[0, 2], matrix[1, 2]
         cameras.append(f"{index + 1} PINHOLE {width} {height} {_num(fx)} {_num(fy)} {_num(cx)} {_num(cy)}")
 
@@ -173,10 +186,10 @@ def export_colmap(
         "# Image list with two lines of data per image:",
         "#   IMAGE_ID, QW, QX, QY, QZ, TX, TY, TZ, CAMERA_ID, NAME",
         "#   POINTS2D[] as (X, Y, POINT3D_ID)",
-        f"# Number of images: {views}",
+        f"# Number of images: {int(usable_camera.sum())}",
     ]
     observation_index = np.zeros(flat.size, dtype=np.int64)
-    for index in range(views):
+    for index in np.flatnonzero(usable_camera):
         world_to_camera_rotation = poses[index, :3, :3].T
         world_to_camera_translation = -world_to_camera_rotation @ poses[index, :3, 3]
         qw, qx, qy, qz = rotation_to_quaternion(world_to_camera_rotation)
@@ -207,7 +220,11 @@ def export_colmap(
         (output_dir / "points3D.txt", ("\n".join(points_lines) + "\n").encode()),
     ]
     if write_images:
-        payloads += [(output_dir / "images" / name, _png(colours[index])) for index, name in enumerate(names)]
+        payloads += [
+            (output_dir / "images" / name, _png(colours[index]))
+            for index, name in enumerate(names)
+            if usable_camera[index]
+        ]
     created_dirs = [folder for folder in (output_dir, output_dir / "images") if not folder.exists()]
     written: list[Path] = []
     try:
@@ -222,7 +239,7 @@ def export_colmap(
             except OSError:
                 pass
         raise
-    logger.info(f"Wrote a COLMAP model of {views} images and {flat.size} points to {output_dir}")
+    logger.info(f"Wrote a COLMAP model of {int(usable_camera.sum())} images and {flat.size} points to {output_dir}")
     return written
 
 

@@ -92,12 +92,18 @@ class G2VLMProcessor(ProcessorMixin):
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
         processor_dict = processor_dict if processor_dict is not None else {}
         semantic = processor_dict.pop(cls.SEMANTIC_KEY, None)
-        if semantic is not None and "geometry_image_processor" not in processor_dict:
-            processor_dict["geometry_image_processor"] = processor_dict["image_processor"]
-        args = super()._get_arguments_from_pretrained(pretrained_model_name_or_path, processor_dict, **kwargs)
-        if semantic is not None:  # args follow get_attributes(): image_processor, geometry_image_processor, tokenizer
-            args[cls.get_attributes().index("image_processor")] = _semantic_image_processor_from_dict(semantic)
-        return args
+        if semantic is None:  # older layout: transformers' own loading finds everything
+            return super()._get_arguments_from_pretrained(pretrained_model_name_or_path, processor_dict, **kwargs)
+        # Current layout: both image processors from their saved settings (not through AutoImageProcessor, which
+        # without this package installed, e.g. through trust_remote_code, does not know the geometry processor).
+        geometry = {k: v for k, v in processor_dict.pop("image_processor").items() if k != "image_processor_type"}
+        processor_dict.pop("geometry_image_processor", None)
+        arguments = {
+            "image_processor": _semantic_image_processor_from_dict(semantic),
+            "geometry_image_processor": G2VLMGeometryImageProcessor(**geometry),
+            "tokenizer": cls._load_tokenizer_from_pretrained("tokenizer", pretrained_model_name_or_path, **kwargs),
+        }
+        return [arguments[name] for name in cls.get_attributes()]
 
     @staticmethod
     def get_possibly_dynamic_module(module_name):
