@@ -350,6 +350,7 @@ def _build_scene(
     image_size: tuple[int, int] | None,
     frustum_scale: float,
     frustum_colour: tuple[int, int, int] | None,
+    show_cameras: bool = True,
 ) -> trimesh.Scene:
     trimesh = _require_trimesh()
     points, colours = _validate_cloud(points, colours)
@@ -363,7 +364,7 @@ def _build_scene(
     scene.add_geometry(trimesh.PointCloud(points, colors=colours), node_name="points", geom_name="points")
     vertices, faces = _segments_as_tubes(_frustum_segments(size, width / height), width=0.04 * size)
     palette = view_colours(len(poses)) if frustum_colour is None else np.tile(frustum_colour, (len(poses), 1))
-    for index, pose in enumerate(poses):
+    for index, pose in enumerate(poses if show_cameras else []):
         rgba = np.array([*palette[index], 255], dtype=np.uint8)
         frustum = trimesh.Trimesh(vertices, faces, vertex_colors=np.tile(rgba, (len(vertices), 1)), process=False)
         name = f"camera_{index}"
@@ -380,6 +381,7 @@ def save_scene_glb(
     image_size: tuple[int, int] | None = None,
     frustum_scale: float = DEFAULT_FRUSTUM_SCALE,
     frustum_colour: tuple[int, int, int] | None = None,
+    show_cameras: bool = True,
 ) -> Path:
     """Saves a GLB scene: the coloured point cloud (node `points`) and one camera frustum per view.
 
@@ -400,6 +402,7 @@ def save_scene_glb(
             distance.
         frustum_colour (`tuple[int, int, int]`, *optional*): One RGB colour for every frustum; by default each view
             has its own colour from [`view_colours`].
+        show_cameras (`bool`, defaults to True): Include the frustums (False writes the points alone).
 
     Returns:
         `Path`: The written file.
@@ -415,6 +418,7 @@ def save_scene_glb(
         image_size=image_size,
         frustum_scale=frustum_scale,
         frustum_colour=frustum_colour,
+        show_cameras=show_cameras,
     )
     return _atomic_write_bytes(Path(path), scene.export(file_type="glb"))
 
