@@ -304,7 +304,9 @@ def build_demo(demo: G2VLMDemo) -> gr.Blocks:
                         label="Depth per view (light = near)", columns=3, elem_id="depth-gallery"
                     )
                 status = gr.Markdown(elem_id="status")
-                downloads = gr.File(label="Downloads: GLB, PLY, cameras.json, COLMAP (zip)", file_count="multiple")
+                downloads = gr.File(
+                    label="Downloads: GLB, PLY, cameras.json, COLMAP (zip)", file_count="multiple", elem_id="downloads"
+                )
             with gr.Column(scale=1):
                 chat = gr.Chatbot(label="Spatial QA about this scene", elem_id="chat", height=360)
                 question = gr.Textbox(
