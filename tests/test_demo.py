@@ -122,3 +122,41 @@ def test_example_scenes_are_bundled(app_module):
     for (paths,), label in zip(examples, labels):
         assert len(paths) >= 2 and all(Path(path).is_file() for path in paths)
         assert f"({len(paths)} views)" in label
+
+
+def test_confidence_slider_filters_points_when_the_checkpoint_has_confidence(app_module, model_folder, tmp_path):
+    import shutil
+
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    # the fixture has no confidence head (the slider is hidden there); add one, random: enough to rank the points
+    folder = tmp_path / "with-confidence"
+    model = AutoModelForImageTextToText.from_pretrained(model_folder, use_confidence_head=True, dtype=torch.float32)
+    model.save_pretrained(folder)
+    for path in model_folder.iterdir():
+        if not (folder / path.name).exists():
+            shutil.copy(path, folder / path.name)
+
+    plain = app_module.G2VLMDemo(str(model_folder), device="cpu")
+    demo = app_module.G2VLMDemo(str(folder), device="cpu")
+    try:
+        assert not plain.has_confidence and demo.has_confidence
+        slider = next(
+            block
+            for block in app_module.build_demo(demo).blocks.values()
+            if isinstance(block, gradio.Slider) and "confident" in (block.label or "")
+        )
+        assert slider.visible and slider.value == 10
+        *_, scene, _ = demo.reconstruct([str(view) for view in VIEWS], percentile=0)
+        total = scene.world_points[..., 0].size
+        counts = {}
+        for percentile in (0, 50, 90):
+            glb = trimesh.load(demo.viewer_scene(scene, percentile, True, "image"), force="scene")
+            [cloud] = [g for g in glb.geometry.values() if isinstance(g, trimesh.PointCloud)]
+            counts[percentile] = len(cloud.vertices)
+        assert counts[0] == total
+        assert abs(counts[50] - total / 2) <= 0.01 * total and abs(counts[90] - total / 10) <= 0.01 * total
+    finally:
+        plain.close()
+        demo.close()
