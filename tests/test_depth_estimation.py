@@ -105,3 +105,29 @@ def test_depth_estimation_pipeline(folder):
 
     several = estimator([str(view) for view in VIEWS])  # a list: one result per image
     assert len(several) == len(VIEWS) and all(r["predicted_depth"].ndim == 2 for r in several)
+
+
+def test_pipeline_takes_several_views_of_one_scene(folder):
+    from g2vlm_hf.pipelines import G2VLMDepthEstimationPipeline
+
+    estimator = pipeline("depth-estimation", model=str(folder), pipeline_class=G2VLMDepthEstimationPipeline)
+    views = [str(view) for view in VIEWS]
+    [scene] = estimator([views])
+    assert len(scene) == len(views)
+
+    # the same depth as one joint reconstruction of the views, resized to each image
+    inputs = estimator.image_processor([views])
+    with torch.no_grad():
+        joint = estimator.model(**inputs).predicted_depth
+    for index, (result, view) in enumerate(zip(scene, views)):
+        with Image.open(view) as image:
+            size = image.size[::-1]
+        [expected] = estimator.image_processor.post_process_depth_estimation(
+            {"predicted_depth": joint[index : index + 1]}, [size]
+        )
+        torch.testing.assert_close(result["predicted_depth"], expected["predicted_depth"])
+        assert result["depth"].size == size[::-1]
+    # a view reconstructed alone differs from the same view reconstructed with the others
+    alone = estimator(views[1])["predicted_depth"]
+    assert not torch.allclose(alone, scene[1]["predicted_depth"])
+    assert estimator(views[0])["predicted_depth"].ndim == 2  # single images behave as in the standard pipeline

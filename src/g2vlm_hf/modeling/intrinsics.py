@@ -71,8 +71,10 @@ def estimate_intrinsics(
         scores = confidence.detach().to(torch.float64)
         usable = usable & torch.isfinite(scores)
         if confidence_quantile > 0.0:
-            flat = torch.where(usable, scores, torch.nan).flatten(-2)
-            threshold = torch.nanquantile(flat, confidence_quantile, dim=-1)  # NaN for a view without usable pixels
+            flat = torch.where(usable, scores, torch.nan).reshape(-1, height * width)
+            # one view at a time: torch's quantile refuses inputs of more than 2**24 elements (many large views)
+            threshold = torch.stack([torch.nanquantile(view, confidence_quantile) for view in flat])
+            threshold = threshold.reshape(usable.shape[:-2])  # NaN for a view without usable pixels
             usable = usable & (scores >= threshold[..., None, None])
 
     weights = usable.to(torch.float64)
