@@ -75,6 +75,11 @@ class G2VLMReconstructionOutput(ModelOutput):
         Positive depth along each camera's z axis (`local_points[..., 2]`).
     confidence (`torch.FloatTensor` of shape `(batch_size, num_views, H, W)`, *optional*):
         Unnormalised per-pixel confidence (higher is more reliable); None when the checkpoint has no confidence head.
+    intrinsics (`torch.FloatTensor` of shape `(batch_size, num_views, 3, 3)`):
+        Pinhole intrinsics `[[fx, 0, cx], [0, fy, cy], [0, 0, 1]]` of each view in pixels of the `W x H` geometry
+        views (pixel centres at half-integers), fitted in closed form to `local_points` over the valid pixels (the
+        more confident half when there is `confidence`). `g2vlm_hf.modeling.intrinsics.rescale_intrinsics` maps them
+        to the original image size.
     """
 
     camera_poses: torch.FloatTensor | None = None
@@ -83,3 +88,4 @@ class G2VLMReconstructionOutput(ModelOutput):
     global_points: torch.FloatTensor | None = None
     depth: torch.FloatTensor | None = None
     confidence: torch.FloatTensor | None = None
+    intrinsics: torch.FloatTensor | None = None
