@@ -274,7 +274,8 @@ def fast_tiny_copy(converted: Path, destination: Path) -> Path:
     shutil.copytree(converted, destination)
     config_file = destination / "processor_config.json"
     config = json.loads(config_file.read_text(encoding="utf-8"))
-    config["geometry_image_processor"]["target_width"] = 112
+    # the geometry settings: "image_processor" in the current layout, "geometry_image_processor" in the older one
+    config.get("geometry_image_processor", config["image_processor"])["target_width"] = 112
     config["semantic_image_size"] = 112
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return destination

@@ -163,17 +163,55 @@ def test_glb_round_trip(scene, tmp_path):
 
     cameras = sorted(name for name in loaded.graph.nodes_geometry if name.startswith("camera_"))
     assert cameras == [f"camera_{i}" for i in range(N)]
+    expected_depth = export.DEFAULT_FRUSTUM_SCALE * export.robust_scene_scale(points, scene["camera_poses"])
     for index, name in enumerate(cameras):
         transform, geometry_name = loaded.graph[name]
         np.testing.assert_allclose(transform, scene["camera_poses"][index], atol=1e-6)
         frustum = loaded.geometry[geometry_name]
-        assert isinstance(frustum, trimesh.path.Path3D)
-        # Apex at the camera centre; the base lies in front of the camera (+z) at 5% of the scene's extent.
+        # triangles (every viewer draws them), in the view's own colour
+        assert isinstance(frustum, trimesh.Trimesh) and len(frustum.faces) == 8 * 8
+        np.testing.assert_array_equal(
+            np.unique(frustum.visual.vertex_colors[:, :3], axis=0), export.view_colours(N)[index : index + 1]
+        )
+        # Apex at the camera centre, base in front of the camera (+z) at the robust scale, views' aspect ratio
         local = np.asarray(frustum.vertices)
-        assert np.isclose(np.linalg.norm(local, axis=1).min(), 0.0)
-        assert local[:, 2].max() > 0 and np.isclose(local[:, 2].min(), 0.0)
-    extent = np.linalg.norm(np.ptp(np.concatenate([points, scene["camera_poses"][:, :3, 3]]), axis=0))
-    assert np.isclose(local[:, 2].max(), 0.05 * extent, rtol=1e-5)
+        tube = 0.04 * expected_depth
+        assert np.linalg.norm(local, axis=1).min() <= tube
+        np.testing.assert_allclose(local[:, 2].max(), expected_depth, rtol=0, atol=tube)
+        np.testing.assert_allclose(np.ptp(local[:, 0]) / np.ptp(local[:, 1]), W / H, rtol=0.1)
+
+
+def test_frustums_follow_the_robust_scale_not_the_outliers(scene, tmp_path):
+    """2% of far outliers set the bounding box; the frustums must stay sized by the bulk of the scene."""
+    points, _ = filter_points(scene["world_points"], scene["images"])
+    scale = export.robust_scene_scale(points, scene["camera_poses"])
+    centres = scene["camera_poses"][:, :3, 3]
+    direct = np.median([np.median(np.linalg.norm(points - c, axis=1)) for c in centres])
+    assert np.isclose(scale, direct)
+    outliers = np.tile([[400.0, -300.0, 900.0]], (max(1, len(points) // 50), 1)).astype(np.float32)
+    noisy = np.concatenate([points, outliers])
+    assert np.isclose(export.robust_scene_scale(noisy, scene["camera_poses"]), scale, rtol=0.1)
+    path = save_scene_glb(
+        tmp_path / "s.glb", noisy, np.zeros((len(noisy), 3), np.uint8), scene["camera_poses"], image_size=(H, W)
+    )
+    frustum = trimesh.load(path).geometry["camera_0"]
+    assert np.asarray(frustum.vertices)[:, 2].max() < 0.2 * scale
+
+
+def test_glb_export_needs_no_scipy(scene, tmp_path, monkeypatch):
+    """A fresh install has no scipy; trimesh's path code (`load_path`) would need it. The frustums must not."""
+    monkeypatch.setitem(sys.modules, "scipy", None)
+    for name in [m for m in sys.modules if m.startswith("scipy.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    points, colours = filter_points(scene["world_points"], scene["images"])
+    save_scene_glb(tmp_path / "scene.glb", points, colours, scene["camera_poses"], image_size=(H, W))
+    assert (tmp_path / "scene.glb").stat().st_size > 0
+
+
+def test_view_colours_are_distinct():
+    palette = export.view_colours(12)
+    assert palette.shape == (12, 3) and palette.dtype == np.uint8
+    assert len({tuple(c) for c in palette}) == 12
 
 
 def test_cameras_json_round_trip(scene, tmp_path):
@@ -183,6 +221,24 @@ def test_cameras_json_round_trip(scene, tmp_path):
     assert [c["index"] for c in cameras] == list(range(N))
     assert all(c["width"] == W and c["height"] == H for c in cameras)
     np.testing.assert_allclose(np.array([c["camera_to_world"] for c in cameras]), scene["camera_poses"], atol=0)
+    assert "intrinsics" not in cameras[0]
+
+
+def test_cameras_json_intrinsics_and_original_size(scene, tmp_path):
+    intrinsics = np.tile(np.array([[6.0, 0.0, W / 2], [0.0, 6.0, H / 2], [0.0, 0.0, 1.0]]), (N, 1, 1))
+    intrinsics[2, 0, 0] = np.nan  # a view that could not be fitted
+    sizes = [(H * 10, W * 20)] * N
+    path = save_cameras_json(tmp_path / "cameras.json", scene["camera_poses"], (H, W), intrinsics, sizes)
+    cameras = json.loads(path.read_text())["cameras"]
+    assert cameras[0]["intrinsics"] == [[6.0, 0.0, W / 2], [0.0, 6.0, H / 2], [0.0, 0.0, 1.0]]
+    assert cameras[2]["intrinsics"][0][0] is None
+    assert cameras[1]["original"] == {
+        "height": H * 10,
+        "width": W * 20,
+        "intrinsics": [[120.0, 0.0, W * 10.0], [0.0, 60.0, H * 5.0], [0.0, 0.0, 1.0]],
+    }
+    with pytest.raises(ValueError, match="intrinsics"):
+        save_cameras_json(tmp_path / "c.json", scene["camera_poses"], (H, W), intrinsics[:2])
 
 
 def test_depth_png16_round_trip(scene, tmp_path):
@@ -205,6 +261,33 @@ def test_depth_png16_round_trip(scene, tmp_path):
     assert np.abs(decoded[valid] - depth[valid]).max() <= step / 2 + 1e-12
 
 
+def test_depth_preview_orders_colours_by_depth(tmp_path):
+    depth = np.tile(np.linspace(1.0, 10.0, 50), (4, 1))
+    depth[0, 0] = np.nan
+    depth[1, 1] = 1e6  # a far outlier does not wash the map out: the percentiles clip it
+    image = export.colourise_depth(depth)
+    assert image.shape == (4, 50, 3) and image.dtype == np.uint8
+    assert image[0, 0].tolist() == [0, 0, 0]
+    brightness = image[2].astype(float).sum(axis=1)
+    assert (np.diff(brightness) <= 1e-9).all() and brightness[0] - brightness[-1] > 300  # near light, far dark
+    assert len({tuple(c) for c in image[2]}) > 30  # many distinct colours along the ramp
+    np.testing.assert_array_equal(image[2, 1:], image[3, 1:])
+    assert export.colourise_depth(np.full((3, 3), np.nan)).max() == 0
+    path = export.save_depth_preview(tmp_path / "p.png", depth)
+    with Image.open(path) as saved:
+        np.testing.assert_array_equal(np.array(saved), image)
+
+
+def test_export_colours_points_by_view(scene, tmp_path):
+    out = tmp_path / "out"
+    export_reconstruction(out, **scene, point_colouring="view")
+    cloud = trimesh.load(out / "points.ply")
+    expected = np.repeat(export.view_colours(N), H * W, axis=0)
+    np.testing.assert_array_equal(np.asarray(cloud.colors)[:, :3], expected)
+    with pytest.raises(ValueError, match="point_colouring"):
+        export_reconstruction(tmp_path / "bad", **scene, point_colouring="depth")
+
+
 def test_depth_png16_constant_and_empty(tmp_path):
     assert save_depth_png16(tmp_path / "c.png", np.full((4, 5), 2.5)) == (2.5, 2.5)
     np.testing.assert_array_equal(load_depth_png16(tmp_path / "c.png"), np.full((4, 5), 2.5))
@@ -220,9 +303,15 @@ def test_export_reconstruction_writes_every_file(scene, tmp_path):
     inputs = {key: torch.from_numpy(value) for key, value in scene.items()}
     written = export_reconstruction(out, **inputs, confidence_percentile=20.0)
     names = [p.relative_to(out).as_posix() for p in written]
-    assert names == ["scene.glb", "points.ply", "cameras.json"] + [f"depth/view_{i:03d}.png" for i in range(N)]
+    depth_maps = [f"depth/view_{i:03d}.png" for i in range(N)]
+    previews = [f"depth/view_{i:03d}_preview.png" for i in range(N)]
+    assert names == ["scene.glb", "points.ply", "cameras.json", *depth_maps, *previews]
     assert sorted(os.listdir(out)) == ["cameras.json", "depth", "points.ply", "scene.glb"]
-    assert sorted(os.listdir(out / "depth")) == [f"view_{i:03d}.png" for i in range(N)]
+    assert sorted(os.listdir(out / "depth")) == sorted(Path(name).name for name in depth_maps + previews)
+    for index in range(N):
+        with Image.open(out / previews[index]) as image:
+            assert image.mode == "RGB" and image.size == (W, H)
+            np.testing.assert_array_equal(np.array(image), export.colourise_depth(scene["depth"][index]))
 
     cloud = trimesh.load(out / "points.ply")
     assert len(cloud.vertices) == round(0.8 * N * H * W)

@@ -266,6 +266,25 @@ class TestBadInput:
         with pytest.raises(ValueError, match="needs 'camera_poses'"):
             tiny_model()(**batch)
 
+    def test_target_points_behind_their_camera_are_left_out(self):
+        batch = synthetic_batch()
+        model = tiny_model()
+        with torch.no_grad():
+            reference = model(**batch).geometry_losses
+            targets = batch["geometry_targets"]
+            behind = torch.zeros_like(targets["valid_mask"])
+            behind[..., :2, :] = True  # two rows of every view, moved behind the first camera
+            moved = targets["world_points"].clone()
+            moved[behind] = -5.0 * moved[behind]
+            batch["geometry_targets"] = {**targets, "world_points": moved}
+            batch["geometry_targets"]["valid_mask"] = targets["valid_mask"] & ~behind
+            masked = model(**batch).geometry_losses
+            batch["geometry_targets"]["valid_mask"] = targets["valid_mask"]
+            unmasked = model(**batch).geometry_losses
+        assert all(value >= 0 for value in reference.values())
+        for name in ("local_points", "global_points"):
+            torch.testing.assert_close(unmasked[name], masked[name])
+
     def test_a_reconstruction_only_batch_trains_on_geometry_alone(self):
         # a batch whose labels are all -100 (reconstruction samples in a mixed Trainer run) is not an error
         batch = synthetic_batch()

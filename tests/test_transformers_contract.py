@@ -94,9 +94,13 @@ class TestOutputFlags:
         inputs = chat_inputs()
         with torch.no_grad():
             assert isinstance(output_cache(model(**inputs)), DynamicCache)
+            assert isinstance(
+                output_cache(model.model.language_model(inputs_embeds=torch.randn(1, 3, 128))), DynamicCache
+            )
             model.config.text_config.use_cache = False
             try:
                 assert output_cache(model(**inputs)) is None
+                assert output_cache(model.model.language_model(inputs_embeds=torch.randn(1, 3, 128))) is None
             finally:
                 model.config.text_config.use_cache = True
 
@@ -181,6 +185,21 @@ class TestGeneration:
             )  # images not sent again: they live in the cache
         assert torch.equal(continued, recomputed)
 
+    def test_image_grids_without_their_pixels_are_ignored(self, model):
+        # generate(..., image_grid_thw=...) with the pixels dropped, as transformers' continuation test does
+        inputs = chat_inputs()
+        with torch.no_grad():
+            first = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+            next_turn = torch.cat([first.sequences, torch.tensor([[12, 13]])], dim=1)
+            plain = model.generate(next_turn, **{CACHE_NAME: output_cache(first)}, max_new_tokens=2, do_sample=False)
+        with torch.no_grad():
+            first = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+            with_grid = model.generate(
+                next_turn, image_grid_thw=inputs["image_grid_thw"], **{CACHE_NAME: output_cache(first)},
+                max_new_tokens=2, do_sample=False,
+            )  # fmt: skip
+        assert torch.equal(with_grid, plain)
+
     def test_a_new_image_in_a_later_turn(self, model):
         inputs = chat_inputs()
         pixels, grid = image_patches(4, 4, seed=3)
@@ -198,7 +217,6 @@ class TestGeneration:
                 max_new_tokens=3, do_sample=False,
             )  # fmt: skip
         assert torch.equal(continued, recomputed)
-
 
     @pytest.mark.parametrize("batch", [1, 2])
     def test_beam_search_sees_each_prompt_with_its_own_images(self, model, batch):
@@ -266,6 +284,27 @@ class TestLosses:
         assert "find_unused_parameters" in captured.out
         without = {name for name, p in model.named_parameters() if p.requires_grad and p.grad is None}
         assert without and all(name.startswith("geometry_heads.") for name in without)
+
+
+def test_geometry_heads_are_built_in_float32_under_a_half_precision_default():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = tiny_model()
+    finally:
+        torch.set_default_dtype(previous)
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in model.geometry_heads.parameters()} == {torch.float32}
+
+
+@pytest.mark.skipif(CACHE_NAME == "past_key_values", reason="transformers < 5.24 has no other name for the cache")
+def test_the_legacy_cache_name_is_deprecated_as_in_transformers(model):
+    with torch.no_grad():
+        cache = output_cache(model(**chat_inputs()))
+    logging.warning_once.cache_clear()
+    with CaptureLogger(logging.get_logger("g2vlm_hf.modeling.compat")) as captured:
+        model(input_ids=torch.tensor([[11]]), past_key_values=cache)
+    assert "`past_key_values` is deprecated" in captured.out
 
 
 def test_auto_model_loads_a_model_that_reconstructs_without_warnings(converted_tiny):

@@ -3,7 +3,9 @@
 from .modeling import (
     G2VLMCausalLMOutputWithPast,
     G2VLMConfig,
+    G2VLMDepthEstimatorOutput,
     G2VLMForConditionalGeneration,
+    G2VLMForDepthEstimation,
     G2VLMForReconstruction,
     G2VLMModel,
     G2VLMModelOutputWithPast,
@@ -23,7 +25,9 @@ __version__ = "0.1.0"
 __all__ = [
     "G2VLMCausalLMOutputWithPast",
     "G2VLMConfig",
+    "G2VLMDepthEstimatorOutput",
     "G2VLMForConditionalGeneration",
+    "G2VLMForDepthEstimation",
     "G2VLMForReconstruction",
     "G2VLMGeometryImageProcessor",
     "G2VLMModel",

@@ -1,6 +1,7 @@
 """`g2vlm`: 3D reconstruction and spatial chat from the command line.
 
     g2vlm reconstruct --model MODEL view1.png view2.png ... --output out/   (or --folder DIR, or --video FILE)
+    g2vlm reconstruct --model MODEL views/*.png --output out/ --colmap out/sparse --ask "Which view is closest to the door?"
     g2vlm chat --model MODEL --image room.png "How far is the chair from the door?"
 """
 
@@ -90,11 +91,75 @@ def run_reconstruct(args: argparse.Namespace) -> int:
         processor.geometry_image_processor,
         confidence_percentile=args.confidence_percentile,
         max_points=args.max_points,
+        original_sizes=original_sizes(views),
     )
+    written += export_extras(args, model, processor, views, output, inputs["geometry_pixel_values"])
     print(f"Reconstructed {len(views)} views into {args.output}:")
     for path in written:
         print(f"  {path}")
     return 0
+
+
+def original_sizes(views: Sequence) -> list[tuple[int, int]]:
+    """`(height, width)` of each view as given (PIL images, paths or arrays)."""
+    sizes = []
+    for view in views:
+        image = view if isinstance(view, Image.Image) else load_image(view)
+        sizes.append((image.height, image.width))
+    return sizes
+
+
+def ask_about_views(model, processor, views: Sequence, question: str, max_new_tokens: int, device: str) -> str:
+    """The model's answer to `question` about `views` (each used as a geometry view and a semantic image, the
+    official chat layout: the scene's geometry is in the context while it answers)."""
+    content = [{"type": "image", "image": view} for view in views] + [{"type": "text", "text": question}]
+    inputs = processor.apply_chat_template(
+        [{"role": "user", "content": content}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    ).to(device)
+    with torch.inference_mode():
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def view_names(args: argparse.Namespace, count: int) -> list[str]:
+    """How the views are called in answer.json: their file names, or the video's frame numbers."""
+    if args.video is not None:
+        return [f"{args.video.name}#frame{index * args.every}" for index in range(count)]
+    paths = images_in_folder(args.folder) if args.folder is not None else [Path(p) for p in args.images]
+    return [path.name for path in paths]
+
+
+def export_extras(args: argparse.Namespace, model, processor, views: list, output, geometry_pixel_values) -> list[Path]:
+    """`--colmap DIR` (a COLMAP text model of the scene) and `--ask QUESTION` (`answer.json` beside the scene)."""
+    import json
+
+    from .export import _atomic_write_bytes
+
+    written: list[Path] = []
+    if args.colmap is not None:
+        from .export_colmap import export_model_colmap
+
+        written += export_model_colmap(
+            args.colmap,
+            output,
+            geometry_pixel_values,
+            processor.geometry_image_processor,
+            confidence_percentile=args.confidence_percentile,
+            max_points=args.max_points,
+        )
+    if args.ask is not None:
+        if not args.ask.strip():
+            raise CLIError("--ask needs a question.")
+        answer = ask_about_views(model, processor, views, args.ask, args.max_new_tokens, args.device)
+        document = {"question": args.ask, "answer": answer, "views": view_names(args, len(views))}
+        path = Path(args.output) / "answer.json"
+        written.append(_atomic_write_bytes(path, (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode()))
+        print(f"Q: {args.ask}\nA: {answer}")
+    return written
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -135,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--confidence-percentile", type=float, default=None, help="drop points below this confidence percentile"
     )
     recon.add_argument("--max-points", type=int, default=None, help="randomly keep at most this many points")
+    recon.add_argument(
+        "--colmap", type=Path, default=None, help="also write a COLMAP text model (cameras, images, points3D) here"
+    )
+    recon.add_argument(
+        "--ask", default=None, metavar="QUESTION", help="also answer this question about the views into answer.json"
+    )
+    recon.add_argument("--max-new-tokens", type=int, default=256, help="with --ask: longest answer in tokens")
     recon.set_defaults(run=run_reconstruct)
 
     chat = commands.add_parser("chat", help="images + question -> streamed answer")

@@ -35,18 +35,25 @@ logger = logging.get_logger(__name__)
 
 ArrayLike = np.ndarray | torch.Tensor
 
+#: Frustum depth as a fraction of the median camera-to-points distance.
+DEFAULT_FRUSTUM_SCALE = 0.15
+
 #: Largest uint16 code of a valid depth pixel; code 0 marks invalid depth.
 _DEPTH_CODE_MAX = 65535
 
 __all__ = [
+    "colourise_depth",
     "compute_keep_mask",
     "export_reconstruction",
     "filter_points",
     "load_depth_png16",
+    "robust_scene_scale",
     "save_cameras_json",
     "save_depth_png16",
+    "save_depth_preview",
     "save_point_cloud_ply",
     "save_scene_glb",
+    "view_colours",
 ]
 
 
@@ -275,6 +282,66 @@ def _frustum_segments(size: float, aspect: float) -> np.ndarray:
     return np.array(sides + base, dtype=np.float64)
 
 
+def _segments_as_tubes(segments: np.ndarray, width: float) -> tuple[np.ndarray, np.ndarray]:
+    """Triangle mesh of square tubes `width` wide around each segment (`(S, 2, 3)`): `(S * 8, 3)` vertices and
+    `(S * 8, 3)` faces. Triangles render in every glTF viewer; line primitives do not (or one pixel wide)."""
+    vertices, faces = [], []
+    for start, end in segments:
+        direction = end - start
+        direction = direction / np.linalg.norm(direction)
+        helper = np.array([1.0, 0.0, 0.0]) if abs(direction[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
+        side = np.cross(direction, helper)
+        side /= np.linalg.norm(side)
+        up = np.cross(direction, side)
+        ring = [0.5 * width * (a * side + b * up) for a, b in ((1, 1), (-1, 1), (-1, -1), (1, -1))]
+        offset = len(vertices)
+        vertices += [start + r for r in ring] + [end + r for r in ring]
+        for k in range(4):
+            a, b = offset + k, offset + (k + 1) % 4
+            faces += [(a, b, b + 4), (a, b + 4, a + 4)]
+    return np.array(vertices, dtype=np.float64), np.array(faces, dtype=np.int64)
+
+
+def view_colours(num_views: int) -> np.ndarray:
+    """`(num_views, 3)` uint8 RGB: one distinct, saturated colour per view (hues spread by the golden angle), shared
+    by a view's camera frustum and, with `point_colouring="view"`, its points."""
+    hues = (np.arange(num_views) * 0.618033988749895) % 1.0
+    sector = hues * 6.0
+    # HSV -> RGB at saturation 0.85 and value 0.95, vectorised
+    value, saturation = 0.95, 0.85
+    fraction = sector - np.floor(sector)
+    p, q, t = value * (1 - saturation), value * (1 - saturation * fraction), value * (1 - saturation * (1 - fraction))
+    table = np.stack(
+        [
+            np.stack([np.full_like(q, value), t, np.full_like(q, p)], -1),
+            np.stack([q, np.full_like(q, value), np.full_like(q, p)], -1),
+            np.stack([np.full_like(q, p), np.full_like(q, value), t], -1),
+            np.stack([np.full_like(q, p), q, np.full_like(q, value)], -1),
+            np.stack([t, np.full_like(q, p), np.full_like(q, value)], -1),
+            np.stack([np.full_like(q, value), np.full_like(q, p), q], -1),
+        ],
+        axis=1,
+    )
+    rgb = table[np.arange(num_views), np.floor(sector).astype(int) % 6]
+    return np.rint(rgb * 255).astype(np.uint8)
+
+
+def robust_scene_scale(points: ArrayLike, camera_poses: ArrayLike, sample: int = 20_000) -> float:
+    """Typical camera-to-scene distance: the median over cameras of the median distance from the camera centre to
+    the points (a deterministic subsample of at most `sample` points). Outliers far away, which set the bounding
+    box, barely move it. Returns 1.0 when every distance is zero."""
+    cloud = _to_numpy(points, "points").astype(np.float64).reshape(-1, 3)
+    centres = _validate_poses(camera_poses)[:, :3, 3]
+    cloud = cloud[np.isfinite(cloud).all(axis=1)]
+    if cloud.shape[0] == 0:
+        raise ValueError("`points` holds no finite point")
+    if cloud.shape[0] > sample:
+        cloud = cloud[np.linspace(0, cloud.shape[0] - 1, sample).astype(np.int64)]
+    distances = np.linalg.norm(cloud[None] - centres[:, None], axis=-1)
+    scale = float(np.median(np.median(distances, axis=1)))
+    return scale if scale > 0.0 else 1.0
+
+
 def _build_scene(
     points: ArrayLike,
     colours: ArrayLike,
@@ -282,7 +349,8 @@ def _build_scene(
     *,
     image_size: tuple[int, int] | None,
     frustum_scale: float,
-    frustum_colour: tuple[int, int, int],
+    frustum_colour: tuple[int, int, int] | None,
+    show_cameras: bool = True,
 ) -> trimesh.Scene:
     trimesh = _require_trimesh()
     points, colours = _validate_cloud(points, colours)
@@ -291,17 +359,14 @@ def _build_scene(
         raise ValueError(f"`frustum_scale` must be positive, got {frustum_scale}")
     height, width = _validate_image_size(image_size) if image_size is not None else (1, 1)
 
-    everything = np.concatenate([points.astype(np.float64), poses[:, :3, 3]])
-    extent = float(np.linalg.norm(everything.max(axis=0) - everything.min(axis=0)))
-    size = frustum_scale * (extent if extent > 0.0 else 1.0)
-
+    size = frustum_scale * robust_scene_scale(points, poses)
     scene = trimesh.Scene()
     scene.add_geometry(trimesh.PointCloud(points, colors=colours), node_name="points", geom_name="points")
-    segments = _frustum_segments(size, width / height)
-    rgba = np.array([*frustum_colour, 255], dtype=np.uint8)
-    for index, pose in enumerate(poses):
-        frustum = trimesh.load_path(segments)
-        frustum.colors = np.tile(rgba, (len(frustum.entities), 1))
+    vertices, faces = _segments_as_tubes(_frustum_segments(size, width / height), width=0.04 * size)
+    palette = view_colours(len(poses)) if frustum_colour is None else np.tile(frustum_colour, (len(poses), 1))
+    for index, pose in enumerate(poses if show_cameras else []):
+        rgba = np.array([*palette[index], 255], dtype=np.uint8)
+        frustum = trimesh.Trimesh(vertices, faces, vertex_colors=np.tile(rgba, (len(vertices), 1)), process=False)
         name = f"camera_{index}"
         scene.add_geometry(frustum, node_name=name, geom_name=name, transform=pose)
     return scene
@@ -314,13 +379,17 @@ def save_scene_glb(
     camera_poses: ArrayLike,
     *,
     image_size: tuple[int, int] | None = None,
-    frustum_scale: float = 0.05,
-    frustum_colour: tuple[int, int, int] = (255, 64, 0),
+    frustum_scale: float = DEFAULT_FRUSTUM_SCALE,
+    frustum_colour: tuple[int, int, int] | None = None,
+    show_cameras: bool = True,
 ) -> Path:
-    """Saves a GLB scene: the coloured point cloud (node `points`) and one wireframe camera frustum per view.
+    """Saves a GLB scene: the coloured point cloud (node `points`) and one camera frustum per view.
 
-    Each frustum is a pyramid of 8 line segments (glTF `LINES`) in its camera's frame (apex at the camera centre,
-    base facing +z), in a node named `camera_{i}` whose transform is the view's camera-to-world pose.
+    Each frustum is a pyramid of 8 edges in its camera's frame (apex at the camera centre, base facing +z, with the
+    views' aspect ratio), each edge a thin square tube of triangles so that every glTF viewer shows it, in a node
+    named `camera_{i}` whose transform is the view's camera-to-world pose. Its depth is `frustum_scale` times the
+    robust scene scale of [`robust_scene_scale`] (the median camera-to-points distance), so far-away outlier points
+    do not blow the frustums up.
 
     Args:
         path (`str` or `os.PathLike`): Destination file; its folder is created if missing.
@@ -329,9 +398,11 @@ def save_scene_glb(
         camera_poses (`(N, 4, 4)` float): Camera-to-world transforms.
         image_size (`tuple[int, int]`, *optional*): `(height, width)` of the views; sets the frustums' aspect ratio
             (square when None).
-        frustum_scale (`float`, defaults to 0.05): Frustum depth as a fraction of the scene's extent (the diagonal of
-            the bounding box of the points and camera centres).
-        frustum_colour (`tuple[int, int, int]`, defaults to orange): RGB colour of the frustum lines.
+        frustum_scale (`float`, defaults to 0.15): Frustum depth as a fraction of the median camera-to-points
+            distance.
+        frustum_colour (`tuple[int, int, int]`, *optional*): One RGB colour for every frustum; by default each view
+            has its own colour from [`view_colours`].
+        show_cameras (`bool`, defaults to True): Include the frustums (False writes the points alone).
 
     Returns:
         `Path`: The written file.
@@ -347,6 +418,7 @@ def save_scene_glb(
         image_size=image_size,
         frustum_scale=frustum_scale,
         frustum_colour=frustum_colour,
+        show_cameras=show_cameras,
     )
     return _atomic_write_bytes(Path(path), scene.export(file_type="glb"))
 
@@ -360,29 +432,86 @@ def _validate_image_size(image_size: Sequence[int]) -> tuple[int, int]:
     return int(image_size[0]), int(image_size[1])
 
 
-def _encode_cameras_json(camera_poses: ArrayLike, image_size: Sequence[int]) -> bytes:
+def _validate_intrinsics(intrinsics: ArrayLike | None, num_views: int) -> np.ndarray | None:
+    if intrinsics is None:
+        return None
+    matrices = _to_numpy(intrinsics, "intrinsics").astype(np.float64)
+    if matrices.shape != (num_views, 3, 3):
+        hint = " (pass one scene, e.g. `output.intrinsics[0]`)" if matrices.ndim == 4 else ""
+        raise ValueError(f"`intrinsics` must have shape ({num_views}, 3, 3), got {tuple(matrices.shape)}{hint}")
+    return matrices
+
+
+def _validate_original_sizes(original_sizes: Sequence[Sequence[int]] | None, num_views: int) -> list | None:
+    if original_sizes is None:
+        return None
+    sizes = [_validate_image_size(size) for size in original_sizes]
+    if len(sizes) != num_views:
+        raise ValueError(f"`original_sizes` has {len(sizes)} entries for {num_views} views")
+    return sizes
+
+
+def _json_matrix(matrix: np.ndarray) -> list:
+    """Nested lists, NaN written as None (JSON has no NaN)."""
+    return [[None if not math.isfinite(value) else value for value in row] for row in matrix.tolist()]
+
+
+def _encode_cameras_json(
+    camera_poses: ArrayLike,
+    image_size: Sequence[int],
+    intrinsics: ArrayLike | None = None,
+    original_sizes: Sequence[Sequence[int]] | None = None,
+) -> bytes:
     poses = _validate_poses(camera_poses)
     height, width = _validate_image_size(image_size)
+    matrices = _validate_intrinsics(intrinsics, len(poses))
+    sizes = _validate_original_sizes(original_sizes, len(poses))
+    cameras = []
+    for index, pose in enumerate(poses):
+        camera: dict[str, Any] = {"index": index, "camera_to_world": pose.tolist(), "width": width, "height": height}
+        if matrices is not None:
+            camera["intrinsics"] = _json_matrix(matrices[index])
+        if sizes is not None:
+            original = {"height": sizes[index][0], "width": sizes[index][1]}
+            if matrices is not None:
+                scale = np.array([[sizes[index][1] / width], [sizes[index][0] / height], [1.0]])
+                original["intrinsics"] = _json_matrix(matrices[index] * scale)
+            camera["original"] = original
+        cameras.append(camera)
     document = {
         "convention": "camera_to_world; camera frame is OpenCV (x right, y down, z forward)",
-        "cameras": [
-            {"index": index, "camera_to_world": pose.tolist(), "width": width, "height": height}
-            for index, pose in enumerate(poses)
-        ],
+        "intrinsics_convention": (
+            "[[fx, 0, cx], [0, fy, cy], [0, 0, 1]] in pixels of width x height; the image spans [0, width] x "
+            "[0, height] and pixel (row i, column j) has its centre at (j + 0.5, i + 0.5); `original` holds the same "
+            "camera in pixels of the image as given (the views are resized, never cropped)"
+        ),
+        "cameras": cameras,
     }
     return (json.dumps(document, indent=2) + "\n").encode("utf-8")
 
 
-def save_cameras_json(path: str | os.PathLike[str], camera_poses: ArrayLike, image_size: tuple[int, int]) -> Path:
-    """Saves the camera poses as JSON.
+def save_cameras_json(
+    path: str | os.PathLike[str],
+    camera_poses: ArrayLike,
+    image_size: tuple[int, int],
+    intrinsics: ArrayLike | None = None,
+    original_sizes: Sequence[tuple[int, int]] | None = None,
+) -> Path:
+    """Saves the camera poses (and intrinsics) as JSON.
 
-    The document is `{"convention": str, "cameras": [{"index": int, "camera_to_world": 4x4 nested list, "width": int,
-    "height": int}, ...]}`, one entry per view in view order.
+    The document is `{"convention": str, "intrinsics_convention": str, "cameras": [{"index": int, "camera_to_world":
+    4x4 nested list, "width": int, "height": int, "intrinsics": 3x3 (with `intrinsics`), "original": {"width",
+    "height", "intrinsics"} (with `original_sizes`)}, ...]}`, one entry per view in view order. Intrinsics a view
+    could not be fitted for hold `null`.
 
     Args:
         path (`str` or `os.PathLike`): Destination file; its folder is created if missing.
         camera_poses (`(N, 4, 4)` float): Camera-to-world transforms.
         image_size (`tuple[int, int]`): `(height, width)` of the views in pixels.
+        intrinsics (`(N, 3, 3)` float, *optional*): Pinhole intrinsics in pixels of `image_size`
+            (`G2VLMReconstructionOutput.intrinsics[scene]`).
+        original_sizes (`list[tuple[int, int]]`, *optional*): `(height, width)` of each original image; the
+            intrinsics are also written rescaled to them.
 
     Returns:
         `Path`: The written file.
@@ -390,7 +519,7 @@ def save_cameras_json(path: str | os.PathLike[str], camera_poses: ArrayLike, ima
     Raises:
         ValueError: On bad shapes, non-finite poses or a bad image size.
     """
-    return _atomic_write_bytes(Path(path), _encode_cameras_json(camera_poses, image_size))
+    return _atomic_write_bytes(Path(path), _encode_cameras_json(camera_poses, image_size, intrinsics, original_sizes))
 
 
 def _encode_depth_png16(depth: ArrayLike) -> tuple[bytes, tuple[float, float] | None]:
@@ -462,6 +591,66 @@ def load_depth_png16(path: str | os.PathLike[str]) -> np.ndarray:
     return depth
 
 
+#: Colour ramp of the depth previews, far (dark blue-violet) to near (light yellow): perceptually ordered and readable
+#: by the common colour-vision deficiencies. Linear interpolation between these anchors.
+_DEPTH_RAMP = np.array(
+    [
+        [20, 12, 60],
+        [62, 38, 140],
+        [40, 100, 170],
+        [30, 150, 150],
+        [70, 190, 100],
+        [170, 215, 60],
+        [250, 235, 120],
+    ],
+    dtype=np.float64,
+)
+
+
+def colourise_depth(depth: ArrayLike, *, low_percentile: float = 2.0, high_percentile: float = 98.0) -> np.ndarray:
+    """Colour-maps one view's depth for people to look at: near is light yellow, far is dark blue-violet.
+
+    The inverse depth (disparity) is scaled between its `low_percentile` and `high_percentile` over the valid pixels
+    (finite, positive depth) and clipped, so a few outliers do not wash the map out. Invalid pixels are black.
+
+    Args:
+        depth (`(H, W)` float): Depth of one view.
+        low_percentile (`float`, defaults to 2.0), high_percentile (`float`, defaults to 98.0): The disparity
+            percentiles mapped to the two ends of the ramp.
+
+    Returns:
+        `(H, W, 3)` uint8 RGB.
+    """
+    values = _to_numpy(depth, "depth").astype(np.float64)
+    _check_shape(values, "depth", "(H, W)", 2)
+    if not 0.0 <= low_percentile < high_percentile <= 100.0:
+        raise ValueError(f"need 0 <= low_percentile < high_percentile <= 100, got {low_percentile}, {high_percentile}")
+    valid = np.isfinite(values) & (values > 0.0)
+    image = np.zeros((*values.shape, 3), dtype=np.uint8)
+    if not valid.any():
+        return image
+    disparity = 1.0 / values[valid]
+    low, high = np.percentile(disparity, [low_percentile, high_percentile])
+    position = np.clip((disparity - low) / (high - low), 0.0, 1.0) if high > low else np.full_like(disparity, 0.5)
+    scaled = position * (len(_DEPTH_RAMP) - 1)
+    lower = np.minimum(np.floor(scaled).astype(np.int64), len(_DEPTH_RAMP) - 2)
+    weight = (scaled - lower)[:, None]
+    image[valid] = np.rint((1.0 - weight) * _DEPTH_RAMP[lower] + weight * _DEPTH_RAMP[lower + 1]).astype(np.uint8)
+    return image
+
+
+def _encode_depth_preview(depth: ArrayLike) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(colourise_depth(depth)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_depth_preview(path: str | os.PathLike[str], depth: ArrayLike) -> Path:
+    """Saves one view's depth as a colour-mapped 8-bit RGB PNG (see [`colourise_depth`]); a picture, not data: use
+    [`save_depth_png16`] for the values."""
+    return _atomic_write_bytes(Path(path), _encode_depth_preview(depth))
+
+
 # ----------------------------------------------------------------------------------------------------------- all of it
 
 
@@ -476,12 +665,16 @@ def export_reconstruction(
     confidence_percentile: float | None = None,
     max_points: int | None = None,
     seed: int = 0,
-    frustum_scale: float = 0.05,
+    frustum_scale: float = DEFAULT_FRUSTUM_SCALE,
+    intrinsics: ArrayLike | None = None,
+    original_sizes: Sequence[tuple[int, int]] | None = None,
+    point_colouring: str = "image",
 ) -> list[Path]:
     """Writes one scene's reconstruction into `output_dir`.
 
     Files: `scene.glb` (see [`save_scene_glb`]), `points.ply` (see [`save_point_cloud_ply`]), `cameras.json` (see
-    [`save_cameras_json`]) and `depth/view_000.png`, ... (see [`save_depth_png16`]). Existing files of these names
+    [`save_cameras_json`]), `depth/view_000.png`, ... (see [`save_depth_png16`]) and after them the colour-mapped
+    previews `depth/view_000_preview.png`, ... (see [`save_depth_preview`]). Existing files of these names
     are replaced. Every file is encoded in memory before any is written; if writing fails, the files this call
     already wrote are removed again (earlier files they replaced are not restored), so a failed export leaves neither
     partial nor temporary files.
@@ -497,7 +690,14 @@ def export_reconstruction(
             80%); ignored when `confidence` is None.
         max_points (`int`, *optional*): Random subsample of at most this many points for the PLY and GLB.
         seed (`int`, defaults to 0): Seed of the random subsample.
-        frustum_scale (`float`, defaults to 0.05): Frustum depth as a fraction of the scene's extent.
+        frustum_scale (`float`, defaults to 0.15): Frustum depth as a fraction of the median camera-to-points
+            distance (see [`save_scene_glb`]).
+        intrinsics (`(N, 3, 3)` float, *optional*): Pinhole intrinsics in pixels of the views, written to
+            `cameras.json`.
+        original_sizes (`list[tuple[int, int]]`, *optional*): `(height, width)` of each original image, for the
+            rescaled intrinsics in `cameras.json`.
+        point_colouring (`str`, defaults to `"image"`): `"image"` colours each point by its pixel, `"view"` by its
+            view's colour (the colour of that view's frustum, [`view_colours`]).
 
     Returns:
         `list[Path]`: The written files, in the order above.
@@ -521,6 +721,11 @@ def export_reconstruction(
         if confidence.shape != depths.shape:
             raise ValueError(f"`confidence` {tuple(confidence.shape)} must match `world_points` {tuple(points.shape)}")
     image_size = (int(points.shape[1]), int(points.shape[2]))
+    if point_colouring not in ("image", "view"):
+        raise ValueError(f'`point_colouring` must be "image" or "view", got {point_colouring!r}')
+    if point_colouring == "view":
+        _check_shape(_to_numpy(images, "images"), "images", "(N, H, W, 3)", 4, last=3)
+        images = np.broadcast_to(view_colours(points.shape[0])[:, None, None], points.shape).copy()
 
     cloud, colours = filter_points(
         points,
@@ -530,17 +735,17 @@ def export_reconstruction(
         max_points=max_points,
         seed=seed,
     )
-    scene = _build_scene(
-        cloud, colours, poses, image_size=image_size, frustum_scale=frustum_scale, frustum_colour=(255, 64, 0)
-    )
+    scene = _build_scene(cloud, colours, poses, image_size=image_size, frustum_scale=frustum_scale, frustum_colour=None)
     output_dir = Path(output_dir)
     payloads: list[tuple[Path, bytes]] = [
         (output_dir / "scene.glb", scene.export(file_type="glb")),
         (output_dir / "points.ply", _encode_point_cloud_ply(cloud, colours)),
-        (output_dir / "cameras.json", _encode_cameras_json(poses, image_size)),
+        (output_dir / "cameras.json", _encode_cameras_json(poses, image_size, intrinsics, original_sizes)),
     ]
     for index, view_depth in enumerate(depths):
         payloads.append((output_dir / "depth" / f"view_{index:03d}.png", _encode_depth_png16(view_depth)[0]))
+    for index, view_depth in enumerate(depths):
+        payloads.append((output_dir / "depth" / f"view_{index:03d}_preview.png", _encode_depth_preview(view_depth)))
 
     created_dirs = [folder for folder in (output_dir, output_dir / "depth") if not folder.exists()]
     written: list[Path] = []
@@ -571,10 +776,12 @@ def export_model_scene(
 ) -> list[Path]:
     """Writes scene `scene` of a model's reconstruction (`G2VLMReconstructionOutput`), coloured by its geometry views
     (`geometry_pixel_values` as the processor made them, unnormalised by `geometry_image_processor`). `options` go
-    to [`export_reconstruction`] (`confidence_percentile`, `max_points`, ...)."""
+    to [`export_reconstruction`] (`confidence_percentile`, `max_points`, `original_sizes`, ...)."""
     confidence = reconstruction.confidence
+    intrinsics = getattr(reconstruction, "intrinsics", None)
     return export_reconstruction(
         output_dir,
+        intrinsics=None if intrinsics is None else intrinsics[scene],
         camera_poses=reconstruction.camera_poses[scene],
         world_points=reconstruction.world_points[scene],
         depth=reconstruction.depth[scene],

@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForDepthEstimation,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
 
 from .modeling import (
     G2VLMConfig,
     G2VLMForConditionalGeneration,
+    G2VLMForDepthEstimation,
     G2VLMForReconstruction,
     G2VLMReconstructionConfig,
     G2VLMTextConfig,
     G2VLMTextModel,
 )
-from .processing import G2VLMProcessor
+from .processing import G2VLMGeometryImageProcessor, G2VLMProcessor
 
 _registered = False
 
 
 def register() -> None:
-    """Register the configs, models and processor with AutoConfig, AutoModel, AutoModelForImageTextToText and
-    AutoProcessor.
+    """Register the configs, models and processors with AutoConfig, AutoModel, AutoModelForImageTextToText,
+    AutoModelForDepthEstimation, AutoImageProcessor (the geometry image processor) and AutoProcessor.
 
     Idempotent: called on `import g2vlm_hf`, safe to call again.
     """
@@ -37,4 +45,7 @@ def register() -> None:
     AutoModelForImageTextToText.register(G2VLMConfig, G2VLMForConditionalGeneration, exist_ok=True)
     AutoProcessor.register(G2VLMConfig, G2VLMProcessor, exist_ok=True)
     AutoProcessor.register(G2VLMReconstructionConfig, G2VLMProcessor, exist_ok=True)
+    AutoModelForDepthEstimation.register(G2VLMConfig, G2VLMForDepthEstimation, exist_ok=True)
+    for config_class in (G2VLMConfig, G2VLMReconstructionConfig):
+        AutoImageProcessor.register(config_class, slow_image_processor_class=G2VLMGeometryImageProcessor, exist_ok=True)
     _registered = True

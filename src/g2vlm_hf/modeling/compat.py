@@ -5,6 +5,7 @@ instead of testing versions themselves. Supported: transformers 5.21 through 5.2
 
 - 5.24 renamed the key/value cache from `past_key_values` to `cache`, in model inputs, in model outputs and in the
   generation and masking utilities (the old name is deprecated until 5.40).
+- 5.24 renamed `PreTrainedModel.is_gradient_checkpointing` to `is_activation_checkpointing` (the old name warns).
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from dataclasses import fields
 from typing import Any
 
 from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 LEGACY_CACHE_NAME = "past_key_values"
 CACHE_NAME: str = "cache" if "cache" in {field.name for field in fields(BaseModelOutputWithPast)} else LEGACY_CACHE_NAME
@@ -38,6 +42,11 @@ def accepts_cache_alias(method: Callable) -> Callable:
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
+        if CACHE_NAME != LEGACY_CACHE_NAME and kwargs.get(LEGACY_CACHE_NAME) is not None:
+            # as transformers' own models do from 5.24 on
+            logger.warning_once(
+                "`past_key_values` is deprecated and will be removed in version 5.40.0. Use `cache` instead."
+            )
         if "cache" in kwargs:
             cache = kwargs.pop("cache")
             if kwargs.get(LEGACY_CACHE_NAME) is not None and cache is not None:
@@ -60,4 +69,18 @@ def accepts_cache_alias(method: Callable) -> Callable:
     return wrapper
 
 
-__all__ = ["CACHE_NAME", "LEGACY_CACHE_NAME", "accepts_cache_alias", "cache_kwargs", "output_cache"]
+def activation_checkpointing(model: Any) -> bool:
+    """Whether activation (gradient) checkpointing is on for `model`, under the installed transformers' name."""
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return model.is_activation_checkpointing
+    return model.is_gradient_checkpointing
+
+
+__all__ = [
+    "CACHE_NAME",
+    "LEGACY_CACHE_NAME",
+    "accepts_cache_alias",
+    "activation_checkpointing",
+    "cache_kwargs",
+    "output_cache",
+]

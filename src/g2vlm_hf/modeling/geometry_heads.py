@@ -14,6 +14,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import logging
 
 from .configuration_g2vlm import G2VLMConfig
+from .intrinsics import estimate_intrinsics
 
 logger = logging.get_logger(__name__)
 
@@ -275,7 +276,8 @@ class G2VLMGeometryHeads(nn.Module):
 
         Returns:
             A dict with `camera_poses (scenes, views, 4, 4)`, `local_points`, `world_points`, `global_points`
-            `(scenes, views, H, W, 3)`, `depth (scenes, views, H, W)` and `confidence (scenes, views, H, W)` or None.
+            `(scenes, views, H, W, 3)`, `depth (scenes, views, H, W)`, `confidence (scenes, views, H, W)` or None, and `intrinsics (scenes, views, 3, 3)`
+            fitted to the local points (see `intrinsics.estimate_intrinsics`).
         """
         scenes, views, grid_h, grid_w, dim = geometry_tokens.shape
         dtype = self.camera_head.fc_t.weight.dtype
@@ -315,6 +317,8 @@ class G2VLMGeometryHeads(nn.Module):
                 hidden = self.confidence_decoder(tokens, rope)
                 confidence = per_view(self.confidence_head(hidden, grid_h, grid_w)[..., 0].float())
 
+            intrinsics = estimate_intrinsics(local_points, confidence)
+
         return {
             "camera_poses": camera_poses,
             "local_points": local_points,
@@ -322,6 +326,7 @@ class G2VLMGeometryHeads(nn.Module):
             "global_points": global_points,
             "depth": local_points[..., 2],
             "confidence": confidence,
+            "intrinsics": intrinsics,
         }
 
 

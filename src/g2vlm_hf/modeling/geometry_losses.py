@@ -100,7 +100,8 @@ def geometry_losses(
     Args:
         prediction: the geometry heads' output (`local_points`, `camera_poses`, optionally `global_points`).
         world_points: `(B, N, H, W, 3)` ground-truth points in any world frame.
-        valid_mask: `(B, N, H, W)` bool, True where `world_points` is known.
+        valid_mask: `(B, N, H, W)` bool, True where `world_points` is known (points behind their camera are left
+            out as well).
         camera_poses: `(B, N, 4, 4)` ground-truth camera-to-world transforms in the same frame.
         weights: term weights (defaults: the official recipe).
     """
@@ -118,6 +119,10 @@ def geometry_losses(
     target_global = target_global / target_scale.view(-1, 1, 1, 1, 1)
     target_poses = scale_translations(target_poses, 1.0 / target_scale)
     target_local = transform_points(invert_poses(target_poses), target_global)
+    # a target point behind its camera is no pixel's depth: leaving it in would make the depth weights negative
+    mask = mask & (target_local[..., 2] > 0)
+    if int(mask.sum()) == 0:
+        raise ValueError("No valid target point lies in front of its camera: check geometry_targets' frames.")
 
     # predictions: unit mean distance of the local points
     local = prediction["local_points"].float()

@@ -9,7 +9,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 from transformers.utils import can_return_tuple, logging
 
-from .compat import accepts_cache_alias, cache_kwargs, output_cache
+from .compat import accepts_cache_alias, activation_checkpointing, cache_kwargs, output_cache
 from .configuration_g2vlm import G2VLMConfig, G2VLMReconstructionConfig
 from .geometry_encoder import G2VLMGeometryEncoder
 from .geometry_heads import G2VLMGeometryHeads
@@ -189,7 +189,7 @@ class G2VLMModel(G2VLMPreTrainedModel):
             geometry_pixel_values = as_geometry_pixel_values(geometry_pixel_values, self.config.geometry_patch_size)
         if use_cache is None:
             # as transformers' `merge_with_config_defaults`: the config's default, never while checkpointing
-            use_cache = self.config.text_config.use_cache and not (self.is_gradient_checkpointing and self.training)
+            use_cache = self.config.text_config.use_cache and not (activation_checkpointing(self) and self.training)
         if input_ids is None:
             if geometry_pixel_values is not None and self.config.geometry_token_id >= self.config.text_config.vocab_size:
                 raise ValueError(
@@ -216,8 +216,10 @@ class G2VLMModel(G2VLMPreTrainedModel):
                 placeholders = placeholders | mask if mask is not None else placeholders
             # Placeholders may lie outside the embedding matrix (`<|geo_pad|>` is added by the conversion).
             inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
+        image_outputs = None
         if image_mask is not None:
-            features = torch.cat(self.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output)
+            image_outputs = self.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+            features = torch.cat(image_outputs.pooler_output)
             inputs_embeds = scatter_features(inputs_embeds, image_mask, features, "semantic image")
         if geometry_mask is not None:
             features = self.get_geometry_features(geometry_pixel_values).flatten(0, 2)
@@ -228,8 +230,9 @@ class G2VLMModel(G2VLMPreTrainedModel):
                 self.geometry_grid_thw(geometry_pixel_values) if geometry_pixel_values is not None else None
             )
             position_ids = self.compute_position_ids(
-                input_ids, attention_mask, past_key_values, image_grid_thw, geometry_grid_thw
-            )
+                input_ids, attention_mask, past_key_values, image_grid_thw if image_mask is not None else None,
+                geometry_grid_thw,
+            )  # fmt: skip
         chunk_mask = attention_mask[:, -input_ids.shape[1] :] if is_padding_mask(attention_mask) else None
         block_ids = get_block_ids(
             input_ids,
@@ -245,8 +248,9 @@ class G2VLMModel(G2VLMPreTrainedModel):
             geometry_mask=geometry_mask,
             attention_mask=attention_mask,
             block_ids=block_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            return_dict=True,
+            **cache_kwargs(past_key_values),
             **kwargs,
         )
         return G2VLMModelOutputWithPast(
@@ -255,6 +259,7 @@ class G2VLMModel(G2VLMPreTrainedModel):
             attentions=outputs.attentions,
             rope_deltas=self.rope_deltas,
             geometry_mask=geometry_mask,
+            image_outputs=image_outputs,
             **cache_kwargs(output_cache(outputs)),
         )
 
@@ -351,7 +356,7 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = G2VLMModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.geometry_heads = G2VLMGeometryHeads(config)
+        self.geometry_heads = G2VLMGeometryHeads(config).float()  # float32 whatever the default dtype
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -402,7 +407,7 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            **cache_kwargs(past_key_values),
             inputs_embeds=inputs_embeds,
             pixel_values=pixel_values,
             image_grid_thw=image_grid_thw,
@@ -437,6 +442,7 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             rope_deltas=outputs.rope_deltas,
+            image_outputs=outputs.image_outputs,
             lm_loss=lm_loss,
             geometry_losses=losses,
             reconstruction=reconstruction,
@@ -532,11 +538,10 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
             expand_size, is_encoder_decoder, input_ids, **model_kwargs
         )
         if images["pixel_values"] is not None and expand_size > 1:
-            if input_ids is None or input_ids.shape[1] == 0:
-                raise ValueError(
-                    "Beam search or several sequences per prompt with images need the prompt's `input_ids`."
-                )
-            rows = input_ids[::expand_size]
+            if input_ids is None or input_ids.shape[1] == 0:  # a prompt given as embeddings only
+                rows = self.model.layout_ids_from_embeds(model_kwargs["inputs_embeds"][::expand_size])
+            else:
+                rows = input_ids[::expand_size]
             is_image = rows == self.config.image_token_id
             starts = is_image & ~F.pad(is_image[:, :-1], (1, 0), value=False)  # one run of placeholders per image
             images_per_sample = starts.sum(-1).tolist()
@@ -556,6 +561,7 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
         if input_ids is None or input_ids.shape[1] == 0:
             is_ids = inputs_tensor.ndim == 2 and not inputs_tensor.is_floating_point()
             input_ids = inputs_tensor if is_ids else self.model.layout_ids_from_embeds(model_kwargs["inputs_embeds"])
+        image_grid_thw = model_kwargs.get("image_grid_thw") if model_kwargs.get("pixel_values") is not None else None
         geometry_pixel_values = model_kwargs.get("geometry_pixel_values")
         geometry_grid_thw = None
         if geometry_pixel_values is not None:
@@ -570,13 +576,13 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
                 input_ids[:, past_length:],
                 model_kwargs.get("attention_mask"),
                 cache,
-                model_kwargs.get("image_grid_thw"),
+                image_grid_thw,
                 geometry_grid_thw,
             )
             return F.pad(new_positions, (past_length, 0))
         position_ids, self.model.rope_deltas = get_rope_index(
             input_ids,
-            model_kwargs.get("image_grid_thw"),
+            image_grid_thw,
             geometry_grid_thw,
             model_kwargs.get("attention_mask"),
             image_token_id=self.config.image_token_id,
@@ -596,7 +602,7 @@ class G2VLMForReconstruction(G2VLMPreTrainedModel):
     def __init__(self, config: G2VLMReconstructionConfig):
         super().__init__(config)
         self.model = G2VLMModel(config)
-        self.geometry_heads = G2VLMGeometryHeads(config)
+        self.geometry_heads = G2VLMGeometryHeads(config).float()  # float32 whatever the default dtype
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 # The G²VLM outputs extend transformers' own, so that the cache field carries the installed release's name
@@ -21,10 +21,13 @@ class G2VLMModelOutputWithPast(BaseModelOutputWithPast):
         Offset between a text token's sequence index and its multimodal RoPE position after the prompt.
     geometry_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
         True on the geometry (DINOv2 patch) tokens.
+    image_outputs (`BaseModelOutputWithPooling`, *optional*):
+        The semantic vision tower's output for the images of this call (`get_image_features`).
     """
 
     rope_deltas: torch.LongTensor | None = None
     geometry_mask: torch.BoolTensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
 
 
 @dataclass
@@ -41,12 +44,15 @@ class G2VLMCausalLMOutputWithPast(CausalLMOutputWithPast):
         `camera`, `confidence` when there is a confidence head) and their weighted `total`, with `geometry_targets`.
     reconstruction (`G2VLMReconstructionOutput`, *optional*):
         The geometry heads' predictions the geometry losses were computed on.
+    image_outputs (`BaseModelOutputWithPooling`, *optional*):
+        The semantic vision tower's output for the images of this call (`get_image_features`).
     """
 
     rope_deltas: torch.LongTensor | None = None
     lm_loss: torch.FloatTensor | None = None
     geometry_losses: dict[str, torch.FloatTensor] | None = None
     reconstruction: G2VLMReconstructionOutput | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
 
 
 @dataclass
@@ -69,6 +75,11 @@ class G2VLMReconstructionOutput(ModelOutput):
         Positive depth along each camera's z axis (`local_points[..., 2]`).
     confidence (`torch.FloatTensor` of shape `(batch_size, num_views, H, W)`, *optional*):
         Unnormalised per-pixel confidence (higher is more reliable); None when the checkpoint has no confidence head.
+    intrinsics (`torch.FloatTensor` of shape `(batch_size, num_views, 3, 3)`):
+        Pinhole intrinsics `[[fx, 0, cx], [0, fy, cy], [0, 0, 1]]` of each view in pixels of the `W x H` geometry
+        views (pixel centres at half-integers), fitted in closed form to `local_points` over the valid pixels (the
+        more confident half when there is `confidence`). `g2vlm_hf.modeling.intrinsics.rescale_intrinsics` maps them
+        to the original image size.
     """
 
     camera_poses: torch.FloatTensor | None = None
@@ -77,3 +88,4 @@ class G2VLMReconstructionOutput(ModelOutput):
     global_points: torch.FloatTensor | None = None
     depth: torch.FloatTensor | None = None
     confidence: torch.FloatTensor | None = None
+    intrinsics: torch.FloatTensor | None = None

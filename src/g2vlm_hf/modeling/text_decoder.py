@@ -25,8 +25,10 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
+from transformers.utils import can_return_tuple
 from transformers.utils.generic import is_flash_attention_requested
 
+from .compat import accepts_cache_alias, activation_checkpointing, cache_kwargs
 from .configuration_g2vlm import G2VLMTextConfig
 from .layers import G2VLMMLP, G2VLMLayerScale, route_tokens
 from .pretrained import G2VLMPreTrainedModel
@@ -134,10 +136,11 @@ class G2VLMDecoderLayer(GradientCheckpointingLayer):
         past_key_values: Cache | None = None,
         varlen_plan: VarlenPlan | None = None,
         **kwargs,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the layer's output and the attention weights (None unless the backend computes them: eager)."""
         residual = hidden_states
         hidden_states = route_tokens(hidden_states, geometry_mask, self.input_layernorm, self.geo_input_layernorm)
-        hidden_states, _ = self.self_attn(
+        hidden_states, attention_weights = self.self_attn(
             hidden_states, geometry_mask, position_embeddings, attention_mask, past_key_values, varlen_plan, **kwargs
         )
         hidden_states = residual + self._scale_geometry(hidden_states, geometry_mask, self.geo_attn_layer_scale)
@@ -147,7 +150,7 @@ class G2VLMDecoderLayer(GradientCheckpointingLayer):
             hidden_states, geometry_mask, self.post_attention_layernorm, self.geo_post_attention_layernorm
         )
         hidden_states = route_tokens(hidden_states, geometry_mask, self.mlp, self.geo_mlp)
-        return residual + self._scale_geometry(hidden_states, geometry_mask, self.geo_mlp_layer_scale)
+        return residual + self._scale_geometry(hidden_states, geometry_mask, self.geo_mlp_layer_scale), attention_weights
 
     @staticmethod
     def _scale_geometry(
@@ -177,31 +180,44 @@ class G2VLMTextModel(G2VLMPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @accepts_cache_alias
+    @can_return_tuple
     def forward(
         self,
         inputs_embeds: torch.Tensor,
-        position_ids: torch.LongTensor,
+        position_ids: torch.LongTensor | None = None,
         geometry_mask: torch.BoolTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         block_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """
         Args:
             inputs_embeds: `(batch, seq, hidden)`, with the image features already in place.
-            position_ids: `(3, batch, seq)` multimodal RoPE positions.
+            position_ids: `(3, batch, seq)` multimodal RoPE positions (None: text positions after the cache).
             geometry_mask: `(batch, seq)`, True on geometry tokens (None: no geometry token).
             attention_mask: `(batch, past + seq)` padding mask, 1 on real tokens (or the masks `generate()` prepares
                 for a static cache).
             block_ids: `(batch, seq)` bidirectional block of each token, -1 for causal text (None: all causal).
+            use_cache, output_attentions, output_hidden_states: default to the config's values.
         """
+        if use_cache is None:
+            use_cache = self.config.use_cache and not (self.training and activation_checkpointing(self))
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         if geometry_mask is not None and not bool(geometry_mask.any()):
             geometry_mask = None
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            positions = torch.arange(past_length, past_length + inputs_embeds.shape[1], device=inputs_embeds.device)
+            position_ids = positions.expand(3, inputs_embeds.shape[0], -1)
         causal_mask, varlen_plan = None, None
         kernel = self._varlen_kernel(block_ids)
         if isinstance(attention_mask, dict):  # prepared by generate() for a compileable cache (text decoding)
@@ -218,13 +234,15 @@ class G2VLMTextModel(G2VLMPreTrainedModel):
                 config=self.config,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
-                past_key_values=past_key_values,
                 block_sequence_ids=block_ids,
+                **cache_kwargs(past_key_values),
             )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         hidden_states = inputs_embeds
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
         for layer in self.layers:
-            hidden_states = layer(
+            hidden_states, attention_weights = layer(
                 hidden_states,
                 geometry_mask,
                 position_embeddings,
@@ -233,8 +251,19 @@ class G2VLMTextModel(G2VLMPreTrainedModel):
                 varlen_plan=varlen_plan,
                 **kwargs,
             )
+            if output_hidden_states:
+                all_hidden_states = (*all_hidden_states, hidden_states)
+            if output_attentions:
+                all_attentions = (*all_attentions, attention_weights)
         hidden_states = route_tokens(hidden_states, geometry_mask, self.norm, self.geo_norm)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        if output_hidden_states:  # as in transformers' decoders, the last entry is the final-normed output
+            all_hidden_states = (*all_hidden_states[:-1], hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+            **cache_kwargs(past_key_values),
+        )
 
     def _varlen_kernel(self, block_ids: torch.LongTensor | None) -> Callable | None:
         """The varlen kernel to run this pass with, or None for one pass with a mask.

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers.image_processing_base import BatchFeature, ImageProcessingMixin
+from transformers.image_processing_base import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.utils import TensorType
 
@@ -19,7 +20,7 @@ from .image_io import ImageSource, load_image
 G2VLM_2B_KV_BYTES_PER_TOKEN = 28 * 2 * 2 * 128 * 2
 
 
-class G2VLMGeometryImageProcessor(ImageProcessingMixin):
+class G2VLMGeometryImageProcessor(BaseImageProcessor):
     r"""
     Turns the views of a scene into `geometry_pixel_values` `(scenes, views, 3, H, W)`, as the official code does:
     every view is resized (LANCZOS) to `target_width` and the height the FIRST view's aspect ratio gives, rounded to a
@@ -39,6 +40,11 @@ class G2VLMGeometryImageProcessor(ImageProcessingMixin):
         image_std (`list[float]`, *optional*, defaults to the ImageNet std):
         max_views (`int`, *optional*, defaults to 256):
             Largest number of views in one scene; more raise a ValueError with a memory estimate.
+        prompt_token_ids (`dict`, *optional*):
+            Token ids of the reconstruction prompt (`prefix` list, `vision_start`, `geometry`, `vision_end`); the
+            [`G2VLMProcessor`] fills them in from its tokenizer. With them, calling this processor also returns the
+            `input_ids` (and `attention_mask`) of the reconstruction prompt of the views, so that it alone feeds
+            `model.reconstruct` and the depth-estimation pipeline.
     """
 
     model_input_names = ["geometry_pixel_values"]
@@ -52,9 +58,11 @@ class G2VLMGeometryImageProcessor(ImageProcessingMixin):
         image_mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         image_std: Sequence[float] = IMAGENET_DEFAULT_STD,
         max_views: int = 256,
+        prompt_token_ids: dict | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.prompt_token_ids = prompt_token_ids
         if target_width % patch_size:
             raise ValueError(f"target_width={target_width} must be a multiple of patch_size={patch_size}.")
         self.do_resize = do_resize
@@ -82,7 +90,8 @@ class G2VLMGeometryImageProcessor(ImageProcessingMixin):
 
         Returns:
             `BatchFeature` with `geometry_pixel_values` `(scenes, views, 3, H, W)`; all scenes of a batch must give
-            the same number of views and size.
+            the same number of views and size. With `prompt_token_ids` also `input_ids` and `attention_mask`
+            `(scenes, length)`: the official reconstruction prompt of those views.
         """
         scenes = [self.preprocess_scene(scene, do_resize, target_width) for scene in as_scenes(images)]
         shapes = sorted({tuple(scene.shape) for scene in scenes})
@@ -90,7 +99,45 @@ class G2VLMGeometryImageProcessor(ImageProcessingMixin):
             raise ValueError(
                 f"The scenes of a batch give different numbers of views or sizes {shapes}; process them one by one."
             )
-        return BatchFeature({"geometry_pixel_values": torch.stack(scenes)}, tensor_type=return_tensors)
+        data = {"geometry_pixel_values": torch.stack(scenes)}
+        if self.prompt_token_ids:
+            data["input_ids"] = self.reconstruction_prompt(*data["geometry_pixel_values"].shape[:2], *shapes[0][-2:])
+            data["attention_mask"] = torch.ones_like(data["input_ids"])
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    def reconstruction_prompt(self, scenes: int, views: int, height: int, width: int) -> torch.LongTensor:
+        """`(scenes, length)` token ids of the reconstruction prompt: the prefix, then each view's geometry tokens
+        between its start and end markers (needs `prompt_token_ids`)."""
+        ids = self.prompt_token_ids
+        if not ids:
+            raise ValueError("This geometry image processor has no `prompt_token_ids`; use the G2VLMProcessor.")
+        tokens_per_view = (height // self.patch_size) * (width // self.patch_size)
+        view = [ids["vision_start"], *[ids["geometry"]] * tokens_per_view, ids["vision_end"]]
+        return torch.tensor([[*ids["prefix"], *view * views]] * scenes, dtype=torch.long)
+
+    def post_process_depth_estimation(
+        self, outputs, target_sizes: Sequence[Sequence[int]] | None = None
+    ) -> list[dict[str, torch.Tensor]]:
+        """Per-view depth at the requested sizes (the depth-estimation pipeline's post-processing).
+
+        Args:
+            outputs: a [`G2VLMForDepthEstimation`] output (its `predicted_depth` `(views, H, W)`, all views of all
+                scenes in order).
+            target_sizes (`list[tuple[int, int]]`, *optional*): `(height, width)` per view (e.g. the original image
+                sizes); the depth is resized there (bilinear). None keeps the processed size.
+
+        Returns:
+            `list[dict]`: one `{"predicted_depth": (height, width) tensor}` per view.
+        """
+        depth = outputs["predicted_depth"] if isinstance(outputs, dict) else outputs.predicted_depth
+        if target_sizes is not None and len(target_sizes) != depth.shape[0]:
+            raise ValueError(f"{len(target_sizes)} target sizes for {depth.shape[0]} depth maps")
+        results = []
+        for index, view in enumerate(depth):
+            if target_sizes is not None and tuple(target_sizes[index]) != tuple(view.shape):
+                view = F.interpolate(view[None, None].float(), size=tuple(target_sizes[index]), mode="bilinear")[0, 0]
+            results.append({"predicted_depth": view})
+        return results
 
     def preprocess_scene(
         self, views: Sequence[ImageSource], do_resize: bool | None = None, target_width: int | None = None

@@ -121,6 +121,46 @@ class G2VLMProcessor(ProcessorMixin):
             )
         self.image_token_id = vocab[IMAGE_TOKEN]
         self.geometry_token_id = vocab[GEOMETRY_TOKEN]
+        if getattr(self.geometry_image_processor, "prompt_token_ids", None) is None:
+            # lets the geometry image processor alone build the reconstruction prompt (AutoImageProcessor, the
+            # depth-estimation pipeline)
+            self.geometry_image_processor.prompt_token_ids = {
+                "prefix": tokenizer.encode(RECONSTRUCTION_PROMPT, add_special_tokens=False),
+                "vision_start": vocab[VISION_START],
+                "geometry": vocab[GEOMETRY_TOKEN],
+                "vision_end": vocab[VISION_END],
+            }
+
+    # Saved layout. `AutoImageProcessor.from_pretrained(folder)` reads the "image_processor" entry of
+    # processor_config.json, and for a G²VLM checkpoint that must be the geometry image processor (what the
+    # depth-estimation pipeline and reconstruction need), so the geometry settings are saved there and the semantic
+    # (Qwen2-VL) ones as "semantic_image_processor". Folders saved in the older layout ("image_processor" = Qwen2-VL,
+    # "geometry_image_processor" = geometry) still load.
+    SEMANTIC_KEY = "semantic_image_processor"
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        if "image_processor" in output and "geometry_image_processor" in output:
+            output[self.SEMANTIC_KEY] = output.pop("image_processor")
+            output["image_processor"] = output.pop("geometry_image_processor")
+        return output
+
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        processor_dict = processor_dict if processor_dict is not None else {}
+        semantic = processor_dict.pop(cls.SEMANTIC_KEY, None)
+        if semantic is None:  # older layout: transformers' own loading finds everything
+            return super()._get_arguments_from_pretrained(pretrained_model_name_or_path, processor_dict, **kwargs)
+        # Current layout: both image processors from their saved settings (not through AutoImageProcessor, which
+        # without this package installed, e.g. through trust_remote_code, does not know the geometry processor).
+        geometry = {k: v for k, v in processor_dict.pop("image_processor").items() if k != "image_processor_type"}
+        processor_dict.pop("geometry_image_processor", None)
+        arguments = {
+            "image_processor": _semantic_image_processor_from_dict(semantic),
+            "geometry_image_processor": G2VLMGeometryImageProcessor(**geometry),
+            "tokenizer": cls._load_tokenizer_from_pretrained("tokenizer", pretrained_model_name_or_path, **kwargs),
+        }
+        return [arguments[name] for name in cls.get_attributes()]
 
     @staticmethod
     def get_possibly_dynamic_module(module_name):
@@ -352,6 +392,24 @@ def _fetch_once(image: Any, fetched: dict[str, Image.Image]) -> Any:
     if image not in fetched:
         fetched[image] = load_image(image)
     return fetched[image]
+
+
+def _semantic_image_processor_from_dict(config: dict):
+    """The Qwen2-VL image processor saved under "semantic_image_processor": its class from `image_processor_type`,
+    the PIL backend when torchvision is not installed (as AutoImageProcessor picks it)."""
+    import transformers
+    from transformers.utils import is_torchvision_available
+
+    name = config.get("image_processor_type")
+    if not name:
+        raise ValueError("The saved semantic image processor has no `image_processor_type`.")
+    base = name.removesuffix("Fast").removesuffix("Pil")
+    candidates = [base, f"{base}Pil"] if is_torchvision_available() else [f"{base}Pil", base]
+    for candidate in candidates:
+        image_processor_class = getattr(transformers, candidate, None)
+        if image_processor_class is not None:
+            return image_processor_class(**{k: v for k, v in config.items() if k != "image_processor_type"})
+    raise ValueError(f"transformers has no image processor class {name!r} (nor {base}Pil).")
 
 
 def per_prompt(items, counts: list[int], name: str, token: str) -> list[list]:

@@ -1,0 +1,268 @@
+"""Writing one scene's reconstruction as a COLMAP sparse model (text format), for tools that start from COLMAP
+(Gaussian splatting, NeRF trainers, COLMAP's own GUI and bundle adjuster).
+
+Files, in `output_dir`:
+
+- `cameras.txt`: one `PINHOLE` camera per view (`fx fy cx cy` from the fitted intrinsics, in pixels of the geometry
+  views);
+- `images.txt`: one image per view (views whose fitted camera is unusable, i.e. non-finite or with a focal length
+  <= 0, are left out with a warning, and so are their points; IMAGE_ID and CAMERA_ID are the view index + 1) with its WORLD-TO-CAMERA pose (COLMAP's convention: quaternion `qw qx qy qz` and
+  translation of `x_cam = R x_world + t`; our poses are camera-to-world, so they are inverted here) and its 2D
+  observations;
+- `points3D.txt`: the kept points (finite, and above the confidence percentile) with their colour, each observed once,
+  at the pixel it was predicted for; its `ERROR` is the reprojection error of that pixel through the fitted camera;
+- `images/view_000.png`, ...: the views at the geometry resolution, the images the cameras and 2D points refer to.
+
+Pixel coordinates follow COLMAP: the centre of the top-left pixel is `(0.5, 0.5)`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers.utils import logging
+
+from .export import (
+    ArrayLike,
+    _atomic_write_bytes,
+    _check_shape,
+    _to_numpy,
+    _validate_poses,
+    compute_keep_mask,
+)
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["export_colmap", "export_model_colmap", "rotation_to_quaternion"]
+
+
+def rotation_to_quaternion(rotation: np.ndarray) -> np.ndarray:
+    """Unit quaternion `(w, x, y, z)` with `w >= 0` of a 3x3 rotation matrix (Hamilton convention, as COLMAP and
+    Eigen use: `rotation` rotates column vectors). Picks the numerically largest of the four components first, so
+    it is accurate for every rotation, including half turns."""
+    m = np.asarray(rotation, dtype=np.float64)
+    trace = m[0, 0] + m[1, 1] + m[2, 2]
+    candidates = np.array([trace, m[0, 0], m[1, 1], m[2, 2]])
+    largest = int(np.argmax(candidates))
+    if largest == 0:
+        w = 0.5 * np.sqrt(max(1.0 + trace, 0.0))
+        quaternion = np.array(
+            [w, (m[2, 1] - m[1, 2]) / (4 * w), (m[0, 2] - m[2, 0]) / (4 * w), (m[1, 0] - m[0, 1]) / (4 * w)]
+        )
+    elif largest == 1:
+        x = 0.5 * np.sqrt(max(1.0 + m[0, 0] - m[1, 1] - m[2, 2], 0.0))
+        quaternion = np.array(
+            [(m[2, 1] - m[1, 2]) / (4 * x), x, (m[0, 1] + m[1, 0]) / (4 * x), (m[0, 2] + m[2, 0]) / (4 * x)]
+        )
+    elif largest == 2:
+        y = 0.5 * np.sqrt(max(1.0 - m[0, 0] + m[1, 1] - m[2, 2], 0.0))
+        quaternion = np.array(
+            [(m[0, 2] - m[2, 0]) / (4 * y), (m[0, 1] + m[1, 0]) / (4 * y), y, (m[1, 2] + m[2, 1]) / (4 * y)]
+        )
+    else:
+        z = 0.5 * np.sqrt(max(1.0 - m[0, 0] - m[1, 1] + m[2, 2], 0.0))
+        quaternion = np.array(
+            [(m[1, 0] - m[0, 1]) / (4 * z), (m[0, 2] + m[2, 0]) / (4 * z), (m[1, 2] + m[2, 1]) / (4 * z), z]
+        )
+    quaternion /= np.linalg.norm(quaternion)
+    return -quaternion if quaternion[0] < 0 else quaternion
+
+
+def _num(value: float) -> str:
+    """Shortest exact text of a float (numpy scalars included)."""
+    return repr(float(value))
+
+
+def _png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def export_colmap(
+    output_dir: str | os.PathLike[str],
+    *,
+    camera_poses: ArrayLike,
+    world_points: ArrayLike,
+    intrinsics: ArrayLike,
+    images: ArrayLike,
+    confidence: ArrayLike | None = None,
+    confidence_percentile: float | None = None,
+    max_points: int | None = None,
+    seed: int = 0,
+    image_names: Sequence[str] | None = None,
+    write_images: bool = True,
+) -> list[Path]:
+    """Writes one scene as a COLMAP text model (see the module docstring for the files).
+
+    Args:
+        output_dir (`str` or `os.PathLike`): Destination folder, created if missing; files of the same names are
+            replaced.
+        camera_poses (`(N, 4, 4)` float): Camera-to-world transforms (inverted to COLMAP's world-to-camera).
+        world_points (`(N, H, W, 3)` float): Per-pixel 3D points in the world frame.
+        intrinsics (`(N, 3, 3)` float): Pinhole intrinsics of each view in pixels of the `W x H` views
+            (`G2VLMReconstructionOutput.intrinsics[scene]`).
+        images (`(N, H, W, 3)` uint8): RGB views at the geometry resolution.
+        confidence (`(N, H, W)` float, *optional*): Per-pixel confidence.
+        confidence_percentile (`float`, *optional*): Drop points below this confidence percentile.
+        max_points (`int`, *optional*): Random subsample of at most this many points.
+        seed (`int`, defaults to 0): Seed of the subsample.
+        image_names (`list[str]`, *optional*): File names of the views inside `images/` (default `view_000.png`, ...).
+        write_images (`bool`, defaults to True): Also write the views into `images/`.
+
+    Returns:
+        `list[Path]`: The written files.
+
+    Raises:
+        ValueError: On mismatched shapes, when no view has a usable camera, or when every point is filtered away.
+    """
+    poses = _validate_poses(camera_poses)
+    points = _to_numpy(world_points, "world_points").astype(np.float64)
+    _check_shape(points, "world_points", "(N, H, W, 3)", 4, last=3)
+    views, height, width = points.shape[:3]
+    if views != poses.shape[0]:
+        raise ValueError(f"`world_points` has {views} views but `camera_poses` has {poses.shape[0]}")
+    matrices = _to_numpy(intrinsics, "intrinsics").astype(np.float64)
+    if matrices.shape != (views, 3, 3):
+        raise ValueError(f"`intrinsics` must have shape ({views}, 3, 3), got {tuple(matrices.shape)}")
+    usable_camera = np.isfinite(matrices).all(axis=(1, 2)) & (matrices[:, 0, 0] > 0) & (matrices[:, 1, 1] > 0)
+    if not usable_camera.any():
+        raise ValueError(
+            "No view has a usable pinhole camera (finite intrinsics with positive focal lengths); the point maps do "
+            "not look like a pinhole camera's"
+        )
+    if not usable_camera.all():
+        logger.warning(
+            f"Views {np.flatnonzero(~usable_camera).tolist()} have no usable pinhole camera (non-finite intrinsics or "
+            "a focal length <= 0); they and their points are left out of the COLMAP model"
+        )
+    colours = _to_numpy(images, "images")
+    if colours.shape != points.shape or colours.dtype != np.uint8:
+        raise ValueError(f"`images` must be uint8 of shape {tuple(points.shape)}, got {colours.dtype} {colours.shape}")
+    names = list(image_names) if image_names is not None else [f"view_{index:03d}.png" for index in range(views)]
+    if len(names) != views or len(set(names)) != views or any(not name or " " in name for name in names):
+        raise ValueError(f"`image_names` must be {views} distinct names without spaces, got {names}")
+
+    keep = compute_keep_mask(points, confidence, confidence_percentile=confidence_percentile)
+    keep &= usable_camera[:, None, None]
+    flat = np.flatnonzero(keep)
+    if flat.size == 0:
+        raise ValueError("All points were filtered away (non-finite points or confidence below the percentile)")
+    if max_points is not None:
+        if max_points < 1:
+            raise ValueError(f"`max_points` must be at least 1, got {max_points}")
+        if flat.size > max_points:
+            flat = np.sort(np.random.default_rng(seed).choice(flat, size=max_points, replace=False))
+    view_of, row_of, column_of = np.unravel_index(flat, (views, height, width))
+    xyz = points[view_of, row_of, column_of]
+    rgb = colours[view_of, row_of, column_of]
+
+    # reprojection error of each point through its own (fitted) camera
+    rotation, translation = poses[view_of, :3, :3], poses[view_of, :3, 3]
+    local = np.einsum("nji,nj->ni", rotation, xyz - translation)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u = matrices[view_of, 0, 0] * local[:, 0] / local[:, 2] + matrices[view_of, 0, 2]
+        v = matrices[view_of, 1, 1] * local[:, 1] / local[:, 2] + matrices[view_of, 1, 2]
+    error = np.hypot(u - (column_of + 0.5), v - (row_of + 0.5))
+    error = np.where(np.isfinite(error), error, -1.0)  # COLMAP's "unknown"
+
+    cameras = ["# Camera list with one line of data per camera:", "#   CAMERA_ID, MODEL, WIDTH, HEIGHT, PARAMS[]"]
+    cameras.append(f"# Number of cameras: {int(usable_camera.sum())}")
+    for index, matrix in enumerate(matrices):
+        if not usable_camera[index]:
+            continue
+        fx, fy, cx, cy = matrix[0, 0], matrix[1, 1], matrix[0, 2], matrix[1, 2]
+        cameras.append(f"{index + 1} PINHOLE {width} {height} {_num(fx)} {_num(fy)} {_num(cx)} {_num(cy)}")
+
+    point_ids = np.arange(1, flat.size + 1)
+    lines = [
+        "# Image list with two lines of data per image:",
+        "#   IMAGE_ID, QW, QX, QY, QZ, TX, TY, TZ, CAMERA_ID, NAME",
+        "#   POINTS2D[] as (X, Y, POINT3D_ID)",
+        f"# Number of images: {int(usable_camera.sum())}",
+    ]
+    observation_index = np.zeros(flat.size, dtype=np.int64)
+    for index in np.flatnonzero(usable_camera):
+        world_to_camera_rotation = poses[index, :3, :3].T
+        world_to_camera_translation = -world_to_camera_rotation @ poses[index, :3, 3]
+        qw, qx, qy, qz = rotation_to_quaternion(world_to_camera_rotation)
+        tx, ty, tz = world_to_camera_translation
+        lines.append(
+            f"{index + 1} {_num(qw)} {_num(qx)} {_num(qy)} {_num(qz)} {_num(tx)} {_num(ty)} {_num(tz)} {index + 1} {names[index]}"
+        )
+        mine = np.flatnonzero(view_of == index)
+        observation_index[mine] = np.arange(mine.size)
+        lines.append(" ".join(f"{_num(column_of[k] + 0.5)} {_num(row_of[k] + 0.5)} {point_ids[k]}" for k in mine))
+
+    points_lines = [
+        "# 3D point list with one line of data per point:",
+        "#   POINT3D_ID, X, Y, Z, R, G, B, ERROR, TRACK[] as (IMAGE_ID, POINT2D_IDX)",
+        f"# Number of points: {flat.size}",
+    ]
+    for k in range(flat.size):
+        x, y, z = xyz[k]
+        r, g, b = (int(c) for c in rgb[k])
+        points_lines.append(
+            f"{point_ids[k]} {_num(x)} {_num(y)} {_num(z)} {r} {g} {b} {_num(error[k])} {view_of[k] + 1} {observation_index[k]}"
+        )
+
+    output_dir = Path(output_dir)
+    payloads: list[tuple[Path, bytes]] = [
+        (output_dir / "cameras.txt", ("\n".join(cameras) + "\n").encode()),
+        (output_dir / "images.txt", ("\n".join(lines) + "\n").encode()),
+        (output_dir / "points3D.txt", ("\n".join(points_lines) + "\n").encode()),
+    ]
+    if write_images:
+        payloads += [
+            (output_dir / "images" / name, _png(colours[index]))
+            for index, name in enumerate(names)
+            if usable_camera[index]
+        ]
+    created_dirs = [folder for folder in (output_dir, output_dir / "images") if not folder.exists()]
+    written: list[Path] = []
+    try:
+        for path, data in payloads:
+            written.append(_atomic_write_bytes(path, data))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        for folder in reversed(created_dirs):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        raise
+    logger.info(f"Wrote a COLMAP model of {int(usable_camera.sum())} images and {flat.size} points to {output_dir}")
+    return written
+
+
+def export_model_colmap(
+    output_dir: str | os.PathLike[str],
+    reconstruction: Any,
+    geometry_pixel_values: torch.Tensor,
+    geometry_image_processor: Any,
+    *,
+    scene: int = 0,
+    **options: Any,
+) -> list[Path]:
+    """[`export_colmap`] of scene `scene` of a model's reconstruction (`G2VLMReconstructionOutput`, with its
+    `intrinsics`), coloured by its geometry views. `options` go to [`export_colmap`]."""
+    if getattr(reconstruction, "intrinsics", None) is None:
+        raise ValueError("The reconstruction has no `intrinsics`; COLMAP needs them")
+    confidence = reconstruction.confidence
+    return export_colmap(
+        output_dir,
+        camera_poses=reconstruction.camera_poses[scene],
+        world_points=reconstruction.world_points[scene],
+        intrinsics=reconstruction.intrinsics[scene],
+        confidence=None if confidence is None else confidence[scene],
+        images=geometry_image_processor.unnormalize(geometry_pixel_values[scene].cpu()),
+        **options,
+    )

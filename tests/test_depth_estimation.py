@@ -1,0 +1,133 @@
+"""The transformers-native ways to depth: `AutoImageProcessor` gives the geometry image processor,
+`AutoModelForDepthEstimation` gives `G2VLMForDepthEstimation`, and `pipeline("depth-estimation")` runs on a converted
+folder. The depth must be the reconstruction's depth."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForDepthEstimation,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    pipeline,
+)
+
+from g2vlm_hf import G2VLMForDepthEstimation, G2VLMGeometryImageProcessor, G2VLMProcessor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hub_testing import VIEWS, fast_tiny_copy
+
+
+@pytest.fixture(scope="module")
+def folder(converted_tiny, tmp_path_factory) -> Path:
+    return fast_tiny_copy(converted_tiny, tmp_path_factory.mktemp("depth") / "model")
+
+
+def test_auto_image_processor_is_the_geometry_one_and_auto_processor_still_loads(folder, tmp_path):
+    document = json.loads((folder / "processor_config.json").read_text())
+    assert document["image_processor"]["image_processor_type"] == "G2VLMGeometryImageProcessor"
+    assert document["semantic_image_processor"]["image_processor_type"].startswith("Qwen2VLImageProcessor")
+    image_processor = AutoImageProcessor.from_pretrained(folder)
+    assert type(image_processor) is G2VLMGeometryImageProcessor and image_processor.target_width == 112
+    processor = AutoProcessor.from_pretrained(folder)
+    assert type(processor) is G2VLMProcessor
+    assert type(processor.image_processor).__name__.startswith("Qwen2VLImageProcessor")
+    assert processor.geometry_image_processor.to_dict() == image_processor.to_dict()
+    # the image processor alone builds the same reconstruction inputs as the processor
+    alone, full = (
+        image_processor([[str(v) for v in VIEWS]]),
+        processor(geometry_images=[str(v) for v in VIEWS], return_tensors="pt"),
+    )
+    for key in ("input_ids", "attention_mask", "geometry_pixel_values"):
+        torch.testing.assert_close(alone[key], full[key])
+
+    # save -> load keeps every setting of both image processors
+    processor.save_pretrained(tmp_path)
+    again = AutoProcessor.from_pretrained(tmp_path)
+    assert again.image_processor.to_dict() == processor.image_processor.to_dict()
+    assert again.geometry_image_processor.to_dict() == processor.geometry_image_processor.to_dict()
+    assert type(AutoImageProcessor.from_pretrained(tmp_path)) is G2VLMGeometryImageProcessor
+
+
+def test_older_layout_still_loads(folder, tmp_path):
+    """Folders converted before: "image_processor" = Qwen2-VL, "geometry_image_processor" = geometry."""
+    old = fast_tiny_copy(folder, tmp_path / "old")
+    document = json.loads((old / "processor_config.json").read_text())
+    document["geometry_image_processor"] = document.pop("image_processor")
+    document["image_processor"] = document.pop("semantic_image_processor")
+    (old / "processor_config.json").write_text(json.dumps(document))
+    processor = AutoProcessor.from_pretrained(old)
+    assert type(processor.image_processor).__name__.startswith("Qwen2VLImageProcessor")
+    assert type(processor.geometry_image_processor) is G2VLMGeometryImageProcessor
+
+
+def test_depth_model_equals_the_reconstruction(folder):
+    model = AutoModelForDepthEstimation.from_pretrained(folder).eval()
+    assert type(model) is G2VLMForDepthEstimation
+    full = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    inputs = AutoImageProcessor.from_pretrained(folder)([[str(v) for v in VIEWS]])
+    with torch.no_grad():
+        output = model(**inputs)
+        expected = full.reconstruct(**processor(geometry_images=[str(v) for v in VIEWS], return_tensors="pt"))
+    views, height, width = expected.depth.shape[1:]
+    assert output.predicted_depth.shape == (views, height, width)
+    torch.testing.assert_close(output.predicted_depth, expected.depth[0])  # several views reconstructed together
+    torch.testing.assert_close(output.reconstruction.intrinsics, expected.intrinsics)
+
+
+def test_depth_estimation_pipeline(folder):
+    estimator = pipeline("depth-estimation", model=str(folder))
+    assert type(estimator.model) is G2VLMForDepthEstimation
+    with Image.open(VIEWS[0]) as image:
+        size = image.size
+    result = estimator(str(VIEWS[0]))
+    assert result["predicted_depth"].shape == (size[1], size[0])  # at the input image's size
+    assert isinstance(result["depth"], Image.Image) and result["depth"].size == size
+    assert (result["predicted_depth"] > 0).all()
+
+    # the depth of the view reconstructed on its own, resized to the image
+    inputs = estimator.image_processor(str(VIEWS[0]))
+    with torch.no_grad():
+        direct = estimator.model(**inputs).predicted_depth
+    resized = estimator.image_processor.post_process_depth_estimation({"predicted_depth": direct}, [size[::-1]])
+    torch.testing.assert_close(result["predicted_depth"], resized[0]["predicted_depth"])
+    depth = np.asarray(result["depth"], dtype=np.float64)
+    assert depth.min() == 0 and depth.max() == 255
+
+    several = estimator([str(view) for view in VIEWS])  # a list: one result per image
+    assert len(several) == len(VIEWS) and all(r["predicted_depth"].ndim == 2 for r in several)
+
+
+def test_pipeline_takes_several_views_of_one_scene(folder):
+    from g2vlm_hf.pipelines import G2VLMDepthEstimationPipeline
+
+    estimator = pipeline("depth-estimation", model=str(folder), pipeline_class=G2VLMDepthEstimationPipeline)
+    views = [str(view) for view in VIEWS]
+    [scene] = estimator([views])
+    assert len(scene) == len(views)
+
+    # the same depth as one joint reconstruction of the views, resized to each image
+    inputs = estimator.image_processor([views])
+    with torch.no_grad():
+        joint = estimator.model(**inputs).predicted_depth
+    for index, (result, view) in enumerate(zip(scene, views)):
+        with Image.open(view) as image:
+            size = image.size[::-1]
+        [expected] = estimator.image_processor.post_process_depth_estimation(
+            {"predicted_depth": joint[index : index + 1]}, [size]
+        )
+        torch.testing.assert_close(result["predicted_depth"], expected["predicted_depth"])
+        assert result["depth"].size == size[::-1]
+    # a view reconstructed alone differs from the same view reconstructed with the others
+    alone = estimator(views[1])["predicted_depth"]
+    assert not torch.allclose(alone, scene[1]["predicted_depth"])
+    assert estimator(views[0])["predicted_depth"].ndim == 2  # single images behave as in the standard pipeline

@@ -1,0 +1,99 @@
+"""Intrinsics fitted to local point maps (`g2vlm_hf.modeling.intrinsics`), checked on rendered scenes whose camera
+matrix is known exactly, and as a field of the model's reconstruction output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import geometry_block, tiny_model
+
+from g2vlm_hf.modeling.intrinsics import estimate_intrinsics, rescale_intrinsics
+from g2vlm_hf.training import render_room
+from g2vlm_hf.training.synthetic import yaw_pose
+
+
+def rendered_local_points(height: int, width: int, focal: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local point maps `(views, H, W, 3)` of two rendered views (world points moved into each camera's frame) and
+    their valid masks."""
+    poses = np.stack([yaw_pose(0.0, 0.0, 0.0), yaw_pose(0.6, -0.5, 25.0)])
+    scene = render_room(poses, height, width, focal=focal)
+    rotation, translation = poses[:, None, None, :3, :3], poses[:, None, None, :3, 3]
+    local = np.einsum("nhwji,nhwj->nhwi", rotation, scene.world_points.astype(np.float64) - translation)
+    return torch.from_numpy(local), torch.from_numpy(scene.valid_mask)
+
+
+def pinhole(focal: float, height: int, width: int) -> torch.Tensor:
+    return torch.tensor([[focal, 0.0, width / 2], [0.0, focal, height / 2], [0.0, 0.0, 1.0]], dtype=torch.float64)
+
+
+@pytest.mark.parametrize(("height", "width", "focal"), [(24, 32, 28.8), (42, 56, 20.0), (30, 30, 55.5)])
+def test_exact_geometry_gives_the_renderers_intrinsics(height, width, focal):
+    local, valid = rendered_local_points(height, width, focal)
+    assert valid.all()  # the closed room: every ray hits a wall
+    intrinsics = estimate_intrinsics(local)
+    assert intrinsics.shape == (2, 3, 3) and intrinsics.dtype == torch.float64
+    for view in intrinsics:
+        torch.testing.assert_close(view, pinhole(focal, height, width), atol=1e-6, rtol=1e-9)
+
+
+def test_low_confidence_and_invalid_pixels_are_left_out():
+    height, width, focal = 24, 32, 28.8
+    local, valid = rendered_local_points(height, width, focal)
+    rng = np.random.default_rng(0)
+    corrupted = torch.from_numpy(rng.random((2, height, width)) < 0.3)
+    noisy = local.clone()
+    noisy[corrupted] = noisy[corrupted] * torch.tensor([1.7, 0.4, 1.0], dtype=torch.float64)  # wrong rays
+    confidence = torch.where(corrupted, 0.1, 5.0).to(torch.float64) + torch.rand(2, height, width, dtype=torch.float64)
+    # Without the confidence the wrong rays pull the fit away; with it (or with the mask) the fit is exact again.
+    assert (estimate_intrinsics(noisy) - pinhole(focal, height, width)).abs().max() > 1.0
+    for view in estimate_intrinsics(noisy, confidence, confidence_quantile=0.5):
+        torch.testing.assert_close(view, pinhole(focal, height, width), atol=1e-6, rtol=1e-9)
+    for view in estimate_intrinsics(noisy, valid_mask=~corrupted & valid):
+        torch.testing.assert_close(view, pinhole(focal, height, width), atol=1e-6, rtol=1e-9)
+    # points behind the camera or NaN never take part
+    noisy[corrupted] = torch.nan
+    for view in estimate_intrinsics(noisy):
+        torch.testing.assert_close(view, pinhole(focal, height, width), atol=1e-6, rtol=1e-9)
+
+
+def test_view_without_usable_pixels_gives_nan_not_an_error():
+    local, _ = rendered_local_points(12, 16, 14.0)
+    local[1, ..., 2] = -1.0  # every point of view 1 behind its camera
+    intrinsics = estimate_intrinsics(local.float())
+    assert intrinsics.dtype == torch.float32
+    assert torch.isfinite(intrinsics[0]).all()
+    assert torch.isnan(intrinsics[1, [0, 0, 1, 1], [0, 2, 1, 2]]).all()
+    with pytest.raises(ValueError, match="confidence_quantile"):
+        estimate_intrinsics(local, torch.ones(local.shape[:-1]), confidence_quantile=1.0)
+    with pytest.raises(ValueError, match="local_points"):
+        estimate_intrinsics(local[..., :2])
+
+
+def test_rescale_maps_to_the_renderers_intrinsics_at_another_size():
+    # The same camera rendered at 24x32 and at 48x96 (focal scaled with the width, aspect changed by a resize).
+    small = estimate_intrinsics(rendered_local_points(24, 32, 28.8)[0])[0]
+    mapped = rescale_intrinsics(small, (24, 32), (48, 96))
+    expected = torch.tensor([[28.8 * 3, 0.0, 48.0], [0.0, 28.8 * 2, 24.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(mapped, expected, atol=1e-6, rtol=1e-9)
+    torch.testing.assert_close(rescale_intrinsics(mapped, (48, 96), (24, 32)), small)
+
+
+def test_reconstruction_output_carries_intrinsics():
+    model = tiny_model()
+    views, grid_h, grid_w = 2, 2, 3
+    ids = torch.tensor([[1, 5, *geometry_block(views, grid_h, grid_w)]])
+    pixels = torch.randn(1, views, 3, grid_h * 14, grid_w * 14, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        output = model.reconstruct(input_ids=ids, geometry_pixel_values=pixels)
+    batch, views, _, width, _ = output.local_points.shape
+    assert output.intrinsics.shape == (batch, views, 3, 3) and output.intrinsics.dtype == torch.float32
+    torch.testing.assert_close(output.intrinsics, estimate_intrinsics(output.local_points, output.confidence))
+    assert torch.isfinite(output.intrinsics).all()
+    # the fit is a least-squares one: on the kept pixels, K applied to the rays has zero mean residual
+    rays = output.local_points[..., :2] / output.local_points[..., 2:]
+    u = output.intrinsics[..., 0, 0, None, None] * rays[..., 0] + output.intrinsics[..., 0, 2, None, None]
+    columns = torch.arange(width) + 0.5
+    confident = output.confidence >= torch.quantile(output.confidence.flatten(-2), 0.5, dim=-1)[..., None, None]
+    residual = torch.where(confident, u - columns, 0.0).sum((-2, -1))
+    torch.testing.assert_close(residual, torch.zeros_like(residual), atol=1e-2, rtol=0)
