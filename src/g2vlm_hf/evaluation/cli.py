@@ -17,7 +17,7 @@ from transformers.utils import logging
 from .datasets import find_scenes, load_questions, write_json_atomic
 from .depth import ALIGNMENTS, evaluate_depth, weighted_mean
 from .points import evaluate_point_maps
-from .poses import relative_pose_errors, summarize_pose_errors
+from .poses import PAIR_DIRECTIONS, relative_pose_errors, summarize_pose_errors
 from .predict import DTYPES, answer_question, load_model, predict_geometry
 from .vqa import score_answer, summarize_vqa
 
@@ -62,7 +62,7 @@ def run_poses(args: argparse.Namespace, model, processor) -> tuple[dict, list[di
         with Image.open(scene.image_paths[0]) as image:
             size = (image.height, image.width)
         prediction = predict_geometry(model, processor, scene.image_paths, size, args.device)
-        rotation, translation = relative_pose_errors(prediction["camera_poses"], scene.poses)
+        rotation, translation = relative_pose_errors(prediction["camera_poses"], scene.poses, args.pair_direction)
         pooled[scene.category][0].append(rotation)
         pooled[scene.category][1].append(translation)
         per_scene.append({"scene": scene.name, **summarize_pose_errors(rotation, translation, args.thresholds)})
@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     poses = tasks.add_parser("poses", help="RRA/RTA at thresholds and AUC@30 over all view pairs")
     geometry(poses)
     poses.add_argument("--thresholds", type=float, nargs="+", default=[5.0, 15.0, 30.0])
+    poses.add_argument(
+        "--pair-direction", choices=PAIR_DIRECTIONS, default="i_to_j", help="i_to_j: G2VLM/Pi3 code; j_to_i: VGGT"
+    )
 
     vqa = tasks.add_parser("vqa", help="multiple-choice accuracy / mean relative accuracy of answers")
     common(vqa, "JSONL question file")

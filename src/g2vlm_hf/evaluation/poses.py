@@ -48,14 +48,28 @@ def direction_angle_degrees(vectors_a: torch.Tensor, vectors_b: torch.Tensor, ep
     )
 
 
-def relative_pose_errors(pred_c2w: ArrayLike, gt_c2w: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotation and translation errors (degrees) of every pair i < j of views (order of `itertools.combinations`)."""
+PAIR_DIRECTIONS = ("i_to_j", "j_to_i")
+
+
+def relative_pose_errors(
+    pred_c2w: ArrayLike, gt_c2w: ArrayLike, direction: str = "i_to_j"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotation and translation errors (degrees) of every pair i < j of views (order of `itertools.combinations`).
+
+    `direction` picks the relative transform compared: "i_to_j" maps camera i's frame to camera j's (G²VLM's and
+    Pi3's evaluation code), "j_to_i" the inverse (VGGT's `test_co3d.py`). Rotation errors are the same either way;
+    translation directions differ, hence the translation errors and AUC differ slightly.
+    """
+    if direction not in PAIR_DIRECTIONS:
+        raise ValueError(f"Unknown pair direction {direction!r}; choose one of {PAIR_DIRECTIONS}.")
     pred, gt = as_float64(pred_c2w, "predicted poses"), as_float64(gt_c2w, "ground-truth poses")
     _check_poses(pred, "predicted poses")
     _check_poses(gt, "ground-truth poses")
     if pred.shape != gt.shape or pred.shape[0] < 2:
         raise ValueError(f"Need the same number (>= 2) of predicted and true poses, got {len(pred)} and {len(gt)}.")
     first, second = torch.combinations(torch.arange(pred.shape[0]), 2).unbind(-1)
+    if direction == "j_to_i":
+        first, second = second, first
     # camera i -> camera j: world_to_camera_j @ camera_to_world_i
     relative_pred = invert_rigid(pred[second]) @ pred[first]
     relative_gt = invert_rigid(gt[second]) @ gt[first]
@@ -80,10 +94,13 @@ def pose_auc(rotation_errors: ArrayLike, translation_errors: ArrayLike, max_thre
 
 
 def evaluate_poses(
-    pred_c2w: ArrayLike, gt_c2w: ArrayLike, thresholds: tuple[float, ...] = (5.0, 15.0, 30.0)
+    pred_c2w: ArrayLike,
+    gt_c2w: ArrayLike,
+    thresholds: tuple[float, ...] = (5.0, 15.0, 30.0),
+    direction: str = "i_to_j",
 ) -> dict[str, float]:
     """RRA@t, RTA@t (fraction of pairs with error < t), AUC@30 and mean errors of one scene's trajectory."""
-    rotation_error, translation_error = relative_pose_errors(pred_c2w, gt_c2w)
+    rotation_error, translation_error = relative_pose_errors(pred_c2w, gt_c2w, direction)
     return summarize_pose_errors(rotation_error, translation_error, thresholds)
 
 
