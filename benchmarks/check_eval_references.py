@@ -11,7 +11,8 @@ hydra, open3d, cv2, the models, are not needed):
     python benchmarks/check_eval_references.py --g2vlm-dir G2VLM --vggt-dir vggt --lmms-eval-dir lmms-eval
 
 Each flag is optional; the checks of the absent ones are skipped. The G²VLM depth and point-cloud references
-import scipy (pip install scipy; it is not a dependency of g2vlm-hf). Prints one row per metric: ours, the
+import scipy, the whole-ETH3D-protocol check open3d (pip install scipy open3d; neither is a dependency of
+g2vlm-hf). Prints one row per metric: ours, the
 reference, and the largest absolute difference over all cases.
 """
 
@@ -27,6 +28,7 @@ import torch
 
 from g2vlm_hf.evaluation import (
     evaluate_depth,
+    evaluate_point_maps,
     mean_relative_accuracy,
     pose_auc,
     relative_pose_errors,
@@ -86,6 +88,10 @@ def check_depth(recons: Path, seeds: range) -> None:
             "depth l1-scale per sequence (Sintel)": (
                 {"alignment": "l1-scale", "per_frame": False, "max_depth": 70, "clip_max": 70},
                 {"align_with_scale": True, "max_depth": 70, "post_clip_max": 70},
+            ),
+            "depth adam-l1-scale-shift per sequence (video scale&shift)": (
+                {"alignment": "adam-l1-scale-shift", "per_frame": False},
+                {"align_with_lad2": True},
             ),
             "depth lstsq-scale-shift per sequence": (
                 {"alignment": "lstsq-scale-shift", "per_frame": False},
@@ -151,6 +157,49 @@ def check_points(recons: Path, seeds: range) -> None:
         record("point accuracy (mean NN distance)", accuracies, ref_acc)
         record("point completeness", comps, ref_comp)
         record("normal consistency (accuracy side)", ncs, ref_ncs)
+
+
+def check_point_pipeline(recons: Path, seeds: range) -> None:
+    """The whole ETH3D protocol of G2VLM's mv_recon/eval.py (Umeyama, ICP at 0.1, Open3D normals, Acc/Comp/NC)."""
+    try:
+        import open3d as o3d
+        from scipy.spatial import cKDTree
+    except ImportError:
+        print("skipping the ETH3D pipeline check: it needs open3d and scipy", file=sys.stderr)
+        return
+    namespace = load_functions(recons / "mv_recon" / "utils.py", ["umeyama", "accuracy", "completion"])
+    namespace["KDTree"] = cKDTree
+    keys = ("accuracy", "completeness", "nc_accuracy", "nc_completeness")
+    ours, theirs = {key: [] for key in keys}, {key: [] for key in keys}
+    for seed in seeds:
+        room, _, _, rng = scene_arrays(seed)
+        gt = room.world_points.astype(np.float64)
+        angle = rng.uniform(0, np.pi)
+        rotation = np.array([[np.cos(angle), 0, np.sin(angle)], [0, 1, 0], [-np.sin(angle), 0, np.cos(angle)]])
+        prediction = rng.uniform(0.5, 2) * gt @ rotation.T + rng.normal(0, 1, 3) + rng.normal(0, 0.01, gt.shape)
+        prediction[..., 2] += 0.05 * np.sin(gt[..., 0])  # a smooth warp that the similarity cannot remove
+        valid = room.valid_mask
+        metrics = evaluate_point_maps(prediction, gt, valid, icp_distance=0.1, normals="knn")
+        for key in keys:
+            ours[key].append(metrics[key])
+        c, r, t = namespace["umeyama"](prediction[valid].T, gt[valid].T)
+        aligned = (c * np.einsum("nhwj, ij -> nhwi", prediction, r) + t.T)[valid].reshape(-1, 3)
+        cloud, cloud_gt = o3d.geometry.PointCloud(), o3d.geometry.PointCloud()
+        cloud.points = o3d.utility.Vector3dVector(aligned)
+        cloud_gt.points = o3d.utility.Vector3dVector(gt[valid].reshape(-1, 3))
+        icp = o3d.pipelines.registration.registration_icp(
+            cloud, cloud_gt, 0.1, np.eye(4), o3d.pipelines.registration.TransformationEstimationPointToPoint()
+        )
+        cloud = cloud.transform(icp.transformation)
+        cloud.estimate_normals()
+        cloud_gt.estimate_normals()
+        normals, normals_gt = np.asarray(cloud.normals), np.asarray(cloud_gt.normals)
+        acc, _, nc1, _ = namespace["accuracy"](cloud_gt.points, cloud.points, normals_gt, normals)
+        comp, _, nc2, _ = namespace["completion"](cloud_gt.points, cloud.points, normals_gt, normals)
+        for key, value in zip(keys, (acc, comp, nc1, nc2)):
+            theirs[key].append(value)
+    for key in keys:
+        record(f"ETH3D protocol (Umeyama+ICP 0.1+Open3D normals): {key}", ours[key], theirs[key])
 
 
 def _reference_translation(namespace: dict, prediction: np.ndarray, gt: np.ndarray) -> np.ndarray:
@@ -225,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         recons = args.g2vlm_dir / "eval_code" / "recons"
         check_depth(recons, seeds)
         check_points(recons, seeds)
+        check_point_pipeline(recons, seeds)
         utils = recons / "models" / "vggt" / "utils"
         check_poses("G2VLM relpose", recons / "relpose" / "metric.py", utils, "i_to_j", seeds)
     if args.vggt_dir:

@@ -16,6 +16,7 @@ from g2vlm_hf.evaluation import (
     extract_choice,
     find_scenes,
     grid_normals,
+    knn_normals,
     l1_scale,
     least_squares_scale,
     least_squares_scale_shift,
@@ -31,6 +32,7 @@ from g2vlm_hf.evaluation import (
     umeyama,
     write_scene,
 )
+from g2vlm_hf.evaluation.points import icp_refine
 from g2vlm_hf.evaluation.poses import direction_angle_degrees
 from g2vlm_hf.training.synthetic import render_room, spatial_questions, yaw_pose
 
@@ -56,7 +58,9 @@ def scene():
 # ---- depth -------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("alignment", ["none", "median", "l1-scale", "lstsq-scale", "lstsq-scale-shift"])
+@pytest.mark.parametrize(
+    "alignment", ["none", "median", "l1-scale", "lstsq-scale", "lstsq-scale-shift", "adam-l1-scale-shift"]
+)
 @pytest.mark.parametrize("per_frame", [True, False])
 def test_perfect_depth_scores_perfectly(scene, alignment, per_frame):
     _, _, depth = scene
@@ -73,6 +77,9 @@ def test_scale_alignment_removes_a_global_scale(scene):
         metrics = evaluate_depth(3.7 * depth, depth, alignment=alignment, per_frame=False)
         assert metrics["abs_rel"] == pytest.approx(0.0, abs=1e-9)
         assert metrics["scale"] == pytest.approx(1 / 3.7)
+        assert metrics["shift"] == pytest.approx(0.0, abs=1e-12)
+    # Adam starts at the median ratio (here exact) and, normalising tiny gradients, wanders by about lr per step
+    assert evaluate_depth(3.7 * depth, depth, alignment="adam-l1-scale-shift", per_frame=False)["abs_rel"] < 1e-3
     metric_depth = evaluate_depth(3.7 * depth, depth, alignment="none")
     assert metric_depth["abs_rel"] == pytest.approx(2.7)
     assert metric_depth["delta_1.25^3"] == 0.0  # 3.7 > 1.25^3 = 1.95
@@ -186,6 +193,20 @@ def test_known_offset_and_tilt_give_known_accuracy_and_normal_consistency():
         grid_normals(gt).reshape(-1, 3),
     )
     assert tilted["normal_consistency"] == pytest.approx(np.cos(np.radians(25)))
+
+
+def test_knn_normals_of_a_tilted_plane_and_icp_undo_a_small_rigid_motion():
+    tilted = plane(9, 9, tilt_degrees=35).reshape(-1, 3)
+    expected = rotation("x", 35) @ np.array([0.0, 0.0, 1.0])
+    cosines = knn_normals(tilted, k=8).numpy() @ expected
+    np.testing.assert_allclose(np.abs(cosines), 1.0, atol=1e-12)
+    gt = plane(9, 9).reshape(-1, 3) + np.array([0, 0, 1.0]) * (np.arange(81) % 3)[:, None] * 0.5  # three levels
+    moved = gt @ rotation("z", 2).T + np.array([0.05, -0.03, 0.02])
+    refined = icp_refine(torch.from_numpy(moved), torch.from_numpy(gt), max_distance=0.3)
+    np.testing.assert_allclose(refined.numpy(), gt, atol=1e-6)  # stops once fitness and RMSE change < 1e-6
+    metrics = evaluate_point_maps(moved[None, None], gt[None, None], align=False, icp_distance=0.3)
+    assert metrics["accuracy"] == pytest.approx(0.0, abs=1e-6)
+    assert evaluate_point_maps(moved[None, None], gt[None, None], align=False)["accuracy"] > 0.02
 
 
 def test_chunked_nearest_neighbours_match_the_full_distance_matrix():

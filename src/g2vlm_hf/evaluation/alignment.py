@@ -65,8 +65,36 @@ def least_squares_scale_shift(pred: ArrayLike, gt: ArrayLike) -> tuple[float, fl
     return float(solution[0]), float(solution[1])
 
 
-def umeyama(source: ArrayLike, target: ArrayLike) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """Similarity `(s, R, t)` minimising `sum |s R x + t - y|^2` over corresponding points (Umeyama, 1991).
+def adam_l1_scale_shift(
+    pred: ArrayLike, gt: ArrayLike, lr: float = 1e-4, max_steps: int = 1000, tolerance: float = 1e-6
+) -> tuple[float, float]:
+    """Scale and shift lowering `sum |s * pred + t - gt|` by Adam from `s = median(gt) / median(pred)`, `t = 0`.
+
+    Not a closed form: this is the "scale&shift" alignment of the video-depth protocol in G²VLM's / Pi3's evaluation
+    code (learning rate 1e-4, 1e-3 for NYU-v2; at most `max_steps` steps, stopping when the loss changes by less
+    than `tolerance`), reproduced so that its numbers can be compared. Runs in float64 on the inputs' device.
+    """
+    pred, gt = as_float64(pred, "prediction").flatten(), as_float64(gt, "ground truth").flatten()
+    _check_pair(pred, gt)
+    scale = (gt.median() / pred.median()).reshape(1).clone().requires_grad_(True)
+    shift = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.Adam([scale, shift], lr=lr)
+    previous = None
+    with torch.enable_grad():
+        for _ in range(max_steps):
+            optimizer.zero_grad()
+            loss = (scale * pred + shift - gt).abs().sum()
+            loss.backward()
+            optimizer.step()
+            if previous is not None and abs(previous - loss.item()) < tolerance:
+                break
+            previous = loss.item()
+    return float(scale.detach()), float(shift.detach())
+
+
+def umeyama(source: ArrayLike, target: ArrayLike, with_scale: bool = True) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Similarity `(s, R, t)` minimising `sum |s R x + t - y|^2` over corresponding points (Umeyama, 1991);
+    with `with_scale=False` the rigid motion (s = 1).
 
     Args:
         source: `(M, 3)` points `x` (the prediction).
@@ -92,7 +120,7 @@ def umeyama(source: ArrayLike, target: ArrayLike) -> tuple[float, torch.Tensor, 
     if torch.det(u) * torch.det(vh) < 0:
         sign[-1] = -1.0
     rotation = u @ torch.diag(sign) @ vh
-    scale = float((singular * sign).sum() / variance_x)
+    scale = float((singular * sign).sum() / variance_x) if with_scale else 1.0
     translation = mean_y - scale * rotation @ mean_x
     return scale, rotation, translation
 

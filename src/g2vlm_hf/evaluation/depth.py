@@ -14,6 +14,7 @@ import torch
 
 from .alignment import (
     ArrayLike,
+    adam_l1_scale_shift,
     as_float64,
     l1_scale,
     least_squares_scale,
@@ -34,6 +35,7 @@ ALIGNMENTS: dict[str, Callable[[torch.Tensor, torch.Tensor], tuple[float, float]
     "l1-scale": _scale_only(l1_scale),
     "lstsq-scale": _scale_only(least_squares_scale),
     "lstsq-scale-shift": least_squares_scale_shift,
+    "adam-l1-scale-shift": adam_l1_scale_shift,
 }
 
 
@@ -93,7 +95,8 @@ def evaluate_depth(
         gt: ground-truth depth; 0, negative or non-finite values are invalid.
         valid: optional boolean mask of the pixels to score.
         alignment: one of `ALIGNMENTS`: "median" (median ratio), "l1-scale" (IRLS least absolute deviation),
-            "lstsq-scale", "lstsq-scale-shift", or "none" (metric depth).
+            "lstsq-scale", "lstsq-scale-shift", "adam-l1-scale-shift" (the reference's iterative "scale&shift"),
+            or "none" (metric depth).
         per_frame: align (and score) each frame on its own, then average weighted by valid pixels; else align the
             whole sequence with one scale (video depth).
         max_depth: ignore ground truth at or beyond this depth (Sintel/Bonn: 70).
