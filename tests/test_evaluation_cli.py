@@ -43,10 +43,18 @@ def run(task: str, model, data, output, *extra: str) -> int:
     return cli.main(argv)
 
 
-@pytest.mark.parametrize("task", ["depth", "points", "poses"])
-def test_geometry_tasks_run_the_model_end_to_end(converted_tiny, geometry_data, tmp_path, capsys, task):
+@pytest.mark.parametrize(
+    ("task", "extra"),
+    [
+        ("depth", []),
+        ("depth", ["--single-view", "--per-sequence"]),
+        ("points", ["--icp-distance", "0.1"]),
+        ("poses", []),
+    ],
+)
+def test_geometry_tasks_run_the_model_end_to_end(converted_tiny, geometry_data, tmp_path, capsys, task, extra):
     output = tmp_path / f"{task}.json"
-    assert run(task, converted_tiny, geometry_data, output, "--geometry-width", "56") == 0
+    assert run(task, converted_tiny, geometry_data, output, "--geometry-width", "56", *extra) == 0
     result = json.loads(output.read_text())
     assert result["task"] == task
     assert [row["scene"] for row in result["details"]] == ["chairs/scene_a", "scene_b"]

@@ -26,9 +26,16 @@ def run_depth(args: argparse.Namespace, model, processor) -> tuple[dict, list[di
     scenes = find_scenes(args.data, "depth")[: args.limit]
     per_scene = []
     for scene in logging.tqdm(scenes, desc="depth", unit="scene"):
-        prediction = predict_geometry(model, processor, scene.image_paths, scene.depth.shape[1:3], args.device)
+        size = scene.depth.shape[1:3]
+        if args.single_view:  # monocular protocol: every view reconstructed on its own
+            views = [
+                predict_geometry(model, processor, [path], size, args.device)["depth"] for path in scene.image_paths
+            ]
+            depth = np.concatenate(views)
+        else:
+            depth = predict_geometry(model, processor, scene.image_paths, size, args.device)["depth"]
         metrics = evaluate_depth(
-            prediction["depth"],
+            depth,
             scene.depth,
             scene.valid,
             alignment=args.alignment,
@@ -130,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     geometry(depth)
     depth.add_argument("--alignment", choices=sorted(ALIGNMENTS), default="median")
     depth.add_argument("--per-sequence", action="store_true", help="one alignment per scene (video depth)")
+    depth.add_argument("--single-view", action="store_true", help="reconstruct each view alone (monocular depth)")
     depth.add_argument("--max-depth", type=float, default=None, help="ignore ground truth beyond this depth")
     depth.add_argument("--clip-max", type=float, default=None, help="clamp aligned predictions to this depth")
 
