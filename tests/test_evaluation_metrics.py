@@ -138,6 +138,8 @@ def test_depth_rejects_bad_input(scene):
         evaluate_depth(depth, depth, alignment="mean")
     with pytest.raises(ValueError, match="No valid ground-truth depth"):
         evaluate_depth(depth, np.zeros_like(depth))
+    with pytest.raises(ValueError, match=r"valid mask has shape \(3, 18\)"):
+        evaluate_depth(depth, depth, valid=np.ones(depth.shape[:2], dtype=bool))
 
 
 # ---- point maps ----------------------------------------------------------------------------------------------------
@@ -343,4 +345,10 @@ def test_question_files_are_checked_line_by_line(tmp_path):
         load_questions(path)
     path.write_text(json.dumps({"images": ["a.png"], "question": "?"}))
     with pytest.raises(ValueError, match=r"missing \['answer'\]"):
+        load_questions(path)
+    path.write_text(json.dumps({**good, "answer": "C"}))
+    with pytest.raises(ValueError, match="must be one of the option letters"):
+        load_questions(path)
+    path.write_text(json.dumps({**good, "choices": [], "answer": "far"}))
+    with pytest.raises(ValueError, match="numeric answer must be a non-zero number"):
         load_questions(path)

@@ -19,6 +19,14 @@ def as_float64(array: ArrayLike, name: str) -> torch.Tensor:
     return tensor.detach().to("cpu", torch.float64)
 
 
+def as_mask(valid: ArrayLike, shape: torch.Size, name: str = "valid mask") -> torch.Tensor:
+    """`valid` as a boolean tensor of `shape`; raises a ValueError naming both shapes if they differ."""
+    mask = torch.as_tensor(np.asarray(valid) if not isinstance(valid, torch.Tensor) else valid).bool()
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"The {name} has shape {tuple(mask.shape)}; it must match the data, {tuple(shape)}.")
+    return mask
+
+
 def _check_pair(pred: torch.Tensor, gt: torch.Tensor) -> None:
     if pred.shape != gt.shape:
         raise ValueError(f"prediction {tuple(pred.shape)} and ground truth {tuple(gt.shape)} must have the same shape.")

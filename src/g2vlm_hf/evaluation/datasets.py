@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .vqa import parse_number
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 GT_FILE = "gt.npz"
 GT_SHAPES = {"depth": (None, None, None), "points": (None, None, None, 3), "poses": (None, 4, 4), "valid": (None,) * 3}
@@ -151,12 +153,18 @@ def load_questions(path: Path | str) -> list[Question]:
             raise ValueError(f"{where}: a multiple_choice question needs 'choices'.")
         if kind not in ("multiple_choice", "numeric", "exact"):
             raise ValueError(f"{where}: unknown type {kind!r}; use multiple_choice, numeric or exact.")
+        answer = str(item["answer"]).strip()
+        letters = [chr(ord("A") + i) for i in range(len(choices))]
+        if kind == "multiple_choice" and answer.upper() not in letters:
+            raise ValueError(f"{where}: the answer {answer!r} must be one of the option letters {letters}.")
+        if kind == "numeric" and parse_number(answer) in (None, 0.0):
+            raise ValueError(f"{where}: a numeric answer must be a non-zero number, got {answer!r}.")
         questions.append(
             Question(
                 id=str(item.get("id", number)),
                 image_paths=images,
                 question=str(item["question"]),
-                answer=str(item["answer"]),
+                answer=answer,
                 choices=[str(c) for c in choices],
                 type=kind,
                 category=str(item.get("category", "all")),

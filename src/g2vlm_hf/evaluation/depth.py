@@ -16,6 +16,7 @@ from .alignment import (
     ArrayLike,
     adam_l1_scale_shift,
     as_float64,
+    as_mask,
     l1_scale,
     least_squares_scale,
     least_squares_scale_shift,
@@ -113,13 +114,12 @@ def evaluate_depth(
             f"Predicted depth {tuple(pred.shape)} and ground truth {tuple(gt.shape)} differ in shape; resize the "
             "prediction to the ground-truth size first."
         )
+    if pred.ndim not in (2, 3):
+        raise ValueError(f"Depth must be (N, H, W) or (H, W), got {tuple(pred.shape)}.")
+    valid_tensor = None if valid is None else as_mask(valid, pred.shape)
     if pred.ndim == 2:
         pred, gt = pred[None], gt[None]
-    if pred.ndim != 3:
-        raise ValueError(f"Depth must be (N, H, W) or (H, W), got {tuple(pred.shape)}.")
-    valid_tensor = None
-    if valid is not None:
-        valid_tensor = torch.as_tensor(valid).bool().reshape(pred.shape)
+        valid_tensor = None if valid_tensor is None else valid_tensor[None]
     mask = valid_depth_mask(gt, pred, valid_tensor, max_depth)
     if not bool(mask.any()):
         raise ValueError("No valid ground-truth depth in this sequence (all pixels masked out or beyond max_depth).")

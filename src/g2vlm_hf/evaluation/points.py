@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .alignment import ArrayLike, apply_similarity, as_float64, umeyama
+from .alignment import ArrayLike, apply_similarity, as_float64, as_mask, umeyama
 
 
 def nearest_neighbours(
@@ -172,7 +172,7 @@ def evaluate_point_maps(
         )
     mask = torch.isfinite(pred).all(-1) & torch.isfinite(gt).all(-1)
     if valid is not None:
-        mask &= torch.as_tensor(valid).bool().reshape(mask.shape)
+        mask &= as_mask(valid, mask.shape)
     if int(mask.sum()) < 3:
         raise ValueError("Fewer than 3 valid points in this scene: check its valid mask.")
     if normals not in ("knn", "grid"):
