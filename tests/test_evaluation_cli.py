@@ -63,12 +63,19 @@ def test_geometry_tasks_run_the_model_end_to_end(converted_tiny, geometry_data, 
         assert metrics["valid_pixels"] == 2 * 2 * HEIGHT * WIDTH
         assert 0 <= metrics["delta_1.25"] <= 1 and np.isfinite(metrics["abs_rel"])
     elif task == "points":
-        assert metrics["valid_points"] == 2 * HEIGHT * WIDTH and metrics["accuracy"] > 0
+        assert metrics["valid_points"] == 2 * 2 * HEIGHT * WIDTH and metrics["accuracy"] > 0
     else:
         assert metrics["pairs"] == 2 and metrics["categories"] == 2 and 0 <= metrics["auc@30"] <= 1
     table = capsys.readouterr().out
     assert f"g2vlm-eval {task}" in table and "results written to" in table
     assert [p.name for p in tmp_path.iterdir()] == [output.name]  # no temporary file left behind
+
+
+def test_a_missing_model_fails_cleanly(geometry_data, tmp_path, capsys):
+    output = tmp_path / "result.json"
+    assert run("poses", tmp_path / "no-model-here", geometry_data, output) == 2
+    assert "g2vlm-eval: error:" in capsys.readouterr().err
+    assert not output.exists()
 
 
 def test_perfect_predictions_score_perfectly_through_the_cli(converted_tiny, geometry_data, tmp_path, monkeypatch):
@@ -115,9 +122,11 @@ def test_vqa_runs_generate_in_a_subprocess(converted_tiny, geometry_data, tmp_pa
         assert isinstance(row["prediction"], str) and 0.0 <= row["score"] <= 1.0
 
 
-def test_bad_data_fails_cleanly_without_a_result_file(converted_tiny, tmp_path, capsys):
+def test_bad_data_fails_cleanly_without_a_result_file(tmp_path, capsys):
+    """The data are checked before the model is loaded: a model path that does not exist is never reached."""
     (tmp_path / "scene" / "images").mkdir(parents=True)
     output = tmp_path / "result.json"
+    converted_tiny = tmp_path / "no-model-here"
     assert run("depth", converted_tiny, tmp_path, output) == 2
     assert "No scene found" in capsys.readouterr().err
     assert not output.exists()

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from transformers.utils import logging
 
-from .datasets import find_scenes, load_questions, write_json_atomic
+from .datasets import GeometryScene, Question, find_scenes, load_questions, write_json_atomic
 from .depth import ALIGNMENTS, evaluate_depth, weighted_mean
 from .points import evaluate_point_maps
 from .poses import PAIR_DIRECTIONS, relative_pose_errors, summarize_pose_errors
@@ -22,8 +22,14 @@ from .predict import DTYPES, answer_question, load_model, predict_geometry
 from .vqa import score_answer, summarize_vqa
 
 
-def run_depth(args: argparse.Namespace, model, processor) -> tuple[dict, list[dict]]:
-    scenes = find_scenes(args.data, "depth")[: args.limit]
+def load_data(args: argparse.Namespace) -> list:
+    """The task's scenes or questions, read and checked before the model is loaded."""
+    if args.task == "vqa":
+        return load_questions(args.data)[: args.limit]
+    return find_scenes(args.data, args.task)[: args.limit]
+
+
+def run_depth(args: argparse.Namespace, model, processor, scenes: list[GeometryScene]) -> tuple[dict, list[dict]]:
     per_scene = []
     for scene in logging.tqdm(scenes, desc="depth", unit="scene"):
         size = scene.depth.shape[1:3]
@@ -47,8 +53,7 @@ def run_depth(args: argparse.Namespace, model, processor) -> tuple[dict, list[di
     return weighted_mean(per_scene, "valid_pixels"), per_scene
 
 
-def run_points(args: argparse.Namespace, model, processor) -> tuple[dict, list[dict]]:
-    scenes = find_scenes(args.data, "points")[: args.limit]
+def run_points(args: argparse.Namespace, model, processor, scenes: list[GeometryScene]) -> tuple[dict, list[dict]]:
     per_scene = []
     for scene in logging.tqdm(scenes, desc="points", unit="scene"):
         prediction = predict_geometry(model, processor, scene.image_paths, scene.points.shape[1:3], args.device)
@@ -62,22 +67,22 @@ def run_points(args: argparse.Namespace, model, processor) -> tuple[dict, list[d
             device=args.device,
         )
         per_scene.append({"scene": scene.name, **metrics})
-    keys = [key for key in per_scene[0] if key != "scene"]
-    summary = {key: float(np.mean([row[key] for row in per_scene])) for key in keys}
+    keys = [key for key in per_scene[0] if key not in ("scene", "scale", "valid_points")]
+    summary = {key: float(np.mean([row[key] for row in per_scene])) for key in keys}  # mean over scenes
+    summary["valid_points"] = sum(row["valid_points"] for row in per_scene)
     summary["scenes"] = len(per_scene)
     return summary, per_scene
 
 
-def run_poses(args: argparse.Namespace, model, processor) -> tuple[dict, list[dict]]:
-    scenes = find_scenes(args.data, "poses")[: args.limit]
+def run_poses(args: argparse.Namespace, model, processor, scenes: list[GeometryScene]) -> tuple[dict, list[dict]]:
     per_scene, pooled = [], defaultdict(lambda: ([], []))
     for scene in logging.tqdm(scenes, desc="poses", unit="scene"):
         with Image.open(scene.image_paths[0]) as image:
             size = (image.height, image.width)
         prediction = predict_geometry(model, processor, scene.image_paths, size, args.device)
         rotation, translation = relative_pose_errors(prediction["camera_poses"], scene.poses, args.pair_direction)
-        pooled[scene.category][0].append(rotation)
-        pooled[scene.category][1].append(translation)
+        pooled[scene.category or "(top level)"][0].append(rotation)
+        pooled[scene.category or "(top level)"][1].append(translation)
         per_scene.append({"scene": scene.name, **summarize_pose_errors(rotation, translation, args.thresholds)})
     per_category = {
         category: summarize_pose_errors(torch.cat(rotations), torch.cat(translations), args.thresholds)
@@ -92,8 +97,7 @@ def run_poses(args: argparse.Namespace, model, processor) -> tuple[dict, list[di
     return summary, per_scene
 
 
-def run_vqa(args: argparse.Namespace, model, processor) -> tuple[dict, list[dict]]:
-    questions = load_questions(args.data)[: args.limit]
+def run_vqa(args: argparse.Namespace, model, processor, questions: list[Question]) -> tuple[dict, list[dict]]:
     rows, scores = [], []
     for question in logging.tqdm(questions, desc="vqa", unit="question"):
         prediction = answer_question(model, processor, question, args.device, args.max_new_tokens)
@@ -166,8 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("g2vlm-eval: error: --limit must be at least 1", file=sys.stderr)
         return 2
     try:
+        data = load_data(args)
         model, processor = load_model(args.model, args.dtype, args.device, getattr(args, "geometry_width", None))
-        summary, details = TASKS[args.task](args, model, processor)
+        summary, details = TASKS[args.task](args, model, processor, data)
         settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
         write_json_atomic(
             args.output, {"task": args.task, "settings": settings, "metrics": summary, "details": details}
