@@ -282,6 +282,8 @@ def test_answer_parsing():
     assert extract_choice("The answer is A.", choices) == "A"
     assert extract_choice("It moved to the right.", choices) == "B"
     assert extract_choice("left or right", choices) is None
+    assert extract_choice("I think B", choices) == "B"
+    assert extract_choice("Between B and C, unsure", choices) is None  # two candidate letters: no guess
     assert extract_choice("D", choices) is None
     assert parse_number("about 1,250.5 meters") == 1250.5
     assert parse_number("no idea") is None

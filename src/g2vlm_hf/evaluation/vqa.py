@@ -35,7 +35,8 @@ def mean_relative_accuracy(pred: float | None, target: float) -> float:
 def extract_choice(text: str, choices: list[str]) -> str | None:
     """Option letter (A, B, ...) that `text` picks among `choices`, or None.
 
-    A leading letter (or "answer: X") wins; otherwise the option whose text appears in the answer, if exactly one.
+    A leading letter (or "answer: X") wins; then the option whose text appears in the answer, if exactly one; then a
+    lone capital option letter standing as a word ("I think B"), if exactly one distinct letter does.
     """
     letters = [chr(ord("A") + i) for i in range(len(choices))]
     stripped = str(text).strip()
@@ -47,7 +48,10 @@ def extract_choice(text: str, choices: list[str]) -> str | None:
         return stated.group(1).upper()
     options = [re.sub(r"^\(?[A-Za-z][).:]\s*", "", choice).strip().lower() for choice in choices]
     found = [letters[i] for i, option in enumerate(options) if option and option in stripped.lower()]
-    return found[0] if len(found) == 1 else None
+    if len(found) == 1:
+        return found[0]
+    standalone = set(re.findall(r"\b([A-Z])\b", stripped)) & set(letters)
+    return standalone.pop() if len(standalone) == 1 else None
 
 
 def score_answer(record: dict, prediction: str) -> float:
