@@ -4,16 +4,15 @@ Nothing is fetched or copied: point the script at checkouts you made, and it loa
 from their files (only those functions, by parsing the file, so that the heavy imports of the evaluation scripts,
 hydra, open3d, cv2, the models, are not needed):
 
-    git clone https://github.com/InternRobotics/G2VLM            # eval_code/recons: Pi3's evaluation suite as
-                                                                  # G2VLM ran it (depth, mv_recon, relpose)
+    git clone https://github.com/rbler1234/G2VLM   # InternRobotics/G2VLM + eval_code/recons: Pi3's evaluation
+                                                    # suite as G2VLM ran it (depth, mv_recon, relpose); checked at ba4836ac
     git clone -b evaluation https://github.com/facebookresearch/vggt   # evaluation/test_co3d.py
     git clone https://github.com/EvolvingLMMs-Lab/lmms-eval       # tasks/{vsibench,sparbench,mindcube}/utils.py
     python benchmarks/check_eval_references.py --g2vlm-dir G2VLM --vggt-dir vggt --lmms-eval-dir lmms-eval
 
 Each flag is optional; the checks of the absent ones are skipped. The G²VLM depth and point-cloud references
 import scipy, the whole-ETH3D-protocol check open3d (pip install scipy open3d; neither is a dependency of
-g2vlm-hf). Prints one row per metric: ours, the
-reference, and the largest absolute difference over all cases.
+g2vlm-hf). Prints one row per metric: ours, the reference, and the largest absolute difference over all cases.
 """
 
 from __future__ import annotations
