@@ -6,7 +6,7 @@ hydra, open3d, cv2, the models, are not needed):
 
     git clone https://github.com/rbler1234/G2VLM   # InternRobotics/G2VLM + eval_code/recons: Pi3's evaluation
                                                     # suite as G2VLM ran it (depth, mv_recon, relpose); checked at ba4836ac
-    git clone -b evaluation https://github.com/facebookresearch/vggt   # evaluation/test_co3d.py
+    git clone https://github.com/facebookresearch/vggt   # evaluation/test_co3d.py; checked at 851d2571
     git clone https://github.com/EvolvingLMMs-Lab/lmms-eval       # tasks/{vsibench,sparbench,mindcube}/utils.py
     python benchmarks/check_eval_references.py --g2vlm-dir G2VLM --vggt-dir vggt --lmms-eval-dir lmms-eval
 
