@@ -1,0 +1,189 @@
+"""`g2vlm-eval depth|points|poses|vqa`: run a G²VLM checkpoint over a data set in the documented folder formats,
+print a table of the metrics and write them (with per-scene / per-question results) to a JSON file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers.utils import logging
+
+from .datasets import GeometryScene, Question, find_scenes, load_questions, write_json_atomic
+from .depth import ALIGNMENTS, evaluate_depth, weighted_mean
+from .points import evaluate_point_maps
+from .poses import PAIR_DIRECTIONS, relative_pose_errors, summarize_pose_errors
+from .predict import DTYPES, answer_question, load_model, predict_geometry
+from .vqa import score_answer, summarize_vqa
+
+
+def load_data(args: argparse.Namespace) -> list:
+    """The task's scenes or questions, read and checked before the model is loaded."""
+    if args.task == "vqa":
+        return load_questions(args.data)[: args.limit]
+    return find_scenes(args.data, args.task)[: args.limit]
+
+
+def run_depth(args: argparse.Namespace, model, processor, scenes: list[GeometryScene]) -> tuple[dict, list[dict]]:
+    per_scene = []
+    for scene in logging.tqdm(scenes, desc="depth", unit="scene"):
+        size = scene.depth.shape[1:3]
+        if args.single_view:  # monocular protocol: every view reconstructed on its own
+            views = [
+                predict_geometry(model, processor, [path], size, args.device)["depth"] for path in scene.image_paths
+            ]
+            depth = np.concatenate(views)
+        else:
+            depth = predict_geometry(model, processor, scene.image_paths, size, args.device)["depth"]
+        metrics = evaluate_depth(
+            depth,
+            scene.depth,
+            scene.valid,
+            alignment=args.alignment,
+            per_frame=not args.per_sequence,
+            max_depth=args.max_depth,
+            clip_max=args.clip_max,
+        )
+        per_scene.append({"scene": scene.name, **metrics})
+    return weighted_mean(per_scene, "valid_pixels"), per_scene
+
+
+def run_points(args: argparse.Namespace, model, processor, scenes: list[GeometryScene]) -> tuple[dict, list[dict]]:
+    per_scene = []
+    for scene in logging.tqdm(scenes, desc="points", unit="scene"):
+        prediction = predict_geometry(model, processor, scene.image_paths, scene.points.shape[1:3], args.device)
+        metrics = evaluate_point_maps(
+            prediction["world_points"],
+            scene.points,
+            scene.valid,
+            align=not args.no_align,
+            icp_distance=args.icp_distance,
+            normals=args.normals,
+            device=args.device,
+        )
+        per_scene.append({"scene": scene.name, **metrics})
+    keys = [key for key in per_scene[0] if key not in ("scene", "scale", "valid_points")]
+    summary = {key: float(np.mean([row[key] for row in per_scene])) for key in keys}  # mean over scenes
+    summary["valid_points"] = sum(row["valid_points"] for row in per_scene)
+    summary["scenes"] = len(per_scene)
+    return summary, per_scene
+
+
+def run_poses(args: argparse.Namespace, model, processor, scenes: list[GeometryScene]) -> tuple[dict, list[dict]]:
+    per_scene, pooled = [], defaultdict(lambda: ([], []))
+    for scene in logging.tqdm(scenes, desc="poses", unit="scene"):
+        with Image.open(scene.image_paths[0]) as image:
+            size = (image.height, image.width)
+        prediction = predict_geometry(model, processor, scene.image_paths, size, args.device)
+        rotation, translation = relative_pose_errors(prediction["camera_poses"], scene.poses, args.pair_direction)
+        pooled[scene.category or "(top level)"][0].append(rotation)
+        pooled[scene.category or "(top level)"][1].append(translation)
+        per_scene.append({"scene": scene.name, **summarize_pose_errors(rotation, translation, args.thresholds)})
+    per_category = {
+        category: summarize_pose_errors(torch.cat(rotations), torch.cat(translations), args.thresholds)
+        for category, (rotations, translations) in sorted(pooled.items())
+    }
+    keys = [key for key in next(iter(per_category.values())) if key != "pairs"]
+    summary = {key: float(np.mean([metrics[key] for metrics in per_category.values()])) for key in keys}
+    summary["pairs"] = sum(metrics["pairs"] for metrics in per_category.values())
+    summary["categories"] = len(per_category)
+    if len(per_category) > 1:
+        summary.update({f"auc@30/{category}": m["auc@30"] for category, m in per_category.items()})
+    return summary, per_scene
+
+
+def run_vqa(args: argparse.Namespace, model, processor, questions: list[Question]) -> tuple[dict, list[dict]]:
+    rows, scores = [], []
+    for question in logging.tqdm(questions, desc="vqa", unit="question"):
+        prediction = answer_question(model, processor, question, args.device, args.max_new_tokens)
+        score = score_answer(question.as_record(), prediction)
+        scores.append((question.category, score))
+        rows.append({"id": question.id, "category": question.category, "prediction": prediction,
+                     "answer": question.answer, "score": score})  # fmt: skip
+    return summarize_vqa(scores), rows
+
+
+TASKS = {"depth": run_depth, "points": run_points, "poses": run_poses, "vqa": run_vqa}
+
+
+def format_table(task: str, summary: dict) -> str:
+    """A two-column text table of the summary metrics."""
+    width = max(len(key) for key in summary)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ----------"]
+    for key, value in summary.items():
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        lines.append(f"{key:<{width}}  {shown}")
+    return f"g2vlm-eval {task}\n" + "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="g2vlm-eval", description="Evaluate G2VLM (see docs/evaluation.md).")
+    tasks = parser.add_subparsers(dest="task", required=True)
+
+    def common(sub: argparse.ArgumentParser, data_help: str) -> None:
+        sub.add_argument("--model", required=True, help="converted checkpoint folder or Hub id")
+        sub.add_argument("--data", type=Path, required=True, help=data_help)
+        sub.add_argument("--output", type=Path, required=True, help="JSON result file (written atomically)")
+        sub.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
+        sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        sub.add_argument("--limit", type=int, default=None, help="evaluate only the first N scenes/questions")
+
+    def geometry(sub: argparse.ArgumentParser) -> None:
+        common(sub, "folder of scenes (each with images/ and gt.npz)")
+        sub.add_argument("--geometry-width", type=int, default=None, help="resize views to this width (default 518)")
+
+    depth = tasks.add_parser("depth", help="AbsRel / delta<1.25 of predicted depth")
+    geometry(depth)
+    depth.add_argument("--alignment", choices=sorted(ALIGNMENTS), default="median")
+    depth.add_argument("--per-sequence", action="store_true", help="one alignment per scene (video depth)")
+    depth.add_argument("--single-view", action="store_true", help="reconstruct each view alone (monocular depth)")
+    depth.add_argument("--max-depth", type=float, default=None, help="ignore ground truth beyond this depth")
+    depth.add_argument("--clip-max", type=float, default=None, help="clamp aligned predictions to this depth")
+
+    points = tasks.add_parser("points", help="accuracy / completeness / normal consistency of world points")
+    geometry(points)
+    points.add_argument("--no-align", action="store_true", help="skip the similarity alignment")
+    points.add_argument("--icp-distance", type=float, default=None, help="refine by ICP (ETH3D: 0.1, DTU: 100)")
+    points.add_argument("--normals", choices=["knn", "grid"], default="knn", help="normals for the consistency")
+
+    poses = tasks.add_parser("poses", help="RRA/RTA at thresholds and AUC@30 over all view pairs")
+    geometry(poses)
+    poses.add_argument("--thresholds", type=float, nargs="+", default=[5.0, 15.0, 30.0])
+    poses.add_argument(
+        "--pair-direction", choices=PAIR_DIRECTIONS, default="i_to_j", help="i_to_j: G2VLM/Pi3 code; j_to_i: VGGT"
+    )
+
+    vqa = tasks.add_parser("vqa", help="multiple-choice accuracy / mean relative accuracy of answers")
+    common(vqa, "JSONL question file")
+    vqa.add_argument("--max-new-tokens", type=int, default=32)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        print("g2vlm-eval: error: --limit must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        data = load_data(args)
+        model, processor = load_model(args.model, args.dtype, args.device, getattr(args, "geometry_width", None))
+        summary, details = TASKS[args.task](args, model, processor, data)
+        settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+        write_json_atomic(
+            args.output, {"task": args.task, "settings": settings, "metrics": summary, "details": details}
+        )
+    except (ValueError, OSError) as error:
+        print(f"g2vlm-eval: error: {error}", file=sys.stderr)
+        return 2
+    print(format_table(args.task, summary))
+    print(f"results written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

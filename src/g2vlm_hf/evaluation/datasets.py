@@ -1,0 +1,192 @@
+"""Loaders (and a writer) for the documented evaluation folder formats (see docs/evaluation.md).
+
+Geometry (depth, points, poses): one folder per scene (nested folders allowed; the parent path is the scene's
+category), holding `images/` (the views, sorted by file name) and `gt.npz` with any of
+`depth` `(N, H, W)` float metres (0 = no ground truth), `points` `(N, H, W, 3)` world points,
+`poses` `(N, 4, 4)` camera-to-world (OpenCV axes), `valid` `(N, H, W)` bool.
+
+Spatial VQA: one JSONL file, one question per line:
+`{"id": str, "images": [paths relative to the file], "question": str, "answer": str,
+"choices": [str] (multiple choice; answer is the letter), "type": "multiple_choice"|"numeric"|"exact",
+"category": str, "prompt": str (optional, replaces the built prompt)}`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .vqa import parse_number
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+GT_FILE = "gt.npz"
+GT_SHAPES = {"depth": (None, None, None), "points": (None, None, None, 3), "poses": (None, 4, 4), "valid": (None,) * 3}
+
+
+@dataclass
+class GeometryScene:
+    """One scene: its views and the ground truth present in its `gt.npz`."""
+
+    name: str
+    category: str
+    image_paths: list[Path]
+    depth: np.ndarray | None = None
+    points: np.ndarray | None = None
+    poses: np.ndarray | None = None
+    valid: np.ndarray | None = None
+
+
+@dataclass
+class Question:
+    """One spatial VQA item."""
+
+    id: str
+    image_paths: list[Path]
+    question: str
+    answer: str
+    choices: list[str] = field(default_factory=list)
+    type: str = "multiple_choice"
+    category: str = "all"
+    prompt: str | None = None
+
+    def as_record(self) -> dict:
+        return {"id": self.id, "answer": self.answer, "choices": self.choices, "type": self.type}
+
+
+def _check_shape(name: str, array: np.ndarray, where: Path) -> None:
+    expected = GT_SHAPES[name]
+    if array.ndim != len(expected) or any(e is not None and e != s for e, s in zip(expected, array.shape)):
+        shape = {"depth": "(N, H, W)", "points": "(N, H, W, 3)", "poses": "(N, 4, 4)", "valid": "(N, H, W)"}[name]
+        raise ValueError(f"{where}: '{name}' has shape {array.shape}; expected {shape}.")
+
+
+def load_scene(directory: Path, root: Path, require: str) -> GeometryScene:
+    """Read one scene folder; `require` is the ground-truth key the task needs ("depth", "points" or "poses")."""
+    images_dir = directory / "images"
+    image_paths = sorted(p for p in images_dir.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not image_paths:
+        raise ValueError(f"{images_dir}: no images (.png/.jpg) found; each scene needs its views in images/.")
+    gt_path = directory / GT_FILE
+    try:
+        with np.load(gt_path) as archive:
+            arrays = {key: archive[key] for key in archive.files if key in GT_SHAPES}
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{gt_path}: cannot read the ground truth ({error}).") from error
+    if require not in arrays:
+        raise ValueError(f"{gt_path}: no '{require}' array; this task needs it (keys found: {sorted(arrays)}).")
+    for key, array in arrays.items():
+        _check_shape(key, array, gt_path)
+        if array.shape[0] != len(image_paths):
+            raise ValueError(f"{gt_path}: '{key}' has {array.shape[0]} views but {images_dir} has {len(image_paths)}.")
+    relative = directory.relative_to(root)
+    category = relative.parent.as_posix() if relative.parent != Path(".") else ""
+    return GeometryScene(
+        name=relative.as_posix() if relative != Path(".") else directory.name,
+        category=category,
+        image_paths=image_paths,
+        depth=arrays.get("depth"),
+        points=arrays.get("points"),
+        poses=arrays.get("poses"),
+        valid=arrays.get("valid").astype(bool) if "valid" in arrays else None,
+    )
+
+
+def find_scenes(root: Path | str, require: str) -> list[GeometryScene]:
+    """Every scene under `root` (each folder holding a `gt.npz`), sorted by path."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"Data folder {root} does not exist.")
+    folders = sorted(path.parent for path in root.rglob(GT_FILE))
+    if not folders:
+        raise ValueError(f"No scene found under {root}: each scene folder needs images/ and {GT_FILE}.")
+    return [load_scene(folder, root, require) for folder in folders]
+
+
+def write_scene(directory: Path | str, images: np.ndarray, **ground_truth: np.ndarray) -> Path:
+    """Write one scene in the documented format: `images` `(N, H, W, 3)` uint8, ground truth as keyword arrays."""
+    from PIL import Image
+
+    directory = Path(directory)
+    unknown = set(ground_truth) - set(GT_SHAPES)
+    if unknown:
+        raise ValueError(f"Unknown ground-truth keys {sorted(unknown)}; use {sorted(GT_SHAPES)}.")
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(images):
+        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(directory / "images" / f"{index:04d}.png")
+    np.savez(directory / GT_FILE, **{key: np.asarray(value) for key, value in ground_truth.items()})
+    return directory
+
+
+def load_questions(path: Path | str) -> list[Question]:
+    """Parse a JSONL question file, checking every line; image paths are resolved against the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"Question file {path} does not exist.")
+    questions = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: not valid JSON ({error.msg}); write one JSON object per line.") from error
+        if not isinstance(item, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(item).__name__}.")  # noqa: TRY004 (bad data)
+        missing = [key for key in ("question", "answer", "images") if key not in item]
+        if missing:
+            raise ValueError(f"{where}: missing {missing}; every line needs question, answer and images.")
+        if not isinstance(item["images"], list) or not item["images"]:
+            raise ValueError(f"{where}: 'images' must be a non-empty list of image paths.")
+        images = [(path.parent / image).resolve() for image in item["images"]]
+        absent = [str(image) for image in images if not image.is_file()]
+        if absent:
+            raise ValueError(f"{where}: image files not found: {absent}.")
+        choices = list(item.get("choices") or [])
+        kind = item.get("type", "multiple_choice" if choices else "numeric")
+        if kind == "multiple_choice" and not choices:
+            raise ValueError(f"{where}: a multiple_choice question needs 'choices'.")
+        if kind not in ("multiple_choice", "numeric", "exact"):
+            raise ValueError(f"{where}: unknown type {kind!r}; use multiple_choice, numeric or exact.")
+        answer = str(item["answer"]).strip()
+        letters = [chr(ord("A") + i) for i in range(len(choices))]
+        if kind == "multiple_choice" and answer.upper() not in letters:
+            raise ValueError(f"{where}: the answer {answer!r} must be one of the option letters {letters}.")
+        if kind == "numeric" and parse_number(answer) in (None, 0.0):
+            raise ValueError(f"{where}: a numeric answer must be a non-zero number, got {answer!r}.")
+        questions.append(
+            Question(
+                id=str(item.get("id", number)),
+                image_paths=images,
+                question=str(item["question"]),
+                answer=answer,
+                choices=[str(c) for c in choices],
+                type=kind,
+                category=str(item.get("category", "all")),
+                prompt=item.get("prompt"),
+            )
+        )
+    if not questions:
+        raise ValueError(f"{path} holds no questions.")
+    return questions
+
+
+def write_json_atomic(path: Path | str, data: dict) -> Path:
+    """Write `data` as JSON to a temporary file beside `path`, then rename it over `path` (no partial files)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            json.dump(data, file, indent=2)
+            file.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,81 @@
+"""Run a G²VLM checkpoint for evaluation: geometry of a scene's views, and answers to spatial questions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .datasets import Question
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(model_path: str, dtype: str = "auto", device: str = "cpu", geometry_width: int | None = None):
+    """Model (eval mode, on `device`) and processor of a converted checkpoint folder or Hub id."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import g2vlm_hf  # noqa: F401  (registers the Auto classes)
+
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}.")
+    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=DTYPES[dtype]).to(device).eval()
+    processor = AutoProcessor.from_pretrained(model_path)
+    if geometry_width is not None:
+        if geometry_width <= 0 or geometry_width % processor.geometry_image_processor.patch_size:
+            raise ValueError(f"--geometry-width must be a positive multiple of the patch size, got {geometry_width}.")
+        processor.geometry_image_processor.target_width = geometry_width
+    return model, processor
+
+
+def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinearly resize `(N, h, w)` or `(N, h, w, C)` maps to `size` = (H, W)."""
+    if tuple(maps.shape[1:3]) == tuple(size):
+        return maps
+    channels_last = maps.ndim == 4
+    grid = maps.permute(0, 3, 1, 2) if channels_last else maps[:, None]
+    resized = F.interpolate(grid.float(), size=size, mode="bilinear", align_corners=False)
+    return resized.permute(0, 2, 3, 1) if channels_last else resized[:, 0]
+
+
+@torch.inference_mode()
+def predict_geometry(model, processor, image_paths: Sequence[Path], size: tuple[int, int], device: str) -> dict:
+    """Depth `(N, H, W)`, world points `(N, H, W, 3)` and camera-to-world poses `(N, 4, 4)` of one scene, as float64
+    numpy arrays, the maps resized to the ground-truth `size`."""
+    inputs = processor(geometry_images=[str(path) for path in image_paths], return_tensors="pt").to(device)
+    output = model.reconstruct(**inputs)
+    return {
+        "depth": resize_maps(output.depth[0].float().cpu(), size).double().numpy(),
+        "world_points": resize_maps(output.world_points[0].float().cpu(), size).double().numpy(),
+        "camera_poses": output.camera_poses[0].double().cpu().numpy(),
+    }
+
+
+def build_prompt(question: Question) -> str:
+    """The text sent with the images: the item's own `prompt`, or the question, its options and an answer format."""
+    if question.prompt:
+        return question.prompt
+    if question.type == "multiple_choice":
+        options = "\n".join(question.choices)
+        return f"{question.question}\n{options}\nAnswer with the option's letter from the given choices directly."
+    if question.type == "numeric":
+        return f"{question.question}\nPlease answer the question using a single word or phrase."
+    return question.question
+
+
+@torch.inference_mode()
+def answer_question(model, processor, question: Question, device: str, max_new_tokens: int = 32) -> str:
+    """Greedy answer of the model to one question (the official chat prompt: geometry + semantic images)."""
+    content = [{"type": "image", "image": str(path)} for path in question.image_paths]
+    content.append({"type": "text", "text": build_prompt(question)})
+    inputs = processor.apply_chat_template(
+        [{"role": "user", "content": content}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    ).to(device)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()

@@ -1,0 +1,136 @@
+"""`g2vlm-eval` end to end: the converted tiny checkpoint over generated data sets in the documented formats."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from g2vlm_hf.evaluation import cli, write_scene
+from g2vlm_hf.training.synthetic import render_room, yaw_pose
+
+HEIGHT, WIDTH = 20, 28
+
+
+def local_depth(world_points: np.ndarray, poses: np.ndarray) -> np.ndarray:
+    rotations, centres = poses[:, :3, :3], poses[:, :3, 3]
+    return np.einsum("nji,nhwj->nhwi", rotations, world_points - centres[:, None, None])[..., 2]
+
+
+@pytest.fixture(scope="module")
+def geometry_data(tmp_path_factory):
+    """Two scenes (one in a category folder) of two rendered views with depth, points, poses and masks."""
+    root = tmp_path_factory.mktemp("geometry")
+    for name, offset in (("chairs/scene_a", 0.0), ("scene_b", 0.3)):
+        poses = np.stack([yaw_pose(offset, -0.5, -8.0), yaw_pose(offset + 0.4, 0.2, 12.0)])
+        room = render_room(poses, HEIGHT, WIDTH)
+        write_scene(
+            root / name,
+            room.images,
+            depth=local_depth(room.world_points, poses),
+            points=room.world_points,
+            poses=poses,
+            valid=room.valid_mask,
+        )
+    return root
+
+
+def run(task: str, model, data, output, *extra: str) -> int:
+    argv = [task, "--model", str(model), "--data", str(data), "--output", str(output), "--device", "cpu", *extra]
+    return cli.main(argv)
+
+
+@pytest.mark.parametrize(
+    ("task", "extra"),
+    [
+        ("depth", []),
+        ("depth", ["--single-view", "--per-sequence"]),
+        ("points", ["--icp-distance", "0.1"]),
+        ("poses", []),
+    ],
+)
+def test_geometry_tasks_run_the_model_end_to_end(converted_tiny, geometry_data, tmp_path, capsys, task, extra):
+    output = tmp_path / f"{task}.json"
+    assert run(task, converted_tiny, geometry_data, output, "--geometry-width", "56", *extra) == 0
+    result = json.loads(output.read_text())
+    assert result["task"] == task
+    assert [row["scene"] for row in result["details"]] == ["chairs/scene_a", "scene_b"]
+    metrics = result["metrics"]
+    if task == "depth":
+        assert metrics["valid_pixels"] == 2 * 2 * HEIGHT * WIDTH
+        assert 0 <= metrics["delta_1.25"] <= 1 and np.isfinite(metrics["abs_rel"])
+    elif task == "points":
+        assert metrics["valid_points"] == 2 * 2 * HEIGHT * WIDTH and metrics["accuracy"] > 0
+    else:
+        assert metrics["pairs"] == 2 and metrics["categories"] == 2 and 0 <= metrics["auc@30"] <= 1
+    table = capsys.readouterr().out
+    assert f"g2vlm-eval {task}" in table and "results written to" in table
+    assert [p.name for p in tmp_path.iterdir()] == [output.name]  # no temporary file left behind
+
+
+def test_a_missing_model_fails_cleanly(geometry_data, tmp_path, capsys):
+    output = tmp_path / "result.json"
+    assert run("poses", tmp_path / "no-model-here", geometry_data, output) == 2
+    assert "g2vlm-eval: error:" in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_perfect_predictions_score_perfectly_through_the_cli(converted_tiny, geometry_data, tmp_path, monkeypatch):
+    """The CLI's plumbing (loading, resizing, alignment, pooling) gives perfect scores to a perfect prediction."""
+
+    def oracle(model, processor, image_paths, size, device):
+        scene = next(s for s in cli.find_scenes(geometry_data, "poses") if s.image_paths == list(image_paths))
+        scale = 2.0  # an unknown global scale must not matter
+        poses = scene.poses.copy()
+        poses[:, :3, 3] *= scale
+        return {"depth": scale * scene.depth, "world_points": scale * scene.points, "camera_poses": poses}
+
+    monkeypatch.setattr(cli, "predict_geometry", oracle)
+    results = {}
+    for task, extra in (("depth", ["--alignment", "median"]), ("points", []), ("poses", [])):
+        assert run(task, converted_tiny, geometry_data, tmp_path / f"{task}.json", *extra) == 0
+        results[task] = json.loads((tmp_path / f"{task}.json").read_text())["metrics"]
+    assert results["depth"]["abs_rel"] == pytest.approx(0.0, abs=1e-9) and results["depth"]["delta_1.25"] == 1.0
+    assert results["points"]["accuracy"] == pytest.approx(0.0, abs=1e-6)
+    assert results["points"]["normal_consistency"] == pytest.approx(1.0)
+    assert results["poses"]["auc@30"] == 1.0 and results["poses"]["rra@5"] == 1.0
+
+
+def test_vqa_runs_generate_in_a_subprocess(converted_tiny, geometry_data, tmp_path):
+    images = sorted((geometry_data / "scene_b" / "images").glob("*.png"))
+    questions = tmp_path / "questions.jsonl"
+    lines = [
+        {"id": "side", "images": [str(images[0]), str(images[1])], "question": "Did the camera move left or right?",
+         "choices": ["A. left", "B. right"], "answer": "B", "category": "motion"},
+        {"id": "far", "images": [str(images[0])], "question": "How far is the back wall?", "answer": "4.5",
+         "type": "numeric", "category": "distance"},
+    ]  # fmt: skip
+    questions.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    output = tmp_path / "out" / "vqa.json"
+    command = [sys.executable, "-m", "g2vlm_hf.evaluation.cli", "vqa", "--model", str(converted_tiny)]
+    command += ["--data", str(questions), "--output", str(output), "--device", "cpu", "--max-new-tokens", "4"]
+    completed = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    assert "g2vlm-eval vqa" in completed.stdout
+    result = json.loads(output.read_text())
+    assert result["metrics"]["questions"] == 2
+    assert set(result["metrics"]) >= {"overall", "category_mean", "category/motion", "category/distance"}
+    for row in result["details"]:
+        assert isinstance(row["prediction"], str) and 0.0 <= row["score"] <= 1.0
+
+
+def test_bad_data_fails_cleanly_without_a_result_file(tmp_path, capsys):
+    """The data are checked before the model is loaded: a model path that does not exist is never reached."""
+    (tmp_path / "scene" / "images").mkdir(parents=True)
+    output = tmp_path / "result.json"
+    converted_tiny = tmp_path / "no-model-here"
+    assert run("depth", converted_tiny, tmp_path, output) == 2
+    assert "No scene found" in capsys.readouterr().err
+    assert not output.exists()
+    (tmp_path / "q.jsonl").write_text("{broken\n")
+    assert run("vqa", converted_tiny, tmp_path / "q.jsonl", output) == 2
+    assert "line 1: not valid JSON" in capsys.readouterr().err
+    assert not output.exists()

@@ -1,0 +1,356 @@
+"""Evaluation metrics on rendered scenes with exact geometry: perfect predictions score perfectly, known
+perturbations give the analytically known values."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from g2vlm_hf.evaluation import (
+    evaluate_depth,
+    evaluate_point_maps,
+    evaluate_poses,
+    extract_choice,
+    find_scenes,
+    grid_normals,
+    knn_normals,
+    l1_scale,
+    least_squares_scale,
+    least_squares_scale_shift,
+    load_questions,
+    mean_relative_accuracy,
+    nearest_neighbours,
+    parse_number,
+    point_cloud_metrics,
+    pose_auc,
+    relative_pose_errors,
+    score_answer,
+    summarize_vqa,
+    umeyama,
+    write_scene,
+)
+from g2vlm_hf.evaluation.points import icp_refine
+from g2vlm_hf.evaluation.poses import direction_angle_degrees
+from g2vlm_hf.training.synthetic import render_room, spatial_questions, yaw_pose
+
+
+def rotation(axis: str, degrees: float) -> np.ndarray:
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    return {
+        "x": np.array([[1, 0, 0], [0, c, -s], [0, s, c]]),
+        "y": np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]]),
+        "z": np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]),
+    }[axis]
+
+
+@pytest.fixture(scope="module")
+def scene():
+    poses = np.stack([yaw_pose(-0.4, -1.0, -12.0), yaw_pose(0.0, 0.0, 0.0), yaw_pose(0.7, 0.6, 20.0)])
+    scene = render_room(poses, 18, 24)
+    rotations, centres = poses[:, :3, :3], poses[:, :3, 3]
+    local = np.einsum("nji,nhwj->nhwi", rotations, scene.world_points - centres[:, None, None])
+    return scene, poses, local[..., 2]
+
+
+# ---- depth -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "alignment", ["none", "median", "l1-scale", "lstsq-scale", "lstsq-scale-shift", "adam-l1-scale-shift"]
+)
+@pytest.mark.parametrize("per_frame", [True, False])
+def test_perfect_depth_scores_perfectly(scene, alignment, per_frame):
+    _, _, depth = scene
+    metrics = evaluate_depth(depth, depth, alignment=alignment, per_frame=per_frame)
+    assert metrics["abs_rel"] == pytest.approx(0.0, abs=1e-9)
+    assert metrics["rmse"] == pytest.approx(0.0, abs=1e-7)
+    assert metrics["delta_1.25"] == 1.0
+    assert metrics["valid_pixels"] == depth.size
+
+
+def test_scale_alignment_removes_a_global_scale(scene):
+    _, _, depth = scene
+    for alignment in ["median", "l1-scale", "lstsq-scale"]:
+        metrics = evaluate_depth(3.7 * depth, depth, alignment=alignment, per_frame=False)
+        assert metrics["abs_rel"] == pytest.approx(0.0, abs=1e-9)
+        assert metrics["scale"] == pytest.approx(1 / 3.7)
+        assert metrics["shift"] == pytest.approx(0.0, abs=1e-12)
+    # Adam starts at the median ratio (here exact) and, normalising tiny gradients, wanders by about lr per step
+    assert evaluate_depth(3.7 * depth, depth, alignment="adam-l1-scale-shift", per_frame=False)["abs_rel"] < 1e-3
+    metric_depth = evaluate_depth(3.7 * depth, depth, alignment="none")
+    assert metric_depth["abs_rel"] == pytest.approx(2.7)
+    assert metric_depth["delta_1.25^3"] == 0.0  # 3.7 > 1.25^3 = 1.95
+
+
+def test_scale_and_shift_alignment_recovers_an_affine_depth(scene):
+    _, _, depth = scene
+    scale, shift = least_squares_scale_shift(2 * depth + 0.5, depth)
+    assert (scale, shift) == pytest.approx((0.5, -0.25))
+    assert evaluate_depth(2 * depth + 0.5, depth, alignment="lstsq-scale-shift")["abs_rel"] == pytest.approx(
+        0, abs=1e-9
+    )
+
+
+def test_known_relative_error_on_a_fraction_of_pixels(scene):
+    _, _, depth = scene
+    bad = np.zeros(depth.shape, dtype=bool)
+    bad[:, ::3] = True  # one row in three
+    pred = np.where(bad, 1.4 * depth, depth)
+    metrics = evaluate_depth(pred, depth, alignment="none")
+    assert metrics["abs_rel"] == pytest.approx(0.4 * bad.mean())
+    assert metrics["delta_1.25"] == pytest.approx(1 - bad.mean())
+    assert metrics["delta_1.25^2"] == 1.0
+    # the L1 (IRLS, 10 steps) scale stays near the exact majority; the least-squares scale follows the outliers
+    assert abs(l1_scale(pred, depth) - 1.0) < 0.01 < abs(least_squares_scale(pred, depth) - 1.0)
+
+
+def test_per_frame_alignment_absorbs_per_frame_scales_a_sequence_alignment_does_not(scene):
+    _, _, depth = scene
+    pred = depth * np.array([1.0, 2.0, 4.0])[:, None, None]
+    assert evaluate_depth(pred, depth, alignment="median", per_frame=True)["abs_rel"] == pytest.approx(0, abs=1e-9)
+    sequence = evaluate_depth(pred, depth, alignment="l1-scale", per_frame=False)
+    # the L1 scale settles on one frame's factor; the other two frames stay off by factors 2 and 4 (or 1/2, 1/4)
+    assert sequence["abs_rel"] > 0.3
+
+
+def test_depth_masks_invalid_and_far_ground_truth(scene):
+    _, _, depth = scene
+    gt = depth.copy()
+    gt[0, 0, 0] = 0.0
+    gt[1, 0, 0] = np.nan
+    pred = np.where(depth > 3.0, 100.0, depth)  # wrong only where gt >= 3
+    metrics = evaluate_depth(pred, gt, alignment="none", max_depth=3.0)
+    assert metrics["abs_rel"] == pytest.approx(0.0)
+    assert metrics["valid_pixels"] == int(((depth < 3.0) & (gt > 0)).sum())
+    valid = np.zeros(depth.shape, dtype=bool)
+    valid[0] = True
+    assert evaluate_depth(2 * depth, depth, valid, alignment="none")["valid_pixels"] == depth[0].size
+
+
+def test_depth_rejects_bad_input(scene):
+    _, _, depth = scene
+    with pytest.raises(ValueError, match="differ in shape"):
+        evaluate_depth(depth[:, :-1], depth)
+    with pytest.raises(ValueError, match="Unknown depth alignment"):
+        evaluate_depth(depth, depth, alignment="mean")
+    with pytest.raises(ValueError, match="No valid ground-truth depth"):
+        evaluate_depth(depth, np.zeros_like(depth))
+    with pytest.raises(ValueError, match=r"valid mask has shape \(3, 18\)"):
+        evaluate_depth(depth, depth, valid=np.ones(depth.shape[:2], dtype=bool))
+
+
+# ---- point maps ----------------------------------------------------------------------------------------------------
+
+
+def test_umeyama_recovers_a_known_similarity(scene):
+    room, _, _ = scene
+    points = room.world_points.reshape(-1, 3).astype(np.float64)
+    true_rotation = rotation("z", 30) @ rotation("x", -50)
+    moved = 2.5 * points @ true_rotation.T + np.array([1.0, -2.0, 0.5])
+    scale, found_rotation, translation = umeyama(moved, points)
+    assert scale == pytest.approx(1 / 2.5)
+    np.testing.assert_allclose(found_rotation.numpy(), true_rotation.T, atol=1e-10)
+    np.testing.assert_allclose(scale * moved @ found_rotation.numpy().T + translation.numpy(), points, atol=1e-9)
+    # a mirrored copy cannot be matched by a rotation: det stays +1
+    _, mirrored_rotation, _ = umeyama(points * np.array([-1.0, 1.0, 1.0]), points)
+    assert torch.det(mirrored_rotation).item() == pytest.approx(1.0)
+
+
+def test_perfect_and_similar_point_maps_score_perfectly(scene):
+    room, _, _ = scene
+    gt = room.world_points.astype(np.float64)
+    perfect = evaluate_point_maps(gt, gt)
+    assert perfect["accuracy"] == pytest.approx(0.0, abs=1e-7)
+    assert perfect["completeness"] == pytest.approx(0.0, abs=1e-7)
+    assert perfect["normal_consistency"] == pytest.approx(1.0)
+    moved = 0.3 * gt @ (rotation("y", 70) @ rotation("x", 15)).T + np.array([4.0, 0.0, -1.0])
+    aligned = evaluate_point_maps(moved, gt)
+    assert aligned["accuracy"] == pytest.approx(0.0, abs=1e-7)
+    assert aligned["completeness"] == pytest.approx(0.0, abs=1e-7)
+    assert aligned["normal_consistency"] == pytest.approx(1.0)
+    assert aligned["scale"] == pytest.approx(1 / 0.3)
+    assert evaluate_point_maps(moved, gt, align=False)["accuracy"] > 0.5
+
+
+def plane(rows: int = 6, columns: int = 7, tilt_degrees: float = 0.0, offset: float = 0.0) -> np.ndarray:
+    """A grid of unit spacing in the z = offset plane, tilted about the x axis through its centre."""
+    y, x = np.meshgrid(np.arange(rows) - (rows - 1) / 2, np.arange(columns) - (columns - 1) / 2, indexing="ij")
+    grid = np.stack([x, y, np.zeros_like(x)], -1) @ rotation("x", tilt_degrees).T
+    return (grid + np.array([0.0, 0.0, offset]))[None]
+
+
+def test_known_offset_and_tilt_give_known_accuracy_and_normal_consistency():
+    gt = plane()
+    shifted = evaluate_point_maps(plane(offset=0.1), gt, align=False)
+    assert shifted["accuracy"] == pytest.approx(0.1)
+    assert shifted["completeness"] == pytest.approx(0.1)
+    assert shifted["normal_consistency"] == pytest.approx(1.0)
+    tilted = point_cloud_metrics(
+        plane(tilt_degrees=25).reshape(-1, 3),
+        gt.reshape(-1, 3),
+        grid_normals(plane(tilt_degrees=25)).reshape(-1, 3),
+        grid_normals(gt).reshape(-1, 3),
+    )
+    assert tilted["normal_consistency"] == pytest.approx(np.cos(np.radians(25)))
+
+
+def test_knn_normals_of_a_tilted_plane_and_icp_undo_a_small_rigid_motion():
+    tilted = plane(9, 9, tilt_degrees=35).reshape(-1, 3)
+    expected = rotation("x", 35) @ np.array([0.0, 0.0, 1.0])
+    cosines = knn_normals(tilted, k=8).numpy() @ expected
+    np.testing.assert_allclose(np.abs(cosines), 1.0, atol=1e-12)
+    gt = plane(9, 9).reshape(-1, 3) + np.array([0, 0, 1.0]) * (np.arange(81) % 3)[:, None] * 0.5  # three levels
+    moved = gt @ rotation("z", 2).T + np.array([0.05, -0.03, 0.02])
+    refined = icp_refine(torch.from_numpy(moved), torch.from_numpy(gt), max_distance=0.3)
+    np.testing.assert_allclose(refined.numpy(), gt, atol=1e-6)  # stops once fitness and RMSE change < 1e-6
+    metrics = evaluate_point_maps(moved[None, None], gt[None, None], align=False, icp_distance=0.3)
+    assert metrics["accuracy"] == pytest.approx(0.0, abs=1e-6)
+    assert evaluate_point_maps(moved[None, None], gt[None, None], align=False)["accuracy"] > 0.02
+
+
+def test_chunked_nearest_neighbours_match_the_full_distance_matrix():
+    generator = torch.Generator().manual_seed(0)
+    queries, points = torch.rand(50, 3, generator=generator), torch.rand(40, 3, generator=generator)
+    distance, index = nearest_neighbours(queries, points, chunk_size=7)
+    full = torch.cdist(queries.double(), points.double())
+    torch.testing.assert_close(distance, full.min(1).values)
+    torch.testing.assert_close(index, full.argmin(1))
+    with pytest.raises(ValueError, match=r"\(M, 3\)"):
+        nearest_neighbours(queries[:, :2], points)
+
+
+# ---- camera poses -------------------------------------------------------------------------------------------------
+
+
+def test_perfect_and_globally_transformed_trajectories_score_perfectly(scene):
+    _, poses, _ = scene
+    assert evaluate_poses(poses, poses)["auc@30"] == 1.0
+    similarity = np.eye(4)
+    similarity[:3, :3], similarity[:3, 3] = rotation("z", 40) @ rotation("y", 10), [3.0, -1.0, 2.0]
+    moved = similarity @ poses
+    moved[:, :3, 3] *= 2.0  # global scale of the trajectory
+    rotation_error, translation_error = relative_pose_errors(moved, poses)
+    assert rotation_error.max() < 1e-5 and translation_error.max() < 1e-5
+    metrics = evaluate_poses(moved, poses)
+    assert metrics["rra@5"] == metrics["rta@5"] == metrics["auc@30"] == 1.0
+
+
+def test_a_known_rotation_error_gives_known_pair_errors_and_auc(scene):
+    _, poses, _ = scene
+    perturbed = poses.copy()
+    perturbed[0, :3, :3] = poses[0, :3, :3] @ rotation("x", 10.5)  # camera 0 turned in place
+    rotation_error, translation_error = relative_pose_errors(perturbed, poses)
+    np.testing.assert_allclose(rotation_error.numpy(), [10.5, 10.5, 0.0], atol=1e-6)
+    np.testing.assert_allclose(translation_error.numpy(), [0.0, 0.0, 0.0], atol=1e-5)
+    metrics = evaluate_poses(perturbed, poses)
+    assert metrics["rra@5"] == pytest.approx(1 / 3)
+    assert metrics["rra@15"] == 1.0
+    assert metrics["auc@30"] == pytest.approx((10 * (1 / 3) + 20 * 1.0) / 30)  # max error 10.5 < k from k = 11
+
+
+def test_translation_angle_and_auc_definitions():
+    a = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [1.0, 0, 0]], dtype=torch.float64)
+    b = torch.tensor([[1.0, 1.0, 0], [-3.0, 0, 0], [0.0, 0, 0]], dtype=torch.float64)
+    np.testing.assert_allclose(direction_angle_degrees(a, b).numpy(), [45.0, 0.0, 90.0], atol=1e-6)
+    # max errors 0.5, 2.5, 40: below k for k = 1, 2 is 1/3, for k = 3..30 it is 2/3
+    auc = pose_auc(np.array([0.5, 1.0, 40.0]), np.array([0.1, 2.5, 3.0]))
+    assert auc == pytest.approx((2 * (1 / 3) + 28 * (2 / 3)) / 30)
+    with pytest.raises(ValueError, match=r"\(N, 4, 4\)"):
+        relative_pose_errors(np.eye(4), np.eye(4))
+
+
+# ---- spatial VQA ------------------------------------------------------------------------------------------------
+
+
+def test_mean_relative_accuracy_known_values():
+    assert mean_relative_accuracy(2.0, 2.0) == 1.0
+    assert mean_relative_accuracy(2.24, 2.0) == pytest.approx(0.8)  # error 0.12 passes theta = 0.50 ... 0.85
+    assert mean_relative_accuracy(3.0, 2.0) == pytest.approx(0.1)  # error 0.5 passes theta = 0.50 only
+    assert mean_relative_accuracy(3.2, 2.0) == 0.0
+    assert mean_relative_accuracy(None, 2.0) == 0.0
+    with pytest.raises(ValueError, match="undefined"):
+        mean_relative_accuracy(1.0, 0.0)
+
+
+def test_answer_parsing():
+    choices = ["A. left", "B. right", "C. up"]
+    assert extract_choice("B", choices) == "B"
+    assert extract_choice("(c) up, clearly", choices) == "C"
+    assert extract_choice("The answer is A.", choices) == "A"
+    assert extract_choice("It moved to the right.", choices) == "B"
+    assert extract_choice("left or right", choices) is None
+    assert extract_choice("I think B", choices) == "B"
+    assert extract_choice("Between B and C, unsure", choices) is None  # two candidate letters: no guess
+    assert extract_choice("D", choices) is None
+    assert parse_number("about 1,250.5 meters") == 1250.5
+    assert parse_number("no idea") is None
+
+
+def test_vqa_scores_on_questions_from_a_rendered_scene(scene):
+    room, _, _ = scene
+    pairs = spatial_questions(room)
+    (_, side), (_, distance) = pairs[0], pairs[1]
+    record = {"answer": "A" if side == "left" else "B", "choices": ["A. left", "B. right"], "type": "multiple_choice"}
+    assert score_answer(record, side) == 1.0
+    assert score_answer(record, "right" if side == "left" else "left") == 0.0
+    numeric = {"answer": distance, "type": "numeric"}
+    assert score_answer(numeric, distance) == 1.0
+    value = parse_number(distance)
+    assert score_answer(numeric, f"{value * 1.3:.4f} m") == pytest.approx(0.5)  # error 0.3 passes 0.50 ... 0.70
+    summary = summarize_vqa([("a", 1.0), ("a", 0.0), ("b", 1.0)])
+    assert summary["overall"] == pytest.approx(2 / 3)
+    assert summary["category_mean"] == pytest.approx(0.75)
+    assert summary["category/a"] == 0.5
+
+
+# ---- data formats -------------------------------------------------------------------------------------------------
+
+
+def test_scene_folders_round_trip_and_bad_folders_raise(scene, tmp_path):
+    room, poses, depth = scene
+    write_scene(tmp_path / "kitchen" / "seq1", room.images, depth=depth, poses=poses, valid=room.valid_mask)
+    write_scene(tmp_path / "loose", room.images[:2], depth=depth[:2])
+    scenes = find_scenes(tmp_path, "depth")
+    assert [(s.name, s.category, len(s.image_paths)) for s in scenes] == [
+        ("kitchen/seq1", "kitchen", 3),
+        ("loose", "", 2),
+    ]
+    np.testing.assert_array_equal(scenes[0].depth, depth)
+    with pytest.raises(ValueError, match="no 'poses' array"):
+        find_scenes(tmp_path, "poses")
+    np.savez(tmp_path / "loose" / "gt.npz", depth=depth)  # 3 depth maps, 2 images
+    with pytest.raises(ValueError, match="has 3 views but"):
+        find_scenes(tmp_path, "depth")
+    np.savez(tmp_path / "loose" / "gt.npz", depth=depth[:2, 0])
+    with pytest.raises(ValueError, match=r"expected \(N, H, W\)"):
+        find_scenes(tmp_path, "depth")
+    with pytest.raises(ValueError, match="No scene found"):
+        find_scenes(tmp_path / "kitchen" / "seq1" / "images", "depth")
+
+
+def test_question_files_are_checked_line_by_line(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    good = {"id": "q1", "images": ["a.png"], "question": "Left or right?", "answer": "A", "choices": ["A. l", "B. r"]}
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps({**good, "id": "q2", "type": "numeric", "answer": "2"}))
+    questions = load_questions(path)
+    assert [(q.id, q.type, q.image_paths[0].name) for q in questions] == [("q1", "multiple_choice", "a.png"),
+                                                                          ("q2", "numeric", "a.png")]  # fmt: skip
+    path.write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(ValueError, match="line 2: not valid JSON"):
+        load_questions(path)
+    path.write_text(json.dumps({**good, "images": ["missing.png"]}))
+    with pytest.raises(ValueError, match="image files not found"):
+        load_questions(path)
+    path.write_text(json.dumps({"images": ["a.png"], "question": "?"}))
+    with pytest.raises(ValueError, match=r"missing \['answer'\]"):
+        load_questions(path)
+    path.write_text(json.dumps({**good, "answer": "C"}))
+    with pytest.raises(ValueError, match="must be one of the option letters"):
+        load_questions(path)
+    path.write_text(json.dumps({**good, "choices": [], "answer": "far"}))
+    with pytest.raises(ValueError, match="numeric answer must be a non-zero number"):
+        load_questions(path)
