@@ -34,8 +34,8 @@ class G2VLMForDepthEstimation(G2VLMPreTrainedModel):
     `image_processor([views])`."""
 
     config: G2VLMConfig
-    _keep_in_fp32_modules_strict = ["geometry_heads"]  # noqa: RUF012  (a transformers class attribute)
-    _keys_to_ignore_on_load_unexpected = [r"^lm_head\.", r"^model\.visual\."]  # noqa: RUF012
+    _keep_in_fp32_modules_strict = ["geometry_heads"]
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\.", r"^model\.visual\."]
 
     def __init__(self, config: G2VLMConfig):
         super().__init__(config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -22,44 +23,71 @@ class G2VLMLayerScale(nn.Module):
 
 
 class G2VLMMLP(nn.Module):
-    """SwiGLU MLP of one expert.
+    """SwiGLU MLP of the semantic expert, with Qwen2's leaf names."""
 
-    The leaves are `gate_proj`, `up_proj`, `down_proj` for the semantic expert and `geo_gate_proj`, `geo_up_proj`,
-    `geo_down_proj` for the geometry expert (`prefix="geo_"`), so that PEFT's suffix matching tells the experts apart.
-    """
-
-    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, prefix: str = ""):
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str):
         super().__init__()
-        self.prefix = prefix
-        setattr(self, f"{prefix}gate_proj", nn.Linear(hidden_size, intermediate_size, bias=False))
-        setattr(self, f"{prefix}up_proj", nn.Linear(hidden_size, intermediate_size, bias=False))
-        setattr(self, f"{prefix}down_proj", nn.Linear(intermediate_size, hidden_size, bias=False))
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.act_fn = ACT2FN[hidden_act]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        gate = getattr(self, f"{self.prefix}gate_proj")(hidden_states)
-        up = getattr(self, f"{self.prefix}up_proj")(hidden_states)
-        return getattr(self, f"{self.prefix}down_proj")(self.act_fn(gate) * up)
+        return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+class G2VLMGeometryMLP(nn.Module):
+    """SwiGLU MLP of the geometry expert. Its leaves are `geo_`-prefixed so that PEFT's suffix matching of the Qwen2
+    names (`gate_proj`, ...) selects the semantic expert only."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str):
+        super().__init__()
+        self.geo_gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.geo_up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.geo_down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act_fn = ACT2FN[hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.geo_down_proj(self.act_fn(self.geo_gate_proj(hidden_states)) * self.geo_up_proj(hidden_states))
+
+
+@dataclass(frozen=True)
+class ExpertSplit:
+    """Which tokens each expert serves, computed once per forward and reused by every sublayer of every layer.
+
+    `semantic` and `geometry` index the flattened `(batch * seq)` tokens; gathers and scatters by index never wait
+    for the host, unlike boolean-mask indexing.
+    """
+
+    mask: torch.BoolTensor  # (batch, seq), True on geometry tokens
+    semantic: torch.LongTensor
+    geometry: torch.LongTensor
+
+    @classmethod
+    def from_mask(cls, geometry_mask: torch.BoolTensor | None) -> ExpertSplit | None:
+        """The split of `geometry_mask`, or None when no token is a geometry token (the semantic expert serves all)."""
+        if geometry_mask is None:
+            return None
+        flat = geometry_mask.flatten()
+        geometry = torch.nonzero(flat).flatten()  # the one host sync of the routing, once per forward
+        if geometry.numel() == 0:
+            return None
+        return cls(mask=geometry_mask, semantic=torch.nonzero(~flat).flatten(), geometry=geometry)
 
 
 def route_tokens(
     hidden_states: torch.Tensor,
-    geometry_mask: torch.BoolTensor | None,
+    split: ExpertSplit | None,
     semantic: Callable[[torch.Tensor], torch.Tensor],
     geometry: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    """Apply `semantic` to the semantic tokens and `geometry` to the geometry tokens of `hidden_states`.
-
-    Args:
-        hidden_states: `(batch, seq, ...)`.
-        geometry_mask: `(batch, seq)`, True on geometry tokens; None when there are none (the semantic expert
-            then serves every token, e.g. while decoding text).
-    """
-    if geometry_mask is None:
+    """Apply `semantic` to the semantic tokens and `geometry` to the geometry tokens of `hidden_states`
+    `(batch, seq, ...)`; with no split the semantic expert serves every token (text, decoding)."""
+    if split is None:
         return semantic(hidden_states)
-    semantic_out = semantic(hidden_states[~geometry_mask])
-    geometry_out = geometry(hidden_states[geometry_mask])
-    out = semantic_out.new_empty(*geometry_mask.shape, *semantic_out.shape[1:])
-    out[~geometry_mask] = semantic_out
-    out[geometry_mask] = geometry_out.to(semantic_out.dtype)
-    return out
+    flat = hidden_states.flatten(0, 1)
+    semantic_out = semantic(flat.index_select(0, split.semantic))
+    geometry_out = geometry(flat.index_select(0, split.geometry)).to(semantic_out.dtype)
+    out = semantic_out.new_empty(flat.shape[0], *semantic_out.shape[1:])
+    out = out.index_copy(0, split.semantic, semantic_out).index_copy(0, split.geometry, geometry_out)
+    return out.view(*hidden_states.shape[:2], *semantic_out.shape[1:])

@@ -30,7 +30,7 @@ from transformers.utils.generic import is_flash_attention_requested
 
 from .compat import accepts_cache_alias, activation_checkpointing, cache_kwargs
 from .configuration_g2vlm import G2VLMTextConfig
-from .layers import G2VLMMLP, G2VLMLayerScale, route_tokens
+from .layers import G2VLMMLP, ExpertSplit, G2VLMGeometryMLP, G2VLMLayerScale, route_tokens
 from .pretrained import G2VLMPreTrainedModel
 from .token_layout import TEXT_BLOCK_ID
 from .varlen_attention import VarlenPlan, plan_varlen_attention, sdpa_varlen_attention, varlen_attention
@@ -58,28 +58,30 @@ class G2VLMAttention(nn.Module):
         self.is_causal = True
         q_size = config.num_attention_heads * self.head_dim
         kv_size = config.num_key_value_heads * self.head_dim
-        for prefix in ("", "geo_"):
-            setattr(self, f"{prefix}q_proj", nn.Linear(config.hidden_size, q_size, bias=True))
-            setattr(self, f"{prefix}k_proj", nn.Linear(config.hidden_size, kv_size, bias=True))
-            setattr(self, f"{prefix}v_proj", nn.Linear(config.hidden_size, kv_size, bias=True))
-            setattr(self, f"{prefix}o_proj", nn.Linear(q_size, config.hidden_size, bias=False))
-            setattr(self, f"{prefix}q_norm", Qwen2VLRMSNorm(self.head_dim, eps=config.rms_norm_eps))
-            setattr(self, f"{prefix}k_norm", Qwen2VLRMSNorm(self.head_dim, eps=config.rms_norm_eps))
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        # semantic expert (Qwen2 names)
+        self.q_proj = nn.Linear(hidden, q_size, bias=True)
+        self.k_proj = nn.Linear(hidden, kv_size, bias=True)
+        self.v_proj = nn.Linear(hidden, kv_size, bias=True)
+        self.o_proj = nn.Linear(q_size, hidden, bias=False)
+        self.q_norm = Qwen2VLRMSNorm(self.head_dim, eps=eps)
+        self.k_norm = Qwen2VLRMSNorm(self.head_dim, eps=eps)
+        # geometry expert
+        self.geo_q_proj = nn.Linear(hidden, q_size, bias=True)
+        self.geo_k_proj = nn.Linear(hidden, kv_size, bias=True)
+        self.geo_v_proj = nn.Linear(hidden, kv_size, bias=True)
+        self.geo_o_proj = nn.Linear(q_size, hidden, bias=False)
+        self.geo_q_norm = Qwen2VLRMSNorm(self.head_dim, eps=eps)
+        self.geo_k_norm = Qwen2VLRMSNorm(self.head_dim, eps=eps)
 
-    def _project(self, hidden_states: torch.Tensor, geometry_mask: torch.BoolTensor | None, name: str):
-        """Per-expert projection `name` ("q", "k" or "v") split into heads: `(batch, heads, seq, head_dim)`."""
-        batch, seq = hidden_states.shape[:2]
-        semantic_proj, geometry_proj = getattr(self, f"{name}_proj"), getattr(self, f"geo_{name}_proj")
-        states = route_tokens(hidden_states, geometry_mask, semantic_proj, geometry_proj)
-        states = states.view(batch, seq, -1, self.head_dim)
-        if name != "v":
-            states = route_tokens(states, geometry_mask, getattr(self, f"{name}_norm"), getattr(self, f"geo_{name}_norm"))
-        return states.transpose(1, 2)
+    def _heads(self, states: torch.Tensor) -> torch.Tensor:
+        """`(batch, seq, heads * head_dim)` -> `(batch, seq, heads, head_dim)`."""
+        return states.view(*states.shape[:2], -1, self.head_dim)
 
     def forward(
         self,
         hidden_states: torch.Tensor,
-        geometry_mask: torch.BoolTensor | None,
+        split: ExpertSplit | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         past_key_values: Cache | None = None,
@@ -87,9 +89,12 @@ class G2VLMAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, seq = hidden_states.shape[:2]
-        query = self._project(hidden_states, geometry_mask, "q")
-        key = self._project(hidden_states, geometry_mask, "k")
-        value = self._project(hidden_states, geometry_mask, "v")
+        # per expert: projections and QK-norm
+        query = route_tokens(hidden_states, split, self.q_proj, self.geo_q_proj)
+        query = route_tokens(self._heads(query), split, self.q_norm, self.geo_q_norm).transpose(1, 2)
+        key = route_tokens(hidden_states, split, self.k_proj, self.geo_k_proj)
+        key = route_tokens(self._heads(key), split, self.k_norm, self.geo_k_norm).transpose(1, 2)
+        value = self._heads(route_tokens(hidden_states, split, self.v_proj, self.geo_v_proj)).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if past_key_values is not None:
@@ -107,7 +112,7 @@ class G2VLMAttention(nn.Module):
                 self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
             )
         attn_output = attn_output.reshape(batch, seq, -1).contiguous()
-        attn_output = route_tokens(attn_output, geometry_mask, self.o_proj, self.geo_o_proj)
+        attn_output = route_tokens(attn_output, split, self.o_proj, self.geo_o_proj)
         return attn_output, attn_weights
 
 
@@ -123,14 +128,14 @@ class G2VLMDecoderLayer(GradientCheckpointingLayer):
         self.mlp = G2VLMMLP(hidden, config.intermediate_size, config.hidden_act)
         self.geo_input_layernorm = Qwen2VLRMSNorm(hidden, eps=eps)
         self.geo_post_attention_layernorm = Qwen2VLRMSNorm(hidden, eps=eps)
-        self.geo_mlp = G2VLMMLP(hidden, config.intermediate_size, config.hidden_act, prefix="geo_")
+        self.geo_mlp = G2VLMGeometryMLP(hidden, config.intermediate_size, config.hidden_act)
         self.geo_attn_layer_scale = G2VLMLayerScale(hidden, config.geometry_layer_scale_init)
         self.geo_mlp_layer_scale = G2VLMLayerScale(hidden, config.geometry_layer_scale_init)
 
     def forward(
         self,
         hidden_states: torch.Tensor,
-        geometry_mask: torch.BoolTensor | None,
+        split: ExpertSplit | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
@@ -139,26 +144,26 @@ class G2VLMDecoderLayer(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns the layer's output and the attention weights (None unless the backend computes them: eager)."""
         residual = hidden_states
-        hidden_states = route_tokens(hidden_states, geometry_mask, self.input_layernorm, self.geo_input_layernorm)
+        hidden_states = route_tokens(hidden_states, split, self.input_layernorm, self.geo_input_layernorm)
         hidden_states, attention_weights = self.self_attn(
-            hidden_states, geometry_mask, position_embeddings, attention_mask, past_key_values, varlen_plan, **kwargs
+            hidden_states, split, position_embeddings, attention_mask, past_key_values, varlen_plan, **kwargs
         )
-        hidden_states = residual + self._scale_geometry(hidden_states, geometry_mask, self.geo_attn_layer_scale)
+        hidden_states = residual + self._scale_geometry(hidden_states, split, self.geo_attn_layer_scale)
 
         residual = hidden_states
         hidden_states = route_tokens(
-            hidden_states, geometry_mask, self.post_attention_layernorm, self.geo_post_attention_layernorm
+            hidden_states, split, self.post_attention_layernorm, self.geo_post_attention_layernorm
         )
-        hidden_states = route_tokens(hidden_states, geometry_mask, self.mlp, self.geo_mlp)
-        return residual + self._scale_geometry(hidden_states, geometry_mask, self.geo_mlp_layer_scale), attention_weights
+        hidden_states = route_tokens(hidden_states, split, self.mlp, self.geo_mlp)
+        return residual + self._scale_geometry(hidden_states, split, self.geo_mlp_layer_scale), attention_weights
 
     @staticmethod
     def _scale_geometry(
-        hidden_states: torch.Tensor, geometry_mask: torch.BoolTensor | None, layer_scale: G2VLMLayerScale
+        hidden_states: torch.Tensor, split: ExpertSplit | None, layer_scale: G2VLMLayerScale
     ) -> torch.Tensor:
-        if geometry_mask is None:
+        if split is None:
             return hidden_states
-        return torch.where(geometry_mask.unsqueeze(-1), layer_scale(hidden_states), hidden_states)
+        return torch.where(split.mask.unsqueeze(-1), layer_scale(hidden_states), hidden_states)
 
 
 class G2VLMTextModel(G2VLMPreTrainedModel):
@@ -212,8 +217,7 @@ class G2VLMTextModel(G2VLMPreTrainedModel):
             output_hidden_states = self.config.output_hidden_states
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
-        if geometry_mask is not None and not bool(geometry_mask.any()):
-            geometry_mask = None
+        split = ExpertSplit.from_mask(geometry_mask)  # routed once, reused by every sublayer
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
             positions = torch.arange(past_length, past_length + inputs_embeds.shape[1], device=inputs_embeds.device)
@@ -244,7 +248,7 @@ class G2VLMTextModel(G2VLMPreTrainedModel):
         for layer in self.layers:
             hidden_states, attention_weights = layer(
                 hidden_states,
-                geometry_mask,
+                split,
                 position_embeddings,
                 attention_mask=causal_mask,
                 past_key_values=past_key_values,
@@ -255,7 +259,7 @@ class G2VLMTextModel(G2VLMPreTrainedModel):
                 all_hidden_states = (*all_hidden_states, hidden_states)
             if output_attentions:
                 all_attentions = (*all_attentions, attention_weights)
-        hidden_states = route_tokens(hidden_states, geometry_mask, self.norm, self.geo_norm)
+        hidden_states = route_tokens(hidden_states, split, self.norm, self.geo_norm)
         if output_hidden_states:  # as in transformers' decoders, the last entry is the final-normed output
             all_hidden_states = (*all_hidden_states[:-1], hidden_states)
         return BaseModelOutputWithPast(
