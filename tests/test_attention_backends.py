@@ -13,10 +13,12 @@ from conftest import tiny_config, tiny_model
 from test_model import GRID_H, GRID_W, IMAGE_GRID, VIEWS, chat_prompt, geometry_block, image_patches, views
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from g2vlm_hf.modeling import text_decoder
 from g2vlm_hf.modeling.token_layout import TEXT_BLOCK_ID
 from g2vlm_hf.modeling.varlen_attention import (
+    bottom_right_causal_mask,
     plan_varlen_attention,
     reference_varlen_attention,
     sdpa_varlen_attention,
@@ -83,10 +85,25 @@ def test_reference_varlen_aligns_causal_masks_bottom_right():
     torch.testing.assert_close(out[0, 0], scores.softmax(-1) @ v[:4, 0])
 
 
+def flash_attention_stand_in(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' flash-attention interface (2D padding mask, causal aligned bottom-right) in plain PyTorch."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    allowed = bottom_right_causal_mask(q_len, kv_len, query.device)[None, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, -kv_len:].bool()
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=allowed, scale=scaling, enable_gqa=True
+    )
+    return output.transpose(1, 2).nan_to_num(), None  # padded query rows see nothing
+
+
 @pytest.fixture
 def flash_path_on_cpu(monkeypatch):
-    """The model's flash-attention path with the reference kernel instead of flash_attn's (absent on CPUs)."""
+    """The model's flash-attention path with PyTorch stand-ins for flash_attn's kernels (absent on CPUs): the
+    reference varlen kernel for chunks with image blocks, and a stand-in registered as "flash_attention_2" in
+    transformers' attention registry for plain text and decode steps."""
     monkeypatch.setattr(text_decoder, "varlen_kernel", lambda implementation: reference_varlen_attention)
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "flash_attention_2", flash_attention_stand_in)
 
     def enable(model):
         model.config.text_config._attn_implementation_internal = "flash_attention_2"

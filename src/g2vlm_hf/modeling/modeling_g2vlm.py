@@ -154,6 +154,18 @@ class G2VLMModel(G2VLMPreTrainedModel):
                 layout_ids = layout_ids.masked_fill((inputs_embeds == row).all(-1), token_id)
         return layout_ids
 
+    def _check_placeholders_have_media(self, input_ids, past_key_values, pixel_values, geometry_pixel_values) -> None:
+        """Before anything is cached, placeholders without their images are a forgotten input: say so."""
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            return
+        for token_id, media in (
+            (self.config.image_token_id, pixel_values),
+            (self.config.geometry_token_id, geometry_pixel_values),
+        ):
+            if media is None and bool((input_ids == token_id).any()):
+                name = "pixel_values" if token_id == self.config.image_token_id else "geometry_pixel_values"
+                raise ValueError(f"`input_ids` holds {name.split('_')[0]} placeholders but no `{name}` were given.")
+
     @accepts_cache_alias
     @can_return_tuple
     def forward(
@@ -203,12 +215,8 @@ class G2VLMModel(G2VLMPreTrainedModel):
         geometry_token_id = self.config.geometry_token_id if geometry_pixel_values is not None else None
         image_mask = input_ids == image_token_id if image_token_id is not None else None
         geometry_mask = input_ids == geometry_token_id if geometry_token_id is not None else None
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past_length == 0:
-            for token_id, media in ((self.config.image_token_id, pixel_values), (self.config.geometry_token_id, geometry_pixel_values)):
-                if media is None and bool((input_ids == token_id).any()):
-                    name = "pixel_values" if token_id == self.config.image_token_id else "geometry_pixel_values"
-                    raise ValueError(f"`input_ids` holds {name.split('_')[0]} placeholders but no `{name}` were given.")
+        if not torch.compiler.is_compiling():  # a user-facing check; a compiled (decode) step has no host syncs
+            self._check_placeholders_have_media(input_ids, past_key_values, pixel_values, geometry_pixel_values)
 
         if inputs_embeds is None:
             placeholders = torch.zeros_like(input_ids, dtype=torch.bool)

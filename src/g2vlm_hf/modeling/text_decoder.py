@@ -270,15 +270,19 @@ class G2VLMTextModel(G2VLMPreTrainedModel):
         )
 
     def _varlen_kernel(self, block_ids: torch.LongTensor | None) -> Callable | None:
-        """The varlen kernel to run this pass with, or None for one pass with a mask.
+        """The varlen kernel to run this pass with, or None for one call through the attention registry.
 
-        flash-attention always goes through varlen runs; sdpa does when the chunk holds image blocks (the big
-        bidirectional blocks then need no mask); eager and flex always use the dense mask / BlockMask.
+        The one place where the algorithm is chosen. A chunk without image blocks (plain text, every decode step) is
+        plain causal attention: every backend takes it straight from `ALL_ATTENTION_FUNCTIONS` with the cache, no
+        plan and no gather. A chunk with image blocks goes through varlen runs for flash-attention (one call cannot
+        mix causal and bidirectional runs) and for sdpa (the big bidirectional blocks then need no mask); eager and
+        flex use the dense mask / BlockMask.
         """
-        implementation = self.config._attn_implementation
+        if block_ids is None:
+            return None
         if is_flash_attention_requested(self.config):
-            return varlen_kernel(implementation)
-        if implementation == "sdpa" and block_ids is not None:
+            return varlen_kernel(self.config._attn_implementation)
+        if self.config._attn_implementation == "sdpa":
             return sdpa_varlen_attention
         return None
 
