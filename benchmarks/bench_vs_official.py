@@ -93,7 +93,7 @@ def prefill_rates(model, repeats: int) -> dict[tuple[int, int], float]:
     for batch in (1, 8):
         for context in (1024, 4096):
             ids = torch.randint(0, vocab - 10, (batch, context), generator=torch.Generator().manual_seed(0))
-            seconds = best_of(lambda: model(input_ids=ids, logits_to_keep=1), repeats)
+            seconds = best_of(lambda ids=ids: model(input_ids=ids, logits_to_keep=1), repeats)
             rates[(batch, context)] = batch * context / seconds
     return rates
 
@@ -116,7 +116,7 @@ def port_results(model_dir: Path, cases: list[list[str]], decode_steps: int, rep
     results = {"recon": []}
     with torch.inference_mode():
         for paths in cases:
-            seconds = best_of(lambda: model.reconstruct(**processor(geometry_images=paths, return_tensors="pt")), repeats)
+            seconds = best_of(lambda paths=paths: model.reconstruct(**processor(geometry_images=paths, return_tensors="pt")), repeats)
             results["recon"].append({"views": len(paths), "seconds": seconds})
         messages = [{"role": "user", "content": [{"type": "image", "image": cases[0][0]}, {"type": "text", "text": "How far is the red box?"}]}]
         inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")

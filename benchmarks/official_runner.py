@@ -68,7 +68,7 @@ def load_official(ref: str, shim: str, checkpoint: str):
     with safe_open(os.path.join(checkpoint, "model.safetensors"), framework="pt") as weights:
         assert set(weights.keys()) == set(state), set(weights.keys()) ^ set(state)
         with torch.no_grad():
-            for key in weights.keys():
+            for key in weights.keys():  # noqa: SIM118 (safe_open is not iterable)
                 state[key].copy_(weights.get_tensor(key))
     tokenizer = PreTrainedTokenizerFast.from_pretrained(checkpoint)
     tokenizer, token_ids, _ = add_special_tokens(tokenizer)
@@ -88,7 +88,7 @@ def main():
     torch, model, tokenizer, token_ids, dino_transform = load_official(args.ref_dir, args.shim, args.checkpoint)
     if args.threads:
         torch.set_num_threads(args.threads)
-    sys.stdout = open(os.devnull, "w")  # the official code prints progress; keep stdout for the JSON result
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the whole run) the official code prints progress; keep stdout for the JSON result
     results = {"recon": []}
     with torch.no_grad():
         for paths in json.loads(args.views):

@@ -30,7 +30,7 @@ def dense_reference(query, key, value, attention_mask, block_ids, past_length, s
     """Eager attention with the dense mask transformers builds for the same layout."""
     config = tiny_config().text_config
     config._attn_implementation = "eager"
-    batch, heads, q_len, dim = query.shape
+    batch, heads, q_len, _dim = query.shape
     padded_blocks = None
     if block_ids is not None:
         padded_blocks = torch.nn.functional.pad(block_ids, (past_length, 0), value=TEXT_BLOCK_ID)

@@ -86,5 +86,5 @@ def test_mismatched_official_folder_fails_naming_the_keys_and_writes_nothing(off
 
 def test_missing_official_file_is_named(official_copy, tmp_path):
     (official_copy / "dino_config.json").unlink()
-    with pytest.raises(FileNotFoundError, match="dino_config.json"):
+    with pytest.raises(FileNotFoundError, match=r"dino_config\.json"):
         convert_official_checkpoint(official_copy, tmp_path / "converted")

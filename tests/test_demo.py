@@ -22,7 +22,7 @@ gradio_client = pytest.importorskip(
 trimesh = pytest.importorskip("trimesh")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hub_testing import VIEWS, fast_tiny_copy
+from hub_testing import VIEWS, fast_tiny_copy  # noqa: E402  (after the sys.path entry)
 
 APP = Path(__file__).resolve().parents[1] / "demo" / "app.py"
 QUESTION = "How far is the red box from the blue wall?"

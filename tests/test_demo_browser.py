@@ -30,7 +30,7 @@ playwright_api = pytest.importorskip(
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hub_testing import VIEWS, fast_tiny_copy
+from hub_testing import VIEWS, fast_tiny_copy  # noqa: E402  (after the sys.path entry)
 
 APP = Path(__file__).resolve().parents[1] / "demo" / "app.py"
 CHROMIUM = os.environ.get("G2VLM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")

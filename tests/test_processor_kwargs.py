@@ -323,9 +323,9 @@ def test_unreachable_or_broken_url_says_so(processor, image_server):
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{probe.getsockname()[1]}/view.png"
-    with pytest.raises(ValueError, match="Could not read an image from http://127.0.0.1"):
+    with pytest.raises(ValueError, match=r"Could not read an image from http://127\.0\.0\.1"):
         processor(geometry_images=[closed])
-    with pytest.raises(ValueError, match="Could not read an image from .*/missing.png"):
+    with pytest.raises(ValueError, match=r"Could not read an image from .*/missing\.png"):
         processor(geometry_images=[f"{image_server}/missing.png"])
 
 

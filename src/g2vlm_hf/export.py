@@ -13,6 +13,7 @@ place with `os.replace`, so a failure never leaves a partial file behind.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -101,10 +102,8 @@ def _atomic_write_bytes(path: Path, data: bytes) -> Path:
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
-        except FileNotFoundError:
-            pass
         raise
     return path
 
@@ -756,10 +755,8 @@ def export_reconstruction(
         for path in written:
             path.unlink(missing_ok=True)
         for folder in reversed(created_dirs):
-            try:
+            with contextlib.suppress(OSError):
                 folder.rmdir()
-            except OSError:
-                pass
         raise
     logger.info(f"Wrote {len(written)} files to {output_dir}")
     return written

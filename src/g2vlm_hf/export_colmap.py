@@ -18,6 +18,7 @@ Pixel coordinates follow COLMAP: the centre of the top-left pixel is `(0.5, 0.5)
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from collections.abc import Sequence
@@ -234,10 +235,8 @@ def export_colmap(
         for path in written:
             path.unlink(missing_ok=True)
         for folder in reversed(created_dirs):
-            try:
+            with contextlib.suppress(OSError):
                 folder.rmdir()
-            except OSError:
-                pass
         raise
     logger.info(f"Wrote a COLMAP model of {int(usable_camera.sum())} images and {flat.size} points to {output_dir}")
     return written

@@ -224,8 +224,8 @@ def convert_official_checkpoint(
 
     tokenizer = _load_tokenizer(input_dir)
     with safe_open(input_dir / "model.safetensors", framework="pt") as checkpoint:
-        official_shapes = {key: tuple(checkpoint.get_slice(key).get_shape()) for key in checkpoint.keys()}
-        dtypes = {checkpoint.get_slice(key).get_dtype() for key in checkpoint.keys()}
+        official_shapes = {key: tuple(checkpoint.get_slice(key).get_shape()) for key in checkpoint.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        dtypes = {checkpoint.get_slice(key).get_dtype() for key in checkpoint.keys()}  # noqa: SIM118 (safe_open is not iterable)
         config = config_from_official(
             _read_json(input_dir / "text_config.json"),
             _read_json(input_dir / "vit_config.json"),

@@ -137,7 +137,7 @@ def load_questions(path: Path | str) -> list[Question]:
         except json.JSONDecodeError as error:
             raise ValueError(f"{where}: not valid JSON ({error.msg}); write one JSON object per line.") from error
         if not isinstance(item, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(item).__name__}.")  # noqa: TRY004 (bad data)
+            raise ValueError(f"{where}: expected a JSON object, got {type(item).__name__}.")
         missing = [key for key in ("question", "answer", "images") if key not in item]
         if missing:
             raise ValueError(f"{where}: missing {missing}; every line needs question, answer and images.")

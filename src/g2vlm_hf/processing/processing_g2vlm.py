@@ -60,7 +60,7 @@ class G2VLMProcessorKwargs(ProcessingKwargs, total=False):
     geometry_images_kwargs: G2VLMGeometryImagesKwargs
     # Batches of prompts of different lengths pad to the longest by default (the tokenizer's own default is no
     # padding); a saved tokenizer default or an explicit `padding=` wins over this.
-    _defaults = {"text_kwargs": {"padding": True}}  # noqa: RUF012 (transformers reads this class attribute)
+    _defaults = {"text_kwargs": {"padding": True}}
 
 
 class _G2VLMModalityKwargs(ProcessingKwargs, total=False):
