@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 TEXT_BLOCK_ID = -1
 
@@ -156,23 +157,31 @@ def get_block_ids(
     """`(batch, seq)` ids of the bidirectional attention blocks (`-1` for causal text), or None without images.
 
     Each image with its start/end markers is a block; geometry views that follow each other directly (end marker
-    then start marker) share one block, so all views of a scene attend to each other.
+    then start marker) share one block, so all views of a scene attend to each other. Computed with tensor
+    operations on the ids' device (padding at either end of a row, as the processor and `generate()` lay it out);
+    the one host sync is the check whether the chunk holds any image at all.
     """
     media_ids = [token for token in (image_token_id, geometry_token_id) if token is not None]
-    if not media_ids or not bool(torch.isin(input_ids, torch.tensor(media_ids, device=input_ids.device)).any()):
+    if not media_ids:
         return None
-    block_ids = torch.full(input_ids.shape, TEXT_BLOCK_ID, dtype=torch.long)
-    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    for row in range(input_ids.shape[0]):
-        kept = torch.nonzero(mask[row].cpu()).flatten().tolist()
-        ids = input_ids[row][mask[row]].tolist()
-        next_id, previous = 0, None  # previous: (block id, end index, is_geometry)
-        for run in find_media_runs(ids, image_token_id, geometry_token_id):
-            first = run.start - 1 if run.start > 0 and ids[run.start - 1] == vision_start_token_id else run.start
-            last = run.end + 1 if run.end < len(ids) and ids[run.end] == vision_end_token_id else run.end
-            joins_scene = previous is not None and run.is_geometry and previous[2] and previous[1] == first
-            block = previous[0] if joins_scene else next_id
-            next_id += 0 if joins_scene else 1
-            block_ids[row, kept[first:last]] = block
-            previous = (block, last, run.is_geometry)
-    return block_ids.to(input_ids.device)
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    media = torch.isin(input_ids, torch.tensor(media_ids, device=input_ids.device)) & valid
+    if not bool(media.any()):
+        return None
+    geometry = (input_ids == geometry_token_id) & valid if geometry_token_id is not None else torch.zeros_like(media)
+
+    def shifted(values: torch.Tensor, step: int) -> torch.Tensor:
+        """values[:, i - step] at i (False where that falls outside the row)."""
+        return F.pad(values, (step, 0))[:, :-step] if step > 0 else F.pad(values, (0, -step))[:, -step:]
+
+    start_marker = (input_ids == vision_start_token_id) & valid & shifted(media, -1)
+    end_marker = (input_ids == vision_end_token_id) & valid & shifted(media, 1)
+    in_block = media | start_marker | end_marker
+    # whether each block token belongs to a geometry view: its own kind, or that of the placeholders it wraps
+    is_geometry = geometry | (start_marker & shifted(geometry, -1)) | (end_marker & shifted(geometry, 1))
+    same_run = media & shifted(media, 1) & (input_ids == shifted(input_ids, 1))
+    opens = start_marker | (media & ~shifted(start_marker, 1) & ~same_run)  # a block piece begins here
+    continues_scene = opens & is_geometry & shifted(end_marker & is_geometry, 1)  # next view of the same scene
+    new_block = in_block & (~shifted(in_block, 1) | (opens & ~continues_scene))
+    block_ids = new_block.long().cumsum(dim=1) - 1
+    return torch.where(in_block, block_ids, torch.full_like(block_ids, TEXT_BLOCK_ID))

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .token_layout import TEXT_BLOCK_ID
 
@@ -50,7 +51,8 @@ def plan_varlen_attention(
     device: torch.device,
     kernel: Callable,
 ) -> VarlenPlan:
-    """Cut every row into runs and pack them for varlen kernels.
+    """Cut every row into runs and pack them for varlen kernels, with tensor operations on `device` (no loop over
+    tokens; the only host reads are the two maximum lengths the kernels take as integers).
 
     Args:
         batch, q_len: shape of the current chunk of queries.
@@ -59,42 +61,58 @@ def plan_varlen_attention(
         block_ids: `(batch, q_len)` bidirectional block of each query token, -1 for causal text (None: all causal).
     """
     kv_len = past_length + q_len
-    mask = torch.ones(batch, kv_len, dtype=torch.bool) if attention_mask is None else attention_mask.bool().cpu()
-    blocks = None if block_ids is None else block_ids.cpu()
-    runs = {True: ([], [], [0], [0]), False: ([], [], [0], [0])}  # causal -> (queries, keys, cu_q, cu_k)
-    for row in range(batch):
-        valid_keys = torch.nonzero(mask[row]).flatten()
-        query_positions = [i for i in range(q_len) if mask[row, past_length + i]]
-        start = 0
-        while start < len(query_positions):
-            block = TEXT_BLOCK_ID if blocks is None else int(blocks[row, query_positions[start]])
-            end = start + 1
-            while end < len(query_positions) and (
-                TEXT_BLOCK_ID if blocks is None else int(blocks[row, query_positions[end]])
-            ) == block:
-                end += 1
-            last = past_length + query_positions[end - 1]
-            keys = valid_keys[valid_keys <= last]
-            queries, key_list, cu_q, cu_k = runs[block == TEXT_BLOCK_ID]
-            queries.extend(row * q_len + position for position in query_positions[start:end])
-            key_list.append(row * kv_len + keys)
-            cu_q.append(cu_q[-1] + end - start)
-            cu_k.append(cu_k[-1] + len(keys))
-            start = end
+    key_valid = (
+        torch.ones(batch, kv_len, dtype=torch.bool, device=device)
+        if attention_mask is None
+        else attention_mask.to(device).bool()
+    )
+    query_valid = key_valid[:, past_length:]
+    blocks = (
+        torch.full((batch, q_len), TEXT_BLOCK_ID, dtype=torch.long, device=device)
+        if block_ids is None
+        else block_ids.to(device)
+    )
+    # the valid queries in row order, and where a run begins: a row's first valid query or a change of block
+    rows, positions = torch.nonzero(query_valid, as_tuple=True)
+    query_blocks = blocks[rows, positions]
+    begins = torch.ones_like(rows, dtype=torch.bool)
+    begins[1:] = (rows[1:] != rows[:-1]) | (query_blocks[1:] != query_blocks[:-1])
+    run_of_query = begins.long().cumsum(0) - 1
+    run_count = int(run_of_query[-1]) + 1 if run_of_query.numel() else 0
+    run_length = torch.zeros(run_count, dtype=torch.long, device=device).index_add_(
+        0, run_of_query, torch.ones_like(run_of_query)
+    )
+    run_row, run_causal = rows[begins], query_blocks[begins] == TEXT_BLOCK_ID
+    run_last = positions[torch.cumsum(run_length, 0) - 1] + past_length  # absolute index of each run's last query
+    # each run attends to the valid keys of its row up to its last query
+    valid_before = key_valid.long().cumsum(dim=1)  # (batch, kv_len): valid keys at or before each index
+    run_keys = valid_before[run_row, run_last]
+    key_rows, key_positions = torch.nonzero(key_valid, as_tuple=True)
+    row_key_start = F.pad(key_valid.long().sum(dim=1).cumsum(0), (1, 0))[:-1]  # first valid key of each row
+    flat_keys = key_rows * kv_len + key_positions
+
     groups = []
-    for causal, (queries, key_list, cu_q, cu_k) in runs.items():
-        if not queries:
+    for causal in (True, False):
+        selected = run_causal == causal
+        if not bool(selected.any()):
             continue
-        cu_q_tensor, cu_k_tensor = torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32)
+        lengths, keys = run_length[selected], run_keys[selected]
+        query_index = (rows * q_len + positions)[selected[run_of_query]]
+        # the first `keys[r]` valid keys of run r's row, run after run
+        starts = row_key_start[run_row[selected]]
+        offsets = torch.arange(int(keys.sum()), device=device) - torch.repeat_interleave(
+            F.pad(keys.cumsum(0), (1, 0))[:-1], keys
+        )
+        key_index = flat_keys[torch.repeat_interleave(starts, keys) + offsets]
         groups.append(
             VarlenGroup(
                 causal=causal,
-                query_index=torch.tensor(queries, dtype=torch.long, device=device),
-                key_index=torch.cat(key_list).to(device),
-                cu_seqlens_q=cu_q_tensor.to(device),
-                cu_seqlens_k=cu_k_tensor.to(device),
-                max_seqlen_q=int((cu_q_tensor[1:] - cu_q_tensor[:-1]).max()),
-                max_seqlen_k=int((cu_k_tensor[1:] - cu_k_tensor[:-1]).max()),
+                query_index=query_index,
+                key_index=key_index,
+                cu_seqlens_q=F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32),
+                cu_seqlens_k=F.pad(keys.cumsum(0), (1, 0)).to(torch.int32),
+                max_seqlen_q=int(lengths.max()),
+                max_seqlen_k=int(keys.max()),
             )
         )
     return VarlenPlan(groups=groups, batch=batch, q_len=q_len, kv_len=kv_len, kernel=kernel)
