@@ -74,9 +74,20 @@ class G2VLMAttention(nn.Module):
         self.geo_q_norm = Qwen2VLRMSNorm(self.head_dim, eps=eps)
         self.geo_k_norm = Qwen2VLRMSNorm(self.head_dim, eps=eps)
 
-    def _heads(self, states: torch.Tensor) -> torch.Tensor:
-        """`(batch, seq, heads * head_dim)` -> `(batch, seq, heads, head_dim)`."""
-        return states.view(*states.shape[:2], -1, self.head_dim)
+    def _semantic_qkv(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The semantic expert's normed queries, normed keys and values, heads side by side: `(..., q + 2 kv heads,
+        head_dim)`."""
+        query = self.q_norm(self.q_proj(hidden_states).unflatten(-1, (-1, self.head_dim)))
+        key = self.k_norm(self.k_proj(hidden_states).unflatten(-1, (-1, self.head_dim)))
+        value = self.v_proj(hidden_states).unflatten(-1, (-1, self.head_dim))
+        return torch.cat((query, key, value), dim=-2)
+
+    def _geometry_qkv(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The same for the geometry expert."""
+        query = self.geo_q_norm(self.geo_q_proj(hidden_states).unflatten(-1, (-1, self.head_dim)))
+        key = self.geo_k_norm(self.geo_k_proj(hidden_states).unflatten(-1, (-1, self.head_dim)))
+        value = self.geo_v_proj(hidden_states).unflatten(-1, (-1, self.head_dim))
+        return torch.cat((query, key, value), dim=-2)
 
     def forward(
         self,
@@ -89,12 +100,10 @@ class G2VLMAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, seq = hidden_states.shape[:2]
-        # per expert: projections and QK-norm
-        query = route_tokens(hidden_states, split, self.q_proj, self.geo_q_proj)
-        query = route_tokens(self._heads(query), split, self.q_norm, self.geo_q_norm).transpose(1, 2)
-        key = route_tokens(hidden_states, split, self.k_proj, self.geo_k_proj)
-        key = route_tokens(self._heads(key), split, self.k_norm, self.geo_k_norm).transpose(1, 2)
-        value = self._heads(route_tokens(hidden_states, split, self.v_proj, self.geo_v_proj)).transpose(1, 2)
+        # per expert, in one routing: projections and QK-norm
+        qkv = route_tokens(hidden_states, split, self._semantic_qkv, self._geometry_qkv).transpose(1, 2)
+        kv_heads = qkv.shape[1] // (self.num_key_value_groups + 2)  # the local count under tensor parallelism
+        query, key, value = qkv.split([self.num_key_value_groups * kv_heads, kv_heads, kv_heads], dim=1)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if past_key_values is not None:
@@ -152,9 +161,11 @@ class G2VLMDecoderLayer(GradientCheckpointingLayer):
 
         residual = hidden_states
         hidden_states = route_tokens(
-            hidden_states, split, self.post_attention_layernorm, self.geo_post_attention_layernorm
+            hidden_states,
+            split,
+            lambda states: self.mlp(self.post_attention_layernorm(states)),
+            lambda states: self.geo_mlp(self.geo_post_attention_layernorm(states)),
         )
-        hidden_states = route_tokens(hidden_states, split, self.mlp, self.geo_mlp)
         return residual + self._scale_geometry(hidden_states, split, self.geo_mlp_layer_scale), attention_weights
 
     @staticmethod
