@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,8 +18,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreame
 from transformers.utils import logging
 
 from .processing.image_io import load_image
+from .safe_output import check_output_dir, make_staging_dir, swap_in
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -67,7 +69,28 @@ def collect_views(args: argparse.Namespace) -> list:
     if args.video is not None:
         return video_frames(args.video, args.every, args.max_views)
     paths = images_in_folder(args.folder) if args.folder is not None else [Path(p) for p in args.images]
-    return [load_image(path) for path in logging.tqdm(paths, desc="Reading images", unit="image")]
+    with logging.tqdm(paths, desc="Reading images", unit="image") as bar:  # closed before any error is printed
+        return [load_image(path) for path in bar]
+
+
+def check_model_and_device(model_path: str, device: str) -> None:
+    """Fail at once on a local-looking `--model` path that does not exist, or a device this machine lacks."""
+    local_looking = model_path.startswith((".", "/", "~")) or "\\" in model_path or model_path.count("/") > 1
+    if local_looking and not Path(model_path).expanduser().exists():
+        raise CLIError(f"Model folder {model_path} does not exist.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {device} was given but CUDA is not available on this machine; use --device cpu.")
+
+
+def check_reconstruct_args(args: argparse.Namespace) -> Path:
+    """Validate the flags and the output folder of `reconstruct` before any model work."""
+    if args.max_points is not None and args.max_points < 1:
+        raise CLIError(f"--max-points must be at least 1, got {args.max_points}.")
+    if args.confidence_percentile is not None and not 0 <= args.confidence_percentile < 100:
+        raise CLIError(f"--confidence-percentile must be in [0, 100), got {args.confidence_percentile}.")
+    return check_output_dir(
+        args.output, overwrite=args.overwrite, is_previous_output=lambda folder: (folder / "cameras.json").is_file()
+    )
 
 
 def load(model_path: str, dtype: str, device: str):
@@ -78,28 +101,38 @@ def load(model_path: str, dtype: str, device: str):
 def run_reconstruct(args: argparse.Namespace) -> int:
     from .export import export_model_scene
 
+    check_reconstruct_args(args)
+    check_model_and_device(args.model, args.device)
     views = collect_views(args)
     model, processor = load(args.model, args.dtype, args.device)
+    processor.geometry_image_processor.resize_views_to_first = args.resize_views
     inputs = processor(geometry_images=views, return_tensors="pt").to(args.device)
     with torch.inference_mode():
         output = model.reconstruct(**inputs)
-    written = export_model_scene(
-        args.output,
-        output,
-        inputs["geometry_pixel_values"],
-        processor.geometry_image_processor,
-        confidence_percentile=args.confidence_percentile,
-        max_points=args.max_points,
-    )
+    staging = make_staging_dir(args.output)  # swapped in only when every file is written
+    try:
+        written = export_model_scene(
+            staging,
+            output,
+            inputs["geometry_pixel_values"],
+            processor.geometry_image_processor,
+            confidence_percentile=args.confidence_percentile,
+            max_points=args.max_points,
+        )
+        swap_in(staging, args.output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"Reconstructed {len(views)} views into {args.output}:")
     for path in written:
-        print(f"  {path}")
+        print(f"  {args.output / Path(path).relative_to(staging)}")
     return 0
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    check_model_and_device(args.model, args.device)
     images = [load_image(path) for path in args.image]
     model, processor = load(args.model, args.dtype, args.device)
+    processor.geometry_image_processor.resize_views_to_first = args.resize_views
     content = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": args.question}]
     inputs = processor.apply_chat_template(
         [{"role": "user", "content": content}],
@@ -122,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--model", required=True, help="converted checkpoint folder or Hub id")
         sub.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="weights dtype (default: as saved)")
         sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        sub.add_argument(
+            "--resize-views", action="store_true", help="resize views of other sizes to the first view's size"
+        )
 
     recon = commands.add_parser("reconstruct", help="views of one scene -> scene.glb, points.ply, cameras.json, depth")
     common(recon)
@@ -130,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--video", type=Path, help="use frames of this video file")
     recon.add_argument("--every", type=int, default=10, help="with --video: keep every N-th frame (default 10)")
     recon.add_argument("--max-views", type=int, default=None, help="with --video: keep at most this many frames")
-    recon.add_argument("--output", type=Path, required=True, help="output folder")
+    recon.add_argument("--output", type=Path, required=True, help="output folder (replaced only when complete)")
+    recon.add_argument("--overwrite", action="store_true", help="replace an existing output of an earlier run")
     recon.add_argument(
         "--confidence-percentile", type=float, default=None, help="drop points below this confidence percentile"
     )
@@ -156,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except (CLIError, ValueError, OSError) as error:
+        sys.stdout.flush()
         print(f"g2vlm: error: {error}", file=sys.stderr)
         return 2
 
