@@ -74,7 +74,9 @@ def test_convert_reports_a_damaged_safetensors_file(tmp_path, capsys, damage):
     assert not (tmp_path / "out").exists()
 
 
-def test_convert_overwrite_keeps_the_previous_output_when_the_new_one_fails(tmp_path, converted_tiny, monkeypatch, capsys):
+def test_convert_overwrite_keeps_the_previous_output_when_the_new_one_fails(
+    tmp_path, converted_tiny, monkeypatch, capsys
+):
     output = tmp_path / "converted"
     shutil.copytree(converted_tiny, output)
     before = {p.name: p.read_bytes() for p in output.iterdir()}
@@ -90,7 +92,9 @@ def test_convert_overwrite_keeps_the_previous_output_when_the_new_one_fails(tmp_
 
 
 def reconstruct(model, output, *extra):
-    return g2vlm(["reconstruct", "--model", str(model), *VIEWS[: 3 if not extra else 2], "--output", str(output), *extra])
+    return g2vlm(
+        ["reconstruct", "--model", str(model), *VIEWS[: 3 if not extra else 2], "--output", str(output), *extra]
+    )
 
 
 def test_reconstruct_into_an_existing_output_needs_overwrite_and_leaves_no_stale_file(tmp_path, converted_tiny, capsys):
@@ -119,8 +123,10 @@ def test_reconstruct_on_a_full_disk_keeps_the_previous_result(tmp_path, converte
     def fdopen(descriptor, mode="r", *args, **kwargs):
         handle = real_fdopen(descriptor, mode, *args, **kwargs)
         if "w" in mode:
+
             def write(data):
                 raise OSError(errno.ENOSPC, "No space left on device")
+
             handle.write = write
         return handle
 
@@ -194,6 +200,7 @@ def test_cli_error_via_the_entry_point_subprocess(tmp_path):
         capture_output=True,
         text=True,
         cwd=tmp_path,
+        check=False,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == "g2vlm: error: Model folder ./typo-model does not exist."
