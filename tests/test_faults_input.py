@@ -89,3 +89,26 @@ def test_the_too_many_views_message_gives_the_cli_fix():
     processor = G2VLMGeometryImageProcessor(max_views=2)
     with pytest.raises(ValueError, match="--every / --max-views on the command line"):
         processor([np.zeros((14, 14, 3), np.uint8)] * 3)
+
+
+def test_chat_images_get_the_token_budget_too(converted_tiny):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(converted_tiny)
+    content = [{"type": "image", "image": np.zeros((10000, 50, 3), np.uint8)}, {"type": "text", "text": "What?"}]
+    with pytest.raises(ValueError, match="tokens per view"):
+        processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+
+
+def test_an_unreadable_view_is_reported_on_its_own_line_after_the_progress_bar(tmp_path, capsys):
+    folder = tmp_path / "views"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    (folder / "b.png").write_bytes(b"not a png")
+    argv = ["reconstruct", "--model", str(tmp_path), "--folder", str(folder), "--output", str(tmp_path / "out")]
+    assert g2vlm(argv) == 2
+    err = capsys.readouterr().err
+    last = err.rstrip("\n").split("\n")[-1]
+    assert last.startswith("g2vlm: error:") and "b.png" in last and "Traceback" not in err

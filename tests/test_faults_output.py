@@ -205,3 +205,11 @@ def test_cli_error_via_the_entry_point_subprocess(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == "g2vlm: error: Model folder ./typo-model does not exist."
     assert time.monotonic() - started < 60
+
+
+def test_a_malformed_config_json_is_named(tmp_path, capsys):
+    source = tmp_path / "official"
+    shutil.copytree(CHECKPOINT, source)
+    (source / "text_config.json").write_text("{not json")
+    assert g2vlm_convert([str(source), str(tmp_path / "out")]) == 2
+    assert "text_config.json is not valid JSON" in one_line_error(capsys)
