@@ -32,6 +32,9 @@ def main() -> None:
 
     if not (args.output / "config.json").is_file():
         convert_official_checkpoint(args.official_dir, args.output)
+        print(f"converted model written to {args.output.resolve()}")
+    else:
+        print(f"using the converted model in {args.output.resolve()}")
     model = AutoModelForImageTextToText.from_pretrained(args.output, dtype="auto").eval()
     processor = AutoProcessor.from_pretrained(args.output)
 

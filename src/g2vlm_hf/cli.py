@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,8 +19,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreame
 from transformers.utils import logging
 
 from .processing.image_io import load_image
+from .safe_output import check_output_dir, make_staging_dir, swap_in
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -68,7 +70,28 @@ def collect_views(args: argparse.Namespace) -> list:
     if args.video is not None:
         return video_frames(args.video, args.every, args.max_views)
     paths = images_in_folder(args.folder) if args.folder is not None else [Path(p) for p in args.images]
-    return [load_image(path) for path in logging.tqdm(paths, desc="Reading images", unit="image")]
+    with logging.tqdm(paths, desc="Reading images", unit="image") as bar:  # closed before any error is printed
+        return [load_image(path) for path in bar]
+
+
+def check_model_and_device(model_path: str, device: str) -> None:
+    """Fail at once on a local-looking `--model` path that does not exist, or a device this machine lacks."""
+    local_looking = model_path.startswith((".", "/", "~")) or "\\" in model_path or model_path.count("/") > 1
+    if local_looking and not Path(model_path).expanduser().exists():
+        raise CLIError(f"Model folder {model_path} does not exist.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {device} was given but CUDA is not available on this machine; use --device cpu.")
+
+
+def check_reconstruct_args(args: argparse.Namespace) -> Path:
+    """Validate the flags and the output folder of `reconstruct` before any model work."""
+    if args.max_points is not None and args.max_points < 1:
+        raise CLIError(f"--max-points must be at least 1, got {args.max_points}.")
+    if args.confidence_percentile is not None and not 0 <= args.confidence_percentile < 100:
+        raise CLIError(f"--confidence-percentile must be in [0, 100), got {args.confidence_percentile}.")
+    return check_output_dir(
+        args.output, overwrite=args.overwrite, is_previous_output=lambda folder: (folder / "cameras.json").is_file()
+    )
 
 
 def load(model_path: str, dtype: str, device: str):
@@ -79,24 +102,33 @@ def load(model_path: str, dtype: str, device: str):
 def run_reconstruct(args: argparse.Namespace) -> int:
     from .export import export_model_scene
 
+    check_reconstruct_args(args)
+    check_model_and_device(args.model, args.device)
     views = collect_views(args)
     model, processor = load(args.model, args.dtype, args.device)
+    processor.geometry_image_processor.resize_views_to_first = args.resize_views
     inputs = processor(geometry_images=views, return_tensors="pt").to(args.device)
     with torch.inference_mode():
         output = model.reconstruct(**inputs)
-    written = export_model_scene(
-        args.output,
-        output,
-        inputs["geometry_pixel_values"],
-        processor.geometry_image_processor,
-        confidence_percentile=args.confidence_percentile,
-        max_points=args.max_points,
-        original_sizes=original_sizes(views),
-    )
-    written += export_extras(args, model, processor, views, output, inputs["geometry_pixel_values"])
+    staging = make_staging_dir(args.output)  # swapped in only when every file is written
+    try:
+        written = export_model_scene(
+            staging,
+            output,
+            inputs["geometry_pixel_values"],
+            processor.geometry_image_processor,
+            confidence_percentile=args.confidence_percentile,
+            max_points=args.max_points,
+            original_sizes=original_sizes(views),
+        )
+        written += export_extras(args, staging, model, processor, views, output, inputs["geometry_pixel_values"])
+        swap_in(staging, args.output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"Reconstructed {len(views)} views into {args.output}:")
     for path in written:
-        print(f"  {path}")
+        path = Path(path)
+        print(f"  {args.output / path.relative_to(staging) if path.is_relative_to(staging) else path}")
     return 0
 
 
@@ -133,8 +165,11 @@ def view_names(args: argparse.Namespace, count: int) -> list[str]:
     return [path.name for path in paths]
 
 
-def export_extras(args: argparse.Namespace, model, processor, views: list, output, geometry_pixel_values) -> list[Path]:
-    """`--colmap DIR` (a COLMAP text model of the scene) and `--ask QUESTION` (`answer.json` beside the scene)."""
+def export_extras(
+    args: argparse.Namespace, folder: Path, model, processor, views: list, output, geometry_pixel_values
+) -> list[Path]:
+    """`--colmap DIR` (a COLMAP text model of the scene) and `--ask QUESTION` (`answer.json` in `folder`, beside the
+    scene)."""
     import json
 
     from .export import _atomic_write_bytes
@@ -156,15 +191,17 @@ def export_extras(args: argparse.Namespace, model, processor, views: list, outpu
             raise CLIError("--ask needs a question.")
         answer = ask_about_views(model, processor, views, args.ask, args.max_new_tokens, args.device)
         document = {"question": args.ask, "answer": answer, "views": view_names(args, len(views))}
-        path = Path(args.output) / "answer.json"
+        path = Path(folder) / "answer.json"
         written.append(_atomic_write_bytes(path, (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode()))
         print(f"Q: {args.ask}\nA: {answer}")
     return written
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    check_model_and_device(args.model, args.device)
     images = [load_image(path) for path in args.image]
     model, processor = load(args.model, args.dtype, args.device)
+    processor.geometry_image_processor.resize_views_to_first = args.resize_views
     content = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": args.question}]
     inputs = processor.apply_chat_template(
         [{"role": "user", "content": content}],
@@ -187,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--model", required=True, help="converted checkpoint folder or Hub id")
         sub.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="weights dtype (default: as saved)")
         sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        sub.add_argument(
+            "--resize-views", action="store_true", help="resize views of other sizes to the first view's size"
+        )
 
     recon = commands.add_parser("reconstruct", help="views of one scene -> scene.glb, points.ply, cameras.json, depth")
     common(recon)
@@ -195,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--video", type=Path, help="use frames of this video file")
     recon.add_argument("--every", type=int, default=10, help="with --video: keep every N-th frame (default 10)")
     recon.add_argument("--max-views", type=int, default=None, help="with --video: keep at most this many frames")
-    recon.add_argument("--output", type=Path, required=True, help="output folder")
+    recon.add_argument("--output", type=Path, required=True, help="output folder (replaced only when complete)")
+    recon.add_argument("--overwrite", action="store_true", help="replace an existing output of an earlier run")
     recon.add_argument(
         "--confidence-percentile", type=float, default=None, help="drop points below this confidence percentile"
     )
@@ -228,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except (CLIError, ValueError, OSError) as error:
+        sys.stdout.flush()
         print(f"g2vlm: error: {error}", file=sys.stderr)
         return 2
 

@@ -28,6 +28,8 @@ import torch
 from PIL import Image, PngImagePlugin
 from transformers.utils import logging
 
+from .safe_output import file_mode
+
 if TYPE_CHECKING:
     import trimesh
 
@@ -100,6 +102,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> Path:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(temporary, file_mode())  # mkstemp makes it 0600; an output file gets the usual mode (0644)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

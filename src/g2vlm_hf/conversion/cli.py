@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from transformers.utils import logging
 
-from .convert_official import convert_official_checkpoint
+from ..safe_output import check_output_dir, make_staging_dir, swap_in
+from .convert_official import convert_official_checkpoint, is_converted_folder
 from .hub import HubPushError, push_to_hub, resolve_token, validate_hub_repo_id
 from .model_card import DEFAULT_BASE_MODEL
 from .reconstruction_only import build_reconstruction_only, read_model_type
@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("input_dir", help="official checkpoint folder")
-    parser.add_argument("output_dir", help="folder to write (must not exist unless --overwrite)")
+    parser.add_argument(
+        "output_dir", help="folder to write (must not exist unless --overwrite); not the input, nor the current folder"
+    )
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default: 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument(
@@ -93,11 +95,12 @@ def convert(args: argparse.Namespace) -> Path:
         return output
     if output.exists() and not args.overwrite:
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it.")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    full = Path(tempfile.mkdtemp(prefix=f".{output.name}.full.", dir=output.parent))
+    check_output_dir(output, inputs=[args.input_dir], overwrite=args.overwrite, is_previous_output=is_converted_folder)
+    full = make_staging_dir(output)
     try:
         convert_official_checkpoint(args.input_dir, full / "model", max_shard_size=args.max_shard_size)
-        build_reconstruction_only(full / "model", output, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+        build_reconstruction_only(full / "model", full / "reconstruction", max_shard_size=args.max_shard_size)
+        swap_in(full / "reconstruction", output, keep_marker=False)
     finally:
         shutil.rmtree(full, ignore_errors=True)
     print(f"Reconstruction-only checkpoint written to {output}")
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             max_shard_size=args.max_shard_size,
             verify=not args.no_verify,
         )
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError, OSError) as error:
         print(f"g2vlm-convert: error: {error}", file=sys.stderr)
         return 2
     except HubPushError as error:

@@ -12,17 +12,17 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from huggingface_hub import save_torch_state_dict
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import AddedToken, AutoImageProcessor, GenerationConfig, PreTrainedTokenizerFast
 from transformers.utils import logging
 
 from ..modeling import G2VLMConfig, G2VLMForConditionalGeneration
 from ..processing import G2VLMProcessor
+from ..safe_output import check_output_dir, make_staging_dir, swap_in
 
 logger = logging.get_logger(__name__)
 
@@ -166,7 +166,18 @@ def _preview(items: list[str], limit: int = 10) -> str:
 
 def _read_json(path: Path) -> dict:
     with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error}).") from error
+
+
+def is_converted_folder(folder: Path) -> bool:
+    """Whether `folder` holds a checkpoint this package converted (a previous output `--overwrite` may replace)."""
+    try:
+        return _read_json(Path(folder) / "config.json").get("model_type") in ("g2vlm", "g2vlm_reconstruction")
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _load_tokenizer(input_dir: Path) -> PreTrainedTokenizerFast:
@@ -221,6 +232,14 @@ def convert_official_checkpoint(
         raise FileNotFoundError(f"{input_dir} is not an official G2VLM checkpoint folder: missing {missing_files}.")
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} exists; pass overwrite=True (or --overwrite) to replace it.")
+    check_output_dir(output_dir, inputs=[input_dir], overwrite=overwrite, is_previous_output=is_converted_folder)
+    try:
+        with safe_open(input_dir / "model.safetensors", framework="pt"):
+            pass
+    except SafetensorError as error:
+        raise ValueError(
+            f"{input_dir / 'model.safetensors'} is damaged or incomplete ({error}); download it again."
+        ) from error
 
     tokenizer = _load_tokenizer(input_dir)
     with safe_open(input_dir / "model.safetensors", framework="pt") as checkpoint:
@@ -241,18 +260,14 @@ def convert_official_checkpoint(
     config.dtype = {"BF16": torch.bfloat16, "F16": torch.float16}.get(dtypes.pop(), torch.float32) if len(dtypes) == 1 else torch.float32
     config.architectures = [G2VLMForConditionalGeneration.__name__]
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
+    staging = make_staging_dir(output_dir)  # the previous output is replaced only once the new one is complete
     try:
         config.save_pretrained(staging)
         _generation_config(config).save_pretrained(staging)
         _build_processor(input_dir, tokenizer).save_pretrained(staging)
         save_torch_state_dict(state_dict, staging, max_shard_size=max_shard_size)
         _check_loads_cleanly(staging)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
+        swap_in(staging, output_dir, keep_marker=False)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

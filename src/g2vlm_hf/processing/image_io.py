@@ -7,6 +7,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+# Largest image (in pixels) that is decoded; a header claiming more is refused before decoding (Pillow's own
+# decompression-bomb guard raises at twice its MAX_IMAGE_PIXELS, about 179 megapixels).
+MAX_IMAGE_PIXELS = 100_000_000
 
 ImageSource = str | os.PathLike | Image.Image | np.ndarray
 
@@ -22,12 +29,19 @@ def load_image(source: ImageSource) -> Image.Image:
         source = _fetch_url(source)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder, not an image file (use --folder for a folder of views).")
         if not path.is_file():
             raise ValueError(f"Image file {path} does not exist.")
         try:
             with Image.open(path) as opened:
+                _check_pixels(opened.size, str(path))
+                if getattr(opened, "n_frames", 1) > 1:
+                    logger.warning(f"{path} has {opened.n_frames} frames (animated); using the first frame only.")
                 opened.load()
                 image = opened.copy()
+        except Image.DecompressionBombError as error:
+            raise ValueError(f"{path} is too large to decode safely ({error}); downscale it first.") from error
         except (UnidentifiedImageError, OSError, SyntaxError) as error:
             raise ValueError(f"{path} is not an image that Pillow can read ({error}).") from error
     elif isinstance(source, Image.Image):
@@ -39,6 +53,7 @@ def load_image(source: ImageSource) -> Image.Image:
             f"Cannot use an object of type {type(source).__name__} as an image: pass a path, a PIL image or a "
             "numpy array."
         )
+    _check_pixels(image.size, "The image")
     return to_rgb(image)
 
 
@@ -59,6 +74,16 @@ def _fetch_url(url: str) -> Image.Image:
         return transformers_load_image(url, timeout=URL_TIMEOUT_S)
     except Exception as error:  # network errors, HTTP error pages, undecodable bytes
         raise ValueError(f"Could not read an image from {url} ({type(error).__name__}: {error}).") from error
+def _check_pixels(size: tuple[int, int], name: str) -> None:
+    """Refuse empty images and images over `MAX_IMAGE_PIXELS` with a clear error."""
+    width, height = size
+    if width < 1 or height < 1:
+        raise ValueError(f"{name} is empty ({width}x{height} pixels).")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(
+            f"{name} is {width}x{height} = {width * height:,} pixels, too large (the limit is {MAX_IMAGE_PIXELS:,} "
+            "pixels, g2vlm_hf.processing.image_io.MAX_IMAGE_PIXELS); downscale it first."
+        )
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -84,6 +109,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def _array_to_image(array: np.ndarray) -> Image.Image:
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
         raise ValueError(f"An image array must be (H, W), (H, W, 3) or (H, W, 4), got shape {array.shape}.")
+    if array.size == 0:
+        raise ValueError(f"The image array is empty (shape {array.shape}).")
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if np.issubdtype(array.dtype, np.floating):

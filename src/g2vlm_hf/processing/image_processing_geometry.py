@@ -45,6 +45,13 @@ class G2VLMGeometryImageProcessor(BaseImageProcessor):
             [`G2VLMProcessor`] fills them in from its tokenizer. With them, calling this processor also returns the
             `input_ids` (and `attention_mask`) of the reconstruction prompt of the views, so that it alone feeds
             `model.reconstruct` and the depth-estimation pipeline.
+        max_tokens_per_view (`int`, *optional*, defaults to 4096):
+            Largest number of geometry tokens (patches) of one resized view; more raise a ValueError.
+        max_aspect_ratio (`float`, *optional*, defaults to 4.0):
+            Largest ratio of the long to the short side of a view.
+        resize_views_to_first (`bool`, *optional*, defaults to `False`):
+            Resize views whose size differs from the first view's to it (the official behaviour); without it such
+            views raise a ValueError instead of being silently squashed.
     """
 
     model_input_names = ["geometry_pixel_values"]
@@ -59,6 +66,9 @@ class G2VLMGeometryImageProcessor(BaseImageProcessor):
         image_std: Sequence[float] = IMAGENET_DEFAULT_STD,
         max_views: int = 256,
         prompt_token_ids: dict | None = None,
+        max_tokens_per_view: int = 4096,
+        max_aspect_ratio: float = 4.0,
+        resize_views_to_first: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -72,6 +82,9 @@ class G2VLMGeometryImageProcessor(BaseImageProcessor):
         self.image_mean = list(image_mean)
         self.image_std = list(image_std)
         self.max_views = max_views
+        self.max_tokens_per_view = max_tokens_per_view
+        self.max_aspect_ratio = max_aspect_ratio
+        self.resize_views_to_first = resize_views_to_first
 
     def __call__(self, images, return_tensors: str | TensorType | None = "pt", **kwargs) -> BatchFeature:
         return self.preprocess(images, return_tensors=return_tensors, **kwargs)
@@ -153,6 +166,16 @@ class G2VLMGeometryImageProcessor(BaseImageProcessor):
         width, height = pil_views[0].size
         if do_resize:
             width, height = target_width, max(1, round(height * target_width / width / self.patch_size)) * self.patch_size
+        self._check_budget(pil_views[0].size, (width, height))
+        if do_resize and not self.resize_views_to_first:
+            for index, view in enumerate(pil_views):
+                if view.size != pil_views[0].size:
+                    raise ValueError(
+                        f"View {index} is {view.size[0]}x{view.size[1]} but the first view is "
+                        f"{pil_views[0].size[0]}x{pil_views[0].size[1]}: all views of a scene are resized to the first "
+                        "view's size. Crop them to one size, or opt in with resize_views_to_first=True on the "
+                        "geometry image processor (--resize-views on the command line)."
+                    )
         arrays = []
         for view in pil_views:
             if view.size != (width, height):
@@ -174,6 +197,19 @@ class G2VLMGeometryImageProcessor(BaseImageProcessor):
             pixels = (pixels - mean) / std
         return pixels
 
+    def _check_budget(self, original: tuple[int, int], resized: tuple[int, int]) -> None:
+        """Refuse views whose aspect ratio or token count would make inference hang."""
+        (width, height), (new_width, new_height) = original, resized
+        tokens = (new_width // self.patch_size) * (new_height // self.patch_size)
+        aspect = max(width / height, height / width)
+        if aspect > self.max_aspect_ratio or tokens > self.max_tokens_per_view:
+            raise ValueError(
+                f"A {width}x{height} view (aspect {aspect:.1f}:1) becomes a {new_width}x{new_height} geometry view of "
+                f"{tokens:,} tokens; the limits are aspect {self.max_aspect_ratio}:1 and {self.max_tokens_per_view:,} "
+                "tokens per view. Crop the image (or, from Python, raise max_aspect_ratio / max_tokens_per_view on "
+                "the geometry image processor if you have the memory)."
+            )
+
     def unnormalize(self, geometry_pixel_values: torch.Tensor) -> torch.Tensor:
         """uint8 RGB `(..., H, W, 3)` images back from `geometry_pixel_values` `(..., 3, H, W)` (e.g. to colour points)."""
         pixels = geometry_pixel_values.float()
@@ -190,7 +226,8 @@ class G2VLMGeometryImageProcessor(BaseImageProcessor):
             f"{num_views} views exceed max_views={self.max_views}. At width {target_width} a 4:3 view is about "
             f"{tokens_per_view} geometry tokens, so these views would put about {tokens:,} tokens in the prompt "
             f"(about {gigabytes:.0f} GB of key/value cache alone for G2VLM-2B in bfloat16, before activations). "
-            "Subsample the views (e.g. every k-th video frame) or raise max_views if you have the memory."
+            "Subsample the views (e.g. every k-th video frame: --every / --max-views on the command line) or, from "
+            "Python, raise max_views on the geometry image processor if you have the memory."
         )
 
 
