@@ -104,7 +104,8 @@ def test_reconstruct_into_an_existing_output_needs_overwrite_and_leaves_no_stale
     assert reconstruct(converted_tiny, output, "--dtype", "auto") == 2
     assert "--overwrite" in one_line_error(capsys)
     assert reconstruct(converted_tiny, output, "--overwrite") == 0
-    assert sorted(p.name for p in (output / "depth").iterdir()) == ["view_000.png", "view_001.png"]
+    depth_files = sorted(p.name for p in (output / "depth").iterdir())
+    assert depth_files == ["view_000.png", "view_000_preview.png", "view_001.png", "view_001_preview.png"]
     assert oct((output / "cameras.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
 
