@@ -23,6 +23,7 @@ def test_quickstart_converts_reconstructs_and_chats(tmp_path):
     out = run_example("quickstart.py", "--output", str(tmp_path / "model"), cwd=tmp_path)
     assert "camera poses (1, 3, 4, 4)" in out and "answer:" in out
     assert (tmp_path / "model" / "config.json").is_file()
+    assert f"converted model written to {(tmp_path / 'model').resolve()}" in out  # the user is told where it went
 
 
 def test_reconstruct_to_glb(converted_tiny, tmp_path):
