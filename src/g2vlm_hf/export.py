@@ -111,6 +111,24 @@ def _atomic_write_bytes(path: Path, data: bytes) -> Path:
     return path
 
 
+def write_all_or_nothing(payloads: Sequence[tuple[Path, bytes]], folders: Sequence[Path]) -> list[Path]:
+    """Write every `(path, bytes)` atomically; if one write fails, remove the files already written and the
+    `folders` this call created, then re-raise."""
+    created = [folder for folder in folders if not folder.exists()]
+    written: list[Path] = []
+    try:
+        for path, data in payloads:
+            written.append(_atomic_write_bytes(path, data))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    return written
+
+
 def _validate_poses(camera_poses: ArrayLike) -> np.ndarray:
     poses = _to_numpy(camera_poses, "camera_poses").astype(np.float64)
     _check_shape(poses, "camera_poses", "(N, 4, 4)", 3)
@@ -749,18 +767,7 @@ def export_reconstruction(
     for index, view_depth in enumerate(depths):
         payloads.append((output_dir / "depth" / f"view_{index:03d}_preview.png", _encode_depth_preview(view_depth)))
 
-    created_dirs = [folder for folder in (output_dir, output_dir / "depth") if not folder.exists()]
-    written: list[Path] = []
-    try:
-        for path, data in payloads:
-            written.append(_atomic_write_bytes(path, data))
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        for folder in reversed(created_dirs):
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
+    written = write_all_or_nothing(payloads, (output_dir, output_dir / "depth"))
     logger.info(f"Wrote {len(written)} files to {output_dir}")
     return written
 

@@ -18,7 +18,6 @@ Pixel coordinates follow COLMAP: the centre of the top-left pixel is `(0.5, 0.5)
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 from collections.abc import Sequence
@@ -32,11 +31,11 @@ from transformers.utils import logging
 
 from .export import (
     ArrayLike,
-    _atomic_write_bytes,
     _check_shape,
     _to_numpy,
     _validate_poses,
     compute_keep_mask,
+    write_all_or_nothing,
 )
 
 logger = logging.get_logger(__name__)
@@ -226,18 +225,7 @@ def export_colmap(
             for index, name in enumerate(names)
             if usable_camera[index]
         ]
-    created_dirs = [folder for folder in (output_dir, output_dir / "images") if not folder.exists()]
-    written: list[Path] = []
-    try:
-        for path, data in payloads:
-            written.append(_atomic_write_bytes(path, data))
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        for folder in reversed(created_dirs):
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
+    written = write_all_or_nothing(payloads, (output_dir, output_dir / "images"))
     logger.info(f"Wrote a COLMAP model of {int(usable_camera.sum())} images and {flat.size} points to {output_dir}")
     return written
 
