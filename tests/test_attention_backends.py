@@ -22,7 +22,6 @@ from g2vlm_hf.modeling.varlen_attention import (
     plan_varlen_attention,
     reference_varlen_attention,
     sdpa_varlen_attention,
-    varlen_attention,
 )
 
 
@@ -68,12 +67,33 @@ def test_varlen_plan_equals_the_dense_mask(past_length, with_padding):
         attention_mask[1, :3] = 0  # left padding of row 1
     expected = dense_reference(query, key, value, attention_mask, blocks, past_length, dim**-0.5)
     valid = attention_mask[:, past_length:].bool()
+    varlen_attention = ALL_ATTENTION_FUNCTIONS["g2vlm_varlen"]  # the layer calls it through the registry
     for kernel in (reference_varlen_attention, sdpa_varlen_attention):
         plan = plan_varlen_attention(batch, q_len, past_length, attention_mask, blocks, query.device, kernel)
         assert {group.causal for group in plan.groups} == {True, False}
-        actual = varlen_attention(query, key, value, plan, dim**-0.5)
+        actual, weights = varlen_attention(None, query, key, value, plan, dim**-0.5)
+        assert weights is None
         torch.testing.assert_close(actual[valid], expected[valid], rtol=1e-5, atol=1e-5)
         assert torch.count_nonzero(actual[~valid]) == 0
+
+
+def test_a_chunk_that_is_one_image_block_never_gives_a_kernel_an_empty_batch():
+    # flash-attn's varlen kernels need at least one segment; a chunk without text has no causal run
+    torch.manual_seed(0)
+    query, key, value = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    blocks = torch.zeros(1, 6, dtype=torch.long)
+    batches = []
+
+    def kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, **kwargs):
+        batches.append(cu_seqlens_q.numel() - 1)
+        assert q.shape[0] == cu_seqlens_q[-1] and k.shape[0] == cu_seqlens_k[-1]
+        return reference_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, **kwargs)
+
+    plan = plan_varlen_attention(1, 6, 0, None, blocks, query.device, kernel)
+    actual, _ = ALL_ATTENTION_FUNCTIONS["g2vlm_varlen"](None, query, key, value, plan, 8**-0.5)
+    assert min(batches) >= 1
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value).transpose(1, 2)  # bidirectional
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_reference_varlen_aligns_causal_masks_bottom_right():

@@ -1,5 +1,11 @@
-"""`torch.compile(fullgraph=True)` on a decode step with a static cache: no graph break, for every backend (the flash
-path with its CPU stand-ins), and the compiled step computes what the eager step does."""
+"""`torch.compile(fullgraph=True)`: a graph break raises. Compiled here with dynamo alone (backend="eager"), which is
+where graph breaks arise; each compiled call is checked against the uncompiled one.
+
+- a decode step with a static cache, for every backend (the flash path with its CPU stand-ins);
+- the prefill of a reconstruction prompt (a geometry block), heads included, for sdpa, eager and the varlen path;
+- the decoder's prefill of a chat prompt holding a geometry block and an image block, layout included;
+- the whole chat prefill: its only graph breaks are in transformers' Qwen2-VL vision tower (its per-image loops).
+"""
 
 from __future__ import annotations
 
@@ -7,28 +13,70 @@ import pytest
 import torch
 from conftest import tiny_model
 from test_attention_backends import flash_attention_stand_in
-from test_model import IMAGE_GRID, chat_prompt, image_patches, views
+from test_model import GRID_H, GRID_W, IMAGE_GRID, VIEWS, chat_prompt, geometry_block, image_patches, views
 from transformers import StaticCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from g2vlm_hf.modeling import text_decoder
 from g2vlm_hf.modeling.compat import cache_kwargs
+from g2vlm_hf.modeling.token_layout import get_block_ids
 from g2vlm_hf.modeling.varlen_attention import reference_varlen_attention
 
+BACKENDS = ["sdpa", "eager", "flash_attention_2"]
 
-@pytest.mark.parametrize("implementation", ["sdpa", "eager", "flash_attention_2"])
-def test_a_static_cache_decode_step_compiles_without_graph_breaks(implementation, monkeypatch):
-    # the flash path on a CPU: PyTorch stand-ins for flash_attn's kernels (see test_attention_backends)
+
+@torch.library.custom_op("g2vlm_tests::reference_varlen_attention", mutates_args=())
+def compiled_reference_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """The CPU reference kernel as an operator, as flash-attn registers `flash_attn_varlen_func`'s kernel."""
+    return reference_varlen_attention(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal
+    )
+
+
+@compiled_reference_varlen.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None, causal=False):
+    return torch.empty_like(q)
+
+
+@pytest.fixture
+def model_with(monkeypatch):
+    """A tiny model on `implementation`; the flash path runs on the CPU with its stand-ins (see
+    test_attention_backends), the varlen one registered as an operator like flash-attn's."""
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "flash_attention_2", flash_attention_stand_in)
-    monkeypatch.setattr(text_decoder, "varlen_kernel", lambda implementation: reference_varlen_attention)
-    model = tiny_model()
-    model.config.text_config._attn_implementation_internal = implementation
-    assert model._can_compile_fullgraph
+    monkeypatch.setattr(text_decoder, "varlen_kernel", lambda implementation: compiled_reference_varlen)
+
+    def build(implementation: str):
+        model = tiny_model()
+        model.config.text_config._attn_implementation_internal = implementation
+        assert model._can_compile_fullgraph
+        return model
+
+    return build
+
+
+def chat_inputs() -> dict:
     pixels, grid = image_patches(*IMAGE_GRID)
-    prompt = dict(
+    return dict(
         input_ids=torch.tensor([chat_prompt([1, 5], [8, 9])]), pixel_values=pixels, image_grid_thw=grid,
         geometry_pixel_values=views(),
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("implementation", BACKENDS)
+def test_a_static_cache_decode_step_compiles_without_graph_breaks(implementation, model_with):
+    model = model_with(implementation)
+    prompt = chat_inputs()
     length = prompt["input_ids"].shape[1]
 
     def prefill() -> StaticCache:
@@ -44,6 +92,76 @@ def test_a_static_cache_decode_step_compiles_without_graph_breaks(implementation
         cache = prefill()
         position = (length + model.model.rope_deltas).view(1, 1, 1).expand(3, 1, 1)  # the next M-RoPE position
         expected = step(token, position, cache)
-        compiled = torch.compile(step, fullgraph=True, backend="eager")  # fullgraph: a graph break raises
+        compiled = torch.compile(step, fullgraph=True, backend="eager")
         actual = compiled(token, position, prefill())
     torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("implementation", BACKENDS)
+def test_a_reconstruction_prefill_compiles_without_graph_breaks(implementation, model_with):
+    model = model_with(implementation)
+    # two scenes, one of them left-padded: positions, blocks, expert routing and the heads' token grid in one graph
+    ids = [1, 5, *geometry_block(VIEWS, GRID_H, GRID_W)]
+    input_ids = torch.tensor([ids, [0, 0, *ids[2:]]])
+    attention_mask = torch.tensor([[1] * len(ids), [0, 0] + [1] * (len(ids) - 2)])
+    scenes = views(batch=2)
+
+    def reconstruct(input_ids, attention_mask, scenes):
+        output = model.reconstruct(input_ids=input_ids, attention_mask=attention_mask, geometry_pixel_values=scenes)
+        return output.world_points, output.camera_poses
+
+    with torch.no_grad():
+        expected = reconstruct(input_ids, attention_mask, scenes)
+        actual = torch.compile(reconstruct, fullgraph=True, backend="eager")(input_ids, attention_mask, scenes)
+    torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("implementation", BACKENDS)
+def test_the_decoder_prefill_of_a_prompt_with_a_geometry_and_an_image_block_compiles(implementation, model_with):
+    model = model_with(implementation)
+    inputs = chat_inputs()
+    with torch.no_grad():
+        features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+    image_features = torch.cat(features)
+    config = model.config
+
+    def prefill(input_ids, image_features, geometry_pixel_values):
+        # what G2VLMModel.forward does after the semantic vision tower: embeddings, geometry encoder, positions,
+        # attention blocks, expert split, the shared attention of every layer
+        inner = model.model
+        image_mask, geometry_mask = input_ids == config.image_token_id, input_ids == config.geometry_token_id
+        embeds = inner.get_input_embeddings()(input_ids.masked_fill(image_mask | geometry_mask, 0))
+        embeds = embeds.masked_scatter(image_mask[..., None], image_features)
+        geometry_features = inner.get_geometry_features(geometry_pixel_values).flatten(0, 2)
+        embeds = embeds.masked_scatter(geometry_mask[..., None], geometry_features)
+        position_ids = inner.compute_position_ids(
+            input_ids, None, None, inputs["image_grid_thw"], inner.geometry_grid_thw(geometry_pixel_values)
+        )
+        block_ids = get_block_ids(
+            input_ids, None, image_token_id=config.image_token_id, geometry_token_id=config.geometry_token_id,
+            vision_start_token_id=config.vision_start_token_id, vision_end_token_id=config.vision_end_token_id,
+        )  # fmt: skip
+        return inner.language_model(
+            inputs_embeds=embeds, position_ids=position_ids, geometry_mask=geometry_mask, block_ids=block_ids,
+            geometry_token_count=geometry_features.shape[0], use_cache=False,
+        ).last_hidden_state  # fmt: skip
+
+    args = (inputs["input_ids"], image_features, inputs["geometry_pixel_values"])
+    with torch.no_grad():
+        expected = model.model(**inputs, use_cache=False).last_hidden_state  # the model's own forward
+        actual = torch.compile(prefill, fullgraph=True, backend="eager")(*args)
+    torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "flash_attention_2"])
+def test_the_chat_prefill_breaks_graphs_only_in_the_semantic_vision_tower(implementation, model_with):
+    model = model_with(implementation)
+    model.model.visual.config._attn_implementation_internal = "sdpa"  # the vision tower's own loops under test
+    inputs = chat_inputs()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(lambda **kw: model(**kw, use_cache=False).logits)(**inputs)
+    frames = [reason.user_stack[-1] for reason in explanation.break_reasons]
+    assert frames, "transformers' vision tower was expected to break graphs (per-image loops)"
+    in_g2vlm = [f"{frame.filename}:{frame.lineno}" for frame in frames if "/g2vlm_hf/" in frame.filename]
+    # the one allowed: splitting the image features per image in get_image_features, as transformers' Qwen2-VL does
+    assert all("modeling_g2vlm.py" in where for where in in_g2vlm) and len(in_g2vlm) <= 1, in_g2vlm

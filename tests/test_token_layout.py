@@ -61,7 +61,10 @@ def test_views_of_a_scene_share_one_block_and_images_get_their_own():
 
 
 def test_no_media_means_no_blocks():
-    assert get_block_ids(torch.tensor([[5, 6, 7]]), None, **BLOCKS) is None
+    no_media = dict(BLOCKS, image_token_id=None, geometry_token_id=None)
+    assert get_block_ids(torch.tensor([[5, START, IMG, END]]), None, **no_media) is None
+    # with media given, a chunk without placeholders is all causal text
+    assert get_block_ids(torch.tensor([[5, 6, 7]]), None, **BLOCKS).tolist() == [[-1, -1, -1]]
 
 
 @pytest.mark.parametrize(
@@ -75,3 +78,26 @@ def test_no_media_means_no_blocks():
 def test_placeholders_and_grids_must_agree(ids, grids, message):
     with pytest.raises(ValueError, match=message):
         get_rope_index(torch.tensor([ids]), None, torch.tensor(grids), None, **LAYOUT)
+
+
+def test_a_batch_gets_the_positions_of_its_rows_laid_out_alone():
+    # images are matched to placeholders in prompt order across the batch: row 0 holds one image and two views,
+    # row 1 (left-padded) two images back to back of different sizes and one view
+    row0 = [5, START, *[IMG] * 6, END, START, GEO, GEO, END, START, GEO, GEO, END, 6]
+    row1 = [7, START, *[IMG] * 2, *[IMG] * 4, END, 8, START, *[GEO] * 4, END]
+    image_grids = [[[1, 4, 6]], [[1, 2, 4], [2, 2, 4]]]
+    view_grids = [[[1, 1, 2], [1, 1, 2]], [[1, 2, 2]]]
+    width = max(len(row0), len(row1))
+    ids = torch.tensor([[0] * (width - len(row)) + row for row in (row0, row1)])
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in (row0, row1)])
+    positions, deltas = get_rope_index(
+        ids, torch.cat([torch.tensor(g) for g in image_grids]), torch.cat([torch.tensor(g) for g in view_grids]), mask, **LAYOUT
+    )
+    for index, row in enumerate((row0, row1)):
+        alone, alone_deltas = get_rope_index(
+            torch.tensor([row]), torch.tensor(image_grids[index]), torch.tensor(view_grids[index]), None, **LAYOUT
+        )
+        assert torch.equal(positions[:, index, width - len(row) :], alone[:, 0])
+        assert deltas[index, 0] == alone_deltas[0, 0] - (width - len(row))  # same next position, later index
+    # the second image of row 1 starts where the first one's extent (max(1, 1, 2) = 2) leaves off
+    assert positions[:, 1, width - len(row1) + 4].tolist() == [2 + 2, 2 + 2, 2 + 2]

@@ -55,8 +55,8 @@ class G2VLMGeometryMLP(nn.Module):
 class ExpertSplit:
     """Which tokens each expert serves, computed once per forward and reused by every sublayer of every layer.
 
-    `semantic` and `geometry` index the flattened `(batch * seq)` tokens; gathers and scatters by index never wait
-    for the host, unlike boolean-mask indexing.
+    `semantic` and `geometry` index the flattened `(batch * seq)` tokens, in order; gathers and scatters by index
+    never wait for the host, unlike boolean-mask indexing.
     """
 
     mask: torch.BoolTensor  # (batch, seq), True on geometry tokens
@@ -64,15 +64,21 @@ class ExpertSplit:
     geometry: torch.LongTensor
 
     @classmethod
-    def from_mask(cls, geometry_mask: torch.BoolTensor | None) -> ExpertSplit | None:
-        """The split of `geometry_mask`, or None when no token is a geometry token (the semantic expert serves all)."""
+    def from_mask(cls, geometry_mask: torch.BoolTensor | None, geometry_count: int | None = None) -> ExpertSplit | None:
+        """The split of `geometry_mask`, or None when no token is a geometry token (the semantic expert serves all).
+
+        `geometry_count`, the number of geometry tokens, is known from the geometry inputs' shape; with it the split
+        needs no host read (a stable sort puts the geometry tokens first, in order). Without it the mask is counted.
+        """
         if geometry_mask is None:
             return None
         flat = geometry_mask.flatten()
-        geometry = torch.nonzero(flat).flatten()  # the one host sync of the routing, once per forward
-        if geometry.numel() == 0:
+        if geometry_count is None:
+            geometry_count = int(flat.sum())
+        if geometry_count == 0:
             return None
-        return cls(mask=geometry_mask, semantic=torch.nonzero(~flat).flatten(), geometry=geometry)
+        order = torch.argsort((~flat).to(torch.uint8), stable=True)
+        return cls(mask=geometry_mask, semantic=order[geometry_count:], geometry=order[:geometry_count])
 
 
 def route_tokens(

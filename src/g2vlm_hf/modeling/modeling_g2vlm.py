@@ -14,6 +14,7 @@ from .configuration_g2vlm import G2VLMConfig, G2VLMReconstructionConfig
 from .geometry_encoder import G2VLMGeometryEncoder
 from .geometry_heads import G2VLMGeometryHeads
 from .geometry_losses import G2VLMGeometryLossWeights, check_geometry_targets, geometry_losses
+from .layers import ExpertSplit
 from .outputs import G2VLMCausalLMOutputWithPast, G2VLMModelOutputWithPast, G2VLMReconstructionOutput
 from .pretrained import G2VLMPreTrainedModel
 from .text_decoder import G2VLMTextModel
@@ -224,7 +225,7 @@ class G2VLMModel(G2VLMPreTrainedModel):
                 placeholders = placeholders | mask if mask is not None else placeholders
             # Placeholders may lie outside the embedding matrix (`<|geo_pad|>` is added by the conversion).
             inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
-        image_outputs = None
+        image_outputs, geometry_token_count = None, None
         if image_mask is not None:
             image_outputs = self.get_image_features(pixel_values, image_grid_thw, return_dict=True)
             features = torch.cat(image_outputs.pooler_output)
@@ -232,6 +233,7 @@ class G2VLMModel(G2VLMPreTrainedModel):
         if geometry_mask is not None:
             features = self.get_geometry_features(geometry_pixel_values).flatten(0, 2)
             inputs_embeds = scatter_features(inputs_embeds, geometry_mask, features, "geometry")
+            geometry_token_count = features.shape[0]
 
         if position_ids is None:
             geometry_grid_thw = (
@@ -257,6 +259,7 @@ class G2VLMModel(G2VLMPreTrainedModel):
             attention_mask=attention_mask,
             block_ids=block_ids,
             use_cache=use_cache,
+            geometry_token_count=geometry_token_count,
             return_dict=True,
             **cache_kwargs(past_key_values),
             **kwargs,
@@ -307,8 +310,7 @@ def scatter_features(
     inputs_embeds: torch.Tensor, placeholder_mask: torch.BoolTensor, features: torch.Tensor, kind: str
 ) -> torch.Tensor:
     """Put `features` (one row per placeholder token, in order) in place of the placeholders."""
-    num_placeholders = int(placeholder_mask.sum())
-    if num_placeholders != features.shape[0]:
+    if not torch.compiler.is_compiling() and (num_placeholders := int(placeholder_mask.sum())) != features.shape[0]:
         raise ValueError(
             f"The prompt has {num_placeholders} {kind} placeholder tokens but the {kind} inputs give "
             f"{features.shape[0]} features: build `input_ids` with the processor so that both agree."
@@ -322,7 +324,9 @@ def geometry_token_grid(
 ) -> torch.Tensor:
     """The hidden states of the geometry tokens as `(batch, views, H / patch, W / patch, hidden)`."""
     batch, views, _, height, width = geometry_pixel_values.shape
-    return hidden_states[geometry_mask].view(batch, views, height // patch, width // patch, -1)
+    grid_h, grid_w = height // patch, width // patch
+    geometry = ExpertSplit.from_mask(geometry_mask, batch * views * grid_h * grid_w).geometry
+    return hidden_states.flatten(0, 1).index_select(0, geometry).view(batch, views, grid_h, grid_w, -1)
 
 
 def reconstruct_scenes(

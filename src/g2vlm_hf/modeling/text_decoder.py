@@ -33,7 +33,7 @@ from .configuration_g2vlm import G2VLMTextConfig
 from .layers import G2VLMMLP, ExpertSplit, G2VLMGeometryMLP, G2VLMLayerScale, route_tokens
 from .pretrained import G2VLMPreTrainedModel
 from .token_layout import TEXT_BLOCK_ID
-from .varlen_attention import VarlenPlan, plan_varlen_attention, sdpa_varlen_attention, varlen_attention
+from .varlen_attention import VARLEN_ATTENTION, VarlenPlan, plan_varlen_attention, sdpa_varlen_attention
 
 
 def varlen_kernel(implementation: str) -> Callable:
@@ -94,11 +94,12 @@ class G2VLMAttention(nn.Module):
         hidden_states: torch.Tensor,
         split: ExpertSplit | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None,
+        attention_mask: torch.Tensor | VarlenPlan | None,
         past_key_values: Cache | None = None,
-        varlen_plan: VarlenPlan | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`attention_mask` is this chunk's mask description: the dense mask or BlockMask of the configured backend,
+        or the `VarlenPlan` of the varlen path (attended by `ALL_ATTENTION_FUNCTIONS["g2vlm_varlen"]`)."""
         batch, seq = hidden_states.shape[:2]
         # per expert, in one routing: projections and QK-norm
         qkv = route_tokens(hidden_states, split, self._semantic_qkv, self._geometry_qkv).transpose(1, 2)
@@ -109,17 +110,18 @@ class G2VLMAttention(nn.Module):
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
 
-        dropout = 0.0 if not self.training else self.attention_dropout
-        if varlen_plan is not None:
-            # causal text runs and bidirectional blocks in separate varlen calls (see varlen_attention)
-            attn_output, attn_weights = varlen_attention(query, key, value, varlen_plan, self.scaling, dropout), None
-        else:
-            attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-                self.config._attn_implementation, eager_attention_forward
-            )
-            attn_output, attn_weights = attention_interface(
-                self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
-            )
+        implementation = VARLEN_ATTENTION if isinstance(attention_mask, VarlenPlan) else self.config._attn_implementation
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
         attn_output = attn_output.reshape(batch, seq, -1).contiguous()
         attn_output = route_tokens(attn_output, split, self.o_proj, self.geo_o_proj)
         return attn_output, attn_weights
@@ -146,16 +148,15 @@ class G2VLMDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         split: ExpertSplit | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | VarlenPlan | None = None,
         past_key_values: Cache | None = None,
-        varlen_plan: VarlenPlan | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns the layer's output and the attention weights (None unless the backend computes them: eager)."""
         residual = hidden_states
         hidden_states = route_tokens(hidden_states, split, self.input_layernorm, self.geo_input_layernorm)
         hidden_states, attention_weights = self.self_attn(
-            hidden_states, split, position_embeddings, attention_mask, past_key_values, varlen_plan, **kwargs
+            hidden_states, split, position_embeddings, attention_mask, past_key_values, **kwargs
         )
         hidden_states = residual + self._scale_geometry(hidden_states, split, self.geo_attn_layer_scale)
 
@@ -207,6 +208,7 @@ class G2VLMTextModel(G2VLMPreTrainedModel):
         block_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
         use_cache: bool | None = None,
+        geometry_token_count: int | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         **kwargs,
@@ -219,6 +221,8 @@ class G2VLMTextModel(G2VLMPreTrainedModel):
             attention_mask: `(batch, past + seq)` padding mask, 1 on real tokens (or the masks `generate()` prepares
                 for a static cache).
             block_ids: `(batch, seq)` bidirectional block of each token, -1 for causal text (None: all causal).
+            geometry_token_count: the number of geometry tokens when known from the inputs' shapes (the multimodal
+                model passes it), so that routing the tokens needs no host read.
             use_cache, output_attentions, output_hidden_states: default to the config's values.
         """
         if use_cache is None:
@@ -228,18 +232,18 @@ class G2VLMTextModel(G2VLMPreTrainedModel):
             output_hidden_states = self.config.output_hidden_states
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
-        split = ExpertSplit.from_mask(geometry_mask)  # routed once, reused by every sublayer
+        split = ExpertSplit.from_mask(geometry_mask, geometry_token_count)  # routed once, reused by every sublayer
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
             positions = torch.arange(past_length, past_length + inputs_embeds.shape[1], device=inputs_embeds.device)
             position_ids = positions.expand(3, inputs_embeds.shape[0], -1)
-        causal_mask, varlen_plan = None, None
+        # one mask description for every layer: the backend's mask (dense or BlockMask) or a varlen plan
         kernel = self._varlen_kernel(block_ids)
         if isinstance(attention_mask, dict):  # prepared by generate() for a compileable cache (text decoding)
             causal_mask = attention_mask["full_attention"]
         elif kernel is not None:
             batch, q_len = inputs_embeds.shape[:2]
-            varlen_plan = plan_varlen_attention(
+            causal_mask = plan_varlen_attention(
                 batch, q_len, past_length, attention_mask, block_ids, inputs_embeds.device, kernel
             )
         else:
@@ -263,7 +267,6 @@ class G2VLMTextModel(G2VLMPreTrainedModel):
                 position_embeddings,
                 attention_mask=causal_mask,
                 past_key_values=past_key_values,
-                varlen_plan=varlen_plan,
                 **kwargs,
             )
             if output_hidden_states:
@@ -281,19 +284,21 @@ class G2VLMTextModel(G2VLMPreTrainedModel):
         )
 
     def _varlen_kernel(self, block_ids: torch.LongTensor | None) -> Callable | None:
-        """The varlen kernel to run this pass with, or None for one call through the attention registry.
+        """The varlen kernel to run this pass with, or None for the backend's own mask.
 
         The one place where the algorithm is chosen. A chunk without image blocks (plain text, every decode step) is
-        plain causal attention: every backend takes it straight from `ALL_ATTENTION_FUNCTIONS` with the cache, no
-        plan and no gather. A chunk with image blocks goes through varlen runs for flash-attention (one call cannot
-        mix causal and bidirectional runs) and for sdpa (the big bidirectional blocks then need no mask); eager and
-        flex use the dense mask / BlockMask.
+        plain causal attention: every backend takes it with the cache and its causal mask, no plan and no gather. A
+        chunk with image blocks goes through varlen runs for flash-attention (one call cannot mix causal and
+        bidirectional runs), and for sdpa outside `torch.compile`: per-segment sdpa needs no mask for the big
+        bidirectional blocks and is faster than one masked call (`benchmarks/bench_vs_official.py`, row "recon 16
+        views, sdpa masked"), but it loops over the segments on the host, so a compiled sdpa graph takes the one
+        masked call. Eager and flex use the dense mask / BlockMask.
         """
         if block_ids is None:
             return None
         if is_flash_attention_requested(self.config):
             return varlen_kernel(self.config._attn_implementation)
-        if self.config._attn_implementation == "sdpa":
+        if self.config._attn_implementation == "sdpa" and not torch.compiler.is_compiling():
             return sdpa_varlen_attention
         return None
 

@@ -9,83 +9,10 @@ bidirectional attention block; consecutive geometry views (one scene) merge into
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 TEXT_BLOCK_ID = -1
-
-
-@dataclass(frozen=True)
-class MediaRun:
-    """A maximal run of one placeholder token inside a row of (unpadded) token ids."""
-
-    start: int
-    end: int  # exclusive
-    is_geometry: bool
-
-
-def find_media_runs(ids: list[int], image_token_id: int | None, geometry_token_id: int | None) -> list[MediaRun]:
-    """Runs of image or geometry placeholders in `ids`, in order (a None id is not looked for)."""
-    runs, i = [], 0
-    while i < len(ids):
-        token = ids[i]
-        if token in (image_token_id, geometry_token_id):
-            j = i
-            while j < len(ids) and ids[j] == token:
-                j += 1
-            runs.append(MediaRun(i, j, token == geometry_token_id))
-            i = j
-        else:
-            i += 1
-    return runs
-
-
-class _GridQueue:
-    """Hands out (t, h, w) token grids in prompt order and checks that every grid gets used."""
-
-    def __init__(self, grid_thw: torch.Tensor | None, merge_size: int, kind: str):
-        self.grids = [] if grid_thw is None else [tuple(int(v) for v in row) for row in grid_thw.tolist()]
-        self.merge_size = merge_size
-        self.kind = kind
-        self.next = 0
-
-    def take(self) -> tuple[int, int, int]:
-        if self.next >= len(self.grids):
-            raise ValueError(
-                f"The prompt holds more {self.kind} placeholder tokens than the {len(self.grids)} {self.kind} "
-                f"image(s) given: pass one {self.kind} image per placeholder block."
-            )
-        t, h, w = self.grids[self.next]
-        self.next += 1
-        return t, h // self.merge_size, w // self.merge_size
-
-    @property
-    def exhausted(self) -> bool:
-        return self.next >= len(self.grids)
-
-    def check_all_used(self) -> None:
-        if self.next != len(self.grids):
-            raise ValueError(
-                f"{len(self.grids)} {self.kind} image(s) were given but the prompt has placeholders for "
-                f"{self.next}: each image needs its own placeholder block in `input_ids`."
-            )
-
-
-def _split_run(run: MediaRun, queue: _GridQueue) -> list[tuple[int, int, int]]:
-    """Grids covering one placeholder run (several images may sit back to back)."""
-    grids, remaining = [], run.end - run.start
-    while remaining > 0 and not (grids and queue.exhausted):
-        t, h, w = queue.take()
-        remaining -= t * h * w
-        grids.append((t, h, w))
-    if remaining != 0:
-        raise ValueError(
-            f"A run of {run.end - run.start} {queue.kind} placeholder tokens does not match the features of its "
-            f"image(s) (grids {grids}): the number of placeholder tokens must equal the number of image features."
-        )
-    return grids
 
 
 def get_rope_index(
@@ -100,7 +27,12 @@ def get_rope_index(
     start_positions: torch.LongTensor | None = None,
     past_length: int = 0,
 ) -> tuple[torch.LongTensor, torch.LongTensor]:
-    """3D (temporal, height, width) RoPE positions of a batch of prompts.
+    """3D (temporal, height, width) RoPE positions of a batch of prompts, with tensor operations on the ids' device.
+
+    Every text token advances a row's position by one; the placeholders of an image take the position reached before
+    them plus their (t, h, w) coordinates in the image's token grid, and the image advances the position by
+    `max(t, h, w)`. Images are matched to placeholders in prompt order (row by row), so back-to-back images in one run
+    of placeholders are told apart by their grids.
 
     Args:
         input_ids: `(batch, seq)` token ids, left- or right-padded.
@@ -114,35 +46,74 @@ def get_rope_index(
         position_ids `(3, batch, seq)` (padding gets 1) and rope_deltas `(batch, 1)` such that the position of the
         text token at absolute sequence index i (cache included) after the prompt is `i + rope_deltas`.
     """
-    batch_size, seq_len = input_ids.shape
-    images = _GridQueue(image_grid_thw, spatial_merge_size, "semantic")
-    views = _GridQueue(geometry_grid_thw, 1, "geometry")
-    position_ids = torch.ones(3, batch_size, seq_len, dtype=torch.long)
-    deltas = torch.zeros(batch_size, 1, dtype=torch.long)
-    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    for row in range(batch_size):
-        ids = input_ids[row][mask[row]].tolist()
-        first = 0 if start_positions is None else int(start_positions[row])
-        row_positions, cursor, index = [], first, 0
-        for run in find_media_runs(ids, image_token_id, geometry_token_id):
-            text_len = run.start - index
-            row_positions.append(torch.arange(cursor, cursor + text_len).expand(3, -1))
-            cursor += text_len
-            for t, h, w in _split_run(run, views if run.is_geometry else images):
-                grid = torch.stack(
-                    torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
-                ).flatten(1)
-                row_positions.append(grid + cursor)
-                cursor += max(t, h, w)
-            index = run.end
-        row_positions.append(torch.arange(cursor, cursor + len(ids) - index).expand(3, -1))
-        positions = torch.cat(row_positions, dim=1)
-        position_ids[:, row, mask[row].cpu()] = positions
-        next_position = int(positions.max()) + 1 if positions.numel() else first
-        deltas[row] = next_position - (past_length + seq_len)
-    images.check_all_used()
-    views.check_all_used()
-    return position_ids.to(input_ids.device), deltas.to(input_ids.device)
+    device = input_ids.device
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(device).bool()
+    coordinates = torch.zeros(3, *input_ids.shape, dtype=torch.long, device=device)
+    advance = valid.long()  # how far each token moves the position on: 1 for text, 0 or an image's extent
+    for token_id, grid_thw, merge_size, kind in (
+        (image_token_id, image_grid_thw, spatial_merge_size, "semantic"),
+        (geometry_token_id, geometry_grid_thw, 1, "geometry"),
+    ):
+        is_placeholder = (input_ids == token_id) & valid
+        if grid_thw is None:
+            grid_thw = torch.zeros(0, 3, dtype=torch.long, device=device)
+        grids = grid_thw.to(device) // torch.tensor([1, merge_size, merge_size], device=device)
+        if not torch.compiler.is_compiling():  # a user-facing check: one host read per prompt
+            check_placeholders_match_grids(is_placeholder, grids, kind)
+        if grids.shape[0] == 0:
+            continue
+        sizes = grids.prod(-1)
+        ends = sizes.cumsum(0)
+        ordinal = is_placeholder.flatten().long().cumsum(0).view_as(input_ids) - 1  # k-th placeholder of the batch
+        image = torch.searchsorted(ends, ordinal, right=True).clamp(max=grids.shape[0] - 1)
+        offset = ordinal - (ends - sizes)[image]
+        t_len, h_len, w_len = grids[image].unbind(-1)
+        grid_coordinates = torch.stack((offset // (h_len * w_len), offset // w_len % h_len, offset % w_len))
+        coordinates = torch.where(is_placeholder, grid_coordinates, coordinates)
+        is_last = is_placeholder & (offset == sizes[image] - 1)
+        extent = torch.maximum(torch.maximum(t_len, h_len), w_len)
+        advance = torch.where(is_placeholder, torch.where(is_last, extent, 0), advance)
+    first = torch.zeros(input_ids.shape[0], dtype=torch.long, device=device)
+    if start_positions is not None:
+        first = start_positions.to(device=device, dtype=torch.long)
+    reached = first[:, None] + advance.cumsum(dim=1) - advance  # the position reached before each token
+    position_ids = torch.where(valid, reached + coordinates, 1)
+    deltas = first + advance.sum(dim=1) - (past_length + input_ids.shape[1])
+    return position_ids, deltas[:, None]
+
+
+def check_placeholders_match_grids(is_placeholder: torch.BoolTensor, grids: torch.LongTensor, kind: str) -> None:
+    """Raise a ValueError naming the mismatch when the placeholder runs of `kind` do not tile the images of `grids`
+    `(num_images, 3)` (token grids), matched in prompt order."""
+    flat = is_placeholder.flatten()
+    # runs of placeholders (a run may hold several images back to back), as [start, end) placeholder ordinals
+    row_start = torch.zeros_like(is_placeholder)
+    row_start[:, 0] = True
+    begins = is_placeholder & (row_start | ~F.pad(is_placeholder, (1, 0))[:, :-1])
+    run_starts = (flat.long().cumsum(0) - 1)[begins.flatten()].tolist()
+    count = int(flat.sum())
+    run_ends = [*run_starts[1:], count]
+    image_ends = grids.prod(-1).cumsum(0).tolist()
+    capacity = image_ends[-1] if image_ends else 0
+    boundaries = {0, *image_ends}
+    for start, end in zip(run_starts, run_ends):
+        if start >= capacity:
+            raise ValueError(
+                f"The prompt holds more {kind} placeholder tokens than the {len(image_ends)} {kind} image(s) given: "
+                f"pass one {kind} image per placeholder block."
+            )
+        if start not in boundaries or end not in boundaries:
+            raise ValueError(
+                f"A run of {end - start} {kind} placeholder tokens does not match the features of its image(s) "
+                f"(token grids {grids.tolist()}): the number of placeholder tokens must equal the number of image "
+                "features."
+            )
+    if count != capacity:
+        used = sum(1 for end in image_ends if end <= count)
+        raise ValueError(
+            f"{len(image_ends)} {kind} image(s) were given but the prompt has placeholders for {used}: each image "
+            "needs its own placeholder block in `input_ids`."
+        )
 
 
 def get_block_ids(
@@ -154,20 +125,22 @@ def get_block_ids(
     vision_start_token_id: int,
     vision_end_token_id: int,
 ) -> torch.LongTensor | None:
-    """`(batch, seq)` ids of the bidirectional attention blocks (`-1` for causal text), or None without images.
+    """`(batch, seq)` ids of the bidirectional attention blocks (`-1` for causal text), or None when no image comes
+    with the chunk (both placeholder ids None: text and decode steps).
 
     Each image with its start/end markers is a block; geometry views that follow each other directly (end marker
     then start marker) share one block, so all views of a scene attend to each other. Computed with tensor
-    operations on the ids' device (padding at either end of a row, as the processor and `generate()` lay it out);
-    the one host sync is the check whether the chunk holds any image at all.
+    operations on the ids' device, without host syncs (padding at either end of a row, as the processor and
+    `generate()` lay it out).
     """
     media_ids = [token for token in (image_token_id, geometry_token_id) if token is not None]
     if not media_ids:
         return None
     valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    media = torch.isin(input_ids, torch.tensor(media_ids, device=input_ids.device)) & valid
-    if not bool(media.any()):
-        return None
+    media = torch.zeros_like(valid)
+    for token_id in media_ids:
+        media = media | (input_ids == token_id)
+    media = media & valid
     geometry = (input_ids == geometry_token_id) & valid if geometry_token_id is not None else torch.zeros_like(media)
 
     def shifted(values: torch.Tensor, step: int) -> torch.Tensor:

@@ -5,35 +5,47 @@ the tokens of each row are cut into runs at block boundaries: a run of text is c
 included) is bidirectional, and every run attends to all valid keys of its row up to the run's end. All causal runs
 go into one varlen call (causal masks aligned bottom-right, as flash-attention does when a query segment is shorter
 than its key segment), all bidirectional runs into a second call. Keys are gathered per run, so a key is read once
-per later run of its row (a few runs per prompt in practice).
+per later run of its row (a few runs per prompt in practice). The layer calls it through transformers' attention
+registry, as `ALL_ATTENTION_FUNCTIONS["g2vlm_varlen"]`, with the plan in place of the mask.
 """
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
 
 from .token_layout import TEXT_BLOCK_ID
+
+VARLEN_ATTENTION = "g2vlm_varlen"  # the name of `varlen_attention_forward` in transformers' attention registry
+# The operator namespace is this module's name: a Hub copy of this file (trust_remote_code) loaded in the same process
+# as the package registers its own operator instead of silently replacing the package's.
+OPERATOR_NAMESPACE = re.sub(r"\W", "_", __name__)
 
 
 @dataclass
 class VarlenGroup:
-    """Runs attended with one kernel call: packed query/key indices and their cumulative lengths."""
+    """Runs attended with one kernel call: packed query/key indices and their cumulative lengths.
+
+    Each group ends with a one-token sentinel segment (query 0 against key 0, its output dropped), so that a kernel
+    never gets an empty batch (a chunk may hold no causal run) and no host check is needed: `query_index` is one
+    longer than the queries the group answers.
+    """
 
     causal: bool
-    query_index: torch.LongTensor  # into (batch * q_len) flattened queries
-    key_index: torch.LongTensor  # into (batch * kv_len) flattened keys, repeated per run
+    query_index: torch.LongTensor  # into (batch * q_len) flattened queries, then the sentinel
+    key_index: torch.LongTensor  # into (batch * kv_len) flattened keys, repeated per run, then the sentinel
     cu_seqlens_q: torch.Tensor
     cu_seqlens_k: torch.Tensor
-    max_seqlen_q: int
-    max_seqlen_k: int
 
 
 @dataclass
 class VarlenPlan:
     """How the queries of one forward pass attend: one group per kind of run (causal, bidirectional), and the
-    varlen kernel (`flash_attn_varlen_func`'s signature) that computes them."""
+    varlen kernel (`flash_attn_varlen_func`'s signature) that computes them. The maximum lengths the kernels take
+    are the chunk's and the keys' lengths (upper bounds, known without reading the plan on the host)."""
 
     groups: list[VarlenGroup]
     batch: int
@@ -51,8 +63,7 @@ def plan_varlen_attention(
     device: torch.device,
     kernel: Callable,
 ) -> VarlenPlan:
-    """Cut every row into runs and pack them for varlen kernels, with tensor operations on `device` (no loop over
-    tokens; the only host reads are the two maximum lengths the kernels take as integers).
+    """Cut every row into runs and pack them for varlen kernels.
 
     Args:
         batch, q_len: shape of the current chunk of queries.
@@ -66,19 +77,40 @@ def plan_varlen_attention(
         if attention_mask is None
         else attention_mask.to(device).bool()
     )
-    query_valid = key_valid[:, past_length:]
     blocks = (
         torch.full((batch, q_len), TEXT_BLOCK_ID, dtype=torch.long, device=device)
         if block_ids is None
         else block_ids.to(device)
     )
+    packed = pack_varlen_runs(key_valid, blocks)
+    groups = [VarlenGroup(causal, *packed[4 * index : 4 * index + 4]) for index, causal in enumerate((True, False))]
+    return VarlenPlan(groups=groups, batch=batch, q_len=q_len, kv_len=kv_len, kernel=kernel)
+
+
+@torch.library.custom_op(f"{OPERATOR_NAMESPACE}::pack_varlen_runs", mutates_args=())
+def pack_varlen_runs(key_valid: torch.Tensor, block_ids: torch.Tensor) -> list[torch.Tensor]:
+    """The packed runs of the causal and of the bidirectional group: `(query_index, key_index, cu_seqlens_q,
+    cu_seqlens_k)` of each, sentinel included (see `VarlenGroup`).
+
+    Tensor operations on the masks' device, no loop over tokens. A custom op because its outputs' sizes depend on
+    the layout: `torch.compile` traces through it with symbolic sizes instead of breaking the graph.
+
+    Args:
+        key_valid: `(batch, kv_len)` bool, False on padding; the last `q_len` keys are the chunk's queries.
+        block_ids: `(batch, q_len)` bidirectional block of each query token, -1 for causal text.
+    """
+    device = key_valid.device
+    q_len = block_ids.shape[1]
+    kv_len = key_valid.shape[1]
+    past_length = kv_len - q_len
+    query_valid = key_valid[:, past_length:]
     # the valid queries in row order, and where a run begins: a row's first valid query or a change of block
     rows, positions = torch.nonzero(query_valid, as_tuple=True)
-    query_blocks = blocks[rows, positions]
+    query_blocks = block_ids[rows, positions]
     begins = torch.ones_like(rows, dtype=torch.bool)
     begins[1:] = (rows[1:] != rows[:-1]) | (query_blocks[1:] != query_blocks[:-1])
     run_of_query = begins.long().cumsum(0) - 1
-    run_count = int(run_of_query[-1]) + 1 if run_of_query.numel() else 0
+    run_count = int(begins.sum())
     run_length = torch.zeros(run_count, dtype=torch.long, device=device).index_add_(
         0, run_of_query, torch.ones_like(run_of_query)
     )
@@ -90,12 +122,11 @@ def plan_varlen_attention(
     key_rows, key_positions = torch.nonzero(key_valid, as_tuple=True)
     row_key_start = F.pad(key_valid.long().sum(dim=1).cumsum(0), (1, 0))[:-1]  # first valid key of each row
     flat_keys = key_rows * kv_len + key_positions
+    sentinel = torch.zeros(1, dtype=torch.long, device=device)
 
-    groups = []
+    packed = []
     for causal in (True, False):
         selected = run_causal == causal
-        if not bool(selected.any()):
-            continue
         lengths, keys = run_length[selected], run_keys[selected]
         query_index = (rows * q_len + positions)[selected[run_of_query]]
         # the first `keys[r]` valid keys of run r's row, run after run
@@ -104,30 +135,48 @@ def plan_varlen_attention(
             F.pad(keys.cumsum(0), (1, 0))[:-1], keys
         )
         key_index = flat_keys[torch.repeat_interleave(starts, keys) + offsets]
-        groups.append(
-            VarlenGroup(
-                causal=causal,
-                query_index=query_index,
-                key_index=key_index,
-                cu_seqlens_q=F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32),
-                cu_seqlens_k=F.pad(keys.cumsum(0), (1, 0)).to(torch.int32),
-                max_seqlen_q=int(lengths.max()),
-                max_seqlen_k=int(keys.max()),
-            )
-        )
-    return VarlenPlan(groups=groups, batch=batch, q_len=q_len, kv_len=kv_len, kernel=kernel)
+        packed += [
+            torch.cat((query_index, sentinel)),
+            torch.cat((key_index, sentinel)),
+            F.pad(F.pad(lengths.cumsum(0), (1, 0)), (0, 1), value=int(lengths.sum()) + 1).to(torch.int32),
+            F.pad(F.pad(keys.cumsum(0), (1, 0)), (0, 1), value=int(keys.sum()) + 1).to(torch.int32),
+        ]
+    return packed
 
 
-def varlen_attention(
+@pack_varlen_runs.register_fake
+def _(key_valid: torch.Tensor, block_ids: torch.Tensor) -> list[torch.Tensor]:
+    context = torch.library.get_ctx()
+    packed = []
+    for _ in range(2):
+        # the sentinel segment: at least one query and one key, at least two sequence boundaries
+        queries, keys, runs = (context.new_dynamic_size(min=minimum) for minimum in (1, 1, 2))
+        packed += [
+            key_valid.new_empty(queries, dtype=torch.long),
+            key_valid.new_empty(keys, dtype=torch.long),
+            key_valid.new_empty(runs, dtype=torch.int32),
+            key_valid.new_empty(runs, dtype=torch.int32),
+        ]
+    return packed
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    plan: VarlenPlan,
+    attention_mask: VarlenPlan,
     scaling: float,
     dropout: float = 0.0,
-) -> torch.Tensor:
-    """Attention of `query` `(batch, heads, q_len, dim)` over `key`/`value` `(batch, kv_heads, kv_len, dim)` as
-    `plan` says, through its kernel. Returns `(batch, q_len, heads, dim)`; padded query rows are zero."""
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The shared attention of a chunk with image blocks through varlen kernels, as an attention-registry function
+    (`ALL_ATTENTION_FUNCTIONS["g2vlm_varlen"]`): `attention_mask` is the chunk's `VarlenPlan`.
+
+    Attends `query` `(batch, heads, q_len, dim)` over `key`/`value` `(batch, kv_heads, kv_len, dim)`; returns
+    `(batch, q_len, heads, dim)` with zero rows on padded queries, and no weights.
+    """
+    plan = attention_mask
     batch, heads, q_len, dim = query.shape
     queries = query.transpose(1, 2).reshape(batch * q_len, heads, dim)
     keys = key.transpose(1, 2).reshape(-1, key.shape[1], dim)
@@ -138,19 +187,23 @@ def varlen_attention(
         key_index = group.key_index
         if buffer_len != plan.kv_len:  # static cache: rows are buffer_len apart in the flattened keys
             key_index = key_index // plan.kv_len * buffer_len + key_index % plan.kv_len
-        output[group.query_index] = plan.kernel(
+        attended = plan.kernel(
             queries[group.query_index],
             keys[key_index],
             values[key_index],
             cu_seqlens_q=group.cu_seqlens_q,
             cu_seqlens_k=group.cu_seqlens_k,
-            max_seqlen_q=group.max_seqlen_q,
-            max_seqlen_k=group.max_seqlen_k,
+            max_seqlen_q=plan.q_len,
+            max_seqlen_k=plan.kv_len,
             dropout_p=dropout,
             softmax_scale=scaling,
             causal=group.causal,
         )
-    return output.view(batch, q_len, heads, dim)
+        output = output.index_copy(0, group.query_index[:-1], attended[:-1])  # the sentinel's row is dropped
+    return output.view(batch, q_len, heads, dim), None
+
+
+AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
 
 
 def segments(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor):
