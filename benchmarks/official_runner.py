@@ -3,7 +3,9 @@
 Runs inside the official harness environment (torch 2.14.1 + torchvision + transformers 4.49, see
 ../shared/tools/official-harness/README.md), imports the official tree given by --ref-dir (never copied), with the
 harness's CPU stand-in for flash_attn, in float32 (the official bfloat16 casts made float32, autocast off, as the
-harness's fp32 fixture does). Prints one JSON object. Called by bench_vs_official.py; not part of the tests.
+harness's fp32 fixture does). Prints one JSON object; with --record, also saves the inputs of each inference phase
+and the outputs of the first reconstruction and chat (world points, first decode logits) for the parity check. Called
+by bench_vs_official.py; not part of the tests.
 """
 
 import argparse
@@ -75,6 +77,39 @@ def load_official(ref: str, shim: str, checkpoint: str):
     return torch, model.eval(), tokenizer, token_ids, DinoImageNormalizeTransform(target_size=518)
 
 
+PHASE_KEYS = ("packed_text_ids", "packed_text_indexes", "packed_seqlens", "packed_vit_token_indexes",
+              "packed_dino_token_indexes", "packed_image_grid_thw", "packed_vit_images", "packed_dino_images")  # fmt: skip
+
+
+class Recorder:
+    """Records the inputs of each official inference phase and the first logits of decoding, for the parity check
+    (the same records as the harness's make_fixture.py)."""
+
+    def __init__(self, torch, model):
+        self.torch, self.tensors, self.prefix, self.phase = torch, {}, None, 0
+        for name in ("forward_cache_update_text", "forward_cache_update_vit", "forward_cache_update_dino"):
+            setattr(model, name, self.wrap(getattr(model, name)))
+        model.language_model.lm_head.register_forward_hook(self.logits_hook)
+
+    def start(self, prefix):
+        self.prefix, self.phase = prefix, 0
+
+    def wrap(self, method):
+        def recorded(*args, **kwargs):
+            if self.prefix is not None:
+                for key in PHASE_KEYS:
+                    if self.torch.is_tensor(kwargs.get(key)):
+                        self.tensors[f"{self.prefix}.phase{self.phase}.{key}"] = kwargs[key].detach().clone()
+                self.phase += 1
+            return method(*args, **kwargs)
+
+        return recorded
+
+    def logits_hook(self, module, inputs, output):
+        if self.prefix == "chat" and "chat.first_logits" not in self.tensors:
+            self.tensors["chat.first_logits"] = output.detach().float().clone()
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--ref-dir", required=True)
@@ -84,19 +119,26 @@ def main():
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--record", help="safetensors file for the inputs and outputs of the first reconstruction "
+                        "and the chat (parity check)")  # fmt: skip
     args = parser.parse_args()
     torch, model, tokenizer, token_ids, dino_transform = load_official(args.ref_dir, args.shim, args.checkpoint)
     if args.threads:
         torch.set_num_threads(args.threads)
+    recorder = Recorder(torch, model) if args.record else None
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the whole run) the official code prints progress; keep stdout for the JSON result
     results = {"recon": []}
     with torch.no_grad():
-        for paths in json.loads(args.views):
+        for case, paths in enumerate(json.loads(args.views)):
             times = []
-            for _ in range(args.repeats):
+            for repeat in range(args.repeats):
+                if recorder is not None:
+                    recorder.start("recon" if case == 0 and repeat == 0 else None)
                 start = time.perf_counter()
-                model.recon(tokenizer, dict(token_ids), dino_transform, list(paths))
+                prediction = model.recon(tokenizer, dict(token_ids), dino_transform, list(paths))
                 times.append(time.perf_counter() - start)
+                if recorder is not None and case == 0 and repeat == 0:
+                    recorder.tensors["recon.world_points"] = prediction["points"].float().clone()
             results["recon"].append({"views": len(paths), "seconds": min(times)})
 
         # decoding: time the official generate_text loop inside chat_with_recon
@@ -106,6 +148,8 @@ def main():
         original = model.generate_text
 
         def timed(*a, **kw):
+            if recorder is not None:
+                recorder.tensors.setdefault("chat.start_tokens", kw["packed_start_tokens"].clone())
             start = time.perf_counter()
             out = original(*a, **kw)
             decode_times.append((time.perf_counter() - start, out.shape[0]))
@@ -120,11 +164,17 @@ def main():
                                           temporal_patch_size=2)  # fmt: skip
         official_transforms.Qwen2VLImageProcessor.from_pretrained = classmethod(lambda cls, *a, **k: processor)
         image = Image.open(json.loads(args.views)[0][0]).convert("RGB")
-        for _ in range(args.repeats):
+        for repeat in range(args.repeats):
+            if recorder is not None:
+                recorder.start("chat" if repeat == 0 else None)
             model.chat_with_recon(tokenizer, dict(token_ids), QwenVL2ImageTransform(768, 768, 14), dino_transform,
                                   images=[image], prompt="How far is the red box?", max_length=args.decode_steps)  # fmt: skip
         seconds, steps = min(decode_times)
         results["decode"] = {"steps": steps, "seconds": seconds, "tokens_per_second": steps / seconds}
+    if recorder is not None:
+        from safetensors.torch import save_file
+
+        save_file({key: value.contiguous() for key, value in recorder.tensors.items()}, args.record)
     sys.stdout = sys.__stdout__
     print(json.dumps(results))
 
