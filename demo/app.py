@@ -30,7 +30,8 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import g2vlm_hf  # noqa: F401  (registers G2VLM with the Auto classes)
-from g2vlm_hf.cli import CLIError, ask_about_views, video_frames
+from g2vlm_hf.chat import answer
+from g2vlm_hf.cli import CLIError, video_frames
 from g2vlm_hf.export import colourise_depth, export_reconstruction, filter_points, save_scene_glb, view_colours
 from g2vlm_hf.export_colmap import export_colmap
 from g2vlm_hf.processing.image_io import load_image
@@ -231,7 +232,7 @@ class G2VLMDemo:
     def _answer(self, views: list, question: str) -> str:
         if not question or not question.strip():
             raise gr.Error("Type a question about the views.")
-        return ask_about_views(self.model, self.processor, views, question, self.max_new_tokens, self.device)
+        return answer(self.model, self.processor, views, question, self.max_new_tokens)
 
     def ask(
         self,

@@ -18,6 +18,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreamer
 from transformers.utils import logging
 
+from .chat import answer
 from .processing.image_io import load_image
 from .safe_output import check_output_dir, make_staging_dir, swap_in
 
@@ -141,22 +142,6 @@ def original_sizes(views: Sequence) -> list[tuple[int, int]]:
     return sizes
 
 
-def ask_about_views(model, processor, views: Sequence, question: str, max_new_tokens: int, device: str) -> str:
-    """The model's answer to `question` about `views` (each used as a geometry view and a semantic image, the
-    official chat layout: the scene's geometry is in the context while it answers)."""
-    content = [{"type": "image", "image": view} for view in views] + [{"type": "text", "text": question}]
-    inputs = processor.apply_chat_template(
-        [{"role": "user", "content": content}],
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-    ).to(device)
-    with torch.inference_mode():
-        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-
-
 def view_names(args: argparse.Namespace, count: int) -> list[str]:
     """How the views are called in answer.json: their file names, or the video's frame numbers."""
     if args.video is not None:
@@ -189,11 +174,11 @@ def export_extras(
     if args.ask is not None:
         if not args.ask.strip():
             raise CLIError("--ask needs a question.")
-        answer = ask_about_views(model, processor, views, args.ask, args.max_new_tokens, args.device)
-        document = {"question": args.ask, "answer": answer, "views": view_names(args, len(views))}
+        reply = answer(model, processor, views, args.ask, args.max_new_tokens)
+        document = {"question": args.ask, "answer": reply, "views": view_names(args, len(views))}
         path = Path(folder) / "answer.json"
         written.append(_atomic_write_bytes(path, (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode()))
-        print(f"Q: {args.ask}\nA: {answer}")
+        print(f"Q: {args.ask}\nA: {reply}")
     return written
 
 
@@ -202,17 +187,8 @@ def run_chat(args: argparse.Namespace) -> int:
     images = [load_image(path) for path in args.image]
     model, processor = load(args.model, args.dtype, args.device)
     processor.geometry_image_processor.resize_views_to_first = args.resize_views
-    content = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": args.question}]
-    inputs = processor.apply_chat_template(
-        [{"role": "user", "content": content}],
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-    ).to(args.device)
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    with torch.inference_mode():
-        model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
+    answer(model, processor, images, args.question, args.max_new_tokens, streamer=streamer)
     return 0
 
 

@@ -100,7 +100,7 @@ def run_poses(args: argparse.Namespace, model, processor, scenes: list[GeometryS
 def run_vqa(args: argparse.Namespace, model, processor, questions: list[Question]) -> tuple[dict, list[dict]]:
     rows, scores = [], []
     for question in logging.tqdm(questions, desc="vqa", unit="question"):
-        prediction = answer_question(model, processor, question, args.device, args.max_new_tokens)
+        prediction = answer_question(model, processor, question, args.max_new_tokens)
         score = score_answer(question.as_record(), prediction)
         scores.append((question.category, score))
         rows.append({"id": question.id, "category": question.category, "prediction": prediction,

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..chat import answer
 from .datasets import Question
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -66,16 +67,6 @@ def build_prompt(question: Question) -> str:
 
 
 @torch.inference_mode()
-def answer_question(model, processor, question: Question, device: str, max_new_tokens: int = 32) -> str:
+def answer_question(model, processor, question: Question, max_new_tokens: int = 32) -> str:
     """Greedy answer of the model to one question (the official chat prompt: geometry + semantic images)."""
-    content = [{"type": "image", "image": str(path)} for path in question.image_paths]
-    content.append({"type": "text", "text": build_prompt(question)})
-    inputs = processor.apply_chat_template(
-        [{"role": "user", "content": content}],
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-    ).to(device)
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    return answer(model, processor, [str(path) for path in question.image_paths], build_prompt(question), max_new_tokens)

@@ -240,16 +240,16 @@ class G2VLMTextModel(G2VLMPreTrainedModel):
         # one mask description for every layer: the backend's mask (dense or BlockMask) or a varlen plan
         kernel = self._varlen_kernel(block_ids)
         if isinstance(attention_mask, dict):  # prepared by generate() for a compileable cache (text decoding)
-            causal_mask = attention_mask["full_attention"]
+            mask_description = attention_mask["full_attention"]
         elif kernel is not None:
             batch, q_len = inputs_embeds.shape[:2]
-            causal_mask = plan_varlen_attention(
+            mask_description = plan_varlen_attention(
                 batch, q_len, past_length, attention_mask, block_ids, inputs_embeds.device, kernel
             )
         else:
             if block_ids is not None and past_length:
                 block_ids = F.pad(block_ids, (past_length, 0), value=TEXT_BLOCK_ID)
-            causal_mask = create_causal_mask(
+            mask_description = create_causal_mask(
                 config=self.config,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
@@ -265,7 +265,7 @@ class G2VLMTextModel(G2VLMPreTrainedModel):
                 hidden_states,
                 split,
                 position_embeddings,
-                attention_mask=causal_mask,
+                attention_mask=mask_description,
                 past_key_values=past_key_values,
                 **kwargs,
             )
