@@ -331,3 +331,23 @@ class TestBadInput:
     def test_geometry_placeholders_need_views(self, model):
         with pytest.raises(ValueError, match="no `geometry_pixel_values`"):
             model(input_ids=torch.tensor([[1, TINY_GEO_TOKEN]]))
+
+
+def test_the_views_of_a_scene_attend_to_its_first_view_as_if_one_by_one():
+    # the global-points decoder's cross-attention computes a scene's context keys once for all of its views
+    from g2vlm_hf.modeling.geometry_heads import G2VLMRotary2D
+
+    model = tiny_model()
+    cross_attention = model.geometry_heads.global_points_decoder.blocks[0].cross_attn
+    scenes, views, grid_h, grid_w = 2, 3, 3, 4
+    dim = model.config.text_config.hidden_size
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(scenes * views, grid_h * grid_w, dim, generator=generator)
+    context = torch.randn(scenes, grid_h * grid_w, dim, generator=generator)
+    rows, columns = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    positions = torch.stack((rows, columns), dim=-1).view(1, -1, 2)
+    rope = G2VLMRotary2D(100.0).embeddings(positions, dim // cross_attention.num_heads, torch.float32)
+    with torch.no_grad():
+        per_scene = cross_attention(hidden, context, rope)
+        one_by_one = cross_attention(hidden, context.repeat_interleave(views, dim=0), rope)  # a context per view
+    torch.testing.assert_close(per_scene, one_by_one, rtol=1e-5, atol=1e-6)

@@ -21,51 +21,33 @@ logger = logging.get_logger(__name__)
 
 class G2VLMRotary2D(nn.Module):
     """2D rotary embedding: the first half of each head rotates with the patch row, the second half with the
-    patch column (each half a standard 1D RoPE with base `theta`)."""
+    patch column (each half a standard 1D RoPE with base `theta`, rotating its two quarters)."""
 
     def __init__(self, theta: float):
         super().__init__()
         self.theta = theta
 
-    def embeddings(self, positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, ...]:
-        """cos/sin tables `(batch, 1, seq, head_dim / 2)` of the row half and the column half, computed once per
-        forward and shared by every block."""
+    def embeddings(self, positions: torch.Tensor, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin tables `(1, seq, 1, head_dim)` for `(batch, seq, heads, head_dim)` states, computed once
+        per forward and shared by every block. The sin table carries the signs of the quarter swap (see `apply`)."""
         half = head_dim // 2
         inv_freq = 1.0 / (self.theta ** (torch.arange(0, half, 2, device=positions.device, dtype=torch.float32) / half))
-        tables = []
-        for axis in range(2):
-            angles = positions[..., axis].to(torch.float32)[..., None] * inv_freq  # (batch, seq, half / 2)
-            angles = torch.cat((angles, angles), dim=-1)[:, None]
-            tables += [angles.cos(), angles.sin()]
-        return tuple(tables)
+        angles = positions.to(torch.float32)[..., None] * inv_freq  # (1, seq, 2, head_dim / 4): rows, columns
+        cos, sin = angles.cos(), angles.sin()
+        cos = torch.stack((cos, cos), dim=-2).flatten(-3)  # quarters: row, row, column, column
+        sin = torch.stack((-sin, sin), dim=-2).flatten(-3)
+        return cos[:, :, None].to(dtype), sin[:, :, None].to(dtype)
 
     @staticmethod
-    def apply(states: torch.Tensor, embeddings: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """Rotate `states` `(batch, heads, seq, head_dim)` by the tables of `embeddings`."""
-        cos_rows, sin_rows, cos_columns, sin_columns = (table.to(states.dtype) for table in embeddings)
-        rows, columns = states.chunk(2, dim=-1)
-        return torch.cat((_rotate(rows, cos_rows, sin_rows), _rotate(columns, cos_columns, sin_columns)), dim=-1)
-
-
-def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    first, second = states.chunk(2, dim=-1)
-    return states * cos + torch.cat((-second, first), dim=-1) * sin
-
-
-CPU_MIN_HEAD_DIM = 16
-
-
-def head_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """Softmax attention over `(batch, heads, seq, head_dim)`. On the CPU, heads narrower than 16 are zero-padded to
-    16: PyTorch's CPU flash kernel vectorises over head_dim and runs a 16-wide head faster than an 8-wide one
-    (1.4x on 16 views of 1036 tokens x 16 heads x 8, 2 cores); zero columns change neither the scores nor, once
-    sliced off, the output."""
-    head_dim = query.shape[-1]
-    if query.device.type != "cpu" or head_dim >= CPU_MIN_HEAD_DIM:
-        return F.scaled_dot_product_attention(query, key, value)
-    padding = (0, CPU_MIN_HEAD_DIM - head_dim)
-    query, key, value = F.pad(query, padding), F.pad(key, padding), F.pad(value, padding)
-    return F.scaled_dot_product_attention(query, key, value, scale=head_dim**-0.5)[..., :head_dim]
+    def apply(states: torch.Tensor, embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Rotate `states` `(batch, seq, ..., head_dim)`: in each half, the quarters (a, b) become
+        (a cos - b sin, b cos + a sin), i.e. `states * cos + swapped * signed_sin` with swapped = (b, a)."""
+        cos, sin = embeddings
+        quarters = states.unflatten(-1, (2, 2, -1))
+        swapped = torch.stack((quarters[..., 1, :], quarters[..., 0, :]), dim=-2).flatten(-3)  # faster than flip
+        if states.ndim == 5:  # (batch, seq, q/k, heads, head_dim)
+            cos, sin = cos[:, :, None], sin[:, :, None]
+        return torch.addcmul(states * cos, swapped, sin)
 
 
 class G2VLMHeadAttention(nn.Module):
@@ -77,17 +59,17 @@ class G2VLMHeadAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, hidden_states: torch.Tensor, rope: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         batch, seq, dim = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch, seq, 3, self.num_heads, dim // self.num_heads)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4)  # each (batch, heads, seq, head_dim)
-        query, key = G2VLMRotary2D.apply(query, rope), G2VLMRotary2D.apply(key, rope)
-        attn = head_attention(query, key, value)
+        query, key = G2VLMRotary2D.apply(qkv[:, :, :2], rope).permute(2, 0, 3, 1, 4)  # queries and keys at once
+        attn = F.scaled_dot_product_attention(query, key, qkv[:, :, 2].transpose(1, 2))
         return self.proj(attn.transpose(1, 2).reshape(batch, seq, dim))
 
 
 class G2VLMHeadCrossAttention(nn.Module):
-    """Multi-head cross-attention with 2D RoPE on queries and keys."""
+    """Multi-head cross-attention with 2D RoPE on queries and keys: the views of a scene attend to one context
+    sequence of that scene (its first view), whose keys and values are computed once per scene."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -98,14 +80,20 @@ class G2VLMHeadCrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def _heads(self, states: torch.Tensor) -> torch.Tensor:
-        batch, seq, dim = states.shape
-        return states.view(batch, seq, self.num_heads, dim // self.num_heads).transpose(1, 2)
+        return states.unflatten(-1, (self.num_heads, -1))
 
-    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor, rope: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, context: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        """hidden_states `(scenes * views, seq, dim)`, context `(scenes, seq, dim)`."""
+        scenes, dim = context.shape[0], context.shape[-1]
         # queries and the context share the same patch grid, hence the same rotary tables
         query = G2VLMRotary2D.apply(self._heads(self.query(hidden_states)), rope)
         key = G2VLMRotary2D.apply(self._heads(self.key(context)), rope)
-        attn = head_attention(query, key, self._heads(self.value(context)))
+        value = self._heads(self.value(context))
+        # each query attends to its scene's context alone: a scene's views are one query sequence
+        query = query.reshape(scenes, -1, self.num_heads, dim // self.num_heads)
+        attn = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
         return self.proj(attn.transpose(1, 2).reshape(hidden_states.shape))
 
 
@@ -131,13 +119,14 @@ class G2VLMHeadBlock(GradientCheckpointingLayer):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = G2VLMHeadMLP(dim, int(dim * config.head_mlp_ratio))
 
-    def forward(self, hidden_states: torch.Tensor, rope: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         hidden_states = hidden_states + self.attn(self.norm1(hidden_states), rope)
         return hidden_states + self.mlp(self.norm2(hidden_states))
 
 
 class G2VLMHeadCrossBlock(GradientCheckpointingLayer):
-    """Pre-norm block: self-attention, cross-attention to a context (the first view), then MLP."""
+    """Pre-norm block: self-attention, cross-attention to a context `(scenes, seq, dim)` (each scene's first view),
+    then MLP."""
 
     def __init__(self, config: G2VLMConfig):
         super().__init__()
@@ -150,7 +139,7 @@ class G2VLMHeadCrossBlock(GradientCheckpointingLayer):
         self.norm3 = nn.LayerNorm(dim, eps=eps)
         self.mlp = G2VLMHeadMLP(dim, int(dim * config.head_mlp_ratio))
 
-    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor, rope: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         hidden_states = hidden_states + self.attn(self.norm1(hidden_states), rope)
         context = self.norm_y(context)
         hidden_states = hidden_states + self.cross_attn(self.norm2(hidden_states), context, rope)
@@ -168,7 +157,7 @@ class G2VLMHeadDecoder(nn.Module):
         self.linear_out = nn.Linear(config.text_config.hidden_size, out_dim)
 
     def forward(
-        self, hidden_states: torch.Tensor, rope: tuple[torch.Tensor, ...], context: torch.Tensor | None = None
+        self, hidden_states: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], context: torch.Tensor | None = None
     ) -> torch.Tensor:
         for block in self.blocks:
             if context is None:
@@ -291,7 +280,7 @@ class G2VLMGeometryHeads(nn.Module):
             torch.arange(grid_h, device=tokens.device), torch.arange(grid_w, device=tokens.device), indexing="ij"
         )
         positions = torch.stack((rows, columns), dim=-1).view(1, -1, 2)
-        rope = self.rope.embeddings(positions, self.head_dim)  # shared by all views and blocks
+        rope = self.rope.embeddings(positions, self.head_dim, dtype)  # shared by all views and blocks
 
         def per_view(x: torch.Tensor) -> torch.Tensor:
             return x.reshape(scenes, views, *x.shape[1:])
@@ -307,9 +296,8 @@ class G2VLMGeometryHeads(nn.Module):
 
             global_points = None
             if self.global_points_decoder is not None:
-                first_view = tokens.view(scenes, views, grid_h * grid_w, dim)[:, :1].expand(-1, views, -1, -1)
-                context = first_view.reshape(scenes * views, grid_h * grid_w, dim)
-                hidden = self.global_points_decoder(tokens, rope, context=context)
+                first_view = tokens.view(scenes, views, grid_h * grid_w, dim)[:, 0]
+                hidden = self.global_points_decoder(tokens, rope, context=first_view)
                 global_points = per_view(self.global_point_head(hidden, grid_h, grid_w).float())
 
             confidence = None
