@@ -92,8 +92,9 @@ def pack_varlen_runs(key_valid: torch.Tensor, block_ids: torch.Tensor) -> list[t
     """The packed runs of the causal and of the bidirectional group: `(query_index, key_index, cu_seqlens_q,
     cu_seqlens_k)` of each, sentinel included (see `VarlenGroup`).
 
-    Tensor operations on the masks' device, no loop over tokens. A custom op because its outputs' sizes depend on
-    the layout: `torch.compile` traces through it with symbolic sizes instead of breaking the graph.
+    Tensor operations on the masks' device, no loop over tokens; the host reads only the sizes of its outputs (once
+    per forward). A custom op because those sizes depend on the layout: `torch.compile` traces through it with
+    symbolic sizes instead of breaking the graph.
 
     Args:
         key_valid: `(batch, kv_len)` bool, False on padding; the last `q_len` keys are the chunk's queries.
@@ -135,11 +136,12 @@ def pack_varlen_runs(key_valid: torch.Tensor, block_ids: torch.Tensor) -> list[t
             F.pad(keys.cumsum(0), (1, 0))[:-1], keys
         )
         key_index = flat_keys[torch.repeat_interleave(starts, keys) + offsets]
+        cu_seqlens_q, cu_seqlens_k = F.pad(lengths.cumsum(0), (1, 0)), F.pad(keys.cumsum(0), (1, 0))
         packed += [
             torch.cat((query_index, sentinel)),
             torch.cat((key_index, sentinel)),
-            F.pad(F.pad(lengths.cumsum(0), (1, 0)), (0, 1), value=int(lengths.sum()) + 1).to(torch.int32),
-            F.pad(F.pad(keys.cumsum(0), (1, 0)), (0, 1), value=int(keys.sum()) + 1).to(torch.int32),
+            torch.cat((cu_seqlens_q, cu_seqlens_q[-1:] + 1)).to(torch.int32),
+            torch.cat((cu_seqlens_k, cu_seqlens_k[-1:] + 1)).to(torch.int32),
         ]
     return packed
 
