@@ -95,5 +95,6 @@ def route_tokens(
     semantic_out = semantic(flat.index_select(0, split.semantic))
     geometry_out = geometry(flat.index_select(0, split.geometry)).to(semantic_out.dtype)
     out = semantic_out.new_empty(flat.shape[0], *semantic_out.shape[1:])
-    out = out.index_copy(0, split.semantic, semantic_out).index_copy(0, split.geometry, geometry_out)
+    out.index_copy_(0, split.semantic, semantic_out)  # in place: every row is written once, nothing is copied twice
+    out.index_copy_(0, split.geometry, geometry_out)
     return out.view(*hidden_states.shape[:2], *semantic_out.shape[1:])
