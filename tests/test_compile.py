@@ -4,10 +4,13 @@ where graph breaks arise; each compiled call is checked against the uncompiled o
 - a decode step with a static cache, for every backend (the flash path with its CPU stand-ins);
 - the prefill of a reconstruction prompt (a geometry block), heads included, for sdpa, eager and the varlen path;
 - the decoder's prefill of a chat prompt holding a geometry block and an image block, layout included;
-- the whole chat prefill: its only graph breaks are in transformers' Qwen2-VL vision tower (its per-image loops).
+- the whole chat prefill: its only graph breaks are in transformers' Qwen2-VL vision tower (its per-image loops);
+- the reconstruction prefill of the varlen path through inductor (compiled code, symbolic sizes), as users compile.
 """
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
@@ -165,3 +168,19 @@ def test_the_chat_prefill_breaks_graphs_only_in_the_semantic_vision_tower(implem
     in_g2vlm = [f"{frame.filename}:{frame.lineno}" for frame in frames if "/g2vlm_hf/" in frame.filename]
     # the one allowed: splitting the image features per image in get_image_features, as transformers' Qwen2-VL does
     assert all("modeling_g2vlm.py" in where for where in in_g2vlm) and len(in_g2vlm) <= 1, in_g2vlm
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler")
+def test_the_varlen_reconstruction_prefill_compiles_with_inductor(model_with):
+    # the packed runs have sizes known only at run time: inductor generates code for symbolic sizes
+    model = model_with("flash_attention_2")
+    input_ids = torch.tensor([[1, 5, *geometry_block(VIEWS, GRID_H, GRID_W)]])
+    scenes = views()
+
+    def reconstruct(input_ids, scenes):
+        return model.reconstruct(input_ids=input_ids, geometry_pixel_values=scenes).world_points
+
+    with torch.no_grad():
+        expected = reconstruct(input_ids, scenes)
+        actual = torch.compile(reconstruct, fullgraph=True)(input_ids, scenes)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
