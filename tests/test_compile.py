@@ -28,27 +28,14 @@ from g2vlm_hf.modeling.varlen_attention import reference_varlen_attention
 BACKENDS = ["sdpa", "eager", "flash_attention_2"]
 
 
-@torch.library.custom_op("g2vlm_tests::reference_varlen_attention", mutates_args=())
-def compiled_reference_varlen(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    dropout_p: float = 0.0,
-    softmax_scale: float | None = None,
-    causal: bool = False,
-) -> torch.Tensor:
-    """The CPU reference kernel as an operator, as flash-attn registers `flash_attn_varlen_func`'s kernel."""
-    return reference_varlen_attention(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal
-    )
+# The CPU reference kernel as an operator, as flash-attn registers `flash_attn_varlen_func`'s kernel.
+compiled_reference_varlen = torch.library.custom_op("g2vlm_tests::reference_varlen_attention", mutates_args=())(
+    reference_varlen_attention
+)
 
 
 @compiled_reference_varlen.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None, causal=False):
+def _(q, *args, **kwargs):
     return torch.empty_like(q)
 
 

@@ -74,20 +74,29 @@ class G2VLMAttention(nn.Module):
         self.geo_q_norm = Qwen2VLRMSNorm(self.head_dim, eps=eps)
         self.geo_k_norm = Qwen2VLRMSNorm(self.head_dim, eps=eps)
 
-    def _semantic_qkv(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The semantic expert's normed queries, normed keys and values, heads side by side: `(..., q + 2 kv heads,
+    def _expert_qkv(
+        self,
+        hidden_states: torch.Tensor,
+        q_proj: nn.Linear,
+        k_proj: nn.Linear,
+        v_proj: nn.Linear,
+        q_norm: nn.Module,
+        k_norm: nn.Module,
+    ) -> torch.Tensor:
+        """One expert's normed queries, normed keys and values, heads side by side: `(..., q + 2 kv heads,
         head_dim)`."""
-        query = self.q_norm(self.q_proj(hidden_states).unflatten(-1, (-1, self.head_dim)))
-        key = self.k_norm(self.k_proj(hidden_states).unflatten(-1, (-1, self.head_dim)))
-        value = self.v_proj(hidden_states).unflatten(-1, (-1, self.head_dim))
+        query = q_norm(q_proj(hidden_states).unflatten(-1, (-1, self.head_dim)))
+        key = k_norm(k_proj(hidden_states).unflatten(-1, (-1, self.head_dim)))
+        value = v_proj(hidden_states).unflatten(-1, (-1, self.head_dim))
         return torch.cat((query, key, value), dim=-2)
 
+    def _semantic_qkv(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self._expert_qkv(hidden_states, self.q_proj, self.k_proj, self.v_proj, self.q_norm, self.k_norm)
+
     def _geometry_qkv(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The same for the geometry expert."""
-        query = self.geo_q_norm(self.geo_q_proj(hidden_states).unflatten(-1, (-1, self.head_dim)))
-        key = self.geo_k_norm(self.geo_k_proj(hidden_states).unflatten(-1, (-1, self.head_dim)))
-        value = self.geo_v_proj(hidden_states).unflatten(-1, (-1, self.head_dim))
-        return torch.cat((query, key, value), dim=-2)
+        return self._expert_qkv(
+            hidden_states, self.geo_q_proj, self.geo_k_proj, self.geo_v_proj, self.geo_q_norm, self.geo_k_norm
+        )
 
     def forward(
         self,

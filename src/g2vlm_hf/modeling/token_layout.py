@@ -15,6 +15,11 @@ import torch.nn.functional as F
 TEXT_BLOCK_ID = -1
 
 
+def shifted(values: torch.Tensor, step: int) -> torch.Tensor:
+    """`values[:, i - step]` at each i of `(batch, seq)` values (zero / False where that falls outside the row)."""
+    return F.pad(values, (step, 0))[:, :-step] if step > 0 else F.pad(values, (0, -step))[:, -step:]
+
+
 def get_rope_index(
     input_ids: torch.LongTensor,
     image_grid_thw: torch.LongTensor | None,
@@ -87,9 +92,7 @@ def check_placeholders_match_grids(is_placeholder: torch.BoolTensor, grids: torc
     `(num_images, 3)` (token grids), matched in prompt order."""
     flat = is_placeholder.flatten()
     # runs of placeholders (a run may hold several images back to back), as [start, end) placeholder ordinals
-    row_start = torch.zeros_like(is_placeholder)
-    row_start[:, 0] = True
-    begins = is_placeholder & (row_start | ~F.pad(is_placeholder, (1, 0))[:, :-1])
+    begins = is_placeholder & ~shifted(is_placeholder, 1)
     run_starts = (flat.long().cumsum(0) - 1)[begins.flatten()].tolist()
     count = int(flat.sum())
     run_ends = [*run_starts[1:], count]
@@ -137,15 +140,8 @@ def get_block_ids(
     if not media_ids:
         return None
     valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    media = torch.zeros_like(valid)
-    for token_id in media_ids:
-        media = media | (input_ids == token_id)
-    media = media & valid
+    media = torch.isin(input_ids, torch.tensor(media_ids, device=input_ids.device)) & valid
     geometry = (input_ids == geometry_token_id) & valid if geometry_token_id is not None else torch.zeros_like(media)
-
-    def shifted(values: torch.Tensor, step: int) -> torch.Tensor:
-        """values[:, i - step] at i (False where that falls outside the row)."""
-        return F.pad(values, (step, 0))[:, :-step] if step > 0 else F.pad(values, (0, -step))[:, -step:]
 
     start_marker = (input_ids == vision_start_token_id) & valid & shifted(media, -1)
     end_marker = (input_ids == vision_end_token_id) & valid & shifted(media, 1)
