@@ -8,22 +8,16 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreamer
-from transformers.utils import logging
-
-from .chat import answer
-from .processing.image_io import load_image
-from .safe_output import check_output_dir, make_staging_dir, swap_in
+# torch, transformers and the model code are imported inside the commands, so that `g2vlm --help` answers at once.
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+SCENE_FILES = {"scene.glb", "points.ply", "cameras.json", "depth", "answer.json", ".g2vlm-output"}
+"""What `reconstruct` writes into --output (a --colmap folder inside it must not collide with these)."""
 
 
 class CLIError(Exception):
@@ -40,15 +34,18 @@ def images_in_folder(folder: Path) -> list[Path]:
     return files
 
 
-def video_frames(video: Path, every: int, max_frames: int | None) -> list[Image.Image]:
-    """Every `every`-th frame of `video` (at most `max_frames`), decoded with PyAV."""
+def video_frames(video: Path, every: int, max_frames: int | None) -> list:
+    """Every `every`-th frame of `video` (at most `max_frames`), decoded with PyAV, as PIL images. Fewer than two
+    kept frames are refused (unless `max_frames` asks for one): a video is not meant to give a one-view scene."""
+    from transformers.utils import logging
+
     try:
         import av
     except ImportError as error:
         raise CLIError('Reading videos needs PyAV: pip install "g2vlm-hf[video]"') from error
     if not video.is_file():
         raise CLIError(f"Video file {video} does not exist.")
-    frames = []
+    frames, index = [], -1
     try:
         with av.open(str(video)) as container:
             decoded = container.decode(video=0)
@@ -61,6 +58,13 @@ def video_frames(video: Path, every: int, max_frames: int | None) -> list[Image.
         raise CLIError(f"Cannot decode {video}: {error}") from error
     if not frames:
         raise CLIError(f"{video} holds no video frames.")
+    if len(frames) < 2 and max_frames != 1:
+        raise CLIError(
+            f"--every {every} keeps {len(frames)} of the {index + 1} frames of {video}; a reconstruction needs at "
+            f"least 2 views: use a smaller --every (at most {index})."
+            if index > 0
+            else f"{video} holds a single frame; a reconstruction from a video needs at least 2 views."
+        )
     return frames
 
 
@@ -70,6 +74,10 @@ def collect_views(args: argparse.Namespace) -> list:
         raise CLIError("Give the views as image files, or --folder DIR, or --video FILE (exactly one of them).")
     if args.video is not None:
         return video_frames(args.video, args.every, args.max_views)
+    from transformers.utils import logging
+
+    from .processing.image_io import load_image
+
     paths = images_in_folder(args.folder) if args.folder is not None else [Path(p) for p in args.images]
     with logging.tqdm(paths, desc="Reading images", unit="image") as bar:  # closed before any error is printed
         return [load_image(path) for path in bar]
@@ -80,41 +88,79 @@ def check_model_and_device(model_path: str, device: str) -> None:
     local_looking = model_path.startswith((".", "/", "~")) or "\\" in model_path or model_path.count("/") > 1
     if local_looking and not Path(model_path).expanduser().exists():
         raise CLIError(f"Model folder {model_path} does not exist.")
+    import torch
+
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CLIError(f"--device {device} was given but CUDA is not available on this machine; use --device cpu.")
 
 
-def check_reconstruct_args(args: argparse.Namespace) -> Path:
-    """Validate the flags and the output folder of `reconstruct` before any model work."""
+def check_reconstruct_args(args: argparse.Namespace) -> list[Path]:
+    """Validate the flags and the output folders of `reconstruct` before any model work; return the folders the run
+    replaces: --output, and --colmap when it lies outside --output (inside, it is written in --output's staging)."""
+    from .safe_output import check_output_dir
+
     if args.max_points is not None and args.max_points < 1:
         raise CLIError(f"--max-points must be at least 1, got {args.max_points}.")
     if args.confidence_percentile is not None and not 0 <= args.confidence_percentile < 100:
         raise CLIError(f"--confidence-percentile must be in [0, 100), got {args.confidence_percentile}.")
-    return check_output_dir(
-        args.output, overwrite=args.overwrite, is_previous_output=lambda folder: (folder / "cameras.json").is_file()
+    if args.max_views is not None and args.max_views < 1:
+        raise CLIError(f"--max-views must be at least 1, got {args.max_views}.")
+    if args.ask is not None and not args.ask.strip():
+        raise CLIError("--ask needs a question.")
+    inputs = [*args.images, *(path for path in (args.folder, args.video) if path is not None)]
+    output = check_output_dir(
+        args.output,
+        inputs=inputs,
+        overwrite=args.overwrite,
+        is_previous_output=lambda folder: (folder / "cameras.json").is_file(),
     )
+    if args.colmap is None:
+        return [output]
+    colmap = args.colmap.expanduser().resolve()
+    if colmap == output or colmap in output.parents:
+        raise CLIError(f"--colmap {args.colmap} is --output or holds it; give a folder beside or inside --output.")
+    if output in colmap.parents:
+        first = colmap.relative_to(output).parts[0]
+        if first in SCENE_FILES:
+            raise CLIError(f"--colmap {args.colmap} collides with the scene's own {first}; choose another name.")
+        return [output]
+    colmap_target = check_output_dir(args.colmap, inputs=inputs, overwrite=args.overwrite, is_previous_output=is_colmap)
+    return [output, colmap_target]
+
+
+def is_colmap(folder: Path) -> bool:
+    """Whether `folder` holds a COLMAP text model (what --overwrite may replace at --colmap)."""
+    return all((folder / name).is_file() for name in ("cameras.txt", "images.txt", "points3D.txt"))
 
 
 def load(model_path: str, dtype: str, device: str):
-    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=DTYPES[dtype]).to(device).eval()
-    return model, AutoProcessor.from_pretrained(model_path)
+    """Model and processor, refusing weights that do not match the config and naming missing tokenizer files."""
+    import torch
+
+    from .model_loading import load_checked
+
+    return load_checked(model_path, "auto" if dtype == "auto" else getattr(torch, dtype), device)
 
 
 def run_reconstruct(args: argparse.Namespace) -> int:
-    from .export import export_model_scene
+    import torch
 
-    check_reconstruct_args(args)
+    from .export import export_model_scene
+    from .safe_output import staged_outputs
+
+    targets = check_reconstruct_args(args)
     check_model_and_device(args.model, args.device)
-    views = collect_views(args)
-    model, processor = load(args.model, args.dtype, args.device)
-    processor.geometry_image_processor.resize_views_to_first = args.resize_views
-    inputs = processor(geometry_images=views, return_tensors="pt").to(args.device)
-    with torch.inference_mode():
-        output = model.reconstruct(**inputs)
-    staging = make_staging_dir(args.output)  # swapped in only when every file is written
-    try:
+    shown = [args.output, args.colmap][: len(targets)]  # the final paths as the user wrote them
+    # one transaction: every target locked against other writers, swapped in together when all is written
+    with staged_outputs(targets) as stagings:
+        views = collect_views(args)
+        model, processor = load(args.model, args.dtype, args.device)
+        processor.geometry_image_processor.resize_views_to_first = args.resize_views
+        inputs = processor(geometry_images=views, return_tensors="pt").to(args.device)
+        with torch.inference_mode():
+            output = model.reconstruct(**inputs)
         written = export_model_scene(
-            staging,
+            stagings[0],
             output,
             inputs["geometry_pixel_values"],
             processor.geometry_image_processor,
@@ -122,19 +168,26 @@ def run_reconstruct(args: argparse.Namespace) -> int:
             max_points=args.max_points,
             original_sizes=original_sizes(views),
         )
-        written += export_extras(args, staging, model, processor, views, output, inputs["geometry_pixel_values"])
-        swap_in(staging, args.output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        colmap = None
+        if args.colmap is not None:  # its own staging, or its place inside --output's
+            inside = args.colmap.expanduser().resolve().relative_to(targets[0]) if len(stagings) == 1 else None
+            colmap = stagings[1] if inside is None else stagings[0] / inside
+        written += export_extras(
+            args, stagings[0], colmap, model, processor, views, output, inputs["geometry_pixel_values"]
+        )
     print(f"Reconstructed {len(views)} views into {args.output}:")
     for path in written:
-        path = Path(path)
-        print(f"  {args.output / path.relative_to(staging) if path.is_relative_to(staging) else path}")
+        staging, final = next((s, f) for s, f in zip(stagings, shown) if Path(path).is_relative_to(s))
+        print(f"  {final / Path(path).relative_to(staging)}")
     return 0
 
 
 def original_sizes(views: Sequence) -> list[tuple[int, int]]:
-    """`(height, width)` of each view as given (PIL images, paths or arrays)."""
+    """`(height, width)` of each view as given (PIL images, paths or arrays), as displayed (EXIF orientation)."""
+    from PIL import Image
+
+    from .processing.image_io import load_image
+
     sizes = []
     for view in views:
         image = view if isinstance(view, Image.Image) else load_image(view)
@@ -151,20 +204,28 @@ def view_names(args: argparse.Namespace, count: int) -> list[str]:
 
 
 def export_extras(
-    args: argparse.Namespace, folder: Path, model, processor, views: list, output, geometry_pixel_values
+    args: argparse.Namespace,
+    folder: Path,
+    colmap: Path | None,
+    model,
+    processor,
+    views: list,
+    output,
+    geometry_pixel_values,
 ) -> list[Path]:
-    """`--colmap DIR` (a COLMAP text model of the scene) and `--ask QUESTION` (`answer.json` in `folder`, beside the
-    scene)."""
+    """`--colmap DIR` (a COLMAP text model of the scene, written to `colmap`, the staged place of DIR) and
+    `--ask QUESTION` (`answer.json` in `folder`, beside the scene)."""
     import json
 
+    from .chat import answer
     from .export import _atomic_write_bytes
 
     written: list[Path] = []
-    if args.colmap is not None:
+    if colmap is not None:
         from .export_colmap import export_model_colmap
 
         written += export_model_colmap(
-            args.colmap,
+            colmap,
             output,
             geometry_pixel_values,
             processor.geometry_image_processor,
@@ -172,8 +233,6 @@ def export_extras(
             max_points=args.max_points,
         )
     if args.ask is not None:
-        if not args.ask.strip():
-            raise CLIError("--ask needs a question.")
         reply = answer(model, processor, views, args.ask, args.max_new_tokens)
         document = {"question": args.ask, "answer": reply, "views": view_names(args, len(views))}
         path = Path(folder) / "answer.json"
@@ -183,6 +242,13 @@ def export_extras(
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    from transformers import TextStreamer
+
+    from .chat import answer
+    from .processing.image_io import load_image
+
+    if not args.question.strip():
+        raise CLIError("The question is empty; ask something about the images.")
     check_model_and_device(args.model, args.device)
     images = [load_image(path) for path in args.image]
     model, processor = load(args.model, args.dtype, args.device)
@@ -198,8 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--model", required=True, help="converted checkpoint folder or Hub id")
-        sub.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="weights dtype (default: as saved)")
-        sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        sub.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (default: as saved)")
+        sub.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
         sub.add_argument(
             "--resize-views", action="store_true", help="resize views of other sizes to the first view's size"
         )
@@ -236,18 +302,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import g2vlm_hf  # noqa: F401  (registers the Auto classes)
-
     args = build_parser().parse_args(argv)
     if getattr(args, "every", 1) < 1:
         print("g2vlm: error: --every must be at least 1", file=sys.stderr)
         return 2
     try:
+        if args.device is None:
+            import torch
+
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
         return args.run(args)
     except (CLIError, ValueError, OSError) as error:
         sys.stdout.flush()
         print(f"g2vlm: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        print("g2vlm: interrupted; no output was written or replaced.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers.utils import logging
 
-from ..safe_output import check_output_dir, make_staging_dir, swap_in
+from ..safe_output import check_output_dir, make_staging_dir, output_lock, swap_in
 from .convert_official import convert_official_checkpoint, is_converted_folder
 from .hub import HubPushError, push_to_hub, resolve_token, validate_hub_repo_id
 from .model_card import DEFAULT_BASE_MODEL
@@ -96,13 +96,14 @@ def convert(args: argparse.Namespace) -> Path:
     if output.exists() and not args.overwrite:
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it.")
     check_output_dir(output, inputs=[args.input_dir], overwrite=args.overwrite, is_previous_output=is_converted_folder)
-    full = make_staging_dir(output)
-    try:
-        convert_official_checkpoint(args.input_dir, full / "model", max_shard_size=args.max_shard_size)
-        build_reconstruction_only(full / "model", full / "reconstruction", max_shard_size=args.max_shard_size)
-        swap_in(full / "reconstruction", output, keep_marker=False)
-    finally:
-        shutil.rmtree(full, ignore_errors=True)
+    with output_lock(output):  # one writer at a time
+        full = make_staging_dir(output)
+        try:
+            convert_official_checkpoint(args.input_dir, full / "model", max_shard_size=args.max_shard_size)
+            build_reconstruction_only(full / "model", full / "reconstruction", max_shard_size=args.max_shard_size)
+            swap_in(full / "reconstruction", output, keep_marker=False)
+        finally:
+            shutil.rmtree(full, ignore_errors=True)
     print(f"Reconstruction-only checkpoint written to {output}")
     return output
 
@@ -140,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     except HubPushError as error:
         print(f"g2vlm-convert: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"g2vlm-convert: interrupted; {args.output_dir} was left as it was.", file=sys.stderr)
+        return 130
     checked = "" if args.no_verify else f"; {len(result.files)} files verified by sha256"
     print(f"Pushed to {result.repo_id}@{result.revision}: commit {result.commit_oid}{checked}")
     print(f"  {result.commit_url}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from transformers.utils import logging
 
 from ..modeling import G2VLMConfig, G2VLMForConditionalGeneration
 from ..processing import G2VLMProcessor
-from ..safe_output import check_output_dir, make_staging_dir, swap_in
+from ..safe_output import check_output_dir, staged_outputs
 
 logger = logging.get_logger(__name__)
 
@@ -260,17 +259,13 @@ def convert_official_checkpoint(
     config.dtype = {"BF16": torch.bfloat16, "F16": torch.float16}.get(dtypes.pop(), torch.float32) if len(dtypes) == 1 else torch.float32
     config.architectures = [G2VLMForConditionalGeneration.__name__]
 
-    staging = make_staging_dir(output_dir)  # the previous output is replaced only once the new one is complete
-    try:
+    # the previous output is replaced only once the new one is complete; one writer at a time
+    with staged_outputs([output_dir], keep_marker=False) as (staging,):
         config.save_pretrained(staging)
         _generation_config(config).save_pretrained(staging)
         _build_processor(input_dir, tokenizer).save_pretrained(staging)
         save_torch_state_dict(state_dict, staging, max_shard_size=max_shard_size)
         _check_loads_cleanly(staging)
-        swap_in(staging, output_dir, keep_marker=False)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     logger.info(f"Converted {len(mapping)} weights from {input_dir} into {output_dir}.")
     return output_dir
 

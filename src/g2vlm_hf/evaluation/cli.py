@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from transformers.utils import logging
 
+from ..processing.image_io import displayed_size
 from .datasets import GeometryScene, Question, find_scenes, load_questions, write_json_atomic
 from .depth import ALIGNMENTS, evaluate_depth, weighted_mean
 from .points import evaluate_point_maps
@@ -40,15 +40,18 @@ def run_depth(args: argparse.Namespace, model, processor, scenes: list[GeometryS
             depth = np.concatenate(views)
         else:
             depth = predict_geometry(model, processor, scene.image_paths, size, args.device)["depth"]
-        metrics = evaluate_depth(
-            depth,
-            scene.depth,
-            scene.valid,
-            alignment=args.alignment,
-            per_frame=not args.per_sequence,
-            max_depth=args.max_depth,
-            clip_max=args.clip_max,
-        )
+        try:
+            metrics = evaluate_depth(
+                depth,
+                scene.depth,
+                scene.valid,
+                alignment=args.alignment,
+                per_frame=not args.per_sequence,
+                max_depth=args.max_depth,
+                clip_max=args.clip_max,
+            )
+        except ValueError as error:
+            raise ValueError(f"Scene {scene.name}: {error}") from error
         per_scene.append({"scene": scene.name, **metrics})
     return weighted_mean(per_scene, "valid_pixels"), per_scene
 
@@ -77,8 +80,8 @@ def run_points(args: argparse.Namespace, model, processor, scenes: list[Geometry
 def run_poses(args: argparse.Namespace, model, processor, scenes: list[GeometryScene]) -> tuple[dict, list[dict]]:
     per_scene, pooled = [], defaultdict(lambda: ([], []))
     for scene in logging.tqdm(scenes, desc="poses", unit="scene"):
-        with Image.open(scene.image_paths[0]) as image:
-            size = (image.height, image.width)
+        width, height = displayed_size(scene.image_paths[0])
+        size = (height, width)
         prediction = predict_geometry(model, processor, scene.image_paths, size, args.device)
         rotation, translation = relative_pose_errors(prediction["camera_poses"], scene.poses, args.pair_direction)
         pooled[scene.category or "(top level)"][0].append(rotation)
@@ -180,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as error:
         print(f"g2vlm-eval: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"g2vlm-eval: interrupted; {args.output} was left as it was.", file=sys.stderr)
+        return 130
     print(format_table(args.task, summary))
     print(f"results written to {args.output}")
     return 0

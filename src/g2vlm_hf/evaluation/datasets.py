@@ -26,6 +26,8 @@ from .vqa import parse_number
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 GT_FILE = "gt.npz"
 GT_SHAPES = {"depth": (None, None, None), "points": (None, None, None, 3), "poses": (None, 4, 4), "valid": (None,) * 3}
+PIXEL_MAPS = ("depth", "points", "valid")
+"""Ground truth given per pixel: its `(H, W)` must be the images' size."""
 
 
 @dataclass
@@ -85,8 +87,20 @@ def load_scene(directory: Path, root: Path, require: str) -> GeometryScene:
             raise ValueError(f"{gt_path}: '{key}' has {array.shape[0]} views but {images_dir} has {len(image_paths)}.")
     relative = directory.relative_to(root)
     category = relative.parent.as_posix() if relative.parent != Path(".") else ""
+    name = relative.as_posix() if relative != Path(".") else directory.name
+    _check_image_sizes(name, image_paths, {key: arrays[key] for key in PIXEL_MAPS if key in arrays})
+    if require == "depth":
+        depth = arrays["depth"]
+        usable = np.isfinite(depth) & (depth > 0)
+        if "valid" in arrays:
+            usable &= arrays["valid"].astype(bool)
+        if not usable.any():
+            raise ValueError(
+                f"Scene {name}: {gt_path} holds no valid depth (every value is NaN, infinite, <= 0 or masked out by "
+                "'valid'); fix its ground truth or move the scene out of the data folder."
+            )
     return GeometryScene(
-        name=relative.as_posix() if relative != Path(".") else directory.name,
+        name=name,
         category=category,
         image_paths=image_paths,
         depth=arrays.get("depth"),
@@ -96,12 +110,50 @@ def load_scene(directory: Path, root: Path, require: str) -> GeometryScene:
     )
 
 
+def _check_image_sizes(scene: str, image_paths: list[Path], maps: dict[str, np.ndarray]) -> None:
+    """Refuse per-pixel ground truth whose `(H, W)` is not every image's displayed size (scoring it would resize the
+    prediction onto pixels it does not describe)."""
+    from ..processing.image_io import displayed_size
+
+    if not maps:
+        return
+    key, array = next(iter(maps.items()))
+    expected = tuple(array.shape[1:3])
+    for path in image_paths:
+        width, height = displayed_size(path)
+        if (height, width) != expected:
+            raise ValueError(
+                f"Scene {scene}: image {path.name} is {height}x{width} (H x W) but the ground truth '{key}' is "
+                f"{expected[0]}x{expected[1]}; the ground truth must be given at the images' size."
+            )
+    for other, values in maps.items():
+        if tuple(values.shape[1:3]) != expected:
+            raise ValueError(
+                f"Scene {scene}: ground truth '{other}' is {values.shape[1]}x{values.shape[2]} but '{key}' is "
+                f"{expected[0]}x{expected[1]}; give them at the images' size."
+            )
+
+
 def find_scenes(root: Path | str, require: str) -> list[GeometryScene]:
-    """Every scene under `root` (each folder holding a `gt.npz`), sorted by path."""
+    """Every scene under `root` (each folder holding a `gt.npz`), sorted by path. A folder whose `images/` holds
+    images but which has no `gt.npz` is refused (named): a mean silently over fewer scenes would not be comparable."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"Data folder {root} does not exist.")
     folders = sorted(path.parent for path in root.rglob(GT_FILE))
+    without = sorted(
+        path.parent.relative_to(root).as_posix() or "."
+        for path in root.rglob("images")
+        if path.is_dir()
+        and not (path.parent / GT_FILE).is_file()
+        and any(image.suffix.lower() in IMAGE_SUFFIXES for image in path.iterdir())
+    )
+    if without:
+        shown = ", ".join(without[:5]) + (", ..." if len(without) > 5 else "")
+        raise ValueError(
+            f"{len(without)} scene folder(s) under {root} have images/ but no {GT_FILE}: {shown}. Add their ground "
+            "truth, or move them out of the data folder."
+        )
     if not folders:
         raise ValueError(f"No scene found under {root}: each scene folder needs images/ and {GT_FILE}.")
     return [load_scene(folder, root, require) for folder in folders]

@@ -16,14 +16,11 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, 
 
 def load_model(model_path: str, dtype: str = "auto", device: str = "cpu", geometry_width: int | None = None):
     """Model (eval mode, on `device`) and processor of a converted checkpoint folder or Hub id."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    import g2vlm_hf  # noqa: F401  (registers the Auto classes)
+    from ..model_loading import load_checked
 
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}.")
-    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=DTYPES[dtype]).to(device).eval()
-    processor = AutoProcessor.from_pretrained(model_path)
+    model, processor = load_checked(model_path, DTYPES[dtype], device)
     if geometry_width is not None:
         if geometry_width <= 0 or geometry_width % processor.geometry_image_processor.patch_size:
             raise ValueError(f"--geometry-width must be a positive multiple of the patch size, got {geometry_width}.")

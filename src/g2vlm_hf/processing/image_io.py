@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -22,8 +22,9 @@ def load_image(source: ImageSource) -> Image.Image:
     """Return `source` as an 8-bit RGB PIL image.
 
     Accepted: a path, a PIL image or a `(H, W)`, `(H, W, 3)` or `(H, W, 4)` array (uint8, uint16, or float in [0, 1]).
-    Conversions: grayscale is replicated to three channels; an alpha channel is composited onto white; 16-bit images
-    are scaled to 8 bits (value / 257); palette images are expanded. http(s) URLs are fetched with transformers.
+    Conversions: the EXIF orientation is applied (the image as viewers display it, as transformers' `load_image`);
+    grayscale is replicated to three channels; an alpha channel is composited onto white; 16-bit images are scaled
+    to 8 bits (value / 257); palette images are expanded. http(s) URLs are fetched with transformers.
     """
     if is_url(source):
         source = _fetch_url(source)
@@ -53,8 +54,42 @@ def load_image(source: ImageSource) -> Image.Image:
             f"Cannot use an object of type {type(source).__name__} as an image: pass a path, a PIL image or a "
             "numpy array."
         )
+    image = apply_exif_orientation(image)
     _check_pixels(image.size, "The image")
     return to_rgb(image)
+
+
+EXIF_ORIENTATION_TAG = 0x0112
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+"""EXIF orientations that swap width and height (90 or 270 degree turns, with or without a mirror)."""
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag of `image` (1, upright, when absent or unreadable)."""
+    try:
+        return int(image.getexif().get(EXIF_ORIENTATION_TAG, 1))
+    except (ValueError, TypeError, OSError, SyntaxError):  # a damaged EXIF block: show the pixels as stored
+        return 1
+
+
+def apply_exif_orientation(image: Image.Image) -> Image.Image:
+    """`image` turned as its EXIF orientation says (a phone photo stored sideways comes out upright)."""
+    if exif_orientation(image) in (1, 0):
+        return image
+    return ImageOps.exif_transpose(image)
+
+
+def displayed_size(path: str | os.PathLike) -> tuple[int, int]:
+    """`(width, height)` of the image file at `path` as displayed (EXIF orientation applied), read from its header
+    without decoding the pixels."""
+    try:
+        with Image.open(path) as opened:
+            width, height = opened.size
+            if exif_orientation(opened) in TRANSPOSING_ORIENTATIONS:
+                width, height = height, width
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"{path} is not an image that Pillow can read ({error}).") from error
+    return width, height
 
 
 URL_TIMEOUT_S = 30.0

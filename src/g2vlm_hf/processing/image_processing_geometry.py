@@ -163,6 +163,7 @@ class G2VLMGeometryImageProcessor(BaseImageProcessor):
         if len(views) > self.max_views:
             raise ValueError(self._too_many_views_message(len(views), target_width))
         pil_views = [load_image(view) for view in views]
+        self._check_not_too_small(pil_views)
         width, height = pil_views[0].size
         if do_resize:
             width, height = target_width, max(1, round(height * target_width / width / self.patch_size)) * self.patch_size
@@ -196,6 +197,16 @@ class G2VLMGeometryImageProcessor(BaseImageProcessor):
             std = torch.tensor(self.image_std).view(1, 3, 1, 1)
             pixels = (pixels - mean) / std
         return pixels
+
+    def _check_not_too_small(self, views: Sequence[Image.Image]) -> None:
+        """Refuse views smaller than one patch a side: upscaled to the working size they would reconstruct a blur."""
+        for index, view in enumerate(views):
+            if min(view.size) < self.patch_size:
+                raise ValueError(
+                    f"View {index} is {view.size[0]}x{view.size[1]} pixels, smaller than one {self.patch_size}x"
+                    f"{self.patch_size} patch: it would be upscaled from almost nothing. Use images of at least "
+                    f"{self.patch_size} pixels a side."
+                )
 
     def _check_budget(self, original: tuple[int, int], resized: tuple[int, int]) -> None:
         """Refuse views whose aspect ratio or token count would make inference hang."""
