@@ -183,6 +183,14 @@ def test_a_lock_held_in_this_process_blocks_convert_too(converted_tiny, tmp_path
     assert not output.exists() and not lock_path(output).exists()
 
 
+def test_the_lock_names_its_writer_but_hides_a_token(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/bin/g2vlm-convert", "in", "out", "--token", "hf_secret", "--token=hf_other"])
+    with output_lock(tmp_path / "out") as path:
+        writer = json.loads(path.read_text())
+    assert writer["pid"] == os.getpid() and writer["command"] == "g2vlm-convert in out --token *** --token=***"
+    assert not path.exists()
+
+
 # --------------------------------------------------------------------------------------------------------------- EXIF
 
 

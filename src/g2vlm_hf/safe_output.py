@@ -92,8 +92,8 @@ def check_output_dir(
 
 
 def clean_leftovers(output: Path) -> list[Path]:
-    """Remove the staging/old folders an interrupted run left beside `output` (only ones holding `MARKER`, and
-    never a staging folder whose writer is still running on this host)."""
+    """Remove the staging/old folders (and the lock file) an interrupted run left beside `output`: only folders
+    holding `MARKER`, never a staging folder whose writer still runs, never a lock file that a process holds."""
     output = Path(output)
     removed = []
     if not output.parent.is_dir():
@@ -111,7 +111,18 @@ def clean_leftovers(output: Path) -> list[Path]:
                 shutil.rmtree(leftover, ignore_errors=True)
                 logger.warning(f"Removed {leftover}, left behind by an interrupted run.")
                 removed.append(leftover)
+    _remove_stale_lock(output)
     return removed
+
+
+def _remove_stale_lock(output: Path) -> None:
+    """Remove the lock file a killed writer left beside `output` (one nobody holds; a held one, ours included, stays)."""
+    path = lock_path(output)
+    if not path.is_file():
+        return
+    with open(path, "a+", encoding="utf-8") as handle:
+        if _try_lock(handle):
+            path.unlink(missing_ok=True)
 
 
 def make_staging_dir(output: Path) -> Path:
@@ -175,7 +186,8 @@ def staged_outputs(outputs: Sequence[str | os.PathLike[str]], *, keep_marker: bo
             stack.enter_context(output_lock(output))
         stagings: list[Path] = []
         stack.callback(_remove_folders, stagings)  # after a swap they are gone; after a failure, the new content
-        stagings += [make_staging_dir(Path(output)) for output in outputs]
+        for output in outputs:
+            stagings.append(make_staging_dir(Path(output)))
         yield list(stagings)
         swap_in_all(list(zip(stagings, [Path(output) for output in outputs])), keep_marker=keep_marker)
 
@@ -252,12 +264,28 @@ def _try_lock(handle) -> bool:
     return True
 
 
+COMMAND_SHOWN_CHARS = 160
+
+
+def _command() -> str:
+    """This process's command line, shortened, with the value of a `--token` hidden (lock files are readable)."""
+    words = [Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"]
+    for word in sys.argv[1:]:
+        if word.startswith("--token="):
+            word = "--token=***"
+        elif words[-1] == "--token":
+            word = "***"
+        words.append(word)
+    command = " ".join(words)
+    return command if len(command) <= COMMAND_SHOWN_CHARS else command[: COMMAND_SHOWN_CHARS - 3] + "..."
+
+
 def _writer() -> dict:
     """Who is writing: recorded in lock files and staging markers."""
     return {
         "pid": os.getpid(),
         "host": socket.gethostname(),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python",
+        "command": _command(),
         "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
