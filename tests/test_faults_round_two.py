@@ -277,6 +277,20 @@ def test_eval_refuses_ground_truth_of_another_size_than_the_images(tmp_path, cap
     assert not (tmp_path / "r.json").exists()
 
 
+def test_eval_compares_ground_truth_with_the_displayed_size(tmp_path):
+    from g2vlm_hf.evaluation.datasets import find_scenes
+
+    scene = tmp_path / "data" / "phone"
+    (scene / "images").mkdir(parents=True)
+    for index in range(2):
+        phone_photo(scene / "images" / f"{index}.jpg")
+    np.savez(scene / "gt.npz", depth=np.ones((2, 600, 300)))
+    assert find_scenes(tmp_path / "data", "depth")[0].depth.shape == (2, 600, 300)
+    np.savez(scene / "gt.npz", depth=np.ones((2, 300, 600)))  # the stored, sideways size
+    with pytest.raises(ValueError, match="Scene phone: image 0.jpg is 600x300"):
+        find_scenes(tmp_path / "data", "depth")
+
+
 def test_eval_refuses_a_scene_without_ground_truth(tmp_path, capsys, no_eval_model):
     images = np.zeros((2, 28, 28, 3), np.uint8)
     write_scene(tmp_path / "data" / "a", images, depth=np.ones((2, 28, 28)))
