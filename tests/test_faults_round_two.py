@@ -20,7 +20,7 @@ from g2vlm_hf.conversion.cli import main as g2vlm_convert
 from g2vlm_hf.evaluation import cli as eval_cli
 from g2vlm_hf.evaluation import write_scene
 from g2vlm_hf.processing import G2VLMGeometryImageProcessor, load_image
-from g2vlm_hf.safe_output import clean_leftovers, lock_path, output_lock
+from g2vlm_hf.safe_output import clean_leftovers, lock_path, output_lock, swap_in_all
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import FIXTURE_DIR
@@ -136,6 +136,18 @@ def test_a_failure_after_the_colmap_export_keeps_both_previous_folders(model, tm
     assert "No space left" in one_line_error(capsys)
     assert (snapshot(output), snapshot(sparse)) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scene", "sparse"]
+
+
+def test_when_one_swap_fails_the_outputs_already_swapped_get_their_content_back(tmp_path):
+    first, staged = tmp_path / "scene", tmp_path / ".scene.new"
+    first.mkdir()
+    staged.mkdir()
+    (first / "cameras.json").write_text("old")
+    (staged / "cameras.json").write_text("new")
+    with pytest.raises(FileNotFoundError):
+        swap_in_all([(staged, first), (tmp_path / "no-such-staging", tmp_path / "sparse")])
+    assert (first / "cameras.json").read_text() == "old" and (staged / "cameras.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".scene.new", "scene"]
 
 
 # ------------------------------------------------------------------------------------------------ one writer at a time
@@ -287,7 +299,7 @@ def test_eval_compares_ground_truth_with_the_displayed_size(tmp_path):
     np.savez(scene / "gt.npz", depth=np.ones((2, 600, 300)))
     assert find_scenes(tmp_path / "data", "depth")[0].depth.shape == (2, 600, 300)
     np.savez(scene / "gt.npz", depth=np.ones((2, 300, 600)))  # the stored, sideways size
-    with pytest.raises(ValueError, match="Scene phone: image 0.jpg is 600x300"):
+    with pytest.raises(ValueError, match=r"Scene phone: image 0\.jpg is 600x300"):
         find_scenes(tmp_path / "data", "depth")
 
 
@@ -365,6 +377,16 @@ def test_ctrl_c_during_a_conversion_says_one_line(tmp_path):
     assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("g2vlm-convert: interrupted")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_during_an_evaluation_says_one_line(model, tmp_path):
+    write_scene(tmp_path / "data" / "room", np.zeros((2, 28, 28, 3), np.uint8), depth=np.ones((2, 28, 28)))
+    script = STALL.format(module="g2vlm_hf.evaluation.cli", name="predict_geometry", cli="g2vlm_hf.evaluation.cli")
+    argv = ["depth", "--model", str(model), "--data", str(tmp_path / "data"), "--output", str(tmp_path / "r.json")]
+    result = interrupt(script, [*argv, "--device", "cpu"])
+    assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("g2vlm-eval: interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 
 # ------------------------------------------------------------------------------------------------ checks before work
