@@ -121,6 +121,7 @@ def _remove_stale_lock(output: Path) -> None:
     if not path.is_file():
         return
     with open(path, "a+", encoding="utf-8") as handle:
+        handle.seek(0)
         if _try_lock(handle):
             path.unlink(missing_ok=True)
 
@@ -229,13 +230,16 @@ def _acquire(path: Path):
     while True:
         handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115  (closed by output_lock or on failure)
         try:
+            handle.seek(0)  # msvcrt locks bytes from the current position: always the first one
             if not _try_lock(handle):
-                handle.seek(0)
                 raise OutputError(_held_message(path, handle.read()))
-            if not path.exists() or not os.path.samestat(os.fstat(handle.fileno()), path.stat()):
-                handle.close()  # its previous holder removed it between our open and our lock
+            try:
+                replaced = not os.path.samestat(os.fstat(handle.fileno()), path.stat())
+            except FileNotFoundError:
+                replaced = True
+            if replaced:  # its previous holder removed it between our open and our lock
+                handle.close()
                 continue
-            handle.seek(0)
             handle.truncate()
             handle.write(json.dumps(_writer()) + "\n")
             handle.flush()
