@@ -58,6 +58,7 @@ MAX_FILE_MB = 100.0
 VIEWER_FROM_WORLD = np.diag([1.0, -1.0, -1.0, 1.0])
 # frustum depth as a fraction of the diagonal of the shown points' box: visible at any view count and scene size
 FRUSTUM_FRACTION = 0.06
+MEASURE_WIDTH = 512  # small views are enlarged to about this width for clicking
 ALL_VIEWS = "all"
 # an absolute path in a message (e.g. the server's upload folder): shown as its last part only
 ABSOLUTE_PATH = re.compile(r"(?:/[^/\s'\"():]+)+/([^/\s'\"():]+)")
@@ -441,16 +442,27 @@ class G2VLMDemo:
 
     # ---------------------------------------------------------------------------------------------------- measure
 
+    @staticmethod
+    def _zoom(scene: Scene) -> int:
+        """Whole-pixel zoom of the measuring image: small geometry views are enlarged to about 512 pixels wide (the
+        page shows an image at most at its own size, so a small one would be a small target)."""
+        return max(1, math.ceil(MEASURE_WIDTH / scene.images.shape[2]))
+
     def measure_image(self, scene: Scene | None, view: str | None, picks: list | None) -> np.ndarray | None:
-        """View `view` at the geometry resolution, with the picked points of that view marked (A red, B blue)."""
+        """View `view` at the geometry resolution (zoomed, see `_zoom`), with the picked points of that view marked
+        (A red, B blue)."""
         if scene is None or view in (None, ""):
             return None
+        zoom = self._zoom(scene)
         image = Image.fromarray(scene.images[int(view)])
+        image = image.resize((image.width * zoom, image.height * zoom), Image.Resampling.NEAREST)
         draw = ImageDraw.Draw(image)
-        radius = max(2, image.width // 60)
+        radius = 6
         for (picked_view, x, y), colour in zip(picks or [], ((255, 40, 40), (40, 120, 255))):
             if picked_view == int(view):
-                draw.ellipse((x - radius, y - radius, x + radius, y + radius), outline=colour, width=2)
+                centre_x, centre_y = (x + 0.5) * zoom, (y + 0.5) * zoom
+                box = (centre_x - radius, centre_y - radius, centre_x + radius, centre_y + radius)
+                draw.ellipse(box, outline=colour, width=2)
         return np.asarray(image)
 
     def measure(self, scene: Scene | None, view: str | None, picks: list | None, event: gr.SelectData) -> tuple:
@@ -458,8 +470,9 @@ class G2VLMDemo:
         marked image, the picks and the distance line."""
         if scene is None or view in (None, ""):
             raise gr.Error("Reconstruct a scene first.")
-        x, y = (round(value) for value in event.index)
-        picks = [*(picks or []), (int(view), x, y)][-2:] if len(picks or []) < 2 else [(int(view), x, y)]
+        zoom = self._zoom(scene)
+        x, y = (min(int(value) // zoom, limit - 1) for value, limit in zip(event.index, scene.images.shape[2:0:-1]))
+        picks = [*(picks or []), (int(view), x, y)] if len(picks or []) < 2 else [(int(view), x, y)]
         return self.measure_image(scene, view, picks), picks, self.distance_text(scene, picks)
 
     @staticmethod
@@ -544,7 +557,7 @@ def build_demo(demo: G2VLMDemo) -> gr.Blocks:
                 with gr.Tab("Images"):
                     files = gr.File(
                         label="Views of one scene", file_count="multiple", file_types=["image"], type="filepath",
-                        elem_id="views-input", height=150,
+                        elem_id="views-input", height=120,
                     )  # fmt: skip
                     step = gr.Slider(1, 50, value=1, step=1, label="Use every k-th image", elem_id="image-step")
                 with gr.Tab("Video"):
@@ -552,34 +565,11 @@ def build_demo(demo: G2VLMDemo) -> gr.Blocks:
                     every = gr.Slider(1, 60, value=10, step=1, label="Use every N-th frame", elem_id="video-every")
                 input_note = gr.Markdown(elem_id="input-note")
                 with gr.Row():
-                    run = gr.Button("Reconstruct", variant="primary", elem_id="reconstruct-button", scale=2)
-                    clear = gr.Button("Clear", elem_id="clear-button", scale=1)
-                status = gr.Markdown(elem_id="status")
-                with gr.Accordion("Display (redraws without the model)", open=True):
-                    confidence = gr.Slider(
-                        0, 95, value=10 if demo.has_confidence else 0, step=5, visible=demo.has_confidence,
-                        label="Hide the least confident points (percentile)", elem_id="confidence",
-                    )  # fmt: skip
-                    outliers = gr.Slider(
-                        0, 20, value=2, step=0.5, label="Hide outliers: keep the [p, 100-p] percentile box",
-                        elem_id="outliers",
-                    )  # fmt: skip
-                    edges = gr.Slider(
-                        0, 0.5, value=0, step=0.01, label="Hide depth edges (relative jump; 0 = off)", elem_id="edges"
+                    run = gr.Button(
+                        "Reconstruct", variant="primary", elem_id="reconstruct-button", scale=2, min_width=120
                     )
-                    with gr.Row():
-                        black = gr.Checkbox(value=False, label="Hide black", elem_id="drop-black", min_width=80)
-                        white = gr.Checkbox(value=False, label="Hide white", elem_id="drop-white", min_width=80)
-                        show_cameras = gr.Checkbox(value=True, label="Cameras", elem_id="show-cameras", min_width=80)
-                    with gr.Row():
-                        view_choice = gr.Dropdown(
-                            [("All views", ALL_VIEWS)], value=ALL_VIEWS, label="Points of", elem_id="view-choice"
-                        )
-                        colouring = gr.Radio(["image", "view"], value="image", label="Colour by", elem_id="colouring")
-                    max_points = gr.Slider(
-                        1_000, 1_000_000, value=demo.max_points, step=1_000, label="At most this many points",
-                        elem_id="max-points",
-                    )  # fmt: skip
+                    clear = gr.Button("Clear", elem_id="clear-button", scale=1, min_width=60)
+                status = gr.Markdown(elem_id="status")
                 examples, labels = example_scenes()
                 example_list = gr.Examples(
                     examples=examples, inputs=[files], example_labels=labels, label="Example scenes (click one)"
@@ -588,11 +578,11 @@ def build_demo(demo: G2VLMDemo) -> gr.Blocks:
                 with gr.Tab("3D scene"):
                     viewer = gr.Model3D(
                         label="Scene (points + cameras)", display_mode="solid", clear_color=(0.12, 0.12, 0.14, 1.0),
-                        elem_id="scene-viewer", height=470,
+                        elem_id="scene-viewer", height=340,
                     )  # fmt: skip
                 with gr.Tab("Input views"):
                     inputs_gallery = gr.Gallery(
-                        label="Input views", columns=5, height=470, elem_id="input-gallery", object_fit="contain"
+                        label="Input views", columns=5, height=340, elem_id="input-gallery", object_fit="contain"
                     )
                 with gr.Tab("Depth"):
                     depth_gallery = gr.Gallery(
@@ -605,6 +595,33 @@ def build_demo(demo: G2VLMDemo) -> gr.Blocks:
                         label="Click to measure", interactive=False, elem_id="measure-image", height=360
                     )
                     measure_text = gr.Markdown(elem_id="measure-text")
+                with gr.Group(elem_id="display"):  # redraws the kept scene, without the model
+                    confidence = gr.Slider(
+                        0, 95, value=10 if demo.has_confidence else 0, step=5, visible=demo.has_confidence,
+                        label="Hide the least confident points (percentile)", elem_id="confidence",
+                    )  # fmt: skip
+                    with gr.Row():
+                        outliers = gr.Slider(
+                            0, 20, value=2, step=0.5, label="Hide outliers (percentile box)", elem_id="outliers"
+                        )
+                        edges = gr.Slider(
+                            0, 0.5, value=0, step=0.01, label="Hide depth edges (0 = off)", elem_id="edges"
+                        )
+                    with gr.Row():
+                        max_points = gr.Slider(
+                            1_000, 1_000_000, value=demo.max_points, step=1_000, label="At most N points",
+                            elem_id="max-points",
+                        )  # fmt: skip
+                        view_choice = gr.Dropdown(
+                            [("All views", ALL_VIEWS)], value=ALL_VIEWS, label="Points of", elem_id="view-choice"
+                        )
+                    with gr.Row(equal_height=True):
+                        colouring = gr.Dropdown(
+                            ["image", "view"], value="image", label="Colour by", elem_id="colouring", min_width=120
+                        )
+                        black = gr.Checkbox(value=False, label="Hide black", elem_id="drop-black", min_width=80)
+                        white = gr.Checkbox(value=False, label="Hide white", elem_id="drop-white", min_width=80)
+                        show_cameras = gr.Checkbox(value=True, label="Cameras", elem_id="show-cameras", min_width=80)
                 downloads = gr.File(
                     label="Downloads: shown_* = what the view shows; full_* / cameras.json / COLMAP = everything",
                     file_count="multiple", elem_id="downloads", height=140,

@@ -241,10 +241,11 @@ def test_measuring_two_clicked_pixels(app_module):
         intrinsics=np.eye(3)[None].repeat(2, 0), images=np.zeros((views, height, width, 3), dtype=np.uint8),
     )  # fmt: skip
     demo = object.__new__(app_module.G2VLMDemo)
-    event = types.SimpleNamespace(index=[1, 2])
+    zoom = 64  # the 8-pixel-wide views are shown 512 pixels wide: a click lands on pixel (index // zoom)
+    event = types.SimpleNamespace(index=[1 * zoom + 5, 2 * zoom + 63])
     image, picks, text = demo.measure(scene, "0", [], event)
-    assert picks == [(0, 1, 2)] and "Click a second point" in text and image.shape == (height, width, 3)
-    event.index = [4, 4]
+    assert picks == [(0, 1, 2)] and "Click a second point" in text and image.shape == (height * zoom, width * zoom, 3)
+    event.index = [4 * zoom, 4 * zoom]
     image, picks, text = demo.measure(scene, "1", picks, event)
     assert picks == [(0, 1, 2), (1, 4, 4)] and "distance 3.742 scene units" in text  # sqrt(9 + 4 + 1)
     event.index = [0, 0]
