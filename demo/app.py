@@ -457,12 +457,12 @@ class G2VLMDemo:
         image = Image.fromarray(scene.images[int(view)])
         image = image.resize((image.width * zoom, image.height * zoom), Image.Resampling.NEAREST)
         draw = ImageDraw.Draw(image)
-        radius = 6
+        radius = 8
         for (picked_view, x, y), colour in zip(picks or [], ((255, 40, 40), (40, 120, 255))):
             if picked_view == int(view):
                 centre_x, centre_y = (x + 0.5) * zoom, (y + 0.5) * zoom
                 box = (centre_x - radius, centre_y - radius, centre_x + radius, centre_y + radius)
-                draw.ellipse(box, outline=colour, width=2)
+                draw.ellipse(box, outline=colour, width=3)
         return np.asarray(image)
 
     def measure(self, scene: Scene | None, view: str | None, picks: list | None, event: gr.SelectData) -> tuple:
