@@ -81,6 +81,9 @@ def test_demo_serves_reconstruction_and_chat(app_module, model_folder, tmp_path)
         scene = trimesh.load(glb, force="scene")
         assert Path(glb).suffix == ".glb" and len(cloud_of(glb)) == shown_count(status) > 0
         assert sum(name.startswith("camera_") for name in scene.graph.nodes_geometry) == len(VIEWS)
+        # the frustums are sized from the shown points' extent: visible, whatever the scene's scale
+        frustum = np.ptp(scene.geometry["camera_0"].vertices, axis=0)
+        assert np.linalg.norm(frustum) > 0.03 * np.linalg.norm(np.ptp(cloud_of(glb), axis=0))
         assert [item["caption"] for item in depth] == [f"{view.name}: depth" for view in VIEWS]
         files = {Path(path).name: path for path in downloads}
         assert {"shown_scene.glb", "shown_points.ply", "full_scene.glb", "full_points.ply", "cameras.json"} <= set(
