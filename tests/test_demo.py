@@ -7,12 +7,16 @@ does not pull it in). Offline: the model is a local converted folder, and gradio
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
+import re
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no network calls
 gradio = pytest.importorskip("gradio", reason='the demo needs gradio: pip install -e ".[demo]"')
@@ -45,38 +49,71 @@ def model_folder(converted_tiny, tmp_path_factory):
     return fast_tiny_copy(converted_tiny, tmp_path_factory.mktemp("demo") / "model")
 
 
+DEFAULT_DISPLAY = (0, 2.0, 0.0, False, False, "all", 200_000)  # confidence .. max points; then cameras, colouring
+
+
+def cloud_of(path) -> np.ndarray:
+    """The vertices of the point cloud in a GLB or PLY file."""
+    loaded = trimesh.load(path, force="scene") if str(path).endswith(".glb") else trimesh.load(path)
+    if isinstance(loaded, trimesh.PointCloud):
+        return np.asarray(loaded.vertices)
+    [cloud] = [g for g in loaded.geometry.values() if isinstance(g, trimesh.PointCloud)]
+    return np.asarray(cloud.vertices)
+
+
+def shown_count(status: str) -> int:
+    return int(re.search(r"Showing ([\d,]+) of", status).group(1).replace(",", ""))
+
+
 def test_demo_serves_reconstruction_and_chat(app_module, model_folder, tmp_path):
     demo = app_module.G2VLMDemo(str(model_folder), device="cpu", max_new_tokens=4)
     app = app_module.build_demo(demo)
-    app.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    app_module.launch(app, demo, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     try:
         client = gradio_client.Client(
             app.local_url, verbose=False, download_files=str(tmp_path / "downloads"), analytics_enabled=False
         )
         views = [gradio_client.handle_file(str(view)) for view in VIEWS]
 
-        glb, gallery, depth, downloads, status = client.predict(
-            views, None, 10, 0, True, "image", api_name="/reconstruct"
+        glb, depth, downloads, status, *_ = client.predict(
+            views, None, 10, 1, *DEFAULT_DISPLAY, True, "image", api_name="/reconstruct"
         )
         scene = trimesh.load(glb, force="scene")
-        clouds = [geometry for geometry in scene.geometry.values() if isinstance(geometry, trimesh.PointCloud)]
-        assert Path(glb).suffix == ".glb" and clouds and len(clouds[0].vertices) > 0
+        assert Path(glb).suffix == ".glb" and len(cloud_of(glb)) == shown_count(status) > 0
         assert sum(name.startswith("camera_") for name in scene.graph.nodes_geometry) == len(VIEWS)
-        assert [item["caption"] for item in gallery] == [view.name for view in VIEWS]
+        # the frustums are sized from the shown points' extent: visible, whatever the scene's scale
+        frustum = np.ptp(scene.geometry["camera_0"].vertices, axis=0)
+        assert np.linalg.norm(frustum) > 0.03 * np.linalg.norm(np.ptp(cloud_of(glb), axis=0))
         assert [item["caption"] for item in depth] == [f"{view.name}: depth" for view in VIEWS]
-        names = sorted(Path(path).name for path in downloads)
-        assert {"scene.glb", "points.ply", "cameras.json"} <= set(names)
-        assert ("colmap.zip" in names) != ("No COLMAP model" in status)  # a zip, or the reason why not
+        files = {Path(path).name: path for path in downloads}
+        assert {"shown_scene.glb", "shown_points.ply", "full_scene.glb", "full_points.ply", "cameras.json"} <= set(
+            files
+        )
+        assert ("full_colmap.zip" in files) != ("No COLMAP model" in status)  # a zip, or the reason why not
         assert status.startswith(f"Reconstructed {len(VIEWS)} views")
+        # the shown downloads are what the view draws: the same points (the viewer's turned y-up), and the full
+        # ones hold every point
+        shown = cloud_of(files["shown_points.ply"])
+        assert len(shown) == shown_count(status) and np.allclose(cloud_of(files["shown_scene.glb"]), shown)
+        assert np.allclose(cloud_of(glb), shown * [1, -1, -1], atol=1e-5)
+        total = int(re.search(r"of ([\d,]+) points", status).group(1).replace(",", ""))
+        assert len(cloud_of(files["full_points.ply"])) == total >= len(shown)
 
         # display options redraw the kept scene without the model: cameras hidden, points coloured by view
-        without = trimesh.load(client.predict(0, False, "view", api_name="/redraw"), force="scene")
+        without, downloads, status = client.predict(*DEFAULT_DISPLAY, False, "view", api_name="/redraw")
+        without = trimesh.load(without, force="scene")
         assert not any(name.startswith("camera_") for name in without.graph.nodes_geometry)
         [cloud] = [g for g in without.geometry.values() if isinstance(g, trimesh.PointCloud)]
         palette = {tuple(colour) for colour in app_module.view_colours(len(VIEWS))}
         assert {tuple(colour) for colour in np.asarray(cloud.colors)[:, :3]} <= palette
+        # points of one view only, at most 500: the downloads follow
+        glb, downloads, status = client.predict(
+            0, 2.0, 0.0, False, False, "1", 1_000, True, "image", api_name="/redraw"
+        )
+        files = {Path(path).name: path for path in downloads}
+        assert len(cloud_of(glb)) == len(cloud_of(files["shown_points.ply"])) == shown_count(status) == 1_000
 
-        history, box, used = client.predict(views, QUESTION, [], None, 10, api_name="/ask")
+        history, box, used = client.predict(views, QUESTION, [], None, 10, 1, api_name="/ask")
         assert box == ""
         assert [turn["role"] for turn in history] == ["user", "assistant"]
         answer = history[1]["content"]
@@ -85,15 +122,152 @@ def test_demo_serves_reconstruction_and_chat(app_module, model_folder, tmp_path)
         assert answer == f"{expected}\n\n*Views used: {', '.join(view.name for view in VIEWS)}*"
         assert [item["caption"] for item in used] == [view.name for view in VIEWS]
 
-        # readable errors, not a bare "Error"
-        with pytest.raises(gradio_client.exceptions.AppError, match="Upload images"):
-            client.predict([], None, 10, 0, True, "image", api_name="/reconstruct")
+        # readable problems, not a bare "Error"; a failed reconstruction says so in the status
+        *_, status, _, _, _, _ = client.predict(
+            [], None, 10, 1, *DEFAULT_DISPLAY, True, "image", api_name="/reconstruct"
+        )
+        assert "Not reconstructed: Upload images" in status and "previous results are kept" in status
         with pytest.raises(gradio_client.exceptions.AppError, match="Type a question"):
-            client.predict(views, "  ", [], None, 10, api_name="/ask")
+            client.predict(views, "  ", [], None, 10, 1, api_name="/ask")
     finally:
         app.close()
         demo.close()
     assert not Path(demo.scratch.name).exists()  # the written scenes do not outlive the demo
+
+
+def test_bad_and_too_large_files_are_skipped_by_name(app_module, model_folder, tmp_path):
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("this is text")
+    large = tmp_path / "large.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (700, 700, 3), dtype=np.uint8)).save(large)
+    demo = app_module.G2VLMDemo(
+        str(model_folder), device="cpu", max_file_mb=0.5
+    )  # large.png is ~1.5 MB, the views 0.4 MB
+    try:
+        views = demo.read_views([str(VIEWS[0]), str(not_an_image), str(large), str(VIEWS[1])])
+        assert views.names == [VIEWS[0].name, VIEWS[1].name] and len(views.images) == 2
+        assert len(views.skipped) == 2 and "notes.png is not an image" in views.skipped[0]
+        assert re.match(r"large\.png is 1\.\d MB; files up to 0\.5 MB are accepted", views.skipped[1])
+        assert str(tmp_path) not in " ".join(views.skipped)  # no server folders in what the page shows
+        gallery, note = demo.preview([str(VIEWS[0]), str(not_an_image)], None, 10, 1)
+        assert len(gallery) == 1 and "**1 images**" in note and "Skipped: notes.png is not an image" in note
+        # a reconstruction goes on without the bad file and says what it skipped
+        *_, scene, status, _, _, _, _ = demo.reconstruct([str(VIEWS[0]), str(not_an_image), str(VIEWS[1])], None, 10, 1)
+        assert scene.names == [VIEWS[0].name, VIEWS[1].name] and "Skipped: notes.png is not an image" in status
+        with pytest.raises(ValueError, match=r"None of the 1 files can be used: notes\.png is not"):
+            demo.read_views([str(not_an_image)])
+        with pytest.raises(ValueError, match="not both"):
+            demo.read_views([str(VIEWS[0])], str(large))
+    finally:
+        demo.close()
+
+
+def test_too_many_views_suggest_every_kth_image(app_module, model_folder):
+    demo = app_module.G2VLMDemo(str(model_folder), device="cpu")
+    demo.processor.geometry_image_processor.max_views = 2
+    try:
+        paths = [str(view) for view in VIEWS] * 2  # 6 views, 2 allowed
+        with pytest.raises(app_module.TooManyViews) as raised:
+            demo.read_views(paths)
+        assert raised.value.step == 3 and "at most 2" in str(raised.value)
+        *_, status, _, _, step, _ = demo.reconstruct(paths, None, 10, 1)
+        assert "Use every 3-th image" in status and step["value"] == 3
+        assert len(demo.read_views(paths, step=3).images) == 2
+    finally:
+        demo.close()
+
+
+def test_upload_size_limit_refuses_large_uploads(app_module, model_folder, tmp_path):
+    import httpx
+
+    demo = app_module.G2VLMDemo(str(model_folder), device="cpu", max_file_mb=0.01)
+    app = app_module.build_demo(demo)
+    app_module.launch(app, demo, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    try:
+        url = app.local_url.rstrip("/") + "/gradio_api/upload"
+        small = httpx.post(url, files={"files": ("small.bin", b"x" * 5_000)})
+        large = httpx.post(url, files={"files": ("large.bin", b"x" * 50_000)})
+        assert small.status_code == 200
+        assert large.status_code == 413, large.text
+    finally:
+        app.close()
+        demo.close()
+
+
+def test_sigterm_removes_the_scratch_folder(model_folder, tmp_path):
+    import socket
+    import subprocess
+    import time
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch_root), "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
+    process = subprocess.Popen(
+        [sys.executable, str(APP), "--model", str(model_folder), "--device", "cpu", "--host", "127.0.0.1",
+         "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, process.stderr.read().decode()[-2000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the demo did not start"
+            time.sleep(0.5)
+        assert list(scratch_root.glob("g2vlm-demo-*"))
+        process.terminate()  # SIGTERM, as docker stop or a Space restart sends
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert not list(scratch_root.glob("g2vlm-demo-*"))
+
+
+def test_measuring_two_clicked_pixels(app_module):
+    # a scene whose point at (view v, row y, column x) is (x, y, v): distances are known by construction
+    views, height, width = 2, 5, 8
+    v, y, x = np.meshgrid(np.arange(views), np.arange(height), np.arange(width), indexing="ij")
+    points = np.stack([x, y, v], axis=-1).astype(np.float32)
+    scene = app_module.Scene(
+        folder=Path("."), views=[], names=["a.png", "b.png"], camera_poses=np.eye(4)[None].repeat(2, 0),
+        world_points=points, depth=np.ones((views, height, width)), confidence=None,
+        intrinsics=np.eye(3)[None].repeat(2, 0), images=np.zeros((views, height, width, 3), dtype=np.uint8),
+    )  # fmt: skip
+    demo = object.__new__(app_module.G2VLMDemo)
+    zoom = 64  # the 8-pixel-wide views are shown 512 pixels wide: a click lands on pixel (index // zoom)
+    event = types.SimpleNamespace(index=[1 * zoom + 5, 2 * zoom + 63])
+    image, picks, text = demo.measure(scene, "0", [], event)
+    assert picks == [(0, 1, 2)] and "Click a second point" in text and image.shape == (height * zoom, width * zoom, 3)
+    event.index = [4 * zoom, 4 * zoom]
+    image, picks, text = demo.measure(scene, "1", picks, event)
+    assert picks == [(0, 1, 2), (1, 4, 4)] and "distance 3.742 scene units" in text  # sqrt(9 + 4 + 1)
+    event.index = [0, 0]
+    _, picks, _ = demo.measure(scene, "1", picks, event)  # a third click starts a new measurement
+    assert picks == [(1, 0, 0)]
+
+
+def test_chat_answer_is_streamed(app_module, model_folder):
+    demo = app_module.G2VLMDemo(str(model_folder), device="cpu", max_new_tokens=6)
+    try:
+        steps = list(demo.ask(None, [str(view) for view in VIEWS[:2]], QUESTION, [], None, 10, 1))
+        history = steps[-1][0]
+        assert len(steps) >= 3  # the growing answer, then the final one with the views it used
+        partial = [step[0][-1]["content"] for step in steps[:-1]]
+        assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(partial))
+        expected = demo.answer([str(view) for view in VIEWS[:2]], QUESTION)
+        assert history[-1]["content"] == f"{expected}\n\n*Views used: view_0.png, view_1.png*"
+    finally:
+        demo.close()
 
 
 def test_demo_reads_a_video_with_a_frame_interval(app_module, model_folder, tmp_path):
@@ -108,9 +282,12 @@ def test_demo_reads_a_video_with_a_frame_interval(app_module, model_folder, tmp_
         container.mux(stream.encode())
     demo = app_module.G2VLMDemo(str(model_folder), device="cpu", max_new_tokens=2)
     try:
-        views, names = demo.views(None, str(video), every=3)
-        assert names == ["frame 0", "frame 3", "frame 6"] and len(views) == 3
-        _, _, depth, _, scene, _ = demo.reconstruct(None, str(video), 3)
+        views = demo.read_views(None, str(video), every=3)
+        names = views.names
+        assert names == ["frame 0", "frame 3", "frame 6"] and len(views.images) == 3
+        gallery, note = demo.preview(None, str(video), 3, 1)  # the frames are previewed, with their count
+        assert [caption for _, caption in gallery] == names and "**3 frames**" in note
+        _, depth, _, scene, *_ = demo.reconstruct(None, str(video), 3, 1)
         assert scene.names == names and scene.depth.shape[0] == 3 and len(depth) == 3
     finally:
         demo.close()
@@ -148,13 +325,12 @@ def test_confidence_slider_filters_points_when_the_checkpoint_has_confidence(app
             if isinstance(block, gradio.Slider) and "confident" in (block.label or "")
         )
         assert slider.visible and slider.value == 10
-        *_, scene, _ = demo.reconstruct([str(view) for view in VIEWS], percentile=0)
+        _, _, _, scene, *_ = demo.reconstruct([str(view) for view in VIEWS], None, 10, 1)
         total = scene.world_points[..., 0].size
         counts = {}
-        for percentile in (0, 50, 90):
-            glb = trimesh.load(demo.viewer_scene(scene, percentile, True, "image"), force="scene")
-            [cloud] = [g for g in glb.geometry.values() if isinstance(g, trimesh.PointCloud)]
-            counts[percentile] = len(cloud.vertices)
+        for percentile in (0, 50, 90):  # outliers off, to count the confidence filter alone
+            glb, _, _ = demo.draw(scene, app_module.Display(confidence=percentile, outliers=0))
+            counts[percentile] = len(cloud_of(glb))
         assert counts[0] == total
         assert abs(counts[50] - total / 2) <= 0.01 * total and abs(counts[90] - total / 10) <= 0.01 * total
     finally:
