@@ -3,7 +3,7 @@ where graph breaks arise; each compiled call is checked against the uncompiled o
 
 - a decode step with a static cache, for every backend (the flash path with its CPU stand-ins);
 - the prefill of a reconstruction prompt (a geometry block), heads included, for sdpa, eager and the varlen path;
-- the decoder's prefill of a chat prompt holding a geometry block and an image block, layout included;
+- `G2VLMModel.forward` on a chat prompt holding a geometry block and an image block (vision tower run beforehand);
 - the whole chat prefill: its only graph breaks are in transformers' Qwen2-VL vision tower (its per-image loops);
 - the reconstruction prefill of the varlen path through inductor (compiled code, symbolic sizes), as users compile.
 """
@@ -114,7 +114,9 @@ def test_the_chat_prefill_of_a_geometry_and_an_image_block_compiles(implementati
     inputs = chat_inputs()
     with torch.no_grad():
         expected = model.model(**inputs, use_cache=False).last_hidden_state
-        image_outputs = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+        image_outputs = model.model.get_image_features(
+            inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True
+        )
     monkeypatch.setattr(model.model, "get_image_features", lambda *args, **kwargs: image_outputs)
     with torch.no_grad():
         compiled = torch.compile(model.model, fullgraph=True, backend="eager")
