@@ -259,11 +259,11 @@ def test_offsets_mapping_is_returned_when_asked(processor):
 
 def test_mm_token_type_ids_mark_image_and_geometry_tokens(processor):
     """`return_mm_token_type_ids=True` (transformers' 0 = text, 1 = image) is honoured, not dropped: semantic image
-    tokens are typed as transformers types them, and geometry tokens, also image features, are 1 too."""
+    tokens and geometry tokens, also image features, are 1, everything else 0."""
     text = [f"{GEOMETRY}{SEMANTIC} Where?", f"{GEOMETRY}{SEMANTIC} And now?"]
     inputs = processor(images=[VIEWS[0], VIEWS[1]], text=text, return_mm_token_type_ids=True, return_tensors="pt")
     types = inputs["mm_token_type_ids"]
-    semantic = torch.tensor(processor.create_mm_token_type_ids(inputs["input_ids"])) == 1
+    semantic = inputs["input_ids"] == processor.image_token_id
     geometry = inputs["input_ids"] == processor.geometry_token_id
     assert bool(semantic.any()) and bool(geometry.any())
     assert torch.equal(types == 1, semantic | geometry)
