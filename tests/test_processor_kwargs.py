@@ -379,3 +379,21 @@ def test_round_trip_keeps_kwarg_routing(tmp_path):
             loaded(images=[VIEWS[0]], text=f"{GEOMETRY}{SEMANTIC} Where?", return_tensors="pt", **kwargs),
             processor(images=[VIEWS[0]], text=f"{GEOMETRY}{SEMANTIC} Where?", return_tensors="pt", **kwargs),
         )
+
+
+def test_from_pretrained_settings_reach_the_components(tmp_path):
+    """As transformers' processors: settings given to `from_pretrained` override the saved ones of every component
+    that takes them (here both image processors and the tokenizer); the saved folder is unchanged."""
+    build_processor().save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path, do_normalize=False, target_width=28, cls_token="(CLS)")
+    assert loaded.image_processor.do_normalize is False
+    assert loaded.geometry_image_processor.do_normalize is False and loaded.geometry_image_processor.target_width == 28
+    assert loaded.tokenizer.cls_token == "(CLS)"
+    default = AutoProcessor.from_pretrained(tmp_path)
+    assert default.image_processor.do_normalize and default.geometry_image_processor.target_width == 518
+
+
+def test_the_geometry_image_processor_as_image_processor_is_refused():
+    tokenizer = _load_tokenizer(CHECKPOINT)
+    with pytest.raises(ValueError, match=r"AutoProcessor\.from_pretrained"):
+        G2VLMProcessor(image_processor=G2VLMGeometryImageProcessor(), tokenizer=tokenizer)

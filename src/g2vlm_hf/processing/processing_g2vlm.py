@@ -114,6 +114,12 @@ class G2VLMProcessor(ProcessorMixin):
         semantic_image_size: int | None = 768,
         **kwargs,
     ):
+        if isinstance(image_processor, G2VLMGeometryImageProcessor):
+            raise ValueError(
+                "`image_processor` takes the semantic (Qwen2-VL) image processor and `geometry_image_processor` the "
+                "G2VLMGeometryImageProcessor, which is what AutoImageProcessor loads from a G2VLM folder; load the "
+                "processor with AutoProcessor.from_pretrained, or pass each image processor to its own argument."
+            )
         self.semantic_image_size = semantic_image_size
         geometry_image_processor = geometry_image_processor or G2VLMGeometryImageProcessor()
         super().__init__(image_processor, geometry_image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE)
@@ -160,8 +166,10 @@ class G2VLMProcessor(ProcessorMixin):
         # without this package installed, e.g. through trust_remote_code, does not know the geometry processor).
         geometry = {k: v for k, v in processor_dict.pop("image_processor").items() if k != "image_processor_type"}
         processor_dict.pop("geometry_image_processor", None)
+        # settings given to from_pretrained reach each image processor that takes them, as AutoImageProcessor does
+        geometry.update({k: v for k, v in kwargs.items() if k in G2VLMGeometryImagesKwargs.__annotations__})
         arguments = {
-            "image_processor": _semantic_image_processor_from_dict(semantic),
+            "image_processor": _semantic_image_processor_from_dict(semantic, **kwargs),
             "geometry_image_processor": G2VLMGeometryImageProcessor(**geometry),
             "tokenizer": cls._load_tokenizer_from_pretrained("tokenizer", pretrained_model_name_or_path, **kwargs),
         }
@@ -446,9 +454,10 @@ def _fetch_once(image: Any, fetched: dict[str, Image.Image]) -> Any:
     return fetched[image]
 
 
-def _semantic_image_processor_from_dict(config: dict):
+def _semantic_image_processor_from_dict(config: dict, **kwargs):
     """The Qwen2-VL image processor saved under "semantic_image_processor": its class from `image_processor_type`,
-    the PIL backend when torchvision is not installed (as AutoImageProcessor picks it)."""
+    the PIL backend when torchvision is not installed (as AutoImageProcessor picks it); `kwargs` override the saved
+    settings it takes."""
     import transformers
     from transformers.utils import is_torchvision_available
 
@@ -460,7 +469,8 @@ def _semantic_image_processor_from_dict(config: dict):
     for candidate in candidates:
         image_processor_class = getattr(transformers, candidate, None)
         if image_processor_class is not None:
-            return image_processor_class(**{k: v for k, v in config.items() if k != "image_processor_type"})
+            settings = {k: v for k, v in config.items() if k != "image_processor_type"}
+            return image_processor_class.from_dict(settings, **kwargs)
     raise ValueError(f"transformers has no image processor class {name!r} (nor {base}Pil).")
 
 
