@@ -14,7 +14,11 @@ Adaptations, all in `G2VLMProcessorTest` below and none changing what a test ass
 - the `max_length`s of the image kwargs tests are raised above the 729 tokens of one 768x768 semantic image (the
   mixin declares them for such overrides);
 - `get_component("geometry_image_processor")` loads our geometry processor (the mixin only knows transformers'
-  component kinds);
+  component kinds), and `get_component("image_processor")` the semantic (Qwen2-VL) image processor of the saved
+  processor: the mixin loads it with `AutoImageProcessor`, which for a G2VLM folder gives the geometry image
+  processor (saved as "image_processor" for the depth-estimation pipeline; the Qwen2-VL one is saved as
+  "semantic_image_processor"). `test_processor_from_and_save_pretrained_as_nested_dict` calls `AutoImageProcessor`
+  itself and fails for that reason;
 - the sdist lacks transformers' `utils/fetch_hub_objects_for_ci.py` (it maps test-asset URLs to a CI cache); a
   stand-in maps the COCO sample image URL to a local PNG and leaves other URLs as they are (the Hub is unreachable
   here, so tests that fetch video or audio URLs fail or skip for that reason).
@@ -101,6 +105,8 @@ def make_test_case(mixin: type, model_id: Path) -> type:
         def get_component(self, attribute, use_tiny_ckpt=True, **kwargs):
             if attribute == "geometry_image_processor":
                 return G2VLMGeometryImageProcessor(**kwargs)
+            if attribute == "image_processor":  # the saved Qwen2-VL one; AutoImageProcessor gives the geometry one
+                return G2VLMProcessor.from_pretrained(self.tmpdirname, **kwargs).image_processor
             return super().get_component(attribute, use_tiny_ckpt=use_tiny_ckpt, **kwargs)
 
     G2VLMProcessorTest.model_id = str(model_id)

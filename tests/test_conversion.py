@@ -73,6 +73,9 @@ def _rewrite_weights(folder, edit):
         (lambda w: w.pop("language_model.model.layers.0.self_attn.k_norm_moe_geo.weight"), "with no official key"),
         (lambda w: w.update({"extra_head.weight": torch.zeros(2)}), "extra_head.weight"),
         (lambda w: w.update({"dino2llm.bias": torch.zeros(3)}), "shape mismatch"),
+        # keys and shapes right, but the model does not run to finite outputs (the synthetic-input run)
+        (lambda w: w["language_model.lm_head.weight"].fill_(float("nan")), "non-finite logits"),
+        (lambda w: w["point_head.proj.bias"].fill_(float("nan")), "non-finite world_points"),
     ],
 )
 def test_mismatched_official_folder_fails_naming_the_keys_and_writes_nothing(official_copy, tmp_path, edit, message):

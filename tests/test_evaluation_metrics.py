@@ -58,16 +58,36 @@ def scene():
 # ---- depth -------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "alignment", ["none", "median", "l1-scale", "lstsq-scale", "lstsq-scale-shift", "adam-l1-scale-shift"]
-)
+# What each alignment must undo: a scale, or for the shift alignments an affine map (Adam only approaches it).
+UNDOES = {
+    "median": (3.7, 0.0, 1e-9),
+    "l1-scale": (3.7, 0.0, 1e-9),
+    "lstsq-scale": (3.7, 0.0, 1e-9),
+    "lstsq-scale-shift": (2.0, 0.5, 1e-9),
+    "adam-l1-scale-shift": (3.7, 0.0, 1e-3),
+}
+
+
+@pytest.mark.parametrize("alignment", sorted(UNDOES))
 @pytest.mark.parametrize("per_frame", [True, False])
-def test_perfect_depth_scores_perfectly(scene, alignment, per_frame):
+def test_each_alignment_undoes_its_own_transform(scene, alignment, per_frame):
     _, _, depth = scene
-    metrics = evaluate_depth(depth, depth, alignment=alignment, per_frame=per_frame)
-    assert metrics["abs_rel"] == pytest.approx(0.0, abs=1e-9)
-    assert metrics["rmse"] == pytest.approx(0.0, abs=1e-7)
+    scale, shift, tolerance = UNDOES[alignment]
+    # per frame, each frame gets its own factor; a sequence alignment sees one factor for all frames
+    scales = scale * (np.array([1.0, 2.0, 0.5]) if per_frame else np.ones(3))[:, None, None]
+    pred = scales * depth + shift
+    metrics = evaluate_depth(pred, depth, alignment=alignment, per_frame=per_frame)
+    assert metrics["abs_rel"] == pytest.approx(0.0, abs=tolerance)
     assert metrics["delta_1.25"] == 1.0
+    assert metrics["valid_pixels"] == depth.size
+    assert evaluate_depth(pred, depth, alignment="none")["abs_rel"] > 0.5  # the alignment did the work
+
+
+def test_without_alignment_a_known_offset_gives_known_errors(scene):
+    _, _, depth = scene
+    metrics = evaluate_depth(depth + 0.25, depth, alignment="none")
+    assert metrics["rmse"] == pytest.approx(0.25)
+    assert metrics["abs_rel"] == pytest.approx(np.mean(0.25 / depth))
     assert metrics["valid_pixels"] == depth.size
 
 
@@ -159,20 +179,17 @@ def test_umeyama_recovers_a_known_similarity(scene):
     assert torch.det(mirrored_rotation).item() == pytest.approx(1.0)
 
 
-def test_perfect_and_similar_point_maps_score_perfectly(scene):
+def test_similar_point_maps_score_perfectly_after_alignment_only(scene):
     room, _, _ = scene
     gt = room.world_points.astype(np.float64)
-    perfect = evaluate_point_maps(gt, gt)
-    assert perfect["accuracy"] == pytest.approx(0.0, abs=1e-7)
-    assert perfect["completeness"] == pytest.approx(0.0, abs=1e-7)
-    assert perfect["normal_consistency"] == pytest.approx(1.0)
     moved = 0.3 * gt @ (rotation("y", 70) @ rotation("x", 15)).T + np.array([4.0, 0.0, -1.0])
     aligned = evaluate_point_maps(moved, gt)
     assert aligned["accuracy"] == pytest.approx(0.0, abs=1e-7)
     assert aligned["completeness"] == pytest.approx(0.0, abs=1e-7)
     assert aligned["normal_consistency"] == pytest.approx(1.0)
     assert aligned["scale"] == pytest.approx(1 / 0.3)
-    assert evaluate_point_maps(moved, gt, align=False)["accuracy"] > 0.5
+    unaligned = evaluate_point_maps(moved, gt, align=False)
+    assert unaligned["accuracy"] > 0.5 and unaligned["normal_consistency"] < 0.9  # the alignment did the work
 
 
 def plane(rows: int = 6, columns: int = 7, tilt_degrees: float = 0.0, offset: float = 0.0) -> np.ndarray:
@@ -195,6 +212,22 @@ def test_known_offset_and_tilt_give_known_accuracy_and_normal_consistency():
         grid_normals(gt).reshape(-1, 3),
     )
     assert tilted["normal_consistency"] == pytest.approx(np.cos(np.radians(25)))
+
+
+def test_medians_are_numpy_medians_of_an_even_count():
+    # four points far apart, each prediction above its own: distances and normal angles are known per pair
+    gt = np.array([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0], [20.0, 0.0, 0.0], [30.0, 0.0, 0.0]])
+    distances, angles = np.array([0.1, 0.2, 0.4, 0.8]), np.radians([0.0, 20.0, 40.0, 60.0])
+    pred = gt + distances[:, None] * np.array([0.0, 0.0, 1.0])
+    gt_normals = np.tile([0.0, 0.0, 1.0], (4, 1))
+    pred_normals = np.stack([np.zeros(4), np.sin(angles), np.cos(angles)], -1)
+    metrics = point_cloud_metrics(pred, gt, pred_normals, gt_normals)
+    # the mean of the two middle values (0.3), not torch's lower median (0.2), as the reference's np.median
+    assert metrics["accuracy_median"] == pytest.approx(0.3)
+    assert metrics["completeness_median"] == pytest.approx(0.3)
+    assert metrics["nc_accuracy_median"] == pytest.approx(np.median(np.cos(angles)))
+    assert metrics["nc_completeness_median"] == pytest.approx((np.cos(angles[1]) + np.cos(angles[2])) / 2)
+    assert metrics["accuracy"] == pytest.approx(distances.mean())
 
 
 def test_knn_normals_of_a_tilted_plane_and_icp_undo_a_small_rigid_motion():
@@ -225,9 +258,8 @@ def test_chunked_nearest_neighbours_match_the_full_distance_matrix():
 # ---- camera poses -------------------------------------------------------------------------------------------------
 
 
-def test_perfect_and_globally_transformed_trajectories_score_perfectly(scene):
+def test_globally_transformed_trajectories_score_perfectly_a_moved_camera_does_not(scene):
     _, poses, _ = scene
-    assert evaluate_poses(poses, poses)["auc@30"] == 1.0
     similarity = np.eye(4)
     similarity[:3, :3], similarity[:3, 3] = rotation("z", 40) @ rotation("y", 10), [3.0, -1.0, 2.0]
     moved = similarity @ poses
@@ -236,6 +268,13 @@ def test_perfect_and_globally_transformed_trajectories_score_perfectly(scene):
     assert rotation_error.max() < 1e-5 and translation_error.max() < 1e-5
     metrics = evaluate_poses(moved, poses)
     assert metrics["rra@5"] == metrics["rta@5"] == metrics["auc@30"] == 1.0
+    # one camera moved sideways (not a global change): its two pairs get a translation-direction error, the third
+    # pair none, and no pair a rotation error
+    moved[2, :3, 3] += 5.0 * moved[2, :3, 0]
+    rotation_error, translation_error = relative_pose_errors(moved, poses)
+    assert rotation_error.max() < 1e-5
+    assert (translation_error > 5.0).sum() == 2 and translation_error.min() < 1e-5
+    assert evaluate_poses(moved, poses)["rta@5"] == pytest.approx(1 / 3)
 
 
 def test_a_known_rotation_error_gives_known_pair_errors_and_auc(scene):

@@ -66,9 +66,21 @@ def scene() -> dict[str, np.ndarray]:
     return make_scene()
 
 
-def test_synthetic_scene_is_consistent(scene):
-    assert np.allclose(scene["world_points"][..., 2], PLANE_Z, atol=1e-4)
-    assert (scene["depth"] > 0).all()
+def test_exported_depth_and_cameras_back_project_to_the_exported_points(scene, tmp_path):
+    # the files of one export agree with each other: each view's depth PNG, seen through its intrinsics and pose
+    # from cameras.json, lands on that view's points in points.ply, which lie on the fixture's plane z = PLANE_Z
+    intrinsics = np.tile(np.array([[6.0, 0.0, W / 2], [0.0, 6.0, H / 2], [0.0, 0.0, 1.0]]), (N, 1, 1))
+    export_reconstruction(tmp_path, **scene, intrinsics=intrinsics)
+    cameras = json.loads((tmp_path / "cameras.json").read_text())["cameras"]
+    points = np.asarray(trimesh.load(tmp_path / "points.ply").vertices).reshape(N, H, W, 3)
+    v, u = np.meshgrid(np.arange(H) + 0.5, np.arange(W) + 0.5, indexing="ij")
+    for index, camera in enumerate(cameras):
+        depth = load_depth_png16(tmp_path / "depth" / f"view_{index:03d}.png")
+        (fx, _, cx), (_, fy, cy), _ = camera["intrinsics"]
+        local = np.stack([(u - cx) / fx, (v - cy) / fy, np.ones_like(u)], axis=-1) * depth[..., None]
+        pose = np.array(camera["camera_to_world"])
+        np.testing.assert_allclose(local @ pose[:3, :3].T + pose[:3, 3], points[index], atol=1e-3)
+    np.testing.assert_allclose(points[..., 2], PLANE_Z, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------------- filtering

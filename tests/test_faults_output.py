@@ -12,9 +12,11 @@ import time
 
 import pytest
 from conftest import FIXTURE_DIR
+from test_export import make_scene
 
 from g2vlm_hf.cli import main as g2vlm
 from g2vlm_hf.conversion.cli import main as g2vlm_convert
+from g2vlm_hf.export import export_reconstruction
 from g2vlm_hf.safe_output import MARKER, clean_leftovers
 
 pytest.importorskip("trimesh", reason="the export extra (trimesh) is part of the test extras")
@@ -115,27 +117,44 @@ def _umask() -> int:
     return mask
 
 
-def test_reconstruct_on_a_full_disk_keeps_the_previous_result(tmp_path, converted_tiny, monkeypatch, capsys):
-    output = tmp_path / "scene"
-    assert reconstruct(converted_tiny, output) == 0
-    before = {p.relative_to(output): p.read_bytes() for p in output.rglob("*") if p.is_file()}
-    real_fdopen = os.fdopen
+def disk_full_after(monkeypatch, files: int) -> None:
+    """Make the export's file writes fail with ENOSPC once `files` files were written."""
+    real_fdopen, opened = os.fdopen, []
 
     def fdopen(descriptor, mode="r", *args, **kwargs):
         handle = real_fdopen(descriptor, mode, *args, **kwargs)
         if "w" in mode:
+            opened.append(handle)
+            if len(opened) > files:
 
-            def write(data):
-                raise OSError(errno.ENOSPC, "No space left on device")
+                def write(data):
+                    raise OSError(errno.ENOSPC, "No space left on device")
 
-            handle.write = write
+                handle.write = write
         return handle
 
     monkeypatch.setattr("g2vlm_hf.export.os.fdopen", fdopen)
+
+
+def test_reconstruct_on_a_full_disk_keeps_the_previous_result(tmp_path, converted_tiny, monkeypatch, capsys):
+    # The disk fills after two files: without the staging folder, the new scene.glb and points.ply would already
+    # have replaced (then, rolled back, removed) the previous ones.
+    output = tmp_path / "scene"
+    assert reconstruct(converted_tiny, output) == 0
+    before = {p.relative_to(output): p.read_bytes() for p in output.rglob("*") if p.is_file()}
+    disk_full_after(monkeypatch, files=2)
     assert reconstruct(converted_tiny, output, "--overwrite") == 2
     assert "No space left" in one_line_error(capsys)
     assert {p.relative_to(output): p.read_bytes() for p in output.rglob("*") if p.is_file()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["scene"]
+
+
+def test_export_on_a_full_disk_removes_the_files_it_wrote(tmp_path, monkeypatch):
+    # the export's own layer, which library callers get without a staging folder
+    disk_full_after(monkeypatch, files=3)
+    with pytest.raises(OSError, match="No space left"):
+        export_reconstruction(tmp_path / "scene", **make_scene())
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("case", ["file", "under_file", "too_long", "max_points", "percentile"])

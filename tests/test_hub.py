@@ -180,17 +180,29 @@ def test_a_component_past_max_shard_size_is_split_and_still_loads(tiny, tmp_path
         component_of("model.something_new.weight")
 
 
-def test_from_pretrained_reproduces_the_local_model(pushed, client, local_full):
-    class_name, outputs = client.run(
+@pytest.mark.parametrize("code", ["package", "remote"])
+def test_from_pretrained_reproduces_the_local_model(pushed, client, local_full, code):
+    # The Auto classes serve the installed package even with trust_remote_code=True (transformers prefers registered
+    # local code), so the pushed modeling and processing files are loaded by name from the repository here, as
+    # the dynamic-module loader does for a user without the package (tests/test_remote_code.py runs that case).
+    module, outputs = client.run(
         """
-        model = AutoModelForImageTextToText.from_pretrained(repo, dtype=torch.float32).eval()
-        (f"{type(model).__module__}.{type(model).__name__}", model_outputs(AutoProcessor.from_pretrained(repo), model))
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+        if code == "remote":
+            model_class = get_class_from_dynamic_module("modeling_g2vlm.G2VLMForConditionalGeneration", repo)
+            processor_class = get_class_from_dynamic_module("processing_g2vlm.G2VLMProcessor", repo)
+        else:
+            model_class, processor_class = AutoModelForImageTextToText, AutoProcessor
+        model = model_class.from_pretrained(repo, dtype=torch.float32).eval()
+        (type(model).__module__, model_outputs(processor_class.from_pretrained(repo), model))
         """,
         repo=REPO,
+        code=code,
     )
-    assert (
-        class_name == "g2vlm_hf.modeling.modeling_g2vlm.G2VLMForConditionalGeneration"
-    )  # the package, not remote code
+    if code == "remote":
+        assert module.startswith("transformers_modules.") and module.endswith(".modeling_g2vlm"), module
+    else:
+        assert module == "g2vlm_hf.modeling.modeling_g2vlm"
     local_model, local_processor = local_full
     assert_same_tensors(model_outputs(local_processor, local_model), outputs)
 

@@ -259,11 +259,11 @@ def test_offsets_mapping_is_returned_when_asked(processor):
 
 def test_mm_token_type_ids_mark_image_and_geometry_tokens(processor):
     """`return_mm_token_type_ids=True` (transformers' 0 = text, 1 = image) is honoured, not dropped: semantic image
-    tokens are typed as transformers types them, and geometry tokens, also image features, are 1 too."""
+    tokens and geometry tokens, also image features, are 1, everything else 0."""
     text = [f"{GEOMETRY}{SEMANTIC} Where?", f"{GEOMETRY}{SEMANTIC} And now?"]
     inputs = processor(images=[VIEWS[0], VIEWS[1]], text=text, return_mm_token_type_ids=True, return_tensors="pt")
     types = inputs["mm_token_type_ids"]
-    semantic = torch.tensor(processor.create_mm_token_type_ids(inputs["input_ids"])) == 1
+    semantic = inputs["input_ids"] == processor.image_token_id
     geometry = inputs["input_ids"] == processor.geometry_token_id
     assert bool(semantic.any()) and bool(geometry.any())
     assert torch.equal(types == 1, semantic | geometry)
@@ -379,3 +379,21 @@ def test_round_trip_keeps_kwarg_routing(tmp_path):
             loaded(images=[VIEWS[0]], text=f"{GEOMETRY}{SEMANTIC} Where?", return_tensors="pt", **kwargs),
             processor(images=[VIEWS[0]], text=f"{GEOMETRY}{SEMANTIC} Where?", return_tensors="pt", **kwargs),
         )
+
+
+def test_from_pretrained_settings_reach_the_components(tmp_path):
+    """As transformers' processors: settings given to `from_pretrained` override the saved ones of every component
+    that takes them (here both image processors and the tokenizer); the saved folder is unchanged."""
+    build_processor().save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path, do_normalize=False, target_width=28, cls_token="(CLS)")
+    assert loaded.image_processor.do_normalize is False
+    assert loaded.geometry_image_processor.do_normalize is False and loaded.geometry_image_processor.target_width == 28
+    assert loaded.tokenizer.cls_token == "(CLS)"
+    default = AutoProcessor.from_pretrained(tmp_path)
+    assert default.image_processor.do_normalize and default.geometry_image_processor.target_width == 518
+
+
+def test_the_geometry_image_processor_as_image_processor_is_refused():
+    tokenizer = _load_tokenizer(CHECKPOINT)
+    with pytest.raises(ValueError, match=r"AutoProcessor\.from_pretrained"):
+        G2VLMProcessor(image_processor=G2VLMGeometryImageProcessor(), tokenizer=tokenizer)

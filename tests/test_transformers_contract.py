@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FIXTURE_DIR, TINY_GEO_TOKEN, geometry_block, image_block, image_patches, tiny_model
+from conftest import FIXTURE_DIR, TINY_GEO_TOKEN, geometry_block, image_block, image_patches, load_golden, tiny_model
 from transformers import AutoModel, AutoProcessor, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.testing_utils import CaptureLogger
@@ -53,14 +53,15 @@ class TestOutputFlags:
         assert len(out.hidden_states) == layers + 1 and len(out.attentions) == layers
         assert all(state.shape == (1, length, 128) for state in out.hidden_states)
         torch.testing.assert_close(out.hidden_states[-1], last)  # the last one is after the experts' final norms
+        geometry = torch.nonzero(inputs["input_ids"][0] == TINY_GEO_TOKEN).flatten()
+        future = torch.ones(length, length, dtype=torch.bool).triu(1)
+        text_rows = [0, 1, 2, length - 3, length - 2, length - 1]
         for weights in out.attentions:
             assert weights.shape == (1, 4, length, length)
-            torch.testing.assert_close(weights.sum(-1), torch.ones(1, 4, length))
-        # text is causal (token 2 never sees token 3), the geometry block is bidirectional (its first token sees
-        # the last view's tokens)
-        weights = out.attentions[0][0, 0]
-        geometry = torch.nonzero(inputs["input_ids"][0] == TINY_GEO_TOKEN).flatten()
-        assert weights[2, 3] == 0 and weights[geometry[0], geometry[-1]] > 0
+            # the weights the layer used follow the model's mask: text rows never weigh a later token, while every
+            # geometry token weighs every geometry token of its block, later ones included
+            assert (weights[0][:, text_rows][:, future[text_rows]] == 0).all()
+            assert (weights[0][:, geometry][:, :, geometry] > 0).all()
 
     def test_generate_returns_hidden_states_and_attentions(self, eager_model):
         inputs = chat_inputs()
@@ -74,7 +75,8 @@ class TestOutputFlags:
         assert out.hidden_states[1][-1].shape == (1, 1, 128)  # one decode step
         assert out.attentions[1][0].shape == (1, 4, 1, length + 1)
 
-    def test_return_dict_false_gives_the_tuple_of_the_output(self, model):
+    def test_return_dict_false_gives_the_tuple_of_the_output(self):
+        model = tiny_model()  # its own: the config is changed below
         inputs = chat_inputs()
         with torch.no_grad():
             as_output = model(**inputs)
@@ -90,7 +92,8 @@ class TestOutputFlags:
             torch.testing.assert_close(result[0], as_output.logits)
         assert isinstance(base, tuple)
 
-    def test_use_cache_defaults_from_the_config(self, model):
+    def test_use_cache_defaults_from_the_config(self):
+        model = tiny_model()  # its own: the config is changed below
         inputs = chat_inputs()
         with torch.no_grad():
             assert isinstance(output_cache(model(**inputs)), DynamicCache)
@@ -307,14 +310,17 @@ def test_the_legacy_cache_name_is_deprecated_as_in_transformers(model):
     assert "`past_key_values` is deprecated" in captured.out
 
 
-def test_auto_model_loads_a_model_that_reconstructs_without_warnings(converted_tiny):
+def test_auto_model_loads_a_model_that_reconstructs_as_the_official_code(converted_tiny):
     processor = AutoProcessor.from_pretrained(converted_tiny)
-    model, info = AutoModel.from_pretrained(converted_tiny, output_loading_info=True)
+    model, info = AutoModel.from_pretrained(converted_tiny, output_loading_info=True, dtype=torch.float32)
     assert isinstance(model, G2VLMForConditionalGeneration)
     assert not any(info.values()), info
-    views = [FIXTURE_DIR / "images" / f"view_{index}.png" for index in range(2)]
-    scene = model.eval().reconstruct(**processor(geometry_images=views, return_tensors="pt"))
-    assert scene.camera_poses.shape == (1, 2, 4, 4)
+    views = [FIXTURE_DIR / "images" / f"view_{index}.png" for index in range(3)]
+    with torch.no_grad():
+        scene = model.eval().reconstruct(**processor(geometry_images=views, return_tensors="pt"))
+    golden = load_golden("fp32").tensors  # the official `recon` on the same three views
+    torch.testing.assert_close(scene.camera_poses, golden["recon.camera_poses"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scene.world_points, golden["recon.points"], rtol=1e-4, atol=1e-4)
 
 
 def test_a_model_cast_to_bfloat16_still_reconstructs_in_float32(model):

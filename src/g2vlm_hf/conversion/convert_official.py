@@ -4,7 +4,8 @@ The official folder (e.g. `InternRobotics/G2VLM-2B-MoT`) holds `text_config.json
 `dino_config.json`, `model.safetensors` and tokenizer files. The conversion renames every weight through
 `OFFICIAL_KEY_RENAMES`, fails naming any key it cannot place (or any parameter left without a weight), adds the
 `<|geo_pad|>` placeholder token, writes everything to a temporary folder, checks that the result loads with no
-missing or unexpected keys, and only then moves it into place.
+missing or unexpected keys and runs once on a synthetic input (finite outputs of the expected shapes), and only then
+moves it into place.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from transformers.utils import logging
 from ..modeling import G2VLMConfig, G2VLMForConditionalGeneration
 from ..processing import G2VLMProcessor
 from ..safe_output import check_output_dir, staged_outputs
+from .synthetic_check import check_runs_on_synthetic_input
 
 logger = logging.get_logger(__name__)
 
@@ -265,7 +267,8 @@ def convert_official_checkpoint(
         _generation_config(config).save_pretrained(staging)
         _build_processor(input_dir, tokenizer).save_pretrained(staging)
         save_torch_state_dict(state_dict, staging, max_shard_size=max_shard_size)
-        _check_loads_cleanly(staging)
+        del state_dict  # the check below loads the saved copy
+        _check_loads_and_runs(staging)
     logger.info(f"Converted {len(mapping)} weights from {input_dir} into {output_dir}.")
     return output_dir
 
@@ -286,12 +289,14 @@ def _generation_config(config: G2VLMConfig) -> GenerationConfig:
     )
 
 
-def _check_loads_cleanly(folder: Path) -> None:
-    """Load the converted folder and fail if any weight is missing, unexpected or mismatched."""
-    _, info = G2VLMForConditionalGeneration.from_pretrained(folder, output_loading_info=True, device_map="meta")
+def _check_loads_and_runs(folder: Path) -> None:
+    """Load the converted folder, fail if any weight is missing, unexpected or mismatched, then run it once on a
+    synthetic input (as transformers' conversion scripts run the converted model before saving)."""
+    model, info = G2VLMForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
     problems = {name: sorted(keys) for name, keys in info.items() if keys and name != "error_msgs"}
     if problems or info.get("error_msgs"):
         raise ValueError(f"The converted checkpoint does not load cleanly: {problems or info['error_msgs']}")
+    check_runs_on_synthetic_input(model.eval())
 
 
 __all__ = [

@@ -108,6 +108,14 @@ def grid_normals(points: ArrayLike) -> torch.Tensor:
     return torch.nn.functional.normalize(normals, dim=-1, eps=1e-12)
 
 
+def median(values: torch.Tensor) -> float:
+    """Median of a 1-D tensor as numpy computes it (the mean of the two middle values for an even count), which the
+    reference reports; `torch.median` returns the lower of the two."""
+    ordered = values.sort().values
+    middle = (ordered.numel() - 1) // 2
+    return float((ordered[middle] + ordered[ordered.numel() // 2]) / 2)
+
+
 def point_cloud_metrics(
     pred: ArrayLike,
     gt: ArrayLike,
@@ -116,15 +124,15 @@ def point_cloud_metrics(
     chunk_size: int = 4096,
     device: str | torch.device = "cpu",
 ) -> dict[str, float]:
-    """Accuracy, completeness (means and medians) and, with normals, normal consistency of two clouds `(M, 3)`."""
+    """Accuracy, completeness and, with normals, normal consistency (means and medians) of two clouds `(M, 3)`."""
     pred, gt = as_float64(pred, "predicted points"), as_float64(gt, "ground-truth points")
     accuracy, to_gt = nearest_neighbours(pred, gt, chunk_size, device)
     completeness, to_pred = nearest_neighbours(gt, pred, chunk_size, device)
     metrics = {
         "accuracy": float(accuracy.mean()),
-        "accuracy_median": float(accuracy.median()),
+        "accuracy_median": median(accuracy),
         "completeness": float(completeness.mean()),
-        "completeness_median": float(completeness.median()),
+        "completeness_median": median(completeness),
     }
     if pred_normals is not None and gt_normals is not None:
         pred_normals = as_float64(pred_normals, "predicted normals")
@@ -134,7 +142,9 @@ def point_cloud_metrics(
         nc_accuracy = (gt_normals[to_gt] * pred_normals).sum(-1).abs()
         nc_completeness = (gt_normals * pred_normals[to_pred]).sum(-1).abs()
         metrics["nc_accuracy"] = float(nc_accuracy.mean())
+        metrics["nc_accuracy_median"] = median(nc_accuracy)
         metrics["nc_completeness"] = float(nc_completeness.mean())
+        metrics["nc_completeness_median"] = median(nc_completeness)
         metrics["normal_consistency"] = (metrics["nc_accuracy"] + metrics["nc_completeness"]) / 2
     return metrics
 
@@ -161,7 +171,7 @@ def evaluate_point_maps(
         normals: "knn" (PCA of 30 nearest neighbours in the cloud, as the reference) or "grid" (from the pixel grid,
             `grid_normals`; cheaper, and defined on creases).
     Returns:
-        `accuracy`, `completeness`, their medians, `nc_accuracy`, `nc_completeness`, `normal_consistency`,
+        `accuracy`, `completeness`, `nc_accuracy`, `nc_completeness` and their `*_median`s, `normal_consistency`,
         `valid_points`, and the alignment `scale`.
     """
     pred, gt = as_float64(pred, "predicted points"), as_float64(gt, "ground-truth points")

@@ -11,6 +11,11 @@ from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 from transformers.image_utils import ImageInput
 from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, TextKwargs, Unpack
+
+try:  # transformers >= 5.23 marks the placeholders that user text writes (sanitize_control_tokens)
+    from transformers.processing_utils import _UNMARKED
+except ImportError:
+    _UNMARKED = ""
 from transformers.tokenization_utils_base import TextInput
 
 from .chat_template import CHAT_TEMPLATE, RECONSTRUCTION_PROMPT
@@ -109,6 +114,12 @@ class G2VLMProcessor(ProcessorMixin):
         semantic_image_size: int | None = 768,
         **kwargs,
     ):
+        if isinstance(image_processor, G2VLMGeometryImageProcessor):
+            raise ValueError(
+                "`image_processor` takes the semantic (Qwen2-VL) image processor and `geometry_image_processor` the "
+                "G2VLMGeometryImageProcessor, which is what AutoImageProcessor loads from a G2VLM folder; load the "
+                "processor with AutoProcessor.from_pretrained, or pass each image processor to its own argument."
+            )
         self.semantic_image_size = semantic_image_size
         geometry_image_processor = geometry_image_processor or G2VLMGeometryImageProcessor()
         super().__init__(image_processor, geometry_image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE)
@@ -155,8 +166,10 @@ class G2VLMProcessor(ProcessorMixin):
         # without this package installed, e.g. through trust_remote_code, does not know the geometry processor).
         geometry = {k: v for k, v in processor_dict.pop("image_processor").items() if k != "image_processor_type"}
         processor_dict.pop("geometry_image_processor", None)
+        # settings given to from_pretrained reach each image processor that takes them, as AutoImageProcessor does
+        geometry.update({k: v for k, v in kwargs.items() if k in G2VLMGeometryImagesKwargs.__annotations__})
         arguments = {
-            "image_processor": _semantic_image_processor_from_dict(semantic),
+            "image_processor": _semantic_image_processor_from_dict(semantic, **kwargs),
             "geometry_image_processor": G2VLMGeometryImageProcessor(**geometry),
             "tokenizer": cls._load_tokenizer_from_pretrained("tokenizer", pretrained_model_name_or_path, **kwargs),
         }
@@ -253,10 +266,10 @@ class G2VLMProcessor(ProcessorMixin):
         text_kwargs = dict(merged["text_kwargs"])
         switches = {key: bool(text_kwargs.pop(key, None) or merged.get(key)) for key in _PROCESSOR_SWITCHES}
         return_tensors = text_kwargs.pop("return_tensors", None)
-        placeholders = _placeholder_pattern(bool(text_kwargs.get("sanitize_control_tokens")))
+        marked = bool(text_kwargs.get("sanitize_control_tokens"))
 
-        image_counts = [len(placeholders[IMAGE_TOKEN].findall(prompt)) for prompt in texts]
-        geometry_counts = [len(placeholders[GEOMETRY_TOKEN].findall(prompt)) for prompt in texts]
+        image_counts = [count_placeholders(prompt, IMAGE_TOKEN, marked) for prompt in texts]
+        geometry_counts = [count_placeholders(prompt, GEOMETRY_TOKEN, marked) for prompt in texts]
         semantic = per_prompt(images, image_counts, "images", IMAGE_TOKEN)
         if geometry_images is None and any(geometry_counts) and images is not None:
             geometry_images = semantic
@@ -267,54 +280,99 @@ class G2VLMProcessor(ProcessorMixin):
         geometry = [[_fetch_once(view, fetched) for view in prompt_views] for prompt_views in geometry]
 
         data: dict[str, Any] = {}
-        replacements: dict[str, list[str]] = {IMAGE_TOKEN: [], GEOMETRY_TOKEN: []}
+        image_replacements, geometry_replacements = [], []
         if any(image_counts):
-            flat = [self._semantic_image(image) for prompt_images in semantic for image in prompt_images]
+            flat = [image for prompt_images in semantic for image in prompt_images]
             images_kwargs = {**merged["images_kwargs"], "return_tensors": "pt"}
-            semantic_inputs = self.image_processor(images=flat, **images_kwargs)
-            data.update(pixel_values=semantic_inputs["pixel_values"], image_grid_thw=semantic_inputs["image_grid_thw"])
-            replacements[IMAGE_TOKEN] = [self.replace_image_token(semantic_inputs, i) for i in range(len(flat))]
+            processed, image_replacements = self._process_images(flat, **images_kwargs)
+            data.update(processed)
         if any(geometry_counts):
             if not all(geometry_counts):
                 raise ValueError(
                     "In a batch, either every prompt has geometry views or none has; process the prompts separately."
                 )
-            geometry_processor, call_kwargs = self._geometry_processor(merged["geometry_images_kwargs"])
-            views = geometry_processor(geometry, return_tensors="pt", **call_kwargs)["geometry_pixel_values"]
-            data["geometry_pixel_values"] = views
-            patch = geometry_processor.patch_size
-            tokens_per_view = (views.shape[-2] // patch) * (views.shape[-1] // patch)
-            replacements[GEOMETRY_TOKEN] = [GEOMETRY_TOKEN * tokens_per_view] * sum(geometry_counts)
+            processed, geometry_replacements = self._process_geometry_images(
+                geometry, **merged["geometry_images_kwargs"]
+            )
+            data.update(processed)
 
-        texts, offsets = expand_placeholders(texts, replacements, placeholders)
+        texts, offsets = self.get_text_with_replacements(
+            texts, image_replacements, geometry_replacements=geometry_replacements
+        )
         encoded = self.tokenizer(texts, **text_kwargs)
-        self._check_placeholders_kept(encoded["input_ids"], texts, placeholders)
+        self._check_special_mm_tokens(texts, encoded, modalities=["image", "geometry"])
         data.update(encoded)
         if switches["return_text_replacement_offsets"]:
             data["text_replacement_offsets"] = offsets
         if switches["return_mm_token_type_ids"]:
-            data["mm_token_type_ids"] = self._mm_token_type_ids(encoded["input_ids"])
+            data["mm_token_type_ids"] = self.create_mm_token_type_ids(encoded["input_ids"])
         skip = sorted({*getattr(self, "skip_tensor_conversion", []), "text_replacement_offsets"})
         return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=skip)
 
-    def _check_placeholders_kept(self, input_ids, texts: list[str], placeholders: dict[str, re.Pattern]) -> None:
-        """Refuse a tokenization that cut image or geometry tokens (truncation): the model cannot use such input."""
-        rows = input_ids.tolist() if hasattr(input_ids, "tolist") else input_ids
-        for token, token_id in ((IMAGE_TOKEN, self.image_token_id), (GEOMETRY_TOKEN, self.geometry_token_id)):
-            kept = [list(row).count(token_id) for row in rows]
-            written = [len(placeholders[token].findall(prompt)) for prompt in texts]
-            if kept != written:
-                raise ValueError(
-                    f"Truncation cut {token} tokens (kept {kept} of {written} per prompt): raise `max_length` or "
-                    "disable truncation; image features need all their tokens."
-                )
+    @property
+    def image_token_ids(self) -> list[int]:
+        """Ids that `create_mm_token_type_ids` types as image features (1): semantic image and geometry tokens."""
+        return [self.image_token_id, self.geometry_token_id]
 
-    def _mm_token_type_ids(self, input_ids) -> list[list[int]]:
-        """transformers' modality types per token (0 text, 1 image): both semantic image tokens and geometry tokens
-        stand for image features, so both are 1."""
-        rows = input_ids.tolist() if hasattr(input_ids, "tolist") else input_ids
-        image_ids = (self.image_token_id, self.geometry_token_id)
-        return [[int(token in image_ids) for token in row] for row in rows]
+    def _process_images(self, images: list, **kwargs) -> tuple[dict, list[str]]:
+        """transformers' hook for the semantic images, after the official pre-resize (see `semantic_image_size`)."""
+        return super()._process_images([self._semantic_image(image) for image in images], **kwargs)
+
+    def _process_geometry_images(self, scenes: list[list], **kwargs) -> tuple[dict, list[str]]:
+        """`_process_images` for the geometry views (one list per prompt): their pixels, and the run of placeholders
+        that stands for each view (one token per patch)."""
+        geometry_processor, call_kwargs = self._geometry_processor(kwargs)
+        views = geometry_processor(scenes, return_tensors="pt", **call_kwargs)["geometry_pixel_values"]
+        patch = geometry_processor.patch_size
+        tokens_per_view = (views.shape[-2] // patch) * (views.shape[-1] // patch)
+        replacements = [GEOMETRY_TOKEN * tokens_per_view] * sum(len(scene) for scene in scenes)
+        return {"geometry_pixel_values": views}, replacements
+
+    def get_text_with_replacements(
+        self,
+        text: list[str],
+        images_replacements: list[str] = (),
+        videos_replacements: list[str] = (),
+        audio_replacements: list[str] = (),
+        geometry_replacements: list[str] = (),
+    ) -> tuple[list[str], list[list[dict[str, Any]]]]:
+        """transformers' hook, with the geometry placeholders: replaces, in order through the batch, the i-th
+        `<|image_pad|>` by `images_replacements[i]` and the i-th `<|geo_pad|>` by `geometry_replacements[i]`.
+
+        Also returns, per prompt, transformers' replacement offsets (`type`, `span` in the original prompt, `new_span`
+        in the expanded one, `text`, `replacement`), which `apply_chat_template` uses to place assistant masks.
+        """
+        replacements = {IMAGE_TOKEN: images_replacements, GEOMETRY_TOKEN: geometry_replacements}
+        kinds = {IMAGE_TOKEN: "image", GEOMETRY_TOKEN: "geometry_image"}
+        active = [token for token, values in replacements.items() if values]
+        if not active:
+            return list(text), [[] for _ in text]
+        pattern = re.compile("|".join(f"(?:{placeholder_pattern(token)})" for token in active))
+        queues = {token: iter(replacements[token]) for token in active}
+        expanded, offsets = [], []
+        for prompt in text:
+            pieces, prompt_offsets, last, shift = [], [], 0, 0
+            for match in pattern.finditer(prompt):
+                token = match.group()
+                replacement = next(queues[token])
+                start, end = match.span()
+                pieces += [prompt[last:start], replacement]
+                new_start = start + shift
+                prompt_offsets.append(
+                    {
+                        "type": kinds[token],
+                        "span": (start, end),
+                        "new_span": (new_start, new_start + len(replacement)),
+                        "text": token,
+                        "replacement": replacement,
+                    }
+                )
+                shift += len(replacement) - (end - start)
+                last = end
+            pieces.append(prompt[last:])
+            expanded.append("".join(pieces))
+            offsets.append(prompt_offsets)
+        return expanded, offsets
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         """The `<|image_pad|>` run that stands for semantic image `image_idx` (one per merged ViT patch)."""
@@ -374,15 +432,17 @@ class G2VLMProcessor(ProcessorMixin):
         return processor, call_kwargs
 
 
-def _placeholder_pattern(sanitized: bool) -> dict[str, re.Pattern]:
-    """Regexes of the two placeholders. With `sanitize_control_tokens` (set by transformers' `apply_chat_template`
-    from 5.23), placeholders that user text wrote are marked and must stay plain text, as transformers does."""
-    prefix = ""
-    if sanitized:
-        from transformers.processing_utils import _UNMARKED  # only reachable where transformers sets the flag
+def placeholder_pattern(token: str) -> str:
+    """Regex of a placeholder that stands for media. transformers (5.23 on) marks the placeholders typed in user text
+    under `apply_chat_template(sanitize_control_tokens=True)`; those stay text, so the pattern skips marked ones (the
+    lookbehind is transformers' private `_UNMARKED`: its public `get_text_with_replacements` knows image, video and
+    audio tokens only)."""
+    return _UNMARKED + re.escape(token)
 
-        prefix = _UNMARKED
-    return {token: re.compile(prefix + re.escape(token)) for token in (IMAGE_TOKEN, GEOMETRY_TOKEN)}
+
+def count_placeholders(prompt: str, token: str, marked: bool) -> int:
+    """Placeholders of `token` in `prompt` that stand for media (skipping marked ones when `marked`)."""
+    return len(re.findall(placeholder_pattern(token), prompt)) if marked else prompt.count(token)
 
 
 def _fetch_once(image: Any, fetched: dict[str, Image.Image]) -> Any:
@@ -394,9 +454,10 @@ def _fetch_once(image: Any, fetched: dict[str, Image.Image]) -> Any:
     return fetched[image]
 
 
-def _semantic_image_processor_from_dict(config: dict):
+def _semantic_image_processor_from_dict(config: dict, **kwargs):
     """The Qwen2-VL image processor saved under "semantic_image_processor": its class from `image_processor_type`,
-    the PIL backend when torchvision is not installed (as AutoImageProcessor picks it)."""
+    the PIL backend when torchvision is not installed (as AutoImageProcessor picks it); `kwargs` override the saved
+    settings it takes."""
     import transformers
     from transformers.utils import is_torchvision_available
 
@@ -408,7 +469,8 @@ def _semantic_image_processor_from_dict(config: dict):
     for candidate in candidates:
         image_processor_class = getattr(transformers, candidate, None)
         if image_processor_class is not None:
-            return image_processor_class(**{k: v for k, v in config.items() if k != "image_processor_type"})
+            settings = {k: v for k, v in config.items() if k != "image_processor_type"}
+            return image_processor_class.from_dict(settings, **kwargs)
     raise ValueError(f"transformers has no image processor class {name!r} (nor {base}Pil).")
 
 
@@ -440,46 +502,6 @@ def per_prompt(items, counts: list[int], name: str, token: str) -> list[list]:
                 f"it ({mismatch})."
             )
     return nested
-
-
-def expand_placeholders(
-    texts: list[str], replacements: dict[str, list[str]], patterns: dict[str, re.Pattern]
-) -> tuple[list[str], list[list[dict[str, Any]]]]:
-    """Replace, in order through the batch, the i-th occurrence of each placeholder by `replacements[token][i]`.
-
-    Also returns, per prompt, transformers' replacement offsets (`type`, `span` in the original prompt, `new_span`
-    in the expanded one, `text`, `replacement`), which `apply_chat_template` uses to place assistant masks.
-    """
-    kinds = {IMAGE_TOKEN: "image", GEOMETRY_TOKEN: "geometry_image"}
-    active = [token for token, values in replacements.items() if values]
-    if not active:
-        return list(texts), [[] for _ in texts]
-    pattern = re.compile("|".join(f"(?:{patterns[token].pattern})" for token in active))
-    queues = {token: iter(replacements[token]) for token in active}
-    expanded, offsets = [], []
-    for prompt in texts:
-        pieces, prompt_offsets, last, shift = [], [], 0, 0
-        for match in pattern.finditer(prompt):
-            token = match.group()
-            replacement = next(queues[token])
-            start, end = match.span()
-            pieces += [prompt[last:start], replacement]
-            new_start = start + shift
-            prompt_offsets.append(
-                {
-                    "type": kinds[token],
-                    "span": (start, end),
-                    "new_span": (new_start, new_start + len(replacement)),
-                    "text": token,
-                    "replacement": replacement,
-                }
-            )
-            shift += len(replacement) - (end - start)
-            last = end
-        pieces.append(prompt[last:])
-        expanded.append("".join(pieces))
-        offsets.append(prompt_offsets)
-    return expanded, offsets
 
 
 __all__ = ["G2VLMGeometryImagesKwargs", "G2VLMProcessor", "G2VLMProcessorKwargs"]
