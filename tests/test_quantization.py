@@ -18,7 +18,7 @@ from conftest import geometry_block, image_block, image_patches, tiny_config
 from torch import nn
 from transformers import BitsAndBytesConfig, TorchAoConfig
 
-from g2vlm_hf import G2VLMForConditionalGeneration
+from g2vlm_hf import G2VLMForConditionalGeneration, G2VLMModel
 from g2vlm_hf.training import lora_target_modules
 
 GRID_H, GRID_W, VIEWS = 2, 3, 2
@@ -173,6 +173,13 @@ def test_a_users_skip_list_still_keeps_the_geometry_parts(checkpoint):
     layers = linear_layers(model)
     assert all(type(layers[name]) is nn.Linear for name in layers if in_part(name, (*FULL_PRECISION_PARTS, "model.visual")))
     assert isinstance(layers["model.language_model.layers.0.self_attn.q_proj"], bitsandbytes().nn.Linear8bitLt)
+
+
+def test_the_backbone_alone_keeps_its_geometry_parts(checkpoint):
+    model = G2VLMModel.from_pretrained(checkpoint, quantization_config=bitsandbytes_8bit())
+    layers = linear_layers(model)
+    assert all(type(layers[name]) is nn.Linear for name in layers if in_part(name, ("geometry_encoder", "geometry_projector")))
+    assert isinstance(layers["language_model.layers.0.self_attn.q_proj"], bitsandbytes().nn.Linear8bitLt)
 
 
 @pytest.mark.parametrize(
