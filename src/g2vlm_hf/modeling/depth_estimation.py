@@ -10,7 +10,7 @@ from .configuration_g2vlm import G2VLMConfig
 from .geometry_heads import G2VLMGeometryHeads
 from .modeling_g2vlm import G2VLMModel, reconstruct_scenes
 from .outputs import G2VLMReconstructionOutput
-from .pretrained import G2VLMPreTrainedModel
+from .pretrained import FULL_PRECISION_MODULES, G2VLMPreTrainedModel
 
 
 @dataclass
@@ -34,6 +34,7 @@ class G2VLMForDepthEstimation(G2VLMPreTrainedModel):
     `image_processor([views])`."""
 
     config: G2VLMConfig
+    _keep_in_fp32_modules = FULL_PRECISION_MODULES
     _keep_in_fp32_modules_strict = ["geometry_heads"]
     _keys_to_ignore_on_load_unexpected = [r"^lm_head\.", r"^model\.visual\."]
 

@@ -16,7 +16,7 @@ from .geometry_heads import G2VLMGeometryHeads
 from .geometry_losses import G2VLMGeometryLossWeights, check_geometry_targets, geometry_losses
 from .layers import ExpertSplit
 from .outputs import G2VLMCausalLMOutputWithPast, G2VLMModelOutputWithPast, G2VLMReconstructionOutput
-from .pretrained import G2VLMPreTrainedModel
+from .pretrained import FULL_PRECISION_MODULES, G2VLMPreTrainedModel
 from .text_decoder import G2VLMTextModel
 from .token_layout import get_block_ids, get_rope_index
 
@@ -33,6 +33,8 @@ class G2VLMVisionEncoder(Qwen2VisionTransformerPretrainedModel):
 
 class G2VLMModel(G2VLMPreTrainedModel):
     """The encoders and the two-expert decoder, without LM head or geometry heads."""
+
+    _keep_in_fp32_modules = ["geometry_encoder", "geometry_projector"]  # see FULL_PRECISION_MODULES
 
     def __init__(self, config: G2VLMConfig):
         super().__init__(config)
@@ -360,6 +362,7 @@ def reconstruct_scenes(
 class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
     """G²VLM with a language-modelling head (spatial-reasoning chat) and geometry heads (3D reconstruction)."""
 
+    _keep_in_fp32_modules = FULL_PRECISION_MODULES
     _keep_in_fp32_modules_strict = ["geometry_heads"]
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -609,6 +612,7 @@ class G2VLMForReconstruction(G2VLMPreTrainedModel):
     the semantic vision encoder and the LM head. Loads with `AutoModel` from a reconstruction-only export."""
 
     config: G2VLMReconstructionConfig
+    _keep_in_fp32_modules = FULL_PRECISION_MODULES
     _keep_in_fp32_modules_strict = ["geometry_heads"]
 
     def __init__(self, config: G2VLMReconstructionConfig):

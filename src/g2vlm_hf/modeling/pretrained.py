@@ -10,6 +10,12 @@ from transformers import initialization as init
 from .configuration_g2vlm import G2VLMConfig
 from .layers import G2VLMLayerScale
 
+# The parts whose precision the 3D outputs depend on, small beside the decoder: never quantized (transformers'
+# quantizers, bitsandbytes and torchao among them, skip `_keep_in_fp32_modules`) and loaded in float32 when the rest
+# is loaded in float16. Names from the task models' root; the heads are also float32 in bfloat16
+# (`_keep_in_fp32_modules_strict`).
+FULL_PRECISION_MODULES = ["geometry_heads", "model.geometry_encoder", "model.geometry_projector"]
+
 
 class G2VLMPreTrainedModel(PreTrainedModel):
     config: G2VLMConfig
@@ -61,4 +67,4 @@ class G2VLMPreTrainedModel(PreTrainedModel):
             init.constant_(module.gamma, module.init_value)
 
 
-__all__ = ["G2VLMPreTrainedModel"]
+__all__ = ["FULL_PRECISION_MODULES", "G2VLMPreTrainedModel"]
