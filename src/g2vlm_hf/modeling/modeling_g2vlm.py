@@ -158,15 +158,15 @@ class G2VLMModel(G2VLMPreTrainedModel):
     def _check_placeholders_have_media(self, input_ids, past_key_values, pixel_values, geometry_pixel_values) -> None:
         """Before anything is cached, placeholders without their images are a forgotten input: say so (a runtime
         assertion under `torch.compile`)."""
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
-            return
+        # a tensor for a static cache: no branch on it
+        cached = past_key_values is not None and past_key_values.get_seq_length() > 0
         for name, token_id, media in (
             ("pixel_values", self.config.image_token_id, pixel_values),
             ("geometry_pixel_values", self.config.geometry_token_id, geometry_pixel_values),
         ):
             if media is None:
                 torch_compilable_check(
-                    ~(input_ids == token_id).any(),
+                    ~(input_ids == token_id).any() | cached,
                     f"`input_ids` holds {name.split('_')[0]} placeholders but no `{name}` were given.",
                 )
 
