@@ -5,8 +5,7 @@ Both sides load one official-layout checkpoint (the port after conversion): by d
 Both see the same view images (the synthetic room at 518x392). Measured: reconstruction latency (preprocessing
 included) for 2/8/16 views and decode tokens/s at batch 1, and for the port prefill and decode at batch 1 and 8 with
 1k and 4k tokens of context, each with its analytic FLOP or byte count and the floor it implies on this machine.
-The row "sdpa masked" times the largest reconstruction with sdpa as ONE masked call instead of per-segment sdpa (the
-choice made in G2VLMTextModel._varlen_kernel). The official side runs in the harness environment
+The official side runs in the harness environment
 (../shared/tools/official-harness: a venv with torch 2.14.1, torchvision and transformers 4.49) with the harness's CPU
 stand-in for flash_attn, in float32; it also records its inputs and outputs of the first reconstruction and of the
 chat, and the port, run on those very inputs, prints its relative error on the world points and on the first decode
@@ -117,20 +116,6 @@ def long_context_decode_rates(model, steps: int, repeats: int) -> dict[tuple[int
     return rates
 
 
-def masked_sdpa_seconds(model, processor, paths: list[str], repeats: int) -> float:
-    """The reconstruction of `paths` with sdpa as one masked call over the prompt (what a compiled graph runs)
-    instead of per-segment sdpa: the alternative behind G2VLMTextModel._varlen_kernel's choice."""
-    from g2vlm_hf.modeling.text_decoder import G2VLMTextModel
-
-    choose = G2VLMTextModel._varlen_kernel
-    G2VLMTextModel._varlen_kernel = lambda self, block_ids: None
-    try:
-        inputs = processor(geometry_images=paths, return_tensors="pt")
-        return best_of(lambda: model.reconstruct(**inputs), repeats)
-    finally:
-        G2VLMTextModel._varlen_kernel = choose
-
-
 def relative_error(port: torch.Tensor, official: torch.Tensor) -> float:
     return float((port.float() - official.float()).norm() / official.float().norm())
 
@@ -185,8 +170,6 @@ def port_results(spec: dict) -> dict:
         for paths in cases:
             seconds = best_of(lambda paths=paths: model.reconstruct(**processor(geometry_images=paths, return_tensors="pt")), repeats)
             results["recon"].append({"views": len(paths), "seconds": seconds})
-        if spec["masked_row"]:
-            results["recon_masked"] = {"views": len(cases[-1]), "seconds": masked_sdpa_seconds(model, processor, cases[-1], repeats)}
         if spec["record"]:
             results["parity"] = parity_errors(model, Path(spec["record"]))
         messages = [{"role": "user", "content": [{"type": "image", "image": cases[0][0]}, {"type": "text", "text": "How far is the red box?"}]}]
@@ -235,10 +218,6 @@ def print_table(config, port: dict, before: dict | None, official: dict | None, 
         views = case["views"]
         floor = reconstruction_flops(config, views, HEIGHT, WIDTH) / peak_flops
         row(f"recon {views} views (s)", before_recon.get(views, nan), case["seconds"], official_recon.get(views, nan), floor, ".3f")
-    if "recon_masked" in port:
-        views = port["recon_masked"]["views"]
-        floor = reconstruction_flops(config, views, HEIGHT, WIDTH) / peak_flops
-        row(f"recon {views} views, sdpa masked", nan, port["recon_masked"]["seconds"], official_recon.get(views, nan), floor, ".3f")
     floor_rate = peak_bandwidth / decode_bytes_per_token(config, port["context"])
     official_rate = official["decode"]["tokens_per_second"] if official else nan
     for key, label in (("decode", "decode b1 (tok/s)"), ("decode_compiled", "decode b1 static+compile")):
@@ -297,9 +276,9 @@ def main() -> None:
             ]  # fmt: skip
             official = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
         spec = dict(model_dir=str(model_dir), cases=cases, decode_steps=args.decode_steps, repeats=args.repeats,
-                    long_context=args.long_context, threads=args.threads, masked_row=False, record=None)  # fmt: skip
+                    long_context=args.long_context, threads=args.threads, record=None)  # fmt: skip
         before = measure_port(spec, args.before_src) if args.before_src else None
-        port = measure_port({**spec, "masked_row": True, "record": str(record) if record else None})
+        port = measure_port({**spec, "record": str(record) if record else None})
         print_table(AutoConfig.from_pretrained(model_dir), port, before, official, args.threads)
 
 

@@ -1,8 +1,10 @@
 """Attention backends compute the same function: eager (the reference), sdpa, flex attention, and the
-flash-attention path (mixed causal / bidirectional runs through varlen kernels), plus static-cache decoding.
+flash-attention path (mixed causal / bidirectional runs through varlen calls), plus static-cache decoding.
 
 Without a GPU the flash path is run with `reference_varlen_attention`, an exact PyTorch implementation of
-`flash_attn_varlen_func`'s semantics; the real kernel is checked by the CUDA tests at the end (skipped without CUDA).
+`flash_attn_varlen_func`'s semantics: once behind transformers' own flash-attention function (its kernel loader
+pointed at the reference), and in the other tests through a stand-in registered as "flash_attention_2". The real
+kernel is checked by the CUDA tests at the end (skipped without CUDA).
 """
 
 from __future__ import annotations
@@ -11,18 +13,80 @@ import pytest
 import torch
 from conftest import tiny_config, tiny_model
 from test_model import GRID_H, GRID_W, IMAGE_GRID, VIEWS, chat_prompt, geometry_block, image_patches, views
-from transformers import DynamicCache
+from transformers import DynamicCache, modeling_flash_attention_utils
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from g2vlm_hf.modeling import text_decoder
 from g2vlm_hf.modeling.token_layout import TEXT_BLOCK_ID
-from g2vlm_hf.modeling.varlen_attention import (
-    bottom_right_causal_mask,
-    plan_varlen_attention,
-    reference_varlen_attention,
-    sdpa_varlen_attention,
-)
+from g2vlm_hf.modeling.varlen_attention import attend_packed_runs, pack_runs
+
+
+def segments(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor):
+    """`(q_start, q_end, k_start, k_end)` of each packed segment."""
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for index in range(len(bounds_q) - 1):
+        yield bounds_q[index], bounds_q[index + 1], bounds_k[index], bounds_k[index + 1]
+
+
+def bottom_right_causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """`(q_len, k_len)` bool mask: query i sees keys up to i + (k_len - q_len), as flash-attention aligns it."""
+    offset = k_len - q_len
+    return torch.arange(k_len, device=device)[None, :] <= torch.arange(q_len, device=device)[:, None] + offset
+
+
+def reference_varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """`flash_attn_varlen_func`'s semantics in plain PyTorch (grouped-query heads, one attention per segment, causal
+    mask aligned to the bottom right). No dropout."""
+    assert not dropout_p
+    output = q.new_empty(q.shape)
+    groups = q.shape[1] // k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    for q0, q1, k0, k1 in segments(cu_seqlens_q, cu_seqlens_k):
+        seg_q = q[q0:q1].transpose(0, 1).float()
+        seg_k = k[k0:k1].repeat_interleave(groups, dim=1).transpose(0, 1).float()
+        seg_v = v[k0:k1].repeat_interleave(groups, dim=1).transpose(0, 1).float()
+        scores = seg_q @ seg_k.transpose(-1, -2) * scale
+        if causal:
+            scores = scores.masked_fill(~bottom_right_causal_mask(q1 - q0, k1 - k0, scores.device), float("-inf"))
+        output[q0:q1] = (scores.softmax(-1) @ seg_v).transpose(0, 1).to(q.dtype)
+    return output
+
+
+def flash_attention_stand_in(varlen_kernel=reference_varlen_attention):
+    """transformers' flash-attention function in plain PyTorch: packed sequences with `cu_seq_lens_q/k` go to
+    `varlen_kernel`; otherwise a 2D padding mask and a causal mask aligned bottom-right."""
+
+    def flash_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                        cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None, **kwargs):  # fmt: skip
+        is_causal = module.is_causal if is_causal is None else is_causal
+        if cu_seq_lens_q is not None:
+            q, k, v = (states.transpose(1, 2).flatten(0, 1) for states in (query, key, value))
+            output = varlen_kernel(
+                q, k, v, cu_seqlens_q=cu_seq_lens_q, cu_seqlens_k=cu_seq_lens_k, max_seqlen_q=max_length_q,
+                max_seqlen_k=max_length_k, dropout_p=dropout, softmax_scale=scaling, causal=is_causal,
+            )  # fmt: skip
+            return output.view(query.shape[0], -1, *output.shape[1:]), None
+        q_len, kv_len = query.shape[2], key.shape[2]
+        allowed = bottom_right_causal_mask(q_len, kv_len, query.device)[None, None]
+        if attention_mask is not None:
+            allowed = allowed & attention_mask[:, None, None, -kv_len:].bool()
+        output = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=allowed, scale=scaling, enable_gqa=True
+        )
+        return output.transpose(1, 2).nan_to_num(), None  # padded query rows see nothing
+
+    return flash_attention
 
 
 def dense_reference(query, key, value, attention_mask, block_ids, past_length, scaling):
@@ -54,7 +118,7 @@ def dense_reference(query, key, value, attention_mask, block_ids, past_length, s
 
 @pytest.mark.parametrize("past_length", [0, 5])
 @pytest.mark.parametrize("with_padding", [False, True])
-def test_varlen_plan_equals_the_dense_mask(past_length, with_padding):
+def test_packed_runs_equal_the_dense_mask(past_length, with_padding):
     torch.manual_seed(0)
     batch, heads, kv_heads, q_len, dim = 2, 4, 2, 12, 16
     kv_len = past_length + q_len
@@ -67,14 +131,11 @@ def test_varlen_plan_equals_the_dense_mask(past_length, with_padding):
         attention_mask[1, :3] = 0  # left padding of row 1
     expected = dense_reference(query, key, value, attention_mask, blocks, past_length, dim**-0.5)
     valid = attention_mask[:, past_length:].bool()
-    varlen_attention = ALL_ATTENTION_FUNCTIONS["g2vlm_varlen"]  # the layer calls it through the registry
-    for kernel in (reference_varlen_attention, sdpa_varlen_attention):
-        plan = plan_varlen_attention(batch, q_len, past_length, attention_mask, blocks, query.device, kernel)
-        assert {group.causal for group in plan.groups} == {True, False}
-        actual, weights = varlen_attention(None, query, key, value, plan, dim**-0.5)
-        assert weights is None
-        torch.testing.assert_close(actual[valid], expected[valid], rtol=1e-5, atol=1e-5)
-        assert torch.count_nonzero(actual[~valid]) == 0
+    runs = pack_runs(q_len, past_length, attention_mask, blocks)
+    assert [group.causal for group in runs.groups] == [True, False]
+    actual = attend_packed_runs(None, flash_attention_stand_in(), query, key, value, runs, scaling=dim**-0.5)
+    torch.testing.assert_close(actual[valid], expected[valid], rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(actual[~valid]) == 0
 
 
 def test_a_chunk_that_is_one_image_block_never_gives_a_kernel_an_empty_batch():
@@ -89,8 +150,8 @@ def test_a_chunk_that_is_one_image_block_never_gives_a_kernel_an_empty_batch():
         assert q.shape[0] == cu_seqlens_q[-1] and k.shape[0] == cu_seqlens_k[-1]
         return reference_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, **kwargs)
 
-    plan = plan_varlen_attention(1, 6, 0, None, blocks, query.device, kernel)
-    actual, _ = ALL_ATTENTION_FUNCTIONS["g2vlm_varlen"](None, query, key, value, plan, 8**-0.5)
+    runs = pack_runs(6, 0, None, blocks)
+    actual = attend_packed_runs(None, flash_attention_stand_in(kernel), query, key, value, runs, scaling=8**-0.5)
     assert min(batches) >= 1
     expected = torch.nn.functional.scaled_dot_product_attention(query, key, value).transpose(1, 2)  # bidirectional
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
@@ -105,25 +166,11 @@ def test_reference_varlen_aligns_causal_masks_bottom_right():
     torch.testing.assert_close(out[0, 0], scores.softmax(-1) @ v[:4, 0])
 
 
-def flash_attention_stand_in(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers' flash-attention interface (2D padding mask, causal aligned bottom-right) in plain PyTorch."""
-    q_len, kv_len = query.shape[2], key.shape[2]
-    allowed = bottom_right_causal_mask(q_len, kv_len, query.device)[None, None]
-    if attention_mask is not None:
-        allowed = allowed & attention_mask[:, None, None, -kv_len:].bool()
-    output = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=allowed, scale=scaling, enable_gqa=True
-    )
-    return output.transpose(1, 2).nan_to_num(), None  # padded query rows see nothing
-
-
 @pytest.fixture
 def flash_path_on_cpu(monkeypatch):
-    """The model's flash-attention path with PyTorch stand-ins for flash_attn's kernels (absent on CPUs): the
-    reference varlen kernel for chunks with image blocks, and a stand-in registered as "flash_attention_2" in
-    transformers' attention registry for plain text and decode steps."""
-    monkeypatch.setattr(text_decoder, "varlen_kernel", lambda implementation: reference_varlen_attention)
-    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "flash_attention_2", flash_attention_stand_in)
+    """The model's flash-attention path with a PyTorch stand-in for transformers' flash-attention function (flash_attn
+    is absent on CPUs), registered as "flash_attention_2" in transformers' attention registry."""
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "flash_attention_2", flash_attention_stand_in())
 
     def enable(model):
         model.config.text_config._attn_implementation_internal = "flash_attention_2"
@@ -162,6 +209,27 @@ def test_flash_path_matches_eager_for_a_padded_multimodal_batch(flash_path_on_cp
             reference.reconstruct(input_ids=recon_ids, geometry_pixel_values=scene).world_points,
             rtol=1e-4, atol=1e-5,
         )  # fmt: skip
+
+
+def test_the_varlen_calls_run_through_transformers_flash_attention_function(monkeypatch):
+    """transformers' own flash-attention function, unchanged, with its kernel loader pointed at the reference varlen
+    kernel: the packed runs reach `flash_attn_varlen_func` as transformers hands them over, and match eager."""
+    process_kwargs = modeling_flash_attention_utils._lazy_define_process_function(reference_varlen_attention)
+    kernels = ((None, reference_varlen_attention, None, None, None), (process_kwargs, dict))
+    monkeypatch.setattr(modeling_flash_attention_utils, "lazy_import_flash_attention", lambda *args, **kw: kernels)
+    reference, flash = tiny_model(seed=2), tiny_model(seed=2)
+    reference.set_attn_implementation("eager")
+    flash.config.text_config._attn_implementation_internal = "flash_attention_2"
+    ids = [1, 5, *geometry_block(VIEWS, GRID_H, GRID_W)]
+    inputs = dict(
+        input_ids=torch.tensor([ids, [0, 0, *ids[2:]]]),  # text then a geometry block; row 1 left-padded
+        attention_mask=torch.tensor([[1] * len(ids), [0, 0] + [1] * (len(ids) - 2)]),
+        geometry_pixel_values=views(batch=2),
+    )
+    with torch.no_grad():
+        expected = reference.reconstruct(**inputs).world_points
+        actual = flash.reconstruct(**inputs).world_points
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_flash_path_generates_like_sdpa_with_a_cache(flash_path_on_cpu):

@@ -15,14 +15,12 @@ import shutil
 import pytest
 import torch
 from conftest import tiny_model
-from test_attention_backends import flash_attention_stand_in
+from test_attention_backends import flash_attention_stand_in, reference_varlen_attention
 from test_model import GRID_H, GRID_W, IMAGE_GRID, VIEWS, chat_prompt, geometry_block, image_patches, views
 from transformers import StaticCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from g2vlm_hf.modeling import text_decoder
 from g2vlm_hf.modeling.compat import cache_kwargs
-from g2vlm_hf.modeling.varlen_attention import reference_varlen_attention
 
 BACKENDS = ["sdpa", "eager", "flash_attention_2"]
 
@@ -42,8 +40,7 @@ def _(q, *args, **kwargs):
 def model_with(monkeypatch):
     """A tiny model on `implementation`; the flash path runs on the CPU with its stand-ins (see
     test_attention_backends), the varlen one registered as an operator like flash-attn's."""
-    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "flash_attention_2", flash_attention_stand_in)
-    monkeypatch.setattr(text_decoder, "varlen_kernel", lambda implementation: compiled_reference_varlen)
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "flash_attention_2", flash_attention_stand_in(compiled_reference_varlen))
 
     def build(implementation: str):
         model = tiny_model()

@@ -41,13 +41,13 @@ def test_auto_image_processor_is_the_geometry_one_and_auto_processor_still_loads
     assert type(processor) is G2VLMProcessor
     assert type(processor.image_processor).__name__.startswith("Qwen2VLImageProcessor")
     assert processor.geometry_image_processor.to_dict() == image_processor.to_dict()
-    # the image processor alone builds the same reconstruction inputs as the processor
+    # the image processor alone gives the same views as the processor, and no prompt (the depth model builds it)
     alone, full = (
         image_processor([[str(v) for v in VIEWS]]),
         processor(geometry_images=[str(v) for v in VIEWS], return_tensors="pt"),
     )
-    for key in ("input_ids", "attention_mask", "geometry_pixel_values"):
-        torch.testing.assert_close(alone[key], full[key])
+    assert set(alone) == {"geometry_pixel_values"}
+    torch.testing.assert_close(alone["geometry_pixel_values"], full["geometry_pixel_values"])
 
     # save -> load keeps every setting of both image processors
     processor.save_pretrained(tmp_path)
@@ -75,13 +75,38 @@ def test_depth_model_equals_the_reconstruction(folder):
     full = AutoModelForImageTextToText.from_pretrained(folder).eval()
     processor = AutoProcessor.from_pretrained(folder)
     inputs = AutoImageProcessor.from_pretrained(folder)([[str(v) for v in VIEWS]])
+    prompt = processor(geometry_images=[str(v) for v in VIEWS], return_tensors="pt")
+    # the model builds the processor's reconstruction prompt from the views alone
+    assert torch.equal(model.reconstruction_prompt(inputs["geometry_pixel_values"]), prompt["input_ids"])
     with torch.no_grad():
         output = model(**inputs)
-        expected = full.reconstruct(**processor(geometry_images=[str(v) for v in VIEWS], return_tensors="pt"))
+        expected = full.reconstruct(**prompt)
     views, height, width = expected.depth.shape[1:]
     assert output.predicted_depth.shape == (views, height, width)
     torch.testing.assert_close(output.predicted_depth, expected.depth[0])  # several views reconstructed together
     torch.testing.assert_close(output.reconstruction.intrinsics, expected.intrinsics)
+
+
+def test_depth_model_has_no_semantic_encoder_and_float32_heads(folder):
+    model = AutoModelForDepthEstimation.from_pretrained(folder, dtype=torch.bfloat16)
+    assert model.model.visual is None
+    assert not any(name.startswith("model.visual.") for name in model.state_dict())
+    assert {parameter.dtype for parameter in model.geometry_heads.parameters()} == {torch.float32}
+    assert model.model.language_model.embed_tokens.weight.dtype == torch.bfloat16
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:  # built directly under a half-precision default, as the other model classes, the heads are float32 too
+        built = G2VLMForDepthEstimation(model.config)
+    finally:
+        torch.set_default_dtype(previous)
+    assert {parameter.dtype for parameter in built.geometry_heads.parameters()} == {torch.float32}
+
+
+def test_depth_model_without_prompt_ids_says_how_to_get_them(folder):
+    model = AutoModelForDepthEstimation.from_pretrained(folder)
+    model.config.reconstruction_prompt_ids = None
+    with pytest.raises(ValueError, match="reconstruction_prompt_ids"):
+        model(**AutoImageProcessor.from_pretrained(folder)(str(VIEWS[0])))
 
 
 def test_depth_estimation_pipeline(folder):

@@ -335,7 +335,7 @@ class TestBadInput:
 
 def test_the_views_of_a_scene_attend_to_its_first_view_as_if_one_by_one():
     # the global-points decoder's cross-attention computes a scene's context keys once for all of its views
-    from g2vlm_hf.modeling.geometry_heads import G2VLMRotary2D
+    from g2vlm_hf.modeling.head_layers import G2VLMRotary2D
 
     model = tiny_model()
     cross_attention = model.geometry_heads.global_points_decoder.blocks[0].cross_attn

@@ -21,7 +21,7 @@ from transformers import AddedToken, AutoImageProcessor, GenerationConfig, PreTr
 from transformers.utils import logging
 
 from ..modeling import G2VLMConfig, G2VLMForConditionalGeneration
-from ..processing import G2VLMProcessor
+from ..processing import RECONSTRUCTION_PROMPT, G2VLMProcessor
 from ..safe_output import check_output_dir, staged_outputs
 from .synthetic_check import check_runs_on_synthetic_input
 
@@ -253,6 +253,7 @@ def convert_official_checkpoint(
             token_ids=_token_ids(tokenizer),
             use_confidence_head=any(key.startswith("conf_head.") for key in official_shapes),
         )
+        config.reconstruction_prompt_ids = tokenizer.encode(RECONSTRUCTION_PROMPT, add_special_tokens=False)
         mapping = map_official_keys(official_shapes, expected_state_dict_shapes(config))
         state_dict = {
             new: checkpoint.get_tensor(old)

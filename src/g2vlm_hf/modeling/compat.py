@@ -5,21 +5,19 @@ instead of testing versions themselves. Supported: transformers 5.21 through 5.2
 
 - 5.24 renamed the key/value cache from `past_key_values` to `cache`, in model inputs, in model outputs and in the
   generation and masking utilities (the old name is deprecated until 5.40).
-- 5.24 renamed `PreTrainedModel.is_gradient_checkpointing` to `is_activation_checkpointing` (the old name warns).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
+from torch.compiler import is_compiling
 from transformers.modeling_outputs import BaseModelOutputWithPast
-from transformers.utils import logging
-
-logger = logging.get_logger(__name__)
 
 LEGACY_CACHE_NAME = "past_key_values"
 CACHE_NAME: str = "cache" if "cache" in {field.name for field in fields(BaseModelOutputWithPast)} else LEGACY_CACHE_NAME
@@ -42,10 +40,12 @@ def accepts_cache_alias(method: Callable) -> Callable:
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        if CACHE_NAME != LEGACY_CACHE_NAME and kwargs.get(LEGACY_CACHE_NAME) is not None:
-            # as transformers' own models do from 5.24 on
-            logger.warning_once(
-                "`past_key_values` is deprecated and will be removed in version 5.40.0. Use `cache` instead."
+        if CACHE_NAME != LEGACY_CACHE_NAME and kwargs.get(LEGACY_CACHE_NAME) is not None and not is_compiling():
+            # as transformers' own models do from 5.24 on (its `deprecate_kwarg`)
+            warnings.warn(
+                "`past_key_values` is deprecated and will be removed in version 5.40.0. Use `cache` instead.",
+                FutureWarning,
+                stacklevel=2,
             )
         if "cache" in kwargs:
             cache = kwargs.pop("cache")
@@ -69,18 +69,10 @@ def accepts_cache_alias(method: Callable) -> Callable:
     return wrapper
 
 
-def activation_checkpointing(model: Any) -> bool:
-    """Whether activation (gradient) checkpointing is on for `model`, under the installed transformers' name."""
-    if hasattr(type(model), "is_activation_checkpointing"):
-        return model.is_activation_checkpointing
-    return model.is_gradient_checkpointing
-
-
 __all__ = [
     "CACHE_NAME",
     "LEGACY_CACHE_NAME",
     "accepts_cache_alias",
-    "activation_checkpointing",
     "cache_kwargs",
     "output_cache",
 ]

@@ -6,6 +6,8 @@ from typing import ClassVar, Literal
 
 from transformers import Dinov2WithRegistersConfig, PreTrainedConfig, Qwen2VLTextConfig, Qwen2VLVisionConfig
 
+from .head_activations import get_head_activation
+
 GEOMETRY_ENCODER_ATTENTION_MODES = ("per_view", "official_packed_windows")
 DEFAULT_GEOMETRY_LOSS_WEIGHTS = {
     "local_points": 1.0,
@@ -99,6 +101,10 @@ class G2VLMConfig(PreTrainedConfig):
             `<|vision_start|>`, opening every semantic image and every geometry view.
         vision_end_token_id (`int`, *optional*, defaults to 151653):
             `<|vision_end|>`, closing every semantic image and every geometry view.
+        reconstruction_prompt_ids (`list[int]`, *optional*):
+            Token ids of the text that opens the official reconstruction prompt (`<|im_start|>Reconstruct the 3D
+            scene.`), before the geometry block; the conversion writes them. [`G2VLMForDepthEstimation`] builds its
+            prompt from them.
         geometry_encoder_attention (`str`, *optional*, defaults to `"per_view"`):
             How the geometry encoder attends. `"per_view"` is plain DINOv2: each view attends over its own CLS,
             register and patch tokens. `"official_packed_windows"` reproduces the released G²VLM code, which packs all
@@ -123,6 +129,11 @@ class G2VLMConfig(PreTrainedConfig):
             Whether the global-points decoder (cross-attending to the first view) and its head exist.
         use_confidence_head (`bool`, *optional*, defaults to `False`):
             Whether a confidence decoder and its 1-channel head exist (only some official checkpoints have one).
+        depth_activation (`str`, *optional*, defaults to `"exp"`):
+            Activation of the point head's depth channel (`"exp"`: the head predicts log depth, as G²VLM and Pi3).
+            One of the names of `head_activations.HEAD_ACTIVATIONS`.
+        confidence_activation (`str`, *optional*, defaults to `"linear"`):
+            Activation of the confidence head (`"linear"`: G²VLM's unnormalised scores).
         geometry_loss_weights (`dict`, *optional*):
             Weights of the reconstruction losses used with `geometry_targets`: `local_points` (1.0),
             `global_points` (1.0), `camera` (0.2) and, inside the camera term, `camera_translation` (100.0) — the
@@ -146,6 +157,7 @@ class G2VLMConfig(PreTrainedConfig):
     geometry_token_id: int = 151657
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
+    reconstruction_prompt_ids: list[int] | None = None
     geometry_encoder_attention: Literal["per_view", "official_packed_windows"] = "per_view"
     head_depth: int = 5
     head_num_attention_heads: int = 16
@@ -156,6 +168,8 @@ class G2VLMConfig(PreTrainedConfig):
     camera_head_hidden_size: int = 512
     use_global_points: bool = True
     use_confidence_head: bool = False
+    depth_activation: str = "exp"
+    confidence_activation: str = "linear"
     geometry_loss_weights: dict | None = None
     tie_word_embeddings: bool = False
 
@@ -180,6 +194,8 @@ class G2VLMConfig(PreTrainedConfig):
                 f"geometry_encoder_attention={self.geometry_encoder_attention!r} is not supported; choose one of "
                 f"{GEOMETRY_ENCODER_ATTENTION_MODES}."
             )
+        for name in (self.depth_activation, self.confidence_activation):
+            get_head_activation(name)  # a ValueError naming the choices
         if self.text_config.hidden_size % self.head_num_attention_heads:
             raise ValueError(
                 f"The geometry-head decoders run at the decoder width ({self.text_config.hidden_size}), which must be "

@@ -7,13 +7,14 @@ from transformers import GenerationMixin
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
-from transformers.utils import can_return_tuple, logging
+from transformers.utils import can_return_tuple, logging, torch_compilable_check
 
-from .compat import accepts_cache_alias, activation_checkpointing, cache_kwargs, output_cache
+from .compat import accepts_cache_alias, cache_kwargs, output_cache
 from .configuration_g2vlm import G2VLMConfig, G2VLMReconstructionConfig
 from .geometry_encoder import G2VLMGeometryEncoder
 from .geometry_heads import G2VLMGeometryHeads
 from .geometry_losses import G2VLMGeometryLossWeights, check_geometry_targets, geometry_losses
+from .intrinsics import estimate_intrinsics
 from .layers import ExpertSplit
 from .outputs import G2VLMCausalLMOutputWithPast, G2VLMModelOutputWithPast, G2VLMReconstructionOutput
 from .pretrained import FULL_PRECISION_MODULES, G2VLMPreTrainedModel
@@ -36,14 +37,13 @@ class G2VLMModel(G2VLMPreTrainedModel):
 
     _keep_in_fp32_modules = ["geometry_encoder", "geometry_projector"]  # see FULL_PRECISION_MODULES
 
-    def __init__(self, config: G2VLMConfig):
+    def __init__(self, config: G2VLMConfig, with_semantic_encoder: bool = True):
+        """`with_semantic_encoder=False` leaves the semantic vision encoder out (depth estimation); the
+        reconstruction-only config (G2VLMForReconstruction) has none either."""
         super().__init__(config)
-        # The reconstruction-only model (G2VLMForReconstruction) has no semantic encoder.
-        self.visual = (
-            G2VLMVisionEncoder._from_config(config.vision_config)
-            if config.vision_config is not None
-            else None
-        )
+        self.visual = None
+        if config.vision_config is not None and with_semantic_encoder:
+            self.visual = G2VLMVisionEncoder._from_config(config.vision_config)
         self.geometry_encoder = G2VLMGeometryEncoder._from_config(
             config.geometry_config, packed_windows=config.geometry_encoder_attention == "official_packed_windows"
         )
@@ -158,16 +158,19 @@ class G2VLMModel(G2VLMPreTrainedModel):
         return layout_ids
 
     def _check_placeholders_have_media(self, input_ids, past_key_values, pixel_values, geometry_pixel_values) -> None:
-        """Before anything is cached, placeholders without their images are a forgotten input: say so."""
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
-            return
-        for token_id, media in (
-            (self.config.image_token_id, pixel_values),
-            (self.config.geometry_token_id, geometry_pixel_values),
+        """Before anything is cached, placeholders without their images are a forgotten input: say so (a runtime
+        assertion under `torch.compile`)."""
+        # a tensor for a static cache: no branch on it
+        cached = past_key_values is not None and past_key_values.get_seq_length() > 0
+        for name, token_id, media in (
+            ("pixel_values", self.config.image_token_id, pixel_values),
+            ("geometry_pixel_values", self.config.geometry_token_id, geometry_pixel_values),
         ):
-            if media is None and bool((input_ids == token_id).any()):
-                name = "pixel_values" if token_id == self.config.image_token_id else "geometry_pixel_values"
-                raise ValueError(f"`input_ids` holds {name.split('_')[0]} placeholders but no `{name}` were given.")
+            if media is None:
+                torch_compilable_check(
+                    ~(input_ids == token_id).any() | cached,
+                    f"`input_ids` holds {name.split('_')[0]} placeholders but no `{name}` were given.",
+                )
 
     @accepts_cache_alias
     @can_return_tuple
@@ -202,9 +205,6 @@ class G2VLMModel(G2VLMPreTrainedModel):
             raise ValueError("Pass `input_ids` (from the processor) or `inputs_embeds`.")
         if geometry_pixel_values is not None:
             geometry_pixel_values = as_geometry_pixel_values(geometry_pixel_values, self.config.geometry_patch_size)
-        if use_cache is None:
-            # as transformers' `merge_with_config_defaults`: the config's default, never while checkpointing
-            use_cache = self.config.text_config.use_cache and not (activation_checkpointing(self) and self.training)
         if input_ids is None:
             if geometry_pixel_values is not None and self.config.geometry_token_id >= self.config.text_config.vocab_size:
                 raise ValueError(
@@ -218,8 +218,7 @@ class G2VLMModel(G2VLMPreTrainedModel):
         geometry_token_id = self.config.geometry_token_id if geometry_pixel_values is not None else None
         image_mask = input_ids == image_token_id if image_token_id is not None else None
         geometry_mask = input_ids == geometry_token_id if geometry_token_id is not None else None
-        if not torch.compiler.is_compiling():  # a user-facing check; a compiled (decode) step has no host syncs
-            self._check_placeholders_have_media(input_ids, past_key_values, pixel_values, geometry_pixel_values)
+        self._check_placeholders_have_media(input_ids, past_key_values, pixel_values, geometry_pixel_values)
 
         if inputs_embeds is None:
             placeholders = torch.zeros_like(input_ids, dtype=torch.bool)
@@ -271,7 +270,6 @@ class G2VLMModel(G2VLMPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             rope_deltas=self.rope_deltas,
-            geometry_mask=geometry_mask,
             image_outputs=image_outputs,
             **cache_kwargs(output_cache(outputs)),
         )
@@ -312,11 +310,11 @@ def scatter_features(
     inputs_embeds: torch.Tensor, placeholder_mask: torch.BoolTensor, features: torch.Tensor, kind: str
 ) -> torch.Tensor:
     """Put `features` (one row per placeholder token, in order) in place of the placeholders."""
-    if not torch.compiler.is_compiling() and (num_placeholders := int(placeholder_mask.sum())) != features.shape[0]:
-        raise ValueError(
-            f"The prompt has {num_placeholders} {kind} placeholder tokens but the {kind} inputs give "
-            f"{features.shape[0]} features: build `input_ids` with the processor so that both agree."
-        )
+    torch_compilable_check(
+        placeholder_mask.sum() == features.shape[0],
+        lambda: f"The prompt has {int(placeholder_mask.sum())} {kind} placeholder tokens but the {kind} inputs give "
+        f"{features.shape[0]} features: build `input_ids` with the processor so that both agree.",
+    )
     features = features.to(inputs_embeds.device, inputs_embeds.dtype)
     return inputs_embeds.masked_scatter(placeholder_mask.unsqueeze(-1), features)
 
@@ -355,8 +353,11 @@ def reconstruct_scenes(
         use_cache=False,
         **kwargs,
     )
-    tokens = geometry_token_grid(outputs.last_hidden_state, outputs.geometry_mask, geometry_pixel_values, patch)
-    return G2VLMReconstructionOutput(**geometry_heads(tokens))
+    geometry_mask = input_ids == model.config.geometry_token_id
+    tokens = geometry_token_grid(outputs.last_hidden_state, geometry_mask, geometry_pixel_values, patch)
+    reconstruction = geometry_heads(tokens)
+    reconstruction["intrinsics"] = estimate_intrinsics(reconstruction.local_points, reconstruction.confidence)
+    return reconstruction
 
 
 class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
@@ -441,8 +442,10 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
                 raise ValueError("geometry_targets need the geometry_pixel_values of the same views.")
             views = as_geometry_pixel_values(geometry_pixel_values, self.config.geometry_patch_size)
             check_geometry_targets(geometry_targets, *views.shape[:2], *views.shape[-2:])
-            tokens = geometry_token_grid(hidden_states, outputs.geometry_mask, views, self.config.geometry_patch_size)
-            reconstruction = G2VLMReconstructionOutput(**self.geometry_heads(tokens))
+            layout_ids = input_ids if input_ids is not None else self.model.layout_ids_from_embeds(inputs_embeds)
+            geometry_mask = layout_ids == self.config.geometry_token_id
+            tokens = geometry_token_grid(hidden_states, geometry_mask, views, self.config.geometry_patch_size)
+            reconstruction = self.geometry_heads(tokens)
             losses = geometry_losses(
                 reconstruction,
                 geometry_targets["world_points"],

@@ -19,14 +19,11 @@ class G2VLMModelOutputWithPast(BaseModelOutputWithPast):
         Final hidden states, each token normed by its expert's final norm.
     rope_deltas (`torch.LongTensor` of shape `(batch_size, 1)`, *optional*):
         Offset between a text token's sequence index and its multimodal RoPE position after the prompt.
-    geometry_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
-        True on the geometry (DINOv2 patch) tokens.
     image_outputs (`BaseModelOutputWithPooling`, *optional*):
         The semantic vision tower's output for the images of this call (`get_image_features`).
     """
 
     rope_deltas: torch.LongTensor | None = None
-    geometry_mask: torch.BoolTensor | None = None
     image_outputs: BaseModelOutputWithPooling | None = None
 
 
@@ -75,11 +72,12 @@ class G2VLMReconstructionOutput(ModelOutput):
         Positive depth along each camera's z axis (`local_points[..., 2]`).
     confidence (`torch.FloatTensor` of shape `(batch_size, num_views, H, W)`, *optional*):
         Unnormalised per-pixel confidence (higher is more reliable); None when the checkpoint has no confidence head.
-    intrinsics (`torch.FloatTensor` of shape `(batch_size, num_views, 3, 3)`):
+    intrinsics (`torch.FloatTensor` of shape `(batch_size, num_views, 3, 3)`, *optional*):
         Pinhole intrinsics `[[fx, 0, cx], [0, fy, cy], [0, 0, 1]]` of each view in pixels of the `W x H` geometry
         views (pixel centres at half-integers), fitted in closed form to `local_points` over the valid pixels (the
         more confident half when there is `confidence`). `g2vlm_hf.modeling.intrinsics.rescale_intrinsics` maps them
-        to the original image size.
+        to the original image size. None in the `reconstruction` of a training forward (`geometry_targets`), which
+        does not fit them.
     """
 
     camera_poses: torch.FloatTensor | None = None

@@ -32,7 +32,7 @@ class G2VLMPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_attention_backend = True
-    _supports_flash_attn = True  # the decoder goes through varlen_attention (mixed causal / bidirectional runs)
+    _supports_flash_attn = True  # image blocks go through varlen calls (varlen_attention.py)
     _supports_flex_attn = True  # the mixed mask becomes a BlockMask through create_causal_mask
     # A decode step with a static cache compiles as one graph for every backend (tests/test_compile.py); the prompt
     # (prefill) with images still syncs with the host to lay out its image blocks.

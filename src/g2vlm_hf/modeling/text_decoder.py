@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_flash_attention_utils import lazy_import_flash_attention
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -25,21 +24,15 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
-from transformers.utils import can_return_tuple
-from transformers.utils.generic import is_flash_attention_requested
+from transformers.utils.generic import is_flash_attention_requested, merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
 
-from .compat import accepts_cache_alias, activation_checkpointing, cache_kwargs
+from .compat import accepts_cache_alias, cache_kwargs
 from .configuration_g2vlm import G2VLMTextConfig
 from .layers import G2VLMMLP, ExpertSplit, G2VLMGeometryMLP, G2VLMLayerScale, route_tokens
 from .pretrained import G2VLMPreTrainedModel
 from .token_layout import TEXT_BLOCK_ID
-from .varlen_attention import VARLEN_ATTENTION, VarlenPlan, plan_varlen_attention, sdpa_varlen_attention
-
-
-def varlen_kernel(implementation: str) -> Callable:
-    """The variable-length kernel (`flash_attn_varlen_func` signature) of a flash-attention implementation."""
-    (_, flash_varlen_fn, *_), _ = lazy_import_flash_attention(implementation)
-    return flash_varlen_fn
+from .varlen_attention import PackedRuns, attend_packed_runs, pack_runs
 
 
 class G2VLMAttention(nn.Module):
@@ -103,12 +96,14 @@ class G2VLMAttention(nn.Module):
         hidden_states: torch.Tensor,
         split: ExpertSplit | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | VarlenPlan | None,
+        attention_mask: torch.Tensor | None,
         past_key_values: Cache | None = None,
+        packed_runs: PackedRuns | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`attention_mask` is this chunk's mask description: the dense mask or BlockMask of the configured backend,
-        or the `VarlenPlan` of the varlen path (attended by `ALL_ATTENTION_FUNCTIONS["g2vlm_varlen"]`)."""
+        """`attention_mask` is the configured backend's mask (dense, BlockMask, or the padding mask of
+        flash-attention); `packed_runs`, given under flash-attention for a chunk with image blocks, replaces it: the
+        causal and the bidirectional runs then go to one varlen call each."""
         batch, seq = hidden_states.shape[:2]
         # per expert, in one routing: projections and QK-norm
         qkv = route_tokens(hidden_states, split, self._semantic_qkv, self._geometry_qkv).transpose(1, 2)
@@ -119,18 +114,20 @@ class G2VLMAttention(nn.Module):
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
 
-        implementation = VARLEN_ATTENTION if isinstance(attention_mask, VarlenPlan) else self.config._attn_implementation
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-        attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
         )
+        dropout = 0.0 if not self.training else self.attention_dropout
+        if packed_runs is None:
+            attn_output, attn_weights = attention_interface(
+                self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
+            )
+        else:
+            attn_output = attend_packed_runs(
+                self, attention_interface, query, key, value, packed_runs, dropout=dropout, scaling=self.scaling,
+                **kwargs,
+            )  # fmt: skip
+            attn_weights = None
         attn_output = attn_output.reshape(batch, seq, -1).contiguous()
         attn_output = route_tokens(attn_output, split, self.o_proj, self.geo_o_proj)
         return attn_output, attn_weights
@@ -157,15 +154,15 @@ class G2VLMDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         split: ExpertSplit | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | VarlenPlan | None = None,
+        attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
+        packed_runs: PackedRuns | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns the layer's output and the attention weights (None unless the backend computes them: eager)."""
+    ) -> torch.Tensor:
         residual = hidden_states
         hidden_states = route_tokens(hidden_states, split, self.input_layernorm, self.geo_input_layernorm)
-        hidden_states, attention_weights = self.self_attn(
-            hidden_states, split, position_embeddings, attention_mask, past_key_values, **kwargs
+        hidden_states, _ = self.self_attn(
+            hidden_states, split, position_embeddings, attention_mask, past_key_values, packed_runs, **kwargs
         )
         hidden_states = residual + self._scale_geometry(hidden_states, split, self.geo_attn_layer_scale)
 
@@ -176,7 +173,7 @@ class G2VLMDecoderLayer(GradientCheckpointingLayer):
             lambda states: self.mlp(self.post_attention_layernorm(states)),
             lambda states: self.geo_mlp(self.geo_post_attention_layernorm(states)),
         )
-        return residual + self._scale_geometry(hidden_states, split, self.geo_mlp_layer_scale), attention_weights
+        return residual + self._scale_geometry(hidden_states, split, self.geo_mlp_layer_scale)
 
     @staticmethod
     def _scale_geometry(
@@ -194,6 +191,7 @@ class G2VLMTextModel(G2VLMPreTrainedModel):
     config: G2VLMTextConfig
     input_modalities = ("text",)
     _no_split_modules = ["G2VLMDecoderLayer"]
+    _can_record_outputs = {"hidden_states": G2VLMDecoderLayer, "attentions": G2VLMAttention}
 
     def __init__(self, config: G2VLMTextConfig):
         super().__init__(config)
@@ -207,7 +205,8 @@ class G2VLMTextModel(G2VLMPreTrainedModel):
         self.post_init()
 
     @accepts_cache_alias
-    @can_return_tuple
+    @merge_with_config_defaults
+    @capture_outputs
     def forward(
         self,
         inputs_embeds: torch.Tensor,
@@ -218,8 +217,6 @@ class G2VLMTextModel(G2VLMPreTrainedModel):
         past_key_values: Cache | None = None,
         use_cache: bool | None = None,
         geometry_token_count: int | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """
@@ -232,13 +229,11 @@ class G2VLMTextModel(G2VLMPreTrainedModel):
             block_ids: `(batch, seq)` bidirectional block of each token, -1 for causal text (None: all causal).
             geometry_token_count: the number of geometry tokens when known from the inputs' shapes (the multimodal
                 model passes it), so that routing the tokens needs no host read.
-            use_cache, output_attentions, output_hidden_states: default to the config's values.
+            use_cache: defaults to the config's value (off while checkpointing activations in training).
+
+        `output_hidden_states` and `output_attentions` (defaults: the config's) are recorded by transformers' output
+        capture (`_can_record_outputs`): the embeddings then each layer's output, the last one final-normed.
         """
-        if use_cache is None:
-            use_cache = self.config.use_cache and not (self.training and activation_checkpointing(self))
-        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         split = ExpertSplit.from_mask(geometry_mask, geometry_token_count)  # routed once, reused by every sublayer
@@ -246,15 +241,15 @@ class G2VLMTextModel(G2VLMPreTrainedModel):
         if position_ids is None:
             positions = torch.arange(past_length, past_length + inputs_embeds.shape[1], device=inputs_embeds.device)
             position_ids = positions.expand(3, inputs_embeds.shape[0], -1)
-        # one mask description for every layer: the backend's mask (dense or BlockMask) or a varlen plan
-        kernel = self._varlen_kernel(block_ids)
+        # one description of who attends to whom, for every layer: the backend's mask, built by transformers from the
+        # block ids; or, under flash-attention for a chunk with image blocks, the packed runs of the varlen calls
+        # (one call cannot mix causal and bidirectional tokens).
+        packed_runs = None
         if isinstance(attention_mask, dict):  # prepared by generate() for a compileable cache (text decoding)
             mask_description = attention_mask["full_attention"]
-        elif kernel is not None:
-            batch, q_len = inputs_embeds.shape[:2]
-            mask_description = plan_varlen_attention(
-                batch, q_len, past_length, attention_mask, block_ids, inputs_embeds.device, kernel
-            )
+        elif block_ids is not None and is_flash_attention_requested(self.config):
+            packed_runs = pack_runs(inputs_embeds.shape[1], past_length, attention_mask, block_ids)
+            mask_description = None
         else:
             if block_ids is not None and past_length:
                 block_ids = F.pad(block_ids, (past_length, 0), value=TEXT_BLOCK_ID)
@@ -267,49 +262,18 @@ class G2VLMTextModel(G2VLMPreTrainedModel):
             )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         hidden_states = inputs_embeds
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        all_attentions = () if output_attentions else None
         for layer in self.layers:
-            hidden_states, attention_weights = layer(
+            hidden_states = layer(
                 hidden_states,
                 split,
                 position_embeddings,
                 attention_mask=mask_description,
                 past_key_values=past_key_values,
+                packed_runs=packed_runs,
                 **kwargs,
             )
-            if output_hidden_states:
-                all_hidden_states = (*all_hidden_states, hidden_states)
-            if output_attentions:
-                all_attentions = (*all_attentions, attention_weights)
         hidden_states = route_tokens(hidden_states, split, self.norm, self.geo_norm)
-        if output_hidden_states:  # as in transformers' decoders, the last entry is the final-normed output
-            all_hidden_states = (*all_hidden_states[:-1], hidden_states)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-            **cache_kwargs(past_key_values),
-        )
-
-    def _varlen_kernel(self, block_ids: torch.LongTensor | None) -> Callable | None:
-        """The varlen kernel to run this pass with, or None for the backend's own mask.
-
-        The one place where the algorithm is chosen. A chunk without image blocks (plain text, every decode step) is
-        plain causal attention: every backend takes it with the cache and its causal mask, no plan and no gather. A
-        chunk with image blocks goes through varlen runs for flash-attention (one call cannot mix causal and
-        bidirectional runs), and for sdpa outside `torch.compile`: per-segment sdpa needs no mask for the big
-        bidirectional blocks and is faster than one masked call (`benchmarks/bench_vs_official.py`, row "recon 16
-        views, sdpa masked"), but it loops over the segments on the host, so a compiled sdpa graph takes the one
-        masked call. Eager and flex use the dense mask / BlockMask.
-        """
-        if block_ids is None:
-            return None
-        if is_flash_attention_requested(self.config):
-            return varlen_kernel(self.config._attn_implementation)
-        if self.config._attn_implementation == "sdpa" and not torch.compiler.is_compiling():
-            return sdpa_varlen_attention
-        return None
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **cache_kwargs(past_key_values))
 
 
 __all__ = ["G2VLMTextModel"]

@@ -1,12 +1,12 @@
-"""The shared attention through variable-length (flash-attention style) kernels.
+"""The shared attention of a prompt chunk with image blocks under flash-attention: varlen calls over packed runs.
 
-One varlen call is either causal or not, while a G²VLM prompt mixes causal text with bidirectional image blocks. So
-the tokens of each row are cut into runs at block boundaries: a run of text is causal, an image block (markers
-included) is bidirectional, and every run attends to all valid keys of its row up to the run's end. All causal runs
-go into one varlen call (causal masks aligned bottom-right, as flash-attention does when a query segment is shorter
-than its key segment), all bidirectional runs into a second call. Keys are gathered per run, so a key is read once
-per later run of its row (a few runs per prompt in practice). The layer calls it through transformers' attention
-registry, as `ALL_ATTENTION_FUNCTIONS["g2vlm_varlen"]`, with the plan in place of the mask.
+One flash-attention call is either causal or not, while a G²VLM prompt mixes causal text with bidirectional image
+blocks. So the tokens of each row are cut into runs at block boundaries: a run of text is causal, an image block
+(markers included) is bidirectional, and every run attends to all valid keys of its row up to the run's end. All causal
+runs go into one varlen call (causal masks aligned bottom-right, as flash-attention does when a query segment is
+shorter than its key segment), all bidirectional runs into a second call. Keys are gathered per run, so a key is read
+once per later run of its row (a few runs per prompt in practice). Both calls go through transformers' attention
+registry with `cu_seq_lens_q/k`, as transformers' Qwen2-VL vision attention passes its `cu_seqlens`.
 """
 
 import re
@@ -15,11 +15,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
 
 from .token_layout import TEXT_BLOCK_ID
 
-VARLEN_ATTENTION = "g2vlm_varlen"  # the name of `varlen_attention_forward` in transformers' attention registry
 # The operator namespace is this module's name: a Hub copy of this file (trust_remote_code) loaded in the same process
 # as the package registers its own operator instead of silently replacing the package's.
 OPERATOR_NAMESPACE = re.sub(r"\W", "_", __name__)
@@ -27,7 +25,7 @@ OPERATOR_NAMESPACE = re.sub(r"\W", "_", __name__)
 
 @dataclass
 class VarlenGroup:
-    """Runs attended with one kernel call: packed query/key indices and their cumulative lengths.
+    """Runs attended with one varlen call: packed query/key indices and their cumulative lengths.
 
     Each group ends with a one-token sentinel segment (query 0 against key 0, its output dropped), so that a kernel
     never gets an empty batch (a chunk may hold no causal run) and no host check is needed: `query_index` is one
@@ -42,49 +40,39 @@ class VarlenGroup:
 
 
 @dataclass
-class VarlenPlan:
-    """How the queries of one forward pass attend: one group per kind of run (causal, bidirectional), and the
-    varlen kernel (`flash_attn_varlen_func`'s signature) that computes them. The maximum lengths the kernels take
-    are the chunk's and the keys' lengths (upper bounds, known without reading the plan on the host)."""
+class PackedRuns:
+    """The runs of one chunk, packed for varlen calls: one group per kind of run (causal, bidirectional). The maximum
+    lengths the kernels take are the chunk's and the keys' lengths (upper bounds, known without reading the runs on
+    the host)."""
 
     groups: list[VarlenGroup]
-    batch: int
     q_len: int
     kv_len: int  # past + current tokens; a static cache may hold longer (unused) key buffers
-    kernel: Callable
 
 
-def plan_varlen_attention(
-    batch: int,
+def pack_runs(
     q_len: int,
     past_length: int,
     attention_mask: torch.Tensor | None,
-    block_ids: torch.LongTensor | None,
-    device: torch.device,
-    kernel: Callable,
-) -> VarlenPlan:
-    """Cut every row into runs and pack them for varlen kernels.
+    block_ids: torch.LongTensor,
+) -> PackedRuns:
+    """Cut every row of a chunk into runs and pack them for varlen calls.
 
     Args:
-        batch, q_len: shape of the current chunk of queries.
+        q_len: length of the current chunk of queries.
         past_length: number of cached tokens before the chunk (the keys are `past_length + q_len` long).
         attention_mask: `(batch, past_length + q_len)`, 0 on padding (None: no padding).
-        block_ids: `(batch, q_len)` bidirectional block of each query token, -1 for causal text (None: all causal).
+        block_ids: `(batch, q_len)` bidirectional block of each query token, -1 for causal text.
     """
     kv_len = past_length + q_len
     key_valid = (
-        torch.ones(batch, kv_len, dtype=torch.bool, device=device)
+        torch.ones(block_ids.shape[0], kv_len, dtype=torch.bool, device=block_ids.device)
         if attention_mask is None
-        else attention_mask.to(device).bool()
+        else attention_mask.to(block_ids.device).bool()
     )
-    blocks = (
-        torch.full((batch, q_len), TEXT_BLOCK_ID, dtype=torch.long, device=device)
-        if block_ids is None
-        else block_ids.to(device)
-    )
-    packed = pack_varlen_runs(key_valid, blocks)
+    packed = pack_varlen_runs(key_valid, block_ids)
     groups = [VarlenGroup(causal, *packed[4 * index : 4 * index + 4]) for index, causal in enumerate((True, False))]
-    return VarlenPlan(groups=groups, batch=batch, q_len=q_len, kv_len=kv_len, kernel=kernel)
+    return PackedRuns(groups=groups, q_len=q_len, kv_len=kv_len)
 
 
 @torch.library.custom_op(f"{OPERATOR_NAMESPACE}::pack_varlen_runs", mutates_args=())
@@ -162,121 +150,40 @@ def _(key_valid: torch.Tensor, block_ids: torch.Tensor) -> list[torch.Tensor]:
     return packed
 
 
-def varlen_attention_forward(
+def attend_packed_runs(
     module: torch.nn.Module,
+    attention_interface: Callable,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    attention_mask: VarlenPlan,
-    scaling: float,
-    dropout: float = 0.0,
+    runs: PackedRuns,
     **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """The shared attention of a chunk with image blocks through varlen kernels, as an attention-registry function
-    (`ALL_ATTENTION_FUNCTIONS["g2vlm_varlen"]`): `attention_mask` is the chunk's `VarlenPlan`.
-
-    Attends `query` `(batch, heads, q_len, dim)` over `key`/`value` `(batch, kv_heads, kv_len, dim)`; returns
-    `(batch, q_len, heads, dim)` with zero rows on padded queries, and no weights.
-    """
-    plan = attention_mask
+) -> torch.Tensor:
+    """Attend `query` `(batch, heads, q_len, dim)` over `key`/`value` `(batch, kv_heads, kv_len, dim)` run by run:
+    one call of `attention_interface` (a flash-attention function of transformers' registry) per group, on the packed
+    tokens with `cu_seq_lens_q/k`. Returns `(batch, q_len, heads, dim)` with zero rows on padded queries."""
     batch, heads, q_len, dim = query.shape
     queries = query.transpose(1, 2).reshape(batch * q_len, heads, dim)
     keys = key.transpose(1, 2).reshape(-1, key.shape[1], dim)
     values = value.transpose(1, 2).reshape(-1, value.shape[1], dim)
     output = queries.new_zeros(batch * q_len, heads, dim)
     buffer_len = key.shape[2]
-    for group in plan.groups:
+    for group in runs.groups:
         key_index = group.key_index
-        if buffer_len != plan.kv_len:  # static cache: rows are buffer_len apart in the flattened keys
-            key_index = key_index // plan.kv_len * buffer_len + key_index % plan.kv_len
-        attended = plan.kernel(
-            queries[group.query_index],
-            keys[key_index],
-            values[key_index],
-            cu_seqlens_q=group.cu_seqlens_q,
-            cu_seqlens_k=group.cu_seqlens_k,
-            max_seqlen_q=plan.q_len,
-            max_seqlen_k=plan.kv_len,
-            dropout_p=dropout,
-            softmax_scale=scaling,
-            causal=group.causal,
+        if buffer_len != runs.kv_len:  # static cache: rows are buffer_len apart in the flattened keys
+            key_index = key_index // runs.kv_len * buffer_len + key_index % runs.kv_len
+        attended, _ = attention_interface(
+            module,
+            queries[group.query_index].transpose(0, 1)[None],  # one packed sequence: (1, heads, tokens, dim)
+            keys[key_index].transpose(0, 1)[None],
+            values[key_index].transpose(0, 1)[None],
+            None,
+            cu_seq_lens_q=group.cu_seqlens_q,
+            cu_seq_lens_k=group.cu_seqlens_k,
+            max_length_q=runs.q_len,
+            max_length_k=runs.kv_len,
+            is_causal=group.causal,
+            **kwargs,
         )
-        output = output.index_copy(0, group.query_index[:-1], attended[:-1])  # the sentinel's row is dropped
-    return output.view(batch, q_len, heads, dim), None
-
-
-AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
-
-
-def segments(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor):
-    """`(q_start, q_end, k_start, k_end)` of each packed segment."""
-    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    for index in range(len(bounds_q) - 1):
-        yield bounds_q[index], bounds_q[index + 1], bounds_k[index], bounds_k[index + 1]
-
-
-def bottom_right_causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
-    """`(q_len, k_len)` bool mask: query i sees keys up to i + (k_len - q_len), as flash-attention aligns it."""
-    offset = k_len - q_len
-    return torch.arange(k_len, device=device)[None, :] <= torch.arange(q_len, device=device)[:, None] + offset
-
-
-def reference_varlen_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    dropout_p: float = 0.0,
-    softmax_scale: float | None = None,
-    causal: bool = False,
-) -> torch.Tensor:
-    """Plain PyTorch implementation of `flash_attn_varlen_func`'s semantics (grouped-query heads, one attention per
-    segment, causal mask aligned to the bottom right), for CPUs and for testing the packing. No dropout."""
-    if dropout_p:
-        raise ValueError("The reference varlen attention has no dropout.")
-    output = q.new_empty(q.shape)
-    groups = q.shape[1] // k.shape[1]
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    for q0, q1, k0, k1 in segments(cu_seqlens_q, cu_seqlens_k):
-        seg_q = q[q0:q1].transpose(0, 1).float()
-        seg_k = k[k0:k1].repeat_interleave(groups, dim=1).transpose(0, 1).float()
-        seg_v = v[k0:k1].repeat_interleave(groups, dim=1).transpose(0, 1).float()
-        scores = seg_q @ seg_k.transpose(-1, -2) * scale
-        if causal:
-            scores = scores.masked_fill(~bottom_right_causal_mask(q1 - q0, k1 - k0, scores.device), float("-inf"))
-        output[q0:q1] = (scores.softmax(-1) @ seg_v).transpose(0, 1).to(q.dtype)
-    return output
-
-
-def sdpa_varlen_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    dropout_p: float = 0.0,
-    softmax_scale: float | None = None,
-    causal: bool = False,
-) -> torch.Tensor:
-    """`flash_attn_varlen_func`'s semantics through PyTorch's scaled_dot_product_attention, one call per segment.
-    Used for prompts with image blocks under `attn_implementation="sdpa"`: a bidirectional block then needs no mask
-    at all (the fast kernels apply), where one pass over the whole prompt would need a dense mixed mask."""
-    output = q.new_empty(q.shape)
-    for q0, q1, k0, k1 in segments(cu_seqlens_q, cu_seqlens_k):
-        mask = bottom_right_causal_mask(q1 - q0, k1 - k0, q.device) if causal and q1 - q0 > 1 else None
-        attended = torch.nn.functional.scaled_dot_product_attention(
-            q[q0:q1].transpose(0, 1)[None],
-            k[k0:k1].transpose(0, 1)[None],
-            v[k0:k1].transpose(0, 1)[None],
-            attn_mask=mask,
-            dropout_p=dropout_p,
-            scale=softmax_scale,
-            enable_gqa=True,
-        )
-        output[q0:q1] = attended[0].transpose(0, 1)
-    return output
+        output = output.index_copy(0, group.query_index[:-1], attended[0, :-1])  # the sentinel's row is dropped
+    return output.view(batch, q_len, heads, dim)

@@ -40,11 +40,6 @@ class G2VLMGeometryImageProcessor(BaseImageProcessor):
         image_std (`list[float]`, *optional*, defaults to the ImageNet std):
         max_views (`int`, *optional*, defaults to 256):
             Largest number of views in one scene; more raise a ValueError with a memory estimate.
-        prompt_token_ids (`dict`, *optional*):
-            Token ids of the reconstruction prompt (`prefix` list, `vision_start`, `geometry`, `vision_end`); the
-            [`G2VLMProcessor`] fills them in from its tokenizer. With them, calling this processor also returns the
-            `input_ids` (and `attention_mask`) of the reconstruction prompt of the views, so that it alone feeds
-            `model.reconstruct` and the depth-estimation pipeline.
         max_tokens_per_view (`int`, *optional*, defaults to 4096):
             Largest number of geometry tokens (patches) of one resized view; more raise a ValueError.
         max_aspect_ratio (`float`, *optional*, defaults to 4.0):
@@ -65,14 +60,12 @@ class G2VLMGeometryImageProcessor(BaseImageProcessor):
         image_mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         image_std: Sequence[float] = IMAGENET_DEFAULT_STD,
         max_views: int = 256,
-        prompt_token_ids: dict | None = None,
         max_tokens_per_view: int = 4096,
         max_aspect_ratio: float = 4.0,
         resize_views_to_first: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.prompt_token_ids = prompt_token_ids
         if target_width % patch_size:
             raise ValueError(f"target_width={target_width} must be a multiple of patch_size={patch_size}.")
         self.do_resize = do_resize
@@ -103,8 +96,7 @@ class G2VLMGeometryImageProcessor(BaseImageProcessor):
 
         Returns:
             `BatchFeature` with `geometry_pixel_values` `(scenes, views, 3, H, W)`; all scenes of a batch must give
-            the same number of views and size. With `prompt_token_ids` also `input_ids` and `attention_mask`
-            `(scenes, length)`: the official reconstruction prompt of those views.
+            the same number of views and size.
         """
         scenes = [self.preprocess_scene(scene, do_resize, target_width) for scene in as_scenes(images)]
         shapes = sorted({tuple(scene.shape) for scene in scenes})
@@ -112,21 +104,7 @@ class G2VLMGeometryImageProcessor(BaseImageProcessor):
             raise ValueError(
                 f"The scenes of a batch give different numbers of views or sizes {shapes}; process them one by one."
             )
-        data = {"geometry_pixel_values": torch.stack(scenes)}
-        if self.prompt_token_ids:
-            data["input_ids"] = self.reconstruction_prompt(*data["geometry_pixel_values"].shape[:2], *shapes[0][-2:])
-            data["attention_mask"] = torch.ones_like(data["input_ids"])
-        return BatchFeature(data, tensor_type=return_tensors)
-
-    def reconstruction_prompt(self, scenes: int, views: int, height: int, width: int) -> torch.LongTensor:
-        """`(scenes, length)` token ids of the reconstruction prompt: the prefix, then each view's geometry tokens
-        between its start and end markers (needs `prompt_token_ids`)."""
-        ids = self.prompt_token_ids
-        if not ids:
-            raise ValueError("This geometry image processor has no `prompt_token_ids`; use the G2VLMProcessor.")
-        tokens_per_view = (height // self.patch_size) * (width // self.patch_size)
-        view = [ids["vision_start"], *[ids["geometry"]] * tokens_per_view, ids["vision_end"]]
-        return torch.tensor([[*ids["prefix"], *view * views]] * scenes, dtype=torch.long)
+        return BatchFeature({"geometry_pixel_values": torch.stack(scenes)}, tensor_type=return_tensors)
 
     def post_process_depth_estimation(
         self, outputs, target_sizes: Sequence[Sequence[int]] | None = None

@@ -132,15 +132,6 @@ class G2VLMProcessor(ProcessorMixin):
             )
         self.image_token_id = vocab[IMAGE_TOKEN]
         self.geometry_token_id = vocab[GEOMETRY_TOKEN]
-        if getattr(self.geometry_image_processor, "prompt_token_ids", None) is None:
-            # lets the geometry image processor alone build the reconstruction prompt (AutoImageProcessor, the
-            # depth-estimation pipeline)
-            self.geometry_image_processor.prompt_token_ids = {
-                "prefix": tokenizer.encode(RECONSTRUCTION_PROMPT, add_special_tokens=False),
-                "vision_start": vocab[VISION_START],
-                "geometry": vocab[GEOMETRY_TOKEN],
-                "vision_end": vocab[VISION_END],
-            }
 
     # Saved layout. `AutoImageProcessor.from_pretrained(folder)` reads the "image_processor" entry of
     # processor_config.json, and for a G²VLM checkpoint that must be the geometry image processor (what the
