@@ -2,6 +2,7 @@
 
     g2vlm reconstruct --model MODEL view1.png view2.png ... --output out/   (or --folder DIR, or --video FILE)
     g2vlm reconstruct --model MODEL views/*.png --output out/ --colmap out/sparse --ask "Which view is closest to the door?"
+    g2vlm reconstruct --model MODEL --video walk.mp4 --every 5 --chunk-size 32 --overlap 8 --output out/   (any length)
     g2vlm chat --model MODEL --image room.png "How far is the chair from the door?"
 """
 
@@ -23,6 +24,9 @@ from .processing.image_io import load_image
 from .safe_output import check_output_dir, make_staging_dir, swap_in
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+# The exported clouds of many views are randomly subsampled to this many points unless --max-points says otherwise:
+# about 30 MB of PLY, still smooth to open in a viewer (one 518x392 view alone has 203,056 points).
+DEFAULT_MAX_POINTS = 2_000_000
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -90,6 +94,10 @@ def check_reconstruct_args(args: argparse.Namespace) -> Path:
         raise CLIError(f"--max-points must be at least 1, got {args.max_points}.")
     if args.confidence_percentile is not None and not 0 <= args.confidence_percentile < 100:
         raise CLIError(f"--confidence-percentile must be in [0, 100), got {args.confidence_percentile}.")
+    if args.chunk_size is not None and not 1 <= args.overlap < args.chunk_size:
+        raise CLIError(f"--overlap must be at least 1 and less than --chunk-size {args.chunk_size}, got {args.overlap}.")
+    if args.chunk_size is not None and args.chunk_size < 2:
+        raise CLIError(f"--chunk-size must be at least 2, got {args.chunk_size}.")
     return check_output_dir(
         args.output, overwrite=args.overwrite, is_previous_output=lambda folder: (folder / "cameras.json").is_file()
     )
@@ -105,28 +113,45 @@ def run_reconstruct(args: argparse.Namespace) -> int:
 
     check_reconstruct_args(args)
     check_model_and_device(args.model, args.device)
-    views = collect_views(args)
-    model, processor = load(args.model, args.dtype, args.device)
-    processor.geometry_image_processor.resize_views_to_first = args.resize_views
-    inputs = processor(geometry_images=views, return_tensors="pt").to(args.device)
-    with torch.inference_mode():
-        output = model.reconstruct(**inputs)
+    if args.chunk_size is None:
+        views = collect_views(args)
+        model, processor = load(args.model, args.dtype, args.device)
+        processor.geometry_image_processor.resize_views_to_first = args.resize_views
+        if len(views) > processor.geometry_image_processor.max_views:
+            raise CLIError(
+                f"{len(views)} views are more than one pass takes (max_views={processor.geometry_image_processor.max_views}"
+                "): reconstruct them in overlapping chunks with --chunk-size 32 --overlap 8 (any number of views), or "
+                "subsample them (--every / --max-views)."
+            )
+        inputs = processor(geometry_images=views, return_tensors="pt").to(args.device)
+        with torch.inference_mode():
+            output = model.reconstruct(**inputs)
+        pixels, sizes, names = inputs["geometry_pixel_values"], original_sizes(views), view_names(args, len(views))
+    else:
+        from .cli_chunked import reconstruct_in_chunks, views_for_question
+
+        model, processor = load(args.model, args.dtype, args.device)
+        processor.geometry_image_processor.resize_views_to_first = args.resize_views
+        run = reconstruct_in_chunks(args, model, processor)
+        output, pixels, sizes = run.output, run.geometry_pixel_values, run.original_sizes
+        views, names = views_for_question(run, processor, args.ask_views) if args.ask is not None else ([], [])
+    max_points = args.max_points if args.max_points is not None else DEFAULT_MAX_POINTS
     staging = make_staging_dir(args.output)  # swapped in only when every file is written
     try:
         written = export_model_scene(
             staging,
             output,
-            inputs["geometry_pixel_values"],
+            pixels,
             processor.geometry_image_processor,
             confidence_percentile=args.confidence_percentile,
-            max_points=args.max_points,
-            original_sizes=original_sizes(views),
+            max_points=max_points,
+            original_sizes=sizes,
         )
-        written += export_extras(args, staging, model, processor, views, output, inputs["geometry_pixel_values"])
+        written += export_extras(args, staging, model, processor, views, names, output, pixels, max_points)
         swap_in(staging, args.output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(f"Reconstructed {len(views)} views into {args.output}:")
+    print(f"Reconstructed {output.camera_poses.shape[1]} views into {args.output}:")
     for path in written:
         path = Path(path)
         print(f"  {args.output / path.relative_to(staging) if path.is_relative_to(staging) else path}")
@@ -151,10 +176,18 @@ def view_names(args: argparse.Namespace, count: int) -> list[str]:
 
 
 def export_extras(
-    args: argparse.Namespace, folder: Path, model, processor, views: list, output, geometry_pixel_values
+    args: argparse.Namespace,
+    folder: Path,
+    model,
+    processor,
+    views: list,
+    names: list[str],
+    output,
+    geometry_pixel_values,
+    max_points: int,
 ) -> list[Path]:
     """`--colmap DIR` (a COLMAP text model of the scene) and `--ask QUESTION` (`answer.json` in `folder`, beside the
-    scene)."""
+    scene), asked about `views` (called `names` there)."""
     import json
 
     from .export import _atomic_write_bytes
@@ -169,13 +202,13 @@ def export_extras(
             geometry_pixel_values,
             processor.geometry_image_processor,
             confidence_percentile=args.confidence_percentile,
-            max_points=args.max_points,
+            max_points=max_points,
         )
     if args.ask is not None:
         if not args.ask.strip():
             raise CLIError("--ask needs a question.")
         reply = answer(model, processor, views, args.ask, args.max_new_tokens)
-        document = {"question": args.ask, "answer": reply, "views": view_names(args, len(views))}
+        document = {"question": args.ask, "answer": reply, "views": names}
         path = Path(folder) / "answer.json"
         written.append(_atomic_write_bytes(path, (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode()))
         print(f"Q: {args.ask}\nA: {reply}")
@@ -184,7 +217,15 @@ def export_extras(
 
 def run_chat(args: argparse.Namespace) -> int:
     check_model_and_device(args.model, args.device)
-    images = [load_image(path) for path in args.image]
+    if (args.image != []) == (args.video is not None):
+        raise CLIError("Give the images with --image (repeat for several) or a video with --video (exactly one).")
+    if args.video is not None:
+        from .cli_chunked import video_views_for_chat
+
+        images, names = video_views_for_chat(args.video, args.views)
+        print(f"Asking about {len(images)} frames: {', '.join(names)}", file=sys.stderr)
+    else:
+        images = [load_image(path) for path in args.image]
     model, processor = load(args.model, args.dtype, args.device)
     processor.geometry_image_processor.resize_views_to_first = args.resize_views
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -216,7 +257,28 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument(
         "--confidence-percentile", type=float, default=None, help="drop points below this confidence percentile"
     )
-    recon.add_argument("--max-points", type=int, default=None, help="randomly keep at most this many points")
+    recon.add_argument(
+        "--max-points",
+        type=int,
+        default=None,
+        help=f"randomly keep at most this many points in the exported clouds (default {DEFAULT_MAX_POINTS:,})",
+    )
+    recon.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="reconstruct any number of views in overlapping chunks of this many views (e.g. 32; default: one pass, "
+        "at most 256 views); the views are read lazily",
+    )
+    recon.add_argument(
+        "--overlap", type=int, default=8, help="with --chunk-size: views each chunk shares with the previous (default 8)"
+    )
+    recon.add_argument(
+        "--ask-views",
+        type=int,
+        default=8,
+        help="with --chunk-size and --ask: ask about this many views spread uniformly over the sequence (default 8)",
+    )
     recon.add_argument(
         "--colmap", type=Path, default=None, help="also write a COLMAP text model (cameras, images, points3D) here"
     )
@@ -228,7 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = commands.add_parser("chat", help="images + question -> streamed answer")
     common(chat)
-    chat.add_argument("--image", action="append", default=[], required=True, help="an image (repeat for several)")
+    chat.add_argument("--image", action="append", default=[], help="an image (repeat for several)")
+    chat.add_argument("--video", type=Path, help="ask about frames of this video instead")
+    chat.add_argument(
+        "--views", type=int, default=8, help="with --video: this many frames spread uniformly over it (default 8)"
+    )
     chat.add_argument("question", help="the question about the images")
     chat.add_argument("--max-new-tokens", type=int, default=256)
     chat.set_defaults(run=run_chat)
