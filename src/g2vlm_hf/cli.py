@@ -68,10 +68,14 @@ def video_frames(video: Path, every: int, max_frames: int | None) -> list[Image.
     return frames
 
 
-def collect_views(args: argparse.Namespace) -> list:
+def check_one_source(args: argparse.Namespace) -> None:
     sources = [args.images != [], args.folder is not None, args.video is not None]
     if sum(sources) != 1:
         raise CLIError("Give the views as image files, or --folder DIR, or --video FILE (exactly one of them).")
+
+
+def collect_views(args: argparse.Namespace) -> list:
+    check_one_source(args)
     if args.video is not None:
         return video_frames(args.video, args.every, args.max_views)
     paths = images_in_folder(args.folder) if args.folder is not None else [Path(p) for p in args.images]
@@ -98,6 +102,8 @@ def check_reconstruct_args(args: argparse.Namespace) -> Path:
         raise CLIError(f"--overlap must be at least 1 and less than --chunk-size {args.chunk_size}, got {args.overlap}.")
     if args.chunk_size is not None and args.chunk_size < 2:
         raise CLIError(f"--chunk-size must be at least 2, got {args.chunk_size}.")
+    if args.ask_views < 1:
+        raise CLIError(f"--ask-views must be at least 1, got {args.ask_views}.")
     return check_output_dir(
         args.output, overwrite=args.overwrite, is_previous_output=lambda folder: (folder / "cameras.json").is_file()
     )
@@ -221,6 +227,9 @@ def run_chat(args: argparse.Namespace) -> int:
         raise CLIError("Give the images with --image (repeat for several) or a video with --video (exactly one).")
     if args.video is not None:
         from .cli_chunked import video_views_for_chat
+
+        if args.views < 1:
+            raise CLIError(f"--views must be at least 1, got {args.views}.")
 
         images, names = video_views_for_chat(args.video, args.views)
         print(f"Asking about {len(images)} frames: {', '.join(names)}", file=sys.stderr)

@@ -5,6 +5,7 @@ on the CPU for the exports; and the few views a question about a long sequence i
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -34,11 +35,20 @@ class ChunkedRun:
     names: list[str]
 
 
+def require_pyav() -> None:
+    from .cli import CLIError
+
+    if importlib.util.find_spec("av") is None:
+        raise CLIError('Reading videos needs PyAV: pip install "g2vlm-hf[video]"')
+
+
 def lazy_views(args: argparse.Namespace) -> tuple[Iterable[Image.Image], int | None, Callable[[int], str]]:
     """The views of `args` as a lazy iterable, how many there will be (None if unknown) and each one's name."""
-    from .cli import images_in_folder
+    from .cli import check_one_source, images_in_folder
 
+    check_one_source(args)
     if args.video is not None:
+        require_pyav()
         kept = math.ceil(count_video_frames(args.video) / args.every)
         total = kept if args.max_views is None else min(kept, args.max_views)
         frames = iter_video_frames(args.video, args.every, args.max_views)
@@ -83,6 +93,7 @@ def views_for_question(run: ChunkedRun, processor, count: int) -> tuple[list[Ima
 
 def video_views_for_chat(video: Path, count: int) -> tuple[list[Image.Image], list[str]]:
     """`count` frames of `video` spread uniformly over its length (decoded lazily) and their names."""
+    require_pyav()
     chosen = uniform_indices(count_video_frames(video), count)
     return list(iter_video_frames(video, indices=chosen)), [f"{video.name}#frame{index}" for index in chosen]
 
