@@ -1,6 +1,9 @@
 """One pass versus chunked reconstruction on the CPU, with the tiny random config: wall time and peak RSS for
 N = 8 ... 512 views, each configuration measured in its own subprocess (so that peaks do not mix), under a memory
-limit and a time limit that show where one pass stops fitting or becomes too slow.
+limit and a time limit that show where one pass stops fitting or becomes too slow. Modes: `one_pass` (`model.reconstruct` on all
+views), `chunked` (`reconstruct_chunked`: the merged result of all views is kept, so it grows with N) and `streamed`
+(`stream_reconstruction`, each chunk dropped once done, as a consumer writing chunks to disk would: memory set by the
+chunk alone).
 
     python benchmarks/bench_chunked.py                                 # the README table (about 10 minutes, 2 cores)
     python benchmarks/bench_chunked.py --views 8 16 --side 56          # a quick look
@@ -27,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import TINY, PromptProcessor
 
 from g2vlm_hf import G2VLMConfig, G2VLMForConditionalGeneration
-from g2vlm_hf.chunked import reconstruct_chunked
+from g2vlm_hf.chunked import reconstruct_chunked, stream_reconstruction
+
+MODES = ("one_pass", "chunked", "streamed")
 
 
 def random_views(count: int, height: int, width: int):
@@ -55,8 +60,11 @@ def worker(args: argparse.Namespace) -> None:
         model.reconstruct(**processor(list(random_views(2, args.side, args.side))))
     start = time.perf_counter()
     with torch.inference_mode():
-        if args.chunk_size:
+        if args.mode == "chunked":
             output = reconstruct_chunked(model, processor, views, args.chunk_size, args.overlap)
+        elif args.mode == "streamed":
+            for chunk in stream_reconstruction(model, processor, views, args.chunk_size, args.overlap):
+                output = chunk.reconstruction
         else:
             output = model.reconstruct(**processor(list(views)))
     seconds = time.perf_counter() - start
@@ -66,10 +74,10 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({"seconds": seconds, "peak_rss_gib": peak_gib}))
 
 
-def measure(args: argparse.Namespace, views: int, chunk_size: int | None, dtype: str, save: Path | None) -> dict:
+def measure(args: argparse.Namespace, views: int, mode: str, dtype: str, save: Path | None) -> dict:
     command = [sys.executable, __file__, "--worker", "--views", str(views), "--side", str(args.side), "--dtype", dtype,
-               "--overlap", str(args.overlap), "--memory-limit-gb", str(args.memory_limit_gb)]  # fmt: skip
-    command += ["--chunk-size", str(chunk_size)] if chunk_size else []
+               "--mode", mode, "--chunk-size", str(args.chunk_size), "--overlap", str(args.overlap),
+               "--memory-limit-gb", str(args.memory_limit_gb)]  # fmt: skip
     command += ["--save", str(save)] if save else []
     try:
         run = subprocess.run(command, capture_output=True, text=True, timeout=args.time_limit)
@@ -96,9 +104,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--overlap", type=int, default=8)
     parser.add_argument("--memory-limit-gb", type=int, default=8, help="address-space limit of each configuration")
     parser.add_argument("--time-limit", type=float, default=300.0, help="seconds allowed to each configuration")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--save", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -116,23 +126,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for views in args.views:
             for dtype in dtypes:
                 row = {"views": views, "dtype": dtype}
-                for mode, chunk_size in (("one_pass", None), ("chunked", args.chunk_size)):
+                for mode in args.modes:
                     save = Path(folder) / f"{views}-{mode}-{dtype}.pt" if units else None
-                    row[mode] = measure(args, views, chunk_size, dtype, save)
+                    row[mode] = measure(args, views, mode, dtype, save)
                     if dtype == "bfloat16" and row[mode]["status"] == "ok":
                         fp32 = torch.load(Path(folder) / f"{views}-{mode}-float32.pt")
                         bf16 = torch.load(save)
                         row[mode]["distance_to_fp32"] = float((bf16 - fp32).norm() / fp32.norm())
                 rows.append(row)
                 print(
-                    f"{views:>6} {dtype:<9} one pass {cell(row['one_pass'])} chunked {cell(row['chunked'])}", flush=True
+                    f"{views:>6} {dtype:<9} " + " ".join(f"{mode} {cell(row[mode])}" for mode in args.modes), flush=True
                 )
-    print(f"\n| views | dtype | one pass: time | one pass: peak RSS | chunked ({args.chunk_size}/{args.overlap}): time "
-          "| chunked: peak RSS |")  # fmt: skip
-    print("|---:|---|---:|---:|---:|---:|")
+    print(f"\nchunks of {args.chunk_size} views sharing {args.overlap}\n| views | dtype | "
+          + " | ".join(f"{mode}: time | {mode}: peak RSS" for mode in args.modes) + " |")  # fmt: skip
+    print("|---:|---|" + "---:|---:|" * len(args.modes))
     for row in rows:
         cells = []
-        for mode in ("one_pass", "chunked"):
+        for mode in args.modes:
             result = row[mode]
             ok = result["status"] == "ok"
             cells += [

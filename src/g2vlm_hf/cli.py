@@ -98,10 +98,10 @@ def check_reconstruct_args(args: argparse.Namespace) -> Path:
         raise CLIError(f"--max-points must be at least 1, got {args.max_points}.")
     if args.confidence_percentile is not None and not 0 <= args.confidence_percentile < 100:
         raise CLIError(f"--confidence-percentile must be in [0, 100), got {args.confidence_percentile}.")
-    if args.chunk_size is not None and not 1 <= args.overlap < args.chunk_size:
-        raise CLIError(f"--overlap must be at least 1 and less than --chunk-size {args.chunk_size}, got {args.overlap}.")
     if args.chunk_size is not None and args.chunk_size < 2:
         raise CLIError(f"--chunk-size must be at least 2, got {args.chunk_size}.")
+    if args.chunk_size is not None and not 1 <= args.overlap < args.chunk_size:
+        raise CLIError(f"--overlap must be at least 1 and less than --chunk-size {args.chunk_size}, got {args.overlap}.")
     if args.ask_views < 1:
         raise CLIError(f"--ask-views must be at least 1, got {args.ask_views}.")
     return check_output_dir(
