@@ -5,7 +5,9 @@ that device (a large matmul in the benchmark's dtype, a large copy).
 Rows, per attention backend (sdpa, flex_attention, and flash_attention_2 when flash_attn imports):
 - reconstruction of 16 views of 518x518: latency and peak memory;
 - the largest view count that fits (doubling from 16 until out of memory or the time budget);
-- prefill tok/s with 1024 prompt tokens and decode tok/s after them, at batch 1 and 8.
+- prefill tok/s with 1024 prompt tokens and decode tok/s after them, at batch 1 and 8;
+- reconstruction of 10, 50, 100 and 200 frames of 518x392, in one pass and in chunks of 32 views sharing 8 (the frame
+  counts of VGGT's README table; VGGT on one H100: 100 frames 3.12 s / 21.15 GB, 200 frames 8.75 s / 40.63 GB).
 
     python benchmarks/bench_gpu.py                      # CUDA, bf16, full size; about 3-4 minutes on one H100
     python benchmarks/bench_gpu.py --tiny --device cpu  # a tiny config on the CPU, to check the script runs
@@ -28,8 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from costs import decode_bytes_per_token, decoder_flops, reconstruction_flops
+from transformers import BatchFeature
 
 from g2vlm_hf import G2VLMConfig, G2VLMForConditionalGeneration
+from g2vlm_hf.chunked import plan_chunks, reconstruct_chunked
 
 TINY = {
     "text_config": {
@@ -94,6 +98,52 @@ def reconstruction_inputs(config: G2VLMConfig, views: int, side: int, device: to
     return {"input_ids": ids, "geometry_pixel_values": pixels}
 
 
+class PromptProcessor:
+    """Builds the reconstruction prompt for a list of `(3, H, W)` pixel tensors from the config's token ids: what
+    `G2VLMProcessor(geometry_images=...)` returns, for random weights that come without a tokenizer."""
+
+    def __init__(self, config: G2VLMConfig):
+        self.config = config
+
+    def __call__(self, geometry_images: list[torch.Tensor], return_tensors: str = "pt") -> BatchFeature:
+        pixels = torch.stack(list(geometry_images))[None]
+        patch = self.config.geometry_patch_size
+        tokens = (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)
+        block = [self.config.vision_start_token_id, *[self.config.geometry_token_id] * tokens, self.config.vision_end_token_id]
+        input_ids = torch.tensor([[1, 2, 3, 4, 5, *block * pixels.shape[1]]], device=pixels.device)
+        return BatchFeature({"input_ids": input_ids, "geometry_pixel_values": pixels})
+
+
+def bench_frames(model, config: G2VLMConfig, args, device: torch.device, flops_peak: float) -> list[dict]:
+    """Reconstruction of each of `args.frames` frames in one pass and in chunks (views made on the host, as when
+    read from a video; the chunked results come back to the host)."""
+    rows = []
+    processor = PromptProcessor(config)
+    width, height = args.frame_width, args.frame_height
+    for frames in args.frames:
+        views = [torch.randn(3, height, width) for _ in range(frames)]
+        chunks = [len(chunk) for chunk, _ in plan_chunks(range(frames), args.chunk_size, args.overlap)]
+        for mode, run, flops in (
+            ("one pass", lambda views=views: model.reconstruct(**processor(views).to(device)),
+             reconstruction_flops(config, frames, height, width)),
+            (f"chunks of {args.chunk_size}/{args.overlap}",
+             lambda views=views: reconstruct_chunked(model, processor, views, args.chunk_size, args.overlap),
+             sum(reconstruction_flops(config, size, height, width) for size in chunks)),
+        ):  # fmt: skip
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            row = {"row": f"{frames} frames {width}x{height}, {mode}", "unit": "s", "floor": flops / flops_peak}
+            try:
+                with torch.inference_mode():
+                    row["value"] = best_time(run, device, repeats=1)
+                row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+            except torch.OutOfMemoryError:
+                row.update(value=float("nan"), unit="OOM")
+            rows.append(row)
+    return rows
+
+
 def bench_backend(model, config: G2VLMConfig, args, device: torch.device, peaks: tuple[float, float]) -> list[dict]:
     flops_peak, bandwidth = peaks
     rows = []
@@ -145,7 +195,7 @@ def bench_backend(model, config: G2VLMConfig, args, device: torch.device, peaks:
             rows.append({"row": f"decode, batch {batch}, after {args.context} tokens",
                          "value": batch * (args.decode_steps - 1) / max(seconds, 1e-9), "unit": "tok/s",
                          "floor": batch * bandwidth / bytes_per_token})  # fmt: skip
-    return rows
+    return rows + bench_frames(model, config, args, device, flops_peak)
 
 
 def available_backends(device: torch.device) -> list[str]:
@@ -168,6 +218,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--decode-steps", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--frames", type=int, nargs="*", default=[10, 50, 100, 200], help="frame counts of the frame table")
+    parser.add_argument("--frame-width", type=int, default=518)
+    parser.add_argument("--frame-height", type=int, default=392)
+    parser.add_argument("--chunk-size", type=int, default=32, help="views per chunk in the frame table")
+    parser.add_argument("--overlap", type=int, default=8, help="views shared by consecutive chunks in the frame table")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
 

@@ -16,6 +16,7 @@ def test_gpu_benchmark_runs_on_the_cpu_with_a_tiny_config(tmp_path):
     args = [
         "--tiny", "--device", "cpu", "--backends", "sdpa", "--repeats", "1", "--views", "2", "--side", "56",
         "--max-views", "8", "--fit-seconds", "5", "--context", "32", "--decode-steps", "4", "--json", str(result_file),
+        "--frames", "3", "5", "--frame-width", "56", "--frame-height", "42", "--chunk-size", "3", "--overlap", "1",
     ]  # fmt: skip
     run = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -28,6 +29,10 @@ def test_gpu_benchmark_runs_on_the_cpu_with_a_tiny_config(tmp_path):
         "decode, batch 1, after 32 tokens",
         "prefill, batch 8, 32 tokens",
         "decode, batch 8, after 32 tokens",
+        "3 frames 56x42, one pass",
+        "3 frames 56x42, chunks of 3/1",
+        "5 frames 56x42, one pass",
+        "5 frames 56x42, chunks of 3/1",
     ]
     assert rows[1]["value"] >= 2  # the 2-view scene fits, and the search doubled from there
     for row in rows:

@@ -1,5 +1,6 @@
 """g2vlm-hf: G²VLM as a Hugging Face transformers model. Importing the package registers it with the Auto classes."""
 
+from .chunked import reconstruct_chunked, stream_reconstruction
 from .modeling import (
     G2VLMCausalLMOutputWithPast,
     G2VLMConfig,
@@ -38,5 +39,7 @@ __all__ = [
     "G2VLMReconstructionOutput",
     "G2VLMTextConfig",
     "G2VLMTextModel",
+    "reconstruct_chunked",
     "register",
+    "stream_reconstruction",
 ]

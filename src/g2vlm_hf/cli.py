@@ -2,6 +2,7 @@
 
     g2vlm reconstruct --model MODEL view1.png view2.png ... --output out/   (or --folder DIR, or --video FILE)
     g2vlm reconstruct --model MODEL views/*.png --output out/ --colmap out/sparse --ask "Which view is closest to the door?"
+    g2vlm reconstruct --model MODEL --video walk.mp4 --every 5 --chunk-size 32 --overlap 8 --output out/   (any length)
     g2vlm chat --model MODEL --image room.png "How far is the chair from the door?"
 """
 
@@ -18,6 +19,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".g
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 SCENE_FILES = {"scene.glb", "points.ply", "cameras.json", "depth", "answer.json", ".g2vlm-output"}
 """What `reconstruct` writes into --output (a --colmap folder inside it must not collide with these)."""
+# The exported clouds of many views are randomly subsampled to this many points unless --max-points says otherwise:
+# about 30 MB of PLY, still smooth to open in a viewer (one 518x392 view alone has 203,056 points).
+DEFAULT_MAX_POINTS = 2_000_000
 
 
 class CLIError(Exception):
@@ -68,10 +72,14 @@ def video_frames(video: Path, every: int, max_frames: int | None) -> list:
     return frames
 
 
-def collect_views(args: argparse.Namespace) -> list:
+def check_one_source(args: argparse.Namespace) -> None:
     sources = [args.images != [], args.folder is not None, args.video is not None]
     if sum(sources) != 1:
         raise CLIError("Give the views as image files, or --folder DIR, or --video FILE (exactly one of them).")
+
+
+def collect_views(args: argparse.Namespace) -> list:
+    check_one_source(args)
     if args.video is not None:
         return video_frames(args.video, args.every, args.max_views)
     from transformers.utils import logging
@@ -107,6 +115,12 @@ def check_reconstruct_args(args: argparse.Namespace) -> list[Path]:
         raise CLIError(f"--max-views must be at least 1, got {args.max_views}.")
     if args.ask is not None and not args.ask.strip():
         raise CLIError("--ask needs a question.")
+    if args.chunk_size is not None and args.chunk_size < 2:
+        raise CLIError(f"--chunk-size must be at least 2, got {args.chunk_size}.")
+    if args.chunk_size is not None and not 1 <= args.overlap < args.chunk_size:
+        raise CLIError(f"--overlap must be at least 1 and less than --chunk-size {args.chunk_size}, got {args.overlap}.")
+    if args.ask_views < 1:
+        raise CLIError(f"--ask-views must be at least 1, got {args.ask_views}.")
     inputs = [*args.images, *(path for path in (args.folder, args.video) if path is not None)]
     output = check_output_dir(
         args.output,
@@ -153,29 +167,43 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     shown = [args.output, args.colmap][: len(targets)]  # the final paths as the user wrote them
     # one transaction: every target locked against other writers, swapped in together when all is written
     with staged_outputs(targets) as stagings:
-        views = collect_views(args)
+        views = collect_views(args) if args.chunk_size is None else None  # read lazily, chunk by chunk, otherwise
         model, processor = load(args.model, args.dtype, args.device)
         processor.geometry_image_processor.resize_views_to_first = args.resize_views
-        inputs = processor(geometry_images=views, return_tensors="pt").to(args.device)
-        with torch.inference_mode():
-            output = model.reconstruct(**inputs)
+        if views is not None:
+            max_views = processor.geometry_image_processor.max_views
+            if len(views) > max_views:
+                raise CLIError(
+                    f"{len(views)} views are more than one pass takes (max_views={max_views}): reconstruct them in "
+                    "overlapping chunks with --chunk-size 32 --overlap 8 (any number of views), or subsample them "
+                    "(--every / --max-views)."
+                )
+            inputs = processor(geometry_images=views, return_tensors="pt").to(args.device)
+            with torch.inference_mode():
+                output = model.reconstruct(**inputs)
+            pixels, sizes, names = inputs["geometry_pixel_values"], original_sizes(views), view_names(args, len(views))
+        else:
+            from .cli_chunked import reconstruct_in_chunks, views_for_question
+
+            run = reconstruct_in_chunks(args, model, processor)
+            output, pixels, sizes = run.output, run.geometry_pixel_values, run.original_sizes
+            views, names = views_for_question(run, processor, args.ask_views) if args.ask is not None else ([], [])
+        max_points = args.max_points if args.max_points is not None else DEFAULT_MAX_POINTS
         written = export_model_scene(
             stagings[0],
             output,
-            inputs["geometry_pixel_values"],
+            pixels,
             processor.geometry_image_processor,
             confidence_percentile=args.confidence_percentile,
-            max_points=args.max_points,
-            original_sizes=original_sizes(views),
+            max_points=max_points,
+            original_sizes=sizes,
         )
         colmap = None
         if args.colmap is not None:  # its own staging, or its place inside --output's
             inside = args.colmap.expanduser().resolve().relative_to(targets[0]) if len(stagings) == 1 else None
             colmap = stagings[1] if inside is None else stagings[0] / inside
-        written += export_extras(
-            args, stagings[0], colmap, model, processor, views, output, inputs["geometry_pixel_values"]
-        )
-    print(f"Reconstructed {len(views)} views into {args.output}:")
+        written += export_extras(args, stagings[0], colmap, model, processor, views, names, output, pixels, max_points)
+    print(f"Reconstructed {output.camera_poses.shape[1]} views into {args.output}:")
     for path in written:
         staging, final = next((s, f) for s, f in zip(stagings, shown) if Path(path).is_relative_to(s))
         print(f"  {final / Path(path).relative_to(staging)}")
@@ -210,11 +238,13 @@ def export_extras(
     model,
     processor,
     views: list,
+    names: list[str],
     output,
     geometry_pixel_values,
+    max_points: int,
 ) -> list[Path]:
     """`--colmap DIR` (a COLMAP text model of the scene, written to `colmap`, the staged place of DIR) and
-    `--ask QUESTION` (`answer.json` in `folder`, beside the scene)."""
+    `--ask QUESTION` (`answer.json` in `folder`, beside the scene), asked about `views` (called `names` there)."""
     import json
 
     from .chat import answer
@@ -230,11 +260,11 @@ def export_extras(
             geometry_pixel_values,
             processor.geometry_image_processor,
             confidence_percentile=args.confidence_percentile,
-            max_points=args.max_points,
+            max_points=max_points,
         )
     if args.ask is not None:
         reply = answer(model, processor, views, args.ask, args.max_new_tokens)
-        document = {"question": args.ask, "answer": reply, "views": view_names(args, len(views))}
+        document = {"question": args.ask, "answer": reply, "views": names}
         path = Path(folder) / "answer.json"
         written.append(_atomic_write_bytes(path, (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode()))
         print(f"Q: {args.ask}\nA: {reply}")
@@ -250,7 +280,18 @@ def run_chat(args: argparse.Namespace) -> int:
     if not args.question.strip():
         raise CLIError("The question is empty; ask something about the images.")
     check_model_and_device(args.model, args.device)
-    images = [load_image(path) for path in args.image]
+    if (args.image != []) == (args.video is not None):
+        raise CLIError("Give the images with --image (repeat for several) or a video with --video (exactly one).")
+    if args.video is not None:
+        from .cli_chunked import video_views_for_chat
+
+        if args.views < 1:
+            raise CLIError(f"--views must be at least 1, got {args.views}.")
+
+        images, names = video_views_for_chat(args.video, args.views)
+        print(f"Asking about {len(images)} frames: {', '.join(names)}", file=sys.stderr)
+    else:
+        images = [load_image(path) for path in args.image]
     model, processor = load(args.model, args.dtype, args.device)
     processor.geometry_image_processor.resize_views_to_first = args.resize_views
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -282,7 +323,28 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument(
         "--confidence-percentile", type=float, default=None, help="drop points below this confidence percentile"
     )
-    recon.add_argument("--max-points", type=int, default=None, help="randomly keep at most this many points")
+    recon.add_argument(
+        "--max-points",
+        type=int,
+        default=None,
+        help=f"randomly keep at most this many points in the exported clouds (default {DEFAULT_MAX_POINTS:,})",
+    )
+    recon.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="reconstruct any number of views in overlapping chunks of this many views (e.g. 32; default: one pass, "
+        "at most 256 views); the views are read lazily",
+    )
+    recon.add_argument(
+        "--overlap", type=int, default=8, help="with --chunk-size: views each chunk shares with the previous (default 8)"
+    )
+    recon.add_argument(
+        "--ask-views",
+        type=int,
+        default=8,
+        help="with --chunk-size and --ask: ask about this many views spread uniformly over the sequence (default 8)",
+    )
     recon.add_argument(
         "--colmap", type=Path, default=None, help="also write a COLMAP text model (cameras, images, points3D) here"
     )
@@ -294,7 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = commands.add_parser("chat", help="images + question -> streamed answer")
     common(chat)
-    chat.add_argument("--image", action="append", default=[], required=True, help="an image (repeat for several)")
+    chat.add_argument("--image", action="append", default=[], help="an image (repeat for several)")
+    chat.add_argument("--video", type=Path, help="ask about frames of this video instead")
+    chat.add_argument(
+        "--views", type=int, default=8, help="with --video: this many frames spread uniformly over it (default 8)"
+    )
     chat.add_argument("question", help="the question about the images")
     chat.add_argument("--max-new-tokens", type=int, default=256)
     chat.set_defaults(run=run_chat)

@@ -1,4 +1,5 @@
-"""Closed-form alignments of a prediction to the ground truth: depth scale (and shift), and 3D similarity (Umeyama).
+"""Closed-form alignments of a prediction to the ground truth: depth scale (and shift), and 3D similarity (Umeyama, from
+`g2vlm_hf.similarity`).
 
 All functions take torch tensors or numpy arrays, compute in float64 and return python floats or float64 tensors.
 """
@@ -8,15 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-ArrayLike = torch.Tensor | np.ndarray
-
-
-def as_float64(array: ArrayLike, name: str) -> torch.Tensor:
-    """`array` as a float64 CPU tensor; raises if it is not numeric."""
-    tensor = torch.as_tensor(np.asarray(array) if not isinstance(array, torch.Tensor) else array)
-    if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64, torch.uint8, torch.int16)):
-        raise ValueError(f"{name} must be a numeric array, got dtype {tensor.dtype}.")
-    return tensor.detach().to("cpu", torch.float64)
+from ..similarity import ArrayLike, Similarity, as_float64
+from ..similarity import umeyama as umeyama  # re-exported: the evaluation API names it here
 
 
 def as_mask(valid: ArrayLike, shape: torch.Size, name: str = "valid mask") -> torch.Tensor:
@@ -100,42 +94,8 @@ def adam_l1_scale_shift(
     return float(scale.detach()), float(shift.detach())
 
 
-def umeyama(source: ArrayLike, target: ArrayLike, with_scale: bool = True) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """Similarity `(s, R, t)` minimising `sum |s R x + t - y|^2` over corresponding points (Umeyama, 1991);
-    with `with_scale=False` the rigid motion (s = 1).
-
-    Args:
-        source: `(M, 3)` points `x` (the prediction).
-        target: `(M, 3)` points `y` (the ground truth).
-
-    Returns:
-        scale, rotation `(3, 3)` with det +1, translation `(3,)`; `target ≈ scale * source @ R.T + t`.
-    """
-    source, target = as_float64(source, "source points"), as_float64(target, "target points")
-    if source.ndim != 2 or source.shape[-1] != 3 or source.shape != target.shape:
-        raise ValueError(
-            f"umeyama needs two (M, 3) arrays of corresponding points, got {tuple(source.shape)} and "
-            f"{tuple(target.shape)}."
-        )
-    if source.shape[0] < 3:
-        raise ValueError(f"umeyama needs at least 3 corresponding points, got {source.shape[0]}.")
-    mean_x, mean_y = source.mean(0), target.mean(0)
-    x, y = source - mean_x, target - mean_y
-    variance_x = (x * x).sum(1).mean()
-    covariance = y.T @ x / source.shape[0]
-    u, singular, vh = torch.linalg.svd(covariance)
-    sign = torch.ones(3, dtype=torch.float64)
-    if torch.det(u) * torch.det(vh) < 0:
-        sign[-1] = -1.0
-    rotation = u @ torch.diag(sign) @ vh
-    scale = float((singular * sign).sum() / variance_x) if with_scale else 1.0
-    translation = mean_y - scale * rotation @ mean_x
-    return scale, rotation, translation
-
-
 def apply_similarity(
     points: ArrayLike, scale: float, rotation: torch.Tensor, translation: torch.Tensor
 ) -> torch.Tensor:
-    """`scale * R p + t` for points `(..., 3)`."""
-    points = as_float64(points, "points")
-    return scale * points @ rotation.T + translation
+    """`scale * R p + t` for points `(..., 3)`, in float64."""
+    return Similarity(scale, rotation, translation).apply(as_float64(points, "points"))

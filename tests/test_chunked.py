@@ -1,0 +1,273 @@
+"""Chunked reconstruction: the chunk plan, the robust similarity fit, and the merge of long synthetic trajectories
+whose per-chunk "predictions" are the ground truth in a random similarity frame per chunk, plus noise."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import BatchFeature
+
+from g2vlm_hf.chunked import (
+    merge_chunks,
+    number_of_chunks,
+    plan_chunks,
+    stream_reconstruction,
+    transform_reconstruction,
+)
+from g2vlm_hf.modeling.outputs import G2VLMReconstructionOutput
+from g2vlm_hf.similarity import Similarity, robust_umeyama, umeyama
+
+HEIGHT, WIDTH, FOCAL = 6, 8, 6.0
+
+
+def rotation_from_vector(vector: np.ndarray) -> np.ndarray:
+    """Rotation matrix of an axis-angle vector (Rodrigues)."""
+    angle = np.linalg.norm(vector)
+    if angle == 0:
+        return np.eye(3)
+    x, y, z = vector / angle
+    cross = np.array([[0, -z, y], [z, 0, -x], [-y, x, 0]])
+    return np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross
+
+
+def random_similarity(rng: np.random.Generator) -> Similarity:
+    rotation = torch.from_numpy(rotation_from_vector(rng.normal(size=3) * 2))
+    return Similarity(float(rng.uniform(0.2, 5.0)), rotation, torch.from_numpy(rng.normal(0, 10, 3)))
+
+
+class Walk:
+    """Ground truth of a long walk: cameras along a wandering path looking ahead, with per-pixel depths."""
+
+    def __init__(self, num_views: int, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        steps = np.arange(num_views) * 0.05
+        positions = np.stack([3 * np.sin(steps), 0.3 * np.sin(3 * steps), 2 * steps], axis=1)
+        turns = np.stack([0.1 * np.cos(2 * steps), 0.5 * np.sin(steps), np.zeros_like(steps)], axis=1)
+        rotations = np.stack([rotation_from_vector(turn) for turn in turns])
+        self.poses = torch.eye(4, dtype=torch.float64).repeat(num_views, 1, 1)
+        self.poses[:, :3, :3], self.poses[:, :3, 3] = torch.from_numpy(rotations), torch.from_numpy(positions)
+        rows, columns = torch.meshgrid(torch.arange(HEIGHT) + 0.5, torch.arange(WIDTH) + 0.5, indexing="ij")
+        rays = torch.stack([(columns - WIDTH / 2) / FOCAL, (rows - HEIGHT / 2) / FOCAL, torch.ones_like(rows)], -1)
+        depth = torch.from_numpy(rng.uniform(1.0, 6.0, (num_views, HEIGHT, WIDTH)))
+        self.local = rays.double() * depth[..., None]
+
+
+def world_from(poses: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("nij,nhwj->nhwi", poses[:, :3, :3], local) + poses[:, None, None, :3, 3]
+
+
+class FakeModel:
+    """Stands in for the network: `reconstruct` returns the ground truth of the requested views in a fresh random
+    similarity frame, with pose noise (rotation `rotation_noise` rad, translation `translation_noise`), relative depth
+    noise `depth_noise`, and a share `outlier_share` of pixels whose world points are thrown far off (confidence -8
+    when `flag_outliers`)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, walk: Walk, seed=1, rotation_noise=0.0, translation_noise=0.0, depth_noise=0.0,
+                 outlier_share=0.0, flag_outliers=False):  # fmt: skip
+        self.walk, self.rng = walk, np.random.default_rng(seed)
+        self.rotation_noise, self.translation_noise, self.depth_noise = rotation_noise, translation_noise, depth_noise
+        self.outlier_share, self.flag_outliers = outlier_share, flag_outliers
+        self.frames: list[Similarity] = []
+        self.global_frames: list[Similarity] = []  # the global head's own frame, unrelated to the poses'
+
+    def reconstruct(self, geometry_pixel_values: torch.Tensor, **kwargs) -> G2VLMReconstructionOutput:
+        index = geometry_pixel_values[0, :, 0, 0, 0].long()
+        poses, local = self.walk.poses[index].clone(), self.walk.local[index].clone()
+        count = len(index)
+        noise = np.stack([rotation_from_vector(v) for v in self.rng.normal(0, self.rotation_noise, (count, 3))])
+        poses[:, :3, :3] = torch.from_numpy(noise) @ poses[:, :3, :3]
+        poses[:, :3, 3] += torch.from_numpy(self.rng.normal(0, self.translation_noise, (count, 3)))
+        local = local * (1 + torch.from_numpy(self.rng.normal(0, self.depth_noise, local.shape[:-1])))[..., None]
+        frame, global_frame = random_similarity(self.rng), random_similarity(self.rng)
+        self.frames.append(frame)
+        self.global_frames.append(global_frame)
+        global_points = global_frame.apply(world_from(poses, local))
+        local = local * frame.scale
+        poses = frame.apply_to_poses(poses)
+        world = world_from(poses, local)
+        outliers = torch.from_numpy(self.rng.random(world.shape[:-1]) < self.outlier_share)
+        world[outliers] += torch.from_numpy(self.rng.normal(0, 50 * frame.scale, (int(outliers.sum()), 3)))
+        confidence = torch.where(outliers, -8.0, 4.0).float() if self.flag_outliers else None
+        fields = dict(camera_poses=poses, local_points=local, world_points=world, global_points=global_points,
+                      depth=local[..., 2], intrinsics=torch.eye(3).repeat(count, 1, 1))  # fmt: skip
+        fields = {name: value.float()[None] for name, value in fields.items()}
+        return G2VLMReconstructionOutput(**fields, confidence=None if confidence is None else confidence[None])
+
+
+def index_processor(geometry_images, return_tensors="pt"):
+    """Stands in for the processor: the view indices ride in the pixels."""
+    pixels = torch.zeros(1, len(geometry_images), 3, 1, 1)
+    pixels[0, :, 0, 0, 0] = torch.tensor(geometry_images, dtype=torch.float32)
+    return BatchFeature({"geometry_pixel_values": pixels})
+
+
+def merged_walk(walk: Walk, model: FakeModel, chunk_size=32, overlap=8) -> G2VLMReconstructionOutput:
+    views = range(walk.poses.shape[0])
+    return merge_chunks(stream_reconstruction(model, index_processor, views, chunk_size, overlap))
+
+
+def trajectory_error(poses: torch.Tensor, truth: torch.Tensor) -> float:
+    """ATE: RMSE of the camera positions after the one similarity that best maps them onto the truth."""
+    scale, rotation, translation = umeyama(poses[:, :3, 3], truth[:, :3, 3])
+    moved = Similarity(scale, rotation, translation).apply(poses[:, :3, 3].double())
+    return float((moved - truth[:, :3, 3]).square().sum(1).mean().sqrt())
+
+
+# ------------------------------------------------------------------------------------------------------ chunk plan
+
+
+def test_chunks_overlap_and_the_last_one_is_filled_back():
+    chunks = list(plan_chunks(range(11), chunk_size=4, overlap=2))
+    assert chunks == [([0, 1, 2, 3], 0), ([2, 3, 4, 5], 2), ([4, 5, 6, 7], 2), ([6, 7, 8, 9], 2), ([7, 8, 9, 10], 3)]
+    assert number_of_chunks(11, 4, 2) == len(chunks)
+    assert list(plan_chunks(range(3), chunk_size=4, overlap=2)) == [([0, 1, 2], 0)]
+    for num_views in range(1, 40):
+        plan = list(plan_chunks(range(num_views), 7, 3))
+        new = [view for views, shared in plan for view in views[shared:]]
+        assert new == list(range(num_views)), "every view is reconstructed first by exactly one chunk, in order"
+        assert len(plan) == number_of_chunks(num_views, 7, 3)
+        assert all(shared >= 3 for _, shared in plan[1:])
+
+
+def test_views_are_read_lazily():
+    read = []
+
+    def views():
+        for index in range(100):
+            read.append(index)
+            yield index
+
+    chunks = plan_chunks(views(), chunk_size=10, overlap=4)
+    next(chunks)
+    assert len(read) == 10
+    next(chunks)
+    assert len(read) == 16
+
+
+@pytest.mark.parametrize(("chunk_size", "overlap"), [(1, 0), (8, 0), (8, 8), (8, -1)])
+def test_bad_chunking_is_refused(chunk_size, overlap):
+    with pytest.raises(ValueError, match=r"chunk_size|overlap"):
+        list(plan_chunks(range(20), chunk_size, overlap))
+
+
+# -------------------------------------------------------------------------------------------------- similarity fit
+
+
+def test_weighted_umeyama_equals_repeating_the_points():
+    rng = np.random.default_rng(0)
+    source, target = torch.from_numpy(rng.normal(size=(30, 3))), torch.from_numpy(rng.normal(size=(30, 3)))
+    weights = torch.from_numpy(rng.integers(1, 4, 30)).double()
+    repeated = torch.repeat_interleave(torch.arange(30), weights.long())
+    weighted, plain = umeyama(source, target, weights), umeyama(source[repeated], target[repeated])
+    assert weighted[0] == pytest.approx(plain[0], rel=1e-10)
+    torch.testing.assert_close(weighted[1], plain[1])
+    torch.testing.assert_close(weighted[2], plain[2])
+
+
+def test_robust_fit_ignores_outliers_and_non_finite_points():
+    rng = np.random.default_rng(1)
+    truth = random_similarity(rng)
+    source = torch.from_numpy(rng.normal(size=(2000, 3)))
+    target = truth.apply(source) + torch.from_numpy(rng.normal(0, 0.01, (2000, 3)))
+    target[:200] += torch.from_numpy(rng.normal(0, 100, (200, 3)))  # 10 % gross outliers
+    source[200:210] = float("nan")
+    target[210:220] = float("inf")
+    fit = robust_umeyama(source, target)
+    assert fit.scale == pytest.approx(truth.scale, rel=2e-3)
+    torch.testing.assert_close(fit.rotation, truth.rotation, atol=2e-3, rtol=0)
+    finite = torch.cat([torch.arange(200), torch.arange(220, 2000)])
+    plain = Similarity(*umeyama(source[finite], target[finite]))
+    # the least-squares fit is pulled far off by the same outliers
+    assert abs(plain.scale - truth.scale) > 20 * abs(fit.scale - truth.scale)
+
+
+def test_confidence_weights_remove_even_a_majority_of_outliers():
+    rng = np.random.default_rng(2)
+    truth = random_similarity(rng)
+    source = torch.from_numpy(rng.normal(size=(1000, 3)))
+    target = truth.apply(source)
+    target[:600] = torch.from_numpy(rng.normal(0, 30, (600, 3)))
+    weights = torch.ones(1000, dtype=torch.float64)
+    weights[:600] = 0
+    fit = robust_umeyama(source, target, weights)
+    assert fit.scale == pytest.approx(truth.scale, rel=1e-9)
+    torch.testing.assert_close(fit.translation, truth.translation)
+
+
+def test_degenerate_overlaps_give_clear_errors():
+    points = torch.ones(50, 3)
+    with pytest.raises(ValueError, match="coincide"):
+        robust_umeyama(points, points)
+    nan = torch.full((50, 3), float("nan"))
+    with pytest.raises(ValueError, match="Only 0 of 50 correspondences are usable"):
+        robust_umeyama(nan, nan)
+    with pytest.raises(ValueError, match=r"\(M, 3\)"):
+        robust_umeyama(torch.zeros(5, 2), torch.zeros(5, 2))
+
+
+def test_transforming_a_reconstruction_keeps_its_invariants():
+    walk = Walk(5)
+    world = world_from(walk.poses, walk.local)
+    prediction = G2VLMReconstructionOutput(camera_poses=walk.poses[None], local_points=walk.local[None],
+                                           world_points=world[None], depth=walk.local[None, ..., 2])  # fmt: skip
+    similarity = random_similarity(np.random.default_rng(3))
+    moved = transform_reconstruction(prediction, similarity)
+    rotations = moved.camera_poses[0, :, :3, :3]
+    torch.testing.assert_close(rotations @ rotations.transpose(1, 2), torch.eye(3, dtype=torch.float64).expand(5, 3, 3))
+    torch.testing.assert_close(world_from(moved.camera_poses[0], moved.local_points[0]), moved.world_points[0])
+    torch.testing.assert_close(moved.world_points[0], similarity.apply(world))
+    torch.testing.assert_close(moved.depth, moved.local_points[..., 2])
+
+
+# ------------------------------------------------------------------------------------- merged synthetic trajectories
+
+
+@pytest.mark.parametrize("num_views", [50, 400])
+def test_noise_free_chunks_merge_without_drift(num_views):
+    walk = Walk(num_views)
+    model = FakeModel(walk)
+    merged = merged_walk(walk, model)
+    assert merged.camera_poses.shape == (1, num_views, 4, 4)
+    assert len(model.frames) == number_of_chunks(num_views, 32, 8)
+    # in the first chunk's frame: the truth moved by that chunk's similarity, to float32 precision, at any length
+    expected = model.frames[0].apply_to_poses(walk.poses)
+    torch.testing.assert_close(merged.camera_poses[0].double(), expected, atol=2e-4 * model.frames[0].scale, rtol=1e-4)
+    assert trajectory_error(merged.camera_poses[0], walk.poses) < 1e-4
+    torch.testing.assert_close(merged.world_points[0].double(), model.frames[0].apply(world_from(walk.poses, walk.local)),
+                               atol=2e-4 * model.frames[0].scale, rtol=1e-4)  # fmt: skip
+
+
+def test_noisy_chunks_merge_to_the_noise_level():
+    walk = Walk(400)
+    noise = 0.01  # the walk spans about 40 units
+    model = FakeModel(walk, rotation_noise=0.002, translation_noise=noise, depth_noise=0.01)
+    error = trajectory_error(merged_walk(walk, model).camera_poses[0], walk.poses)
+    per_view = math.sqrt(3) * noise  # RMSE of the position noise itself
+    assert error < 2.0 * per_view, f"ATE {error:.4f} vs per-view noise {per_view:.4f}"
+
+
+def test_outliers_in_the_overlap_do_not_break_the_chain():
+    walk = Walk(200)
+    model = FakeModel(walk, translation_noise=0.005, outlier_share=0.1)
+    error = trajectory_error(merged_walk(walk, model).camera_poses[0], walk.poses)
+    assert error < 2.0 * math.sqrt(3) * 0.005
+
+
+def test_confidence_flags_outliers_for_the_alignment():
+    walk = Walk(200)
+    model = FakeModel(walk, outlier_share=0.6, flag_outliers=True)  # more outliers than a robust loss can handle
+    assert trajectory_error(merged_walk(walk, model).camera_poses[0], walk.poses) < 1e-3
+
+
+def test_global_points_are_aligned_in_their_own_frame():
+    walk = Walk(100)
+    model = FakeModel(walk)
+    merged = merged_walk(walk, model, chunk_size=16, overlap=4)
+    expected = model.global_frames[0].apply(world_from(walk.poses, walk.local))
+    scale = model.global_frames[0].scale
+    torch.testing.assert_close(merged.global_points[0].double(), expected, atol=1e-3 * scale, rtol=1e-4)

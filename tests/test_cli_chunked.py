@@ -1,0 +1,136 @@
+"""`g2vlm reconstruct --chunk-size/--overlap` on a generated video, the one-pass limit pointing to it, and questions
+about a long video asked on a few uniformly spread frames."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import FIXTURE_DIR
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from g2vlm_hf import reconstruct_chunked
+from g2vlm_hf.cli import main as g2vlm
+from g2vlm_hf.video import iter_video_frames, uniform_indices
+
+av = pytest.importorskip("av", reason="the video extra (PyAV) is part of the test extras")
+trimesh = pytest.importorskip("trimesh", reason="the export extra (trimesh) is part of the test extras")
+
+
+@pytest.fixture(scope="module")
+def small_views_model(converted_tiny, tmp_path_factory):
+    """The converted tiny checkpoint with its processor set to 56-pixel-wide geometry views, to keep the runs short."""
+    folder = tmp_path_factory.mktemp("small") / "g2vlm-tiny"
+    shutil.copytree(converted_tiny, folder)
+    config = json.loads((folder / "processor_config.json").read_text())
+    config["image_processor"]["target_width"] = 56
+    (folder / "processor_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def write_video(path, frames: int, size=(518, 140)) -> None:
+    source = Image.open(FIXTURE_DIR / "images" / "view_0.png").convert("RGB")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
+        for index in range(frames):
+            frame = source.crop((x := 8 * index % 500, 0, x + 518, 280)).resize(size)
+            for packet in stream.encode(av.VideoFrame.from_image(frame)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_reconstruct_a_video_in_chunks(small_views_model, tmp_path):
+    video, output, sparse = tmp_path / "walk.mp4", tmp_path / "scene", tmp_path / "sparse"
+    write_video(video, 24)
+    args = ["reconstruct", "--model", str(small_views_model), "--video", str(video), "--every", "2", "--chunk-size", "5",
+            "--overlap", "2", "--output", str(output), "--colmap", str(sparse), "--ask", "Where is the box?",
+            "--ask-views", "3", "--max-new-tokens", "2"]  # fmt: skip
+    assert g2vlm(args) == 0
+
+    model = AutoModelForImageTextToText.from_pretrained(small_views_model).eval()
+    processor = AutoProcessor.from_pretrained(small_views_model)
+    frames = list(iter_video_frames(video, every=2))
+    expected = reconstruct_chunked(model, processor, frames, chunk_size=5, overlap=2)
+    cameras = json.loads((output / "cameras.json").read_text())["cameras"]
+    assert len(cameras) == 12  # frames 0, 2, ..., 22
+    poses = np.array([camera["camera_to_world"] for camera in cameras])
+    np.testing.assert_allclose(poses, expected.camera_poses[0].numpy(), atol=1e-5)
+    assert len([path for path in (output / "depth").iterdir() if "preview" not in path.name]) == 12
+    assert len(trimesh.load(output / "points.ply").vertices) == expected.world_points[0].reshape(-1, 3).shape[0]
+    intrinsics = expected.intrinsics[0]
+    usable = int(
+        (intrinsics.isfinite().all(-1).all(-1) & (intrinsics[:, 0, 0] > 0) & (intrinsics[:, 1, 1] > 0)).sum()
+    )  # random weights leave some views without a pinhole camera
+    images = (sparse / "images.txt").read_text().splitlines()
+    assert sum(1 for line in images if line.endswith(".png")) == usable
+
+    document = json.loads((output / "answer.json").read_text())
+    assert document["views"] == [f"walk.mp4#frame{2 * index}" for index in uniform_indices(12, 3)]
+
+
+def test_max_points_defaults_to_a_cap_for_many_views(small_views_model, tmp_path, monkeypatch):
+    import g2vlm_hf.cli
+
+    monkeypatch.setattr(g2vlm_hf.cli, "DEFAULT_MAX_POINTS", 1000)
+    video, output = tmp_path / "walk.mp4", tmp_path / "scene"
+    write_video(video, 6)
+    args = ["reconstruct", "--model", str(small_views_model), "--video", str(video), "--chunk-size", "4", "--overlap", "2",
+            "--every", "1", "--output", str(output)]  # fmt: skip
+    assert g2vlm(args) == 0
+    assert len(trimesh.load(output / "points.ply").vertices) == 1000  # of 6 x 56 x 14
+
+
+def test_too_many_views_for_one_pass_points_to_chunking(small_views_model, tmp_path, capsys):
+    video = tmp_path / "long.mp4"
+    write_video(video, 257, size=(64, 48))
+    args = [
+        "reconstruct",
+        "--model",
+        str(small_views_model),
+        "--video",
+        str(video),
+        "--every",
+        "1",
+        "--output",
+        str(tmp_path / "out"),
+    ]
+    assert g2vlm(args) == 2
+    error = capsys.readouterr().err
+    assert "257 views" in error and "--chunk-size" in error
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("chunk_size", "overlap"), [("1", "1"), ("8", "8"), ("8", "0")])
+def test_bad_chunk_flags_are_refused(small_views_model, tmp_path, capsys, chunk_size, overlap):
+    video = tmp_path / "walk.mp4"
+    write_video(video, 2)
+    args = ["reconstruct", "--model", str(small_views_model), "--video", str(video), "--chunk-size", chunk_size,
+            "--overlap", overlap, "--output", str(tmp_path / "out")]  # fmt: skip
+    assert g2vlm(args) == 2
+    error = capsys.readouterr().err
+    assert "--chunk-size" in error or "--overlap" in error
+
+
+def test_chat_over_a_video_uses_a_few_uniform_frames(small_views_model, tmp_path, capsys):
+    video = tmp_path / "walk.mp4"
+    write_video(video, 30)
+    args = ["chat", "--model", str(small_views_model), "--video", str(video), "--views", "4", "Where is the box?",
+            "--max-new-tokens", "3"]  # fmt: skip
+    assert g2vlm(args) == 0
+    captured = capsys.readouterr()
+    assert "frame0, walk.mp4#frame10, walk.mp4#frame19, walk.mp4#frame29" in captured.err
+
+    from g2vlm_hf.chat import answer
+
+    model = AutoModelForImageTextToText.from_pretrained(small_views_model).eval()
+    processor = AutoProcessor.from_pretrained(small_views_model)
+    frames = list(iter_video_frames(video, indices=[0, 10, 19, 29]))
+    with torch.no_grad():
+        expected = answer(model, processor, frames, "Where is the box?", 3)
+    assert captured.out.strip() == expected
