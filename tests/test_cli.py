@@ -83,6 +83,25 @@ def test_max_points_subsamples_the_cloud(converted_tiny, tmp_path):
     assert len(trimesh.load(output / "points.ply").vertices) == 1000
 
 
+def test_resize_views_reaches_the_processor_for_this_run(converted_tiny, tmp_path, capsys):
+    """`--resize-views` reconstructs views of different sizes as the processor does with `resize_views_to_first=True`
+    for that call; without it they are refused."""
+    smaller = tmp_path / "smaller.png"
+    Image.open(VIEWS[1]).convert("RGB").resize((300, 90)).save(smaller)
+    views = [str(VIEWS[0]), str(smaller)]
+    assert g2vlm(["reconstruct", "--model", str(converted_tiny), *views, "--output", str(tmp_path / "refused")]) == 2
+    assert "--resize-views" in capsys.readouterr().err
+    output = tmp_path / "scene"
+    argv = ["reconstruct", "--model", str(converted_tiny), *views, "--output", str(output), "--resize-views"]
+    assert g2vlm(argv) == 0
+    model = AutoModelForImageTextToText.from_pretrained(converted_tiny).eval()
+    processor = AutoProcessor.from_pretrained(converted_tiny)
+    with torch.no_grad():
+        expected = model.reconstruct(**processor(geometry_images=views, return_tensors="pt", resize_views_to_first=True))
+    saved = json.loads((output / "cameras.json").read_text())["cameras"]
+    np.testing.assert_allclose(np.array([c["camera_to_world"] for c in saved]), expected.camera_poses[0].numpy(), atol=1e-6)
+
+
 def test_chat_streams_the_greedy_answer(converted_tiny, capsys):
     question = "How far is the red box from the blue wall?"
     assert g2vlm(["chat", "--model", str(converted_tiny), "--image", str(IMAGES / "chat.png"), question, "--max-new-tokens", "6"]) == 0

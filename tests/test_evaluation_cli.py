@@ -81,7 +81,7 @@ def test_a_missing_model_fails_cleanly(geometry_data, tmp_path, capsys):
 def test_perfect_predictions_score_perfectly_through_the_cli(converted_tiny, geometry_data, tmp_path, monkeypatch):
     """The CLI's plumbing (loading, resizing, alignment, pooling) gives perfect scores to a perfect prediction."""
 
-    def oracle(model, processor, image_paths, size, device):
+    def oracle(model, processor, image_paths, size, device, target_width=None):
         scene = next(s for s in cli.find_scenes(geometry_data, "poses") if s.image_paths == list(image_paths))
         scale = 2.0  # an unknown global scale must not matter
         poses = scene.poses.copy()

@@ -397,3 +397,46 @@ def test_the_geometry_image_processor_as_image_processor_is_refused():
     tokenizer = _load_tokenizer(CHECKPOINT)
     with pytest.raises(ValueError, match=r"AutoProcessor\.from_pretrained"):
         G2VLMProcessor(image_processor=G2VLMGeometryImageProcessor(), tokenizer=tokenizer)
+
+
+def test_per_call_geometry_settings_leave_the_shared_processor_unchanged(processor):
+    """`resize_views_to_first`, `target_width`, normalisation and `max_views` given to one call apply to that call
+    only: the geometry image processor the processor holds keeps its settings (nothing is mutated or swapped)."""
+    views = [Image.open(VIEWS[0]).convert("RGB"), Image.open(VIEWS[1]).convert("RGB").resize((60, 45))]
+    shared = processor.geometry_image_processor
+    before = shared.to_dict()
+    with pytest.raises(ValueError, match="resize_views_to_first=True"):
+        processor(geometry_images=views, return_tensors="pt")
+    settings = {"resize_views_to_first": True, "target_width": 28, "do_normalize": False, "max_views": 2}
+    inputs = processor(geometry_images=views, return_tensors="pt", **settings)
+    expected = G2VLMGeometryImageProcessor(**settings)(views)["geometry_pixel_values"]
+    assert torch.equal(inputs["geometry_pixel_values"], expected)
+    assert processor.geometry_image_processor is shared and shared.to_dict() == before
+    with pytest.raises(ValueError, match="resize_views_to_first=True"):  # the next call is back to the defaults
+        processor(geometry_images=views, return_tensors="pt")
+    with pytest.raises(ValueError, match="exceed max_views=1"):
+        processor(geometry_images=views, return_tensors="pt", resize_views_to_first=True, max_views=1)
+
+
+def test_chat_answer_passes_per_call_settings_to_the_processor(processor):
+    """`answer(..., resize_views_to_first=True, target_width=28)` reaches the processor through
+    `apply_chat_template` (checked at the model's entry), and leaves the processor's settings as they were."""
+    from g2vlm_hf.chat import answer
+
+    views = [Image.open(VIEWS[0]).convert("RGB"), Image.open(VIEWS[1]).convert("RGB").resize((60, 45))]
+    before = processor.geometry_image_processor.to_dict()
+
+    class Seen(Exception):
+        pass
+
+    class Model:
+        device = torch.device("cpu")
+
+        def generate(self, **inputs):
+            raise Seen(inputs["geometry_pixel_values"])
+
+    with pytest.raises(Seen) as seen:
+        answer(Model(), processor, views, "Where?", 4, resize_views_to_first=True, target_width=28)
+    expected = G2VLMGeometryImageProcessor(resize_views_to_first=True, target_width=28)(views)["geometry_pixel_values"]
+    assert torch.equal(seen.value.args[0], expected)
+    assert processor.geometry_image_processor.to_dict() == before

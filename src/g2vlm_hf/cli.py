@@ -169,7 +169,6 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     with staged_outputs(targets) as stagings:
         views = collect_views(args) if args.chunk_size is None else None  # read lazily, chunk by chunk, otherwise
         model, processor = load(args.model, args.dtype, args.device)
-        processor.geometry_image_processor.resize_views_to_first = args.resize_views
         if views is not None:
             max_views = processor.geometry_image_processor.max_views
             if len(views) > max_views:
@@ -178,7 +177,9 @@ def run_reconstruct(args: argparse.Namespace) -> int:
                     "overlapping chunks with --chunk-size 32 --overlap 8 (any number of views), or subsample them "
                     "(--every / --max-views)."
                 )
-            inputs = processor(geometry_images=views, return_tensors="pt").to(args.device)
+            inputs = processor(
+                geometry_images=views, return_tensors="pt", resize_views_to_first=args.resize_views
+            ).to(args.device)
             with torch.inference_mode():
                 output = model.reconstruct(**inputs)
             pixels, sizes, names = inputs["geometry_pixel_values"], original_sizes(views), view_names(args, len(views))
@@ -263,7 +264,9 @@ def export_extras(
             max_points=max_points,
         )
     if args.ask is not None:
-        reply = answer(model, processor, views, args.ask, args.max_new_tokens)
+        reply = answer(
+            model, processor, views, args.ask, args.max_new_tokens, resize_views_to_first=args.resize_views
+        )
         document = {"question": args.ask, "answer": reply, "views": names}
         path = Path(folder) / "answer.json"
         written.append(_atomic_write_bytes(path, (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode()))
@@ -293,9 +296,16 @@ def run_chat(args: argparse.Namespace) -> int:
     else:
         images = [load_image(path) for path in args.image]
     model, processor = load(args.model, args.dtype, args.device)
-    processor.geometry_image_processor.resize_views_to_first = args.resize_views
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    answer(model, processor, images, args.question, args.max_new_tokens, streamer=streamer)
+    answer(
+        model,
+        processor,
+        images,
+        args.question,
+        args.max_new_tokens,
+        streamer=streamer,
+        resize_views_to_first=args.resize_views,
+    )
     return 0
 
 

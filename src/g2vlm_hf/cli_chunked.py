@@ -69,7 +69,13 @@ def reconstruct_in_chunks(args: argparse.Namespace, model, processor) -> Chunked
     sizes: list[tuple[int, int]] = []
     chunks = []
     stream = stream_reconstruction(
-        model, processor, _recording_sizes(views, sizes), args.chunk_size, args.overlap, total_views=total
+        model,
+        processor,
+        _recording_sizes(views, sizes),
+        args.chunk_size,
+        args.overlap,
+        total_views=total,
+        resize_views_to_first=args.resize_views,
     )
     for chunk in stream:
         kept = {name: value for name, value in chunk.reconstruction.items() if name not in UNUSED_BY_EXPORTS}

@@ -35,11 +35,13 @@ def run_depth(args: argparse.Namespace, model, processor, scenes: list[GeometryS
         size = scene.depth.shape[1:3]
         if args.single_view:  # monocular protocol: every view reconstructed on its own
             views = [
-                predict_geometry(model, processor, [path], size, args.device)["depth"] for path in scene.image_paths
+                predict_geometry(model, processor, [path], size, args.device, args.geometry_width)["depth"]
+                for path in scene.image_paths
             ]
             depth = np.concatenate(views)
         else:
-            depth = predict_geometry(model, processor, scene.image_paths, size, args.device)["depth"]
+            prediction = predict_geometry(model, processor, scene.image_paths, size, args.device, args.geometry_width)
+            depth = prediction["depth"]
         try:
             metrics = evaluate_depth(
                 depth,
@@ -59,7 +61,9 @@ def run_depth(args: argparse.Namespace, model, processor, scenes: list[GeometryS
 def run_points(args: argparse.Namespace, model, processor, scenes: list[GeometryScene]) -> tuple[dict, list[dict]]:
     per_scene = []
     for scene in logging.tqdm(scenes, desc="points", unit="scene"):
-        prediction = predict_geometry(model, processor, scene.image_paths, scene.points.shape[1:3], args.device)
+        prediction = predict_geometry(
+            model, processor, scene.image_paths, scene.points.shape[1:3], args.device, args.geometry_width
+        )
         metrics = evaluate_point_maps(
             prediction["world_points"],
             scene.points,
@@ -82,7 +86,7 @@ def run_poses(args: argparse.Namespace, model, processor, scenes: list[GeometryS
     for scene in logging.tqdm(scenes, desc="poses", unit="scene"):
         width, height = displayed_size(scene.image_paths[0])
         size = (height, width)
-        prediction = predict_geometry(model, processor, scene.image_paths, size, args.device)
+        prediction = predict_geometry(model, processor, scene.image_paths, size, args.device, args.geometry_width)
         rotation, translation = relative_pose_errors(prediction["camera_poses"], scene.poses, args.pair_direction)
         pooled[scene.category or "(top level)"][0].append(rotation)
         pooled[scene.category or "(top level)"][1].append(translation)

@@ -15,16 +15,17 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, 
 
 
 def load_model(model_path: str, dtype: str = "auto", device: str = "cpu", geometry_width: int | None = None):
-    """Model (eval mode, on `device`) and processor of a converted checkpoint folder or Hub id."""
+    """Model (eval mode, on `device`) and processor of a converted checkpoint folder or Hub id. A `geometry_width` is
+    checked against the processor's patch size here, before any scene runs; pass it to [`predict_geometry`] as
+    `target_width`."""
     from ..model_loading import load_checked
 
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}.")
     model, processor = load_checked(model_path, DTYPES[dtype], device)
-    if geometry_width is not None:
-        if geometry_width <= 0 or geometry_width % processor.geometry_image_processor.patch_size:
-            raise ValueError(f"--geometry-width must be a positive multiple of the patch size, got {geometry_width}.")
-        processor.geometry_image_processor.target_width = geometry_width
+    patch = processor.geometry_image_processor.patch_size
+    if geometry_width is not None and (geometry_width <= 0 or geometry_width % patch):
+        raise ValueError(f"--geometry-width must be a positive multiple of the patch size, got {geometry_width}.")
     return model, processor
 
 
@@ -39,10 +40,19 @@ def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def predict_geometry(model, processor, image_paths: Sequence[Path], size: tuple[int, int], device: str) -> dict:
+def predict_geometry(
+    model,
+    processor,
+    image_paths: Sequence[Path],
+    size: tuple[int, int],
+    device: str,
+    target_width: int | None = None,
+) -> dict:
     """Depth `(N, H, W)`, world points `(N, H, W, 3)` and camera-to-world poses `(N, 4, 4)` of one scene, as float64
-    numpy arrays, the maps resized to the ground-truth `size`."""
-    inputs = processor(geometry_images=[str(path) for path in image_paths], return_tensors="pt").to(device)
+    numpy arrays, the maps resized to the ground-truth `size`; the views are resized to `target_width` (default: the
+    processor's own)."""
+    paths = [str(path) for path in image_paths]
+    inputs = processor(geometry_images=paths, return_tensors="pt", target_width=target_width).to(device)
     output = model.reconstruct(**inputs)
     return {
         "depth": resize_maps(output.depth[0].float().cpu(), size).double().numpy(),

@@ -88,17 +88,34 @@ class G2VLMGeometryImageProcessor(BaseImageProcessor):
         return_tensors: str | TensorType | None = "pt",
         do_resize: bool | None = None,
         target_width: int | None = None,
+        do_normalize: bool | None = None,
+        image_mean: float | Sequence[float] | None = None,
+        image_std: float | Sequence[float] | None = None,
+        max_views: int | None = None,
+        resize_views_to_first: bool | None = None,
     ) -> BatchFeature:
         """
         Args:
             images: one view, the views of one scene, or a list of scenes (each a list of views). Paths, PIL images
                 and arrays are accepted (see `load_image` for the colour conversions).
+            do_resize, target_width, do_normalize, image_mean, image_std, max_views, resize_views_to_first: settings
+                for this call only (see the class arguments); `None` keeps the processor's own. The processor itself
+                is left unchanged.
 
         Returns:
             `BatchFeature` with `geometry_pixel_values` `(scenes, views, 3, H, W)`; all scenes of a batch must give
             the same number of views and size.
         """
-        scenes = [self.preprocess_scene(scene, do_resize, target_width) for scene in as_scenes(images)]
+        settings = {
+            "do_resize": do_resize,
+            "target_width": target_width,
+            "do_normalize": do_normalize,
+            "image_mean": image_mean,
+            "image_std": image_std,
+            "max_views": max_views,
+            "resize_views_to_first": resize_views_to_first,
+        }
+        scenes = [self.preprocess_scene(scene, **settings) for scene in as_scenes(images)]
         shapes = sorted({tuple(scene.shape) for scene in scenes})
         if len(shapes) > 1:
             raise ValueError(
@@ -131,22 +148,39 @@ class G2VLMGeometryImageProcessor(BaseImageProcessor):
         return results
 
     def preprocess_scene(
-        self, views: Sequence[ImageSource], do_resize: bool | None = None, target_width: int | None = None
+        self,
+        views: Sequence[ImageSource],
+        do_resize: bool | None = None,
+        target_width: int | None = None,
+        do_normalize: bool | None = None,
+        image_mean: float | Sequence[float] | None = None,
+        image_std: float | Sequence[float] | None = None,
+        max_views: int | None = None,
+        resize_views_to_first: bool | None = None,
     ) -> torch.Tensor:
-        """`(views, 3, H, W)` normalised pixels of one scene."""
+        """`(views, 3, H, W)` normalised pixels of one scene (settings given here apply to this call only)."""
         do_resize = self.do_resize if do_resize is None else do_resize
-        target_width = target_width or self.target_width
+        target_width = self.target_width if target_width is None else target_width
+        if target_width <= 0 or target_width % self.patch_size:
+            raise ValueError(
+                f"target_width={target_width} must be a positive multiple of the patch size {self.patch_size}."
+            )
+        do_normalize = self.do_normalize if do_normalize is None else do_normalize
+        image_mean = self.image_mean if image_mean is None else _per_channel(image_mean)
+        image_std = self.image_std if image_std is None else _per_channel(image_std)
+        max_views = self.max_views if max_views is None else max_views
+        resize_views_to_first = self.resize_views_to_first if resize_views_to_first is None else resize_views_to_first
         if len(views) == 0:
             raise ValueError("A scene needs at least one view.")
-        if len(views) > self.max_views:
-            raise ValueError(self._too_many_views_message(len(views), target_width))
+        if len(views) > max_views:
+            raise ValueError(self._too_many_views_message(len(views), target_width, max_views))
         pil_views = [load_image(view) for view in views]
         self._check_not_too_small(pil_views)
         width, height = pil_views[0].size
         if do_resize:
             width, height = target_width, max(1, round(height * target_width / width / self.patch_size)) * self.patch_size
         self._check_budget(pil_views[0].size, (width, height))
-        if do_resize and not self.resize_views_to_first:
+        if do_resize and not resize_views_to_first:
             for index, view in enumerate(pil_views):
                 if view.size != pil_views[0].size:
                     raise ValueError(
@@ -170,9 +204,9 @@ class G2VLMGeometryImageProcessor(BaseImageProcessor):
         fitted = (max(patch, height // patch * patch), max(patch, width // patch * patch))
         if fitted != (height, width):
             pixels = F.interpolate(pixels, fitted, mode="bilinear", align_corners=False, antialias=True)
-        if self.do_normalize:
-            mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
-            std = torch.tensor(self.image_std).view(1, 3, 1, 1)
+        if do_normalize:
+            mean = torch.tensor(image_mean).view(1, 3, 1, 1)
+            std = torch.tensor(image_std).view(1, 3, 1, 1)
             pixels = (pixels - mean) / std
         return pixels
 
@@ -207,17 +241,22 @@ class G2VLMGeometryImageProcessor(BaseImageProcessor):
             pixels = pixels * torch.tensor(self.image_std).view(shape) + torch.tensor(self.image_mean).view(shape)
         return (pixels.clamp(0, 1) * 255).round().to(torch.uint8).movedim(-3, -1)
 
-    def _too_many_views_message(self, num_views: int, target_width: int) -> str:
+    def _too_many_views_message(self, num_views: int, target_width: int, max_views: int) -> str:
         tokens_per_view = (target_width // self.patch_size) ** 2 * 3 // 4  # a 4:3 view, as an order of magnitude
         tokens = num_views * tokens_per_view
         gigabytes = tokens * G2VLM_2B_KV_BYTES_PER_TOKEN / 1e9
         return (
-            f"{num_views} views exceed max_views={self.max_views}. At width {target_width} a 4:3 view is about "
+            f"{num_views} views exceed max_views={max_views}. At width {target_width} a 4:3 view is about "
             f"{tokens_per_view} geometry tokens, so these views would put about {tokens:,} tokens in the prompt "
             f"(about {gigabytes:.0f} GB of key/value cache alone for G2VLM-2B in bfloat16, before activations). "
             "Subsample the views (e.g. every k-th video frame: --every / --max-views on the command line) or, from "
             "Python, raise max_views on the geometry image processor if you have the memory."
         )
+
+
+def _per_channel(value: float | Sequence[float]) -> list[float]:
+    """A mean or std as one float per RGB channel (a single number stands for all three)."""
+    return [float(value)] * 3 if isinstance(value, (int, float)) else [float(v) for v in value]
 
 
 def as_scenes(images) -> list[list[ImageSource]]:

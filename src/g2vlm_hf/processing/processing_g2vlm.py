@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import re
 from typing import Any, TypedDict
 
@@ -48,6 +47,8 @@ class G2VLMGeometryImagesKwargs(TypedDict, total=False):
     image_std (`float` or `list[float]`, *optional*):
     max_views (`int`, *optional*):
         Largest number of views in one scene.
+    resize_views_to_first (`bool`, *optional*):
+        Resize views whose size differs from the first view's to it (otherwise such views raise a ValueError).
     """
 
     do_resize: bool | None
@@ -56,6 +57,7 @@ class G2VLMGeometryImagesKwargs(TypedDict, total=False):
     image_mean: float | list[float] | tuple[float, ...] | None
     image_std: float | list[float] | tuple[float, ...] | None
     max_views: int | None
+    resize_views_to_first: bool | None
 
 
 class G2VLMProcessorKwargs(ProcessingKwargs, total=False):
@@ -312,9 +314,9 @@ class G2VLMProcessor(ProcessorMixin):
     def _process_geometry_images(self, scenes: list[list], **kwargs) -> tuple[dict, list[str]]:
         """`_process_images` for the geometry views (one list per prompt): their pixels, and the run of placeholders
         that stands for each view (one token per patch)."""
-        geometry_processor, call_kwargs = self._geometry_processor(kwargs)
-        views = geometry_processor(scenes, return_tensors="pt", **call_kwargs)["geometry_pixel_values"]
-        patch = geometry_processor.patch_size
+        settings = {key: value for key, value in kwargs.items() if value is not None}  # for this call only
+        views = self.geometry_image_processor(scenes, return_tensors="pt", **settings)["geometry_pixel_values"]
+        patch = self.geometry_image_processor.patch_size
         tokens_per_view = (views.shape[-2] // patch) * (views.shape[-1] // patch)
         replacements = [GEOMETRY_TOKEN * tokens_per_view] * sum(len(scene) for scene in scenes)
         return {"geometry_pixel_values": views}, replacements
@@ -404,23 +406,6 @@ class G2VLMProcessor(ProcessorMixin):
             *ImagesKwargs.__annotations__,
             *getattr(valid, "__annotations__", {}),
         }
-
-    def _geometry_processor(self, overrides: dict[str, Any]) -> tuple[G2VLMGeometryImageProcessor, dict[str, Any]]:
-        """The geometry image processor with `overrides` applied, and the ones its `preprocess` takes directly."""
-        call_kwargs = {key: overrides[key] for key in ("do_resize", "target_width") if overrides.get(key) is not None}
-        settings = {key: value for key, value in overrides.items() if key not in call_kwargs and value is not None}
-        target_width = call_kwargs.get("target_width")
-        patch = self.geometry_image_processor.patch_size
-        if target_width is not None and (target_width <= 0 or target_width % patch):
-            raise ValueError(f"target_width={target_width} must be a positive multiple of the patch size {patch}.")
-        if not settings:
-            return self.geometry_image_processor, call_kwargs
-        processor = copy.deepcopy(self.geometry_image_processor)
-        for key, value in settings.items():
-            if key in ("image_mean", "image_std"):
-                value = [float(value)] * 3 if isinstance(value, (int, float)) else [float(v) for v in value]
-            setattr(processor, key, value)
-        return processor, call_kwargs
 
 
 def placeholder_pattern(token: str) -> str:
