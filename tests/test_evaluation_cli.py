@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from g2vlm_hf.evaluation import cli, write_scene
 from g2vlm_hf.training.synthetic import render_room, yaw_pose
@@ -134,3 +135,13 @@ def test_bad_data_fails_cleanly_without_a_result_file(tmp_path, capsys):
     assert run("vqa", converted_tiny, tmp_path / "q.jsonl", output) == 2
     assert "line 1: not valid JSON" in capsys.readouterr().err
     assert not output.exists()
+
+
+def test_dtype_names_load_the_weights_in_that_dtype(converted_tiny):
+    """One dtype table for both command lines: a name loads the weights in that dtype, an unknown one is refused."""
+    from g2vlm_hf.evaluation.predict import load_model
+
+    model, _ = load_model(str(converted_tiny), "bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="Unknown dtype 'float64'"):
+        load_model(str(converted_tiny), "float64")

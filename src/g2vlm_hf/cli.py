@@ -15,8 +15,11 @@ from pathlib import Path
 
 # torch, transformers and the model code are imported inside the commands, so that `g2vlm --help` answers at once.
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+"""The weights dtypes of `--dtype` (both command lines); "auto" keeps the saved one. Defined here, in the module the
+`g2vlm` launcher loads without the package, and imported by `model_loading` for the other users."""
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 SCENE_FILES = {"scene.glb", "points.ply", "cameras.json", "depth", "answer.json", ".g2vlm-output"}
 """What `reconstruct` writes into --output (a --colmap folder inside it must not collide with these)."""
 # The exported clouds of many views are randomly subsampled to this many points unless --max-points says otherwise:
@@ -149,11 +152,9 @@ def is_colmap(folder: Path) -> bool:
 
 def load(model_path: str, dtype: str, device: str):
     """Model and processor, refusing weights that do not match the config and naming missing tokenizer files."""
-    import torch
-
     from .model_loading import load_checked
 
-    return load_checked(model_path, "auto" if dtype == "auto" else getattr(torch, dtype), device)
+    return load_checked(model_path, dtype, device)
 
 
 def run_reconstruct(args: argparse.Namespace) -> int:

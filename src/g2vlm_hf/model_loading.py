@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .cli import DTYPES
+
 TOKENIZER_CONFIG = "tokenizer_config.json"
 TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 """Either set holds the vocabulary of the Qwen2 tokenizer (the fast one's file, or the slow one's pair)."""
@@ -34,19 +36,24 @@ def _named(keys: list[str]) -> str:
     return f"{len(keys)} ({shown}{', ...' if len(keys) > SHOWN_KEYS else ''})"
 
 
-def load_checked(model_path: str, dtype, device: str):
-    """`(model, processor)` of a converted checkpoint, the model in eval mode on `device`.
+def load_checked(model_path: str, dtype: str, device: str):
+    """`(model, processor)` of a converted checkpoint, the model in eval mode on `device`, its weights in `dtype` (one
+    of `DTYPES`).
 
     Raises:
-        ValueError: tokenizer files are missing, or the weights lack keys the config needs or hold keys it does not
-            know (e.g. a `num_hidden_layers` that does not match the weights).
+        ValueError: an unknown dtype, tokenizer files are missing, or the weights lack keys the config needs or hold
+            keys it does not know (e.g. a `num_hidden_layers` that does not match the weights).
     """
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; choose one of {list(DTYPES)}.")
+    import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import g2vlm_hf  # noqa: F401  (registers the Auto classes)
 
     check_tokenizer_files(model_path)
-    model, info = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype, output_loading_info=True)
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    model, info = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch_dtype, output_loading_info=True)
     missing, unexpected = list(info.get("missing_keys") or []), list(info.get("unexpected_keys") or [])
     if missing or unexpected:
         problems = [f"missing weights {_named(missing)}"] if missing else []

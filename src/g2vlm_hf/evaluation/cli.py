@@ -13,12 +13,13 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
+from ..model_loading import DTYPES
 from ..processing.image_io import displayed_size
 from .datasets import GeometryScene, Question, find_scenes, load_questions, write_json_atomic
 from .depth import ALIGNMENTS, evaluate_depth, weighted_mean
 from .points import evaluate_point_maps
 from .poses import PAIR_DIRECTIONS, relative_pose_errors, summarize_pose_errors
-from .predict import DTYPES, answer_question, load_model, predict_geometry
+from .predict import answer_question, load_model, predict_geometry
 from .vqa import score_answer, summarize_vqa
 
 
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--model", required=True, help="converted checkpoint folder or Hub id")
         sub.add_argument("--data", type=Path, required=True, help=data_help)
         sub.add_argument("--output", type=Path, required=True, help="JSON result file (written atomically)")
-        sub.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
+        sub.add_argument("--dtype", choices=DTYPES, default="auto")
         sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         sub.add_argument("--limit", type=int, default=None, help="evaluate only the first N scenes/questions")
 

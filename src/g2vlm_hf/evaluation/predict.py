@@ -11,8 +11,6 @@ import torch.nn.functional as F
 from ..chat import answer
 from .datasets import Question
 
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def load_model(model_path: str, dtype: str = "auto", device: str = "cpu", geometry_width: int | None = None):
     """Model (eval mode, on `device`) and processor of a converted checkpoint folder or Hub id. A `geometry_width` is
@@ -20,9 +18,7 @@ def load_model(model_path: str, dtype: str = "auto", device: str = "cpu", geomet
     `target_width`."""
     from ..model_loading import load_checked
 
-    if dtype not in DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}.")
-    model, processor = load_checked(model_path, DTYPES[dtype], device)
+    model, processor = load_checked(model_path, dtype, device)
     patch = processor.geometry_image_processor.patch_size
     if geometry_width is not None and (geometry_width <= 0 or geometry_width % patch):
         raise ValueError(f"--geometry-width must be a positive multiple of the patch size, got {geometry_width}.")
