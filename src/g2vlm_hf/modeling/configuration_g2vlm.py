@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import ClassVar, Literal
 
 from transformers import Dinov2WithRegistersConfig, PreTrainedConfig, Qwen2VLTextConfig, Qwen2VLVisionConfig
 
+from .geometry_losses import G2VLMGeometryLossWeights
 from .head_activations import get_head_activation
 
 GEOMETRY_ENCODER_ATTENTION_MODES = ("per_view", "official_packed_windows")
-DEFAULT_GEOMETRY_LOSS_WEIGHTS = {
-    "local_points": 1.0,
-    "global_points": 1.0,
-    "camera": 0.2,
-    "camera_translation": 100.0,
-    "confidence": 0.05,
-    "confidence_threshold": 0.02,
-}
+DEFAULT_GEOMETRY_LOSS_WEIGHTS = asdict(G2VLMGeometryLossWeights())  # the dataclass holds the one table
 
 # Default encoders: those of G²VLM-2B (the Qwen2-VL-2B ViT and DINOv2-L with 4 registers).
 G2VLM_2B_VISION = dict(
