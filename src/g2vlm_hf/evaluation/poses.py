@@ -12,22 +12,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..modeling.rigid import invert_rigid
 from .alignment import ArrayLike, as_float64
 
 
 def _check_poses(poses: torch.Tensor, name: str) -> None:
     if poses.ndim != 3 or poses.shape[1:] != (4, 4):
         raise ValueError(f"{name} must be (N, 4, 4) camera-to-world matrices, got {tuple(poses.shape)}.")
-
-
-def invert_rigid(poses: torch.Tensor) -> torch.Tensor:
-    """Inverse of rigid transforms `(N, 4, 4)` in closed form."""
-    rotation_t = poses[:, :3, :3].transpose(1, 2)
-    inverse = torch.zeros_like(poses)
-    inverse[:, :3, :3] = rotation_t
-    inverse[:, :3, 3] = -(rotation_t @ poses[:, :3, 3:])[..., 0]
-    inverse[:, 3, 3] = 1.0
-    return inverse
 
 
 def rotation_angle_degrees(rotation_a: torch.Tensor, rotation_b: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from .configuration_g2vlm import G2VLMConfig
 from .head_activations import get_head_activation
 from .head_layers import G2VLMHeadDecoder, G2VLMPixelHead, G2VLMRotary2D
 from .outputs import G2VLMReconstructionOutput
+from .rigid import transform_points
 
 logger = logging.get_logger(__name__)
 
@@ -84,8 +85,7 @@ class G2VLMGeometryHeads(nn.Module):
             depth = self.depth_activation(raw_depth)
             local_points = per_view(torch.cat((xy * depth, depth), dim=-1))
             camera_poses = per_view(self.camera_head(self.camera_decoder(tokens, rope)))
-            world_points = torch.einsum("bnij,bnhwj->bnhwi", camera_poses[..., :3, :3], local_points)
-            world_points = world_points + camera_poses[..., None, None, :3, 3]
+            world_points = transform_points(camera_poses, local_points)
 
             global_points = None
             if self.global_points_decoder is not None:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .rigid import invert_rigid, transform_points
+
 
 @dataclass
 class G2VLMGeometryLossWeights:
@@ -26,21 +28,6 @@ class G2VLMGeometryLossWeights:
     camera_translation: float = 100.0  # inside the camera term: translation_weight * translation + rotation
     confidence: float = 0.05
     confidence_threshold: float = 0.02  # aligned local-point error below which a pixel counts as reliable
-
-
-def invert_poses(poses: torch.Tensor) -> torch.Tensor:
-    """Inverse of rigid transforms `(..., 4, 4)`."""
-    rotation_t = poses[..., :3, :3].transpose(-1, -2)
-    inverse = torch.zeros_like(poses)
-    inverse[..., :3, :3] = rotation_t
-    inverse[..., :3, 3] = -(rotation_t @ poses[..., :3, 3:]).squeeze(-1)
-    inverse[..., 3, 3] = 1.0
-    return inverse
-
-
-def transform_points(poses: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Apply `(B, N, 4, 4)` transforms to `(B, N, H, W, 3)` points."""
-    return torch.einsum("bnij,bnhwj->bnhwi", poses[..., :3, :3], points) + poses[..., None, None, :3, 3]
 
 
 def scale_translations(poses: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -83,7 +70,7 @@ def rotation_angle(rotations: torch.Tensor, targets: torch.Tensor, eps: float = 
 def relative_poses(poses: torch.Tensor) -> torch.Tensor:
     """`inv(P_i) @ P_j` for every ordered pair i != j of each scene: `(B, N * (N - 1), 4, 4)`."""
     views = poses.shape[1]
-    pairs = invert_poses(poses)[:, :, None] @ poses[:, None, :]
+    pairs = invert_rigid(poses)[:, :, None] @ poses[:, None, :]
     off_diagonal = ~torch.eye(views, dtype=torch.bool, device=poses.device)
     return pairs[:, off_diagonal]
 
@@ -112,13 +99,13 @@ def geometry_losses(
         raise ValueError("geometry_targets['valid_mask'] marks no valid pixel: the geometry loss needs known points.")
 
     # targets: first camera's frame, unit mean distance
-    to_first = invert_poses(camera_poses[:, :1])
+    to_first = invert_rigid(camera_poses[:, :1])
     target_poses = to_first @ camera_poses
     target_global = transform_points(to_first.expand_as(camera_poses), world_points)
     target_scale = mean_distance(target_global, mask).clamp_min(1e-8)
     target_global = target_global / target_scale.view(-1, 1, 1, 1, 1)
     target_poses = scale_translations(target_poses, 1.0 / target_scale)
-    target_local = transform_points(invert_poses(target_poses), target_global)
+    target_local = transform_points(invert_rigid(target_poses), target_global)
     # a target point behind its camera is no pixel's depth: leaving it in would make the depth weights negative
     mask = mask & (target_local[..., 2] > 0)
     if int(mask.sum()) == 0:
