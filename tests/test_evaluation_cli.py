@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from transformers import AutoProcessor
 
 from g2vlm_hf.evaluation import cli, write_scene
 from g2vlm_hf.training.synthetic import render_room, yaw_pose
@@ -145,3 +146,21 @@ def test_dtype_names_load_the_weights_in_that_dtype(converted_tiny):
     assert next(model.parameters()).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="Unknown dtype 'float64'"):
         load_model(str(converted_tiny), "float64")
+
+
+def test_geometry_width_is_a_per_call_setting(converted_tiny, geometry_data, tmp_path, monkeypatch):
+    """`--geometry-width` resizes the views of every scene (the depth maps come back at that width before they are
+    resized to the ground truth) and leaves the loaded processor's own width as it was."""
+    seen = []
+    real = cli.predict_geometry
+
+    def spy(model, processor, image_paths, size, device, target_width=None):
+        inputs = processor(geometry_images=[str(path) for path in image_paths], target_width=target_width)
+        seen.append((inputs["geometry_pixel_values"].shape[-1], processor.geometry_image_processor.target_width))
+        return real(model, processor, image_paths, size, device, target_width)
+
+    monkeypatch.setattr(cli, "predict_geometry", spy)
+    assert run("depth", converted_tiny, geometry_data, tmp_path / "depth.json", "--geometry-width", "28") == 0
+    assert seen and all(width == 28 for width, _ in seen)
+    saved_width = AutoProcessor.from_pretrained(converted_tiny).geometry_image_processor.target_width
+    assert saved_width != 28 and all(width == saved_width for _, width in seen)  # the loaded processor, untouched
