@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import FIXTURE_DIR
@@ -215,8 +216,10 @@ def test_killed_swap_restores_the_previous_output(tmp_path):
 
 def test_cli_error_via_the_entry_point_subprocess(tmp_path):
     started = time.monotonic()
+    # the console script pip installed (pyproject's entry point), as a user runs it
+    script = Path(sys.executable).with_name("g2vlm")
     result = subprocess.run(
-        [sys.executable, "-m", "g2vlm_hf.cli", "chat", "--model", "./typo-model", "--image", VIEWS[0], "Where?"],
+        [str(script), "chat", "--model", "./typo-model", "--image", VIEWS[0], "Where?"],
         capture_output=True,
         text=True,
         cwd=tmp_path,

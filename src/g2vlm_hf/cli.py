@@ -378,11 +378,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_import_warnings() -> None:
+    """Silence warnings that other packages log when they are imported, not about this run: with torchao installed,
+    transformers' quantizers import it, and it reports CUDA extensions it cannot load (and torch's pytree deprecated
+    registrations of its enums), lines that would bury the command's own messages."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "every", 1) < 1:
         print("g2vlm: error: --every must be at least 1", file=sys.stderr)
         return 2
+    quiet_import_warnings()
     try:
         if args.device is None:
             import torch
