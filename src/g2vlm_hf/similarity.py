@@ -71,6 +71,17 @@ class Similarity:
         )
 
 
+def corresponding_points(source: ArrayLike, target: ArrayLike, caller: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`source` and `target` as float64 `(M, 3)` tensors of corresponding points; a ValueError naming `caller` else."""
+    source, target = as_float64(source, "source points"), as_float64(target, "target points")
+    if source.ndim != 2 or source.shape[-1] != 3 or source.shape != target.shape:
+        raise ValueError(
+            f"{caller} needs two (M, 3) arrays of corresponding points, got {tuple(source.shape)} and "
+            f"{tuple(target.shape)}."
+        )
+    return source, target
+
+
 def umeyama(
     source: ArrayLike, target: ArrayLike, weights: ArrayLike | None = None, with_scale: bool = True
 ) -> tuple[float, torch.Tensor, torch.Tensor]:
@@ -88,12 +99,7 @@ def umeyama(
     Raises:
         ValueError: on mismatched shapes, fewer than 3 points of positive weight, or source points that all coincide.
     """
-    source, target = as_float64(source, "source points"), as_float64(target, "target points")
-    if source.ndim != 2 or source.shape[-1] != 3 or source.shape != target.shape:
-        raise ValueError(
-            f"umeyama needs two (M, 3) arrays of corresponding points, got {tuple(source.shape)} and "
-            f"{tuple(target.shape)}."
-        )
+    source, target = corresponding_points(source, target, "umeyama")
     weights = torch.ones(source.shape[0], dtype=torch.float64) if weights is None else as_float64(weights, "weights")
     if weights.shape != source.shape[:1] or bool((weights < 0).any()) or not bool(weights.isfinite().all()):
         raise ValueError(
@@ -143,12 +149,7 @@ def robust_umeyama(
     Raises:
         ValueError: when fewer than 3 usable correspondences remain, or the source points all coincide.
     """
-    source, target = as_float64(source, "source points"), as_float64(target, "target points")
-    if source.ndim != 2 or source.shape[-1] != 3 or source.shape != target.shape:
-        raise ValueError(
-            f"robust_umeyama needs two (M, 3) arrays of corresponding points, got {tuple(source.shape)} and "
-            f"{tuple(target.shape)}."
-        )
+    source, target = corresponding_points(source, target, "robust_umeyama")
     prior = torch.ones(source.shape[0], dtype=torch.float64) if weights is None else as_float64(weights, "weights")
     usable = source.isfinite().all(1) & target.isfinite().all(1) & prior.isfinite() & (prior > 0)
     if int(usable.sum()) < 3:
