@@ -12,6 +12,7 @@ from conftest import geometry_block, image_block, image_patches, tiny_model
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from g2vlm_hf.modeling.geometry_losses import geometry_losses, transform_points
+from g2vlm_hf.modeling.parts import part_of
 from g2vlm_hf.training import (
     freeze_for_stage,
     lora_target_modules,
@@ -20,6 +21,7 @@ from g2vlm_hf.training import (
     trainable_report,
     yaw_pose,
 )
+from g2vlm_hf.training.experts import LORA_RECIPES
 
 GRID_H, GRID_W = 2, 3
 HEIGHT, WIDTH = GRID_H * 14, GRID_W * 14
@@ -301,3 +303,12 @@ class TestBadInput:
     def test_recipe_with_nothing_to_adapt(self):
         with pytest.raises(ValueError, match="at least one part"):
             lora_target_modules(semantic=False)
+
+
+@pytest.mark.parametrize("recipe", sorted(LORA_RECIPES))
+def test_each_lora_recipe_adapts_linear_leaves_of_its_part(recipe):
+    part, pattern = LORA_RECIPES[recipe]
+    model = tiny_model()
+    selected = [name for name, module in model.named_modules() if re.fullmatch(rf".*\.(?:{pattern})", name)]
+    assert selected and all(isinstance(model.get_submodule(name), torch.nn.Linear) for name in selected)
+    assert {part_of(f"{name}.weight") for name in selected} == {part}

@@ -29,6 +29,7 @@ from hub_testing import TOKEN, VIEWS, HubClient, fast_tiny_copy, folder_digest, 
 
 from g2vlm_hf.conversion import (
     COMPONENTS,
+    SHARD_OF_PART,
     HubAuthError,
     HubPushError,
     HubVerificationError,
@@ -36,25 +37,10 @@ from g2vlm_hf.conversion import (
     component_of,
     save_component_shards,
 )
+from g2vlm_hf.modeling.parts import part_of
 
 REPO = "user/g2vlm-tiny"
 PARITY = {"camera poses, fp32 (max. relative error)": "1e-6", "greedy tokens": "identical"}
-
-
-def expected_component(name: str) -> str:
-    """An independent statement of the shard layout (see g2vlm_hf/conversion/sharding.py)."""
-    if name.startswith("model.visual."):
-        return "semantic-encoder"
-    if name.startswith(("model.geometry_encoder.", "model.geometry_projector.")):
-        return "geometry-encoder"
-    if name.startswith("model.language_model.embed_tokens."):
-        return "embeddings"
-    if name.startswith("model.language_model."):
-        return "geometry-expert" if any(part.startswith("geo_") for part in name.split(".")) else "semantic-expert"
-    if name.startswith("geometry_heads."):
-        return "geometry-heads"
-    assert name.startswith("lm_head."), name
-    return "lm-head"
 
 
 def assert_same_tensors(expected: dict, actual: dict) -> None:
@@ -136,7 +122,7 @@ def test_push_uploads_component_shards_config_code_and_card(hub, pushed, tiny):
     local = load_file(tiny / "model.safetensors")
     assert sorted(index["weight_map"]) == sorted(local)
     for name, shard in index["weight_map"].items():
-        assert shard == f"model-{expected_component(name)}.safetensors", name
+        assert shard == f"model-{SHARD_OF_PART[part_of(name)]}.safetensors", name
     served = {}
     for shard in shards:
         served.update(load(files[shard]))
@@ -176,7 +162,7 @@ def test_a_component_past_max_shard_size_is_split_and_still_loads(tiny, tmp_path
     resharded = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.float32)
     reference = AutoModelForImageTextToText.from_pretrained(tiny, dtype=torch.float32)
     assert_same_tensors(reference.state_dict(), resharded.state_dict())
-    with pytest.raises(ValueError, match="belongs to no G2VLM component"):
+    with pytest.raises(ValueError, match="belongs to no part of G2VLM"):
         component_of("model.something_new.weight")
 
 

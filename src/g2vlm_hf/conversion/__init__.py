@@ -21,11 +21,12 @@ from .hub import (
 from .model_card import ModelCardInfo, build_model_card
 from .reconstruction_only import build_reconstruction_only, reconstruction_config
 from .remote_code import remote_code_files, write_remote_code
-from .sharding import COMPONENTS, component_of, save_component_shards
+from .sharding import COMPONENTS, SHARD_OF_PART, component_of, save_component_shards
 
 __all__ = [
     "COMPONENTS",
     "OFFICIAL_KEY_RENAMES",
+    "SHARD_OF_PART",
     "HubAuthError",
     "HubPushError",
     "HubVerificationError",

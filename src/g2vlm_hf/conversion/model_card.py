@@ -16,20 +16,12 @@ from string import Template
 import transformers
 from huggingface_hub import ModelCard, ModelCardData
 
+from .sharding import component_description
+
 DEFAULT_BASE_MODEL = "InternRobotics/G2VLM-2B-MoT"
 EXAMPLES_DIR = "examples"
 DEFAULT_QUESTION = "Which object is closest to the camera? Answer in one sentence."
 TAGS = ["g2vlm", "3d-reconstruction", "spatial-reasoning", "multi-view", "vision-language-model", "custom_code"]
-
-COMPONENT_DESCRIPTIONS = {
-    "semantic-encoder": "Qwen2-VL ViT (semantic images)",
-    "geometry-encoder": "DINOv2 with registers + projector (geometry views)",
-    "embeddings": "token embeddings",
-    "semantic-expert": "decoder, semantic expert (Qwen2 leaves `q_proj`, `mlp.gate_proj`, ...)",
-    "geometry-expert": "decoder, geometry expert (`geo_*` leaves, `geo_norm`)",
-    "geometry-heads": "point / camera / global-point (/ confidence) heads, float32",
-    "lm-head": "language-modelling head",
-}
 
 
 @dataclass
@@ -177,7 +169,7 @@ def _components_table(info: ModelCardInfo) -> str:
     if not info.components:
         return ""
     rows = "".join(
-        f"| `{component}` | {COMPONENT_DESCRIPTIONS.get(component, '')} | {', '.join(f'`{f}`' for f in files)} |\n"
+        f"| `{component}` | {component_description(component)} | {', '.join(f'`{f}`' for f in files)} |\n"
         for component, files in info.components.items()
     )
     return (

@@ -1,16 +1,10 @@
 """Safetensors shards grouped by model component, so that a checkpoint's file list shows its parts.
 
-A converted G²VLM folder is re-sharded into one file per component (split further only past `max_shard_size`):
-
-| component           | weights                                                                      |
-| ------------------- | ---------------------------------------------------------------------------- |
-| `semantic-encoder`  | `model.visual.*` (the Qwen2-VL ViT)                                           |
-| `geometry-encoder`  | `model.geometry_encoder.*` (DINOv2) and `model.geometry_projector.*`         |
-| `embeddings`        | `model.language_model.embed_tokens.*`                                        |
-| `semantic-expert`   | the decoder's Qwen2 leaves (`q_proj`, `mlp.gate_proj`, ..., final `norm`)    |
-| `geometry-expert`   | the decoder's `geo_*` leaves and the final `geo_norm`                        |
-| `geometry-heads`    | `geometry_heads.*` (point, camera, global-point, confidence heads)          |
-| `lm-head`           | `lm_head.*`                                                                  |
+A converted G²VLM folder is re-sharded into one file per component (split further only past `max_shard_size`). The
+components are the parts of `g2vlm_hf.modeling.parts.MODEL_PARTS` (README, "Parts of the model") spelled in
+kebab-case, except that the geometry projector is stored with the geometry encoder (`SHARD_OF_PART`): `semantic-encoder`,
+`geometry-encoder` (DINOv2 and the projector), `embeddings`, `semantic-expert`, `geometry-expert`, `geometry-heads`,
+`lm-head`.
 
 Shards are read and written one at a time (memory stays below one shard), and their bytes depend only on the
 tensors: writing the same checkpoint twice gives identical files, which lets a Hub upload skip what it already has.
@@ -19,7 +13,6 @@ tensors: writing the same checkpoint twice gives identical files, which lets a H
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -30,36 +23,33 @@ from safetensors.torch import save_file
 from transformers.utils import logging
 from transformers.utils.hub import convert_file_size_to_int
 
+from ..modeling.parts import MODEL_PARTS, PART_NAMES, part_of
+
 logger = logging.get_logger(__name__)
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
-# (component, pattern); the first matching pattern wins.
-COMPONENT_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("semantic-encoder", re.compile(r"^model\.visual\.")),
-    ("geometry-encoder", re.compile(r"^model\.geometry_(encoder|projector)\.")),
-    ("embeddings", re.compile(r"^model\.language_model\.embed_tokens\.")),
-    ("geometry-expert", re.compile(r"^model\.language_model\.(layers\.\d+\.([\w.]*\.)?geo_|geo_norm\.)")),
-    ("semantic-expert", re.compile(r"^model\.language_model\.(layers\.\d+\.|norm\.)")),
-    ("geometry-heads", re.compile(r"^geometry_heads\.")),
-    ("lm-head", re.compile(r"^lm_head\.")),
-)
-# Shard order: encoders, then the decoder's parts, then the heads.
-COMPONENTS: tuple[str, ...] = (
-    "semantic-encoder", "geometry-encoder", "embeddings", "semantic-expert", "geometry-expert", "geometry-heads",
-    "lm-head",
-)  # fmt: skip
+# Part of the model -> the component (shard name) holding its weights. The projector joins the encoder whose output
+# it maps (a one-matrix shard of its own would only lengthen the file list); this also keeps the file names that
+# conversions had before the parts table.
+SHARD_OF_PART: dict[str, str] = {part: part.replace("_", "-") for part in PART_NAMES} | {
+    "geometry_projector": "geometry-encoder"
+}
+# Shard order: the parts' order (encoders, the decoder's parts, the heads).
+COMPONENTS: tuple[str, ...] = tuple(dict.fromkeys(SHARD_OF_PART.values()))
 
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
 
 
 def component_of(name: str) -> str:
     """The component (one of `COMPONENTS`) a weight belongs to; a ValueError for a name outside the G²VLM layout."""
-    for component, pattern in COMPONENT_PATTERNS:
-        if pattern.match(name):
-            return component
-    raise ValueError(f"Weight {name!r} belongs to no G2VLM component ({', '.join(COMPONENTS)}).")
+    return SHARD_OF_PART[part_of(name)]
+
+
+def component_description(component: str) -> str:
+    """What the component holds: the descriptions of its parts."""
+    return "; ".join(part.description for part in MODEL_PARTS if SHARD_OF_PART[part.name] == component)
 
 
 def checkpoint_files(folder: str | Path) -> dict[str, Path]:
@@ -186,7 +176,9 @@ def save_component_shards(
 
 __all__ = [
     "COMPONENTS",
+    "SHARD_OF_PART",
     "checkpoint_files",
+    "component_description",
     "component_of",
     "is_weight_file",
     "plan_component_shards",

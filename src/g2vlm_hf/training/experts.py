@@ -1,25 +1,20 @@
-"""Which parameters belong to which part of G²VLM, expert freezing for the paper's two training stages, and
-PEFT/LoRA target recipes per expert."""
+"""Expert freezing for the paper's two training stages, by the parts of `g2vlm_hf.modeling.parts`, and PEFT/LoRA
+target recipes per expert."""
 
-import re
 from dataclasses import dataclass, field
 
 from torch import nn
 from transformers.utils import logging
 
 from ..modeling.geometry_encoder import UNUSED_PARAMETERS
+from ..modeling.parts import PART_NAMES, part_of
 
 logger = logging.get_logger(__name__)
 
-PARAMETER_GROUPS = (
-    "semantic_expert",  # decoder weights serving text and semantic image tokens
-    "geometry_expert",  # decoder weights serving geometry tokens (`geo_*` leaves, LayerScales, `geo_norm`)
-    "embeddings",  # input embeddings and LM head
-    "semantic_encoder",  # Qwen2-VL ViT
-    "geometry_encoder",  # DINOv2
-    "geometry_projector",  # DINOv2 width -> decoder width
-    "geometry_heads",  # point, camera, global-point (and confidence) heads
-)
+# The groups users freeze and unfreeze are the parts of the model (modeling/parts.py), except that the LM head trains
+# with the input embeddings as `embeddings` (tied checkpoints hold them as one matrix).
+_GROUP_OF_PART = {part: part for part in PART_NAMES} | {"lm_head": "embeddings"}
+PARAMETER_GROUPS: tuple[str, ...] = tuple(dict.fromkeys(_GROUP_OF_PART[part] for part in PART_NAMES))
 # parameters no forward pass of G²VLM uses (see geometry_encoder.UNUSED_PARAMETERS): never made trainable
 NEVER_USED = tuple(f"geometry_encoder.{name}" for name in UNUSED_PARAMETERS)
 
@@ -31,21 +26,9 @@ TRAINING_STAGES = {
 
 
 def parameter_group(name: str) -> str:
-    """The part of G²VLM a parameter (or module) name belongs to (PEFT prefixes are ignored)."""
-    if ".visual." in f".{name}":
-        return "semantic_encoder"
-    if ".geometry_encoder." in f".{name}":
-        return "geometry_encoder"
-    if ".geometry_projector." in f".{name}":
-        return "geometry_projector"
-    if ".geometry_heads." in f".{name}":
-        return "geometry_heads"
-    if ".embed_tokens." in f".{name}" or re.search(r"(^|\.)lm_head\.", name):
-        return "embeddings"
-    if ".language_model." in f".{name}":
-        decoder_path = name.split(".language_model.", 1)[-1]
-        return "geometry_expert" if re.search(r"(^|\.)geo_", decoder_path) else "semantic_expert"
-    raise ValueError(f"Parameter {name!r} belongs to no known part of G2VLM.")
+    """The group of `PARAMETER_GROUPS` a parameter name belongs to (its part of G²VLM, the LM head in `embeddings`);
+    names behind PEFT's `base_model.model.` prefix too. A ValueError for a name of no part."""
+    return _GROUP_OF_PART[part_of(name)]
 
 
 @dataclass
@@ -95,13 +78,18 @@ def freeze_for_stage(model: nn.Module, stage: int) -> TrainableReport:
     return set_trainable(model, TRAINING_STAGES[stage])
 
 
-_LORA_PATTERNS = {
-    "semantic_attention": r"language_model\.layers\.\d+\.self_attn\.[qkvo]_proj",
-    "semantic_mlp": r"language_model\.layers\.\d+\.mlp\.(gate|up|down)_proj",
-    "geometry_attention": r"language_model\.layers\.\d+\.self_attn\.geo_[qkvo]_proj",
-    "geometry_mlp": r"language_model\.layers\.\d+\.geo_mlp\.geo_(gate|up|down)_proj",
-    "semantic_encoder": r"visual\.blocks\.\d+\.attn\.(qkv|proj)",
-    "geometry_encoder": r"geometry_encoder\.encoder\.layer\.\d+\.attention\.(query|key|value|dense)",
+# LoRA recipe -> (the part of modeling/parts.py its Linear leaves belong to, a regex over their module names);
+# tests/test_finetuning.py checks each recipe's modules against its part.
+LORA_RECIPES: dict[str, tuple[str, str]] = {
+    "semantic_attention": ("semantic_expert", r"language_model\.layers\.\d+\.self_attn\.[qkvo]_proj"),
+    "semantic_mlp": ("semantic_expert", r"language_model\.layers\.\d+\.mlp\.(gate|up|down)_proj"),
+    "geometry_attention": ("geometry_expert", r"language_model\.layers\.\d+\.self_attn\.geo_[qkvo]_proj"),
+    "geometry_mlp": ("geometry_expert", r"language_model\.layers\.\d+\.geo_mlp\.geo_(gate|up|down)_proj"),
+    "semantic_encoder": ("semantic_encoder", r"visual\.blocks\.\d+\.attn\.(qkv|proj)"),
+    "geometry_encoder": (
+        "geometry_encoder",
+        r"geometry_encoder\.encoder\.layer\.\d+\.attention\.(query|key|value|dense)",
+    ),
 }
 
 
@@ -118,12 +106,12 @@ def lora_target_modules(
     semantic expert only (the geometry expert's leaves are `geo_`-prefixed); use this function for the geometry
     expert, both experts, or the vision towers.
     """
-    parts = []
+    recipes = []
     if semantic:
-        parts += ["semantic_attention"] + (["semantic_mlp"] if mlp else [])
+        recipes += ["semantic_attention"] + (["semantic_mlp"] if mlp else [])
     if geometry:
-        parts += ["geometry_attention"] + (["geometry_mlp"] if mlp else [])
-    parts += ["semantic_encoder"] * semantic_encoder + ["geometry_encoder"] * geometry_encoder
-    if not parts:
+        recipes += ["geometry_attention"] + (["geometry_mlp"] if mlp else [])
+    recipes += ["semantic_encoder"] * semantic_encoder + ["geometry_encoder"] * geometry_encoder
+    if not recipes:
         raise ValueError("Choose at least one part to adapt (semantic, geometry, semantic_encoder, geometry_encoder).")
-    return r".*\.(?:" + "|".join(_LORA_PATTERNS[part] for part in parts) + ")"
+    return r".*\.(?:" + "|".join(LORA_RECIPES[recipe][1] for recipe in recipes) + ")"
