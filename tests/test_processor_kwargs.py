@@ -136,6 +136,24 @@ def test_unknown_geometry_kwarg_is_refused(processor):
         processor(geometry_images=VIEWS, geometry_images_kwargs={"do_rescale": False})
 
 
+def test_geometry_image_processor_takes_per_call_settings_and_names_unknown_ones():
+    """Both entry points (`preprocess` for scenes, `preprocess_scene` for one) read one settings description: a
+    per-call value gives what a processor built with it gives, `None` keeps the processor's own, and a setting it
+    does not take is refused with the list of those it does."""
+    shared = G2VLMGeometryImageProcessor()
+    built = G2VLMGeometryImageProcessor(target_width=28, image_mean=[0.5] * 3, image_std=[0.25] * 3)
+    call = {"target_width": 28, "image_mean": 0.5, "image_std": 0.25, "do_resize": None}
+    expected = built.preprocess_scene(VIEWS)
+    assert torch.equal(shared.preprocess_scene(VIEWS, **call), expected)
+    assert torch.equal(shared(VIEWS, **call)["geometry_pixel_values"][0], expected)
+    assert shared.preprocess_scene(VIEWS).shape[-1] == 518  # the call left the processor as it was
+    for entry in (shared.preprocess_scene, shared.preprocess):
+        with pytest.raises(TypeError, match=r"unknown setting\(s\) \['do_rescale'\].*'target_width'"):
+            entry(VIEWS, do_rescale=False)
+    with pytest.raises(ValueError, match="positive multiple of the patch size 14"):
+        shared(VIEWS, target_width=30)
+
+
 @pytest.mark.parametrize("form", ["flat", "nested"])
 def test_geometry_kwargs_reach_the_geometry_processor(processor, form):
     kwargs = {"target_width": 28} if form == "flat" else {"geometry_images_kwargs": {"target_width": 28}}

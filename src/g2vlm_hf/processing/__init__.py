@@ -2,8 +2,8 @@
 
 from .chat_template import CHAT_TEMPLATE, RECONSTRUCTION_PROMPT
 from .image_io import load_image
-from .image_processing_geometry import G2VLMGeometryImageProcessor
-from .processing_g2vlm import G2VLMGeometryImagesKwargs, G2VLMProcessor, G2VLMProcessorKwargs
+from .image_processing_geometry import G2VLMGeometryImageProcessor, G2VLMGeometryImagesKwargs
+from .processing_g2vlm import G2VLMProcessor, G2VLMProcessorKwargs
 
 __all__ = [
     "CHAT_TEMPLATE",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -11,6 +13,7 @@ from PIL import Image
 from transformers.image_processing_base import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from transformers.processing_utils import Unpack
 from transformers.utils import TensorType
 
 from .image_io import ImageSource, load_image
@@ -18,6 +21,50 @@ from .image_io import ImageSource, load_image
 # Key/value bytes per prompt token of G²VLM-2B in bfloat16 (28 layers x K and V x 2 KV heads x 128 dims x 2 bytes),
 # used to tell users what a very long list of views would cost.
 G2VLM_2B_KV_BYTES_PER_TOKEN = 28 * 2 * 2 * 128 * 2
+
+
+class G2VLMGeometryImagesKwargs(TypedDict, total=False):
+    r"""
+    Per-call settings of the geometry image processor ([`G2VLMGeometryImageProcessor`]): each overrides the
+    processor's own for one call, which leaves the processor unchanged; a missing or `None` one keeps the processor's.
+    Through [`G2VLMProcessor`] they are given flat or as `geometry_images_kwargs={...}`; a flat keyword that the
+    semantic image processor also takes (`do_resize`, `do_normalize`, `image_mean`, `image_std`) reaches both, as
+    transformers does for every component that takes it.
+
+    do_resize (`bool`, *optional*):
+        Resize the views to `target_width`.
+    target_width (`int`, *optional*):
+        Width of the resized views in pixels.
+    do_normalize (`bool`, *optional*):
+        Normalise with `image_mean` and `image_std`.
+    image_mean (`float` or `list[float]`, *optional*):
+    image_std (`float` or `list[float]`, *optional*):
+    max_views (`int`, *optional*):
+        Largest number of views in one scene.
+    resize_views_to_first (`bool`, *optional*):
+        Resize views whose size differs from the first view's to it (otherwise such views raise a ValueError).
+    """
+
+    do_resize: bool | None
+    target_width: int | None
+    do_normalize: bool | None
+    image_mean: float | list[float] | tuple[float, ...] | None
+    image_std: float | list[float] | tuple[float, ...] | None
+    max_views: int | None
+    resize_views_to_first: bool | None
+
+
+@dataclass(frozen=True)
+class _ViewSettings:
+    """The settings one call works with: its own overrides over the processor's values."""
+
+    do_resize: bool
+    target_width: int
+    do_normalize: bool
+    image_mean: list[float]
+    image_std: list[float]
+    max_views: int
+    resize_views_to_first: bool
 
 
 class G2VLMGeometryImageProcessor(BaseImageProcessor):
@@ -86,36 +133,21 @@ class G2VLMGeometryImageProcessor(BaseImageProcessor):
         self,
         images: ImageSource | Sequence[ImageSource] | Sequence[Sequence[ImageSource]],
         return_tensors: str | TensorType | None = "pt",
-        do_resize: bool | None = None,
-        target_width: int | None = None,
-        do_normalize: bool | None = None,
-        image_mean: float | Sequence[float] | None = None,
-        image_std: float | Sequence[float] | None = None,
-        max_views: int | None = None,
-        resize_views_to_first: bool | None = None,
+        **kwargs: Unpack[G2VLMGeometryImagesKwargs],
     ) -> BatchFeature:
         """
         Args:
             images: one view, the views of one scene, or a list of scenes (each a list of views). Paths, PIL images
                 and arrays are accepted (see `load_image` for the colour conversions).
-            do_resize, target_width, do_normalize, image_mean, image_std, max_views, resize_views_to_first: settings
-                for this call only (see the class arguments); `None` keeps the processor's own. The processor itself
-                is left unchanged.
+            kwargs ([`G2VLMGeometryImagesKwargs`]): settings for this call only (see the class arguments); `None`
+                keeps the processor's own. The processor itself is left unchanged.
 
         Returns:
             `BatchFeature` with `geometry_pixel_values` `(scenes, views, 3, H, W)`; all scenes of a batch must give
             the same number of views and size.
         """
-        settings = {
-            "do_resize": do_resize,
-            "target_width": target_width,
-            "do_normalize": do_normalize,
-            "image_mean": image_mean,
-            "image_std": image_std,
-            "max_views": max_views,
-            "resize_views_to_first": resize_views_to_first,
-        }
-        scenes = [self.preprocess_scene(scene, **settings) for scene in as_scenes(images)]
+        settings = self._call_settings(kwargs)
+        scenes = [self._scene_pixels(scene, settings) for scene in as_scenes(images)]
         shapes = sorted({tuple(scene.shape) for scene in scenes})
         if len(shapes) > 1:
             raise ValueError(
@@ -148,28 +180,35 @@ class G2VLMGeometryImageProcessor(BaseImageProcessor):
         return results
 
     def preprocess_scene(
-        self,
-        views: Sequence[ImageSource],
-        do_resize: bool | None = None,
-        target_width: int | None = None,
-        do_normalize: bool | None = None,
-        image_mean: float | Sequence[float] | None = None,
-        image_std: float | Sequence[float] | None = None,
-        max_views: int | None = None,
-        resize_views_to_first: bool | None = None,
+        self, views: Sequence[ImageSource], **kwargs: Unpack[G2VLMGeometryImagesKwargs]
     ) -> torch.Tensor:
         """`(views, 3, H, W)` normalised pixels of one scene (settings given here apply to this call only)."""
-        do_resize = self.do_resize if do_resize is None else do_resize
-        target_width = self.target_width if target_width is None else target_width
-        if target_width <= 0 or target_width % self.patch_size:
-            raise ValueError(
-                f"target_width={target_width} must be a positive multiple of the patch size {self.patch_size}."
+        return self._scene_pixels(views, self._call_settings(kwargs))
+
+    def _call_settings(self, overrides: G2VLMGeometryImagesKwargs) -> _ViewSettings:
+        """One call's settings: `overrides` (checked) over the processor's own values."""
+        unknown = sorted(set(overrides) - set(G2VLMGeometryImagesKwargs.__annotations__))
+        if unknown:
+            raise TypeError(
+                f"The geometry image processor got unknown setting(s) {unknown}; it takes "
+                f"{sorted(G2VLMGeometryImagesKwargs.__annotations__)}."
             )
-        do_normalize = self.do_normalize if do_normalize is None else do_normalize
-        image_mean = self.image_mean if image_mean is None else _per_channel(image_mean)
-        image_std = self.image_std if image_std is None else _per_channel(image_std)
-        max_views = self.max_views if max_views is None else max_views
-        resize_views_to_first = self.resize_views_to_first if resize_views_to_first is None else resize_views_to_first
+        values = {name: getattr(self, name) for name in G2VLMGeometryImagesKwargs.__annotations__}
+        values.update({name: value for name, value in overrides.items() if value is not None})
+        values["image_mean"], values["image_std"] = (
+            _per_channel(values["image_mean"]),
+            _per_channel(values["image_std"]),
+        )
+        settings = _ViewSettings(**values)
+        if settings.target_width <= 0 or settings.target_width % self.patch_size:
+            raise ValueError(
+                f"target_width={settings.target_width} must be a positive multiple of the patch size {self.patch_size}."
+            )
+        return settings
+
+    def _scene_pixels(self, views: Sequence[ImageSource], settings: _ViewSettings) -> torch.Tensor:
+        """`(views, 3, H, W)` normalised pixels of one scene under `settings`."""
+        do_resize, target_width, max_views = settings.do_resize, settings.target_width, settings.max_views
         if len(views) == 0:
             raise ValueError("A scene needs at least one view.")
         if len(views) > max_views:
@@ -178,9 +217,12 @@ class G2VLMGeometryImageProcessor(BaseImageProcessor):
         self._check_not_too_small(pil_views)
         width, height = pil_views[0].size
         if do_resize:
-            width, height = target_width, max(1, round(height * target_width / width / self.patch_size)) * self.patch_size
+            width, height = (
+                target_width,
+                max(1, round(height * target_width / width / self.patch_size)) * self.patch_size,
+            )
         self._check_budget(pil_views[0].size, (width, height))
-        if do_resize and not resize_views_to_first:
+        if do_resize and not settings.resize_views_to_first:
             for index, view in enumerate(pil_views):
                 if view.size != pil_views[0].size:
                     raise ValueError(
@@ -204,9 +246,9 @@ class G2VLMGeometryImageProcessor(BaseImageProcessor):
         fitted = (max(patch, height // patch * patch), max(patch, width // patch * patch))
         if fitted != (height, width):
             pixels = F.interpolate(pixels, fitted, mode="bilinear", align_corners=False, antialias=True)
-        if do_normalize:
-            mean = torch.tensor(image_mean).view(1, 3, 1, 1)
-            std = torch.tensor(image_std).view(1, 3, 1, 1)
+        if settings.do_normalize:
+            mean = torch.tensor(settings.image_mean).view(1, 3, 1, 1)
+            std = torch.tensor(settings.image_std).view(1, 3, 1, 1)
             pixels = (pixels - mean) / std
         return pixels
 
@@ -272,4 +314,4 @@ def as_scenes(images) -> list[list[ImageSource]]:
     return [[images]]
 
 
-__all__ = ["G2VLMGeometryImageProcessor"]
+__all__ = ["G2VLMGeometryImageProcessor", "G2VLMGeometryImagesKwargs"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, TypedDict
+from typing import Any
 
 import torch
 from PIL import Image
@@ -19,7 +19,7 @@ from transformers.tokenization_utils_base import TextInput
 
 from .chat_template import CHAT_TEMPLATE, RECONSTRUCTION_PROMPT
 from .image_io import ImageSource, is_url, load_image
-from .image_processing_geometry import G2VLMGeometryImageProcessor, as_scenes
+from .image_processing_geometry import G2VLMGeometryImageProcessor, G2VLMGeometryImagesKwargs, as_scenes
 
 IMAGE_TOKEN = "<|image_pad|>"
 GEOMETRY_TOKEN = "<|geo_pad|>"
@@ -29,35 +29,6 @@ ASSISTANT_HEADER = "<|im_start|>assistant\n"
 
 # Processor-level switches that transformers may also mirror into `text_kwargs`; never handed to the tokenizer.
 _PROCESSOR_SWITCHES = ("return_mm_token_type_ids", "return_text_replacement_offsets")
-
-
-class G2VLMGeometryImagesKwargs(TypedDict, total=False):
-    r"""
-    Keyword arguments of the geometry image processor ([`G2VLMGeometryImageProcessor`]), given flat or as
-    `geometry_images_kwargs={...}`. A flat keyword that the semantic image processor also takes (`do_resize`,
-    `do_normalize`, `image_mean`, `image_std`) reaches both, as transformers does for every component that takes it.
-
-    do_resize (`bool`, *optional*):
-        Resize the views to `target_width`.
-    target_width (`int`, *optional*):
-        Width of the resized views in pixels.
-    do_normalize (`bool`, *optional*):
-        Normalise with `image_mean` and `image_std`.
-    image_mean (`float` or `list[float]`, *optional*):
-    image_std (`float` or `list[float]`, *optional*):
-    max_views (`int`, *optional*):
-        Largest number of views in one scene.
-    resize_views_to_first (`bool`, *optional*):
-        Resize views whose size differs from the first view's to it (otherwise such views raise a ValueError).
-    """
-
-    do_resize: bool | None
-    target_width: int | None
-    do_normalize: bool | None
-    image_mean: float | list[float] | tuple[float, ...] | None
-    image_std: float | list[float] | tuple[float, ...] | None
-    max_views: int | None
-    resize_views_to_first: bool | None
 
 
 class G2VLMProcessorKwargs(ProcessingKwargs, total=False):
@@ -124,7 +95,9 @@ class G2VLMProcessor(ProcessorMixin):
             )
         self.semantic_image_size = semantic_image_size
         geometry_image_processor = geometry_image_processor or G2VLMGeometryImageProcessor()
-        super().__init__(image_processor, geometry_image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE)
+        super().__init__(
+            image_processor, geometry_image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE
+        )
         vocab = tokenizer.get_vocab()
         missing = [token for token in (IMAGE_TOKEN, GEOMETRY_TOKEN, VISION_START, VISION_END) if token not in vocab]
         if missing:
@@ -480,4 +453,4 @@ def per_prompt(items, counts: list[int], name: str, token: str) -> list[list]:
     return nested
 
 
-__all__ = ["G2VLMGeometryImagesKwargs", "G2VLMProcessor", "G2VLMProcessorKwargs"]
+__all__ = ["G2VLMProcessor", "G2VLMProcessorKwargs"]
