@@ -40,13 +40,13 @@ from g2vlm_hf.chat import answer
 from g2vlm_hf.cli import CLIError, video_frames
 from g2vlm_hf.export import (
     colourise_depth,
+    export_colmap,
     export_reconstruction,
     robust_scene_scale,
     save_point_cloud_ply,
     save_scene_glb,
     view_colours,
 )
-from g2vlm_hf.export_colmap import export_colmap
 from g2vlm_hf.point_filters import PointSelection, select_points
 from g2vlm_hf.processing.image_io import load_image
 

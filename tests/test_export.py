@@ -14,6 +14,7 @@ from PIL import Image
 
 from g2vlm_hf import export
 from g2vlm_hf.export import (
+    atomic,
     compute_keep_mask,
     export_reconstruction,
     filter_points,
@@ -23,6 +24,7 @@ from g2vlm_hf.export import (
     save_point_cloud_ply,
     save_scene_glb,
 )
+from g2vlm_hf.export import scene as scene_module
 
 trimesh = pytest.importorskip("trimesh")
 
@@ -389,7 +391,7 @@ def test_failed_write_keeps_old_file_and_leaves_no_temporary(scene, tmp_path, mo
     def failing_replace(source, destination):
         raise OSError("disk full")
 
-    monkeypatch.setattr(export.os, "replace", failing_replace)
+    monkeypatch.setattr(atomic.os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         save_point_cloud_ply(target, np.zeros((4, 3)), np.zeros((4, 3), dtype=np.uint8))
     assert os.listdir(tmp_path) == ["points.ply"]
@@ -406,7 +408,7 @@ def test_export_failing_midway_leaves_no_files(scene, tmp_path, monkeypatch):
             raise OSError("disk full")
         real_replace(source, destination)
 
-    monkeypatch.setattr(export.os, "replace", replace_then_fail)
+    monkeypatch.setattr(atomic.os, "replace", replace_then_fail)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="disk full"):
         export_reconstruction(out, **scene)
@@ -417,7 +419,7 @@ def test_export_failing_midway_leaves_no_files(scene, tmp_path, monkeypatch):
 def test_export_failing_while_encoding_writes_nothing(scene, tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
-    real_encode = export._encode_depth_png16
+    real_encode = scene_module.encode_depth_png16
 
     def encode_then_fail(depth):
         if encode_then_fail.calls == 1:
@@ -426,7 +428,7 @@ def test_export_failing_while_encoding_writes_nothing(scene, tmp_path, monkeypat
         return real_encode(depth)
 
     encode_then_fail.calls = 0
-    monkeypatch.setattr(export, "_encode_depth_png16", encode_then_fail)
+    monkeypatch.setattr(scene_module, "encode_depth_png16", encode_then_fail)
     with pytest.raises(RuntimeError, match="encoder crashed"):
         export_reconstruction(out, **scene)
     assert list(Path(out).rglob("*")) == []

@@ -25,6 +25,8 @@ from pathlib import Path
 
 from transformers.utils import logging
 
+from .export.atomic import current_umask, write_text_atomic
+
 logger = logging.get_logger(__name__)
 
 MARKER = ".g2vlm-output"
@@ -132,9 +134,10 @@ def make_staging_dir(output: Path) -> Path:
     output.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(output)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}{STAGING_INFIX}", dir=output.parent))
-    staging.chmod(0o777 & ~_umask())
-    (staging / MARKER).write_text(
-        "Written by g2vlm-hf; a staging folder if its name starts with a dot.\n" + json.dumps(_writer()) + "\n"
+    staging.chmod(0o777 & ~current_umask())
+    write_text_atomic(
+        staging / MARKER,
+        "Written by g2vlm-hf; a staging folder if its name starts with a dot.\n" + json.dumps(_writer()) + "\n",
     )
     return staging
 
@@ -325,23 +328,11 @@ def _writer_is_alive(marker: Path) -> bool:
     return True
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def file_mode() -> int:
-    """The mode an ordinary new file gets (0644 under the usual umask 022)."""
-    return 0o666 & ~_umask()
-
-
 __all__ = [
     "MARKER",
     "OutputError",
     "check_output_dir",
     "clean_leftovers",
-    "file_mode",
     "lock_path",
     "make_staging_dir",
     "output_lock",
