@@ -23,6 +23,7 @@ from g2vlm_hf.export import (
     save_depth_png16,
     save_point_cloud_ply,
     save_scene_glb,
+    validation,
 )
 from g2vlm_hf.export import scene as scene_module
 
@@ -360,6 +361,46 @@ def test_export_rejects_bad_input(scene, tmp_path, change, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         export_reconstruction(tmp_path / "out", **_bad(scene, **change(scene)))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s, p, out: save_scene_glb(out / "s.glb", np.zeros((2, 3)), np.zeros((2, 3), np.uint8), p),
+        lambda s, p, out: save_cameras_json(out / "c.json", p, (H, W)),
+        lambda s, p, out: export.robust_scene_scale(s["world_points"], p),
+        lambda s, p, out: export.export_colmap(
+            out, **_bad(s, camera_poses=p), intrinsics=np.tile(np.eye(3), (N, 1, 1))
+        ),
+    ],
+)
+def test_every_public_writer_names_bad_poses(scene, tmp_path, call):
+    with pytest.raises(ValueError, match=r"last row \[0, 0, 0, 1\]"):
+        call({k: v for k, v in scene.items() if k != "depth"}, scene["camera_poses"] * 2, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_poses_are_checked_once_when_the_scene_and_a_colmap_model_are_written(scene, tmp_path, monkeypatch):
+    # what `g2vlm reconstruct --colmap` does: one check, then the writers take the checked arrays as they are
+    calls = []
+    real = validation.validate_poses
+
+    def counting(camera_poses):
+        calls.append(camera_poses)
+        return real(camera_poses)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("g2vlm_hf.export") and hasattr(module, "validate_poses"):
+            monkeypatch.setattr(module, "validate_poses", counting)
+    intrinsics = np.tile(np.array([[6.0, 0.0, W / 2], [0.0, 6.0, H / 2], [0.0, 0.0, 1.0]]), (N, 1, 1))
+    checked = export.check_scene(
+        scene["camera_poses"], scene["world_points"], scene["images"], depth=scene["depth"], intrinsics=intrinsics
+    )
+    export.write_scene(tmp_path / "scene", checked)
+    export.write_colmap(tmp_path / "colmap", checked)
+    assert len(calls) == 1
+    export_reconstruction(tmp_path / "again", **scene)
+    assert len(calls) == 2  # the public entry point checks once too (it was four times)
 
 
 def test_zero_views_rejected_by_filter():

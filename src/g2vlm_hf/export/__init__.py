@@ -16,7 +16,7 @@ Modules: `validation` (input checks), `atomic` (the file writer), `points` (whic
 """
 
 from .cameras import save_cameras_json
-from .colmap import export_colmap, export_model_colmap, rotation_to_quaternion
+from .colmap import export_colmap, rotation_to_quaternion, write_colmap
 from .depth_png import colourise_depth, load_depth_png16, save_depth_png16, save_depth_preview
 from .glb import DEFAULT_FRUSTUM_SCALE, robust_scene_scale, save_scene_glb, view_colours
 from .ply import save_point_cloud_ply
@@ -32,7 +32,6 @@ __all__ = [
     "colourise_depth",
     "compute_keep_mask",
     "export_colmap",
-    "export_model_colmap",
     "export_model_scene",
     "export_reconstruction",
     "filter_points",

@@ -25,17 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 from transformers.utils import logging
 
 from .atomic import write_all_or_nothing
 from .points import keep_mask, subsample
-from .validation import ArrayLike, SceneArrays, check_reconstruction, check_scene
+from .validation import ArrayLike, SceneArrays, check_scene
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["export_colmap", "export_model_colmap", "rotation_to_quaternion", "write_colmap"]
+__all__ = ["export_colmap", "rotation_to_quaternion", "write_colmap"]
 
 
 def rotation_to_quaternion(rotation: np.ndarray) -> np.ndarray:
@@ -89,13 +88,9 @@ def export_colmap(
     intrinsics: ArrayLike,
     images: ArrayLike,
     confidence: ArrayLike | None = None,
-    confidence_percentile: float | None = None,
-    max_points: int | None = None,
-    seed: int = 0,
-    image_names: Sequence[str] | None = None,
-    write_images: bool = True,
+    **options: Any,
 ) -> list[Path]:
-    """Writes one scene as a COLMAP text model (see the module docstring for the files).
+    """Writes one scene as a COLMAP text model: [`check_scene`] of the arrays, then [`write_colmap`].
 
     Args:
         output_dir (`str` or `os.PathLike`): Destination folder, created if missing; files of the same names are
@@ -106,11 +101,8 @@ def export_colmap(
             (`G2VLMReconstructionOutput.intrinsics[scene]`).
         images (`(N, H, W, 3)` uint8): RGB views at the geometry resolution.
         confidence (`(N, H, W)` float, *optional*): Per-pixel confidence.
-        confidence_percentile (`float`, *optional*): Drop points below this confidence percentile.
-        max_points (`int`, *optional*): Random subsample of at most this many points.
-        seed (`int`, defaults to 0): Seed of the subsample.
-        image_names (`list[str]`, *optional*): File names of the views inside `images/` (default `view_000.png`, ...).
-        write_images (`bool`, defaults to True): Also write the views into `images/`.
+        options: The options of [`write_colmap`]: `image_names`, `write_images`, `confidence_percentile`,
+            `max_points`, `seed`.
 
     Returns:
         `list[Path]`: The written files.
@@ -118,35 +110,39 @@ def export_colmap(
     Raises:
         ValueError: On mismatched shapes, when no view has a usable camera, or when every point is filtered away.
     """
-    scene = check_scene(
-        camera_poses=camera_poses,
-        world_points=world_points,
-        images=images,
-        confidence=confidence,
-        intrinsics=intrinsics,
-    )
-    return write_colmap(
-        output_dir,
-        scene,
-        confidence_percentile=confidence_percentile,
-        max_points=max_points,
-        seed=seed,
-        image_names=image_names,
-        write_images=write_images,
-    )
+    scene = check_scene(camera_poses, world_points, images, confidence=confidence, intrinsics=intrinsics)
+    return write_colmap(output_dir, scene, **options)
 
 
 def write_colmap(
     output_dir: str | os.PathLike[str],
     scene: SceneArrays,
     *,
+    image_names: Sequence[str] | None = None,
+    write_images: bool = True,
     confidence_percentile: float | None = None,
     max_points: int | None = None,
     seed: int = 0,
-    image_names: Sequence[str] | None = None,
-    write_images: bool = True,
 ) -> list[Path]:
-    """[`export_colmap`] of a scene [`check_scene`] has checked (with its intrinsics); the options as there."""
+    """Writes a checked scene (from [`check_scene`] or [`check_reconstruction`], with its intrinsics) as a COLMAP text
+    model (see the module docstring for the files).
+
+    Args:
+        output_dir (`str` or `os.PathLike`): Destination folder, created if missing; files of the same names are
+            replaced.
+        scene ([`SceneArrays`]): The checked arrays.
+        image_names (`list[str]`, *optional*): File names of the views inside `images/` (default `view_000.png`, ...).
+        write_images (`bool`, defaults to True): Also write the views into `images/`.
+        confidence_percentile (`float`, *optional*): Drop points below this confidence percentile.
+        max_points (`int`, *optional*): Random subsample of at most this many points.
+        seed (`int`, defaults to 0): Seed of the subsample.
+
+    Returns:
+        `list[Path]`: The written files.
+
+    Raises:
+        ValueError: When the scene has no intrinsics, no view has a usable camera, or every point is filtered away.
+    """
     if scene.intrinsics is None:
         raise ValueError("No `intrinsics`: a COLMAP model needs each view's pinhole camera")
     poses, matrices, colours = scene.camera_poses, scene.intrinsics, scene.images
@@ -243,18 +239,3 @@ def write_colmap(
     written = write_all_or_nothing(payloads, (output_dir, output_dir / "images"))
     logger.info(f"Wrote a COLMAP model of {int(usable_camera.sum())} images and {flat.size} points to {output_dir}")
     return written
-
-
-def export_model_colmap(
-    output_dir: str | os.PathLike[str],
-    reconstruction: Any,
-    geometry_pixel_values: torch.Tensor,
-    geometry_image_processor: Any,
-    *,
-    scene: int = 0,
-    **options: Any,
-) -> list[Path]:
-    """[`export_colmap`] of scene `scene` of a model's reconstruction (`G2VLMReconstructionOutput`, with its
-    `intrinsics`), coloured by its geometry views. `options` go to [`export_colmap`]."""
-    checked = check_reconstruction(reconstruction, geometry_pixel_values, geometry_image_processor, scene=scene)
-    return write_colmap(output_dir, checked, **options)

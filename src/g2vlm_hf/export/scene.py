@@ -32,15 +32,47 @@ def export_reconstruction(
     depth: ArrayLike,
     images: ArrayLike,
     confidence: ArrayLike | None = None,
+    intrinsics: ArrayLike | None = None,
+    **options: Any,
+) -> list[Path]:
+    """Writes one scene's reconstruction into `output_dir`: [`check_scene`] of the arrays, then [`write_scene`].
+
+    Args:
+        output_dir (`str` or `os.PathLike`): Destination folder, created if missing.
+        camera_poses (`(N, 4, 4)` float): Camera-to-world transforms.
+        world_points (`(N, H, W, 3)` float): Per-pixel 3D points in the world frame.
+        depth (`(N, H, W)` float): Positive depth along each camera's z axis.
+        images (`(N, H, W, 3)` uint8): RGB views at the geometry resolution, colouring the points.
+        confidence (`(N, H, W)` float, *optional*): Unnormalised confidence, higher is more reliable.
+        intrinsics (`(N, 3, 3)` float, *optional*): Pinhole intrinsics in pixels of the views, written to
+            `cameras.json`.
+        options: The options of [`write_scene`]: `confidence_percentile`, `max_points`, `seed`, `frustum_scale`,
+            `original_sizes`, `point_colouring`.
+
+    Returns:
+        `list[Path]`: The written files, in the order of [`write_scene`].
+
+    Raises:
+        ValueError: On mismatched shapes between poses, points, depth, confidence and images, zero views, or when all
+            points are filtered away.
+        ImportError: When trimesh is not installed.
+    """
+    scene = check_scene(camera_poses, world_points, images, depth=depth, confidence=confidence, intrinsics=intrinsics)
+    return write_scene(output_dir, scene, **options)
+
+
+def write_scene(
+    output_dir: str | os.PathLike[str],
+    scene: SceneArrays,
+    *,
+    point_colouring: str = "image",
     confidence_percentile: float | None = None,
     max_points: int | None = None,
     seed: int = 0,
     frustum_scale: float = DEFAULT_FRUSTUM_SCALE,
-    intrinsics: ArrayLike | None = None,
     original_sizes: Sequence[tuple[int, int]] | None = None,
-    point_colouring: str = "image",
 ) -> list[Path]:
-    """Writes one scene's reconstruction into `output_dir`.
+    """Writes a checked scene (from [`check_scene`] or [`check_reconstruction`], with its depth) into `output_dir`.
 
     Files: `scene.glb` (see [`save_scene_glb`]), `points.ply` (see [`save_point_cloud_ply`]), `cameras.json` (see
     [`save_cameras_json`]), `depth/view_000.png`, ... (see [`save_depth_png16`]) and after them the colour-mapped
@@ -51,64 +83,25 @@ def export_reconstruction(
 
     Args:
         output_dir (`str` or `os.PathLike`): Destination folder, created if missing.
-        camera_poses (`(N, 4, 4)` float): Camera-to-world transforms.
-        world_points (`(N, H, W, 3)` float): Per-pixel 3D points in the world frame.
-        depth (`(N, H, W)` float): Positive depth along each camera's z axis.
-        images (`(N, H, W, 3)` uint8): RGB views at the geometry resolution, colouring the points.
-        confidence (`(N, H, W)` float, *optional*): Unnormalised confidence, higher is more reliable.
+        scene ([`SceneArrays`]): The checked arrays.
+        point_colouring (`str`, defaults to `"image"`): `"image"` colours each point by its pixel, `"view"` by its
+            view's colour (the colour of that view's frustum, [`view_colours`]).
         confidence_percentile (`float`, *optional*): Drop points below this confidence percentile (20.0 keeps the top
-            80%); ignored when `confidence` is None.
+            80%); ignored when the scene has no confidence.
         max_points (`int`, *optional*): Random subsample of at most this many points for the PLY and GLB.
         seed (`int`, defaults to 0): Seed of the random subsample.
         frustum_scale (`float`, defaults to 0.15): Frustum depth as a fraction of the median camera-to-points
             distance (see [`save_scene_glb`]).
-        intrinsics (`(N, 3, 3)` float, *optional*): Pinhole intrinsics in pixels of the views, written to
-            `cameras.json`.
         original_sizes (`list[tuple[int, int]]`, *optional*): `(height, width)` of each original image, for the
             rescaled intrinsics in `cameras.json`.
-        point_colouring (`str`, defaults to `"image"`): `"image"` colours each point by its pixel, `"view"` by its
-            view's colour (the colour of that view's frustum, [`view_colours`]).
 
     Returns:
         `list[Path]`: The written files, in the order above.
 
     Raises:
-        ValueError: On mismatched shapes between poses, points, depth, confidence and images, zero views, or when all
-            points are filtered away.
+        ValueError: On bad options, a scene without depth, or when all points are filtered away.
         ImportError: When trimesh is not installed.
     """
-    scene = check_scene(
-        camera_poses=camera_poses,
-        world_points=world_points,
-        images=images,
-        depth=depth,
-        confidence=confidence,
-        intrinsics=intrinsics,
-    )
-    return write_scene(
-        output_dir,
-        scene,
-        confidence_percentile=confidence_percentile,
-        max_points=max_points,
-        seed=seed,
-        frustum_scale=frustum_scale,
-        original_sizes=original_sizes,
-        point_colouring=point_colouring,
-    )
-
-
-def write_scene(
-    output_dir: str | os.PathLike[str],
-    scene: SceneArrays,
-    *,
-    confidence_percentile: float | None = None,
-    max_points: int | None = None,
-    seed: int = 0,
-    frustum_scale: float = DEFAULT_FRUSTUM_SCALE,
-    original_sizes: Sequence[tuple[int, int]] | None = None,
-    point_colouring: str = "image",
-) -> list[Path]:
-    """[`export_reconstruction`] of a scene [`check_scene`] has checked (with its depth); the options as there."""
     if scene.depth is None:
         raise ValueError("The scene has no `depth`; the export writes one depth map per view")
     if point_colouring not in ("image", "view"):
@@ -148,8 +141,9 @@ def export_model_scene(
     scene: int = 0,
     **options: Any,
 ) -> list[Path]:
-    """Writes scene `scene` of a model's reconstruction (`G2VLMReconstructionOutput`), coloured by its geometry views
-    (`geometry_pixel_values` as the processor made them, unnormalised by `geometry_image_processor`). `options` go
-    to [`export_reconstruction`] (`confidence_percentile`, `max_points`, `original_sizes`, ...)."""
+    """[`write_scene`] of scene `scene` of a model's reconstruction (`G2VLMReconstructionOutput`), coloured by its
+    geometry views (`geometry_pixel_values` as the processor made them, unnormalised by `geometry_image_processor`).
+    `options` go to [`write_scene`] (`confidence_percentile`, `max_points`, `original_sizes`, ...). For a COLMAP
+    model too, check once and write both: `write_colmap(folder, check_reconstruction(...))`."""
     checked = check_reconstruction(reconstruction, geometry_pixel_values, geometry_image_processor, scene=scene)
     return write_scene(output_dir, checked, **options)

@@ -164,10 +164,10 @@ class SceneArrays:
 
 
 def check_scene(
-    *,
     camera_poses: ArrayLike,
     world_points: ArrayLike,
     images: ArrayLike,
+    *,
     depth: ArrayLike | None = None,
     confidence: ArrayLike | None = None,
     intrinsics: ArrayLike | None = None,
@@ -206,8 +206,8 @@ def check_reconstruction(
     geometry views (`geometry_pixel_values` as the processor made them, unnormalised by `geometry_image_processor`)."""
     optional = {name: getattr(reconstruction, name, None) for name in ("depth", "confidence", "intrinsics")}
     return check_scene(
-        camera_poses=reconstruction.camera_poses[scene],
-        world_points=reconstruction.world_points[scene],
-        images=geometry_image_processor.unnormalize(geometry_pixel_values[scene].cpu()),
+        reconstruction.camera_poses[scene],
+        reconstruction.world_points[scene],
+        geometry_image_processor.unnormalize(geometry_pixel_values[scene].cpu()),
         **{name: None if value is None else value[scene] for name, value in optional.items()},
     )
