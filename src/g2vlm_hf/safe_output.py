@@ -8,6 +8,9 @@ creates holds a marker file, so the next run can recognise (and remove) what an 
 One writer at a time: `output_lock` holds an advisory lock on `.NAME.g2vlm-lock` beside the target (holding the pid,
 host and command of its writer) from the checks to the swap. A second writer is refused with the first one named;
 the operating system releases the lock of a killed process, so its lock file is simply taken over.
+
+This module moves whole folders; the single files it writes itself (the staging marker) go through the package's one
+file writer, `g2vlm_hf.export.atomic`.
 """
 
 from __future__ import annotations
@@ -243,6 +246,8 @@ def _acquire(path: Path):
             if replaced:  # its previous holder removed it between our open and our lock
                 handle.close()
                 continue
+            # written in place, not through the atomic writer: the lock belongs to this open file, which a rename
+            # would replace; a reader of a half-written record only gets a vaguer message (`_held_message`)
             handle.truncate()
             handle.write(json.dumps(_writer()) + "\n")
             handle.flush()

@@ -29,7 +29,7 @@ from PIL import Image
 from transformers.utils import logging
 
 from .atomic import write_all_or_nothing
-from .points import keep_mask, subsample
+from .points import confidence_mask, subsample
 from .validation import ArrayLike, SceneArrays, check_scene
 
 logger = logging.get_logger(__name__)
@@ -163,7 +163,7 @@ def write_colmap(
     if len(names) != views or len(set(names)) != views or any(not name or " " in name for name in names):
         raise ValueError(f"`image_names` must be {views} distinct names without spaces, got {names}")
 
-    keep = keep_mask(points, scene.confidence, confidence_percentile)
+    keep = confidence_mask(points, scene.confidence, confidence_percentile)
     keep &= usable_camera[:, None, None]
     flat = np.flatnonzero(keep)
     if flat.size == 0:

@@ -12,10 +12,12 @@ from .validation import ArrayLike, check_confidence, check_images, check_shape, 
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["compute_keep_mask", "filter_points", "keep_mask", "kept_cloud", "subsample"]
+__all__ = ["compute_keep_mask", "confidence_mask", "filter_points", "kept_cloud", "subsample"]
 
 
-def keep_mask(points: np.ndarray, confidence: np.ndarray | None, confidence_percentile: float | None) -> np.ndarray:
+def confidence_mask(
+    points: np.ndarray, confidence: np.ndarray | None, confidence_percentile: float | None
+) -> np.ndarray:
     """[`compute_keep_mask`] of checked arrays: `(N, H, W, 3)` points and `(N, H, W)` confidence (or None)."""
     keep = np.isfinite(points).all(axis=-1)
     if confidence_percentile is None:
@@ -58,7 +60,7 @@ def compute_keep_mask(
     scores = None
     if confidence is not None and confidence_percentile is not None:
         scores = check_confidence(confidence, points.shape[:-1])
-    return keep_mask(points, scores, confidence_percentile)
+    return confidence_mask(points, scores, confidence_percentile)
 
 
 def subsample(count: int, max_points: int | None, seed: int) -> np.ndarray | None:

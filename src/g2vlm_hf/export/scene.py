@@ -16,7 +16,7 @@ from .cameras import encode_cameras_json
 from .depth_png import encode_depth_png16, encode_depth_preview
 from .glb import DEFAULT_FRUSTUM_SCALE, build_scene, view_colours
 from .ply import encode_point_cloud_ply
-from .points import keep_mask, kept_cloud
+from .points import confidence_mask, kept_cloud
 from .validation import ArrayLike, SceneArrays, check_reconstruction, check_scene, validate_original_sizes
 
 logger = logging.get_logger(__name__)
@@ -111,7 +111,7 @@ def write_scene(
     colours = scene.images
     if point_colouring == "view":
         colours = np.broadcast_to(view_colours(len(poses))[:, None, None], points.shape)
-    keep = keep_mask(points, scene.confidence, confidence_percentile)
+    keep = confidence_mask(points, scene.confidence, confidence_percentile)
     cloud, cloud_colours = kept_cloud(points, colours, keep, max_points=max_points, seed=seed)
     glb = build_scene(
         cloud, cloud_colours, poses, image_size=image_size, frustum_scale=frustum_scale, frustum_colour=None
