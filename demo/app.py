@@ -39,14 +39,15 @@ import g2vlm_hf  # noqa: F401  (registers G2VLM with the Auto classes)
 from g2vlm_hf.chat import answer
 from g2vlm_hf.cli import CLIError, video_frames
 from g2vlm_hf.export import (
+    check_scene,
     colourise_depth,
-    export_reconstruction,
     robust_scene_scale,
     save_point_cloud_ply,
     save_scene_glb,
     view_colours,
+    write_colmap,
+    write_scene,
 )
-from g2vlm_hf.export_colmap import export_colmap
 from g2vlm_hf.point_filters import PointSelection, select_points
 from g2vlm_hf.processing.image_io import load_image
 
@@ -357,16 +358,15 @@ class G2VLMDemo:
         """The unfiltered result (every finite point): `full_scene.glb`, `full_points.ply`, `cameras.json` and a
         zipped COLMAP model, and a note when no COLMAP model could be made."""
         folder = scene.folder / "full"
-        written = export_reconstruction(
-            folder,
-            camera_poses=scene.camera_poses,
-            world_points=scene.world_points,
+        checked = check_scene(  # once, for both exports
+            scene.camera_poses,
+            scene.world_points,
+            scene.images,
             depth=scene.depth,
-            images=scene.images,
             confidence=scene.confidence,
             intrinsics=scene.intrinsics,
-            original_sizes=[(view.height, view.width) for view in scene.views],
         )
+        written = write_scene(folder, checked, original_sizes=[(view.height, view.width) for view in scene.views])
         names = {"scene.glb": "full_scene.glb", "points.ply": "full_points.ply", "cameras.json": "cameras.json"}
         files = []
         for path in written:
@@ -374,13 +374,9 @@ class G2VLMDemo:
                 files.append(str(path.rename(folder / names[path.name])))
         note = ""
         try:
-            export_colmap(
+            write_colmap(
                 folder / "colmap",
-                camera_poses=scene.camera_poses,
-                world_points=scene.world_points,
-                intrinsics=scene.intrinsics,
-                images=scene.images,
-                confidence=scene.confidence,
+                checked,
                 image_names=[f"view_{index:03d}.png" for index in range(len(scene.views))],
             )
             files.append(shutil.make_archive(str(folder / "full_colmap"), "zip", folder / "colmap"))

@@ -14,6 +14,7 @@ from PIL import Image
 
 from g2vlm_hf import export
 from g2vlm_hf.export import (
+    atomic,
     compute_keep_mask,
     export_reconstruction,
     filter_points,
@@ -22,7 +23,9 @@ from g2vlm_hf.export import (
     save_depth_png16,
     save_point_cloud_ply,
     save_scene_glb,
+    validation,
 )
+from g2vlm_hf.export import scene as scene_module
 
 trimesh = pytest.importorskip("trimesh")
 
@@ -360,6 +363,46 @@ def test_export_rejects_bad_input(scene, tmp_path, change, message):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s, p, out: save_scene_glb(out / "s.glb", np.zeros((2, 3)), np.zeros((2, 3), np.uint8), p),
+        lambda s, p, out: save_cameras_json(out / "c.json", p, (H, W)),
+        lambda s, p, out: export.robust_scene_scale(s["world_points"], p),
+        lambda s, p, out: export.export_colmap(
+            out, **_bad(s, camera_poses=p), intrinsics=np.tile(np.eye(3), (N, 1, 1))
+        ),
+    ],
+)
+def test_every_public_writer_names_bad_poses(scene, tmp_path, call):
+    with pytest.raises(ValueError, match=r"last row \[0, 0, 0, 1\]"):
+        call({k: v for k, v in scene.items() if k != "depth"}, scene["camera_poses"] * 2, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_poses_are_checked_once_when_the_scene_and_a_colmap_model_are_written(scene, tmp_path, monkeypatch):
+    # what `g2vlm reconstruct --colmap` does: one check, then the writers take the checked arrays as they are
+    calls = []
+    real = validation.validate_poses
+
+    def counting(camera_poses):
+        calls.append(camera_poses)
+        return real(camera_poses)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("g2vlm_hf.export") and hasattr(module, "validate_poses"):
+            monkeypatch.setattr(module, "validate_poses", counting)
+    intrinsics = np.tile(np.array([[6.0, 0.0, W / 2], [0.0, 6.0, H / 2], [0.0, 0.0, 1.0]]), (N, 1, 1))
+    checked = export.check_scene(
+        scene["camera_poses"], scene["world_points"], scene["images"], depth=scene["depth"], intrinsics=intrinsics
+    )
+    export.write_scene(tmp_path / "scene", checked)
+    export.write_colmap(tmp_path / "colmap", checked)
+    assert len(calls) == 1
+    export_reconstruction(tmp_path / "again", **scene)
+    assert len(calls) == 2  # the public entry point checks once too (it was four times)
+
+
 def test_zero_views_rejected_by_filter():
     with pytest.raises(ValueError, match="zero views"):
         filter_points(np.zeros((0, H, W, 3)), np.zeros((0, H, W, 3), dtype=np.uint8))
@@ -389,7 +432,7 @@ def test_failed_write_keeps_old_file_and_leaves_no_temporary(scene, tmp_path, mo
     def failing_replace(source, destination):
         raise OSError("disk full")
 
-    monkeypatch.setattr(export.os, "replace", failing_replace)
+    monkeypatch.setattr(atomic.os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         save_point_cloud_ply(target, np.zeros((4, 3)), np.zeros((4, 3), dtype=np.uint8))
     assert os.listdir(tmp_path) == ["points.ply"]
@@ -406,7 +449,7 @@ def test_export_failing_midway_leaves_no_files(scene, tmp_path, monkeypatch):
             raise OSError("disk full")
         real_replace(source, destination)
 
-    monkeypatch.setattr(export.os, "replace", replace_then_fail)
+    monkeypatch.setattr(atomic.os, "replace", replace_then_fail)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="disk full"):
         export_reconstruction(out, **scene)
@@ -417,7 +460,7 @@ def test_export_failing_midway_leaves_no_files(scene, tmp_path, monkeypatch):
 def test_export_failing_while_encoding_writes_nothing(scene, tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
-    real_encode = export._encode_depth_png16
+    real_encode = scene_module.encode_depth_png16
 
     def encode_then_fail(depth):
         if encode_then_fail.calls == 1:
@@ -426,7 +469,7 @@ def test_export_failing_while_encoding_writes_nothing(scene, tmp_path, monkeypat
         return real_encode(depth)
 
     encode_then_fail.calls = 0
-    monkeypatch.setattr(export, "_encode_depth_png16", encode_then_fail)
+    monkeypatch.setattr(scene_module, "encode_depth_png16", encode_then_fail)
     with pytest.raises(RuntimeError, match="encoder crashed"):
         export_reconstruction(out, **scene)
     assert list(Path(out).rglob("*")) == []

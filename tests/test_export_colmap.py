@@ -1,4 +1,4 @@
-"""COLMAP export (`g2vlm_hf.export_colmap`), read back with pycolmap (COLMAP's maintained Python bindings): the poses
+"""COLMAP export (`g2vlm_hf.export.colmap`), read back with pycolmap (COLMAP's maintained Python bindings): the poses
 COLMAP sees are the inverses of ours, the points, colours and cameras are ours, and every point projects through
 COLMAP's camera model onto the pixel it was predicted for."""
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from g2vlm_hf.export_colmap import export_colmap, rotation_to_quaternion
+from g2vlm_hf.export import export_colmap, rotation_to_quaternion
 from g2vlm_hf.modeling.intrinsics import estimate_intrinsics
 from g2vlm_hf.training import render_room
 from g2vlm_hf.training.synthetic import yaw_pose

@@ -134,7 +134,7 @@ def disk_full_after(monkeypatch, files: int) -> None:
                 handle.write = write
         return handle
 
-    monkeypatch.setattr("g2vlm_hf.export.os.fdopen", fdopen)
+    monkeypatch.setattr("g2vlm_hf.export.atomic.os.fdopen", fdopen)
 
 
 def test_reconstruct_on_a_full_disk_keeps_the_previous_result(tmp_path, converted_tiny, monkeypatch, capsys):

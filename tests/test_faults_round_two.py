@@ -358,7 +358,7 @@ def test_ctrl_c_during_the_export_says_one_line_and_keeps_the_previous_result(mo
     output = tmp_path / "scene"
     assert reconstruct(model, output) == 0
     before = snapshot(output)
-    script = STALL.format(module="g2vlm_hf.export", name="export_model_scene", cli="g2vlm_hf.cli")
+    script = STALL.format(module="g2vlm_hf.export", name="write_scene", cli="g2vlm_hf.cli")
     result = interrupt(script, ["reconstruct", "--model", str(model), *map(str, VIEWS), "--output", str(output),
                                 "--overwrite"])  # fmt: skip
     assert result.returncode == 130, result.stderr

@@ -12,6 +12,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .export import SceneArrays
 
 # torch, transformers and the model code are imported inside the commands, so that `g2vlm --help` answers at once.
 
@@ -160,7 +164,7 @@ def load(model_path: str, dtype: str, device: str):
 def run_reconstruct(args: argparse.Namespace) -> int:
     import torch
 
-    from .export import export_model_scene
+    from .export import check_reconstruction, write_scene
     from .safe_output import staged_outputs
 
     targets = check_reconstruct_args(args)
@@ -191,11 +195,11 @@ def run_reconstruct(args: argparse.Namespace) -> int:
             output, pixels, sizes = run.output, run.geometry_pixel_values, run.original_sizes
             views, names = views_for_question(run, processor, args.ask_views) if args.ask is not None else ([], [])
         max_points = args.max_points if args.max_points is not None else DEFAULT_MAX_POINTS
-        written = export_model_scene(
+        # the predictions are checked once, here; the writers of the scene and of --colmap take them as they are
+        scene = check_reconstruction(output, pixels, processor.geometry_image_processor)
+        written = write_scene(
             stagings[0],
-            output,
-            pixels,
-            processor.geometry_image_processor,
+            scene,
             confidence_percentile=args.confidence_percentile,
             max_points=max_points,
             original_sizes=sizes,
@@ -204,7 +208,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
         if args.colmap is not None:  # its own staging, or its place inside --output's
             inside = args.colmap.expanduser().resolve().relative_to(targets[0]) if len(stagings) == 1 else None
             colmap = stagings[1] if inside is None else stagings[0] / inside
-        written += export_extras(args, stagings[0], colmap, model, processor, views, names, output, pixels, max_points)
+        written += export_extras(args, stagings[0], colmap, model, processor, views, names, scene, max_points)
     print(f"Reconstructed {output.camera_poses.shape[1]} views into {args.output}:")
     for path in written:
         staging, final = next((s, f) for s, f in zip(stagings, shown) if Path(path).is_relative_to(s))
@@ -241,26 +245,21 @@ def export_extras(
     processor,
     views: list,
     names: list[str],
-    output,
-    geometry_pixel_values,
+    scene: SceneArrays,
     max_points: int,
 ) -> list[Path]:
-    """`--colmap DIR` (a COLMAP text model of the scene, written to `colmap`, the staged place of DIR) and
+    """`--colmap DIR` (a COLMAP text model of `scene`, written to `colmap`, the staged place of DIR) and
     `--ask QUESTION` (`answer.json` in `folder`, beside the scene), asked about `views` (called `names` there)."""
-    import json
-
     from .chat import answer
-    from .export import _atomic_write_bytes
+    from .export.atomic import write_json_atomic
 
     written: list[Path] = []
     if colmap is not None:
-        from .export_colmap import export_model_colmap
+        from .export import write_colmap
 
-        written += export_model_colmap(
+        written += write_colmap(
             colmap,
-            output,
-            geometry_pixel_values,
-            processor.geometry_image_processor,
+            scene,
             confidence_percentile=args.confidence_percentile,
             max_points=max_points,
         )
@@ -270,7 +269,7 @@ def export_extras(
         )
         document = {"question": args.ask, "answer": reply, "views": names}
         path = Path(folder) / "answer.json"
-        written.append(_atomic_write_bytes(path, (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode()))
+        written.append(write_json_atomic(path, document))
         print(f"Q: {args.ask}\nA: {reply}")
     return written
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .export.points import subsample
+
 # a channel at or below this is "black", at or above 255 minus it "white" (JPEG noise keeps pure colours off 0/255)
 BACKGROUND_TOLERANCE = 12
 
@@ -131,7 +133,7 @@ def select_points(
     if kept == 0:
         raise ValueError("Every point is filtered away: loosen the filters (outliers, depth edges, background, view).")
     points, point_colours = world_points[keep].astype(np.float32), colours[keep]
-    if selection.max_points is not None and kept > selection.max_points:
-        chosen = np.sort(np.random.default_rng(seed).choice(kept, size=selection.max_points, replace=False))
+    chosen = subsample(kept, selection.max_points, seed)
+    if chosen is not None:
         points, point_colours = points[chosen], point_colours[chosen]
     return np.ascontiguousarray(points), np.ascontiguousarray(point_colours), kept

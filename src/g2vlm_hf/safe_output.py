@@ -8,6 +8,9 @@ creates holds a marker file, so the next run can recognise (and remove) what an 
 One writer at a time: `output_lock` holds an advisory lock on `.NAME.g2vlm-lock` beside the target (holding the pid,
 host and command of its writer) from the checks to the swap. A second writer is refused with the first one named;
 the operating system releases the lock of a killed process, so its lock file is simply taken over.
+
+This module moves whole folders; the single files it writes itself (the staging marker) go through the package's one
+file writer, `g2vlm_hf.export.atomic`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from transformers.utils import logging
+
+from .export.atomic import current_umask, write_text_atomic
 
 logger = logging.get_logger(__name__)
 
@@ -132,9 +137,10 @@ def make_staging_dir(output: Path) -> Path:
     output.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(output)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}{STAGING_INFIX}", dir=output.parent))
-    staging.chmod(0o777 & ~_umask())
-    (staging / MARKER).write_text(
-        "Written by g2vlm-hf; a staging folder if its name starts with a dot.\n" + json.dumps(_writer()) + "\n"
+    staging.chmod(0o777 & ~current_umask())
+    write_text_atomic(
+        staging / MARKER,
+        "Written by g2vlm-hf; a staging folder if its name starts with a dot.\n" + json.dumps(_writer()) + "\n",
     )
     return staging
 
@@ -240,6 +246,8 @@ def _acquire(path: Path):
             if replaced:  # its previous holder removed it between our open and our lock
                 handle.close()
                 continue
+            # written in place, not through the atomic writer: the lock belongs to this open file, which a rename
+            # would replace; a reader of a half-written record only gets a vaguer message (`_held_message`)
             handle.truncate()
             handle.write(json.dumps(_writer()) + "\n")
             handle.flush()
@@ -325,23 +333,11 @@ def _writer_is_alive(marker: Path) -> bool:
     return True
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def file_mode() -> int:
-    """The mode an ordinary new file gets (0644 under the usual umask 022)."""
-    return 0o666 & ~_umask()
-
-
 __all__ = [
     "MARKER",
     "OutputError",
     "check_output_dir",
     "clean_leftovers",
-    "file_mode",
     "lock_path",
     "make_staging_dir",
     "output_lock",

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
+from ..export.atomic import write_json_atomic
 from ..model_loading import DTYPES
 from ..processing.image_io import displayed_size
-from .datasets import GeometryScene, Question, find_scenes, load_questions, write_json_atomic
+from .datasets import GeometryScene, Question, find_scenes, load_questions
 from .depth import ALIGNMENTS, evaluate_depth, weighted_mean
 from .points import evaluate_point_maps
 from .poses import PAIR_DIRECTIONS, relative_pose_errors, summarize_pose_errors

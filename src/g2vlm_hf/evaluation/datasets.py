@@ -14,8 +14,6 @@ Spatial VQA: one JSONL file, one question per line:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -226,19 +224,3 @@ def load_questions(path: Path | str) -> list[Question]:
     if not questions:
         raise ValueError(f"{path} holds no questions.")
     return questions
-
-
-def write_json_atomic(path: Path | str, data: dict) -> Path:
-    """Write `data` as JSON to a temporary file beside `path`, then rename it over `path` (no partial files)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(data, file, indent=2)
-            file.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path

@@ -25,22 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 from transformers.utils import logging
 
-from .export import (
-    ArrayLike,
-    _check_shape,
-    _to_numpy,
-    _validate_poses,
-    compute_keep_mask,
-    write_all_or_nothing,
-)
+from .atomic import write_all_or_nothing
+from .points import confidence_mask, subsample
+from .validation import ArrayLike, SceneArrays, check_scene
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["export_colmap", "export_model_colmap", "rotation_to_quaternion"]
+__all__ = ["export_colmap", "rotation_to_quaternion", "write_colmap"]
 
 
 def rotation_to_quaternion(rotation: np.ndarray) -> np.ndarray:
@@ -94,13 +88,9 @@ def export_colmap(
     intrinsics: ArrayLike,
     images: ArrayLike,
     confidence: ArrayLike | None = None,
-    confidence_percentile: float | None = None,
-    max_points: int | None = None,
-    seed: int = 0,
-    image_names: Sequence[str] | None = None,
-    write_images: bool = True,
+    **options: Any,
 ) -> list[Path]:
-    """Writes one scene as a COLMAP text model (see the module docstring for the files).
+    """Writes one scene as a COLMAP text model: [`check_scene`] of the arrays, then [`write_colmap`].
 
     Args:
         output_dir (`str` or `os.PathLike`): Destination folder, created if missing; files of the same names are
@@ -111,11 +101,8 @@ def export_colmap(
             (`G2VLMReconstructionOutput.intrinsics[scene]`).
         images (`(N, H, W, 3)` uint8): RGB views at the geometry resolution.
         confidence (`(N, H, W)` float, *optional*): Per-pixel confidence.
-        confidence_percentile (`float`, *optional*): Drop points below this confidence percentile.
-        max_points (`int`, *optional*): Random subsample of at most this many points.
-        seed (`int`, defaults to 0): Seed of the subsample.
-        image_names (`list[str]`, *optional*): File names of the views inside `images/` (default `view_000.png`, ...).
-        write_images (`bool`, defaults to True): Also write the views into `images/`.
+        options: The options of [`write_colmap`]: `image_names`, `write_images`, `confidence_percentile`,
+            `max_points`, `seed`.
 
     Returns:
         `list[Path]`: The written files.
@@ -123,15 +110,44 @@ def export_colmap(
     Raises:
         ValueError: On mismatched shapes, when no view has a usable camera, or when every point is filtered away.
     """
-    poses = _validate_poses(camera_poses)
-    points = _to_numpy(world_points, "world_points").astype(np.float64)
-    _check_shape(points, "world_points", "(N, H, W, 3)", 4, last=3)
+    scene = check_scene(camera_poses, world_points, images, confidence=confidence, intrinsics=intrinsics)
+    return write_colmap(output_dir, scene, **options)
+
+
+def write_colmap(
+    output_dir: str | os.PathLike[str],
+    scene: SceneArrays,
+    *,
+    image_names: Sequence[str] | None = None,
+    write_images: bool = True,
+    confidence_percentile: float | None = None,
+    max_points: int | None = None,
+    seed: int = 0,
+) -> list[Path]:
+    """Writes a checked scene (from [`check_scene`] or [`check_reconstruction`], with its intrinsics) as a COLMAP text
+    model (see the module docstring for the files).
+
+    Args:
+        output_dir (`str` or `os.PathLike`): Destination folder, created if missing; files of the same names are
+            replaced.
+        scene ([`SceneArrays`]): The checked arrays.
+        image_names (`list[str]`, *optional*): File names of the views inside `images/` (default `view_000.png`, ...).
+        write_images (`bool`, defaults to True): Also write the views into `images/`.
+        confidence_percentile (`float`, *optional*): Drop points below this confidence percentile.
+        max_points (`int`, *optional*): Random subsample of at most this many points.
+        seed (`int`, defaults to 0): Seed of the subsample.
+
+    Returns:
+        `list[Path]`: The written files.
+
+    Raises:
+        ValueError: When the scene has no intrinsics, no view has a usable camera, or every point is filtered away.
+    """
+    if scene.intrinsics is None:
+        raise ValueError("No `intrinsics`: a COLMAP model needs each view's pinhole camera")
+    poses, matrices, colours = scene.camera_poses, scene.intrinsics, scene.images
+    points = scene.world_points.astype(np.float64)
     views, height, width = points.shape[:3]
-    if views != poses.shape[0]:
-        raise ValueError(f"`world_points` has {views} views but `camera_poses` has {poses.shape[0]}")
-    matrices = _to_numpy(intrinsics, "intrinsics").astype(np.float64)
-    if matrices.shape != (views, 3, 3):
-        raise ValueError(f"`intrinsics` must have shape ({views}, 3, 3), got {tuple(matrices.shape)}")
     usable_camera = np.isfinite(matrices).all(axis=(1, 2)) & (matrices[:, 0, 0] > 0) & (matrices[:, 1, 1] > 0)
     if not usable_camera.any():
         raise ValueError(
@@ -143,23 +159,18 @@ def export_colmap(
             f"Views {np.flatnonzero(~usable_camera).tolist()} have no usable pinhole camera (non-finite intrinsics or "
             "a focal length <= 0); they and their points are left out of the COLMAP model"
         )
-    colours = _to_numpy(images, "images")
-    if colours.shape != points.shape or colours.dtype != np.uint8:
-        raise ValueError(f"`images` must be uint8 of shape {tuple(points.shape)}, got {colours.dtype} {colours.shape}")
     names = list(image_names) if image_names is not None else [f"view_{index:03d}.png" for index in range(views)]
     if len(names) != views or len(set(names)) != views or any(not name or " " in name for name in names):
         raise ValueError(f"`image_names` must be {views} distinct names without spaces, got {names}")
 
-    keep = compute_keep_mask(points, confidence, confidence_percentile=confidence_percentile)
+    keep = confidence_mask(points, scene.confidence, confidence_percentile)
     keep &= usable_camera[:, None, None]
     flat = np.flatnonzero(keep)
     if flat.size == 0:
         raise ValueError("All points were filtered away (non-finite points or confidence below the percentile)")
-    if max_points is not None:
-        if max_points < 1:
-            raise ValueError(f"`max_points` must be at least 1, got {max_points}")
-        if flat.size > max_points:
-            flat = np.sort(np.random.default_rng(seed).choice(flat, size=max_points, replace=False))
+    chosen = subsample(flat.size, max_points, seed)
+    if chosen is not None:
+        flat = flat[chosen]
     view_of, row_of, column_of = np.unravel_index(flat, (views, height, width))
     xyz = points[view_of, row_of, column_of]
     rgb = colours[view_of, row_of, column_of]
@@ -228,28 +239,3 @@ def export_colmap(
     written = write_all_or_nothing(payloads, (output_dir, output_dir / "images"))
     logger.info(f"Wrote a COLMAP model of {int(usable_camera.sum())} images and {flat.size} points to {output_dir}")
     return written
-
-
-def export_model_colmap(
-    output_dir: str | os.PathLike[str],
-    reconstruction: Any,
-    geometry_pixel_values: torch.Tensor,
-    geometry_image_processor: Any,
-    *,
-    scene: int = 0,
-    **options: Any,
-) -> list[Path]:
-    """[`export_colmap`] of scene `scene` of a model's reconstruction (`G2VLMReconstructionOutput`, with its
-    `intrinsics`), coloured by its geometry views. `options` go to [`export_colmap`]."""
-    if getattr(reconstruction, "intrinsics", None) is None:
-        raise ValueError("The reconstruction has no `intrinsics`; COLMAP needs them")
-    confidence = reconstruction.confidence
-    return export_colmap(
-        output_dir,
-        camera_poses=reconstruction.camera_poses[scene],
-        world_points=reconstruction.world_points[scene],
-        intrinsics=reconstruction.intrinsics[scene],
-        confidence=None if confidence is None else confidence[scene],
-        images=geometry_image_processor.unnormalize(geometry_pixel_values[scene].cpu()),
-        **options,
-    )
