@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import os
 import re
 import shutil
@@ -120,6 +121,29 @@ def shown_points(page) -> int:
     return int(re.search(r"Showing ([\d,]+) of", text).group(1).replace(",", ""))
 
 
+def viewer_data(page, name: str) -> str | None:
+    """A data attribute of the 3D viewer (`camera`, `points`, `scene`, `pointSize`), as the page's script set it."""
+    return page.locator("#scene-viewer canvas").evaluate(f"canvas => canvas.closest('[data-points]')?.dataset.{name}")
+
+
+def viewer_camera(page) -> dict:
+    return json.loads(viewer_data(page, "camera"))
+
+
+def turn_the_view(page) -> None:
+    """Drag across the 3D view (left button: turns it)."""
+    box = page.locator("#scene-viewer canvas").bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + 120, y + 40, steps=8)
+    page.mouse.up()
+
+
+def differing(first: np.ndarray, second: np.ndarray) -> int:
+    return int((np.abs(first - second).sum(axis=-1) > 30).sum())
+
+
 def viewer_pixels(page) -> np.ndarray:
     canvas = page.locator("#scene-viewer canvas")
     canvas.wait_for(timeout=60_000)
@@ -131,8 +155,8 @@ def drawn_pixels(pixels: np.ndarray) -> int:
 
 
 def wait_for_picture(page, condition, timeout_s: float = 60.0) -> np.ndarray:
-    """The viewer's pixels once `condition(pixels)` holds (the GLB loads and draws asynchronously, slowly under
-    SwiftShader on a busy machine), after which they must stay so for a moment (the drawing is complete)."""
+    """The viewer's pixels once `condition(pixels)` holds (the data arrive and are drawn asynchronously, slowly
+    under SwiftShader on a busy machine), after which they must stay so for a moment (the drawing is complete)."""
     waited = 0.0
     while True:
         pixels = viewer_pixels(page)
@@ -169,7 +193,7 @@ def test_twenty_views_fit_the_laptop_screen_and_cameras_show(served, tmp_path, s
     page.screenshot(path=str(shots / "demo_20_views.png"))
 
     page.locator("#show-cameras input").uncheck()
-    changed = lambda pixels: (np.abs(with_cameras - pixels).sum(axis=-1) > 30).sum()
+    changed = lambda pixels: differing(with_cameras, pixels)
     without_cameras = wait_for_picture(page, lambda pixels: drawn_pixels(pixels) > 500 and changed(pixels) > 300)
     assert changed(without_cameras) > 300
     page.close()
@@ -188,11 +212,15 @@ def test_downloads_hold_the_points_the_view_shows(served, tmp_path, shots):
     )
     after = shown_points(page)
     assert after < before
+    page.wait_for_function(
+        f"document.querySelector('#scene-viewer canvas').closest('[data-points]').dataset.points == '{after}'",
+        timeout=30_000,
+    )
     with page.expect_download() as download:
         page.locator('#downloads a[download="shown_points.ply"]').click()
     ply = tmp_path / "shown_points.ply"
     download.value.save_as(ply)
-    assert len(trimesh.load(ply).vertices) == after
+    assert len(trimesh.load(ply).vertices) == int(viewer_data(page, "points")) == after
 
     # a bad file: the message names it (no server folder) and the previous results stay
     bad = tmp_path / "notes.png"
@@ -278,4 +306,57 @@ def test_chat_depth_measure_and_examples(served, shots):
     # a bundled example scene is one click away: its views land in the upload box and the preview
     page.get_by_text("room, turning (3 views)").click()
     page.get_by_text("3 images").first.wait_for(timeout=60_000)
+    page.close()
+
+
+def test_the_viewpoint_survives_redraws_and_a_new_scene_is_framed(served, shots):
+    page = open_page(served)
+    reconstruct(page, [str(view) for view in VIEWS])
+    wait_for_picture(page, lambda pixels: drawn_pixels(pixels) > 500)
+    framed = viewer_camera(page)
+    scene = viewer_data(page, "scene")
+
+    turn_the_view(page)
+    turned = viewer_camera(page)
+    assert turned["yaw"] != framed["yaw"] and turned["pitch"] != framed["pitch"]
+    before = wait_for_picture(page, lambda pixels: drawn_pixels(pixels) > 500)
+
+    # a filter redraws the same scene: other points, the same viewpoint
+    number = page.locator("#max-points input[type=number]")
+    number.fill("1000")
+    number.press("Enter")
+    page.wait_for_function(
+        "document.querySelector('#scene-viewer canvas').closest('[data-points]').dataset.points == '1000'",
+        timeout=30_000,
+    )
+    after = wait_for_picture(page, lambda pixels: differing(before, pixels) > 200)
+    assert viewer_camera(page) == turned and viewer_data(page, "scene") == scene
+    page.screenshot(path=str(shots / "demo_turned.png"))
+
+    # "Reset view" frames the scene again; a new reconstruction does too
+    page.locator("#reset-view").click()
+    reset = viewer_camera(page)
+    assert (reset["yaw"], reset["pitch"]) == (framed["yaw"], framed["pitch"])
+    turn_the_view(page)
+    assert viewer_camera(page)["yaw"] != framed["yaw"]
+    page.locator("#reconstruct-button").click()
+    page.wait_for_function(
+        f"document.querySelector('#scene-viewer canvas').closest('[data-points]').dataset.scene != '{scene}'",
+        timeout=180_000,
+    )
+    again = viewer_camera(page)
+    assert (again["yaw"], again["pitch"]) == (framed["yaw"], framed["pitch"])
+    assert differing(after, wait_for_picture(page, lambda pixels: drawn_pixels(pixels) > 300)) > 200
+    page.close()
+
+
+def test_the_point_size_control_changes_the_picture(served, shots):
+    page = open_page(served)
+    reconstruct(page, [str(view) for view in VIEWS[:2]])
+    small = wait_for_picture(page, lambda pixels: drawn_pixels(pixels) > 300)
+    camera = viewer_camera(page)
+    page.locator("#point-size").fill("8")
+    large = wait_for_picture(page, lambda pixels: drawn_pixels(pixels) > 1.3 * drawn_pixels(small), timeout_s=20)
+    assert viewer_data(page, "pointSize") == "8" and viewer_camera(page) == camera
+    assert drawn_pixels(large) > 1.3 * drawn_pixels(small)
     page.close()
