@@ -80,6 +80,7 @@ ALL_VIEWS = "all"
 # an absolute path in a message (e.g. the server's upload folder): shown as its last part only
 ABSOLUTE_PATH = re.compile(r"(?:/[^/\s'\"():]+)+/([^/\s'\"():]+)")
 CSS = """
+#scene-viewer .html-container {padding: 0}
 #scene-viewer .point-viewer {position: relative; height: 340px; border-radius: 6px; overflow: hidden}
 #scene-viewer canvas {display: block; width: 100%; height: 100%; cursor: grab; touch-action: none}
 #scene-viewer .point-tools {position: absolute; top: 6px; left: 6px; display: flex; gap: 8px; align-items: center;
