@@ -10,7 +10,7 @@ variable set to the model repository.
 What it does: the views are reconstructed once (`model.reconstruct`); the 3D view (coloured points + one camera frustum
 per view, in that view's colour, drawn by the small WebGL viewer in `point_viewer.js`) is redrawn from the kept
 reconstruction whenever a display control changes, keeping the viewpoint (a new reconstruction frames the scene
-anew): the filters (outliers outside a percentile box, depth edges, black/white background, points of one view, confidence where
+anew); two points clicked in it give their distance: the filters (outliers outside a percentile box, depth edges, black/white background, points of one view, confidence where
 the checkpoint has a confidence head), the number of points, the cameras and the colouring. The "shown" downloads are
 exactly the drawn points and cameras (in the model's frame); the "full" ones hold every point. The Measure tab gives
 the distance between two clicked pixels; the chat answers with the views' geometry in the model's context, streamed,
@@ -72,7 +72,8 @@ VIEWER_HTML = """
     <button type="button" id="reset-view">Reset view</button>
     <label>Point size <input type="range" id="point-size" min="1" max="12" step="1" value="2"></label>
   </div>
-  <div class="point-help">drag: turn · shift- or right-drag: pan · wheel: zoom</div>
+  <div class="point-readout"></div>
+  <div class="point-help">drag: turn · shift- or right-drag: pan · wheel: zoom · click two points: distance</div>
 </div>
 """
 MEASURE_WIDTH = 512  # small views are enlarged to about this width for clicking
@@ -88,8 +89,17 @@ CSS = """
 #scene-viewer .point-tools button {color: #eee; border: 1px solid #888; border-radius: 4px; padding: 1px 6px}
 #scene-viewer .point-tools input {width: 90px; vertical-align: middle}
 #scene-viewer .point-help {position: absolute; bottom: 4px; right: 8px; color: #aaa; font-size: 11px}
+#scene-viewer .point-readout {position: absolute; top: 8px; right: 8px; color: #fff; font-size: 13px;
+  background: rgba(0, 0, 0, 0.45); padding: 0 6px; border-radius: 4px}
+#scene-viewer .point-readout:empty {display: none}
 #views-input .file-preview-holder {max-height: 7.5em; overflow-y: auto}
 """
+
+
+def ordinal(number: int) -> str:
+    """1st, 2nd, 3rd, 4th, ..., 11th, 12th, 13th, ..., 21st."""
+    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"
 
 
 def _paths(files: Sequence | None) -> list[str]:
@@ -147,7 +157,9 @@ def frustum_lines(poses: np.ndarray, size: float, image_size: Sequence[int]) -> 
     height, width = image_size
     half_h = 0.5 * size
     half_w = half_h * width / height
-    corners = np.array([[-half_w, -half_h, size], [half_w, -half_h, size], [half_w, half_h, size], [-half_w, half_h, size]])
+    corners = np.array(
+        [[-half_w, -half_h, size], [half_w, -half_h, size], [half_w, half_h, size], [-half_w, half_h, size]]
+    )
     ends = [end for corner in corners for end in (np.zeros(3), corner)]
     ends += [end for index in range(4) for end in (corners[index], corners[(index + 1) % 4])]
     local = np.concatenate([np.array(ends), np.ones((len(ends), 1))], axis=1)  # homogeneous, camera frame
@@ -301,7 +313,7 @@ class G2VLMDemo:
             fitting = math.ceil(len(paths) / self.max_views)
             raise TooManyViews(
                 f"{len(chosen)} views, but this model takes at most {self.max_views} at once. Use every "
-                f"{fitting}-th image (set below) or upload fewer.",
+                f"{ordinal(fitting)} image (set below) or upload fewer.",
                 fitting,
             )
         views = Views([], [])
@@ -326,7 +338,7 @@ class G2VLMDemo:
         frames = video_frames(Path(video), every, max_frames=self.max_views + 1)
         if len(frames) > self.max_views:
             raise TooManyViews(
-                f"More than {self.max_views} frames at every {every}-th frame, but this model takes at most "
+                f"More than {self.max_views} frames at every {ordinal(every)} frame, but this model takes at most "
                 f"{self.max_views} at once: use a larger frame interval (set below).",
                 every * 2,
             )
@@ -343,7 +355,7 @@ class G2VLMDemo:
         kind = "frames" if video else "images"
         summary = f"**{len(views.images)} {kind}** will be reconstructed"
         if not video and int(step) > 1:
-            summary += f" (every {int(step)}-th of {len(_paths(files))})"
+            summary += f" (every {ordinal(int(step))} of {len(_paths(files))})"
         if views.skipped:
             summary += ". ⚠️ Skipped: " + "; ".join(views.skipped)
         gallery = [(np.asarray(image), name) for image, name in zip(views.images, views.names)]

@@ -4,11 +4,14 @@
 //
 // Camera: an orbit around `target` at `distance`, turned by `yaw` (about the y axis) and `pitch`. A new scene (a new
 // `value.scene` id) is framed on its robust box; a redraw of the same scene (a filter changed) keeps the camera.
-// For tests and scripts the root element carries `data-camera` (the camera as JSON), `data-points` (the number of
-// points drawn), `data-scene` and `data-point-size`.
+// A click (no drag) on a point picks it: the first pick is A, the second B and their distance is shown (a third
+// starts again). For tests and scripts the root element carries `data-camera` (the camera as JSON), `data-points`
+// (the number of points drawn), `data-lines` (frustum segment ends drawn), `data-scene`, `data-point-size`, and
+// `data-picks` (the picked points in the model's frame, JSON) with `data-distance`.
 const canvas = element.querySelector("canvas");
 const resetButton = element.querySelector("#reset-view");
 const sizeInput = element.querySelector("#point-size");
+const readout = element.querySelector(".point-readout");
 const gl = canvas.getContext("webgl", { antialias: false, preserveDrawingBuffer: true });
 const FOV = Math.PI / 4;
 const MAX_PITCH = Math.PI / 2 - 0.01;
@@ -18,6 +21,8 @@ let sceneId = null;
 let pointCount = 0;
 let lineCount = 0;
 let pointSize = Number(sizeInput.value);
+let positions = new Float32Array(0);
+let picks = [];
 let pending = false;
 
 function shader(type, source) {
@@ -52,7 +57,9 @@ const where = {
 };
 const buffers = {
   points: gl.createBuffer(), pointColours: gl.createBuffer(), lines: gl.createBuffer(), lineColours: gl.createBuffer(),
+  picks: gl.createBuffer(), pickColours: gl.createBuffer(),
 };
+const PICK_COLOURS = new Uint8Array([255, 60, 60, 60, 140, 255]);  // A red, B blue
 
 function bytes(text) {
   const raw = atob(text || "");
@@ -139,6 +146,13 @@ function draw() {
     attribute(where.colour, buffers.lineColours, 3, gl.UNSIGNED_BYTE, true);
     gl.drawArrays(gl.LINES, 0, lineCount);
   }
+  if (picks.length > 0) {  // on top of everything, larger than the points
+    gl.disable(gl.DEPTH_TEST);
+    gl.uniform1f(where.size, (pointSize + 8) * ratio);
+    attribute(where.position, buffers.picks, 3, gl.FLOAT, false);
+    attribute(where.colour, buffers.pickColours, 3, gl.UNSIGNED_BYTE, true);
+    gl.drawArrays(gl.POINTS, 0, picks.length);
+  }
 }
 
 function redraw() {
@@ -175,17 +189,70 @@ function frame() {
   redraw();
 }
 
+// The viewer's y-up frame back to the model's (the first camera's OpenCV frame: y down, z forward).
+const modelFrame = (point) => [point[0], -point[1], -point[2]];
+
+function setPicks(points) {
+  picks = points;
+  upload(buffers.picks, new Float32Array(picks.flat()));
+  upload(buffers.pickColours, PICK_COLOURS.slice(0, 3 * picks.length));
+  element.dataset.picks = JSON.stringify(picks.map(modelFrame));
+  if (picks.length === 2) {
+    const distance = Math.hypot(...sub(picks[0], picks[1]));
+    element.dataset.distance = String(distance);
+    readout.textContent = `A to B: ${distance.toPrecision(4)} scene units`;
+  } else {
+    delete element.dataset.distance;
+    readout.textContent = picks.length === 1 ? "A picked: click a second point" : "";
+  }
+  redraw();
+}
+
+// The frontmost point drawn within a few pixels of (x, y) (CSS pixels in the canvas), or -1.
+function nearestPoint(x, y) {
+  const m = matrix();
+  const width = canvas.clientWidth;
+  const height = canvas.clientHeight;
+  const reach = Math.max(4, pointSize);
+  let best = -1;
+  let bestDepth = Infinity;
+  for (let i = 0; i < pointCount; i++) {
+    const px = positions[3 * i];
+    const py = positions[3 * i + 1];
+    const pz = positions[3 * i + 2];
+    const w = m[3] * px + m[7] * py + m[11] * pz + m[15];
+    if (w <= 0 || w >= bestDepth) continue;
+    const sx = (((m[0] * px + m[4] * py + m[8] * pz + m[12]) / w + 1) * width) / 2;
+    const sy = ((1 - (m[1] * px + m[5] * py + m[9] * pz + m[13]) / w) * height) / 2;
+    if (Math.abs(sx - x) <= reach && Math.abs(sy - y) <= reach) {
+      best = i;
+      bestDepth = w;
+    }
+  }
+  return best;
+}
+
+function pick(event) {
+  const rect = canvas.getBoundingClientRect();
+  const index = nearestPoint(event.clientX - rect.left, event.clientY - rect.top);
+  if (index < 0) return;
+  const point = Array.from(positions.subarray(3 * index, 3 * index + 3));
+  setPicks(picks.length < 2 ? [...picks, point] : [point]);
+}
+
 function show(value) {
   if (!value) {
     camera = box = sceneId = null;
     pointCount = lineCount = 0;
-    element.dataset.points = "0";
+    element.dataset.points = element.dataset.lines = "0";
     delete element.dataset.scene;
     publishCamera();
+    setPicks([]);
     draw();
     return;
   }
-  upload(buffers.points, new Float32Array(bytes(value.positions).buffer));
+  positions = new Float32Array(bytes(value.positions).buffer);
+  upload(buffers.points, positions);
   upload(buffers.pointColours, bytes(value.colours));
   upload(buffers.lines, new Float32Array(bytes(value.lines).buffer));
   upload(buffers.lineColours, bytes(value.line_colours));
@@ -195,10 +262,12 @@ function show(value) {
   if (value.scene !== sceneId || !camera) {
     sceneId = value.scene;
     frame();
+    setPicks([]);
   }
   draw();
   element.dataset.scene = sceneId;
   element.dataset.points = String(pointCount);
+  element.dataset.lines = String(lineCount);
 }
 
 // Drag: turn (left button) or pan (shift or right button); wheel: zoom.
@@ -206,7 +275,7 @@ let drag = null;
 canvas.addEventListener("contextmenu", (event) => event.preventDefault());
 canvas.addEventListener("pointerdown", (event) => {
   if (!camera) return;
-  drag = { x: event.clientX, y: event.clientY, pan: event.shiftKey || event.button === 2 };
+  drag = { x: event.clientX, y: event.clientY, pan: event.shiftKey || event.button === 2, moved: 0 };
   canvas.setPointerCapture(event.pointerId);
 });
 canvas.addEventListener("pointermove", (event) => {
@@ -215,6 +284,7 @@ canvas.addEventListener("pointermove", (event) => {
   const dy = event.clientY - drag.y;
   drag.x = event.clientX;
   drag.y = event.clientY;
+  drag.moved += Math.abs(dx) + Math.abs(dy);
   if (drag.pan) {
     const { right, up } = basis();
     const perPixel = (2 * camera.distance * Math.tan(FOV / 2)) / Math.max(1, canvas.clientHeight);
@@ -226,9 +296,11 @@ canvas.addEventListener("pointermove", (event) => {
   publishCamera();
   redraw();
 });
-const release = () => { drag = null; };
-canvas.addEventListener("pointerup", release);
-canvas.addEventListener("pointercancel", release);
+canvas.addEventListener("pointerup", (event) => {
+  if (drag && drag.moved < 3 && !drag.pan && event.button === 0) pick(event);
+  drag = null;
+});
+canvas.addEventListener("pointercancel", () => { drag = null; });
 canvas.addEventListener("wheel", (event) => {
   if (!camera) return;
   event.preventDefault();

@@ -184,7 +184,7 @@ def test_too_many_views_suggest_every_kth_image(app_module, model_folder):
             demo.read_views(paths)
         assert raised.value.step == 3 and "at most 2" in str(raised.value)
         *_, status, _, _, step, _ = demo.reconstruct(paths, None, 10, 1)
-        assert "Use every 3-th image" in status and step["value"] == 3
+        assert "Use every 3rd image" in status and step["value"] == 3
         assert len(demo.read_views(paths, step=3).images) == 2
     finally:
         demo.close()

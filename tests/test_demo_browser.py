@@ -360,3 +360,40 @@ def test_the_point_size_control_changes_the_picture(served, shots):
     assert viewer_data(page, "pointSize") == "8" and viewer_camera(page) == camera
     assert drawn_pixels(large) > 1.3 * drawn_pixels(small)
     page.close()
+
+
+def test_clicking_two_points_of_the_3d_view_gives_their_distance(served, tmp_path):
+    page = open_page(served)
+    reconstruct(page, [str(view) for view in VIEWS[:2]])
+    page.locator("#show-cameras input").uncheck()  # only points are drawn: every drawn pixel can be picked
+    page.wait_for_function(
+        "document.querySelector('#scene-viewer canvas').closest('[data-points]').dataset.lines == '0'",
+        timeout=30_000,
+    )
+    pixels = wait_for_picture(page, lambda pixels: drawn_pixels(pixels) > 300)
+    rows, columns = np.nonzero(np.abs(pixels - BACKGROUND).sum(axis=-1) > 30)
+    # not under the tool bar or the help line, nor at the rounded edge (the page shows through its corners)
+    inside = (rows > 40) & (rows < pixels.shape[0] - 30) & (columns > 8) & (columns < pixels.shape[1] - 8)
+    rows, columns = rows[inside], columns[inside]
+    canvas = page.locator("#scene-viewer canvas")
+    for index in (np.argmin(columns), np.argmax(columns)):  # the leftmost and the rightmost drawn pixel
+        canvas.click(position={"x": float(columns[index]) + 0.5, "y": float(rows[index]) + 0.5})
+    page.wait_for_function(
+        "document.querySelector('#scene-viewer canvas').closest('[data-points]').dataset.distance !== undefined",
+        timeout=30_000,
+    )
+    picks = np.array(json.loads(viewer_data(page, "picks")))
+    distance = float(viewer_data(page, "distance"))
+    assert picks.shape == (2, 3) and distance == pytest.approx(np.linalg.norm(picks[0] - picks[1]), rel=1e-5)
+    shown = re.search(r"A to B: ([\d.e+-]+) scene units", page.locator("#scene-viewer").inner_text())
+    assert distance > 0 and float(shown.group(1)) == pytest.approx(distance, rel=1e-3)
+
+    # the picked points are points of the scene: vertices of the downloaded "shown" cloud
+    with page.expect_download() as download:
+        page.locator('#downloads a[download="shown_points.ply"]').click()
+    ply = tmp_path / "shown_points.ply"
+    download.value.save_as(ply)
+    cloud = np.asarray(trimesh.load(ply).vertices)
+    nearest = np.linalg.norm(cloud[None] - picks[:, None], axis=-1).min(axis=1)
+    assert (nearest <= 1e-5 * np.linalg.norm(np.ptp(cloud, axis=0))).all()
+    page.close()
