@@ -362,7 +362,7 @@ def test_the_point_size_control_changes_the_picture(served, shots):
     page.close()
 
 
-def test_clicking_two_points_of_the_3d_view_gives_their_distance(served, tmp_path):
+def test_clicking_two_points_of_the_3d_view_gives_their_distance(served, tmp_path, shots):
     page = open_page(served)
     reconstruct(page, [str(view) for view in VIEWS[:2]])
     page.locator("#show-cameras input").uncheck()  # only points are drawn: every drawn pixel can be picked
@@ -387,6 +387,9 @@ def test_clicking_two_points_of_the_3d_view_gives_their_distance(served, tmp_pat
     assert picks.shape == (2, 3) and distance == pytest.approx(np.linalg.norm(picks[0] - picks[1]), rel=1e-5)
     shown = re.search(r"A to B: ([\d.e+-]+) scene units", page.locator("#scene-viewer").inner_text())
     assert distance > 0 and float(shown.group(1)) == pytest.approx(distance, rel=1e-3)
+    page.locator("#point-size").fill("4")
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(shots / "demo_pick_3d.png"))
 
     # the picked points are points of the scene: vertices of the downloaded "shown" cloud
     with page.expect_download() as download:
