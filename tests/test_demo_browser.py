@@ -332,6 +332,11 @@ def test_the_viewpoint_survives_redraws_and_a_new_scene_is_framed(served, shots)
     after = wait_for_picture(page, lambda pixels: differing(before, pixels) > 200)
     assert viewer_camera(page) == turned and viewer_data(page, "scene") == scene
     page.screenshot(path=str(shots / "demo_turned.png"))
+    # another tab and back: the same view
+    page.get_by_role("tab", name="Depth").click()
+    page.get_by_role("tab", name="3D scene").click()
+    assert differing(after, wait_for_picture(page, lambda pixels: drawn_pixels(pixels) > 300)) < 50
+    assert viewer_camera(page) == turned
 
     # "Reset view" frames the scene again; a new reconstruction does too
     page.locator("#reset-view").click()
