@@ -2,9 +2,12 @@
 1366x768 laptop screen.
 
 One test per promise of the page: with 20 views Reconstruct and the display controls stay above the fold and the
-cameras visibly change the picture; the downloaded "shown" points are the points the view counts, and a value typed
-into a slider's number box redraws; a run locks its inputs; a bad file leaves the previous results in place; the
-chat answers with the views it used and the depth tab shows every view. Screenshots go to `G2VLM_SCREENSHOT_DIR`
+cameras visibly change the picture; the downloaded "shown" points are the points the view draws, and a value typed
+into a slider's number box redraws; a view turned by dragging keeps its viewpoint when a filter redraws it (Reset
+view and a new scene frame it again); the point size changes the picture; two points clicked in the 3D view give
+their distance; a run locks its inputs; a bad file leaves the previous results in place; the chat answers with the
+views it used and the depth tab shows every view. The 3D view (demo/point_viewer.js) exposes its camera, point count
+and picks as data attributes, which the tests read. Screenshots go to `G2VLM_SCREENSHOT_DIR`
 (else the test's temporary folder).
 
 Skipped, with the reason, when Playwright or Chromium is missing:
