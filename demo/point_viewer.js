@@ -13,6 +13,11 @@ const resetButton = element.querySelector("#reset-view");
 const sizeInput = element.querySelector("#point-size");
 const readout = element.querySelector(".point-readout");
 const gl = canvas.getContext("webgl", { antialias: false, preserveDrawingBuffer: true });
+if (!gl) {
+  element.querySelector(".point-viewer").textContent =
+    "This browser offers no WebGL, so the 3D view cannot be drawn: download shown_scene.glb below instead.";
+  return;
+}
 const FOV = Math.PI / 4;
 const MAX_PITCH = Math.PI / 2 - 0.01;
 let camera = null;
