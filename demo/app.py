@@ -8,8 +8,9 @@ As a Hugging Face Space: this file as `app.py`, `requirements.txt` naming g2vlm-
 variable set to the model repository.
 
 What it does: the views are reconstructed once (`model.reconstruct`); the 3D view (coloured points + one camera frustum
-per view, in that view's colour) is redrawn from the kept reconstruction whenever a display control changes: the
-filters (outliers outside a percentile box, depth edges, black/white background, points of one view, confidence where
+per view, in that view's colour, drawn by the small WebGL viewer in `point_viewer.js`) is redrawn from the kept
+reconstruction whenever a display control changes, keeping the viewpoint (a new reconstruction frames the scene
+anew); two points clicked in it give their distance: the filters (outliers outside a percentile box, depth edges, black/white background, points of one view, confidence where
 the checkpoint has a confidence head), the number of points, the cameras and the colouring. The "shown" downloads are
 exactly the drawn points and cameras (in the model's frame); the "full" ones hold every point. The Measure tab gives
 the distance between two clicked pixels; the chat answers with the views' geometry in the model's context, streamed,
@@ -17,6 +18,7 @@ and shows which views it used.
 """
 
 import argparse
+import base64
 import math
 import os
 import re
@@ -48,7 +50,7 @@ from g2vlm_hf.export import (
     write_colmap,
     write_scene,
 )
-from g2vlm_hf.point_filters import PointSelection, select_points
+from g2vlm_hf.point_filters import PointSelection, percentile_box, select_points
 from g2vlm_hf.processing.image_io import load_image
 
 DEFAULT_MODEL = os.environ.get("G2VLM_MODEL", "")
@@ -59,14 +61,46 @@ MAX_FILE_MB = 100.0
 VIEWER_FROM_WORLD = np.diag([1.0, -1.0, -1.0, 1.0])
 # frustum depth as a fraction of the diagonal of the shown points' box: visible at any view count and scene size
 FRUSTUM_FRACTION = 0.06
+# a new scene is framed on the per-axis [p, 100-p] percentile box of its shown points: far outliers do not shrink it
+FRAMING_PERCENTILE = 2.0
+VIEWER_JS = (Path(__file__).resolve().parent / "point_viewer.js").read_text(encoding="utf-8")
+# The viewer's markup never changes (gradio re-renders a gr.HTML template on every new value and would otherwise
+# replace the canvas); the data arrive through `props.value` and are drawn by VIEWER_JS.
+VIEWER_HTML = """
+<div class="point-viewer">
+  <canvas class="point-canvas"></canvas>
+  <div class="point-tools">
+    <button type="button" id="reset-view">Reset view</button>
+    <label>Point size <input type="range" id="point-size" min="1" max="12" step="1" value="2"></label>
+  </div>
+  <div class="point-readout"></div>
+  <div class="point-help">drag: turn · shift- or right-drag: pan · wheel: zoom · click two points: distance</div>
+</div>
+"""
 MEASURE_WIDTH = 512  # small views are enlarged to about this width for clicking
 ALL_VIEWS = "all"
 # an absolute path in a message (e.g. the server's upload folder): shown as its last part only
 ABSOLUTE_PATH = re.compile(r"(?:/[^/\s'\"():]+)+/([^/\s'\"():]+)")
 CSS = """
-#scene-viewer button[aria-label="Download"], #scene-viewer a[download] {display: none !important}
+#scene-viewer .html-container {padding: 0}
+#scene-viewer .point-viewer {position: relative; height: 340px; border-radius: 6px; overflow: hidden}
+#scene-viewer canvas {display: block; width: 100%; height: 100%; cursor: grab; touch-action: none}
+#scene-viewer .point-tools {position: absolute; top: 6px; left: 6px; display: flex; gap: 8px; align-items: center;
+  color: #ddd; font-size: 12px; background: rgba(0, 0, 0, 0.45); padding: 3px 6px; border-radius: 4px}
+#scene-viewer .point-tools button {color: #eee; border: 1px solid #888; border-radius: 4px; padding: 1px 6px}
+#scene-viewer .point-tools input {width: 90px; vertical-align: middle}
+#scene-viewer .point-help {position: absolute; bottom: 4px; right: 8px; color: #aaa; font-size: 11px}
+#scene-viewer .point-readout {position: absolute; top: 8px; right: 8px; color: #fff; font-size: 13px;
+  background: rgba(0, 0, 0, 0.45); padding: 0 6px; border-radius: 4px}
+#scene-viewer .point-readout:empty {display: none}
 #views-input .file-preview-holder {max-height: 7.5em; overflow-y: auto}
 """
+
+
+def ordinal(number: int) -> str:
+    """1st, 2nd, 3rd, 4th, ..., 11th, 12th, 13th, ..., 21st."""
+    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"
 
 
 def _paths(files: Sequence | None) -> list[str]:
@@ -116,6 +150,50 @@ def example_scenes() -> tuple[list[list[list[str]]], list[str]]:
     rows = [[sorted(str(path) for path in folder.glob("*.png"))] for folder in folders]
     labels = [f"{folder.name.replace('_', ', ')} ({len(row[0])} views)" for folder, row in zip(folders, rows)]
     return rows, labels
+
+
+def frustum_lines(poses: np.ndarray, size: float, image_size: Sequence[int]) -> np.ndarray:
+    """`(V * 16, 3)` float32 line-segment ends (8 edges per camera: apex to the 4 base corners, and the base) of the
+    cameras' frustums, `size` deep, in the viewer's frame."""
+    height, width = image_size
+    half_h = 0.5 * size
+    half_w = half_h * width / height
+    corners = np.array(
+        [[-half_w, -half_h, size], [half_w, -half_h, size], [half_w, half_h, size], [-half_w, half_h, size]]
+    )
+    ends = [end for corner in corners for end in (np.zeros(3), corner)]
+    ends += [end for index in range(4) for end in (corners[index], corners[(index + 1) % 4])]
+    local = np.concatenate([np.array(ends), np.ones((len(ends), 1))], axis=1)  # homogeneous, camera frame
+    world = np.einsum("vij,ej->vei", VIEWER_FROM_WORLD @ poses, local)[..., :3]
+    return world.reshape(-1, 3).astype(np.float32)
+
+
+def _base64(array: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
+
+
+def viewer_data(
+    scene_id: str, points: np.ndarray, colours: np.ndarray, lines: np.ndarray, line_colours: np.ndarray
+) -> dict[str, Any]:
+    """The value of the 3D viewer: the points turned y-up (little-endian float32 xyz, base64) with their uint8 RGB
+    colours, the camera frustums as line-segment ends with their colours, the robust box a new scene is framed on,
+    and the scene's id (a new id resets the viewpoint; a redraw of the same scene keeps it)."""
+    viewer_points = (points @ VIEWER_FROM_WORLD[:3, :3].T).astype("<f4")
+    low, high = percentile_box(viewer_points, FRAMING_PERCENTILE)
+    return {
+        "scene": scene_id,
+        "count": len(viewer_points),
+        "positions": _base64(viewer_points),
+        "colours": _base64(colours.astype(np.uint8)),
+        "lines": _base64(lines.astype("<f4")),
+        "line_colours": _base64(line_colours),
+        "box": [low.tolist(), high.tolist()],
+    }
+
+
+def decode_viewer_points(view: dict[str, Any]) -> np.ndarray:
+    """The `(M, 3)` points of a viewer value (in the viewer's y-up frame)."""
+    return np.frombuffer(base64.b64decode(view["positions"]), dtype="<f4").reshape(-1, 3)
 
 
 class TooManyViews(ValueError):
@@ -236,7 +314,7 @@ class G2VLMDemo:
             fitting = math.ceil(len(paths) / self.max_views)
             raise TooManyViews(
                 f"{len(chosen)} views, but this model takes at most {self.max_views} at once. Use every "
-                f"{fitting}-th image (set below) or upload fewer.",
+                f"{ordinal(fitting)} image (set below) or upload fewer.",
                 fitting,
             )
         views = Views([], [])
@@ -261,7 +339,7 @@ class G2VLMDemo:
         frames = video_frames(Path(video), every, max_frames=self.max_views + 1)
         if len(frames) > self.max_views:
             raise TooManyViews(
-                f"More than {self.max_views} frames at every {every}-th frame, but this model takes at most "
+                f"More than {self.max_views} frames at every {ordinal(every)} frame, but this model takes at most "
                 f"{self.max_views} at once: use a larger frame interval (set below).",
                 every * 2,
             )
@@ -278,7 +356,7 @@ class G2VLMDemo:
         kind = "frames" if video else "images"
         summary = f"**{len(views.images)} {kind}** will be reconstructed"
         if not video and int(step) > 1:
-            summary += f" (every {int(step)}-th of {len(_paths(files))})"
+            summary += f" (every {ordinal(int(step))} of {len(_paths(files))})"
         if views.skipped:
             summary += ". ⚠️ Skipped: " + "; ".join(views.skipped)
         gallery = [(np.asarray(image), name) for image, name in zip(views.images, views.names)]
@@ -295,7 +373,7 @@ class G2VLMDemo:
         *display_values: Any,
         progress: gr.Progress = gr.Progress(),  # noqa: B008  (how Gradio asks for a progress bar)
     ) -> tuple:
-        """Reconstruct the views. Outputs: the viewer's GLB, the depth previews, the downloads, the kept scene, the
+        """Reconstruct the views. Outputs: the viewer's data, the depth previews, the downloads, the kept scene, the
         status line, the 'points of view' and measuring view choices, and the image step. On failure only the status
         (and, for too many views, the step that fits) changes: the previous results stay."""
         try:
@@ -318,12 +396,12 @@ class G2VLMDemo:
         scene.full_files, colmap_note = self.full_downloads(scene)
         scene.note += colmap_note
         progress(0.9, desc="Drawing the 3D view")
-        glb, shown, status = self.draw(scene, Display(*display_values))
+        view, shown, status = self.draw(scene, Display(*display_values))
         depth_previews = [(colourise_depth(depth), f"{name}: depth") for depth, name in zip(scene.depth, scene.names)]
         choices = [("All views", ALL_VIEWS), *[(name, str(index)) for index, name in enumerate(scene.names)]]
         measure_choices = [(name, str(index)) for index, name in enumerate(scene.names)]
         return (
-            glb,
+            view,
             depth_previews,
             [*shown, *scene.full_files],
             scene,
@@ -384,8 +462,8 @@ class G2VLMDemo:
             note = f" No COLMAP model: {error}."
         return files, note
 
-    def draw(self, scene: Scene, display: Display) -> tuple[str, list[str], str]:
-        """The viewer's GLB (turned y-up), the "shown" downloads (the same points, colours and cameras in the
+    def draw(self, scene: Scene, display: Display) -> tuple[dict, list[str], str]:
+        """The viewer's data (`viewer_data`), the "shown" downloads (the same points, colours and cameras in the
         model's frame: `shown_scene.glb`, `shown_points.ply`) and the status line with the point count."""
         colours = scene.images
         if display.colouring == "view":
@@ -416,25 +494,26 @@ class G2VLMDemo:
             str(save_scene_glb(folder / "shown_scene.glb", points, point_colours, poses, **options)),
             str(save_point_cloud_ply(folder / "shown_points.ply", points, point_colours)),
         ]
-        viewer_points = points @ VIEWER_FROM_WORLD[:3, :3].T.astype(np.float32)
-        viewer_glb = save_scene_glb(
-            folder / "view.glb", viewer_points, point_colours, VIEWER_FROM_WORLD @ poses, **options
-        )
+        frustums = frustum_lines(poses, FRUSTUM_FRACTION * (extent or 1.0), scene.depth.shape[1:])
+        frustum_colours = np.repeat(palette if colour is None else np.array([colour] * len(poses)), 16, axis=0)
+        if not display.show_cameras:
+            frustums, frustum_colours = frustums[:0], frustum_colours[:0]
+        view = viewer_data(scene.folder.name, points, point_colours, frustums, frustum_colours.astype(np.uint8))
         total = int(np.isfinite(scene.world_points).all(axis=-1).sum())
         status = (
             f"Reconstructed {len(scene.names)} views. Showing {len(points):,} of {total:,} points"
             + (f" ({kept:,} pass the filters)" if kept != len(points) else "")
             + f".{scene.note}"
         )
-        return str(viewer_glb), shown, status
+        return view, shown, status
 
     def redraw(self, scene: Scene | None, *display_values: Any) -> tuple:
         """Display options changed: redraw the kept scene and rewrite the "shown" downloads (nothing to do before
         the first reconstruction)."""
         if scene is None:
             return gr.skip(), gr.skip(), gr.skip()
-        glb, shown, status = self.draw(scene, Display(*display_values))
-        return glb, [*shown, *scene.full_files], status
+        view, shown, status = self.draw(scene, Display(*display_values))
+        return view, [*shown, *scene.full_files], status
 
     # ---------------------------------------------------------------------------------------------------- measure
 
@@ -572,9 +651,9 @@ def build_demo(demo: G2VLMDemo) -> gr.Blocks:
                 )
             with gr.Column(scale=2):
                 with gr.Tab("3D scene"):
-                    viewer = gr.Model3D(
-                        label="Scene (points + cameras)", display_mode="solid", clear_color=(0.12, 0.12, 0.14, 1.0),
-                        elem_id="scene-viewer", height=340,
+                    viewer = gr.HTML(
+                        None, html_template=VIEWER_HTML, js_on_load=VIEWER_JS, apply_default_css=False,
+                        elem_id="scene-viewer", label="Scene (points + cameras)",
                     )  # fmt: skip
                 with gr.Tab("Input views"):
                     inputs_gallery = gr.Gallery(

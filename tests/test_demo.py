@@ -6,6 +6,7 @@ does not pull it in). Offline: the model is a local converted folder, and gradio
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import itertools
 import os
@@ -61,6 +62,11 @@ def cloud_of(path) -> np.ndarray:
     return np.asarray(cloud.vertices)
 
 
+def lines_of(view: dict) -> np.ndarray:
+    """The camera frustums' line-segment ends in a viewer value."""
+    return np.frombuffer(base64.b64decode(view["lines"]), dtype="<f4").reshape(-1, 3)
+
+
 def shown_count(status: str) -> int:
     return int(re.search(r"Showing ([\d,]+) of", status).group(1).replace(",", ""))
 
@@ -75,15 +81,20 @@ def test_demo_serves_reconstruction_and_chat(app_module, model_folder, tmp_path)
         )
         views = [gradio_client.handle_file(str(view)) for view in VIEWS]
 
-        glb, depth, downloads, status, *_ = client.predict(
+        view, depth, downloads, status, *_ = client.predict(
             views, None, 10, 1, *DEFAULT_DISPLAY, True, "image", api_name="/reconstruct"
         )
-        scene = trimesh.load(glb, force="scene")
-        assert Path(glb).suffix == ".glb" and len(cloud_of(glb)) == shown_count(status) > 0
-        assert sum(name.startswith("camera_") for name in scene.graph.nodes_geometry) == len(VIEWS)
+        viewed = app_module.decode_viewer_points(view)
+        assert view["count"] == len(viewed) == shown_count(status) > 0
+        lines = lines_of(view)
+        assert len(lines) == 16 * len(VIEWS)  # 8 edges per camera frustum
         # the frustums are sized from the shown points' extent: visible, whatever the scene's scale
-        frustum = np.ptp(scene.geometry["camera_0"].vertices, axis=0)
-        assert np.linalg.norm(frustum) > 0.03 * np.linalg.norm(np.ptp(cloud_of(glb), axis=0))
+        frustum = np.ptp(lines[:16], axis=0)
+        assert np.linalg.norm(frustum) > 0.03 * np.linalg.norm(np.ptp(viewed, axis=0))
+        # a new scene is framed on the robust box of its points: most points inside, far outliers outside
+        low, high = (np.array(corner) for corner in view["box"])
+        assert (low < high).all() and ((viewed >= low) & (viewed <= high)).all(axis=1).mean() > 0.8
+        scene_id = view["scene"]
         assert [item["caption"] for item in depth] == [f"{view.name}: depth" for view in VIEWS]
         files = {Path(path).name: path for path in downloads}
         assert {"shown_scene.glb", "shown_points.ply", "full_scene.glb", "full_points.ply", "cameras.json"} <= set(
@@ -95,23 +106,25 @@ def test_demo_serves_reconstruction_and_chat(app_module, model_folder, tmp_path)
         # ones hold every point
         shown = cloud_of(files["shown_points.ply"])
         assert len(shown) == shown_count(status) and np.allclose(cloud_of(files["shown_scene.glb"]), shown)
-        assert np.allclose(cloud_of(glb), shown * [1, -1, -1], atol=1e-5)
+        assert np.allclose(viewed, shown * [1, -1, -1], atol=1e-5)
         total = int(re.search(r"of ([\d,]+) points", status).group(1).replace(",", ""))
         assert len(cloud_of(files["full_points.ply"])) == total >= len(shown)
 
         # display options redraw the kept scene without the model: cameras hidden, points coloured by view
         without, downloads, status = client.predict(*DEFAULT_DISPLAY, False, "view", api_name="/redraw")
-        without = trimesh.load(without, force="scene")
-        assert not any(name.startswith("camera_") for name in without.graph.nodes_geometry)
-        [cloud] = [g for g in without.geometry.values() if isinstance(g, trimesh.PointCloud)]
+        assert len(lines_of(without)) == 0 and without["scene"] == scene_id  # same scene: the viewpoint stays
         palette = {tuple(colour) for colour in app_module.view_colours(len(VIEWS))}
-        assert {tuple(colour) for colour in np.asarray(cloud.colors)[:, :3]} <= palette
+        colours = np.frombuffer(base64.b64decode(without["colours"]), dtype=np.uint8).reshape(-1, 3)
+        assert {tuple(colour) for colour in colours} <= palette
         # points of one view only, at most 500: the downloads follow
-        glb, downloads, status = client.predict(
+        view, downloads, status = client.predict(
             0, 2.0, 0.0, False, False, "1", 1_000, True, "image", api_name="/redraw"
         )
         files = {Path(path).name: path for path in downloads}
-        assert len(cloud_of(glb)) == len(cloud_of(files["shown_points.ply"])) == shown_count(status) == 1_000
+        shown = cloud_of(files["shown_points.ply"])
+        assert view["count"] == len(shown) == shown_count(status) == 1_000
+        assert np.allclose(app_module.decode_viewer_points(view), shown * [1, -1, -1], atol=1e-5)
+        assert len(lines_of(view)) == 16  # the chosen view's camera only
 
         history, box, used = client.predict(views, QUESTION, [], None, 10, 1, api_name="/ask")
         assert box == ""
@@ -171,7 +184,7 @@ def test_too_many_views_suggest_every_kth_image(app_module, model_folder):
             demo.read_views(paths)
         assert raised.value.step == 3 and "at most 2" in str(raised.value)
         *_, status, _, _, step, _ = demo.reconstruct(paths, None, 10, 1)
-        assert "Use every 3-th image" in status and step["value"] == 3
+        assert "Use every 3rd image" in status and step["value"] == 3
         assert len(demo.read_views(paths, step=3).images) == 2
     finally:
         demo.close()
@@ -329,8 +342,8 @@ def test_confidence_slider_filters_points_when_the_checkpoint_has_confidence(app
         total = scene.world_points[..., 0].size
         counts = {}
         for percentile in (0, 50, 90):  # outliers off, to count the confidence filter alone
-            glb, _, _ = demo.draw(scene, app_module.Display(confidence=percentile, outliers=0))
-            counts[percentile] = len(cloud_of(glb))
+            view, _, _ = demo.draw(scene, app_module.Display(confidence=percentile, outliers=0))
+            counts[percentile] = len(app_module.decode_viewer_points(view))
         assert counts[0] == total
         assert abs(counts[50] - total / 2) <= 0.01 * total and abs(counts[90] - total / 10) <= 0.01 * total
     finally:

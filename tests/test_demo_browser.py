@@ -2,9 +2,12 @@
 1366x768 laptop screen.
 
 One test per promise of the page: with 20 views Reconstruct and the display controls stay above the fold and the
-cameras visibly change the picture; the downloaded "shown" points are the points the view counts, and a value typed
-into a slider's number box redraws; a run locks its inputs; a bad file leaves the previous results in place; the
-chat answers with the views it used and the depth tab shows every view. Screenshots go to `G2VLM_SCREENSHOT_DIR`
+cameras visibly change the picture; the downloaded "shown" points are the points the view draws, and a value typed
+into a slider's number box redraws; a view turned by dragging keeps its viewpoint when a filter redraws it (Reset
+view and a new scene frame it again); the point size changes the picture; two points clicked in the 3D view give
+their distance; a run locks its inputs; a bad file leaves the previous results in place; the chat answers with the
+views it used and the depth tab shows every view. The 3D view (demo/point_viewer.js) exposes its camera, point count
+and picks as data attributes, which the tests read. Screenshots go to `G2VLM_SCREENSHOT_DIR`
 (else the test's temporary folder).
 
 Skipped, with the reason, when Playwright or Chromium is missing:
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import os
 import re
 import shutil
@@ -120,6 +124,29 @@ def shown_points(page) -> int:
     return int(re.search(r"Showing ([\d,]+) of", text).group(1).replace(",", ""))
 
 
+def viewer_data(page, name: str) -> str | None:
+    """A data attribute of the 3D viewer (`camera`, `points`, `scene`, `pointSize`), as the page's script set it."""
+    return page.locator("#scene-viewer canvas").evaluate(f"canvas => canvas.closest('[data-points]')?.dataset.{name}")
+
+
+def viewer_camera(page) -> dict:
+    return json.loads(viewer_data(page, "camera"))
+
+
+def turn_the_view(page) -> None:
+    """Drag across the 3D view (left button: turns it)."""
+    box = page.locator("#scene-viewer canvas").bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + 120, y + 40, steps=8)
+    page.mouse.up()
+
+
+def differing(first: np.ndarray, second: np.ndarray) -> int:
+    return int((np.abs(first - second).sum(axis=-1) > 30).sum())
+
+
 def viewer_pixels(page) -> np.ndarray:
     canvas = page.locator("#scene-viewer canvas")
     canvas.wait_for(timeout=60_000)
@@ -131,8 +158,8 @@ def drawn_pixels(pixels: np.ndarray) -> int:
 
 
 def wait_for_picture(page, condition, timeout_s: float = 60.0) -> np.ndarray:
-    """The viewer's pixels once `condition(pixels)` holds (the GLB loads and draws asynchronously, slowly under
-    SwiftShader on a busy machine), after which they must stay so for a moment (the drawing is complete)."""
+    """The viewer's pixels once `condition(pixels)` holds (the data arrive and are drawn asynchronously, slowly
+    under SwiftShader on a busy machine), after which they must stay so for a moment (the drawing is complete)."""
     waited = 0.0
     while True:
         pixels = viewer_pixels(page)
@@ -169,7 +196,7 @@ def test_twenty_views_fit_the_laptop_screen_and_cameras_show(served, tmp_path, s
     page.screenshot(path=str(shots / "demo_20_views.png"))
 
     page.locator("#show-cameras input").uncheck()
-    changed = lambda pixels: (np.abs(with_cameras - pixels).sum(axis=-1) > 30).sum()
+    changed = lambda pixels: differing(with_cameras, pixels)
     without_cameras = wait_for_picture(page, lambda pixels: drawn_pixels(pixels) > 500 and changed(pixels) > 300)
     assert changed(without_cameras) > 300
     page.close()
@@ -188,11 +215,15 @@ def test_downloads_hold_the_points_the_view_shows(served, tmp_path, shots):
     )
     after = shown_points(page)
     assert after < before
+    page.wait_for_function(
+        f"document.querySelector('#scene-viewer canvas').closest('[data-points]').dataset.points == '{after}'",
+        timeout=30_000,
+    )
     with page.expect_download() as download:
         page.locator('#downloads a[download="shown_points.ply"]').click()
     ply = tmp_path / "shown_points.ply"
     download.value.save_as(ply)
-    assert len(trimesh.load(ply).vertices) == after
+    assert len(trimesh.load(ply).vertices) == int(viewer_data(page, "points")) == after
 
     # a bad file: the message names it (no server folder) and the previous results stay
     bad = tmp_path / "notes.png"
@@ -278,4 +309,102 @@ def test_chat_depth_measure_and_examples(served, shots):
     # a bundled example scene is one click away: its views land in the upload box and the preview
     page.get_by_text("room, turning (3 views)").click()
     page.get_by_text("3 images").first.wait_for(timeout=60_000)
+    page.close()
+
+
+def test_the_viewpoint_survives_redraws_and_a_new_scene_is_framed(served, shots):
+    page = open_page(served)
+    reconstruct(page, [str(view) for view in VIEWS])
+    wait_for_picture(page, lambda pixels: drawn_pixels(pixels) > 500)
+    framed = viewer_camera(page)
+    scene = viewer_data(page, "scene")
+
+    turn_the_view(page)
+    turned = viewer_camera(page)
+    assert turned["yaw"] != framed["yaw"] and turned["pitch"] != framed["pitch"]
+    before = wait_for_picture(page, lambda pixels: drawn_pixels(pixels) > 500)
+
+    # a filter redraws the same scene: other points, the same viewpoint
+    number = page.locator("#max-points input[type=number]")
+    number.fill("1000")
+    number.press("Enter")
+    page.wait_for_function(
+        "document.querySelector('#scene-viewer canvas').closest('[data-points]').dataset.points == '1000'",
+        timeout=30_000,
+    )
+    after = wait_for_picture(page, lambda pixels: differing(before, pixels) > 200)
+    assert viewer_camera(page) == turned and viewer_data(page, "scene") == scene
+    page.screenshot(path=str(shots / "demo_turned.png"))
+    # another tab and back: the same view
+    page.get_by_role("tab", name="Depth").click()
+    page.get_by_role("tab", name="3D scene").click()
+    assert differing(after, wait_for_picture(page, lambda pixels: drawn_pixels(pixels) > 300)) < 50
+    assert viewer_camera(page) == turned
+
+    # "Reset view" frames the scene again; a new reconstruction does too
+    page.locator("#reset-view").click()
+    reset = viewer_camera(page)
+    assert (reset["yaw"], reset["pitch"]) == (framed["yaw"], framed["pitch"])
+    turn_the_view(page)
+    assert viewer_camera(page)["yaw"] != framed["yaw"]
+    page.locator("#reconstruct-button").click()
+    page.wait_for_function(
+        f"document.querySelector('#scene-viewer canvas').closest('[data-points]').dataset.scene != '{scene}'",
+        timeout=180_000,
+    )
+    again = viewer_camera(page)
+    assert (again["yaw"], again["pitch"]) == (framed["yaw"], framed["pitch"])
+    assert differing(after, wait_for_picture(page, lambda pixels: drawn_pixels(pixels) > 300)) > 200
+    page.close()
+
+
+def test_the_point_size_control_changes_the_picture(served, shots):
+    page = open_page(served)
+    reconstruct(page, [str(view) for view in VIEWS[:2]])
+    small = wait_for_picture(page, lambda pixels: drawn_pixels(pixels) > 300)
+    camera = viewer_camera(page)
+    page.locator("#point-size").fill("8")
+    large = wait_for_picture(page, lambda pixels: drawn_pixels(pixels) > 1.3 * drawn_pixels(small), timeout_s=20)
+    assert viewer_data(page, "pointSize") == "8" and viewer_camera(page) == camera
+    assert drawn_pixels(large) > 1.3 * drawn_pixels(small)
+    page.close()
+
+
+def test_clicking_two_points_of_the_3d_view_gives_their_distance(served, tmp_path, shots):
+    page = open_page(served)
+    reconstruct(page, [str(view) for view in VIEWS[:2]])
+    page.locator("#show-cameras input").uncheck()  # only points are drawn: every drawn pixel can be picked
+    page.wait_for_function(
+        "document.querySelector('#scene-viewer canvas').closest('[data-points]').dataset.lines == '0'",
+        timeout=30_000,
+    )
+    pixels = wait_for_picture(page, lambda pixels: drawn_pixels(pixels) > 300)
+    rows, columns = np.nonzero(np.abs(pixels - BACKGROUND).sum(axis=-1) > 30)
+    # not under the tool bar or the help line, nor at the rounded edge (the page shows through its corners)
+    inside = (rows > 40) & (rows < pixels.shape[0] - 30) & (columns > 8) & (columns < pixels.shape[1] - 8)
+    rows, columns = rows[inside], columns[inside]
+    canvas = page.locator("#scene-viewer canvas")
+    for index in (np.argmin(columns), np.argmax(columns)):  # the leftmost and the rightmost drawn pixel
+        canvas.click(position={"x": float(columns[index]) + 0.5, "y": float(rows[index]) + 0.5})
+    page.wait_for_function(
+        "document.querySelector('#scene-viewer canvas').closest('[data-points]').dataset.distance !== undefined",
+        timeout=30_000,
+    )
+    picks = np.array(json.loads(viewer_data(page, "picks")))
+    distance = float(viewer_data(page, "distance"))
+    assert picks.shape == (2, 3) and distance == pytest.approx(np.linalg.norm(picks[0] - picks[1]), rel=1e-5)
+    shown = re.search(r"A to B: ([\d.e+-]+) scene units", page.locator("#scene-viewer").inner_text())
+    assert distance > 0 and float(shown.group(1)) == pytest.approx(distance, rel=1e-3)
+    page.locator("#point-size").fill("4")
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(shots / "demo_pick_3d.png"))
+
+    # the picked points are points of the scene: vertices of the downloaded "shown" cloud
+    with page.expect_download() as download:
+        page.locator('#downloads a[download="shown_points.ply"]').click()
+    ply = tmp_path / "shown_points.ply"
+    download.value.save_as(ply)
+    cloud = np.asarray(trimesh.load(ply).vertices)
+    nearest = np.linalg.norm(cloud[None] - picks[:, None], axis=-1).min(axis=1)
+    assert (nearest <= 1e-5 * np.linalg.norm(np.ptp(cloud, axis=0))).all()
     page.close()
