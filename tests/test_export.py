@@ -473,3 +473,18 @@ def test_export_failing_while_encoding_writes_nothing(scene, tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="encoder crashed"):
         export_reconstruction(out, **scene)
     assert list(Path(out).rglob("*")) == []
+
+
+@pytest.mark.parametrize(
+    ("options", "writer"),
+    [(export.SceneExportOptions, export.write_scene), (export.ColmapExportOptions, export.write_colmap)],
+)
+def test_forwarded_option_types_name_exactly_the_writers_options(options, writer):
+    """`export_reconstruction` / `export_colmap` forward `**options` typed by these TypedDicts: they must name the
+    writer's keyword-only options, no more, no fewer, or editors would complete options that fail."""
+    import inspect
+
+    keyword_only = {
+        name for name, parameter in inspect.signature(writer).parameters.items() if parameter.kind is parameter.KEYWORD_ONLY
+    }
+    assert set(options.__annotations__) == keyword_only

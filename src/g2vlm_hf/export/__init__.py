@@ -16,17 +16,19 @@ Modules: `validation` (input checks), `atomic` (the file writer), `points` (whic
 """
 
 from .cameras import save_cameras_json
-from .colmap import export_colmap, rotation_to_quaternion, write_colmap
+from .colmap import ColmapExportOptions, export_colmap, rotation_to_quaternion, write_colmap
 from .depth_png import colourise_depth, load_depth_png16, save_depth_png16, save_depth_preview
 from .glb import DEFAULT_FRUSTUM_SCALE, robust_scene_scale, save_scene_glb, view_colours
 from .ply import save_point_cloud_ply
 from .points import compute_keep_mask, filter_points
-from .scene import export_model_scene, export_reconstruction, write_scene
+from .scene import SceneExportOptions, export_model_scene, export_reconstruction, write_scene
 from .validation import SceneArrays, check_reconstruction, check_scene
 
 __all__ = [
     "DEFAULT_FRUSTUM_SCALE",
+    "ColmapExportOptions",
     "SceneArrays",
+    "SceneExportOptions",
     "check_reconstruction",
     "check_scene",
     "colourise_depth",

@@ -22,10 +22,11 @@ import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 import numpy as np
 from PIL import Image
+from transformers.processing_utils import Unpack
 from transformers.utils import logging
 
 from .atomic import write_all_or_nothing
@@ -34,7 +35,7 @@ from .validation import ArrayLike, SceneArrays, check_scene
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["export_colmap", "rotation_to_quaternion", "write_colmap"]
+__all__ = ["ColmapExportOptions", "export_colmap", "rotation_to_quaternion", "write_colmap"]
 
 
 def rotation_to_quaternion(rotation: np.ndarray) -> np.ndarray:
@@ -80,6 +81,16 @@ def _png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+class ColmapExportOptions(TypedDict, total=False):
+    """The options of [`write_colmap`], for [`export_colmap`] that forwards them (typed so that editors complete them)."""
+
+    image_names: Sequence[str] | None
+    write_images: bool
+    confidence_percentile: float | None
+    max_points: int | None
+    seed: int
+
+
 def export_colmap(
     output_dir: str | os.PathLike[str],
     *,
@@ -88,7 +99,7 @@ def export_colmap(
     intrinsics: ArrayLike,
     images: ArrayLike,
     confidence: ArrayLike | None = None,
-    **options: Any,
+    **options: Unpack[ColmapExportOptions],
 ) -> list[Path]:
     """Writes one scene as a COLMAP text model: [`check_scene`] of the arrays, then [`write_colmap`].
 

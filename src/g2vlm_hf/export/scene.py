@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
+from transformers.processing_utils import Unpack
 from transformers.utils import logging
 
 from .atomic import write_all_or_nothing
@@ -21,7 +22,18 @@ from .validation import ArrayLike, SceneArrays, check_reconstruction, check_scen
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["export_model_scene", "export_reconstruction", "write_scene"]
+__all__ = ["SceneExportOptions", "export_model_scene", "export_reconstruction", "write_scene"]
+
+
+class SceneExportOptions(TypedDict, total=False):
+    """The options of [`write_scene`], for the functions that forward them (typed so that editors complete them)."""
+
+    point_colouring: str
+    confidence_percentile: float | None
+    max_points: int | None
+    seed: int
+    frustum_scale: float
+    original_sizes: Sequence[tuple[int, int]] | None
 
 
 def export_reconstruction(
@@ -33,7 +45,7 @@ def export_reconstruction(
     images: ArrayLike,
     confidence: ArrayLike | None = None,
     intrinsics: ArrayLike | None = None,
-    **options: Any,
+    **options: Unpack[SceneExportOptions],
 ) -> list[Path]:
     """Writes one scene's reconstruction into `output_dir`: [`check_scene`] of the arrays, then [`write_scene`].
 
@@ -139,7 +151,7 @@ def export_model_scene(
     geometry_image_processor: Any,
     *,
     scene: int = 0,
-    **options: Any,
+    **options: Unpack[SceneExportOptions],
 ) -> list[Path]:
     """[`write_scene`] of scene `scene` of a model's reconstruction (`G2VLMReconstructionOutput`), coloured by its
     geometry views (`geometry_pixel_values` as the processor made them, unnormalised by `geometry_image_processor`).
