@@ -34,6 +34,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 import torch
+from packaging.version import Version
 from PIL import Image, ImageDraw
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextIteratorStreamer
 
@@ -52,6 +53,14 @@ from g2vlm_hf.export import (
 )
 from g2vlm_hf.point_filters import PointSelection, percentile_box, select_points
 from g2vlm_hf.processing.image_io import load_image
+
+# The 3D view's script follows new data through gr.HTML's `watch` (gradio 6.10 and later); the page is tested with
+# 6.31 (on 6.10 the page fails in gradio's own dropdowns), so that is the floor.
+MIN_GRADIO = "6.31"
+if Version(gr.__version__) < Version(MIN_GRADIO):
+    raise ImportError(
+        f"The G2VLM demo needs gradio>={MIN_GRADIO}, found {gr.__version__}: pip install -U 'gradio>={MIN_GRADIO}'"
+    )
 
 DEFAULT_MODEL = os.environ.get("G2VLM_MODEL", "")
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"

@@ -40,6 +40,13 @@ def load_app_module():
     return module
 
 
+def test_an_older_gradio_is_named_with_the_install_command(monkeypatch):
+    """The 3D view needs gr.HTML features of recent gradio: an older one is refused at import, with the fix."""
+    monkeypatch.setattr(gradio, "__version__", "6.9.0")
+    with pytest.raises(ImportError, match=r"needs gradio>=6\.31, found 6\.9\.0: pip install -U 'gradio>=6\.31'"):
+        load_app_module()
+
+
 @pytest.fixture(scope="module")
 def app_module():
     return load_app_module()
