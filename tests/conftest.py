@@ -23,6 +23,23 @@ NEWLINE_TOKEN_ID = 198  # "\n" in the fixture tokenizer; the official decode loo
 TINY_IMAGE_TOKEN, TINY_GEO_TOKEN, TINY_START, TINY_END = 96, 97, 98, 99
 
 
+def write_video(path: Path, frames, rate: int = 10) -> Path:
+    """Encode RGB PIL `frames` (one size, even sides) as an MPEG-4 video at `rate` frames per second, with PyAV (the
+    test is skipped without it: the video extra is part of the test extras)."""
+    av = pytest.importorskip("av", reason="the video extra (PyAV) is part of the test extras")
+    frames = list(frames)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=rate)
+        stream.width, stream.height = frames[0].size
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_image(frame)):
+                container.mux(packet)
+        for packet in stream.encode():  # flush the encoder
+            container.mux(packet)
+    return path
+
+
 def tiny_config(**overrides) -> G2VLMConfig:
     """A small random G2VLM configuration exercising every part (GQA, both encoders, all heads)."""
     values = dict(

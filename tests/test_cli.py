@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURE_DIR
+from conftest import FIXTURE_DIR, write_video
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -59,17 +59,8 @@ def test_reconstruct_from_a_folder_equals_from_files(converted_tiny, tmp_path):
 
 
 def test_reconstruct_from_video_frames(converted_tiny, tmp_path):
-    av = pytest.importorskip("av", reason="the video extra (PyAV) is part of the test extras")
-    video = tmp_path / "walk.mp4"
-    with av.open(str(video), "w") as container:
-        stream = container.add_stream("mpeg4", rate=5)
-        stream.width, stream.height, stream.pix_fmt = 518, 140, "yuv420p"
-        for index in range(6):
-            frame = Image.open(VIEWS[index % 3]).convert("RGB").resize((518, 140))
-            for packet in stream.encode(av.VideoFrame.from_image(frame)):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    frames = [Image.open(VIEWS[index % 3]).convert("RGB").resize((518, 140)) for index in range(6)]
+    video = write_video(tmp_path / "walk.mp4", frames, rate=5)
     output = tmp_path / "scene"
     args = ["reconstruct", "--model", str(converted_tiny), "--video", str(video), "--every", "2", "--output", str(output)]
     assert g2vlm(args) == 0

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURE_DIR
+from conftest import FIXTURE_DIR, write_video
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -17,7 +17,7 @@ from g2vlm_hf import reconstruct_chunked
 from g2vlm_hf.cli import main as g2vlm
 from g2vlm_hf.video import iter_video_frames, uniform_indices
 
-av = pytest.importorskip("av", reason="the video extra (PyAV) is part of the test extras")
+pytest.importorskip("av", reason="the video extra (PyAV) is part of the test extras")
 trimesh = pytest.importorskip("trimesh", reason="the export extra (trimesh) is part of the test extras")
 
 
@@ -32,22 +32,15 @@ def small_views_model(converted_tiny, tmp_path_factory):
     return folder
 
 
-def write_video(path, frames: int, size=(518, 140)) -> None:
+def write_walk_video(path, frames: int, size=(518, 140)) -> None:
+    """A camera sliding along the fixture's first view: `frames` crops 8 pixels apart."""
     source = Image.open(FIXTURE_DIR / "images" / "view_0.png").convert("RGB")
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
-        for index in range(frames):
-            frame = source.crop((x := 8 * index % 500, 0, x + 518, 280)).resize(size)
-            for packet in stream.encode(av.VideoFrame.from_image(frame)):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    write_video(path, [source.crop((x := 8 * index % 500, 0, x + 518, 280)).resize(size) for index in range(frames)])
 
 
 def test_reconstruct_a_video_in_chunks(small_views_model, tmp_path):
     video, output, sparse = tmp_path / "walk.mp4", tmp_path / "scene", tmp_path / "sparse"
-    write_video(video, 24)
+    write_walk_video(video, 24)
     args = ["reconstruct", "--model", str(small_views_model), "--video", str(video), "--every", "2", "--chunk-size", "5",
             "--overlap", "2", "--output", str(output), "--colmap", str(sparse), "--ask", "Where is the box?",
             "--ask-views", "3", "--max-new-tokens", "2"]  # fmt: skip
@@ -79,7 +72,7 @@ def test_max_points_defaults_to_a_cap_for_many_views(small_views_model, tmp_path
 
     monkeypatch.setattr(g2vlm_hf.cli, "DEFAULT_MAX_POINTS", 1000)
     video, output = tmp_path / "walk.mp4", tmp_path / "scene"
-    write_video(video, 6)
+    write_walk_video(video, 6)
     args = ["reconstruct", "--model", str(small_views_model), "--video", str(video), "--chunk-size", "4", "--overlap", "2",
             "--every", "1", "--output", str(output)]  # fmt: skip
     assert g2vlm(args) == 0
@@ -88,7 +81,7 @@ def test_max_points_defaults_to_a_cap_for_many_views(small_views_model, tmp_path
 
 def test_too_many_views_for_one_pass_points_to_chunking(small_views_model, tmp_path, capsys):
     video = tmp_path / "long.mp4"
-    write_video(video, 257, size=(64, 48))
+    write_walk_video(video, 257, size=(64, 48))
     args = [
         "reconstruct",
         "--model",
@@ -109,7 +102,7 @@ def test_too_many_views_for_one_pass_points_to_chunking(small_views_model, tmp_p
 @pytest.mark.parametrize(("chunk_size", "overlap"), [("1", "1"), ("8", "8"), ("8", "0")])
 def test_bad_chunk_flags_are_refused(small_views_model, tmp_path, capsys, chunk_size, overlap):
     video = tmp_path / "walk.mp4"
-    write_video(video, 2)
+    write_walk_video(video, 2)
     args = ["reconstruct", "--model", str(small_views_model), "--video", str(video), "--chunk-size", chunk_size,
             "--overlap", overlap, "--output", str(tmp_path / "out")]  # fmt: skip
     assert g2vlm(args) == 2
@@ -119,7 +112,7 @@ def test_bad_chunk_flags_are_refused(small_views_model, tmp_path, capsys, chunk_
 
 def test_chat_over_a_video_uses_a_few_uniform_frames(small_views_model, tmp_path, capsys):
     video = tmp_path / "walk.mp4"
-    write_video(video, 30)
+    write_walk_video(video, 30)
     args = ["chat", "--model", str(small_views_model), "--video", str(video), "--views", "4", "Where is the box?",
             "--max-new-tokens", "3"]  # fmt: skip
     assert g2vlm(args) == 0

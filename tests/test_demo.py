@@ -27,6 +27,7 @@ gradio_client = pytest.importorskip(
 trimesh = pytest.importorskip("trimesh")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import write_video  # noqa: E402
 from hub_testing import VIEWS, fast_tiny_copy  # noqa: E402  (after the sys.path entry)
 
 APP = Path(__file__).resolve().parents[1] / "demo" / "app.py"
@@ -291,15 +292,8 @@ def test_chat_answer_is_streamed(app_module, model_folder):
 
 
 def test_demo_reads_a_video_with_a_frame_interval(app_module, model_folder, tmp_path):
-    av = pytest.importorskip("av", reason='videos need PyAV: pip install -e ".[demo]"')
-    video = tmp_path / "walk.mp4"
-    with av.open(str(video), "w") as container:
-        stream = container.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 112, 84, "yuv420p"
-        for index in range(7):
-            frame = np.full((84, 112, 3), 30 * index, dtype=np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
+    frames = [Image.fromarray(np.full((84, 112, 3), 30 * index, dtype=np.uint8)) for index in range(7)]
+    video = write_video(tmp_path / "walk.mp4", frames)
     demo = app_module.G2VLMDemo(str(model_folder), device="cpu", max_new_tokens=2)
     try:
         views = demo.read_views(None, str(video), every=3)

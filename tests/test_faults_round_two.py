@@ -23,7 +23,7 @@ from g2vlm_hf.processing import G2VLMGeometryImageProcessor, load_image
 from g2vlm_hf.safe_output import clean_leftovers, lock_path, output_lock, swap_in_all
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import FIXTURE_DIR
+from conftest import FIXTURE_DIR, write_video
 from hub_testing import fast_tiny_copy
 
 pytest.importorskip("trimesh", reason="the export extra (trimesh) is part of the test extras")
@@ -425,17 +425,8 @@ def test_empty_questions_and_zero_counts_are_refused(tmp_path, monkeypatch, caps
 
 
 def test_every_beyond_the_video_is_refused_with_the_frame_count(tmp_path, monkeypatch, capsys):
-    av = pytest.importorskip("av", reason="the video extra (PyAV) is part of the test extras")
-    video = tmp_path / "walk.mp4"
-    with av.open(str(video), "w") as container:
-        stream = container.add_stream("mpeg4", rate=5)
-        stream.width, stream.height, stream.pix_fmt = 56, 28, "yuv420p"
-        for index in range(4):
-            frame = Image.new("RGB", (56, 28), (60 * index, 0, 0))
-            for packet in stream.encode(av.VideoFrame.from_image(frame)):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    frames = [Image.new("RGB", (56, 28), (60 * index, 0, 0)) for index in range(4)]
+    video = write_video(tmp_path / "walk.mp4", frames, rate=5)
     no_model_load(monkeypatch)
     argv = ["reconstruct", "--model", str(tmp_path), "--video", str(video), "--output", str(tmp_path / "o")]
     assert g2vlm([*argv, "--every", "1000000000"]) == 2
