@@ -7,6 +7,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 
+from .compat import HubKernelsOnRequest
 from .configuration_g2vlm import G2VLMConfig
 from .layers import G2VLMLayerScale
 
@@ -17,7 +18,7 @@ from .layers import G2VLMLayerScale
 FULL_PRECISION_MODULES = ["geometry_heads", "model.geometry_encoder", "model.geometry_projector"]
 
 
-class G2VLMPreTrainedModel(PreTrainedModel):
+class G2VLMPreTrainedModel(HubKernelsOnRequest, PreTrainedModel):  # Hub kernels only when asked (compat.py)
     config: G2VLMConfig
     base_model_prefix = "model"
     input_modalities = ("image", "text")
