@@ -15,9 +15,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from transformers import ProcessorMixin
 
-class SubprocessorLoading:
-    """Mixin (before `ProcessorMixin`) routing both releases' loading hooks to `_load_image_processors`."""
+
+class SubprocessorLoading(ProcessorMixin):
+    """`ProcessorMixin` with both releases' loading hooks routed to `_load_image_processors` (the processor's base
+    class in place of `ProcessorMixin`, so that the processor's parent still has every `ProcessorMixin` method)."""
 
     @classmethod
     def _load_image_processors(

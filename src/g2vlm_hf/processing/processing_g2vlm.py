@@ -48,7 +48,7 @@ class _G2VLMModalityKwargs(ProcessingKwargs, total=False):
     _defaults = G2VLMProcessorKwargs._defaults
 
 
-class G2VLMProcessor(SubprocessorLoading, ProcessorMixin):
+class G2VLMProcessor(SubprocessorLoading):  # a ProcessorMixin (processing_compat.py)
     r"""
     Builds G²VLM inputs from text, semantic images and geometry views.
 
