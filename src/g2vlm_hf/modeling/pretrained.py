@@ -13,9 +13,11 @@ from .layers import G2VLMLayerScale
 
 # The parts whose precision the 3D outputs depend on, small beside the decoder: never quantized (transformers'
 # quantizers, bitsandbytes and torchao among them, skip `_keep_in_fp32_modules`) and loaded in float32 when the rest
-# is loaded in float16. Names from the task models' root; the heads are also float32 in bfloat16
-# (`_keep_in_fp32_modules_strict`).
-FULL_PRECISION_MODULES = ["geometry_heads", "model.geometry_encoder", "model.geometry_projector"]
+# is loaded in float16. Names (or name patterns) from the task models' root. The heads are float32 in bfloat16 too:
+# the task models list them in `_keep_in_fp32_modules_strict`, and transformers wants a module in only one of the two lists, so here they
+# appear through their parts, "geometry_heads.*" (the pattern form quantizers and the loader accept), which keeps the
+# quantizers off them.
+FULL_PRECISION_MODULES = ["geometry_heads.*", "model.geometry_encoder", "model.geometry_projector"]
 
 
 class G2VLMPreTrainedModel(HubKernelsOnRequest, PreTrainedModel):  # Hub kernels only when asked (compat.py)
