@@ -34,7 +34,12 @@ class G2VLMPreTrainedModel(HubKernelsOnRequest, PreTrainedModel):  # Hub kernels
     ]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
-    _supports_attention_backend = True
+    # False on purpose. transformers reads this flag only in `is_backend_compatible()`, which is what vLLM's and
+    # SGLang's transformers backends check before running a model with their own attention: they would give every
+    # token plain causal attention without G2VLM's mask (image and geometry blocks are bidirectional) and have no slot
+    # for the geometry views. So they refuse G2VLM ("not compatible"); README "Serving" says what serves it.
+    # transformers' own attention functions (eager, sdpa, flash, flex, registered ones) are not affected.
+    _supports_attention_backend = False
     _supports_flash_attn = True  # image blocks go through varlen calls (varlen_attention.py)
     _supports_flex_attn = True  # the mixed mask becomes a BlockMask through create_causal_mask
     # A decode step with a static cache compiles as one graph for every backend (tests/test_compile.py); the prompt
