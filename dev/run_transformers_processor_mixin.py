@@ -17,8 +17,8 @@ Adaptations, all in `G2VLMProcessorTest` below and none changing what a test ass
   component kinds), and `get_component("image_processor")` the semantic (Qwen2-VL) image processor of the saved
   processor: the mixin loads it with `AutoImageProcessor`, which for a G2VLM folder gives the geometry image
   processor (saved as "image_processor" for the depth-estimation pipeline; the Qwen2-VL one is saved as
-  "semantic_image_processor"). `test_processor_from_and_save_pretrained_as_nested_dict` calls `AutoImageProcessor`
-  itself and fails for that reason;
+  "semantic_image_processor");
+- the tests that do not apply to G2VLM are skipped, each with its reason (`NOT_APPLICABLE`);
 - the sdist lacks transformers' `utils/fetch_hub_objects_for_ci.py` (it maps test-asset URLs to a CI cache); a
   stand-in maps the COCO sample image URL to a local PNG and leaves other URLs as they are (the Hub is unreachable
   here, so tests that fetch video or audio URLs fail or skip for that reason).
@@ -90,6 +90,28 @@ def saved_processor(folder: Path) -> Path:
     return folder
 
 
+# Tests of the mixin that cannot hold for G2VLM, and why (each reason says where G2VLM tests the same property).
+NOT_APPLICABLE = {
+    "test_processor_from_and_save_pretrained_as_nested_dict": (
+        "the mixin reloads every processor attribute with the Auto class named by the attribute: "
+        "`geometry_image_processor` names none (KeyError in MODALITY_TO_AUTOPROCESSOR_MAPPING), and AutoImageProcessor "
+        "of a G2VLM folder is the geometry image processor by design (depth-estimation pipeline); the round trip of "
+        "both image processors is tested in tests/test_processor_layout.py and tests/test_depth_estimation.py"
+    ),
+    "test_model_input_names": (
+        "the mixin's call passes text, images, videos and audio only, and its text holds `<|image_pad|>` only, so the "
+        "`geometry_pixel_values` of `model_input_names` (geometry views, from `geometry_images` or `<|geo_pad|>` "
+        "placeholders) cannot appear; tests/test_processor.py checks the names against a call with both kinds"
+    ),
+    "test_processor_text_has_no_visual": (
+        "a batch whose prompts have geometry views and prompts without is refused on purpose (the views are stacked "
+        "per prompt in `geometry_pixel_values`; the error says to process the prompts separately); the mixin's "
+        "batch of a plain-text chat with an image chat (the chat template makes each image a geometry view too) is "
+        "such a batch"
+    ),
+}
+
+
 def make_test_case(mixin: type, model_id: Path) -> type:
     import g2vlm_hf  # noqa: F401  (registers the Auto classes)
     from g2vlm_hf import G2VLMGeometryImageProcessor, G2VLMProcessor
@@ -109,6 +131,9 @@ def make_test_case(mixin: type, model_id: Path) -> type:
                 return G2VLMProcessor.from_pretrained(self.tmpdirname, **kwargs).image_processor
             return super().get_component(attribute, use_tiny_ckpt=use_tiny_ckpt, **kwargs)
 
+    for name, reason in NOT_APPLICABLE.items():
+        if hasattr(G2VLMProcessorTest, name):  # the mixins of some releases lack some tests
+            setattr(G2VLMProcessorTest, name, unittest.skip(f"not applicable to G2VLM: {reason}")(lambda self: None))
     G2VLMProcessorTest.model_id = str(model_id)
     return G2VLMProcessorTest
 

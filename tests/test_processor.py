@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -189,3 +191,17 @@ class TestBadInput:
     def test_videos_are_refused(self, processor):
         with pytest.raises(ValueError, match="images only"):
             processor(text="hi", videos=["clip.mp4"])
+
+
+def test_model_input_names_are_what_a_call_with_both_kinds_of_images_returns(processor, model):
+    """transformers' `test_model_input_names`, with G2VLM's image layout (the mixin's call cannot give geometry views):
+    every name is returned, and the model's forward takes each of them."""
+    inputs = processor.apply_chat_template(
+        chat_messages("Where is the chair?", VIEWS[0], VIEWS[1]),
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+    assert set(inputs) == set(processor.model_input_names)
+    assert set(processor.model_input_names) <= set(inspect.signature(model.forward).parameters)

@@ -7,17 +7,20 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 
+from .compat import HubKernelsOnRequest
 from .configuration_g2vlm import G2VLMConfig
 from .layers import G2VLMLayerScale
 
 # The parts whose precision the 3D outputs depend on, small beside the decoder: never quantized (transformers'
 # quantizers, bitsandbytes and torchao among them, skip `_keep_in_fp32_modules`) and loaded in float32 when the rest
-# is loaded in float16. Names from the task models' root; the heads are also float32 in bfloat16
-# (`_keep_in_fp32_modules_strict`).
-FULL_PRECISION_MODULES = ["geometry_heads", "model.geometry_encoder", "model.geometry_projector"]
+# is loaded in float16. Names (or name patterns) from the task models' root. The heads are float32 in bfloat16 too:
+# the task models list them in `_keep_in_fp32_modules_strict`, and transformers wants a module in only one of the two lists, so here they
+# appear through their parts, "geometry_heads.*" (the pattern form quantizers and the loader accept), which keeps the
+# quantizers off them.
+FULL_PRECISION_MODULES = ["geometry_heads.*", "model.geometry_encoder", "model.geometry_projector"]
 
 
-class G2VLMPreTrainedModel(PreTrainedModel):
+class G2VLMPreTrainedModel(HubKernelsOnRequest, PreTrainedModel):  # Hub kernels only when asked (compat.py)
     config: G2VLMConfig
     base_model_prefix = "model"
     input_modalities = ("image", "text")
@@ -31,7 +34,12 @@ class G2VLMPreTrainedModel(PreTrainedModel):
     ]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
-    _supports_attention_backend = True
+    # False on purpose. transformers reads this flag only in `is_backend_compatible()`, which is what vLLM's and
+    # SGLang's transformers backends check before running a model with their own attention: they would give every
+    # token plain causal attention without G2VLM's mask (image and geometry blocks are bidirectional) and have no slot
+    # for the geometry views. So they refuse G2VLM ("not compatible"); README "Serving" says what serves it.
+    # transformers' own attention functions (eager, sdpa, flash, flex, registered ones) are not affected.
+    _supports_attention_backend = False
     _supports_flash_attn = True  # image blocks go through varlen calls (varlen_attention.py)
     _supports_flex_attn = True  # the mixed mask becomes a BlockMask through create_causal_mask
     # A decode step with a static cache compiles as one graph for every backend (tests/test_compile.py); the prompt

@@ -20,6 +20,7 @@ from transformers.tokenization_utils_base import TextInput
 from .chat_template import CHAT_TEMPLATE, RECONSTRUCTION_PROMPT
 from .image_io import ImageSource, is_url, load_image
 from .image_processing_geometry import G2VLMGeometryImageProcessor, G2VLMGeometryImagesKwargs, as_scenes
+from .processing_compat import SubprocessorLoading
 
 IMAGE_TOKEN = "<|image_pad|>"
 GEOMETRY_TOKEN = "<|geo_pad|>"
@@ -47,7 +48,7 @@ class _G2VLMModalityKwargs(ProcessingKwargs, total=False):
     _defaults = G2VLMProcessorKwargs._defaults
 
 
-class G2VLMProcessor(ProcessorMixin):
+class G2VLMProcessor(SubprocessorLoading):  # a ProcessorMixin (processing_compat.py)
     r"""
     Builds G²VLM inputs from text, semantic images and geometry views.
 
@@ -123,23 +124,34 @@ class G2VLMProcessor(ProcessorMixin):
         return output
 
     @classmethod
-    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        processor_dict = processor_dict if processor_dict is not None else {}
-        semantic = processor_dict.pop(cls.SEMANTIC_KEY, None)
-        if semantic is None:  # older layout: transformers' own loading finds everything
-            return super()._get_arguments_from_pretrained(pretrained_model_name_or_path, processor_dict, **kwargs)
-        # Current layout: both image processors from their saved settings (not through AutoImageProcessor, which
-        # without this package installed, e.g. through trust_remote_code, does not know the geometry processor).
-        geometry = {k: v for k, v in processor_dict.pop("image_processor").items() if k != "image_processor_type"}
-        processor_dict.pop("geometry_image_processor", None)
-        # settings given to from_pretrained reach each image processor that takes them, as AutoImageProcessor does
-        geometry.update({k: v for k, v in kwargs.items() if k in G2VLMGeometryImagesKwargs.__annotations__})
-        arguments = {
-            "image_processor": _semantic_image_processor_from_dict(semantic, **kwargs),
-            "geometry_image_processor": G2VLMGeometryImageProcessor(**geometry),
-            "tokenizer": cls._load_tokenizer_from_pretrained("tokenizer", pretrained_model_name_or_path, **kwargs),
-        }
-        return [arguments[name] for name in cls.get_attributes()]
+    def _load_image_processors(
+        cls, processor_dict: dict[str, Any], given: dict[str, Any], kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Both image processors from their saved settings, in the current layout or the older one, on every
+        transformers release (see `SubprocessorLoading`). Not through AutoImageProcessor: that gives the geometry
+        processor for "image_processor", and without this package installed (trust_remote_code) it does not know the
+        geometry processor at all. Settings given to `from_pretrained` reach each image processor that takes them, as
+        AutoImageProcessor does."""
+        if cls.SEMANTIC_KEY in processor_dict:  # current layout
+            semantic = processor_dict.pop(cls.SEMANTIC_KEY)
+            geometry = processor_dict.pop("image_processor", None)
+            processor_dict.pop("geometry_image_processor", None)
+        else:  # older layout: "image_processor" = Qwen2-VL, "geometry_image_processor" = geometry
+            semantic = processor_dict.pop("image_processor", None)
+            geometry = processor_dict.pop("geometry_image_processor", None)
+        loaded: dict[str, Any] = {}
+        if "image_processor" not in given:
+            if not isinstance(semantic, dict):
+                raise ValueError(
+                    "The folder's processor_config.json holds no image processor settings: it is not a saved "
+                    "G2VLMProcessor. Convert the official checkpoint with `g2vlm-convert`, or pass `image_processor=`."
+                )
+            loaded["image_processor"] = _semantic_image_processor_from_dict(semantic, **kwargs)
+        if "geometry_image_processor" not in given:
+            settings = {k: v for k, v in (geometry or {}).items() if k not in ("image_processor_type", "auto_map")}
+            settings.update({k: v for k, v in kwargs.items() if k in G2VLMGeometryImagesKwargs.__annotations__})
+            loaded["geometry_image_processor"] = G2VLMGeometryImageProcessor(**settings)
+        return loaded
 
     @staticmethod
     def get_possibly_dynamic_module(module_name):
