@@ -290,7 +290,9 @@ def section_env(check: Check) -> None:
 
     versions["g2vlm_hf"] = str(Path(g2vlm_hf.__file__).parent)
     try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
         versions["commit"] = commit.stdout.strip() or None
     except OSError:  # no git on the machine
         versions["commit"] = None

@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
                "height": height, "width": width, "runs": {}}  # fmt: skip
     for tf32 in (True, False) if cuda else (False,):
         set_tf32(tf32)
-        peaks, bandwidth = measure_peaks(device, half, 8192 if cuda else 512)
+        peaks, bandwidth = measure_peaks(device, half, 8192 if cuda else 1024)
         label = f"TF32 {'on' if tf32 else 'off'}" if cuda else "CPU float32"
         print(f"{size} config, {label}; peaks {peaks['half'] / 1e12:.2f} TFLOP/s half, {peaks['float32'] / 1e12:.2f} "
               f"float32, {bandwidth / 1e9:.0f} GB/s")  # fmt: skip
