@@ -15,7 +15,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from g2vlm_hf import reconstruct_chunked
 from g2vlm_hf.cli import main as g2vlm
-from g2vlm_hf.video import iter_video_frames, uniform_indices
+from g2vlm_hf.inputs import iter_video_frames, uniform_indices
 
 pytest.importorskip("av", reason="the video extra (PyAV) is part of the test extras")
 trimesh = pytest.importorskip("trimesh", reason="the export extra (trimesh) is part of the test extras")
@@ -68,9 +68,9 @@ def test_reconstruct_a_video_in_chunks(small_views_model, tmp_path):
 
 
 def test_max_points_defaults_to_a_cap_for_many_views(small_views_model, tmp_path, monkeypatch):
-    import g2vlm_hf.cli
+    import g2vlm_hf.cli.reconstruct
 
-    monkeypatch.setattr(g2vlm_hf.cli, "DEFAULT_MAX_POINTS", 1000)
+    monkeypatch.setattr(g2vlm_hf.cli.reconstruct, "DEFAULT_MAX_POINTS", 1000)
     video, output = tmp_path / "walk.mp4", tmp_path / "scene"
     write_walk_video(video, 6)
     args = ["reconstruct", "--model", str(small_views_model), "--video", str(video), "--chunk-size", "4", "--overlap", "2",
