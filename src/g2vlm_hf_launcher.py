@@ -22,6 +22,7 @@ def g2vlm() -> int:
     parser = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(parser)
     args = parser.build_parser().parse_args()
+    parser.quiet_import_warnings()
 
     from g2vlm_hf.cli.main import run
 

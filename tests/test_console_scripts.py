@@ -59,7 +59,7 @@ def test_a_missing_pyav_is_one_line(converted_tiny, tmp_path, chunked):
     (fake / "av.py").write_text("raise ImportError(\"No module named 'av'\")\n")
     (tmp_path / "walk.mp4").write_bytes(b"\x00" * 64)
     result = run("g2vlm", "reconstruct", "--model", converted_tiny, "--video", tmp_path / "walk.mp4",
-                 "--output", tmp_path / "out", "--device", "cpu", *(["--chunk-size", 4] if chunked else []),
+                 "--output", tmp_path / "out", "--device", "cpu", *(["--chunk-size", 4, "--overlap", 1] if chunked else []),
                  env={"PYTHONPATH": str(fake)})  # fmt: skip
     assert 'Reading videos needs PyAV: pip install "g2vlm-hf[video]"' in one_line_error(result, "g2vlm")
 

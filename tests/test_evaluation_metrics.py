@@ -281,7 +281,7 @@ queries = points[torch.randperm(points.shape[0], generator=generator)[:4096]]
 nearest_neighbours(queries[:8], points[:8])  # warm-up: torch's own buffers are not the search's
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 distance, index = nearest_neighbours(queries, points)
-assert torch.equal(distance, torch.zeros_like(distance)) or float(distance.max()) < 1e-12
+assert float(distance.max()) < 1e-6  # every query is one of the points
 k_nearest_with_distances(queries[:2048], points, 30)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print((after - before) / 1024)  # MB (ru_maxrss is in KB on Linux)

@@ -8,24 +8,13 @@ from collections.abc import Sequence
 
 from . import chat, reconstruct
 from .errors import CLIError
-from .parser import build_parser
+from .parser import build_parser, quiet_import_warnings
 
 COMMANDS = {"reconstruct": reconstruct.run, "chat": chat.run}
 
 
-def quiet_import_warnings() -> None:
-    """Silence warnings that other packages log when they are imported, not about this run: with torchao installed,
-    transformers' quantizers import it, and it reports CUDA extensions it cannot load (and torch's pytree deprecated
-    registrations of its enums), lines that would bury the command's own messages."""
-    import logging
-
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def run(args: argparse.Namespace) -> int:
     """Run the command of `args` (as `build_parser` made them); returns the exit status."""
-    quiet_import_warnings()
     try:
         if args.device is None:
             import torch
@@ -44,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`g2vlm` with `argv` (default: the process's arguments)."""
+    quiet_import_warnings()
     return run(build_parser().parse_args(argv))
 
 

@@ -1,5 +1,6 @@
-"""The `g2vlm` command line's arguments. Standard library only: the `g2vlm` launcher loads this file on its own to
-answer `--help` and argument errors before torch is imported; the commands run in the package (`cli.main`)."""
+"""The `g2vlm` command line's arguments, and what must happen before the package is imported. Standard library only:
+the `g2vlm` launcher loads this file on its own to answer `--help` and argument errors before torch is imported; the
+commands run in the package (`cli.main`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,16 @@ import the package)."""
 # The exported clouds of many views are randomly subsampled to this many points unless --max-points says otherwise:
 # about 30 MB of PLY, still smooth to open in a viewer (one 518x392 view alone has 203,056 points).
 DEFAULT_MAX_POINTS = 2_000_000
+
+
+def quiet_import_warnings() -> None:
+    """Silence warnings that other packages log when they are imported, not about this run: with torchao installed,
+    transformers' quantizers import it, and it reports CUDA extensions it cannot load (and torch's pytree deprecated
+    registrations of its enums), lines that would bury the command's own messages. Call before importing g2vlm_hf."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,12 +14,13 @@ from .errors import InputError
 _UPRIGHT = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
 
 
-def require_pyav() -> None:
-    """Raise an InputError naming the extra to install when PyAV cannot be imported."""
+def require_pyav():
+    """The `av` module (PyAV); raises an InputError naming the extra to install when it cannot be imported."""
     try:
-        import av  # noqa: F401
+        import av
     except ImportError as error:
         raise InputError(f'Reading videos needs PyAV: pip install "g2vlm-hf[video]" ({error})') from error
+    return av
 
 
 def frame_name(video: Path, index: int) -> str:
@@ -29,9 +30,7 @@ def frame_name(video: Path, index: int) -> str:
 
 def _open(video: Path):
     """`video` opened with PyAV, refusing a missing file, an unreadable one and one without a video stream."""
-    require_pyav()
-    import av
-
+    av = require_pyav()
     if not Path(video).is_file():
         raise InputError(f"Video file {video} does not exist.")
     try:
@@ -46,7 +45,7 @@ def _open(video: Path):
 
 def count_video_frames(video: Path) -> int:
     """The number of frames of `video`'s first video stream, counted from its packets (nothing is decoded)."""
-    import av
+    av = require_pyav()
 
     with _open(video) as container:
         try:
@@ -68,7 +67,7 @@ def iter_video_frames(
     """Yield every `every`-th frame of `video` upright as an RGB PIL image (frames 0, every, 2 x every, ...), at most
     `max_frames` of them, or, with `indices`, exactly the frames of those numbers. Raises an InputError when the video
     cannot be decoded or yields no frame."""
-    import av
+    av = require_pyav()
 
     if every < 1:
         raise InputError(f"every must be at least 1, got {every}.")
