@@ -265,3 +265,23 @@ def test_eval_reads_every_image_suffix_of_the_inputs_layer(tmp_path):
         Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(scene / "images" / f"{index}{suffix}")
     np.savez(scene / "gt.npz", depth=np.ones((2, 28, 28)))
     assert [path.suffix for path in find_scenes(tmp_path / "data", "depth")[0].image_paths] == [".tif", ".gif"]
+
+
+# ------------------------------------------------------------------------------------------------- the inputs layer
+
+
+def test_views_are_counted_and_named_before_any_decoding(tmp_path, monkeypatch):
+    write_video(tmp_path / "walk.mp4", gradient_frames(5))
+    folder = tmp_path / "views"
+    folder.mkdir()
+    for name in ("b.tif", "a.gif", "c.PNG", "notes.txt"):
+        (folder / name).write_bytes(b"")
+    monkeypatch.setattr("g2vlm_hf.inputs.video.upright", lambda frame: pytest.fail("a frame was decoded"))
+    monkeypatch.setattr("g2vlm_hf.processing.image_io.load_image", lambda path: pytest.fail("an image was read"))
+    video = open_views(video=tmp_path / "walk.mp4", every=2)
+    assert (len(video), video.names) == (3, ["walk.mp4#frame0", "walk.mp4#frame2", "walk.mp4#frame4"])
+    assert open_views(folder=folder).names == ["a.gif", "b.tif", "c.PNG"]  # one suffix list, any case
+    with pytest.raises(InputError, match="is a folder, not an image file"):
+        open_views(images=[folder])
+    with pytest.raises(InputError, match="exactly one of them"):
+        open_views(images=[folder / "a.gif"], folder=folder)

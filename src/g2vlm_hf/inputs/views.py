@@ -56,6 +56,9 @@ def image_views(paths: Sequence[Path | str]) -> ViewSource:
     paths = [Path(path) for path in paths]
     if not paths:
         raise InputError("No image files were given.")
+    for path in paths:
+        if path.is_dir():
+            raise InputError(f"{path} is a folder, not an image file (use --folder for a folder of views).")
     absent = [str(path) for path in paths if not path.is_file()]
     if absent:
         raise InputError(f"Image file(s) not found: {', '.join(absent)}.")
