@@ -193,8 +193,31 @@ def reconstruct_argv(model, tmp_path, *extra) -> list[str]:
         (["--device", "bogus"], "--device bogus"),
         (["--colmap", "{out}/depth"], "collides with the scene's own depth"),
         (["--colmap", "{occupied}"], "{occupied}"),
+        (["--chunk-size", "4", "--overlap", "4"], "--overlap must be at least 1 and less than --chunk-size 4"),
+        (["--chunk-size", "1"], "--chunk-size must be at least 2"),
+        (["--every", "0"], "--every must be at least 1"),
+        (["--max-views", "0"], "--max-views must be at least 1"),
+        (["--ask", " "], "--ask needs a question"),
+        (["--max-points", "0"], "--max-points must be at least 1"),
+        (["--confidence-percentile", "100"], "--confidence-percentile must be in [0, 100)"),
+        (["--output", "{occupied}"], "{occupied}"),
     ],
-    ids=["ask-views", "max-new-tokens", "chunk-size", "device", "colmap-inside", "colmap-occupied"],
+    ids=[
+        "ask-views",
+        "max-new-tokens",
+        "chunk-size-over",
+        "device",
+        "colmap-inside",
+        "colmap-occupied",
+        "overlap",
+        "chunk-size-under",
+        "every",
+        "max-views",
+        "ask",
+        "max-points",
+        "confidence-percentile",
+        "output-occupied",
+    ],
 )
 def test_flags_are_checked_before_the_model_loads(converted_tiny, tmp_path, capsys, no_model_load, extra, message):
     occupied = tmp_path / "occupied"
@@ -202,7 +225,10 @@ def test_flags_are_checked_before_the_model_loads(converted_tiny, tmp_path, caps
     (occupied / "notes.txt").write_text("mine")
     names = {"out": tmp_path / "out", "occupied": occupied}
     extra = [value.format(**names) for value in extra]
-    assert g2vlm(reconstruct_argv(converted_tiny, tmp_path, *extra)) == 2
+    argv = reconstruct_argv(converted_tiny, tmp_path)
+    if "--output" in extra:  # the flag given twice: argparse keeps the last
+        argv = argv[: argv.index("--output")] + argv[argv.index("--output") + 2 :]
+    assert g2vlm([*argv, *extra]) == 2
     assert message.format(**names) in one_line_error(capsys)
     assert not (tmp_path / "out").exists() and (occupied / "notes.txt").read_text() == "mine"
 
@@ -217,10 +243,22 @@ def test_too_many_views_for_one_pass_are_refused_before_decoding(converted_tiny,
     assert "300 views (frames of" in (error := one_line_error(capsys)) and "--chunk-size" in error
 
 
-def test_chat_max_new_tokens_is_checked_before_the_model_loads(converted_tiny, capsys, no_model_load):
-    argv = ["chat", "--model", str(converted_tiny), "--image", str(VIEWS[0]), "--max-new-tokens", "0", "Where?"]
-    assert g2vlm([*argv, "--device", "cpu"]) == 2
-    assert "--max-new-tokens must be at least 1" in one_line_error(capsys)
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--image", str(VIEWS[0]), "--max-new-tokens", "0", "Where?"], "--max-new-tokens must be at least 1"),
+        (["--video", "{video}", "--views", "0", "Where?"], "--views must be at least 1"),
+        (["--image", str(VIEWS[0]), " "], "The question is empty"),
+        (["--image", str(VIEWS[0]), "--video", "{video}", "Where?"], "exactly one"),
+        (["--image", str(VIEWS[0]), "--device", "bogus", "Where?"], "--device bogus"),
+    ],
+    ids=["max-new-tokens", "views", "question", "image-and-video", "device"],
+)
+def test_chat_flags_are_checked_before_the_model_loads(converted_tiny, tmp_path, capsys, no_model_load, extra, message):
+    video = write_video(tmp_path / "walk.mp4", gradient_frames(3))
+    argv = ["chat", "--model", str(converted_tiny), "--device", "cpu", *(v.format(video=video) for v in extra)]
+    assert g2vlm(argv) == 2
+    assert message in one_line_error(capsys)
 
 
 # ----------------------------------------------------------------------------------------------------- evaluation
