@@ -109,8 +109,5 @@ def load_model(model_path: str, dtype: str, device: str):
 
 def load_checked(model_path: str, dtype: str, device: str):
     """`(model, processor)` of a converted checkpoint: [`load_processor`] then [`load_model`] (see their errors)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r}; choose one of {list(DTYPES)}.")
-    check_device(device)
     processor = load_processor(model_path)
     return load_model(model_path, dtype, device), processor
