@@ -251,11 +251,15 @@ def test_too_many_views_for_one_pass_are_refused_before_decoding(converted_tiny,
         (["--image", str(VIEWS[0]), " "], "The question is empty"),
         (["--image", str(VIEWS[0]), "--video", "{video}", "Where?"], "exactly one"),
         (["--image", str(VIEWS[0]), "--device", "bogus", "Where?"], "--device bogus"),
+        (["--video", "{video}", "--views", "257", "Where?"], "257 views (frames of"),
     ],
-    ids=["max-new-tokens", "views", "question", "image-and-video", "device"],
+    ids=["max-new-tokens", "views", "question", "image-and-video", "device", "views-over-max"],
 )
-def test_chat_flags_are_checked_before_the_model_loads(converted_tiny, tmp_path, capsys, no_model_load, extra, message):
-    video = write_video(tmp_path / "walk.mp4", gradient_frames(3))
+def test_chat_flags_are_checked_before_the_model_loads(
+    converted_tiny, tmp_path, capsys, monkeypatch, no_model_load, extra, message
+):
+    video = write_video(tmp_path / "walk.mp4", gradient_frames(300, size=(16, 16)))
+    monkeypatch.setattr("g2vlm_hf.inputs.video.upright", lambda frame: pytest.fail("a frame was decoded"))
     argv = ["chat", "--model", str(converted_tiny), "--device", "cpu", *(v.format(video=video) for v in extra)]
     assert g2vlm(argv) == 2
     assert message in one_line_error(capsys)

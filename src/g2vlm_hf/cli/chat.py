@@ -24,13 +24,12 @@ def run(args: argparse.Namespace) -> int:
     if (args.image != []) == (args.video is not None):
         raise CLIError("Give the images with --image (repeat for several) or a video with --video (exactly one).")
     source = image_views(args.image) if args.video is None else spread_video_views(args.video, args.views)
-    images = list(source)  # a few views: read (and refused if unreadable) before anything is loaded
+    images = list(source) if args.video is None else None  # image files: refused if unreadable before any loading
     processor = model_loading.load_processor(args.model)
-    source.check_at_most(
-        processor.geometry_image_processor.max_views, "one question takes at most that many; ask about fewer views."
-    )
-    if args.video is not None:
+    source.check_at_most(processor.geometry_image_processor.max_views, "ask about fewer views.")
+    if images is None:  # frames: counted, then decoded once their number is known to fit
         print(f"Asking about {len(source)} frames: {', '.join(source.names)}", file=sys.stderr)
+        images = list(source)
     model = model_loading.load_model(args.model, args.dtype, args.device)
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     answer(
