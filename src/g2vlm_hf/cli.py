@@ -133,7 +133,7 @@ def check_reconstruct_args(args: argparse.Namespace) -> list[Path]:
         args.output,
         inputs=inputs,
         overwrite=args.overwrite,
-        is_previous_output=lambda folder: (folder / "cameras.json").is_file(),
+        kind="reconstruction",
     )
     if args.colmap is None:
         return [output]
@@ -145,7 +145,7 @@ def check_reconstruct_args(args: argparse.Namespace) -> list[Path]:
         if first in SCENE_FILES:
             raise CLIError(f"--colmap {args.colmap} collides with the scene's own {first}; choose another name.")
         return [output]
-    colmap_target = check_output_dir(args.colmap, inputs=inputs, overwrite=args.overwrite, is_previous_output=is_colmap)
+    colmap_target = check_output_dir(args.colmap, inputs=inputs, overwrite=args.overwrite, kind="colmap")
     return [output, colmap_target]
 
 
@@ -171,7 +171,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     check_model_and_device(args.model, args.device)
     shown = [args.output, args.colmap][: len(targets)]  # the final paths as the user wrote them
     # one transaction: every target locked against other writers, swapped in together when all is written
-    with staged_outputs(targets) as stagings:
+    with staged_outputs(targets, kinds=("reconstruction", "colmap")[: len(targets)], overwrite=args.overwrite) as stagings:
         views = collect_views(args) if args.chunk_size is None else None  # read lazily, chunk by chunk, otherwise
         model, processor = load(args.model, args.dtype, args.device)
         if views is not None:
