@@ -234,9 +234,7 @@ def swap_in(staging: Path, output: Path, *, kind: str, overwrite: bool = False) 
     return swap_in_all([(staging, output)], kinds=[kind], overwrite=overwrite)[0]
 
 
-def swap_in_all(
-    pairs: Sequence[tuple[Path, Path]], *, kinds: Sequence[str], overwrite: bool = False
-) -> list[Path]:
+def swap_in_all(pairs: Sequence[tuple[Path, Path]], *, kinds: Sequence[str], overwrite: bool = False) -> list[Path]:
     """Seal each complete staging folder (its manifest) and move it to its output, all as one step.
 
     Every target is checked first (`replace_problem`); a previous output is renamed aside and checked again there,
