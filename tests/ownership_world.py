@@ -271,6 +271,31 @@ class World:
                 assert path.read_bytes() == data, f"after {step}: {where} changed ({_digest(data)})"
 
 
+# The six data-loss cases of issue 30 as steps (test_ownership_cases.py; explicit examples of the property test).
+CASES = {
+    # 1. a Gaussian-splatting folder (cameras.json, point_cloud/, cfg_args) is not a previous output
+    "1-cameras-json-is-not-ownership": [
+        UserTree("gaussian-splatting", "out"),
+        Run("reconstruct", "out", overwrite=True),
+    ],
+    # 2. a folder that appears at --output while the run writes is neither replaced nor deleted (no --overwrite)
+    "2-folder-appearing-during-the-run": [Run("reconstruct", "out", during=UserTree("notes", None))],
+    # 3. nested outputs of concurrent runs: B (out/nest/inner) runs while A (out/nest) writes
+    "3-nested-concurrent-runs": [Run("reconstruct", "out/nest", during=Run("reconstruct", "out/nest/inner"))],
+    # 4. --colmap DIR --overwrite onto an ordinary COLMAP project
+    "4-colmap-project": [UserTree("colmap-project", "sparse"), Run("reconstruct", "out", True, colmap="sparse")],
+    # 5. an output of one kind is not replaced by another kind (reconstruction -> COLMAP model)
+    "5-another-kind": [Run("reconstruct", "out"), Run("reconstruct", "scene1", True, colmap="out")],
+    # 6. a file the user added inside an earlier output
+    "6-user-file-inside-an-output": [
+        Run("reconstruct", "out"),
+        UserAdd("out", "notes.txt"),
+        UserAdd("out/depth", "mesh.obj"),
+        Run("reconstruct", "out", overwrite=True),
+    ],
+}
+
+
 def play(root: Path, steps: list, monkeypatch: pytest.MonkeyPatch) -> World:
     world = World(root, monkeypatch)
     for step in steps:

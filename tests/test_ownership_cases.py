@@ -6,36 +6,13 @@ versions of the package (to show which cases they lost data in)."""
 from __future__ import annotations
 
 import pytest
-from ownership_world import CONVERT_INPUT, Run, UserAdd, UserTree, play
+from ownership_world import CASES, CONVERT_INPUT, Run, UserAdd, UserTree, play
 
 needs_checkpoint = pytest.mark.skipif(
     not CONVERT_INPUT.is_dir(), reason="needs the official tiny fixture (set G2VLM_FIXTURES)"
 )
 
 # ---------------------------------------------------------------------------------------- the six cases of the issue
-
-CASES = {
-    # 1. a Gaussian-splatting folder (cameras.json, point_cloud/, cfg_args) is not a previous output
-    "1-cameras-json-is-not-ownership": [
-        UserTree("gaussian-splatting", "out"),
-        Run("reconstruct", "out", overwrite=True),
-    ],
-    # 2. a folder that appears at --output while the run writes is neither replaced nor deleted (no --overwrite)
-    "2-folder-appearing-during-the-run": [Run("reconstruct", "out", during=UserTree("notes", None))],
-    # 3. nested outputs of concurrent runs: B (out/nest/inner) runs while A (out/nest) writes
-    "3-nested-concurrent-runs": [Run("reconstruct", "out/nest", during=Run("reconstruct", "out/nest/inner"))],
-    # 4. --colmap DIR --overwrite onto an ordinary COLMAP project
-    "4-colmap-project": [UserTree("colmap-project", "sparse"), Run("reconstruct", "out", True, colmap="sparse")],
-    # 5. an output of one kind is not replaced by another kind (reconstruction -> COLMAP model)
-    "5-another-kind": [Run("reconstruct", "out"), Run("reconstruct", "scene1", True, colmap="out")],
-    # 6. a file the user added inside an earlier output
-    "6-user-file-inside-an-output": [
-        Run("reconstruct", "out"),
-        UserAdd("out", "notes.txt"),
-        UserAdd("out/depth", "mesh.obj"),
-        Run("reconstruct", "out", overwrite=True),
-    ],
-}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -9,9 +9,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from ownership_world import CONVERT_INPUT, PLACES, TARGETS, USER_TREES, Run, UserAdd, UserEdit, UserTree, play
+from ownership_world import CASES, CONVERT_INPUT, PLACES, TARGETS, USER_TREES, Run, UserAdd, UserEdit, UserTree, play
 
 trees = st.sampled_from(sorted(USER_TREES))
 targets = st.sampled_from(TARGETS)
@@ -50,8 +50,16 @@ steps = st.lists(
 )
 
 
+def with_the_issue_cases(test):
+    """The six data-loss cases of the issue are always tried first (hypothesis' explicit examples)."""
+    for case in CASES.values():
+        test = example(steps=case)(test)
+    return test
+
+
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps)
+@with_the_issue_cases
 def test_nothing_the_package_did_not_write_is_ever_lost(monkeypatch, capsys, steps):
     with tempfile.TemporaryDirectory() as root, monkeypatch.context() as patch:
         play(Path(root), steps, patch)
