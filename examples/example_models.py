@@ -42,7 +42,7 @@ def model_folder(args: argparse.Namespace) -> str:
             build_tiny_model(TINY_DIR)
             print(f"tiny random model written to {TINY_DIR.resolve()}")
         return str(TINY_DIR)
-    local = args.model.startswith((".", "/", "~")) or args.model.count("/") != 1 or Path(args.model).exists()
+    local = args.model == str(CONVERTED_DIR) or args.model.startswith((".", "/", "~")) or args.model.count("/") != 1
     if local and not (Path(args.model).expanduser() / "config.json").is_file():
         fail(
             f"no converted model in {args.model}: run examples/quickstart.py (downloads and converts "
