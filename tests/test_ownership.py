@@ -68,12 +68,13 @@ def test_the_refusal_names_every_foreign_path_and_deletes_nothing(tmp_path):
     output = make_output(tmp_path / "out", {"cameras.json": b"{}", "depth/d.png": b"png"})
     (output / "notes.txt").write_text("mine")
     (output / "depth" / "d.png").write_bytes(b"edited")
+    (output / "cameras.json").write_bytes(b"[]")  # same size, other bytes
     (output / "extra").mkdir()
     os.symlink(tmp_path, output / "link")
     with pytest.raises(OutputError) as refusal:
         check_output_dir(output, kind="reconstruction", overwrite=True)
     message = str(refusal.value)
-    assert all(name in message for name in ("notes.txt", "depth/d.png", "extra/", "link")), message
+    assert all(name in message for name in ("notes.txt", "depth/d.png", "cameras.json", "extra/", "link")), message
     assert (output / "notes.txt").read_text() == "mine" and (output / "depth" / "d.png").read_bytes() == b"edited"
 
 

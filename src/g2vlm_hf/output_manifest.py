@@ -53,11 +53,23 @@ def writer_record() -> dict:
     }
 
 
+_HASHED: dict[tuple[int, ...], str] = {}
+
+
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
+    """The file's sha256. Remembered for this process under its identity and change times: a run checks an earlier
+    output several times (before model work, under the lock, at the swap) and a converted model weighs gigabytes; any
+    write to the file changes its ctime, which no user call can set back."""
     with open(path, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        if key in _HASHED:
+            return _HASHED[key]
+        digest = hashlib.sha256()
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
+    if os.stat(path).st_ctime_ns == info.st_ctime_ns:  # not written while it was read
+        _HASHED[key] = digest.hexdigest()
     return digest.hexdigest()
 
 
