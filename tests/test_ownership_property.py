@@ -57,7 +57,7 @@ def with_the_issue_cases(test):
     return test
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=50, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps)
 @with_the_issue_cases
 def test_nothing_the_package_did_not_write_is_ever_lost(monkeypatch, capsys, steps):
