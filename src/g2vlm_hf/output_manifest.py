@@ -24,8 +24,8 @@ from .export.atomic import file_mode, json_text, write_text_atomic
 MANIFEST_NAME = ".g2vlm-output"
 TOOL = "g2vlm-hf"
 FORMAT = 1
-KINDS = ("reconstruction", "colmap", "converted-model", "evaluation")
-"""The kinds of output folders: `g2vlm reconstruct --output`, `--colmap`, `g2vlm-convert`, evaluation results."""
+KINDS = ("reconstruction", "colmap", "converted-model")
+"""The kinds of output folders: `g2vlm reconstruct --output`, its `--colmap DIR`, `g2vlm-convert OUTPUT`."""
 COMMAND_SHOWN_CHARS = 160
 _CHUNK = 1 << 20
 
