@@ -2,7 +2,8 @@
 tokens attend to each other across views), then each view as a semantic image, then the question. The same call
 also returns the reconstruction the answer is grounded in.
 
-    python examples/chat_with_geometry.py --model outputs/g2vlm-tiny view_0.png view_1.png view_2.png
+    python examples/chat_with_geometry.py --model outputs/g2vlm-2b view_0.png view_1.png view_2.png
+    python examples/chat_with_geometry.py --tiny            # offline: a small random model, a synthetic room
 """
 
 from __future__ import annotations
@@ -11,23 +12,17 @@ import argparse
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
-import g2vlm_hf  # noqa: F401
-
-EXAMPLE_VIEWS = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official-tiny" / "images"
+from example_models import add_model_arguments, example_views, load, model_folder
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("views", nargs="*", type=Path)
-    parser.add_argument("--model", default="outputs/g2vlm-tiny")
+    add_model_arguments(parser)
     parser.add_argument("--question", default="Did the camera move to the left or to the right between the views?")
     args = parser.parse_args()
-    views = [str(v) for v in (args.views or sorted(EXAMPLE_VIEWS.glob("view_*.png")))]
-
-    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype="auto").eval()
-    processor = AutoProcessor.from_pretrained(args.model)
+    model, processor = load(model_folder(args))
+    views = [str(view) for view in args.views] or example_views()
     content = [{"type": "image", "image": view} for view in views] + [{"type": "text", "text": args.question}]
     inputs = processor.apply_chat_template(
         [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True, return_dict=True,

@@ -2,8 +2,8 @@
 on views with known geometry, using transformers' Trainer.
 
 The data is generated: a textured box room rendered from random cameras (exact world points and poses), and spatial
-questions whose answers follow from those cameras. With no arguments it trains the tiny converted fixture for a few
-steps on the CPU; pass --model (a converted folder or Hub id) and larger --width/--steps for a real run.
+questions whose answers follow from those cameras. With no arguments it trains a small random model made locally (examples/example_models.py) for a
+few steps on the CPU; pass --model (a converted folder or Hub id) and larger --width/--steps for a real run.
 
     python examples/finetune_lora.py [--model outputs/g2vlm-tiny] [--steps 20] [--output outputs/lora]
 """
@@ -15,15 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from example_models import TINY_DIR, build_tiny_model
 from peft import LoraConfig, get_peft_model
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
 
 import g2vlm_hf  # noqa: F401
-from g2vlm_hf.conversion import convert_official_checkpoint
 from g2vlm_hf.training import lora_target_modules, render_room, spatial_questions, trainable_report, yaw_pose
-
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official-tiny" / "checkpoint"
 
 
 def make_dataset(num_scenes: int, views: int, height: int, width: int, seed: int = 0) -> list[dict]:
@@ -74,7 +72,11 @@ def evaluate(model, batch: dict) -> dict[str, float]:
     """The total, language and geometry losses on a fixed batch."""
     model.eval()
     outputs = model(**batch)
-    return {"loss": outputs.loss.item(), "lm": outputs.lm_loss.item(), "geometry": outputs.geometry_losses["total"].item()}
+    return {
+        "loss": outputs.loss.item(),
+        "lm": outputs.lm_loss.item(),
+        "geometry": outputs.geometry_losses["total"].item(),
+    }
 
 
 def main() -> None:
@@ -93,10 +95,10 @@ def main() -> None:
         learning_rate=args.learning_rate, lr_scheduler_type="constant", logging_steps=5, save_strategy="no",
         report_to=[], remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), seed=0,
     )  # fmt: skip
-    # under `accelerate launch` one process converts the fixture while the others wait
-    with training_args.main_process_first(desc="converting the tiny fixture"):
-        if not (args.model / "config.json").is_file() and args.model == Path("outputs/g2vlm-tiny"):
-            convert_official_checkpoint(FIXTURE, args.model)
+    # under `accelerate launch` one process makes the tiny model while the others wait
+    with training_args.main_process_first(desc="making the tiny model"):
+        if not (args.model / "config.json").is_file() and args.model == TINY_DIR:
+            build_tiny_model(TINY_DIR)
     processor = AutoProcessor.from_pretrained(args.model)
     processor.geometry_image_processor.target_width = args.width  # render at the geometry resolution: no resize
     processor.semantic_image_size = args.width

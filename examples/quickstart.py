@@ -1,11 +1,13 @@
-"""Quickstart: convert an official G²VLM checkpoint, reconstruct a scene and chat about it.
+"""Quickstart: a G²VLM model reconstructs a scene and answers a question about it, from any checkout.
 
-With no arguments it uses the tiny official-layout checkpoint and example images of the shared fixtures
-(../shared/fixtures/official-tiny), so it runs offline in seconds; its answers are random text, its geometry random
-but well-formed. Point --official-dir at a real official folder (e.g. a download of InternRobotics/G2VLM-2B-MoT) and
---images at your own views for real results.
+    python examples/quickstart.py --tiny                    # offline: a small random model made locally, in seconds
+    python examples/quickstart.py                           # the real model: downloads InternRobotics/G2VLM-2B-MoT
+                                                            # (about 5 GB) once and converts it into outputs/g2vlm-2b
+    python examples/quickstart.py --official-dir DIR        # converts an official folder you downloaded
+    python examples/quickstart.py --model FOLDER_OR_HUB_ID --images a.png b.png ...
 
-    python examples/quickstart.py [--official-dir DIR] [--output outputs/g2vlm-tiny] [--images a.png b.png ...]
+Without --images it uses three views of a synthetic room rendered on the spot. With --tiny the weights are random:
+the answer is gibberish and the geometry arbitrary but well-formed.
 """
 
 from __future__ import annotations
@@ -14,39 +16,60 @@ import argparse
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from example_models import CONVERTED_DIR, OFFICIAL_HUB_ID, example_views, fail, load, model_folder
 
-import g2vlm_hf  # noqa: F401  (registers G2VLM with the Auto classes)
-from g2vlm_hf.conversion import convert_official_checkpoint
+DEFAULT_QUESTION = "How far is the first camera from the second one? Answer in meters."
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official-tiny"
+
+def official_model(official_dir: Path | None, output: Path) -> str:
+    """The converted official model in `output`: converted from `official_dir`, or from the Hub download, once."""
+    from g2vlm_hf.conversion import convert_official_checkpoint
+
+    if (output / "config.json").is_file():
+        print(f"using the converted model in {output.resolve()}")
+        return str(output)
+    if official_dir is None:
+        from huggingface_hub import snapshot_download
+
+        try:
+            official_dir = Path(snapshot_download(OFFICIAL_HUB_ID))
+        except Exception as error:  # offline, proxy, no disk: all end the same way for the user
+            fail(
+                f"cannot download {OFFICIAL_HUB_ID} ({type(error).__name__}); offline, run with --tiny (a small random "
+                "model made locally), --official-dir DIR (a downloaded official folder) or --model FOLDER."
+            )
+    convert_official_checkpoint(official_dir, output)
+    print(f"converted model written to {output.resolve()}")
+    return str(output)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--official-dir", type=Path, default=FIXTURE / "checkpoint")
-    parser.add_argument("--output", type=Path, default=Path("outputs/g2vlm-tiny"), help="converted model folder")
-    parser.add_argument("--images", nargs="+", type=Path, default=[FIXTURE / "images" / f"view_{i}.png" for i in range(3)])
-    parser.add_argument("--question", default="How far is the first camera from the second one? Answer in meters.")
+    parser.add_argument("--model", default=None, help="a converted folder or Hub id (default: the official model)")
+    parser.add_argument("--tiny", action="store_true", help="a small random model made locally (no download)")
+    parser.add_argument("--official-dir", type=Path, default=None, help="an official checkpoint folder to convert")
+    parser.add_argument("--output", type=Path, default=CONVERTED_DIR, help="where the converted model goes")
+    parser.add_argument("--images", nargs="+", type=Path, default=None, help="views of one scene (default: synthetic)")
+    parser.add_argument("--question", default=DEFAULT_QUESTION)
     args = parser.parse_args()
 
-    if not (args.output / "config.json").is_file():
-        convert_official_checkpoint(args.official_dir, args.output)
-        print(f"converted model written to {args.output.resolve()}")
+    if args.tiny or args.model is not None:
+        args.model = args.model or str(args.output)
+        folder = model_folder(args)
     else:
-        print(f"using the converted model in {args.output.resolve()}")
-    model = AutoModelForImageTextToText.from_pretrained(args.output, dtype="auto").eval()
-    processor = AutoProcessor.from_pretrained(args.output)
+        folder = official_model(args.official_dir, args.output)
+    model, processor = load(folder)
+    images = [str(path) for path in args.images] if args.images else example_views()
 
     # 3D reconstruction: camera poses, point maps and depth for every view
     with torch.inference_mode():
-        scene = model.reconstruct(**processor(geometry_images=[str(p) for p in args.images], return_tensors="pt"))
+        scene = model.reconstruct(**processor(geometry_images=images, return_tensors="pt"))
     print(f"camera poses {tuple(scene.camera_poses.shape)}, world points {tuple(scene.world_points.shape)}")
     print("camera positions (world frame):", [pose[:3, 3].tolist() for pose in scene.camera_poses[0]])
     print(f"depth range {scene.depth.min().item():.3f} .. {scene.depth.max().item():.3f}")
 
     # Spatial chat: the views' geometry tokens sit in the context while the model answers
-    content = [{"type": "image", "image": str(p)} for p in args.images] + [{"type": "text", "text": args.question}]
+    content = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": args.question}]
     inputs = processor.apply_chat_template(
         [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True, return_dict=True,
         return_tensors="pt",

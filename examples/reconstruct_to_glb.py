@@ -1,9 +1,10 @@
 """Reconstruct a scene from its views and save it as scene.glb (points + camera frustums), points.ply,
 cameras.json and 16-bit depth PNGs.
 
-    python examples/reconstruct_to_glb.py --model outputs/g2vlm-tiny --output outputs/scene view_0.png view_1.png ...
+    python examples/reconstruct_to_glb.py --model outputs/g2vlm-2b --output outputs/scene view_0.png view_1.png ...
+    python examples/reconstruct_to_glb.py --tiny            # offline: a small random model made locally
 
-Without views it uses the fixture's example views; --model takes a converted folder or a Hub id.
+Without views it renders three views of a synthetic room; --model takes a converted folder or a Hub id.
 """
 
 from __future__ import annotations
@@ -12,26 +13,21 @@ import argparse
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from example_models import add_model_arguments, example_views, load, model_folder
 
-import g2vlm_hf  # noqa: F401
 from g2vlm_hf.export import export_model_scene
-
-EXAMPLE_VIEWS = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official-tiny" / "images"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("views", nargs="*", type=Path)
-    parser.add_argument("--model", default="outputs/g2vlm-tiny")
+    add_model_arguments(parser)
     parser.add_argument("--output", type=Path, default=Path("outputs/scene"))
     parser.add_argument("--confidence-percentile", type=float, default=None)
     args = parser.parse_args()
-    views = args.views or sorted(EXAMPLE_VIEWS.glob("view_*.png"))
-
-    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype="auto").eval()
-    processor = AutoProcessor.from_pretrained(args.model)
-    inputs = processor(geometry_images=[str(v) for v in views], return_tensors="pt")
+    model, processor = load(model_folder(args))
+    views = [str(view) for view in args.views] or example_views()
+    inputs = processor(geometry_images=views, return_tensors="pt")
     with torch.inference_mode():
         scene = model.reconstruct(**inputs)
     # coloured by the views as the processor resized them

@@ -1,6 +1,7 @@
 """Spatial question answering about one image, streamed token by token.
 
-    python examples/spatial_chat.py --model outputs/g2vlm-tiny --image room.jpg "Which is closer, the chair or the lamp?"
+python examples/spatial_chat.py --model outputs/g2vlm-2b --image room.jpg "Which is closer, the chair or the lamp?"
+python examples/spatial_chat.py --tiny                  # offline: a small random model, a synthetic room
 """
 
 from __future__ import annotations
@@ -9,25 +10,22 @@ import argparse
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreamer
-
-import g2vlm_hf  # noqa: F401
-
-EXAMPLE_IMAGE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official-tiny" / "images" / "chat.png"
+from example_models import add_model_arguments, example_views, load, model_folder
+from transformers import TextStreamer
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("question", nargs="?", default="How far is the red box from the blue wall? Answer in meters.")
-    parser.add_argument("--model", default="outputs/g2vlm-tiny")
-    parser.add_argument("--image", type=Path, default=EXAMPLE_IMAGE)
+    add_model_arguments(parser)
+    parser.add_argument("--image", type=Path, default=None, help="the image (default: a synthetic room)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     args = parser.parse_args()
 
-    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype="auto").eval()
-    processor = AutoProcessor.from_pretrained(args.model)
+    model, processor = load(model_folder(args))
+    image = str(args.image) if args.image is not None else example_views(1)[0]
     messages = [
-        {"role": "user", "content": [{"type": "image", "image": str(args.image)}, {"type": "text", "text": args.question}]}
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": args.question}]}
     ]
     inputs = processor.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"

@@ -18,7 +18,7 @@ from test_export import make_scene
 from g2vlm_hf.cli import main as g2vlm
 from g2vlm_hf.conversion.cli import main as g2vlm_convert
 from g2vlm_hf.export import export_reconstruction
-from g2vlm_hf.safe_output import MARKER, clean_leftovers
+from g2vlm_hf.safe_output import MARKER, clean_leftovers, staged_outputs
 
 pytest.importorskip("trimesh", reason="the export extra (trimesh) is part of the test extras")
 
@@ -207,11 +207,17 @@ def test_leftovers_of_a_killed_run_are_removed_by_the_next(tmp_path, converted_t
 
 
 def test_killed_swap_restores_the_previous_output(tmp_path):
-    old = tmp_path / ".scene.g2vlm-old.abc"
-    old.mkdir()
-    (old / "cameras.json").write_text("{}")
+    """Killed between the two renames of the swap: the previous output (it carries our manifest) is put back; a
+    look-alike folder without our manifest is left alone."""
+    with staged_outputs([tmp_path / "built"], kinds=["reconstruction"]) as (staging,):
+        (staging / "cameras.json").write_text("{}")
+    (tmp_path / "built").rename(tmp_path / ".scene.g2vlm-old.abcd1234")
+    stranger = tmp_path / ".scene.g2vlm-old.zzzz9999"
+    stranger.mkdir()
+    (stranger / "mine.txt").write_text("not yours")
     clean_leftovers(tmp_path / "scene")
     assert (tmp_path / "scene" / "cameras.json").read_text() == "{}"
+    assert (stranger / "mine.txt").read_text() == "not yours"
 
 
 def test_cli_error_via_the_entry_point_subprocess(tmp_path):

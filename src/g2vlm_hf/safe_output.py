@@ -1,41 +1,71 @@
-"""Output folders that never lose data: validate, stage beside the target, swap in only when complete.
+"""Output folders that never lose data: the command owns, file by file, what it replaces.
 
-Used by `g2vlm-convert` and `g2vlm reconstruct`. A run writes into a hidden staging folder next to the target
-(`.NAME.g2vlm-staging.XXXX`); when everything is written, the previous output (if any) is renamed aside
-(`.NAME.g2vlm-old.XXXX`), the staging folder takes its name and the old one is removed. Every folder this module
-creates holds a marker file, so the next run can recognise (and remove) what an interrupted run left behind.
+Used by `g2vlm-convert` and `g2vlm reconstruct` (its `--output` and `--colmap` folders).
 
-One writer at a time: `output_lock` holds an advisory lock on `.NAME.g2vlm-lock` beside the target (holding the pid,
-host and command of its writer) from the checks to the swap. A second writer is refused with the first one named;
-the operating system releases the lock of a killed process, so its lock file is simply taken over.
+Ownership. A folder this package writes holds a manifest (`output_manifest.MANIFEST_NAME`): the kind of output
+(reconstruction, colmap, converted-model, ...), the command, and every file with its size and sha256. An existing
+non-empty folder is replaced only with `overwrite` and only when its manifest is of the same kind and every entry in
+it is still exactly the manifest's; a user's file, another tool's folder, a modified file, a link or an output of
+another kind makes the run stop and name those paths: nothing is recognised by its file name, nothing foreign is ever
+deleted.
 
-This module moves whole folders; the single files it writes itself (the staging marker) go through the package's one
-file writer, `g2vlm_hf.export.atomic`.
+Staging and swap. A run writes into a hidden staging folder beside the target (`.NAME.g2vlm-staging.XXXXXXXX`,
+marked by a staging manifest naming its writer). When it is complete, its manifest is sealed and, under the lock:
+the target is checked again; a previous output is renamed aside (`.NAME.g2vlm-old.XXXXXXXX`) and checked once more
+there (a file added between the check and the rename is found now, and the folder is put back); the staging folder
+then takes the target's name with a rename that refuses any existing target (`rename_noreplace`), so a folder that
+appeared at the target during the run is never replaced; finally the old folder is emptied of the files its manifest
+lists, and removed only if nothing else is left in it.
+
+Locks. `output_lock` holds an exclusive advisory lock on `.NAME.g2vlm-lock` beside the target (its pid, host and
+command written in it) from the checks to the swap, and a shared lock on the lock file of every ancestor folder that
+has one: a run writing `out/nest` (exclusive on `out/.nest.g2vlm-lock`) and one writing `out/nest/inner` (shared on
+the same file) exclude each other, while runs writing beside each other (`out/a`, `out/b`) do not. If the outer run
+takes its lock only after the inner one looked, the inner run's lock file and staging folder lie inside the outer
+target, where the outer run's checks find them as foreign entries; and the inner output itself, if swapped in first,
+is foreign to the outer manifest. The operating system releases the locks of a killed process.
+
+Leftovers of killed runs (staging and old folders) are matched by exact name (`.NAME` + infix + the 8-character
+suffix `tempfile` makes; no glob) and touched only when they carry our manifest: a staging folder whose writer is gone
+is removed, an old folder is put back when the target is missing and otherwise emptied of its own files.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import socket
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from transformers.utils import logging
 
-from .export.atomic import current_umask, write_text_atomic
+from .export.atomic import current_umask
+from .output_manifest import (
+    MANIFEST_NAME,
+    foreign_entries,
+    read_manifest,
+    remove_owned,
+    seal,
+    write_staging_manifest,
+    writer_record,
+)
+from .rename_noreplace import rename_noreplace
 
 logger = logging.get_logger(__name__)
 
-MARKER = ".g2vlm-output"
+MARKER = MANIFEST_NAME
 STAGING_INFIX = ".g2vlm-staging."
 OLD_INFIX = ".g2vlm-old."
 LOCK_SUFFIX = ".g2vlm-lock"
+_TEMP_SUFFIX = re.compile(r"[a-z0-9_]{8}")  # what tempfile.mkdtemp appends
+_SHOWN = 8  # foreign paths named in an error
 
 
 class OutputError(ValueError):
@@ -49,16 +79,16 @@ def _is_within(path: Path, ancestor: Path) -> bool:
 def check_output_dir(
     output: str | os.PathLike[str],
     *,
+    kind: str,
     inputs: Iterable[str | os.PathLike[str]] = (),
     overwrite: bool = False,
-    is_previous_output: Callable[[Path], bool] | None = None,
 ) -> Path:
-    """Validate `output` before any work; return it resolved.
+    """Validate `output` (a folder of `kind`) before any work; return it resolved.
 
     Refused: the current folder (or one of its ancestors), an ancestor of an input or an input itself, a path that
     is a file or lies under a file, a location this process cannot write to, a name too long for the file system, and
-    an existing non-empty folder unless `overwrite` is set and the folder is recognisably a previous output (`MARKER`
-    or `is_previous_output`).
+    an existing non-empty folder unless `overwrite` is set and it is an unchanged earlier output of the same `kind`
+    (see `replace_problem`).
     """
     output = Path(output)
     too_long = [part for part in output.parts if len(part.encode()) + 40 > 255]  # + room for the staging suffix
@@ -84,38 +114,95 @@ def check_output_dir(
         raise OutputError(
             f"Output {output}: cannot write in {writable_parent} (read-only or no permission); choose another folder."
         )
-    if resolved.is_dir() and any(resolved.iterdir()):
-        if not overwrite:
-            raise OutputError(f"Output {output} exists and is not empty; pass --overwrite to replace it.")
-        recognised = (resolved / MARKER).is_file() or (is_previous_output is not None and is_previous_output(resolved))
-        if not recognised:
-            raise OutputError(
-                f"Output {output} exists but is not a previous output of g2vlm; --overwrite only replaces those. "
-                "Choose another folder or remove it yourself."
-            )
+    problem = replace_problem(resolved, kind, overwrite, shown=output)
+    if problem:
+        raise OutputError(problem)
     return resolved
 
 
+def replace_problem(target: Path, kind: str, overwrite: bool, *, shown: str | os.PathLike[str] | None = None) -> str:
+    """Why the folder at `target` may not be replaced by an output of `kind` ("" when it may: absent, empty, or with
+    `overwrite` an unchanged earlier output of the same kind)."""
+    shown = target if shown is None else shown
+    if not os.path.lexists(target):
+        return ""
+    if target.is_symlink() or not target.is_dir():
+        return f"Output {shown} is a file or a link, not a folder; give a folder path."
+    if not any(target.iterdir()):
+        return ""
+    if not overwrite:
+        return f"Output {shown} exists and is not empty; pass --overwrite to replace an earlier output of this command."
+    manifest = read_manifest(target)
+    if manifest is None or manifest.get("state") != "complete":
+        return (
+            f"Output {shown} exists but is not a previous output of g2vlm (it has no {MANIFEST_NAME} manifest); "
+            "--overwrite only replaces those. Choose another folder or remove it yourself."
+        )
+    if manifest.get("kind") != kind:
+        return (
+            f"Output {shown} is a previous {manifest.get('kind')} output (`{manifest.get('command')}`), not a {kind} "
+            "one; --overwrite only replaces an output of the same kind. Choose another folder."
+        )
+    foreign = foreign_entries(target, manifest)
+    if foreign:
+        more = f", ... ({len(foreign) - _SHOWN} more)" if len(foreign) > _SHOWN else ""
+        return (
+            f"Output {shown} holds {len(foreign)} path(s) the earlier run did not write or that changed since: "
+            f"{', '.join(foreign[:_SHOWN])}{more}; --overwrite never deletes them. Move them out or choose another "
+            "folder."
+        )
+    return ""
+
+
+def _leftovers(output: Path, infix: str) -> list[Path]:
+    """The folders beside `output` named exactly `.NAME` + `infix` + a tempfile suffix (no pattern matching)."""
+    prefix = f".{output.name}{infix}"
+    try:
+        names = os.listdir(output.parent)
+    except OSError:
+        return []
+    return [
+        output.parent / name
+        for name in sorted(names)
+        if name.startswith(prefix) and _TEMP_SUFFIX.fullmatch(name[len(prefix) :])
+    ]
+
+
 def clean_leftovers(output: Path) -> list[Path]:
-    """Remove the staging/old folders (and the lock file) an interrupted run left beside `output`: only folders
-    holding `MARKER`, never a staging folder whose writer still runs, never a lock file that a process holds."""
+    """Tidy what a killed run left beside `output`; return the folders removed.
+
+    Only folders named for this output that carry our manifest are touched: a staging folder whose writer is gone is
+    removed (never one whose writer still runs); an old output renamed aside is put back when `output` is missing,
+    otherwise emptied of the files its manifest lists. Then a lock file nobody holds is removed."""
     output = Path(output)
     removed = []
-    if not output.parent.is_dir():
-        return removed
-    for infix in (OLD_INFIX, STAGING_INFIX):
-        for leftover in output.parent.glob(f".{output.name}{infix}*"):
-            if infix == OLD_INFIX and leftover.is_dir() and not output.exists():
-                os.rename(leftover, output)  # killed between the two renames of swap_in: restore the old output
-                logger.warning(f"Restored {output} from {leftover}, left behind by an interrupted run.")
-                continue
-            if infix == STAGING_INFIX and _writer_is_alive(leftover / MARKER):
-                logger.warning(f"Kept {leftover}: the process that writes it is still running.")
-                continue
-            if leftover.is_dir() and (infix == OLD_INFIX or (leftover / MARKER).is_file()):
-                shutil.rmtree(leftover, ignore_errors=True)
-                logger.warning(f"Removed {leftover}, left behind by an interrupted run.")
-                removed.append(leftover)
+    for old in _leftovers(output, OLD_INFIX):
+        manifest = read_manifest(old)
+        if manifest is None or old.is_symlink():
+            continue
+        if not os.path.lexists(output):  # killed between the two renames of the swap: put it back
+            try:
+                rename_noreplace(old, output)
+                logger.warning(f"Restored {output} from {old}, left behind by an interrupted run.")
+            except OSError as error:
+                logger.warning(f"Kept {old}, the previous content of {output} ({error}).")
+            continue
+        left = remove_owned(old, manifest)
+        if left:
+            logger.warning(f"Kept {old}: it holds {', '.join(left)}, which the interrupted run did not write.")
+        else:
+            logger.warning(f"Removed {old}, left behind by an interrupted run.")
+            removed.append(old)
+    for staging in _leftovers(output, STAGING_INFIX):
+        manifest = read_manifest(staging)
+        if manifest is None or staging.is_symlink() or manifest.get("target") != output.name:
+            continue
+        if _writer_is_alive(manifest.get("writer")):
+            logger.warning(f"Kept {staging}: the process that writes it is still running.")
+            continue
+        shutil.rmtree(staging, ignore_errors=True)
+        logger.warning(f"Removed {staging}, left behind by an interrupted run.")
+        removed.append(staging)
     _remove_stale_lock(output)
     return removed
 
@@ -132,76 +219,133 @@ def _remove_stale_lock(output: Path) -> None:
 
 
 def make_staging_dir(output: Path) -> Path:
-    """A new marked, world-readable staging folder beside `output` (after cleaning earlier leftovers)."""
+    """A new staging folder beside `output`, marked with its writer (after cleaning earlier leftovers)."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(output)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}{STAGING_INFIX}", dir=output.parent))
     staging.chmod(0o777 & ~current_umask())
-    write_text_atomic(
-        staging / MARKER,
-        "Written by g2vlm-hf; a staging folder if its name starts with a dot.\n" + json.dumps(_writer()) + "\n",
-    )
+    write_staging_manifest(staging, output.name)
     return staging
 
 
-def swap_in(staging: Path, output: Path, *, keep_marker: bool = True) -> Path:
-    """Move the complete `staging` folder to `output`, replacing a previous output only now."""
-    return swap_in_all([(staging, output)], keep_marker=keep_marker)[0]
+def swap_in(staging: Path, output: Path, *, kind: str, overwrite: bool = False) -> Path:
+    """Seal the complete `staging` folder as an output of `kind` and move it to `output` (see `swap_in_all`)."""
+    return swap_in_all([(staging, output)], kinds=[kind], overwrite=overwrite)[0]
 
 
-def swap_in_all(pairs: Sequence[tuple[Path, Path]], *, keep_marker: bool = True) -> list[Path]:
-    """Move each complete staging folder to its output as one step: if one move fails, the outputs already
-    replaced get their previous content back before the error is raised."""
-    done: list[tuple[Path, Path, Path | None]] = []  # (staging, output, old) of the swaps made
+def swap_in_all(pairs: Sequence[tuple[Path, Path]], *, kinds: Sequence[str], overwrite: bool = False) -> list[Path]:
+    """Seal each complete staging folder (its manifest) and move it to its output, all as one step.
+
+    Every target is checked first (`replace_problem`); a previous output is renamed aside and checked again there,
+    the staging folder is renamed to the target only if nothing is there (`rename_noreplace`), and the old folder is
+    emptied of its own files at the end. If one step fails, the outputs already replaced get their previous content
+    back and the error is raised. The caller holds the outputs' locks (`staged_outputs`)."""
+    pairs = [(Path(staging), Path(output)) for staging, output in pairs]
+    if len(kinds) != len(pairs):
+        raise ValueError(f"{len(pairs)} outputs but {len(kinds)} kinds.")
+    for (staging, _), kind in zip(pairs, kinds):
+        if not staging.is_dir():
+            raise FileNotFoundError(f"Staging folder {staging} does not exist.")
+        seal(staging, kind)
+    for (_, output), kind in zip(pairs, kinds):
+        problem = replace_problem(output, kind, overwrite)
+        if problem:
+            raise OutputError(problem)
+    done: list[tuple[Path, Path, Path | None, dict | None]] = []  # (staging, output, old, old's manifest)
     try:
-        for staging, output in pairs:
-            staging, output = Path(staging), Path(output)
-            if not keep_marker:
-                (staging / MARKER).unlink(missing_ok=True)
-            old = None
-            if output.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{output.name}{OLD_INFIX}", dir=output.parent))
-                os.rmdir(old)
-                os.rename(output, old)
+        for (staging, output), kind in zip(pairs, kinds):
+            old, manifest = _move_previous_aside(output, kind, overwrite)
             try:
-                os.rename(staging, output)
-            except OSError:
+                rename_noreplace(staging, output)
+            except OSError as error:
                 if old is not None:
-                    os.rename(old, output)
+                    _put_back(old, output)
+                if isinstance(error, FileExistsError) or error.errno == errno.ENOTEMPTY:
+                    raise OutputError(
+                        f"Output {output} appeared while this run was writing; it was left as it is and nothing was "
+                        "written. Run again (with --overwrite if it is an earlier output) or choose another folder."
+                    ) from error
                 raise
-            done.append((staging, output, old))
-    except OSError:
-        for staging, output, old in reversed(done):
+            done.append((staging, output, old, manifest))
+    except BaseException:
+        for staging, output, old, _ in reversed(done):
             os.rename(output, staging)
             if old is not None:
-                os.rename(old, output)
+                _put_back(old, output)
         raise
-    for _, _, old in done:
+    for _, _, old, manifest in done:
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return [output for _, output, _ in done]
+            left = remove_owned(old, manifest)
+            if left:
+                logger.warning(f"Kept {old}: {', '.join(left)} appeared in the previous output during the swap.")
+    return [output for _, output, _, _ in done]
+
+
+def _move_previous_aside(output: Path, kind: str, overwrite: bool) -> tuple[Path | None, dict | None]:
+    """Make room at `output`: remove an empty folder, or rename an earlier output aside and check it there."""
+    if not os.path.lexists(output):
+        return None, None
+    if output.is_dir() and not output.is_symlink():
+        try:
+            output.rmdir()  # only if empty: a file put there meanwhile makes it fail
+            return None, None
+        except OSError:
+            pass
+    problem = replace_problem(output, kind, overwrite)
+    if problem:
+        raise OutputError(problem)
+    old = Path(tempfile.mkdtemp(prefix=f".{output.name}{OLD_INFIX}", dir=output.parent))
+    try:
+        os.rename(output, old)  # onto the empty folder just made: fails if anything was put in it
+    except OSError:
+        old.rmdir()
+        raise
+    problem = replace_problem(old, kind, overwrite, shown=output)  # what was added up to the rename is seen now
+    if problem:
+        _put_back(old, output)
+        raise OutputError(problem)
+    return old, read_manifest(old)
+
+
+def _put_back(old: Path, output: Path) -> None:
+    """Return a previous output renamed aside to its place, unless something took the place meanwhile."""
+    try:
+        rename_noreplace(old, output)
+    except OSError:
+        logger.warning(f"The previous content of {output} is kept in {old}: something else is now at {output}.")
 
 
 @contextlib.contextmanager
-def staged_outputs(outputs: Sequence[str | os.PathLike[str]], *, keep_marker: bool = True) -> Iterator[list[Path]]:
-    """One transaction over several output folders: lock each, yield a staging folder per output, and swap them all
-    in when the block ends without an error. The staging folders are always removed and the locks released, so a
-    failure or Ctrl-C leaves every previous output as it was."""
+def staged_outputs(
+    outputs: Sequence[str | os.PathLike[str]], *, kinds: Sequence[str], overwrite: bool = False
+) -> Iterator[list[Path]]:
+    """One transaction over several output folders: lock each, check each again under the lock, yield a staging
+    folder per output, and seal and swap them all in (`swap_in_all`) when the block ends without an error. The
+    staging folders are always removed and the locks released, so a failure or Ctrl-C leaves every previous output
+    as it was."""
+    outputs = [Path(output) for output in outputs]
+    if len(kinds) != len(outputs):
+        raise ValueError(f"{len(outputs)} outputs but {len(kinds)} kinds.")
     with contextlib.ExitStack() as stack:
         for output in outputs:
             stack.enter_context(output_lock(output))
+        for output, kind in zip(outputs, kinds):  # again, now that no other writer of ours can change it
+            problem = replace_problem(output.expanduser().resolve(), kind, overwrite, shown=output)
+            if problem:
+                raise OutputError(problem)
         stagings: list[Path] = []
         stack.callback(_remove_folders, stagings)  # after a swap they are gone; after a failure, the new content
         for output in outputs:
-            stagings.append(make_staging_dir(Path(output)))
+            stagings.append(make_staging_dir(output))
         yield list(stagings)
-        swap_in_all(list(zip(stagings, [Path(output) for output in outputs])), keep_marker=keep_marker)
+        swap_in_all(list(zip(stagings, outputs)), kinds=kinds, overwrite=overwrite)
 
 
 def _remove_folders(folders: list[Path]) -> None:
     for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
+        if read_manifest(folder) is not None:  # a staging folder of this run (gone after its swap)
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def lock_path(output: str | os.PathLike[str]) -> Path:
@@ -212,23 +356,42 @@ def lock_path(output: str | os.PathLike[str]) -> Path:
 
 @contextlib.contextmanager
 def output_lock(output: str | os.PathLike[str]) -> Iterator[Path]:
-    """Hold the writer's lock of `output` (creating its parent folders) until the block ends.
+    """Hold the writer's lock of `output` (creating its parent folders), and a shared lock on the lock file of each
+    ancestor folder that has one, until the block ends.
 
     Raises:
-        OutputError: another live process holds it (its pid, host and command are named), or the lock file cannot
-            be written.
+        OutputError: another live process writes `output` or a folder around it (its pid, host and command are
+            named), or the lock file cannot be written.
     """
-    path = lock_path(Path(output).expanduser().resolve())
+    resolved = Path(output).expanduser().resolve()
+    path = lock_path(resolved)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = _acquire(path)
     except OSError as error:
         raise OutputError(f"Output {output}: cannot create its lock file {path} ({error}).") from error
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(handle.close)
+        stack.callback(path.unlink, missing_ok=True)  # while still locked: no writer holds a lock on a removed file
+        for ancestor in resolved.parents:
+            if ancestor.name:
+                shared = _share(lock_path(ancestor), resolved)
+                if shared is not None:
+                    stack.callback(shared.close)
         yield path
-    finally:
-        path.unlink(missing_ok=True)  # while still locked, so that no other writer holds a lock on a removed file
-        handle.close()
+
+
+def _share(path: Path, output: Path):
+    """A shared lock on the lock file `path` of a folder around `output`, if it exists (None otherwise)."""
+    try:
+        handle = open(path, encoding="utf-8")  # noqa: SIM115  (closed by output_lock)
+    except OSError:
+        return None
+    if _try_lock(handle, shared=True):
+        return handle
+    content = handle.read()
+    handle.close()
+    raise OutputError(f"Output {output}: {_held_message(path, content)}")
 
 
 def _acquire(path: Path):
@@ -249,7 +412,7 @@ def _acquire(path: Path):
             # written in place, not through the atomic writer: the lock belongs to this open file, which a rename
             # would replace; a reader of a half-written record only gets a vaguer message (`_held_message`)
             handle.truncate()
-            handle.write(json.dumps(_writer()) + "\n")
+            handle.write(json.dumps(writer_record()) + "\n")
             handle.flush()
             return handle
         except BaseException:
@@ -257,8 +420,9 @@ def _acquire(path: Path):
             raise
 
 
-def _try_lock(handle) -> bool:
-    """Take an exclusive, non-blocking lock on the open file; False when another process holds it."""
+def _try_lock(handle, *, shared: bool = False) -> bool:
+    """Take an exclusive (or shared), non-blocking lock on the open file; False when another process holds one that
+    conflicts. Windows has no shared locks: there a shared lock is an exclusive one."""
     if sys.platform == "win32":
         import msvcrt
 
@@ -270,36 +434,10 @@ def _try_lock(handle) -> bool:
     import fcntl
 
     try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
     return True
-
-
-COMMAND_SHOWN_CHARS = 160
-
-
-def _command() -> str:
-    """This process's command line, shortened, with the value of a `--token` hidden (lock files are readable)."""
-    words = [Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"]
-    for word in sys.argv[1:]:
-        if word.startswith("--token="):
-            word = "--token=***"
-        elif words[-1] == "--token":
-            word = "***"
-        words.append(word)
-    command = " ".join(words)
-    return command if len(command) <= COMMAND_SHOWN_CHARS else command[: COMMAND_SHOWN_CHARS - 3] + "..."
-
-
-def _writer() -> dict:
-    """Who is writing: recorded in lock files and staging markers."""
-    return {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "command": _command(),
-        "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }
 
 
 def _held_message(path: Path, content: str) -> str:
@@ -307,7 +445,7 @@ def _held_message(path: Path, content: str) -> str:
         writer = json.loads(content)
         who = f"process {writer['pid']} on {writer['host']} (`{writer['command']}`, started {writer['since']})"
     except (ValueError, KeyError, TypeError):
-        who = "another process"
+        who = "another process (writing it or an output inside it)"
     output = path.parent / path.name[1 : -len(LOCK_SUFFIX)]
     return (
         f"Output {output} is being written by {who}, which holds {path}; wait for it to finish, or choose another "
@@ -315,13 +453,12 @@ def _held_message(path: Path, content: str) -> str:
     )
 
 
-def _writer_is_alive(marker: Path) -> bool:
-    """Whether the process recorded in a staging marker may still run (a writer on another host is assumed alive)."""
+def _writer_is_alive(writer: object) -> bool:
+    """Whether the process recorded in a staging manifest may still run (a writer on another host is assumed alive)."""
     try:
-        writer = json.loads(marker.read_text(encoding="utf-8").splitlines()[-1])
-        pid, host = int(writer["pid"]), writer["host"]
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
-        return False  # no writer recorded (older versions): a leftover
+        pid, host = int(writer["pid"]), writer["host"]  # type: ignore[index]
+    except (ValueError, KeyError, TypeError):
+        return False  # no writer recorded: a leftover
     if host != socket.gethostname():
         return True
     try:
@@ -341,6 +478,7 @@ __all__ = [
     "lock_path",
     "make_staging_dir",
     "output_lock",
+    "replace_problem",
     "staged_outputs",
     "swap_in",
     "swap_in_all",

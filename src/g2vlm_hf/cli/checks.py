@@ -56,7 +56,7 @@ def check_reconstruct_outputs(args: argparse.Namespace) -> list[Path]:
         args.output,
         inputs=inputs,
         overwrite=args.overwrite,
-        is_previous_output=lambda folder: (folder / "cameras.json").is_file(),
+        kind="reconstruction",
     )
     if args.colmap is None:
         return [output]
@@ -68,13 +68,9 @@ def check_reconstruct_outputs(args: argparse.Namespace) -> list[Path]:
         if first in SCENE_FILES:
             raise CLIError(f"--colmap {args.colmap} collides with the scene's own {first}; choose another name.")
         return [output]
-    colmap_target = check_output_dir(args.colmap, inputs=inputs, overwrite=args.overwrite, is_previous_output=is_colmap)
+    colmap_target = check_output_dir(args.colmap, inputs=inputs, overwrite=args.overwrite, kind="colmap")
     return [output, colmap_target]
 
-
-def is_colmap(folder: Path) -> bool:
-    """Whether `folder` holds a COLMAP text model (what --overwrite may replace at --colmap)."""
-    return all((folder / name).is_file() for name in ("cameras.txt", "images.txt", "points3D.txt"))
 
 
 def check_view_counts(args: argparse.Namespace, source: ViewSource, max_views: int) -> None:

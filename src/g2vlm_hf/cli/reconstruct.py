@@ -32,7 +32,9 @@ def run(args: argparse.Namespace) -> int:
         source = source.loaded()  # one pass: every view read (and refused if unreadable) before the model loads
     shown = [args.output, args.colmap][: len(targets)]  # the final paths as the user wrote them
     # one transaction: every target locked against other writers, swapped in together when all is written
-    with staged_outputs(targets) as stagings:
+    with staged_outputs(
+        targets, kinds=("reconstruction", "colmap")[: len(targets)], overwrite=args.overwrite
+    ) as stagings:
         model = model_loading.load_model(args.model, args.dtype, args.device)
         resize = {"resize_views_to_first": args.resize_views}
         if args.chunk_size is None:

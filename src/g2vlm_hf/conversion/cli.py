@@ -8,17 +8,14 @@ g2vlm-convert INPUT OUTPUT --push-to-hub user/g2vlm-2b      # ... then upload OU
 from __future__ import annotations
 
 import argparse
+import logging as std_logging
 import shutil
 import sys
 from pathlib import Path
 
-from transformers.utils import logging
-
-from ..safe_output import check_output_dir, make_staging_dir, output_lock, swap_in
-from .convert_official import convert_official_checkpoint, is_converted_folder
-from .hub import HubPushError, push_to_hub, resolve_token, validate_hub_repo_id
-from .model_card import DEFAULT_BASE_MODEL
-from .reconstruction_only import build_reconstruction_only, read_model_type
+# Nothing heavy at the top: `g2vlm-convert --help` and argument errors are answered before torch and transformers are
+# imported (the package and the converter are imported inside `main`, once the command line is parsed).
+OUTPUT_KIND = "converted-model"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     hub.add_argument(
         "--example-images", nargs="+", default=[], metavar="FILE", help="images the model card's snippets use"
     )
-    hub.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help=f"card metadata (default {DEFAULT_BASE_MODEL})")
+    hub.add_argument("--base-model", help="card metadata (default: the official InternRobotics/G2VLM-2B-MoT)")
     hub.add_argument("--source", help="where the official weights came from, for the card (default: INPUT's name)")
     hub.add_argument("--source-revision", help="revision of the official weights, for the card")
     hub.add_argument(
@@ -76,6 +73,11 @@ def parse_parity(items: list[str]) -> dict[str, str]:
 
 def convert(args: argparse.Namespace) -> Path:
     """Convert INPUT into OUTPUT (full or reconstruction-only); reuse OUTPUT when pushing without --overwrite."""
+    from ..output_manifest import MANIFEST_NAME
+    from ..safe_output import check_output_dir, staged_outputs
+    from .convert_official import convert_official_checkpoint
+    from .reconstruction_only import build_reconstruction_only, read_model_type
+
     output = Path(args.output_dir)
     wanted = "g2vlm_reconstruction" if args.reconstruction_only else "g2vlm"
     if args.push_to_hub and output.exists() and not args.overwrite:
@@ -95,21 +97,33 @@ def convert(args: argparse.Namespace) -> Path:
         return output
     if output.exists() and not args.overwrite:
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it.")
-    check_output_dir(output, inputs=[args.input_dir], overwrite=args.overwrite, is_previous_output=is_converted_folder)
-    with output_lock(output):  # one writer at a time
-        full = make_staging_dir(output)
-        try:
-            convert_official_checkpoint(args.input_dir, full / "model", max_shard_size=args.max_shard_size)
-            build_reconstruction_only(full / "model", full / "reconstruction", max_shard_size=args.max_shard_size)
-            swap_in(full / "reconstruction", output, keep_marker=False)
-        finally:
-            shutil.rmtree(full, ignore_errors=True)
+    check_output_dir(output, kind=OUTPUT_KIND, inputs=[args.input_dir], overwrite=args.overwrite)
+    with staged_outputs([output], kinds=[OUTPUT_KIND], overwrite=args.overwrite) as (staging,):
+        work = staging / ".work"  # the full model, inside the staging folder so that a killed run leaves one leftover
+        convert_official_checkpoint(args.input_dir, work / "model", max_shard_size=args.max_shard_size)
+        build_reconstruction_only(work / "model", work / "reconstruction", max_shard_size=args.max_shard_size)
+        for entry in (work / "reconstruction").iterdir():
+            if entry.name != MANIFEST_NAME:  # the converter's manifest of the full model; the swap writes ours
+                entry.rename(staging / entry.name)
+        shutil.rmtree(work)
     print(f"Reconstruction-only checkpoint written to {output}")
     return output
 
 
+def quiet_import_warnings() -> None:
+    """Silence what torchao and torch's pytree log when transformers imports them (not about this run)."""
+    for name in ("torchao", "torch.utils._pytree"):
+        std_logging.getLogger(name).setLevel(std_logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_import_warnings()
+    from transformers.utils import logging
+
+    from .hub import HubPushError, push_to_hub, resolve_token, validate_hub_repo_id
+    from .model_card import DEFAULT_BASE_MODEL
+
     logging.set_verbosity_warning()
     try:
         parity = parse_parity(args.parity)
@@ -128,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             token=token,
             reconstruction_only=args.reconstruction_only,
             example_images=args.example_images,
-            base_model=args.base_model,
+            base_model=args.base_model or DEFAULT_BASE_MODEL,
             source=args.source or Path(args.input_dir).resolve().name,
             source_revision=args.source_revision,
             parity=parity,

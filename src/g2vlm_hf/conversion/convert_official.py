@@ -233,7 +233,7 @@ def convert_official_checkpoint(
         raise FileNotFoundError(f"{input_dir} is not an official G2VLM checkpoint folder: missing {missing_files}.")
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} exists; pass overwrite=True (or --overwrite) to replace it.")
-    check_output_dir(output_dir, inputs=[input_dir], overwrite=overwrite, is_previous_output=is_converted_folder)
+    check_output_dir(output_dir, inputs=[input_dir], overwrite=overwrite, kind="converted-model")
     try:
         with safe_open(input_dir / "model.safetensors", framework="pt"):
             pass
@@ -263,7 +263,7 @@ def convert_official_checkpoint(
     config.architectures = [G2VLMForConditionalGeneration.__name__]
 
     # the previous output is replaced only once the new one is complete; one writer at a time
-    with staged_outputs([output_dir], keep_marker=False) as (staging,):
+    with staged_outputs([output_dir], kinds=["converted-model"], overwrite=overwrite) as (staging,):
         config.save_pretrained(staging)
         _generation_config(config).save_pretrained(staging)
         _build_processor(input_dir, tokenizer).save_pretrained(staging)

@@ -13,6 +13,7 @@ tensors: writing the same checkpoint twice gives identical files, which lets a H
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from safetensors.torch import save_file
 from transformers.utils import logging
 from transformers.utils.hub import convert_file_size_to_int
 
+from ..export.atomic import file_mode
 from ..modeling.parts import MODEL_PARTS, PART_NAMES, part_of
 
 logger = logging.get_logger(__name__)
@@ -161,6 +163,7 @@ def save_component_shards(
     ):
         tensors = dict(_read_tensors(members))
         save_file(tensors, str(output_dir / file_name), metadata={"format": "pt"})
+        os.chmod(output_dir / file_name, file_mode())  # safetensors makes it 0600; an output gets the usual mode
         del tensors
         for info in members:
             weight_map[info.name] = file_name

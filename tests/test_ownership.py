@@ -1,0 +1,222 @@
+"""Issue 30: the output layer's own guarantees (manifest, no-replace swap, locks of nested outputs, leftovers, a
+SIGKILLed writer). The six data-loss cases through the command lines are in test_ownership_cases.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from ownership_world import CONVERT_INPUT, Run, play
+
+from g2vlm_hf.output_manifest import MANIFEST_NAME, read_manifest
+from g2vlm_hf.rename_noreplace import rename_noreplace
+from g2vlm_hf.safe_output import (
+    OutputError,
+    check_output_dir,
+    clean_leftovers,
+    lock_path,
+    output_lock,
+    staged_outputs,
+    swap_in_all,
+)
+
+needs_checkpoint = pytest.mark.skipif(
+    not CONVERT_INPUT.is_dir(), reason="needs the official tiny fixture (set G2VLM_FIXTURES)"
+)
+
+
+@needs_checkpoint
+def test_convert_overwrite_replaces_its_own_output_and_keeps_the_record(tmp_path, monkeypatch):
+    world = play(tmp_path, [Run("convert", "model"), Run("convert", "model", overwrite=True)], monkeypatch)
+    manifest = read_manifest(tmp_path / "model")
+    assert manifest["kind"] == "converted-model" and "config.json" in manifest["files"]
+    assert world.outputs[tmp_path / "model"][0] == "converted-model"
+    weights = tmp_path / "model" / "model.safetensors"
+    assert oct(weights.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # not 0600
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_overwrite_of_an_unchanged_output_of_the_same_kind_works(tmp_path, monkeypatch):
+    steps = [Run("reconstruct", "out", colmap="sparse"), Run("reconstruct", "out", True, colmap="sparse")]
+    world = play(tmp_path, steps, monkeypatch)
+    assert set(world.outputs) == {tmp_path / "out", tmp_path / "sparse"}
+    assert read_manifest(tmp_path / "sparse")["kind"] == "colmap"
+
+
+# ------------------------------------------------------------------------------------------------ the layer itself
+
+
+def make_output(target: Path, files: dict[str, bytes], kind: str = "reconstruction") -> Path:
+    with staged_outputs([target], kinds=[kind]) as (staging,):
+        for name, data in files.items():
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            (staging / name).write_bytes(data)
+    return target
+
+
+def test_the_refusal_names_every_foreign_path_and_deletes_nothing(tmp_path):
+    output = make_output(tmp_path / "out", {"cameras.json": b"{}", "depth/d.png": b"png"})
+    (output / "notes.txt").write_text("mine")
+    (output / "depth" / "d.png").write_bytes(b"edited")
+    (output / "cameras.json").write_bytes(b"[]")  # same size, other bytes
+    (output / "extra").mkdir()
+    os.symlink(tmp_path, output / "link")
+    with pytest.raises(OutputError) as refusal:
+        check_output_dir(output, kind="reconstruction", overwrite=True)
+    message = str(refusal.value)
+    assert all(name in message for name in ("notes.txt", "depth/d.png", "cameras.json", "extra/", "link")), message
+    assert (output / "notes.txt").read_text() == "mine" and (output / "depth" / "d.png").read_bytes() == b"edited"
+
+
+def test_a_file_removed_from_an_output_is_not_foreign(tmp_path):
+    output = make_output(tmp_path / "out", {"a.txt": b"a", "b.txt": b"b"})
+    (output / "a.txt").unlink()
+    assert check_output_dir(output, kind="reconstruction", overwrite=True) == output
+
+
+def test_the_swap_refuses_a_target_that_appeared_after_the_checks(tmp_path):
+    target = tmp_path / "out"
+    check_output_dir(target, kind="reconstruction")
+    with pytest.raises(OutputError, match="not empty"), staged_outputs([target], kinds=["reconstruction"]) as (s,):
+        (s / "cameras.json").write_text("new")
+        (target / "theirs").mkdir(parents=True)
+        (target / "theirs" / "data.bin").write_bytes(b"theirs")
+    assert (target / "theirs" / "data.bin").read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # staging removed, lock released
+
+
+def test_a_file_added_to_the_previous_output_just_before_the_swap_is_kept(tmp_path, monkeypatch):
+    """Between the check under the lock and the rename aside, a user file appears: the re-check of the folder renamed
+    aside finds it and puts the folder back."""
+    output = make_output(tmp_path / "out", {"cameras.json": b"old"})
+    import g2vlm_hf.safe_output as layer
+
+    real_mkdtemp = layer.tempfile.mkdtemp
+
+    def mkdtemp_then_user_writes(*args, **kwargs):
+        if ".g2vlm-old." in kwargs.get("prefix", ""):
+            (output / "late.txt").write_text("late")
+        return real_mkdtemp(*args, **kwargs)
+
+    monkeypatch.setattr(layer.tempfile, "mkdtemp", mkdtemp_then_user_writes)
+    with (
+        pytest.raises(OutputError, match=r"late\.txt"),
+        staged_outputs([output], kinds=["reconstruction"], overwrite=True) as (s,),
+    ):
+        (s / "cameras.json").write_text("new")
+    assert (output / "late.txt").read_text() == "late" and (output / "cameras.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_when_one_swap_fails_the_outputs_already_swapped_get_their_content_back(tmp_path, monkeypatch):
+    first = make_output(tmp_path / "scene", {"cameras.json": b"old"})
+    staged_a, staged_b = tmp_path / ".scene.staged", tmp_path / ".sparse.staged"
+    for folder, name in ((staged_a, "cameras.json"), (staged_b, "cameras.txt")):
+        folder.mkdir()
+        (folder / name).write_text("new")
+    import g2vlm_hf.safe_output as layer
+
+    real = layer.rename_noreplace
+
+    def fail_second(source, target):
+        if Path(target).name == "sparse":
+            raise OSError(28, "No space left on device")
+        real(source, target)
+
+    monkeypatch.setattr(layer, "rename_noreplace", fail_second)
+    with pytest.raises(OSError, match="No space"):
+        swap_in_all(
+            [(staged_a, first), (staged_b, tmp_path / "sparse")], kinds=["reconstruction", "colmap"], overwrite=True
+        )
+    assert (first / "cameras.json").read_text() == "old" and (staged_a / "cameras.json").read_text() == "new"
+    assert not (tmp_path / "sparse").exists()
+
+
+def test_rename_noreplace_never_replaces(tmp_path):
+    source, target = tmp_path / "a", tmp_path / "b"
+    source.mkdir()
+    target.mkdir()
+    with pytest.raises(FileExistsError):
+        rename_noreplace(source, target)  # not even an empty folder
+    target.rmdir()
+    target.write_text("a file")
+    with pytest.raises(FileExistsError):
+        rename_noreplace(source, target)
+    target.unlink()
+    rename_noreplace(source, target)
+    assert target.is_dir() and not source.exists()
+
+
+def test_nested_outputs_exclude_each_other_through_the_lock(tmp_path):
+    with output_lock(tmp_path / "out" / "nest"):
+        with pytest.raises(OutputError, match="being written"), output_lock(tmp_path / "out" / "nest" / "inner"):
+            pass
+        with output_lock(tmp_path / "out" / "beside"):  # siblings do not
+            pass
+    with output_lock(tmp_path / "out" / "nest" / "inner"), output_lock(tmp_path / "out" / "nest" / "other"):
+        pass  # two writers inside a folder that nobody writes
+    assert not lock_path(tmp_path / "out" / "nest").exists()
+
+
+def test_leftovers_are_matched_by_exact_name_and_manifest(tmp_path):
+    """`scene[1]` is no glob: a leftover of `scene1` (or a user's look-alike folder) is not touched."""
+    make_output(tmp_path / "built", {"cameras.json": b"{}"})
+    (tmp_path / "built").rename(tmp_path / ".scene1.g2vlm-old.abcd1234")
+    look_alike = tmp_path / ".scene[1].g2vlm-old.zzzz9999"
+    look_alike.mkdir()
+    (look_alike / "mine.txt").write_text("mine")
+    assert clean_leftovers(tmp_path / "scene[1]") == []
+    assert not (tmp_path / "scene[1]").exists() and (look_alike / "mine.txt").read_text() == "mine"
+    assert (tmp_path / ".scene1.g2vlm-old.abcd1234" / "cameras.json").is_file()
+    clean_leftovers(tmp_path / "scene1")  # its own: restored
+    assert (tmp_path / "scene1" / "cameras.json").read_text() == "{}"
+
+
+def test_an_old_leftover_is_emptied_of_its_own_files_only(tmp_path):
+    make_output(tmp_path / "scene", {"new.txt": b"new"})
+    make_output(tmp_path / "built", {"cameras.json": b"{}"})
+    old = tmp_path / ".scene.g2vlm-old.abcd1234"
+    (tmp_path / "built").rename(old)
+    (old / "user.txt").write_text("mine")
+    clean_leftovers(tmp_path / "scene")
+    assert sorted(p.name for p in old.iterdir()) == [MANIFEST_NAME, "user.txt"]
+
+
+KILLED_WRITER = """
+import sys, time
+from pathlib import Path
+from g2vlm_hf.safe_output import staged_outputs
+with staged_outputs([Path(sys.argv[1])], kinds=["reconstruction"], overwrite=True) as (staging,):
+    for index in range(int(sys.argv[2])):
+        (staging / f"part{index}.bin").write_bytes(b"x" * 1000)
+    print("written", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("files", [0, 3])
+def test_sigkill_of_a_writer_loses_nothing_and_its_leftover_goes(tmp_path, files):
+    output = make_output(tmp_path / "scene", {"cameras.json": b"previous"})
+    before = json.loads((output / MANIFEST_NAME).read_text())
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(output), str(files)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout.readline().strip() == "written"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert (output / "cameras.json").read_bytes() == b"previous" and read_manifest(output) == before
+    staging = [p for p in tmp_path.iterdir() if ".g2vlm-staging." in p.name]
+    assert len(staging) == 1 and clean_leftovers(output) == staging
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene"]
