@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import FIXTURE_DIR
+from PIL import Image
 
 from g2vlm_hf.cli import main as g2vlm
 from g2vlm_hf.conversion.cli import main as g2vlm_convert
@@ -69,6 +70,8 @@ class _Processor:
 
 
 class _Model:
+    device = "cpu"
+
     def reconstruct(self, **kwargs):
         return SimpleNamespace(camera_poses=torch.zeros(1, 2, 4, 4))
 
@@ -118,8 +121,10 @@ class World:
         self.model = root / "model"
         self.model.mkdir()
         self.photos = [root / "photos" / "a.png", root / "photos" / "b.png"]
-        for photo in self.photos:
-            self._write_user(photo, b"photo " + photo.name.encode())
+        for shade, photo in enumerate(self.photos):  # real (small) images: the views are read before the model work
+            image = io.BytesIO()
+            Image.new("RGB", (28, 28), (40 * shade, 90, 160)).save(image, format="PNG")
+            self._write_user(photo, image.getvalue())
         self._written = 0
         self._hook: tuple[object, int | None, Path] | None = None
         self.codes: list[tuple[str, int]] = []  # (target, exit code) of every run, in the order they ended
@@ -128,11 +133,10 @@ class World:
     # --------------------------------------------------------------------------------------------- stand-ins
     def _stand_ins(self, patch: pytest.MonkeyPatch) -> None:
         model, processor = _Model(), _Processor()
-        patch.setattr("g2vlm_hf.cli.load", lambda *a: (model, processor))
-        patch.setattr("g2vlm_hf.cli.collect_views", lambda args: ["view a", "view b"])
-        patch.setattr("g2vlm_hf.cli.original_sizes", lambda views: [(480, 640)] * len(views))
-        patch.setattr("g2vlm_hf.export.check_reconstruction", lambda *a, **k: "scene")
-        patch.setattr("g2vlm_hf.export.write_scene", self._write_scene)
+        patch.setattr("g2vlm_hf.model_loading.load_processor", lambda *a: processor)
+        patch.setattr("g2vlm_hf.model_loading.load_model", lambda *a: model)
+        patch.setattr("g2vlm_hf.cli.reconstruct.check_reconstruction", lambda *a, **k: "scene")
+        patch.setattr("g2vlm_hf.cli.reconstruct.write_scene", self._write_scene)
         patch.setattr("g2vlm_hf.export.write_colmap", self._write_colmap)
         patch.setattr("g2vlm_hf.conversion.convert_official._check_loads_and_runs", self._converted)
 

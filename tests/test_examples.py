@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import FIXTURE_DIR, REPO_ROOT
 
 EXAMPLES = REPO_ROOT / "examples"
 
@@ -20,7 +20,8 @@ def run_example(name: str, *args: str, cwd) -> str:
 
 
 def test_quickstart_converts_reconstructs_and_chats(tmp_path):
-    out = run_example("quickstart.py", "--output", str(tmp_path / "model"), cwd=tmp_path)
+    checkpoint = FIXTURE_DIR / "checkpoint"
+    out = run_example("quickstart.py", "--official-dir", str(checkpoint), "--output", str(tmp_path / "model"), cwd=tmp_path)
     assert "camera poses (1, 3, 4, 4)" in out and "answer:" in out
     assert (tmp_path / "model" / "config.json").is_file()
     assert f"converted model written to {(tmp_path / 'model').resolve()}" in out  # the user is told where it went
@@ -37,8 +38,9 @@ def test_chat_examples(name, converted_tiny, tmp_path):
     assert out.strip()
 
 
-def test_finetune_lora_recipe_lowers_both_losses(tmp_path):
-    out = run_example("finetune_lora.py", "--output", str(tmp_path / "lora"), "--steps", "12", cwd=tmp_path)
+def test_finetune_lora_recipe_lowers_both_losses(converted_tiny, tmp_path):
+    args = ("--model", str(converted_tiny), "--output", str(tmp_path / "lora"), "--steps", "12")
+    out = run_example("finetune_lora.py", *args, cwd=tmp_path)
     curves = {line.split(":")[0]: [float(v) for v in line.split()[2::2]] for line in out.splitlines() if " start " in line}
     assert curves["lm"][1] < 0.5 * curves["lm"][0], curves
     assert curves["geometry"][1] < curves["geometry"][0], curves

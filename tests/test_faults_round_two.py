@@ -20,7 +20,7 @@ from g2vlm_hf.conversion.cli import main as g2vlm_convert
 from g2vlm_hf.evaluation import cli as eval_cli
 from g2vlm_hf.evaluation import write_scene
 from g2vlm_hf.processing import G2VLMGeometryImageProcessor, load_image
-from g2vlm_hf.safe_output import clean_leftovers, lock_path, output_lock, swap_in_all
+from g2vlm_hf.safe_output import clean_leftovers, lock_path, output_lock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import FIXTURE_DIR, write_video
@@ -112,14 +112,17 @@ def test_colmap_elsewhere_needs_overwrite_and_a_colmap_folder(model, tmp_path, m
     assert (user / "cameras.txt").read_text() == "my calibration" and not (tmp_path / "scene").exists()
 
 
-def test_colmap_elsewhere_is_swapped_in_with_the_output(model, tmp_path, capsys):
+def test_colmap_elsewhere_is_replaced_with_the_output_unless_a_user_file_was_added(model, tmp_path, capsys):
     output, sparse = tmp_path / "scene", tmp_path / "sparse"
     assert reconstruct(model, output, "--colmap", str(sparse)) == 0
-    (sparse / "stale.txt").write_text("from an earlier run")
-    assert reconstruct(model, output, "--colmap", str(sparse), "--overwrite") == 0
+    assert reconstruct(model, output, "--colmap", str(sparse), "--overwrite") == 0  # unchanged: replaced
     printed = [Path(line.strip()) for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
     assert all(path.is_file() for path in printed) and sparse / "cameras.txt" in printed
-    assert not (sparse / "stale.txt").exists()  # replaced as a whole, as the output is
+    (sparse / "notes.txt").write_text("the user's, not ours")
+    before = snapshot(output), snapshot(sparse)
+    assert reconstruct(model, output, "--colmap", str(sparse), "--overwrite") == 2  # a file we did not write
+    assert "notes.txt" in one_line_error(capsys)
+    assert (snapshot(output), snapshot(sparse)) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scene", "sparse"]
 
 
@@ -136,18 +139,6 @@ def test_a_failure_after_the_colmap_export_keeps_both_previous_folders(model, tm
     assert "No space left" in one_line_error(capsys)
     assert (snapshot(output), snapshot(sparse)) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scene", "sparse"]
-
-
-def test_when_one_swap_fails_the_outputs_already_swapped_get_their_content_back(tmp_path):
-    first, staged = tmp_path / "scene", tmp_path / ".scene.new"
-    first.mkdir()
-    staged.mkdir()
-    (first / "cameras.json").write_text("old")
-    (staged / "cameras.json").write_text("new")
-    with pytest.raises(FileNotFoundError):
-        swap_in_all([(staged, first), (tmp_path / "no-such-staging", tmp_path / "sparse")])
-    assert (first / "cameras.json").read_text() == "old" and (staged / "cameras.json").read_text() == "new"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".scene.new", "scene"]
 
 
 # ------------------------------------------------------------------------------------------------ one writer at a time
