@@ -104,8 +104,8 @@ VIEWER_HTML = """
 HEADER = """
 <div id="g2vlm-header">
   <h1>G²VLM: 3D reconstruction and spatial reasoning from a few photos</h1>
-  <p>G²VLM is a vision-language model with a geometry expert: from views of one scene it predicts the cameras, depth
-  and a 3D point map, and answers spatial questions with that geometry in its context.
+  <p>A vision-language model with a geometry expert: from views of one scene it predicts the cameras, depth and a 3D
+  point map, and answers spatial questions with that geometry in its context.
   <a href="https://arxiv.org/abs/2511.21688" target="_blank" rel="noopener">Paper (arXiv 2511.21688)</a> ·
   <a href="https://github.com/InternRobotics/G2VLM" target="_blank" rel="noopener">Official code (GitHub)</a></p>
 </div>
@@ -116,10 +116,10 @@ ALL_VIEWS = "all"
 ABSOLUTE_PATH = re.compile(r"(?:/[^/\s'\"():]+)+/([^/\s'\"():]+)")
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="sky", neutral_hue="slate")
 CSS = """
-#g2vlm-header h1 {font-size: 1.35rem; margin: 0 0 2px 0}
-#g2vlm-header p {margin: 0; font-size: 0.9rem; opacity: 0.85}
+#g2vlm-header h1 {font-size: 1.25rem; margin: 0}
+#g2vlm-header p {margin: 0; font-size: 0.85rem; opacity: 0.85}
 #scene-viewer .html-container {padding: 0}
-#scene-viewer .point-viewer {position: relative; height: 340px; border-radius: 6px; overflow: hidden;
+#scene-viewer .point-viewer {position: relative; height: 320px; border-radius: 6px; overflow: hidden;
   background: #1f1f24}
 #scene-viewer canvas {display: block; width: 100%; height: 100%; cursor: grab; touch-action: none}
 #scene-viewer .point-tools {position: absolute; top: 6px; left: 6px; display: flex; gap: 8px; align-items: center;
@@ -136,7 +136,7 @@ CSS = """
 #scene-viewer .point-viewer[data-drawn="1"] .point-empty {display: none}
 #views-input .file-preview-holder {max-height: 9em; overflow-y: auto}
 #views-input .file-preview td.filename {white-space: normal; word-break: break-all}
-#result-tabs .tabitem {min-height: 352px}
+#result-tabs .tabitem {min-height: 326px}
 #used-views {min-height: 150px}
 """
 
@@ -959,10 +959,10 @@ def build_results(demo: G2VLMDemo) -> Results:
             )  # fmt: skip
         with gr.Tab("Input views"):
             gallery = gr.Gallery(
-                label="Input views", columns=5, height=340, elem_id="input-gallery", object_fit="contain"
+                label="Input views", columns=5, height=320, elem_id="input-gallery", object_fit="contain"
             )
         with gr.Tab("Depth"):
-            depth = gr.Gallery(label="Depth per view (light = near)", columns=4, height=340, elem_id="depth-gallery")
+            depth = gr.Gallery(label="Depth per view (light = near)", columns=4, height=320, elem_id="depth-gallery")
         with gr.Tab("Measure"):
             with gr.Row(equal_height=True):
                 measure_view = gr.Dropdown([], label="View", elem_id="measure-view", scale=1, min_width=120)
@@ -977,19 +977,20 @@ def build_results(demo: G2VLMDemo) -> Results:
             label="Hide the least confident points (percentile)", elem_id="confidence",
         )  # fmt: skip
         with gr.Row():
-            outliers = gr.Slider(0, 20, value=2, step=0.5, label="Hide outliers (percentile box)", elem_id="outliers")
-            edges = gr.Slider(0, 0.5, value=0, step=0.01, label="Hide depth edges (0 = off)", elem_id="edges")
-        with gr.Row():
+            outliers = gr.Slider(0, 20, value=2, step=0.5, label="Hide outliers (%)", elem_id="outliers")
+            edges = gr.Slider(0, 0.5, value=0, step=0.01, label="Hide depth edges", elem_id="edges")
+        with gr.Row(equal_height=True):
             max_points = gr.Slider(
-                1_000, 1_000_000, value=demo.max_points, step=1_000, label="At most N points", elem_id="max-points"
-            )
+                1_000, 1_000_000, value=demo.max_points, step=1_000, label="At most N points", elem_id="max-points",
+                scale=2,
+            )  # fmt: skip
             view_choice = gr.Dropdown(
-                [("All views", ALL_VIEWS)], value=ALL_VIEWS, label="Points of", elem_id="view-choice"
+                [("All views", ALL_VIEWS)], value=ALL_VIEWS, label="Points of", elem_id="view-choice", min_width=110
+            )
+            colouring = gr.Dropdown(
+                ["image", "view"], value="image", label="Colour by", elem_id="colouring", min_width=100
             )
         with gr.Row(equal_height=True):
-            colouring = gr.Dropdown(
-                ["image", "view"], value="image", label="Colour by", elem_id="colouring", min_width=120
-            )
             black = gr.Checkbox(value=False, label="Hide black", elem_id="drop-black", min_width=80)
             white = gr.Checkbox(value=False, label="Hide white", elem_id="drop-white", min_width=80)
             show_cameras = gr.Checkbox(value=True, label="Cameras", elem_id="show-cameras", min_width=80)
@@ -1138,7 +1139,9 @@ def wire_measure_and_chat(
 def build_demo(demo: G2VLMDemo) -> gr.Blocks:
     """The Gradio app (one reconstruction at a time, the others queued). Page events only; `/redraw` and `/ask`
     are also API names."""
-    with gr.Blocks(title="G²VLM: 3D reconstruction and spatial reasoning", delete_cache=(600, 3600)) as app:
+    with gr.Blocks(
+        title="G²VLM: 3D reconstruction and spatial reasoning", delete_cache=(600, 3600), fill_width=True
+    ) as app:
         gr.HTML(HEADER)
         scene_state = gr.State(None, delete_callback=demo.forget)
         picks = gr.State([])
