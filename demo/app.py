@@ -135,8 +135,10 @@ CSS = """
   justify-content: center; color: #bbb; font-size: 14px; pointer-events: none}
 #scene-viewer .point-viewer[data-drawn="1"] .point-empty {display: none}
 #views-input .file-preview-holder {max-height: 9em; overflow-y: auto}
-#views-input .file-preview td.filename {white-space: normal; word-break: break-all}
-#result-tabs .tabitem {min-height: 326px}
+#views-input .file > * {padding: 2px 6px}
+#views-input .download {min-width: 4.5rem; width: auto; font-size: 0.8rem}
+#views-input .filename .stem {white-space: normal; overflow-wrap: anywhere}
+#result-tabs .tabitem {height: 326px; overflow-y: auto}
 #used-views {min-height: 150px}
 """
 
@@ -944,7 +946,7 @@ def build_inputs() -> Inputs:
     scenes = example_scenes()
     examples = gr.Gallery(
         value=[(paths[0], label) for label, paths in scenes], label="Example scenes: click one to reconstruct it",
-        columns=2, height=150, allow_preview=False, object_fit="cover", elem_id="example-gallery",
+        columns=2, height=150, allow_preview=False, object_fit="cover", elem_id="example-gallery", interactive=False,
     )  # fmt: skip
     return Inputs(files, step, video, every, note, run, cancel, clear, status, examples)
 
@@ -970,7 +972,7 @@ def build_results(demo: G2VLMDemo) -> Results:
                     "Click two pixels (on one view or two): their 3D distance, in scene units.",
                     elem_id="measure-text",
                 )
-            measure_image = gr.Image(label="Click to measure", interactive=False, elem_id="measure-image", height=260)
+            measure_image = gr.Image(label="Click to measure", interactive=False, elem_id="measure-image", height=230)
     with gr.Group(elem_id="display"):  # redraws the kept scene, without the model
         confidence = gr.Slider(
             0, 95, value=10 if demo.has_confidence else 0, step=5, visible=demo.has_confidence,
@@ -1036,7 +1038,7 @@ def wire_inputs(demo: G2VLMDemo, inputs: Inputs, results: Results) -> None:
 def wire_run(demo: G2VLMDemo, inputs: Inputs, results: Results, scene_state: gr.State, app: gr.Blocks) -> None:
     """Reconstruct (and the example gallery): lock the inputs, run (one at a time, queued, cancellable), then draw
     the result from the display settings as they are then."""
-    locked = [inputs.files, inputs.video, inputs.every, inputs.step, inputs.clear, inputs.examples]
+    locked = [inputs.files, inputs.video, inputs.every, inputs.step, inputs.clear]
 
     def lock(busy: bool) -> Callable[[], dict]:
         def update() -> dict:
