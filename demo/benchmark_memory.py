@@ -61,8 +61,11 @@ def main() -> None:
     for views in args.views:
         command = [sys.executable, __file__, args.model, "--one", str(views), "--target-width", str(args.target_width)]
         rows.append(json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout))
-        print(f"{rows[-1]['views']:>5} views  {rows[-1]['pixels']:>10,} points  "
-              f"+{rows[-1]['extra_gb']:.2f} GB  {rows[-1]['seconds']:.1f} s", flush=True)
+        print(
+            f"{rows[-1]['views']:>5} views  {rows[-1]['pixels']:>10,} points  "
+            f"+{rows[-1]['extra_gb']:.2f} GB  {rows[-1]['seconds']:.1f} s",
+            flush=True,
+        )
     n = np.array([row["views"] for row in rows], dtype=float)
     for key in ("extra_gb", "seconds"):
         coefficients = np.linalg.lstsq(np.stack([n, n * n], axis=1), [row[key] for row in rows], rcond=None)[0]
