@@ -222,7 +222,7 @@ def test_a_run_the_machine_cannot_hold_is_refused_with_an_estimate(app_module, m
     demo = app_module.G2VLMDemo(str(model_folder), device="cpu", memory_budget_gb=0.8 * 24)
     demo.processor.geometry_image_processor.target_width = 518
     try:
-        paths = photos(tmp_path / "many", 150)
+        paths = photos(tmp_path / "many", 10) * 15  # 150 photos (read one by one, as uploads)
         called = []
         demo.model.reconstruct = lambda *args, **kwargs: called.append(1)
         result = demo.reconstruct(paths, None, 10, 1)
