@@ -337,6 +337,44 @@ def test_cancel_stops_the_model_and_unlocks_the_page(served, twenty):
     page.close()
 
 
+def test_closing_the_page_stops_its_run(served, twenty):
+    import time
+
+    import torch
+
+    demo = served[0]
+    page = open_page(served)
+    layers = [m for m in demo.model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1]
+    ran = []
+    hook = layers[-1][-1].register_forward_hook(lambda *args: ran.append(1))
+    release, restore = held_model(demo)
+    try:
+        page.locator("#views-input input[type=file]").set_input_files(twenty[:4])
+        page.get_by_text("4 images").first.wait_for(timeout=60_000)
+        page.locator("#reconstruct-button").click()
+        page.locator("#cancel-button").wait_for(timeout=30_000)
+        deadline = time.monotonic() + 30
+        while not demo._runs:  # the run has started (it waits in the held model)
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        runs = dict(demo._runs)
+        assert len(runs) == 1 and not any(event.is_set() for event in runs.values())
+        page.close()  # the session ends: gradio's unload event cancels its run
+        deadline = time.monotonic() + 60
+        while not all(event.is_set() for event in runs.values()):
+            assert time.monotonic() < deadline, "closing the page did not stop its run"
+            time.sleep(0.5)
+        release.set()
+        deadline = time.monotonic() + 30
+        while demo._runs:  # the model stops at its first layer and the run ends
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert ran == []
+    finally:
+        restore()
+        hook.remove()
+
+
 def test_a_request_too_large_is_refused_with_an_estimate_and_the_server_goes_on(served, twenty, tmp_path):
     demo = served[0]
     page = open_page(served)
