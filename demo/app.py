@@ -140,6 +140,7 @@ CSS = """
 #views-input .filename .stem {white-space: normal; overflow-wrap: anywhere}
 #result-tabs .tabitem {height: 326px; overflow-y: auto}
 #used-views {min-height: 150px}
+#status {min-height: 56px}
 """
 
 
@@ -569,8 +570,8 @@ class G2VLMDemo:
         """A sentence with the estimate; raises TooManyViews (with every k-th that fits) when the machine cannot hold
         the run."""
         memory, seconds = self.estimate(views)
-        size = f"{memory / 1e9:.1f} GB" if memory >= 0.1e9 else "under 0.1 GB"
-        text = f"about {size} and {max(1, round(seconds))} s"
+        size = f"about {memory / 1e9:.1f} GB" if memory >= 0.1e9 else "under 0.1 GB"
+        text = f"{size} and about {max(1, round(seconds))} s"
         budget = self.memory_budget()
         if budget is None or memory <= budget:
             return text

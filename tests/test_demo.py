@@ -228,7 +228,7 @@ def test_a_run_the_machine_cannot_hold_is_refused_with_an_estimate(app_module, m
         result = demo.reconstruct(paths, None, 10, 1)
         assert called == [] and result.scene is None and result.image_step >= 2
         assert re.search(
-            r"150 views would need about \d+\.\d GB and \d+ s, more than this machine has free", result.status
+            r"150 views would need about \d+\.\d GB and about \d+ s, more than this machine has free", result.status
         )
         gigabytes = float(re.search(r"about (\d+\.\d) GB", result.status).group(1))
         assert gigabytes > 19.2  # the measurement: 10 views +0.5 GB, 30 views +3.1 GB, ~quadratic

@@ -214,7 +214,7 @@ def test_twenty_photos_fit_the_laptop_screen_and_cameras_show(served, twenty, sh
     page = open_page(served)
     page.locator("#views-input input[type=file]").set_input_files(twenty)
     page.get_by_text("20 images").first.wait_for(timeout=60_000)
-    assert re.search(r"about \d+\.\d GB and \d+ s", page.locator("#input-note").inner_text())  # the estimate
+    assert re.search(r"about \d+\.\d GB and about \d+ s", page.locator("#input-note").inner_text())  # the estimate
     for control in ("#reconstruct-button", "#show-cameras", "#outliers", "#max-points"):
         box = page.locator(control).bounding_box()
         assert box is not None and box["y"] + box["height"] <= LAPTOP["height"], f"{control} is below the fold: {box}"
@@ -286,7 +286,7 @@ def held_model(demo):
     return release, restore
 
 
-def test_a_setting_typed_during_a_run_applies_to_its_result(served, twenty):
+def test_a_setting_typed_during_a_run_applies_to_its_result_and_others_queue(served, twenty):
     demo = served[0]
     page = open_page(served)
     release, restore = held_model(demo)
@@ -299,15 +299,22 @@ def test_a_setting_typed_during_a_run_applies_to_its_result(served, twenty):
             page.locator("#views-input input[type=file]").count() == 0 and page.locator("#clear-button").is_disabled()
         )
         type_number(page, "#max-points", "30000")
-        page.wait_for_timeout(500)
+        # a second user waits in the queue, and sees its position
+        other = open_page(served)
+        other.locator("#views-input input[type=file]").set_input_files(twenty[:2])
+        other.get_by_text("2 images").first.wait_for(timeout=60_000)
+        other.locator("#reconstruct-button").click()
+        other.locator("#status").get_by_text(re.compile(r"queue: 1/1")).wait_for(timeout=30_000)
         release.set()
         page.get_by_text("Reconstructed 20 views:").wait_for(timeout=180_000)
         wait_for_points(page, 30_000)
         assert counts(page)[1] == 30_000
         assert page.locator("#reconstruct-button").is_enabled() and not page.locator("#cancel-button").is_visible()
+        other.get_by_text("Reconstructed 2 views:").wait_for(timeout=120_000)  # then its turn comes
     finally:
         restore()
     page.close()
+    other.close()
 
 
 def test_cancel_stops_the_model_and_unlocks_the_page(served, twenty):
