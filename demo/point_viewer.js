@@ -1,17 +1,20 @@
-// The demo's 3D view: coloured points and camera frustums (lines) in plain WebGL, run by gradio's gr.HTML as
+// The demo's 3D view: coloured points and solid camera cones (triangles with edge lines) in plain WebGL, run by gradio's gr.HTML as
 // `js_on_load` (given `element`, `props` and `watch`). No library and nothing fetched: the data come inline in
 // `props.value` (see `viewer_data` in app.py).
 //
 // Camera: an orbit around `target` at `distance`, turned by `yaw` (about the y axis) and `pitch`. A new scene (a new
 // `value.scene` id) is framed on its robust box; a redraw of the same scene (a filter changed) keeps the camera.
 // A click (no drag) on a point picks it: the first pick is A, the second B and their distance is shown (a third
-// starts again). For tests and scripts the root element carries `data-camera` (the camera as JSON), `data-points`
-// (the number of points drawn), `data-lines` (frustum segment ends drawn), `data-scene`, `data-point-size`, and
+// starts again). The cones are drawn after the points over a cleared depth buffer: points never bury them, and
+// they still hide their own back faces. For tests and scripts the root element carries `data-camera` (the camera as
+// JSON), `data-points` (the number of points drawn), `data-lines` (cone edge ends drawn), `data-cones` (cone triangle
+// corners drawn), `data-scene`, `data-point-size`, and
 // `data-picks` (the picked points in the model's frame, JSON) with `data-distance`.
 const canvas = element.querySelector("canvas");
 const resetButton = element.querySelector("#reset-view");
 const sizeInput = element.querySelector("#point-size");
 const readout = element.querySelector(".point-readout");
+const root = element.querySelector(".point-viewer");
 const gl = canvas.getContext("webgl", { antialias: false, preserveDrawingBuffer: true });
 if (!gl) {
   element.querySelector(".point-viewer").textContent =
@@ -25,6 +28,7 @@ let box = null;
 let sceneId = null;
 let pointCount = 0;
 let lineCount = 0;
+let coneCount = 0;
 let pointSize = Number(sizeInput.value);
 let positions = new Float32Array(0);
 let picks = [];
@@ -62,7 +66,7 @@ const where = {
 };
 const buffers = {
   points: gl.createBuffer(), pointColours: gl.createBuffer(), lines: gl.createBuffer(), lineColours: gl.createBuffer(),
-  picks: gl.createBuffer(), pickColours: gl.createBuffer(),
+  cones: gl.createBuffer(), coneColours: gl.createBuffer(), picks: gl.createBuffer(), pickColours: gl.createBuffer(),
 };
 const PICK_COLOURS = new Uint8Array([255, 60, 60, 60, 140, 255]);  // A red, B blue
 
@@ -146,11 +150,19 @@ function draw() {
   attribute(where.position, buffers.points, 3, gl.FLOAT, false);
   attribute(where.colour, buffers.pointColours, 3, gl.UNSIGNED_BYTE, true);
   gl.drawArrays(gl.POINTS, 0, pointCount);
+  if (coneCount > 0) {  // over the points: a fresh depth buffer, so only the cones hide each other
+    gl.clear(gl.DEPTH_BUFFER_BIT);
+    gl.depthFunc(gl.LEQUAL);
+    attribute(where.position, buffers.cones, 3, gl.FLOAT, false);
+    attribute(where.colour, buffers.coneColours, 3, gl.UNSIGNED_BYTE, true);
+    gl.drawArrays(gl.TRIANGLES, 0, coneCount);
+  }
   if (lineCount > 0) {
     attribute(where.position, buffers.lines, 3, gl.FLOAT, false);
     attribute(where.colour, buffers.lineColours, 3, gl.UNSIGNED_BYTE, true);
     gl.drawArrays(gl.LINES, 0, lineCount);
   }
+  gl.depthFunc(gl.LESS);
   if (picks.length > 0) {  // on top of everything, larger than the points
     gl.disable(gl.DEPTH_TEST);
     gl.uniform1f(where.size, (pointSize + 8) * ratio);
@@ -248,8 +260,9 @@ function pick(event) {
 function show(value) {
   if (!value) {
     camera = box = sceneId = null;
-    pointCount = lineCount = 0;
-    element.dataset.points = element.dataset.lines = "0";
+    pointCount = lineCount = coneCount = 0;
+    element.dataset.points = element.dataset.lines = element.dataset.cones = "0";
+    delete root.dataset.drawn;
     delete element.dataset.scene;
     publishCamera();
     setPicks([]);
@@ -261,8 +274,12 @@ function show(value) {
   upload(buffers.pointColours, bytes(value.colours));
   upload(buffers.lines, new Float32Array(bytes(value.lines).buffer));
   upload(buffers.lineColours, bytes(value.line_colours));
+  upload(buffers.cones, new Float32Array(bytes(value.cones).buffer));
+  upload(buffers.coneColours, bytes(value.cone_colours));
   pointCount = value.count;
   lineCount = bytes(value.line_colours).length / 3;
+  coneCount = bytes(value.cone_colours).length / 3;
+  root.dataset.drawn = "1";
   box = value.box;
   if (value.scene !== sceneId || !camera) {
     sceneId = value.scene;
@@ -273,6 +290,7 @@ function show(value) {
   element.dataset.scene = sceneId;
   element.dataset.points = String(pointCount);
   element.dataset.lines = String(lineCount);
+  element.dataset.cones = String(coneCount);
 }
 
 // Drag: turn (left button) or pan (shift or right button); wheel: zoom.

@@ -61,3 +61,34 @@ def test_select_points_combines_filters_and_counts():
     assert confident[2] == 150
     with pytest.raises(ValueError, match="Every point is filtered away"):
         select_points(points, np.zeros_like(images), depth, None, PointSelection(drop_black=True))
+
+
+def test_a_nan_confidence_drops_its_point_only():
+    """One NaN confidence must not make the percentile NaN (which would drop every point): the point is dropped,
+    the others are ranked, and the page keeps what the export (`filter_points`) keeps."""
+    from g2vlm_hf.export import filter_points
+
+    points, images, depth = plane_scene(num_views=2, size=10)
+    confidence = np.arange(200, dtype=np.float64).reshape(2, 10, 10)
+    confidence[0, 3, 3] = np.nan
+    for percentile in (0.0, 30.0):
+        shown, colours, kept = select_points(
+            points, images, depth, confidence, PointSelection(confidence_percentile=percentile, max_points=50)
+        )
+        exported, exported_colours = filter_points(
+            points, images, confidence, confidence_percentile=percentile, max_points=50
+        )
+        assert kept == (199 if percentile == 0 else 139)
+        assert np.array_equal(shown, exported) and np.array_equal(colours, exported_colours)
+
+
+def test_the_cap_comes_after_the_filters_and_follows_them():
+    """Filters first, then at most `max_points` of the points that pass: a filter that changes what passes changes
+    what is drawn, even when both selections are over the cap."""
+    points, images, depth = plane_scene(num_views=4, size=40)
+    loose = select_points(points, images, depth, None, PointSelection(outlier_percentile=1.0, max_points=500))
+    tight = select_points(points, images, depth, None, PointSelection(outlier_percentile=15.0, max_points=500))
+    assert len(loose[0]) == len(tight[0]) == 500 and tight[2] < loose[2]
+    assert not np.array_equal(loose[0], tight[0])
+    low, high = percentile_box(points, 15.0)
+    assert (tight[0] >= low.astype(np.float32) - 1e-6).all() and (tight[0] <= high.astype(np.float32) + 1e-6).all()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .export.points import subsample
+from .export.points import confidence_mask, kept_cloud
 
 # a channel at or below this is "black", at or above 255 minus it "white" (JPEG noise keeps pure colours off 0/255)
 BACKGROUND_TOLERANCE = 12
@@ -91,8 +91,11 @@ def keep_mask(
     confidence: np.ndarray | None,
     selection: PointSelection,
 ) -> np.ndarray:
-    """`(N, H, W)` mask of the points that `selection` keeps (before the `max_points` subsample)."""
-    keep = np.isfinite(world_points).all(axis=-1)
+    """`(N, H, W)` mask of the points that `selection` keeps (before the `max_points` subsample): finite points with a
+    finite confidence (the export's [`confidence_mask`], so the page and the files keep the same points), then the
+    view, background, depth-edge, confidence and outlier filters."""
+    percentile = selection.confidence_percentile if confidence is not None else None
+    keep = confidence_mask(world_points, confidence, None if percentile is None else 0.0)
     if selection.views is not None:
         chosen = np.zeros(keep.shape[0], dtype=bool)
         chosen[list(selection.views)] = True
@@ -101,9 +104,8 @@ def keep_mask(
         keep &= ~background(images, black=selection.drop_black, white=selection.drop_white)
     if selection.depth_edge_jump > 0:
         keep &= ~depth_edges(depth, selection.depth_edge_jump)
-    if confidence is not None and selection.confidence_percentile > 0 and keep.any():
-        threshold = np.percentile(confidence[keep], selection.confidence_percentile)
-        keep &= confidence >= threshold
+    if percentile and keep.any():  # the percentile of the points still kept, not of every point
+        keep &= confidence >= np.percentile(confidence[keep], percentile)
     if selection.outlier_percentile > 0 and keep.any():
         low, high = percentile_box(world_points[keep], selection.outlier_percentile)
         keep &= inside_box(world_points, low, high)
@@ -121,7 +123,8 @@ def select_points(
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """The kept points (`(M, 3)` float32), their colours (`(M, 3)` uint8, from `colours` `(N, H, W, 3)`) and the
-    number kept before the `max_points` subsample. `images` (default `colours`) are the views' own pixels, for the
+    number kept before the `max_points` subsample: the filters first, then at most `max_points` of the points that
+    pass, drawn by the export's [`kept_cloud`]. `images` (default `colours`) are the views' own pixels, for the
     background filters.
 
     Raises:
@@ -132,8 +135,5 @@ def select_points(
     kept = int(keep.sum())
     if kept == 0:
         raise ValueError("Every point is filtered away: loosen the filters (outliers, depth edges, background, view).")
-    points, point_colours = world_points[keep].astype(np.float32), colours[keep]
-    chosen = subsample(kept, selection.max_points, seed)
-    if chosen is not None:
-        points, point_colours = points[chosen], point_colours[chosen]
-    return np.ascontiguousarray(points), np.ascontiguousarray(point_colours), kept
+    points, point_colours = kept_cloud(world_points, colours, keep, max_points=selection.max_points, seed=seed)
+    return points, point_colours, kept
