@@ -173,14 +173,6 @@ def _read_json(path: Path) -> dict:
             raise ValueError(f"{path} is not valid JSON ({error}).") from error
 
 
-def is_converted_folder(folder: Path) -> bool:
-    """Whether `folder` holds a checkpoint this package converted (a previous output `--overwrite` may replace)."""
-    try:
-        return _read_json(Path(folder) / "config.json").get("model_type") in ("g2vlm", "g2vlm_reconstruction")
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def _load_tokenizer(input_dir: Path) -> PreTrainedTokenizerFast:
     """The official tokenizer as its tokenizer.json defines it, plus the geometry placeholder token."""
     # batched generation pads on the left

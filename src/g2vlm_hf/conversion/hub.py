@@ -27,6 +27,7 @@ from huggingface_hub.utils import validate_repo_id
 from transformers.utils import logging
 
 from ..modeling import G2VLMConfig, G2VLMReconstructionConfig
+from ..output_manifest import MANIFEST_NAME
 from .model_card import DEFAULT_BASE_MODEL, EXAMPLES_DIR, ModelCardInfo, build_model_card
 from .reconstruction_only import build_reconstruction_only, read_model_type
 from .remote_code import write_remote_code
@@ -36,6 +37,9 @@ logger = logging.get_logger(__name__)
 
 DEFAULT_REVISION = "main"
 # Remote files that a push replaces: those of them not in the new upload are deleted in the same commit.
+# Written beside the weights but not for the repository: the card is made anew, and the output manifest records this
+# machine's conversion command.
+NOT_PUBLISHED = ("README.md", MANIFEST_NAME)
 MANAGED_PATTERNS = ("*.safetensors", SAFE_WEIGHTS_INDEX_NAME, "*.py", "generation_config.json", f"{EXAMPLES_DIR}/*")
 
 
@@ -128,7 +132,7 @@ def stage_for_hub(
     else:
         staging.mkdir(parents=True, exist_ok=True)
         for source in sorted(folder.iterdir()):
-            if source.is_file() and not is_weight_file(source.name) and source.name != "README.md":
+            if source.is_file() and not is_weight_file(source.name) and source.name not in NOT_PUBLISHED:
                 shutil.copyfile(source, staging / source.name)
         save_component_shards(folder, staging, max_shard_size=max_shard_size)
     write_remote_code(staging, reconstruction_only=reconstruction_only)

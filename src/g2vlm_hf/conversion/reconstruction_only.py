@@ -15,13 +15,14 @@ from pathlib import Path
 from transformers.utils import logging
 
 from ..modeling import G2VLMConfig, G2VLMForReconstruction, G2VLMReconstructionConfig
+from ..output_manifest import MANIFEST_NAME
 from .sharding import is_weight_file, save_component_shards
 
 logger = logging.get_logger(__name__)
 
 DROPPED_COMPONENTS = ("semantic-encoder", "lm-head")
 # Files of a full folder that a reconstruction-only folder does not keep (it does not generate text).
-DROPPED_FILES = ("config.json", "generation_config.json", "README.md")
+DROPPED_FILES = ("config.json", "generation_config.json", "README.md", MANIFEST_NAME)
 
 
 def read_model_type(folder: str | Path) -> str:
