@@ -1,9 +1,10 @@
-"""The `g2vlm` console script: answers `--help` and argument errors before torch and transformers are imported.
+"""The console scripts `g2vlm`, `g2vlm-convert` and `g2vlm-eval`: each answers `--help` and argument errors before
+torch and transformers are imported.
 
 Any `g2vlm_hf.*` module imports the package first, whose `__init__` registers the Auto classes and so imports torch
-and transformers (seconds to tens of seconds). This launcher parses the command line with `g2vlm_hf/cli/parser.py`,
-a standard-library-only file it loads on its own (it defines no class or state the commands use), then imports the
-package normally and runs the parsed command (`g2vlm_hf.cli.main.run`).
+and transformers (seconds to tens of seconds). The launcher parses the command line with the command's
+standard-library-only parser file (`cli/parser.py`, `conversion/cli.py`, `evaluation/parser.py`), loaded on its own
+(it defines no class or state the commands use), then imports the package normally and runs the command.
 """
 
 from __future__ import annotations
@@ -13,20 +14,45 @@ import sys
 from pathlib import Path
 
 
-def g2vlm() -> int:
-    package = importlib.util.find_spec("g2vlm_hf")  # located, not imported
+def _standalone(relative_path: str):
+    """Load `g2vlm_hf/<relative_path>`, a standard-library-only file, on its own: the package is located, not
+    imported (importing it imports torch and transformers)."""
+    package = importlib.util.find_spec("g2vlm_hf")
     if package is None or not package.submodule_search_locations:
         raise ImportError("The g2vlm_hf package is not installed.")
-    path = Path(next(iter(package.submodule_search_locations))) / "cli" / "parser.py"
-    spec = importlib.util.spec_from_file_location("g2vlm_hf_launcher_parser", path)
-    parser = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(parser)
+    path = Path(next(iter(package.submodule_search_locations))) / relative_path
+    name = "g2vlm_hf_launcher_" + relative_path.replace("/", "_").removesuffix(".py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def g2vlm() -> int:
+    parser = _standalone("cli/parser.py")
     args = parser.build_parser().parse_args()
     parser.quiet_import_warnings()
 
     from g2vlm_hf.cli.main import run
 
     return run(args)
+
+
+def g2vlm_convert() -> int:
+    """`g2vlm-convert`: its parser answers `--help` and argument errors first; the package then parses again (cheap)."""
+    _standalone("conversion/cli.py").build_parser().parse_args()
+    from g2vlm_hf.conversion.cli import main
+
+    return main()
+
+
+def g2vlm_eval() -> int:
+    """`g2vlm-eval`, likewise."""
+    _standalone("evaluation/parser.py").build_parser().parse_args()
+    _standalone("cli/parser.py").quiet_import_warnings()
+    from g2vlm_hf.evaluation.cli import main
+
+    return main()
 
 
 if __name__ == "__main__":

@@ -55,24 +55,25 @@ def test_an_example_without_a_model_says_what_to_pass(elsewhere, tmp_path):
     assert "no converted model in outputs/g2vlm-2b" in result.stderr and "--tiny" in result.stderr
 
 
-HELP_WITHOUT_THE_PACKAGE = """
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("g2vlm_hf.conversion.cli", sys.argv[1])
-cli = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(cli)
+HELP_THROUGH_THE_LAUNCHER = """
+import sys
+import g2vlm_hf_launcher
+
+sys.argv = [sys.argv[1], "--help"]
 try:
-    cli.main(["--help"])
+    getattr(g2vlm_hf_launcher, sys.argv[0].replace("-", "_"))()
 except SystemExit as done:
     heavy = sorted(name for name in ("torch", "transformers", "g2vlm_hf") if name in sys.modules)
     print("imported:", heavy, "exit:", done.code)
 """
 
 
-def test_convert_help_imports_no_torch(tmp_path):
-    """`g2vlm-convert --help` is answered by the module alone, as the `g2vlm` launcher loads cli.py."""
-    source = REPO_ROOT / "src" / "g2vlm_hf" / "conversion" / "cli.py"
-    result = run([sys.executable, "-c", HELP_WITHOUT_THE_PACKAGE, str(source)], tmp_path)
-    assert "usage: g2vlm-convert" in result.stdout, result.stderr[-2000:]
+@pytest.mark.parametrize("script", ["g2vlm", "g2vlm-convert", "g2vlm-eval"])
+def test_help_of_every_console_script_imports_no_torch(script, tmp_path):
+    """`--help` of each console script ([project.scripts] -> g2vlm_hf_launcher) is answered before the package, torch
+    and transformers are imported, and prints no warning."""
+    result = run([sys.executable, "-c", HELP_THROUGH_THE_LAUNCHER, script], tmp_path)
+    assert f"usage: {script}" in result.stdout, result.stderr[-2000:]
     assert "imported: [] exit: 0" in result.stdout
     assert result.stderr == ""  # no torchao / pytree warnings
 

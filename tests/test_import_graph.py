@@ -123,3 +123,14 @@ def test_the_parsers_dtypes_are_the_loaders():
     from g2vlm_hf.model_loading import DTYPES
 
     assert DTYPE_CHOICES == DTYPES
+
+
+def test_the_eval_parsers_choices_are_the_tables_they_name():
+    from g2vlm_hf.evaluation import parser
+    from g2vlm_hf.evaluation.depth import ALIGNMENTS
+    from g2vlm_hf.evaluation.poses import PAIR_DIRECTIONS
+    from g2vlm_hf.model_loading import DTYPES
+
+    assert parser.DTYPE_CHOICES == DTYPES
+    assert tuple(sorted(ALIGNMENTS)) == parser.ALIGNMENT_CHOICES
+    assert parser.PAIR_DIRECTIONS == PAIR_DIRECTIONS

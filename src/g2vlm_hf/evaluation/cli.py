@@ -14,12 +14,13 @@ import torch
 from transformers.utils import logging
 
 from ..export.atomic import write_json_atomic
-from ..model_loading import DTYPES, check_device
+from ..model_loading import check_device
 from ..processing.image_io import displayed_size
 from .datasets import GeometryScene, Question, find_scenes, load_questions
-from .depth import ALIGNMENTS, evaluate_depth, weighted_mean
+from .depth import evaluate_depth, weighted_mean
+from .parser import build_parser
 from .points import evaluate_point_maps
-from .poses import PAIR_DIRECTIONS, relative_pose_errors, summarize_pose_errors
+from .poses import relative_pose_errors, summarize_pose_errors
 from .predict import answer_question, load_model, predict_geometry
 from .vqa import score_answer, summarize_vqa
 
@@ -130,51 +131,10 @@ def format_table(task: str, summary: dict) -> str:
     return f"g2vlm-eval {task}\n" + "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="g2vlm-eval", description="Evaluate G2VLM (see docs/evaluation.md).")
-    tasks = parser.add_subparsers(dest="task", required=True)
-
-    def common(sub: argparse.ArgumentParser, data_help: str) -> None:
-        sub.add_argument("--model", required=True, help="converted checkpoint folder or Hub id")
-        sub.add_argument("--data", type=Path, required=True, help=data_help)
-        sub.add_argument("--output", type=Path, required=True, help="JSON result file (written atomically)")
-        sub.add_argument("--dtype", choices=DTYPES, default="auto")
-        sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        sub.add_argument("--limit", type=int, default=None, help="evaluate only the first N scenes/questions")
-
-    def geometry(sub: argparse.ArgumentParser) -> None:
-        common(sub, "folder of scenes (each with images/ and gt.npz)")
-        sub.add_argument("--geometry-width", type=int, default=None, help="resize views to this width (default 518)")
-
-    depth = tasks.add_parser("depth", help="AbsRel / delta<1.25 of predicted depth")
-    geometry(depth)
-    depth.add_argument("--alignment", choices=sorted(ALIGNMENTS), default="median")
-    depth.add_argument("--per-sequence", action="store_true", help="one alignment per scene (video depth)")
-    depth.add_argument("--single-view", action="store_true", help="reconstruct each view alone (monocular depth)")
-    depth.add_argument("--max-depth", type=float, default=None, help="ignore ground truth beyond this depth")
-    depth.add_argument("--clip-max", type=float, default=None, help="clamp aligned predictions to this depth")
-
-    points = tasks.add_parser("points", help="accuracy / completeness / normal consistency of world points")
-    geometry(points)
-    points.add_argument("--no-align", action="store_true", help="skip the similarity alignment")
-    points.add_argument("--icp-distance", type=float, default=None, help="refine by ICP (ETH3D: 0.1, DTU: 100)")
-    points.add_argument("--normals", choices=["knn", "grid"], default="knn", help="normals for the consistency")
-
-    poses = tasks.add_parser("poses", help="RRA/RTA at thresholds and AUC@30 over all view pairs")
-    geometry(poses)
-    poses.add_argument("--thresholds", type=float, nargs="+", default=[5.0, 15.0, 30.0])
-    poses.add_argument(
-        "--pair-direction", choices=PAIR_DIRECTIONS, default="i_to_j", help="i_to_j: G2VLM/Pi3 code; j_to_i: VGGT"
-    )
-
-    vqa = tasks.add_parser("vqa", help="multiple-choice accuracy / mean relative accuracy of answers")
-    common(vqa, "JSONL question file")
-    vqa.add_argument("--max-new-tokens", type=int, default=32)
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.limit is not None and args.limit < 1:
         print("g2vlm-eval: error: --limit must be at least 1", file=sys.stderr)
         return 2
