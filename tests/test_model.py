@@ -359,9 +359,9 @@ def test_two_requests_interleaved_step_by_step_equal_each_alone(model):
     pixels, grid = image_patches(*IMAGE_GRID)
     requests = [
         dict(input_ids=torch.tensor([chat_prompt([1, 5, 6], [8, 9])]), pixel_values=pixels, image_grid_thw=grid,
-             geometry_pixel_values=views()),  # fmt: skip
+             geometry_pixel_values=views()),
         dict(input_ids=torch.tensor([[1, 7, *image_block(*IMAGE_GRID), 8, 9, 10]]), pixel_values=pixels,
-             image_grid_thw=grid),  # fmt: skip
+             image_grid_thw=grid),
     ]
 
     def start(request):

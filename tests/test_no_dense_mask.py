@@ -9,11 +9,11 @@ import torch
 from conftest import geometry_block, tiny_model
 from test_attention_backends import flash_attention_stand_in, reference_varlen_attention
 from test_model import GRID_H, GRID_W
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from g2vlm_hf.modeling import text_decoder, torch_varlen
 from g2vlm_hf.modeling.block_attention import QUERY_CHUNK
 from g2vlm_hf.modeling.torch_varlen import VarlenKernel
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 MANY_VIEWS = 160  # 8 tokens per view: ~1,300 tokens, more than twice QUERY_CHUNK
 

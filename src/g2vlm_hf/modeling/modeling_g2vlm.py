@@ -11,6 +11,7 @@ from transformers.utils import can_return_tuple, logging, torch_compilable_check
 
 from .compat import accepts_cache_alias, cache_kwargs, output_cache
 from .configuration_g2vlm import G2VLMConfig, G2VLMReconstructionConfig
+from .generation_defaults import default_cache_implementation
 from .geometry_encoder import G2VLMGeometryEncoder
 from .geometry_heads import G2VLMGeometryHeads
 from .geometry_losses import G2VLMGeometryLossWeights, check_geometry_targets, geometry_losses
@@ -163,6 +164,8 @@ class G2VLMModel(LocalFlashAttentionMixin, G2VLMPreTrainedModel):
         assertion under `torch.compile`)."""
         # a tensor for a static cache: no branch on it
         cached = past_key_values is not None and past_key_values.get_seq_length() > 0
+        if cached is True:  # a decode step on a dynamic cache: nothing to check, no work per token
+            return
         for name, token_id, media in (
             ("pixel_values", self.config.image_token_id, pixel_values),
             ("geometry_pixel_values", self.config.geometry_token_id, geometry_pixel_values),
@@ -579,6 +582,17 @@ class G2VLMForConditionalGeneration(LocalFlashAttentionMixin, G2VLMPreTrainedMod
             if attention_mask is None:
                 del model_inputs["attention_mask"]
         return model_inputs
+
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+    ):  # fmt: skip
+        # Overridden: on CUDA a static cache (so that generate() compiles the decode step) unless the user chose.
+        default = default_cache_implementation(self, generation_config, model_kwargs, generation_mode)
+        if default is not None:
+            generation_config.cache_implementation = default
+        return super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+        )
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         # Overridden: the semantic images are flattened over the batch (patches and grids), so each sample's own

@@ -24,10 +24,9 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
+from transformers.utils import logging
 from transformers.utils.generic import is_flash_attention_requested, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
-
-from transformers.utils import logging
 
 from .block_attention import PrefixLayout, attend_query_chunks, prefix_layout
 from .compat import accepts_cache_alias, cache_kwargs
@@ -274,6 +273,8 @@ class G2VLMTextModel(LocalFlashAttentionMixin, G2VLMPreTrainedModel):
                 block_layout = pack_runs(inputs_embeds.shape[1], past_length, padding_mask, block_ids, varlen)
             else:
                 block_layout = prefix_layout(past_length, padding_mask, block_ids)
+        elif attention_mask is None and inputs_embeds.shape[1] == 1 and self._attends_all_cached_keys(past_key_values):
+            mask_description = None  # one query, no padding, every cached key real: nothing to mask (no work per step)
         else:
             if block_ids is not None and past_length:
                 block_ids = F.pad(block_ids, (past_length, 0), value=TEXT_BLOCK_ID)
@@ -298,6 +299,13 @@ class G2VLMTextModel(LocalFlashAttentionMixin, G2VLMPreTrainedModel):
             )
         hidden_states = route_tokens(hidden_states, split, self.norm, self.geo_norm)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **cache_kwargs(past_key_values))
+
+    def _attends_all_cached_keys(self, cache: Cache | None) -> bool:
+        """Whether a single query without padding may attend every key of `cache` with no mask: a dynamic cache
+        (a static one holds unused slots) under sdpa or the varlen backends."""
+        implementation = self.config._attn_implementation
+        unmasked = implementation in ("sdpa", TORCH_VARLEN) or is_flash_attention_requested(self.config)
+        return unmasked and not getattr(cache, "is_compileable", False)
 
     def _uses_block_layout(self) -> bool:
         """Whether chunks with image blocks avoid the dense mask: every backend but eager and flex attention (which
