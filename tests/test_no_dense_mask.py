@@ -74,7 +74,7 @@ def use_path(monkeypatch, model, path: str):
     return model
 
 
-@pytest.mark.parametrize("path", ["sdpa", "torch_varlen", "flash_attention_2", "sdpa_on_varlen"])
+@pytest.mark.parametrize("path", ["sdpa", "torch_varlen", "flash_attention_2", "sdpa_on_varlen", "flex_attention"])
 def test_no_dense_mask_at_many_views_and_equal_to_eager(path, monkeypatch):
     inputs = many_view_inputs()
     tokens = inputs["input_ids"].shape[1]

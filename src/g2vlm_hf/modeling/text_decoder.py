@@ -31,6 +31,7 @@ from transformers.utils.output_capturing import capture_outputs
 from .block_attention import PrefixLayout, attend_query_chunks, prefix_layout
 from .compat import accepts_cache_alias, cache_kwargs
 from .configuration_g2vlm import G2VLMTextConfig
+from .flex import FLEX_GRAPH_LIMIT, FlexBlocks, FlexGraphLimitReached, attend_flex_blocks
 from .layers import G2VLMMLP, ExpertSplit, G2VLMGeometryMLP, G2VLMLayerScale, route_tokens
 from .pretrained import G2VLMPreTrainedModel
 from .token_layout import TEXT_BLOCK_ID
@@ -39,8 +40,9 @@ from .varlen_attention import PackedRuns, attend_packed_runs, pack_runs
 
 logger = logging.get_logger(__name__)
 
-BlockLayout = PackedRuns | PrefixLayout
-"""How a chunk with image blocks is attended without a dense mask: packed varlen runs, or sdpa by query slices."""
+BlockLayout = PackedRuns | PrefixLayout | FlexBlocks
+"""How a chunk with image blocks is attended without a dense mask: packed varlen runs, sdpa by query slices, or flex
+attention with a BlockMask made from the prefix layout."""
 
 
 class G2VLMAttention(nn.Module):
@@ -131,6 +133,17 @@ class G2VLMAttention(nn.Module):
                 self, attention_interface, query, key, value, block_layout, dropout=dropout, scaling=self.scaling,
                 **kwargs,
             )  # fmt: skip
+        elif isinstance(block_layout, FlexBlocks):
+            try:
+                attn_output = attend_flex_blocks(query, key, value, block_layout, self.scaling)
+            except FlexGraphLimitReached:
+                logger.warning_once(f"flex attention reached its bound of {FLEX_GRAPH_LIMIT} compiled graphs: prompts "
+                                    "with images of new lengths now use sdpa by query slices.")  # fmt: skip
+                attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface("sdpa", None)
+                attn_output = attend_query_chunks(
+                    self, attention_interface, query, key, value, block_layout.layout, dropout=dropout,
+                    scaling=self.scaling, **kwargs,
+                )  # fmt: skip
         elif isinstance(block_layout, PrefixLayout):
             attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface("sdpa", None)
             attn_output = attend_query_chunks(
@@ -269,7 +282,9 @@ class G2VLMTextModel(LocalFlashAttentionMixin, G2VLMPreTrainedModel):
         elif block_ids is not None and padding_mask is not False and self._uses_block_layout():
             mask_description = None
             varlen = self._varlen_implementation(inputs_embeds)
-            if varlen is not None:
+            if self.config._attn_implementation == "flex_attention":
+                block_layout = FlexBlocks(prefix_layout(past_length, padding_mask, block_ids))
+            elif varlen is not None:
                 block_layout = pack_runs(inputs_embeds.shape[1], past_length, padding_mask, block_ids, varlen)
             else:
                 block_layout = prefix_layout(past_length, padding_mask, block_ids)
@@ -308,10 +323,9 @@ class G2VLMTextModel(LocalFlashAttentionMixin, G2VLMPreTrainedModel):
         return unmasked and not getattr(cache, "is_compileable", False)
 
     def _uses_block_layout(self) -> bool:
-        """Whether chunks with image blocks avoid the dense mask: every backend but eager and flex attention (which
-        gets a BlockMask, built by transformers without materialising the mask)."""
+        """Whether chunks with image blocks avoid the dense mask: every backend but eager."""
         implementation = self.config._attn_implementation
-        return implementation in ("sdpa", TORCH_VARLEN) or is_flash_attention_requested(self.config)
+        return implementation in ("sdpa", TORCH_VARLEN, "flex_attention") or is_flash_attention_requested(self.config)
 
     def _varlen_implementation(self, states: torch.Tensor) -> str | None:
         """The attention function for the packed runs of a chunk like `states`, or None for sdpa by query slices:
