@@ -24,8 +24,8 @@ def layout_inputs(views: int, prefix: int, padding: int | None) -> dict:
     return dict(input_ids=torch.tensor(rows), attention_mask=mask, geometry_pixel_values=scenes)
 
 
-def test_a_dozen_prompt_shapes_stay_compiled_and_equal_eager(monkeypatch):
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+@torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+def test_a_dozen_prompt_shapes_stay_compiled_and_equal_eager():
     torch._dynamo.reset()
     flex, reference = tiny_model(seed=3), tiny_model(seed=3)
     flex.set_attn_implementation("flex_attention")

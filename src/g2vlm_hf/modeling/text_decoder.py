@@ -274,20 +274,19 @@ class G2VLMTextModel(LocalFlashAttentionMixin, G2VLMPreTrainedModel):
         # calls (flash-attention, torch's varlen kernel) or the prefix layout of sdpa's query slices, so that no
         # backend but eager builds a tokens x tokens mask; otherwise the backend's mask, built by transformers.
         block_layout = None
-        padding_mask = attention_mask if attention_mask is None or isinstance(attention_mask, torch.Tensor) else False
-        if padding_mask is not None and padding_mask is not False and padding_mask.ndim != 2:
-            padding_mask = False  # a prepared 4D mask: transformers' path
+        padding_only = attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2)
         if isinstance(attention_mask, dict):  # prepared by generate() for a compileable cache (text decoding)
             mask_description = attention_mask["full_attention"]
-        elif block_ids is not None and padding_mask is not False and self._uses_block_layout():
+        elif block_ids is not None and padding_only and self._uses_block_layout():
             mask_description = None
-            varlen = self._varlen_implementation(inputs_embeds)
-            if self.config._attn_implementation == "flex_attention":
-                block_layout = FlexBlocks(prefix_layout(past_length, padding_mask, block_ids))
+            flex = self.config._attn_implementation == "flex_attention"
+            varlen = None if flex else self._varlen_implementation(inputs_embeds)
+            if flex:
+                block_layout = FlexBlocks(prefix_layout(past_length, attention_mask, block_ids))
             elif varlen is not None:
-                block_layout = pack_runs(inputs_embeds.shape[1], past_length, padding_mask, block_ids, varlen)
+                block_layout = pack_runs(inputs_embeds.shape[1], past_length, attention_mask, block_ids, varlen)
             else:
-                block_layout = prefix_layout(past_length, padding_mask, block_ids)
+                block_layout = prefix_layout(past_length, attention_mask, block_ids)
         elif attention_mask is None and inputs_embeds.shape[1] == 1 and self._attends_all_cached_keys(past_key_values):
             mask_description = None  # one query, no padding, every cached key real: nothing to mask (no work per step)
         else:

@@ -1,4 +1,5 @@
-"""The shared attention of a prompt chunk with image blocks under flash-attention: varlen calls over packed runs.
+"""The shared attention of a prompt chunk with image blocks on a varlen kernel (flash-attention, or torch's own
+`varlen_attn` through "torch_varlen", see torch_varlen.py): varlen calls over packed runs.
 
 One flash-attention call is either causal or not, while a G²VLM prompt mixes causal text with bidirectional image
 blocks. So the tokens of each row are cut into runs at block boundaries: a run of text is causal, an image block
