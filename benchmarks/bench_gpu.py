@@ -2,7 +2,9 @@
 floor for the device it finds: time >= max(FLOPs / peak FLOP/s, bytes / peak bandwidth), with the peaks measured on
 that device (a large matmul in the benchmark's dtype, a large copy).
 
-Rows, per attention backend (sdpa, flex_attention, and flash_attention_2 when flash_attn imports):
+Rows, per attention backend (sdpa, torch_varlen on CUDA with torch >= 2.10, flex_attention, and flash_attention_2 when
+flash_attn imports; in bfloat16/float16 on CUDA the default sdpa runs prompts with images on torch's varlen kernel too,
+so its sdpa-by-query-slices path shows in float32):
 - reconstruction of 16 views of 518x518: latency and peak memory;
 - the largest view count that fits (doubling from 16 until out of memory or the time budget);
 - prefill tok/s with 1024 prompt tokens and decode tok/s after them, at batch 1 and 8;
@@ -200,6 +202,8 @@ def bench_backend(model, config: G2VLMConfig, args, device: torch.device, peaks:
 
 def available_backends(device: torch.device) -> list[str]:
     backends = ["sdpa", "flex_attention"]
+    if device.type == "cuda" and importlib.util.find_spec("torch.nn.attention.varlen") is not None:
+        backends.insert(1, "torch_varlen")
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         backends.append("flash_attention_2")
     return backends
@@ -210,7 +214,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--tiny", action="store_true", help="a tiny config (to check the script on a CPU)")
-    parser.add_argument("--backends", nargs="+", help="default: sdpa, flex_attention, flash_attention_2 if importable")
+    parser.add_argument("--backends", nargs="+", help="default: sdpa, torch_varlen (CUDA), flex_attention, flash_attention_2 if importable")
     parser.add_argument("--views", type=int, default=16)
     parser.add_argument("--side", type=int, default=518)
     parser.add_argument("--max-views", type=int, default=256)

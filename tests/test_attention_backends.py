@@ -273,14 +273,6 @@ def test_static_cache_generation_equals_dynamic(batched):
     assert torch.equal(static, dynamic)
 
 
-def test_flash_without_the_package_names_the_alternatives():
-    pytest.importorskip("torch")
-    if torch.cuda.is_available():
-        pytest.skip("on a CUDA machine flash_attn may be installed")
-    with pytest.raises((ImportError, ValueError), match="attn_implementation='sdpa'"):
-        tiny_model().set_attn_implementation("flash_attention_2")
-
-
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (flash-attention kernels)")
 
 

@@ -67,7 +67,7 @@ def test_a_static_cache_decode_step_compiles_without_graph_breaks(implementation
 
     def prefill() -> StaticCache:
         cache = StaticCache(config=model.config, max_cache_len=length + 4)
-        model(**prompt, **cache_kwargs(cache), use_cache=True)
+        prefill.rope_deltas = model(**prompt, **cache_kwargs(cache), use_cache=True).rope_deltas
         return cache
 
     def step(token: torch.Tensor, position: torch.Tensor, cache: StaticCache) -> torch.Tensor:
@@ -76,7 +76,7 @@ def test_a_static_cache_decode_step_compiles_without_graph_breaks(implementation
     token = torch.tensor([[11]])
     with torch.no_grad():
         cache = prefill()
-        position = (length + model.model.rope_deltas).view(1, 1, 1).expand(3, 1, 1)  # the next M-RoPE position
+        position = (length + prefill.rope_deltas).view(1, 1, 1).expand(3, 1, 1)  # the next M-RoPE position
         expected = step(token, position, cache)
         compiled = torch.compile(step, fullgraph=True, backend="eager")
         actual = compiled(token, position, prefill())

@@ -351,3 +351,40 @@ def test_the_views_of_a_scene_attend_to_its_first_view_as_if_one_by_one():
         per_scene = cross_attention(hidden, context, rope)
         one_by_one = cross_attention(hidden, context.repeat_interleave(views, dim=0), rope)  # a context per view
     torch.testing.assert_close(per_scene, one_by_one, rtol=1e-5, atol=1e-6)
+
+
+def test_two_requests_interleaved_step_by_step_equal_each_alone(model):
+    """No per-request state on the model: each cache carries its own rope deltas, so two generations of different
+    image layouts advanced alternately on one model give what each gives alone."""
+    pixels, grid = image_patches(*IMAGE_GRID)
+    requests = [
+        dict(input_ids=torch.tensor([chat_prompt([1, 5, 6], [8, 9])]), pixel_values=pixels, image_grid_thw=grid,
+             geometry_pixel_values=views()),
+        dict(input_ids=torch.tensor([[1, 7, *image_block(*IMAGE_GRID), 8, 9, 10]]), pixel_values=pixels,
+             image_grid_thw=grid),
+    ]
+
+    def start(request):
+        cache = DynamicCache(config=model.config.text_config)
+        logits = model(**request, past_key_values=cache, use_cache=True).logits
+        return cache, [int(logits[0, -1].argmax())]
+
+    def step(cache, tokens):
+        logits = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True).logits
+        tokens.append(int(logits[0, -1].argmax()))
+
+    with torch.no_grad():
+        alone = []
+        for request in requests:
+            cache, tokens = start(request)
+            for _ in range(5):
+                step(cache, tokens)
+            alone.append((tokens, cache.layers[0].keys.clone()))
+        states = [start(request) for request in requests]
+        for _ in range(5):
+            for cache, tokens in states:
+                step(cache, tokens)
+    for (tokens, keys), (cache, interleaved) in zip(alone, states):
+        assert interleaved == tokens
+        torch.testing.assert_close(cache.layers[0].keys, keys)  # the same positions went into the cache
+    assert not hasattr(model.model, "rope_deltas")

@@ -11,6 +11,7 @@ from transformers.utils import can_return_tuple, logging, torch_compilable_check
 
 from .compat import accepts_cache_alias, cache_kwargs, output_cache
 from .configuration_g2vlm import G2VLMConfig, G2VLMReconstructionConfig
+from .generation_defaults import default_cache_implementation
 from .geometry_encoder import G2VLMGeometryEncoder
 from .geometry_heads import G2VLMGeometryHeads
 from .geometry_losses import G2VLMGeometryLossWeights, check_geometry_targets, geometry_losses
@@ -20,6 +21,7 @@ from .outputs import G2VLMCausalLMOutputWithPast, G2VLMModelOutputWithPast, G2VL
 from .pretrained import FULL_PRECISION_MODULES, G2VLMPreTrainedModel
 from .text_decoder import G2VLMTextModel
 from .token_layout import get_block_ids, get_rope_index
+from .torch_varlen import LocalFlashAttentionMixin
 
 logger = logging.get_logger(__name__)
 
@@ -32,7 +34,7 @@ class G2VLMVisionEncoder(Qwen2VisionTransformerPretrainedModel):
     _supports_flex_attn = True
 
 
-class G2VLMModel(G2VLMPreTrainedModel):
+class G2VLMModel(LocalFlashAttentionMixin, G2VLMPreTrainedModel):
     """The encoders and the two-expert decoder, without LM head or geometry heads."""
 
     _keep_in_fp32_modules = ["geometry_encoder", "geometry_projector"]  # see FULL_PRECISION_MODULES
@@ -49,7 +51,6 @@ class G2VLMModel(G2VLMPreTrainedModel):
         )
         self.geometry_projector = nn.Linear(config.geometry_config.hidden_size, config.text_config.hidden_size)
         self.language_model = G2VLMTextModel._from_config(config.text_config)
-        self.rope_deltas = None
         self.post_init()
 
     @property
@@ -114,10 +115,11 @@ class G2VLMModel(G2VLMPreTrainedModel):
         image_grid_thw: torch.LongTensor | None,
         geometry_grid_thw: torch.LongTensor | None,
     ) -> torch.LongTensor:
-        """3D positions of `input_ids`, continuing after the cache; updates `self.rope_deltas`."""
+        """3D positions of `input_ids`, continuing after the cache from the rope deltas the cache carries (see
+        `cached_rope_deltas`); nothing is kept on the model, so requests with their own caches never mix."""
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         has_media = image_grid_thw is not None or geometry_grid_thw is not None
-        previous_deltas = self.rope_deltas if (past_length and self.rope_deltas is not None) else None
+        previous_deltas = cached_rope_deltas(past_key_values) if past_length else None
         if past_length and not has_media:
             deltas = previous_deltas if previous_deltas is not None else torch.zeros(1, 1, dtype=torch.long)
             positions = torch.arange(past_length, past_length + input_ids.shape[1], device=input_ids.device)
@@ -125,9 +127,9 @@ class G2VLMModel(G2VLMPreTrainedModel):
         start_positions = None
         if past_length:
             deltas = previous_deltas if previous_deltas is not None else torch.zeros(input_ids.shape[0], 1, dtype=torch.long)
-            start_positions = past_length + deltas.view(-1).cpu().expand(input_ids.shape[0])
+            start_positions = past_length + deltas.view(-1).to(input_ids.device).expand(input_ids.shape[0])
         chunk_mask = attention_mask[:, -input_ids.shape[1] :] if is_padding_mask(attention_mask) else None
-        position_ids, self.rope_deltas = get_rope_index(
+        position_ids, _ = get_rope_index(
             input_ids,
             image_grid_thw,
             geometry_grid_thw,
@@ -162,6 +164,8 @@ class G2VLMModel(G2VLMPreTrainedModel):
         assertion under `torch.compile`)."""
         # a tensor for a static cache: no branch on it
         cached = past_key_values is not None and past_key_values.get_seq_length() > 0
+        if cached is True:  # a decode step on a dynamic cache: nothing to check, no work per token
+            return
         for name, token_id, media in (
             ("pixel_values", self.config.image_token_id, pixel_values),
             ("geometry_pixel_values", self.config.geometry_token_id, geometry_pixel_values),
@@ -265,14 +269,45 @@ class G2VLMModel(G2VLMPreTrainedModel):
             **cache_kwargs(past_key_values),
             **kwargs,
         )
+        cache = output_cache(outputs)
+        rope_deltas = cached_rope_deltas(cache)
+        if rope_deltas is None or image_mask is not None or geometry_mask is not None:
+            # a prompt, or a chunk with images: the deltas change; text after them keeps them (no work per step)
+            chunk_mask = attention_mask[:, -input_ids.shape[1] :] if is_padding_mask(attention_mask) else None
+            rope_deltas = rope_deltas_of(position_ids, chunk_mask, cache.get_seq_length() if cache is not None else None)
+            if cache is not None:
+                setattr(cache, ROPE_DELTAS_ATTRIBUTE, rope_deltas)
         return G2VLMModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            rope_deltas=self.rope_deltas,
+            rope_deltas=rope_deltas,
             image_outputs=image_outputs,
-            **cache_kwargs(output_cache(outputs)),
+            **cache_kwargs(cache),
         )
+
+
+ROPE_DELTAS_ATTRIBUTE = "g2vlm_rope_deltas"
+"""The attribute of a key/value cache holding its request's rope deltas `(batch, 1)`: per request, not per model."""
+
+
+def cached_rope_deltas(cache: Cache | None) -> torch.LongTensor | None:
+    """The rope deltas a cache filled by G2VLM carries (None for no cache, or one G2VLM did not fill)."""
+    return getattr(cache, ROPE_DELTAS_ATTRIBUTE, None) if cache is not None else None
+
+
+def rope_deltas_of(
+    position_ids: torch.LongTensor, chunk_mask: torch.Tensor | None, total_length: int | torch.Tensor | None
+) -> torch.LongTensor:
+    """`(batch, 1)` offsets such that the text token at absolute index i after this chunk gets position
+    `i + deltas`: the next position (one past the largest position of the chunk's real tokens) minus the index of the
+    next token (`total_length`, cache included; the chunk's length without a cache)."""
+    positions = position_ids.amax(dim=0)  # (batch, seq): the largest of the three axes
+    if chunk_mask is not None:
+        positions = positions.masked_fill(~chunk_mask.to(positions.device).bool(), -1)
+    if total_length is None:
+        total_length = position_ids.shape[-1]
+    return positions.amax(dim=-1, keepdim=True) + 1 - total_length
 
 
 def is_padding_mask(attention_mask) -> bool:
@@ -360,7 +395,7 @@ def reconstruct_scenes(
     return reconstruction
 
 
-class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
+class G2VLMForConditionalGeneration(LocalFlashAttentionMixin, G2VLMPreTrainedModel, GenerationMixin):
     """G²VLM with a language-modelling head (spatial-reasoning chat) and geometry heads (3D reconstruction)."""
 
     _keep_in_fp32_modules = FULL_PRECISION_MODULES
@@ -548,6 +583,17 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
                 del model_inputs["attention_mask"]
         return model_inputs
 
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+    ):  # fmt: skip
+        # Overridden: on CUDA a static cache (so that generate() compiles the decode step) unless the user chose.
+        default = default_cache_implementation(self, generation_config, model_kwargs, generation_mode)
+        if default is not None:
+            generation_config.cache_implementation = default
+        return super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+        )
+
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         # Overridden: the semantic images are flattened over the batch (patches and grids), so each sample's own
         # images are repeated (`generate()` would repeat every patch row). The geometry views are per sample already.
@@ -598,7 +644,7 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
                 geometry_grid_thw,
             )
             return F.pad(new_positions, (past_length, 0))
-        position_ids, self.model.rope_deltas = get_rope_index(
+        position_ids, _ = get_rope_index(
             input_ids,
             image_grid_thw,
             geometry_grid_thw,
@@ -610,7 +656,7 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
         return position_ids
 
 
-class G2VLMForReconstruction(G2VLMPreTrainedModel):
+class G2VLMForReconstruction(LocalFlashAttentionMixin, G2VLMPreTrainedModel):
     """G²VLM for 3D reconstruction only: the geometry encoder, the two-expert decoder and the geometry heads, without
     the semantic vision encoder and the LM head. Loads with `AutoModel` from a reconstruction-only export."""
 

@@ -24,15 +24,25 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
+from transformers.utils import logging
 from transformers.utils.generic import is_flash_attention_requested, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
+from .block_attention import PrefixLayout, attend_query_chunks, prefix_layout
 from .compat import accepts_cache_alias, cache_kwargs
 from .configuration_g2vlm import G2VLMTextConfig
+from .flex import FLEX_GRAPH_LIMIT, FlexBlocks, FlexGraphLimitReached, attend_flex_blocks
 from .layers import G2VLMMLP, ExpertSplit, G2VLMGeometryMLP, G2VLMLayerScale, route_tokens
 from .pretrained import G2VLMPreTrainedModel
 from .token_layout import TEXT_BLOCK_ID
+from .torch_varlen import TORCH_VARLEN, LocalFlashAttentionMixin, can_use_varlen_kernel
 from .varlen_attention import PackedRuns, attend_packed_runs, pack_runs
+
+logger = logging.get_logger(__name__)
+
+BlockLayout = PackedRuns | PrefixLayout | FlexBlocks
+"""How a chunk with image blocks is attended without a dense mask: packed varlen runs, sdpa by query slices, or flex
+attention with a BlockMask made from the prefix layout."""
 
 
 class G2VLMAttention(nn.Module):
@@ -98,12 +108,13 @@ class G2VLMAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         past_key_values: Cache | None = None,
-        packed_runs: PackedRuns | None = None,
+        block_layout: BlockLayout | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`attention_mask` is the configured backend's mask (dense, BlockMask, or the padding mask of
-        flash-attention); `packed_runs`, given under flash-attention for a chunk with image blocks, replaces it: the
-        causal and the bidirectional runs then go to one varlen call each."""
+        """`attention_mask` is the configured backend's mask (dense for eager, a BlockMask, sdpa's mask of a text
+        chunk, or the padding mask of flash-attention); `block_layout`, given for a chunk with image blocks on the
+        varlen and sdpa paths, replaces it: packed runs go to one varlen call per kind of run, a prefix layout to sdpa
+        by slices of queries (block_attention.py)."""
         batch, seq = hidden_states.shape[:2]
         # per expert, in one routing: projections and QK-norm
         qkv = route_tokens(hidden_states, split, self._semantic_qkv, self._geometry_qkv).transpose(1, 2)
@@ -114,20 +125,38 @@ class G2VLMAttention(nn.Module):
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
         dropout = 0.0 if not self.training else self.attention_dropout
-        if packed_runs is None:
+        attn_weights = None
+        if isinstance(block_layout, PackedRuns):
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(block_layout.implementation, None)
+            attn_output = attend_packed_runs(
+                self, attention_interface, query, key, value, block_layout, dropout=dropout, scaling=self.scaling,
+                **kwargs,
+            )  # fmt: skip
+        elif isinstance(block_layout, FlexBlocks):
+            try:
+                attn_output = attend_flex_blocks(query, key, value, block_layout, self.scaling)
+            except FlexGraphLimitReached:
+                logger.warning_once(f"flex attention reached its bound of {FLEX_GRAPH_LIMIT} compiled graphs: prompts "
+                                    "with images of new lengths now use sdpa by query slices.")  # fmt: skip
+                attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface("sdpa", None)
+                attn_output = attend_query_chunks(
+                    self, attention_interface, query, key, value, block_layout.layout, dropout=dropout,
+                    scaling=self.scaling, **kwargs,
+                )  # fmt: skip
+        elif isinstance(block_layout, PrefixLayout):
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface("sdpa", None)
+            attn_output = attend_query_chunks(
+                self, attention_interface, query, key, value, block_layout, dropout=dropout, scaling=self.scaling,
+                **kwargs,
+            )  # fmt: skip
+        else:
+            attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
             attn_output, attn_weights = attention_interface(
                 self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
             )
-        else:
-            attn_output = attend_packed_runs(
-                self, attention_interface, query, key, value, packed_runs, dropout=dropout, scaling=self.scaling,
-                **kwargs,
-            )  # fmt: skip
-            attn_weights = None
         attn_output = attn_output.reshape(batch, seq, -1).contiguous()
         attn_output = route_tokens(attn_output, split, self.o_proj, self.geo_o_proj)
         return attn_output, attn_weights
@@ -156,13 +185,13 @@ class G2VLMDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
-        packed_runs: PackedRuns | None = None,
+        block_layout: BlockLayout | None = None,
         **kwargs,
     ) -> torch.Tensor:
         residual = hidden_states
         hidden_states = route_tokens(hidden_states, split, self.input_layernorm, self.geo_input_layernorm)
         hidden_states, _ = self.self_attn(
-            hidden_states, split, position_embeddings, attention_mask, past_key_values, packed_runs, **kwargs
+            hidden_states, split, position_embeddings, attention_mask, past_key_values, block_layout, **kwargs
         )
         hidden_states = residual + self._scale_geometry(hidden_states, split, self.geo_attn_layer_scale)
 
@@ -184,7 +213,7 @@ class G2VLMDecoderLayer(GradientCheckpointingLayer):
         return torch.where(split.mask.unsqueeze(-1), layer_scale(hidden_states), hidden_states)
 
 
-class G2VLMTextModel(G2VLMPreTrainedModel):
+class G2VLMTextModel(LocalFlashAttentionMixin, G2VLMPreTrainedModel):
     """The two-expert decoder without LM head. Returns the final hidden states, each token normed by its expert's
     final norm."""
 
@@ -241,15 +270,25 @@ class G2VLMTextModel(G2VLMPreTrainedModel):
         if position_ids is None:
             positions = torch.arange(past_length, past_length + inputs_embeds.shape[1], device=inputs_embeds.device)
             position_ids = positions.expand(3, inputs_embeds.shape[0], -1)
-        # one description of who attends to whom, for every layer: the backend's mask, built by transformers from the
-        # block ids; or, under flash-attention for a chunk with image blocks, the packed runs of the varlen calls
-        # (one call cannot mix causal and bidirectional tokens).
-        packed_runs = None
+        # one description of who attends to whom, for every layer: with image blocks, the packed runs of the varlen
+        # calls (flash-attention, torch's varlen kernel) or the prefix layout of sdpa's query slices, so that no
+        # backend but eager builds a tokens x tokens mask; otherwise the backend's mask, built by transformers.
+        block_layout = None
+        padding_only = attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2)
         if isinstance(attention_mask, dict):  # prepared by generate() for a compileable cache (text decoding)
             mask_description = attention_mask["full_attention"]
-        elif block_ids is not None and is_flash_attention_requested(self.config):
-            packed_runs = pack_runs(inputs_embeds.shape[1], past_length, attention_mask, block_ids)
+        elif block_ids is not None and padding_only and self._uses_block_layout():
             mask_description = None
+            flex = self.config._attn_implementation == "flex_attention"
+            varlen = None if flex else self._varlen_implementation(inputs_embeds)
+            if flex:
+                block_layout = FlexBlocks(prefix_layout(past_length, attention_mask, block_ids))
+            elif varlen is not None:
+                block_layout = pack_runs(inputs_embeds.shape[1], past_length, attention_mask, block_ids, varlen)
+            else:
+                block_layout = prefix_layout(past_length, attention_mask, block_ids)
+        elif attention_mask is None and inputs_embeds.shape[1] == 1 and self._attends_all_cached_keys(past_key_values):
+            mask_description = None  # one query, no padding, every cached key real: nothing to mask (no work per step)
         else:
             if block_ids is not None and past_length:
                 block_ids = F.pad(block_ids, (past_length, 0), value=TEXT_BLOCK_ID)
@@ -269,11 +308,39 @@ class G2VLMTextModel(G2VLMPreTrainedModel):
                 position_embeddings,
                 attention_mask=mask_description,
                 past_key_values=past_key_values,
-                packed_runs=packed_runs,
+                block_layout=block_layout,
                 **kwargs,
             )
         hidden_states = route_tokens(hidden_states, split, self.norm, self.geo_norm)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **cache_kwargs(past_key_values))
+
+    def _attends_all_cached_keys(self, cache: Cache | None) -> bool:
+        """Whether a single query without padding may attend every key of `cache` with no mask: a dynamic cache
+        (a static one holds unused slots) under sdpa or the varlen backends."""
+        implementation = self.config._attn_implementation
+        unmasked = implementation in ("sdpa", TORCH_VARLEN) or is_flash_attention_requested(self.config)
+        return unmasked and not getattr(cache, "is_compileable", False)
+
+    def _uses_block_layout(self) -> bool:
+        """Whether chunks with image blocks avoid the dense mask: every backend but eager."""
+        implementation = self.config._attn_implementation
+        return implementation in ("sdpa", TORCH_VARLEN, "flex_attention") or is_flash_attention_requested(self.config)
+
+    def _varlen_implementation(self, states: torch.Tensor) -> str | None:
+        """The attention function for the packed runs of a chunk like `states`, or None for sdpa by query slices:
+        flash-attention when configured; torch's varlen kernel for "torch_varlen" and for the default (sdpa) on CUDA
+        in half precision."""
+        implementation = self.config._attn_implementation
+        if is_flash_attention_requested(self.config):
+            return implementation
+        if can_use_varlen_kernel(states):
+            return TORCH_VARLEN
+        if implementation == TORCH_VARLEN:
+            logger.warning_once(
+                f"attn_implementation='torch_varlen' needs CUDA and bfloat16/float16 (got {states.device.type}, "
+                f"{states.dtype}): prompts with images use sdpa by query slices instead."
+            )
+        return None
 
 
 __all__ = ["G2VLMTextModel"]

@@ -154,3 +154,17 @@ def get_block_ids(
     new_block = in_block & (~shifted(in_block, 1) | (opens & ~continues_scene))
     block_ids = new_block.long().cumsum(dim=1) - 1
     return torch.where(in_block, block_ids, torch.full_like(block_ids, TEXT_BLOCK_ID))
+
+
+def block_last_index(block_ids: torch.LongTensor) -> torch.LongTensor:
+    """`(batch, seq)` index of the last token each token attends to within its chunk: itself for causal text, the last
+    token of its block for a token of a bidirectional block. Tensor operations only (no host read).
+
+    With the padding of the keys this is the whole attention pattern of a prompt: every query sees a prefix of its row.
+    """
+    seq = block_ids.shape[1]
+    positions = torch.arange(seq, device=block_ids.device).expand_as(block_ids)
+    is_text = block_ids == TEXT_BLOCK_ID
+    ends_block = is_text | (block_ids != shifted(block_ids, -1)) | (positions == seq - 1)
+    last = torch.where(ends_block, positions, seq)  # the end of a run at its last token, past-the-end elsewhere
+    return last.flip(1).cummin(dim=1).values.flip(1)

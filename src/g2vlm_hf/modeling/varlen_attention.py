@@ -1,4 +1,5 @@
-"""The shared attention of a prompt chunk with image blocks under flash-attention: varlen calls over packed runs.
+"""The shared attention of a prompt chunk with image blocks on a varlen kernel (flash-attention, or torch's own
+`varlen_attn` through "torch_varlen", see torch_varlen.py): varlen calls over packed runs.
 
 One flash-attention call is either causal or not, while a G²VLM prompt mixes causal text with bidirectional image
 blocks. So the tokens of each row are cut into runs at block boundaries: a run of text is causal, an image block
@@ -48,6 +49,7 @@ class PackedRuns:
     groups: list[VarlenGroup]
     q_len: int
     kv_len: int  # past + current tokens; a static cache may hold longer (unused) key buffers
+    implementation: str = "flash_attention_2"  # the attention function of the varlen calls (transformers' registry)
 
 
 def pack_runs(
@@ -55,6 +57,7 @@ def pack_runs(
     past_length: int,
     attention_mask: torch.Tensor | None,
     block_ids: torch.LongTensor,
+    implementation: str = "flash_attention_2",
 ) -> PackedRuns:
     """Cut every row of a chunk into runs and pack them for varlen calls.
 
@@ -63,6 +66,7 @@ def pack_runs(
         past_length: number of cached tokens before the chunk (the keys are `past_length + q_len` long).
         attention_mask: `(batch, past_length + q_len)`, 0 on padding (None: no padding).
         block_ids: `(batch, q_len)` bidirectional block of each query token, -1 for causal text.
+        implementation: the registry name of the attention function that will attend the runs.
     """
     kv_len = past_length + q_len
     key_valid = (
@@ -72,7 +76,7 @@ def pack_runs(
     )
     packed = pack_varlen_runs(key_valid, block_ids)
     groups = [VarlenGroup(causal, *packed[4 * index : 4 * index + 4]) for index, causal in enumerate((True, False))]
-    return PackedRuns(groups=groups, q_len=q_len, kv_len=kv_len)
+    return PackedRuns(groups=groups, q_len=q_len, kv_len=kv_len, implementation=implementation)
 
 
 @torch.library.custom_op(f"{OPERATOR_NAMESPACE}::pack_varlen_runs", mutates_args=())
