@@ -21,7 +21,6 @@ from .outputs import G2VLMCausalLMOutputWithPast, G2VLMModelOutputWithPast, G2VL
 from .pretrained import FULL_PRECISION_MODULES, G2VLMPreTrainedModel
 from .text_decoder import G2VLMTextModel
 from .token_layout import get_block_ids, get_rope_index
-from .torch_varlen import LocalFlashAttentionMixin
 
 logger = logging.get_logger(__name__)
 
@@ -34,7 +33,7 @@ class G2VLMVisionEncoder(Qwen2VisionTransformerPretrainedModel):
     _supports_flex_attn = True
 
 
-class G2VLMModel(LocalFlashAttentionMixin, G2VLMPreTrainedModel):
+class G2VLMModel(G2VLMPreTrainedModel):
     """The encoders and the two-expert decoder, without LM head or geometry heads."""
 
     _keep_in_fp32_modules = ["geometry_encoder", "geometry_projector"]  # see FULL_PRECISION_MODULES
@@ -395,7 +394,7 @@ def reconstruct_scenes(
     return reconstruction
 
 
-class G2VLMForConditionalGeneration(LocalFlashAttentionMixin, G2VLMPreTrainedModel, GenerationMixin):
+class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
     """G²VLM with a language-modelling head (spatial-reasoning chat) and geometry heads (3D reconstruction)."""
 
     _keep_in_fp32_modules = FULL_PRECISION_MODULES
@@ -656,7 +655,7 @@ class G2VLMForConditionalGeneration(LocalFlashAttentionMixin, G2VLMPreTrainedMod
         return position_ids
 
 
-class G2VLMForReconstruction(LocalFlashAttentionMixin, G2VLMPreTrainedModel):
+class G2VLMForReconstruction(G2VLMPreTrainedModel):
     """G²VLM for 3D reconstruction only: the geometry encoder, the two-expert decoder and the geometry heads, without
     the semantic vision encoder and the LM head. Loads with `AutoModel` from a reconstruction-only export."""
 

@@ -10,6 +10,7 @@ from transformers import initialization as init
 from .compat import HubKernelsOnRequest
 from .configuration_g2vlm import G2VLMConfig
 from .layers import G2VLMLayerScale
+from .torch_varlen import LocalFlashAttentionMixin
 
 # The parts whose precision the 3D outputs depend on, small beside the decoder: never quantized (transformers'
 # quantizers, bitsandbytes and torchao among them, skip `_keep_in_fp32_modules`) and loaded in float32 when the rest
@@ -20,7 +21,9 @@ from .layers import G2VLMLayerScale
 FULL_PRECISION_MODULES = ["geometry_heads.*", "model.geometry_encoder", "model.geometry_projector"]
 
 
-class G2VLMPreTrainedModel(HubKernelsOnRequest, PreTrainedModel):  # Hub kernels only when asked (compat.py)
+# Hub kernels only when asked (compat.py); flash_attention_2 without the flash-attn package runs on torch's varlen
+# kernel instead of a Hub download (torch_varlen.py).
+class G2VLMPreTrainedModel(LocalFlashAttentionMixin, HubKernelsOnRequest, PreTrainedModel):
     config: G2VLMConfig
     base_model_prefix = "model"
     input_modalities = ("image", "text")
@@ -41,7 +44,7 @@ class G2VLMPreTrainedModel(HubKernelsOnRequest, PreTrainedModel):  # Hub kernels
     # transformers' own attention functions (eager, sdpa, flash, flex, registered ones) are not affected.
     _supports_attention_backend = False
     _supports_flash_attn = True  # image blocks go through varlen calls (varlen_attention.py)
-    _supports_flex_attn = True  # the mixed mask becomes a BlockMask through create_causal_mask
+    _supports_flex_attn = True  # prompts with images: a BlockMask from the prefix layout (flex.py), never dense
     # A decode step with a static cache compiles as one graph for every backend (tests/test_compile.py); the prompt
     # (prefill) with images still syncs with the host to lay out its image blocks.
     _can_compile_fullgraph = True

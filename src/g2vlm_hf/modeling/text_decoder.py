@@ -35,7 +35,7 @@ from .flex import FLEX_GRAPH_LIMIT, FlexBlocks, FlexGraphLimitReached, attend_fl
 from .layers import G2VLMMLP, ExpertSplit, G2VLMGeometryMLP, G2VLMLayerScale, route_tokens
 from .pretrained import G2VLMPreTrainedModel
 from .token_layout import TEXT_BLOCK_ID
-from .torch_varlen import TORCH_VARLEN, LocalFlashAttentionMixin, can_use_varlen_kernel
+from .torch_varlen import TORCH_VARLEN, can_use_varlen_kernel
 from .varlen_attention import PackedRuns, attend_packed_runs, pack_runs
 
 logger = logging.get_logger(__name__)
@@ -213,7 +213,7 @@ class G2VLMDecoderLayer(GradientCheckpointingLayer):
         return torch.where(split.mask.unsqueeze(-1), layer_scale(hidden_states), hidden_states)
 
 
-class G2VLMTextModel(LocalFlashAttentionMixin, G2VLMPreTrainedModel):
+class G2VLMTextModel(G2VLMPreTrainedModel):
     """The two-expert decoder without LM head. Returns the final hidden states, each token normed by its expert's
     final norm."""
 
