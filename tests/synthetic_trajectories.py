@@ -12,6 +12,8 @@ of the camera's position and heading), so that retrieval by image features finds
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 from torch import nn
@@ -121,7 +123,7 @@ class StandInModel(nn.Module):
         scales and `(n, 4, 4)` poses (rotation and position)."""
         truth = self.trajectory.poses[index]
         scales, poses = [1.0], [truth[0].clone()]
-        for previous, current in zip(truth[:-1], truth[1:], strict=True):
+        for previous, current in itertools.pairwise(truth):
             step = torch.linalg.solve(previous, current)  # previous camera -> current camera (rigid)
             last = Similarity(scales[-1], poses[-1][:3, :3], poses[-1][:3, 3])
             moved = last.compose(self.bias).compose(Similarity(1.0, step[:3, :3], step[:3, 3]))
