@@ -42,11 +42,11 @@ def random_similarity(rng: np.random.Generator) -> Similarity:
 
 class LoopTrajectory:
     """`num_views` cameras once around a circle of radius `radius` (view `num_views` would be view 0 again), each
-    looking outwards and slightly ahead, with random per-pixel depths in [1, 6]."""
+    looking outwards and slightly ahead at the wall of a cylinder of radius `2.5 * radius`."""
 
     def __init__(self, num_views: int, radius: float = 4.0, seed: int = 0):
-        rng = np.random.default_rng(seed)
-        angles = 2 * np.pi * np.arange(num_views) / num_views
+        start = np.random.default_rng(seed).uniform(0, 2 * np.pi)  # where on the circle the walk starts
+        angles = start + 2 * np.pi * np.arange(num_views) / num_views
         positions = np.stack([radius * np.cos(angles), 0.2 * np.sin(3 * angles), radius * np.sin(angles)], axis=1)
         self.angles = angles
         # camera z (forward) points outwards and a little ahead; y (down) along the world's -y
@@ -61,7 +61,14 @@ class LoopTrajectory:
         self.poses[:, :3, 3] = torch.from_numpy(positions)
         rows, columns = torch.meshgrid(torch.arange(HEIGHT) + 0.5, torch.arange(WIDTH) + 0.5, indexing="ij")
         rays = torch.stack([(columns - WIDTH / 2) / FOCAL, (rows - HEIGHT / 2) / FOCAL, torch.ones_like(rows)], -1)
-        depth = torch.from_numpy(rng.uniform(1.0, 6.0, (num_views, HEIGHT, WIDTH)))
+        # the scene is the inside of a cylinder around the circle (radius 2.5 x, vertical axis): where each pixel's ray
+        # meets it is that pixel's depth, so views of one place see the same points
+        directions = torch.einsum("nij,hwj->nhwi", self.poses[:, :3, :3], rays.double())
+        origins = self.poses[:, None, None, :3, 3].expand_as(directions)
+        a = directions[..., 0] ** 2 + directions[..., 2] ** 2
+        b = 2 * (origins[..., 0] * directions[..., 0] + origins[..., 2] * directions[..., 2])
+        c = origins[..., 0] ** 2 + origins[..., 2] ** 2 - (2.5 * radius) ** 2
+        depth = (-b + (b * b - 4 * a * c).sqrt()) / (2 * a)
         self.local = rays.double() * depth[..., None]
         self.extent = 2 * radius
 

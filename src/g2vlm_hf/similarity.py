@@ -76,6 +76,11 @@ class Similarity:
         moved[..., :3, 3] = self.apply(camera_poses[..., :3, 3])
         return moved
 
+    def inverse(self) -> Similarity:
+        """The similarity `y -> x` undoing this one."""
+        rotation = self.rotation.T
+        return Similarity(1.0 / self.scale, rotation, -(rotation @ self.translation) / self.scale)
+
     def compose(self, inner: Similarity) -> Similarity:
         """`self(inner(x))`."""
         return Similarity(
