@@ -20,7 +20,14 @@ from g2vlm_hf.similarity import Similarity
 pytest.importorskip("scipy", reason="loop closure needs scipy (the loop extra, part of the test extras)")
 
 CHUNK, OVERLAP = 16, 4
-DRIFT = dict(drift_rotation=0.003, drift_scale=0.002)  # per step: 0.6 rad and 40% scale over 200 views
+
+
+def drift(num_views: int) -> dict:
+    """A drift of 0.6 rad and 0.4 log-scale over the whole loop, spread over its steps."""
+    return dict(drift_rotation=0.6 / num_views, drift_scale=0.4 / num_views)
+
+
+DRIFT = drift(200)
 
 
 @pytest.fixture(autouse=True)
@@ -40,8 +47,8 @@ def ate(trajectory: LoopTrajectory, loop_closure, **model_options) -> float:
 @pytest.mark.parametrize("num_views", [200, 500])
 def test_loop_closure_removes_the_drift_of_a_revisiting_trajectory(num_views):
     trajectory = LoopTrajectory(num_views)
-    drifting = ate(trajectory, False, noise=0.002, **DRIFT)
-    closed = ate(trajectory, True, noise=0.002, **DRIFT)
+    drifting = ate(trajectory, False, noise=0.002, **drift(num_views))
+    closed = ate(trajectory, True, noise=0.002, **drift(num_views))
     noise_only = ate(trajectory, False, noise=0.002)
     # measured: 200 views 0.090 -> 0.0067 (noise alone 0.0044); 500 views 0.22 -> 0.0065 (noise alone 0.0059)
     assert closed < 0.1 * drifting, f"ATE {closed:.2e} with loop closure vs {drifting:.2e} without"
@@ -69,7 +76,7 @@ def test_an_exact_chain_stays_exact():
 
 def test_no_revisit_no_change():
     trajectory = LoopTrajectory(400)  # the first half of the circle: nothing is seen twice
-    model = StandInModel(trajectory, **DRIFT)
+    model = StandInModel(trajectory, **drift(400))
     chunks = list(stream_reconstruction(model, index_processor, range(200), CHUNK, OVERLAP, describe_views=True))
     closed, loops = close_loops(model, index_processor, range(200), chunks)
     assert loops == [] and len(model.calls) == len(chunks)
