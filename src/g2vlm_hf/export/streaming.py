@@ -62,7 +62,7 @@ from .atomic import json_text, write_atomic, write_bytes_atomic
 from .cameras import encode_cameras_json
 from .colmap import _num, _png, rotation_to_quaternion
 from .depth_png import encode_depth_png16, encode_depth_preview
-from .glb import DEFAULT_FRUSTUM_SCALE, build_scene, view_colours
+from .glb import DEFAULT_FRUSTUM_SCALE, _frustum_segments, _segments_as_tubes, view_colours
 from .ply import encode_point_cloud_ply, require_trimesh
 from .validation import SceneArrays, check_reconstruction, validate_original_sizes
 
@@ -314,9 +314,7 @@ class StreamingSceneWriter:
         colours = np.ascontiguousarray(colours)
         logger.info(f"Keeping {len(cloud)} of {reservoir.seen} points")
         poses = np.stack(self.poses)
-        scene = build_scene(
-            cloud, colours, poses, image_size=self.image_size, frustum_scale=self.frustum_scale, frustum_colour=None
-        )
+        scene = scene_with_frustums(cloud, colours, poses, self.image_size, self.frustum_scale)
         self._write(self.output_dir / "scene.glb", scene.export(file_type="glb"))
         self._write(self.output_dir / "points.ply", encode_point_cloud_ply(cloud, colours))
         self._write(self.output_dir / "cameras.json", self._write_cameras)
@@ -421,6 +419,39 @@ class StreamingSceneWriter:
 
         self._write(self.colmap_dir / "images.txt", images)
         self._write(self.colmap_dir / "points3D.txt", points3d)
+
+
+def median_camera_distance(cloud: np.ndarray, centres: np.ndarray, sample: int = 20_000, batch: int = 32) -> float:
+    """`glb.median_camera_distance` computed `batch` cameras at a time: the same value, in memory set by the batch
+    (the one-pass function holds a `(cameras, sample, 3)` array: 0.5 GB at 1,000 views)."""
+    cloud = cloud[np.isfinite(cloud).all(axis=1)]
+    if cloud.shape[0] > sample:
+        cloud = cloud[np.linspace(0, cloud.shape[0] - 1, sample).astype(np.int64)]
+    medians = [
+        np.median(np.linalg.norm(cloud[None] - centres[start : start + batch, None], axis=-1), axis=1)
+        for start in range(0, len(centres), batch)
+    ]
+    scale = float(np.median(np.concatenate(medians)))
+    return scale if scale > 0.0 else 1.0
+
+
+def scene_with_frustums(
+    points: np.ndarray, colours: np.ndarray, poses: np.ndarray, image_size: tuple[int, int], frustum_scale: float
+) -> Any:
+    """The scene `glb.build_scene` makes (the cloud, then one frustum per view in its colour), its frustum size from
+    the batched [`median_camera_distance`]."""
+    trimesh = require_trimesh()
+    height, width = image_size
+    size = frustum_scale * median_camera_distance(points.astype(np.float64), poses[:, :3, 3])
+    scene = trimesh.Scene()
+    scene.add_geometry(trimesh.PointCloud(points, colors=colours), node_name="points", geom_name="points")
+    vertices, faces = _segments_as_tubes(_frustum_segments(size, width / height), width=0.04 * size)
+    for index, (pose, colour) in enumerate(zip(poses, view_colours(len(poses)), strict=True)):
+        rgba = np.array([*colour, 255], dtype=np.uint8)
+        frustum = trimesh.Trimesh(vertices, faces, vertex_colors=np.tile(rgba, (len(vertices), 1)), process=False)
+        name = f"camera_{index}"
+        scene.add_geometry(frustum, node_name=name, geom_name=name, transform=pose)
+    return scene
 
 
 def usable_cameras(intrinsics: np.ndarray | None) -> np.ndarray:
