@@ -379,7 +379,7 @@ def close_loops(
     window = config.window or max(1, chunk_size // 2)
     candidates = find_loop_candidates(
         torch.cat([chunk.descriptors for chunk in chunks]),
-        max(config.min_separation or max(2 * chunk_size, num_views // 10), window),
+        max(config.min_separation or max(2 * chunk_size, num_views // 10), 2 * window),  # disjoint places
         config.suppression or chunk_size,
         config.similarity_threshold,
         config.max_loops,

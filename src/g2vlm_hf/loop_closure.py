@@ -51,7 +51,7 @@ class LoopClosureConfig:
         similarity_threshold: Least cosine similarity of two views' descriptors for a loop candidate.
         min_separation: Least distance in the sequence (views) between the two views of a candidate; None: twice the
             chunk size or a tenth of the sequence, whichever is larger (a long video's views a second apart look
-            alike, and such short loops would fill `max_loops`).
+            alike, and such short loops would fill `max_loops`); never less than twice `window`.
         suppression: One candidate per block of this many views on each side; None: the chunk size.
         max_loops: At most this many candidates are verified (the most similar).
         window: Views taken around each of the two views of a candidate for its pair chunk; None: half the chunk size
