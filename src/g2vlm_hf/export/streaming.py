@@ -71,11 +71,16 @@ logger = logging.get_logger(__name__)
 __all__ = ["PointReservoir", "StreamingSceneWriter"]
 
 CAMERA_BATCH = 256  # views per encode_cameras_json call when cameras.json is written
+POINT_BATCH = 100_000  # points per block of points3D.txt
 
 
 class PointReservoir:
-    """A seeded uniform random subset of at most `max_points` of a stream of points (bottom-k keys), with their colour,
-    view, pixel and a per-point value (the COLMAP reprojection error); `max_points=None` keeps every point."""
+    """A seeded uniform random subset of at most `max_points` of a stream of points (bottom-k keys), with their colour
+    and their position in the stream; `max_points=None` keeps every point.
+
+    Memory: 31 bytes a point held (position 8, float32 point 12, colour 3, key 8; float64 points take 12 more); once
+    full, a chunk's points enter only if their key beats the largest held, and they replace the evicted points in
+    place, so adding a chunk costs its own points plus 16 bytes per held point (keys and their ranking), not a copy."""
 
     def __init__(self, max_points: int | None, seed: int):
         if max_points is not None and max_points < 1:
@@ -83,30 +88,43 @@ class PointReservoir:
         self.max_points = max_points
         self.generator = np.random.default_rng(seed)
         self.order = np.zeros(0, dtype=np.int64)  # position in the stream of all pixels (view, row, column)
-        self.points = np.zeros((0, 3), dtype=np.float64)
+        self.points: np.ndarray | None = None  # (M, 3) in the dtype of the first points (float32 or float64)
         self.colours = np.zeros((0, 3), dtype=np.uint8)
-        self.errors = np.zeros(0, dtype=np.float64)
         self.keys = np.zeros(0, dtype=np.float64)
         self.seen = 0
 
-    def add(self, order: np.ndarray, points: np.ndarray, colours: np.ndarray, errors: np.ndarray) -> None:
+    def add(self, order: np.ndarray, points: np.ndarray, colours: np.ndarray) -> None:
         """Offer points (in stream order) to the reservoir."""
         self.seen += len(order)
         keys = self.generator.random(len(order))
-        self.order, self.points = np.concatenate([self.order, order]), np.concatenate([self.points, points])
-        self.colours, self.errors = np.concatenate([self.colours, colours]), np.concatenate([self.errors, errors])
-        self.keys = np.concatenate([self.keys, keys])
-        if self.max_points is not None and len(self.keys) > self.max_points:
-            kept = np.argpartition(self.keys, self.max_points - 1)[: self.max_points]
-            self._select(kept)
+        if self.points is None:
+            self.points = np.zeros((0, 3), dtype=np.result_type(points.dtype, np.float32))
+        full = self.max_points is not None and len(self.keys) == self.max_points
+        if not full:
+            self.order, self.points = np.concatenate([self.order, order]), np.concatenate([self.points, points])
+            self.colours, self.keys = np.concatenate([self.colours, colours]), np.concatenate([self.keys, keys])
+            if self.max_points is not None and len(self.keys) > self.max_points:
+                self._select(np.argpartition(self.keys, self.max_points - 1)[: self.max_points])
+            return
+        entering = keys < self.keys.max()
+        if not entering.any():
+            return
+        order, points, colours, keys = order[entering], points[entering], colours[entering], keys[entering]
+        ranked = np.zeros(len(self.keys) + len(keys), dtype=bool)
+        ranked[np.argpartition(np.concatenate([self.keys, keys]), self.max_points - 1)[: self.max_points]] = True
+        evicted, admitted = np.flatnonzero(~ranked[: len(self.keys)]), np.flatnonzero(ranked[len(self.keys) :])
+        self.order[evicted], self.points[evicted] = order[admitted], points[admitted]
+        self.colours[evicted], self.keys[evicted] = colours[admitted], keys[admitted]
 
     def finish(self) -> None:
         """Put the kept points back in stream order."""
         self._select(np.argsort(self.order, kind="stable"))
 
     def _select(self, index: np.ndarray) -> None:
-        self.order, self.points, self.colours = self.order[index], self.points[index], self.colours[index]
-        self.errors, self.keys = self.errors[index], self.keys[index]
+        self.order = self.order[index]
+        self.points = self.points[index]
+        self.colours = self.colours[index]
+        self.keys = self.keys[index]
 
 
 class StreamingSceneWriter:
@@ -276,12 +294,9 @@ class StreamingSceneWriter:
         flat = np.flatnonzero(keep)
         height, width = keep.shape[1:]
         view_of, row_of, column_of = np.unravel_index(flat, keep.shape)
-        xyz = points[view_of, row_of, column_of].astype(np.float64)
-        colours = scene.images[view_of, row_of, column_of]
-        errors = np.full(flat.size, -1.0)
-        if scene.intrinsics is not None:
-            errors = reprojection_errors(scene.camera_poses, scene.intrinsics, xyz, view_of, row_of, column_of)
-        self.reservoir.add(flat + first * height * width, xyz, colours, errors)
+        self.reservoir.add(
+            flat + first * height * width, points[view_of, row_of, column_of], scene.images[view_of, row_of, column_of]
+        )
 
     def close(self) -> list[Path]:
         """Write `cameras.json`, `points.ply`, `scene.glb` (and the COLMAP text files); returns every file written.
@@ -360,8 +375,7 @@ class StreamingSceneWriter:
         height, width = self.image_size
         on_usable = usable[view_of]
         order, points = self.reservoir.order[on_usable], self.reservoir.points[on_usable]
-        colours, errors = self.reservoir.colours[on_usable], self.reservoir.errors[on_usable]
-        view_of = view_of[on_usable]
+        colours, view_of = self.reservoir.colours[on_usable], view_of[on_usable]
         if not len(order):
             raise ValueError("All points were filtered away (non-finite points or confidence below the threshold)")
         row_of, column_of = (order % (height * width)) // width, order % width
@@ -408,14 +422,19 @@ class StreamingSceneWriter:
                     f"# Number of points: {len(order)}\n"
                 ).encode()
             )
-            for k in range(len(order)):
-                x, y, z = points[k]
-                r, g, b = (int(c) for c in colours[k])
-                observation = k - bounds[view_of[k]]
-                handle.write(
-                    f"{k + 1} {_num(x)} {_num(y)} {_num(z)} {r} {g} {b} {_num(errors[k])} {view_of[k] + 1} "
-                    f"{observation}\n".encode()
-                )
+            poses = np.stack(self.poses)
+            for start in range(0, len(order), POINT_BATCH):
+                block = slice(start, start + POINT_BATCH)
+                xyz = points[block].astype(np.float64)
+                errors = reprojection_errors(poses, intrinsics, xyz, view_of[block], row_of[block], column_of[block])
+                lines = []
+                for k, (x, y, z) in enumerate(xyz, start):
+                    r, g, b = (int(c) for c in colours[k])
+                    lines.append(
+                        f"{k + 1} {_num(x)} {_num(y)} {_num(z)} {r} {g} {b} {_num(errors[k - start])} {view_of[k] + 1} "
+                        f"{k - bounds[view_of[k]]}\n"
+                    )
+                handle.write("".join(lines).encode())
 
         self._write(self.colmap_dir / "images.txt", images)
         self._write(self.colmap_dir / "points3D.txt", points3d)
