@@ -49,8 +49,11 @@ subset), each observed once at its pixel, with the reprojection error of the one
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -257,6 +260,7 @@ class StreamingSceneWriter:
             self.original_sizes = (self.original_sizes or []) + sizes
         self.names.extend(names)
         self._keep_points(scene, first)
+        release_free_heap()
         return written
 
     def _write(self, path: Path, data: bytes | Callable[[IO[bytes]], Any]) -> Path:
@@ -471,6 +475,27 @@ def scene_with_frustums(
         name = f"camera_{index}"
         scene.add_geometry(frustum, node_name=name, geom_name=name, transform=pose)
     return scene
+
+
+@functools.cache
+def _glibc_malloc_trim() -> Callable[[int], int] | None:
+    if sys.platform != "linux":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return None
+
+
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the operating system (glibc's `malloc_trim`; a no-op elsewhere).
+
+    Each chunk allocates and frees arrays of similar sizes (the model's outputs, their numpy copies, PNG buffers);
+    glibc keeps freed heap pages mapped, and over thousands of views the process's resident size creeps up although
+    nothing is held (measured: 0.47 GiB at 64 views, 0.58 GiB at 1,024, flat with this call after each chunk)."""
+    trim = _glibc_malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def usable_cameras(intrinsics: np.ndarray | None) -> np.ndarray:
