@@ -70,12 +70,12 @@ def rotation_to_quaternion(rotation: np.ndarray) -> np.ndarray:
     return -quaternion if quaternion[0] < 0 else quaternion
 
 
-def _num(value: float) -> str:
+def number_text(value: float) -> str:
     """Shortest exact text of a float (numpy scalars included)."""
     return repr(float(value))
 
 
-def _png(image: np.ndarray) -> bytes:
+def png_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -201,7 +201,7 @@ def write_colmap(
         if not usable_camera[index]:
             continue
         fx, fy, cx, cy = matrix[0, 0], matrix[1, 1], matrix[0, 2], matrix[1, 2]
-        cameras.append(f"{index + 1} PINHOLE {width} {height} {_num(fx)} {_num(fy)} {_num(cx)} {_num(cy)}")
+        cameras.append(f"{index + 1} PINHOLE {width} {height} {number_text(fx)} {number_text(fy)} {number_text(cx)} {number_text(cy)}")
 
     point_ids = np.arange(1, flat.size + 1)
     lines = [
@@ -217,11 +217,11 @@ def write_colmap(
         qw, qx, qy, qz = rotation_to_quaternion(world_to_camera_rotation)
         tx, ty, tz = world_to_camera_translation
         lines.append(
-            f"{index + 1} {_num(qw)} {_num(qx)} {_num(qy)} {_num(qz)} {_num(tx)} {_num(ty)} {_num(tz)} {index + 1} {names[index]}"
+            f"{index + 1} {number_text(qw)} {number_text(qx)} {number_text(qy)} {number_text(qz)} {number_text(tx)} {number_text(ty)} {number_text(tz)} {index + 1} {names[index]}"
         )
         mine = np.flatnonzero(view_of == index)
         observation_index[mine] = np.arange(mine.size)
-        lines.append(" ".join(f"{_num(column_of[k] + 0.5)} {_num(row_of[k] + 0.5)} {point_ids[k]}" for k in mine))
+        lines.append(" ".join(f"{number_text(column_of[k] + 0.5)} {number_text(row_of[k] + 0.5)} {point_ids[k]}" for k in mine))
 
     points_lines = [
         "# 3D point list with one line of data per point:",
@@ -232,7 +232,7 @@ def write_colmap(
         x, y, z = xyz[k]
         r, g, b = (int(c) for c in rgb[k])
         points_lines.append(
-            f"{point_ids[k]} {_num(x)} {_num(y)} {_num(z)} {r} {g} {b} {_num(error[k])} {view_of[k] + 1} {observation_index[k]}"
+            f"{point_ids[k]} {number_text(x)} {number_text(y)} {number_text(z)} {r} {g} {b} {number_text(error[k])} {view_of[k] + 1} {observation_index[k]}"
         )
 
     output_dir = Path(output_dir)
@@ -243,7 +243,7 @@ def write_colmap(
     ]
     if write_images:
         payloads += [
-            (output_dir / "images" / name, _png(colours[index]))
+            (output_dir / "images" / name, png_bytes(colours[index]))
             for index, name in enumerate(names)
             if usable_camera[index]
         ]

@@ -63,9 +63,9 @@ from transformers.utils import logging
 
 from .atomic import json_text, write_atomic, write_bytes_atomic
 from .cameras import encode_cameras_json
-from .colmap import _num, _png, rotation_to_quaternion
+from .colmap import number_text, png_bytes, rotation_to_quaternion
 from .depth_png import encode_depth_png16, encode_depth_preview
-from .glb import DEFAULT_FRUSTUM_SCALE, _frustum_segments, _segments_as_tubes, view_colours
+from .glb import DEFAULT_FRUSTUM_SCALE, build_scene, view_colours
 from .ply import encode_point_cloud_ply, require_trimesh
 from .validation import SceneArrays, check_reconstruction, validate_original_sizes
 
@@ -287,7 +287,7 @@ class StreamingSceneWriter:
         if self.colmap_dir is not None and self.write_colmap_images:
             for offset, usable in enumerate(usable_cameras(scene.intrinsics)):
                 if usable:
-                    written.append(self._write(self.colmap_dir / "images" / names[offset], _png(scene.images[offset])))
+                    written.append(self._write(self.colmap_dir / "images" / names[offset], png_bytes(scene.images[offset])))
         return written
 
     def _keep_points(self, scene: SceneArrays, first: int) -> None:
@@ -333,7 +333,9 @@ class StreamingSceneWriter:
         colours = np.ascontiguousarray(colours)
         logger.info(f"Keeping {len(cloud)} of {reservoir.seen} points")
         poses = np.stack(self.poses)
-        scene = scene_with_frustums(cloud, colours, poses, self.image_size, self.frustum_scale)
+        scene = build_scene(
+            cloud, colours, poses, image_size=self.image_size, frustum_scale=self.frustum_scale, frustum_colour=None
+        )
         self._write(self.output_dir / "scene.glb", scene.export(file_type="glb"))
         self._write(self.output_dir / "points.ply", encode_point_cloud_ply(cloud, colours))
         self._write(self.output_dir / "cameras.json", self._write_cameras)
@@ -392,7 +394,7 @@ class StreamingSceneWriter:
                 intrinsics[index, 0, 2],
                 intrinsics[index, 1, 2],
             )
-            cameras.append(f"{index + 1} PINHOLE {width} {height} {_num(fx)} {_num(fy)} {_num(cx)} {_num(cy)}")
+            cameras.append(f"{index + 1} PINHOLE {width} {height} {number_text(fx)} {number_text(fy)} {number_text(cx)} {number_text(cy)}")
         self._write(self.colmap_dir / "cameras.txt", ("\n".join(cameras) + "\n").encode())
 
         bounds = np.searchsorted(view_of, np.arange(self.num_views + 1))
@@ -412,9 +414,9 @@ class StreamingSceneWriter:
                 qw, qx, qy, qz = rotation_to_quaternion(rotation)
                 tx, ty, tz = translation
                 mine = range(bounds[index], bounds[index + 1])
-                observations = " ".join(f"{_num(column_of[k] + 0.5)} {_num(row_of[k] + 0.5)} {k + 1}" for k in mine)
+                observations = " ".join(f"{number_text(column_of[k] + 0.5)} {number_text(row_of[k] + 0.5)} {k + 1}" for k in mine)
                 handle.write(
-                    f"{index + 1} {_num(qw)} {_num(qx)} {_num(qy)} {_num(qz)} {_num(tx)} {_num(ty)} {_num(tz)} "
+                    f"{index + 1} {number_text(qw)} {number_text(qx)} {number_text(qy)} {number_text(qz)} {number_text(tx)} {number_text(ty)} {number_text(tz)} "
                     f"{index + 1} {self.names[index]}\n{observations}\n".encode()
                 )
 
@@ -435,46 +437,13 @@ class StreamingSceneWriter:
                 for k, (x, y, z) in enumerate(xyz, start):
                     r, g, b = (int(c) for c in colours[k])
                     lines.append(
-                        f"{k + 1} {_num(x)} {_num(y)} {_num(z)} {r} {g} {b} {_num(errors[k - start])} {view_of[k] + 1} "
+                        f"{k + 1} {number_text(x)} {number_text(y)} {number_text(z)} {r} {g} {b} {number_text(errors[k - start])} {view_of[k] + 1} "
                         f"{k - bounds[view_of[k]]}\n"
                     )
                 handle.write("".join(lines).encode())
 
         self._write(self.colmap_dir / "images.txt", images)
         self._write(self.colmap_dir / "points3D.txt", points3d)
-
-
-def median_camera_distance(cloud: np.ndarray, centres: np.ndarray, sample: int = 20_000, batch: int = 32) -> float:
-    """`glb.median_camera_distance` computed `batch` cameras at a time: the same value, in memory set by the batch
-    (the one-pass function holds a `(cameras, sample, 3)` array: 0.5 GB at 1,000 views)."""
-    cloud = cloud[np.isfinite(cloud).all(axis=1)]
-    if cloud.shape[0] > sample:
-        cloud = cloud[np.linspace(0, cloud.shape[0] - 1, sample).astype(np.int64)]
-    medians = [
-        np.median(np.linalg.norm(cloud[None] - centres[start : start + batch, None], axis=-1), axis=1)
-        for start in range(0, len(centres), batch)
-    ]
-    scale = float(np.median(np.concatenate(medians)))
-    return scale if scale > 0.0 else 1.0
-
-
-def scene_with_frustums(
-    points: np.ndarray, colours: np.ndarray, poses: np.ndarray, image_size: tuple[int, int], frustum_scale: float
-) -> Any:
-    """The scene `glb.build_scene` makes (the cloud, then one frustum per view in its colour), its frustum size from
-    the batched [`median_camera_distance`]."""
-    trimesh = require_trimesh()
-    height, width = image_size
-    size = frustum_scale * median_camera_distance(points.astype(np.float64), poses[:, :3, 3])
-    scene = trimesh.Scene()
-    scene.add_geometry(trimesh.PointCloud(points, colors=colours), node_name="points", geom_name="points")
-    vertices, faces = _segments_as_tubes(_frustum_segments(size, width / height), width=0.04 * size)
-    for index, (pose, colour) in enumerate(zip(poses, view_colours(len(poses)), strict=True)):
-        rgba = np.array([*colour, 255], dtype=np.uint8)
-        frustum = trimesh.Trimesh(vertices, faces, vertex_colors=np.tile(rgba, (len(vertices), 1)), process=False)
-        name = f"camera_{index}"
-        scene.add_geometry(frustum, node_name=name, geom_name=name, transform=pose)
-    return scene
 
 
 @functools.cache
