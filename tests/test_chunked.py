@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from synthetic_trajectories import FOCAL, HEIGHT, WIDTH, random_similarity, rotation_from_vector
 from transformers import BatchFeature
 
 from g2vlm_hf.chunked import (
@@ -19,23 +20,6 @@ from g2vlm_hf.chunked import (
 )
 from g2vlm_hf.modeling.outputs import G2VLMReconstructionOutput
 from g2vlm_hf.similarity import Similarity, robust_umeyama, umeyama
-
-HEIGHT, WIDTH, FOCAL = 6, 8, 6.0
-
-
-def rotation_from_vector(vector: np.ndarray) -> np.ndarray:
-    """Rotation matrix of an axis-angle vector (Rodrigues)."""
-    angle = np.linalg.norm(vector)
-    if angle == 0:
-        return np.eye(3)
-    x, y, z = vector / angle
-    cross = np.array([[0, -z, y], [z, 0, -x], [-y, x, 0]])
-    return np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross
-
-
-def random_similarity(rng: np.random.Generator) -> Similarity:
-    rotation = torch.from_numpy(rotation_from_vector(rng.normal(size=3) * 2))
-    return Similarity(float(rng.uniform(0.2, 5.0)), rotation, torch.from_numpy(rng.normal(0, 10, 3)))
 
 
 class Walk:
