@@ -40,7 +40,6 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, TextIterato
 
 import g2vlm_hf  # noqa: F401  (registers G2VLM with the Auto classes)
 from g2vlm_hf.chat import answer
-from g2vlm_hf.cli import CLIError, video_frames
 from g2vlm_hf.export import (
     check_scene,
     colourise_depth,
@@ -51,6 +50,8 @@ from g2vlm_hf.export import (
     write_colmap,
     write_scene,
 )
+from g2vlm_hf.inputs import InputError as CLIError
+from g2vlm_hf.inputs import video_frames
 from g2vlm_hf.point_filters import PointSelection, percentile_box, select_points
 from g2vlm_hf.processing.image_io import load_image
 

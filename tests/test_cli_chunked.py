@@ -4,6 +4,7 @@ about a long video asked on a few uniformly spread frames."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -15,7 +16,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from g2vlm_hf import reconstruct_chunked
 from g2vlm_hf.cli import main as g2vlm
-from g2vlm_hf.video import iter_video_frames, uniform_indices
+from g2vlm_hf.inputs import iter_video_frames, uniform_indices
+from g2vlm_hf.modeling.outputs import G2VLMReconstructionOutput
 
 pytest.importorskip("av", reason="the video extra (PyAV) is part of the test extras")
 trimesh = pytest.importorskip("trimesh", reason="the export extra (trimesh) is part of the test extras")
@@ -68,9 +70,9 @@ def test_reconstruct_a_video_in_chunks(small_views_model, tmp_path):
 
 
 def test_max_points_defaults_to_a_cap_for_many_views(small_views_model, tmp_path, monkeypatch):
-    import g2vlm_hf.cli
+    import g2vlm_hf.cli.reconstruct
 
-    monkeypatch.setattr(g2vlm_hf.cli, "DEFAULT_MAX_POINTS", 1000)
+    monkeypatch.setattr(g2vlm_hf.cli.reconstruct, "DEFAULT_MAX_POINTS", 1000)
     video, output = tmp_path / "walk.mp4", tmp_path / "scene"
     write_walk_video(video, 6)
     args = ["reconstruct", "--model", str(small_views_model), "--video", str(video), "--chunk-size", "4", "--overlap", "2",
@@ -127,3 +129,80 @@ def test_chat_over_a_video_uses_a_few_uniform_frames(small_views_model, tmp_path
     with torch.no_grad():
         expected = answer(model, processor, frames, "Where is the box?", 3)
     assert captured.out.strip() == expected
+
+
+# ---------------------------------------------------------------------- the merge against independently known geometry
+
+GREY_BASE, GREY_STEP = 20, 10
+
+
+class KnownGeometry:
+    """A stand-in model that knows the scene: it recognises each view it is shown by its grey level, returns that
+    view's true camera and points, and expresses every call (every chunk) in a fresh random similarity frame, as a
+    real model's chunks come in frames and scales of their own."""
+
+    def __init__(self, processor, poses: torch.Tensor):
+        self.processor, self.poses = processor, poses
+        self.generator = torch.Generator().manual_seed(0)
+        self.device = torch.device("cpu")
+
+    def reconstruct(self, geometry_pixel_values, **_):
+        images = self.processor.geometry_image_processor.unnormalize(geometry_pixel_values[0]).double()
+        views = ((images.mean(dim=(1, 2, 3)) - GREY_BASE) / GREY_STEP).round().long()
+        height, width = geometry_pixel_values.shape[-2:]
+        rows, columns = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+        depth = 2 + 0.3 * torch.sin(columns / 7.0) * torch.cos(rows / 5.0)
+        local = torch.stack([(columns - width / 2) / width * depth, (rows - height / 2) / width * depth, depth], -1)
+        poses = self.poses[views]
+        world = torch.einsum("nij,hwj->nhwi", poses[:, :3, :3], local.double()) + poses[:, None, None, :3, 3]
+        scale = float(torch.exp(torch.randn(1, generator=self.generator, dtype=torch.float64) * 0.5))
+        rotation, _ = torch.linalg.qr(torch.randn(3, 3, generator=self.generator, dtype=torch.float64))
+        rotation = rotation * torch.sign(torch.linalg.det(rotation))
+        shift = torch.randn(3, generator=self.generator, dtype=torch.float64)
+        moved = poses.clone()
+        moved[:, :3, :3] = rotation @ poses[:, :3, :3]
+        moved[:, :3, 3] = scale * poses[:, :3, 3] @ rotation.T + shift
+        intrinsics = torch.tensor([[width, 0, width / 2], [0, width, height / 2], [0, 0, 1.0]]).expand(len(views), 3, 3)
+        return G2VLMReconstructionOutput(
+            camera_poses=moved[None].float(),
+            local_points=(scale * local).expand(len(views), -1, -1, -1)[None].float(),
+            world_points=(scale * world @ rotation.T + shift)[None].float(),
+            depth=(scale * depth).expand(len(views), -1, -1)[None].float(),
+            intrinsics=intrinsics[None].float(),
+        )
+
+
+def walk_poses(count: int) -> torch.Tensor:
+    """Camera-to-world poses turning about y and drifting sideways, view by view."""
+    poses = torch.eye(4, dtype=torch.float64).repeat(count, 1, 1)
+    for index in range(count):
+        angle = 0.08 * index
+        poses[index, :3, :3] = torch.tensor(
+            [[math.cos(angle), 0, math.sin(angle)], [0, 1, 0], [-math.sin(angle), 0, math.cos(angle)]]
+        )
+        poses[index, :3, 3] = torch.tensor([0.3 * index, 0.02 * index**2, 0.1 * index])
+    return poses
+
+
+def test_chunked_cameras_match_the_known_trajectory(small_views_model, tmp_path, monkeypatch):
+    count = 19
+    folder = tmp_path / "views"
+    folder.mkdir()
+    for index in range(count):
+        Image.new("RGB", (112, 56), (GREY_BASE + GREY_STEP * index,) * 3).save(folder / f"{index:03d}.png")
+    truth = walk_poses(count)
+    processor = AutoProcessor.from_pretrained(small_views_model)
+    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a: KnownGeometry(processor, truth))
+    args = ["reconstruct", "--model", str(small_views_model), "--folder", str(folder), "--chunk-size", "6",
+            "--overlap", "2", "--output", str(tmp_path / "scene"), "--device", "cpu"]  # fmt: skip
+    assert g2vlm(args) == 0
+
+    written = torch.tensor([c["camera_to_world"] for c in json.loads((tmp_path / "scene" / "cameras.json").read_text())["cameras"]], dtype=torch.float64)  # fmt: skip
+    assert written.shape == (count, 4, 4)
+    # relative to the first camera the merged trajectory is the truth, rotations exactly, translations at one scale
+    relative = torch.linalg.inv(written[0]) @ written
+    expected = torch.linalg.inv(truth[0]) @ truth
+    torch.testing.assert_close(relative[:, :3, :3], expected[:, :3, :3], atol=1e-4, rtol=0)
+    scale = relative[-1, :3, 3].norm() / expected[-1, :3, 3].norm()
+    extent = expected[:, :3, 3].norm(dim=-1).max()
+    assert (relative[:, :3, 3] / scale - expected[:, :3, 3]).norm(dim=-1).max() < 1e-4 * extent

@@ -4,6 +4,9 @@ perturbations give the analytically known values."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -32,7 +35,7 @@ from g2vlm_hf.evaluation import (
     umeyama,
     write_scene,
 )
-from g2vlm_hf.evaluation.points import icp_refine
+from g2vlm_hf.evaluation.points import icp_refine, k_nearest_with_distances
 from g2vlm_hf.evaluation.poses import direction_angle_degrees
 from g2vlm_hf.training.synthetic import render_room, spatial_questions, yaw_pose
 
@@ -253,6 +256,47 @@ def test_chunked_nearest_neighbours_match_the_full_distance_matrix():
     torch.testing.assert_close(index, full.argmin(1))
     with pytest.raises(ValueError, match=r"\(M, 3\)"):
         nearest_neighbours(queries[:, :2], points)
+
+
+def test_blocked_k_nearest_and_normals_match_brute_force():
+    generator = torch.Generator().manual_seed(1)
+    queries, points = torch.rand(60, 3, generator=generator), torch.rand(45, 3, generator=generator)
+    distance, index = k_nearest_with_distances(queries, points, 5, chunk_size=7)  # blocks of 7 x 7, k over blocks
+    full = torch.cdist(queries.double(), points.double()).sort(dim=1)
+    torch.testing.assert_close(distance, full.values[:, :5])
+    torch.testing.assert_close(index, full.indices[:, :5])
+    cloud = torch.rand(80, 3, generator=generator, dtype=torch.float64) * torch.tensor([1.0, 1.0, 0.01])
+    neighbourhoods = cloud[torch.cdist(cloud, cloud).topk(10, dim=1, largest=False).indices]
+    centred = neighbourhoods - neighbourhoods.mean(1, keepdim=True)
+    expected = torch.linalg.eigh(centred.transpose(1, 2) @ centred / 10).eigenvectors[..., 0]
+    torch.testing.assert_close(knn_normals(cloud, 10, chunk_size=9).abs(), expected.abs())
+
+
+MEMORY_PROBE = """
+import resource, sys, torch
+from g2vlm_hf.evaluation.points import k_nearest_with_distances, nearest_neighbours
+generator = torch.Generator().manual_seed(0)
+points = torch.rand(2 * 1036 * 280, 3, generator=generator, dtype=torch.float64)  # two 1036x280 views of points
+queries = points[torch.randperm(points.shape[0], generator=generator)[:4096]]
+nearest_neighbours(queries[:8], points[:8])  # warm-up: torch's own buffers are not the search's
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+distance, index = nearest_neighbours(queries, points)
+assert float(distance.max()) < 1e-6  # every query is one of the points
+k_nearest_with_distances(queries[:2048], points, 30)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) / 1024)  # MB (ru_maxrss is in KB on Linux)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in kilobytes on Linux")
+def test_nearest_neighbours_memory_does_not_grow_with_the_cloud():
+    # the old search held 4096 x K distances: 19 GB against the 580,160 points of two 1036x280 views
+    result = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr
+    growth_mb = float(result.stdout.strip().splitlines()[-1])
+    assert growth_mb < 400, f"the search grew the peak memory by {growth_mb:.0f} MB"
 
 
 # ---- camera poses -------------------------------------------------------------------------------------------------

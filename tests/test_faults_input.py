@@ -69,7 +69,7 @@ def test_a_folder_given_as_an_image_says_so(tmp_path):
 
 
 def test_an_animated_gif_warns_and_folder_includes_gifs(tmp_path, caplog):
-    from g2vlm_hf.cli import images_in_folder
+    from g2vlm_hf.inputs import images_in_folder
 
     frames = [Image.new("RGB", (8, 8), colour) for colour in ("red", "blue")]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
@@ -102,12 +102,15 @@ def test_chat_images_get_the_token_budget_too(converted_tiny):
         )
 
 
-def test_an_unreadable_view_is_reported_on_its_own_line_after_the_progress_bar(tmp_path, capsys):
+def test_an_unreadable_view_is_reported_on_its_own_line_after_the_progress_bar(
+    converted_tiny, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a: pytest.fail("the model was loaded"))
     folder = tmp_path / "views"
     folder.mkdir()
     Image.new("RGB", (8, 8)).save(folder / "a.png")
     (folder / "b.png").write_bytes(b"not a png")
-    argv = ["reconstruct", "--model", str(tmp_path), "--folder", str(folder), "--output", str(tmp_path / "out")]
+    argv = ["reconstruct", "--model", str(converted_tiny), "--folder", str(folder), "--output", str(tmp_path / "out")]
     assert g2vlm(argv) == 2
     err = capsys.readouterr().err
     last = err.rstrip("\n").split("\n")[-1]

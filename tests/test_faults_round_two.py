@@ -45,7 +45,7 @@ def one_line_error(capsys) -> str:
 
 
 def no_model_load(monkeypatch):
-    monkeypatch.setattr("g2vlm_hf.cli.load", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a: pytest.fail("the model was loaded"))
 
 
 def reconstruct(model: Path, output: Path, *extra: str, views=VIEWS) -> int:

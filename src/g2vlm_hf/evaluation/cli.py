@@ -14,7 +14,7 @@ import torch
 from transformers.utils import logging
 
 from ..export.atomic import write_json_atomic
-from ..model_loading import DTYPES
+from ..model_loading import DTYPES, check_device
 from ..processing.image_io import displayed_size
 from .datasets import GeometryScene, Question, find_scenes, load_questions
 from .depth import ALIGNMENTS, evaluate_depth, weighted_mean
@@ -179,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("g2vlm-eval: error: --limit must be at least 1", file=sys.stderr)
         return 2
     try:
+        check_device(args.device)
         data = load_data(args)
         model, processor = load_model(args.model, args.dtype, args.device, getattr(args, "geometry_width", None))
         summary, details = TASKS[args.task](args, model, processor, data)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..inputs import is_image_file
 from .vqa import parse_number
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 GT_FILE = "gt.npz"
 GT_SHAPES = {"depth": (None, None, None), "points": (None, None, None, 3), "poses": (None, 4, 4), "valid": (None,) * 3}
 PIXEL_MAPS = ("depth", "points", "valid")
@@ -65,10 +65,35 @@ def _check_shape(name: str, array: np.ndarray, where: Path) -> None:
         raise ValueError(f"{where}: '{name}' has shape {array.shape}; expected {shape}.")
 
 
+def _check_dtype(name: str, array: np.ndarray, where: Path) -> None:
+    numeric = np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+    if not (numeric or array.dtype == np.bool_):
+        raise ValueError(
+            f"{where}: '{name}' holds {array.dtype} values; ground truth must be an array of numbers (write it with "
+            "float values, e.g. np.asarray(values, dtype=np.float32))."
+        )
+
+
+def _check_poses(scene: str, poses: np.ndarray, where: Path) -> None:
+    """Refuse camera-to-world poses that are not finite or whose last row is not [0, 0, 0, 1] (scoring them would
+    write NaN or nonsense into the results)."""
+    bad = sorted({int(view) for view in np.nonzero(~np.isfinite(poses).all(axis=(1, 2)))[0]})
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        raise ValueError(
+            f"Scene {scene}: {where} 'poses' holds NaN or infinite values (view(s) {shown}); fix its ground truth or "
+            "move the scene out of the data folder."
+        )
+    if not np.allclose(poses[:, 3], [0.0, 0.0, 0.0, 1.0], atol=1e-5):
+        raise ValueError(
+            f"Scene {scene}: {where} 'poses' must be 4x4 camera-to-world matrices with last row [0, 0, 0, 1]."
+        )
+
+
 def load_scene(directory: Path, root: Path, require: str) -> GeometryScene:
     """Read one scene folder; `require` is the ground-truth key the task needs ("depth", "points" or "poses")."""
     images_dir = directory / "images"
-    image_paths = sorted(p for p in images_dir.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    image_paths = sorted(p for p in images_dir.glob("*") if p.is_file() and is_image_file(p))
     if not image_paths:
         raise ValueError(f"{images_dir}: no images (.png/.jpg) found; each scene needs its views in images/.")
     gt_path = directory / GT_FILE
@@ -80,6 +105,7 @@ def load_scene(directory: Path, root: Path, require: str) -> GeometryScene:
     if require not in arrays:
         raise ValueError(f"{gt_path}: no '{require}' array; this task needs it (keys found: {sorted(arrays)}).")
     for key, array in arrays.items():
+        _check_dtype(key, array, gt_path)
         _check_shape(key, array, gt_path)
         if array.shape[0] != len(image_paths):
             raise ValueError(f"{gt_path}: '{key}' has {array.shape[0]} views but {images_dir} has {len(image_paths)}.")
@@ -87,6 +113,8 @@ def load_scene(directory: Path, root: Path, require: str) -> GeometryScene:
     category = relative.parent.as_posix() if relative.parent != Path(".") else ""
     name = relative.as_posix() if relative != Path(".") else directory.name
     _check_image_sizes(name, image_paths, {key: arrays[key] for key in PIXEL_MAPS if key in arrays})
+    if require == "poses":
+        _check_poses(name, arrays["poses"], gt_path)
     if require == "depth":
         depth = arrays["depth"]
         usable = np.isfinite(depth) & (depth > 0)
@@ -144,7 +172,7 @@ def find_scenes(root: Path | str, require: str) -> list[GeometryScene]:
         for path in root.rglob("images")
         if path.is_dir()
         and not (path.parent / GT_FILE).is_file()
-        and any(image.suffix.lower() in IMAGE_SUFFIXES for image in path.iterdir())
+        and any(is_image_file(image) for image in path.iterdir())
     )
     if without:
         shown = ", ".join(without[:5]) + (", ..." if len(without) > 5 else "")

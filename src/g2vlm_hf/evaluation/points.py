@@ -5,8 +5,10 @@ distance from each ground-truth point to its nearest predicted point, and normal
 the normals of those nearest pairs (the DUSt3R / Spann3R / CUT3R / Pi3 multi-view reconstruction protocol; the
 alignment is a similarity fit, optionally refined by rigid point-to-point ICP as the reference does).
 
-Nearest neighbours are exact and brute force (chunked `torch.cdist`): O(M * K) time and O(chunk * K) memory for M
-queries against K points, fine for the few hundred thousand points of an ETH3D/DTU sample on a GPU, slow on a CPU.
+Nearest neighbours are exact and brute force (`torch.cdist` over blocks of `chunk_size` queries by `chunk_size`
+points): O(M * K) time for M queries against K points, and memory bounded by one block (`chunk_size`² distances,
+32 MB at the default 2048) whatever M and K, so two 1036x280 views (580,160 points a side) fit anywhere; fine for
+the few hundred thousand points of an ETH3D/DTU sample on a GPU, slow on a CPU.
 """
 
 from __future__ import annotations
@@ -15,38 +17,65 @@ import torch
 
 from .alignment import ArrayLike, apply_similarity, as_float64, as_mask, umeyama
 
+DEFAULT_CHUNK_SIZE = 2048
+"""Queries and points per distance block (a block holds `chunk_size`² float64 distances: 32 MB)."""
 
-def nearest_neighbours(
-    queries: ArrayLike, points: ArrayLike, chunk_size: int = 4096, device: str | torch.device = "cpu"
+
+def _check_cloud(array: torch.Tensor, name: str) -> None:
+    if array.ndim != 2 or array.shape[1] != 3 or array.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty (M, 3) array, got {tuple(array.shape)}.")
+
+
+def k_nearest_with_distances(
+    queries: ArrayLike,
+    points: ArrayLike,
+    k: int,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    device: str | torch.device = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distance to, and index of, the nearest of `points` `(K, 3)` for each of `queries` `(M, 3)`."""
+    """Distances and indices `(M, k)` of the `k` nearest of `points` `(K, 3)` to each of `queries` `(M, 3)`, nearest
+    first (`k` is capped at K). Exact: blocks of `chunk_size` queries by `chunk_size` points, each query's best `k`
+    kept across the point blocks, so memory stays at one block whatever M and K."""
     queries, points = as_float64(queries, "query points"), as_float64(points, "reference points")
-    for name, array in (("query points", queries), ("reference points", points)):
-        if array.ndim != 2 or array.shape[1] != 3 or array.shape[0] == 0:
-            raise ValueError(f"{name} must be a non-empty (M, 3) array, got {tuple(array.shape)}.")
-    points = points.to(device)
+    _check_cloud(queries, "query points")
+    _check_cloud(points, "reference points")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}.")
+    k = min(k, points.shape[0])
     distances, indices = [], []
     for start in range(0, queries.shape[0], chunk_size):
-        block = torch.cdist(queries[start : start + chunk_size].to(device), points)
-        distance, index = block.min(dim=1)
-        distances.append(distance.cpu())
-        indices.append(index.cpu())
+        block = queries[start : start + chunk_size].to(device)
+        best = torch.empty((block.shape[0], 0), dtype=torch.float64, device=device)
+        best_index = torch.empty((block.shape[0], 0), dtype=torch.long, device=device)
+        for first in range(0, points.shape[0], chunk_size):
+            part = torch.cdist(block, points[first : first + chunk_size].to(device))
+            near = part.topk(min(k, part.shape[1]), dim=1, largest=False, sorted=False)
+            candidates = torch.cat([best, near.values], dim=1)
+            candidate_index = torch.cat([best_index, near.indices + first], dim=1)
+            keep = candidates.topk(min(k, candidates.shape[1]), dim=1, largest=False, sorted=True).indices
+            best, best_index = candidates.gather(1, keep), candidate_index.gather(1, keep)
+        distances.append(best.cpu())
+        indices.append(best_index.cpu())
     return torch.cat(distances), torch.cat(indices)
 
 
-def k_nearest(points: torch.Tensor, k: int, chunk_size: int = 4096, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Indices `(M, k)` of the `k` nearest points of each point (itself included), brute force in chunks."""
-    k = min(k, points.shape[0])
-    reference = points.to(device)
-    indices = []
-    for start in range(0, points.shape[0], chunk_size):
-        block = torch.cdist(points[start : start + chunk_size].to(device), reference)
-        indices.append(block.topk(k, dim=1, largest=False).indices.cpu())
-    return torch.cat(indices)
+def nearest_neighbours(
+    queries: ArrayLike, points: ArrayLike, chunk_size: int = DEFAULT_CHUNK_SIZE, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distance to, and index of, the nearest of `points` `(K, 3)` for each of `queries` `(M, 3)`."""
+    distances, indices = k_nearest_with_distances(queries, points, 1, chunk_size, device)
+    return distances[:, 0], indices[:, 0]
+
+
+def k_nearest(
+    points: torch.Tensor, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """Indices `(M, k)` of the `k` nearest points of each point (itself included)."""
+    return k_nearest_with_distances(points, points, k, chunk_size, device)[1]
 
 
 def knn_normals(
-    points: ArrayLike, k: int = 30, chunk_size: int = 4096, device: str | torch.device = "cpu"
+    points: ArrayLike, k: int = 30, chunk_size: int = DEFAULT_CHUNK_SIZE, device: str | torch.device = "cpu"
 ) -> torch.Tensor:
     """Unit normals `(M, 3)` of a cloud by principal component analysis of each point's `k` nearest neighbours.
 
@@ -56,10 +85,14 @@ def knn_normals(
     points = as_float64(points, "points")
     if points.ndim != 2 or points.shape[1] != 3 or points.shape[0] < 3:
         raise ValueError(f"knn_normals needs an (M, 3) cloud of at least 3 points, got {tuple(points.shape)}.")
-    neighbourhoods = points[k_nearest(points, k, chunk_size, device)]
-    centred = neighbourhoods - neighbourhoods.mean(1, keepdim=True)
-    covariance = centred.transpose(1, 2) @ centred / neighbourhoods.shape[1]
-    return torch.linalg.eigh(covariance).eigenvectors[..., 0]
+    normals = []
+    for start in range(0, points.shape[0], chunk_size):  # neighbourhoods of one block of points at a time
+        _, index = k_nearest_with_distances(points[start : start + chunk_size], points, k, chunk_size, device)
+        neighbourhoods = points[index]
+        centred = neighbourhoods - neighbourhoods.mean(1, keepdim=True)
+        covariance = centred.transpose(1, 2) @ centred / neighbourhoods.shape[1]
+        normals.append(torch.linalg.eigh(covariance).eigenvectors[..., 0])
+    return torch.cat(normals)
 
 
 def icp_refine(
@@ -68,7 +101,7 @@ def icp_refine(
     max_distance: float,
     iterations: int = 30,
     tolerance: float = 1e-6,
-    chunk_size: int = 4096,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     device: str | torch.device = "cpu",
 ) -> torch.Tensor:
     """Rigid point-to-point ICP of `source` `(M, 3)` onto `target` `(K, 3)`; returns the moved source.
@@ -121,7 +154,7 @@ def point_cloud_metrics(
     gt: ArrayLike,
     pred_normals: ArrayLike | None = None,
     gt_normals: ArrayLike | None = None,
-    chunk_size: int = 4096,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     device: str | torch.device = "cpu",
 ) -> dict[str, float]:
     """Accuracy, completeness and, with normals, normal consistency (means and medians) of two clouds `(M, 3)`."""
@@ -156,7 +189,7 @@ def evaluate_point_maps(
     align: bool = True,
     icp_distance: float | None = None,
     normals: str = "knn",
-    chunk_size: int = 4096,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     device: str | torch.device = "cpu",
 ) -> dict[str, float]:
     """Point-map metrics of one scene.

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..chat import answer
+from ..export.validation import check_reconstruction
 from .datasets import Question
 
 
@@ -49,11 +50,13 @@ def predict_geometry(
     processor's own)."""
     paths = [str(path) for path in image_paths]
     inputs = processor(geometry_images=paths, return_tensors="pt", target_width=target_width).to(device)
-    output = model.reconstruct(**inputs)
+    scene = check_reconstruction(
+        model.reconstruct(**inputs), inputs["geometry_pixel_values"], processor.geometry_image_processor
+    )
     return {
-        "depth": resize_maps(output.depth[0].float().cpu(), size).double().numpy(),
-        "world_points": resize_maps(output.world_points[0].float().cpu(), size).double().numpy(),
-        "camera_poses": output.camera_poses[0].double().cpu().numpy(),
+        "depth": resize_maps(torch.from_numpy(scene.depth), size).double().numpy(),
+        "world_points": resize_maps(torch.from_numpy(scene.world_points), size).double().numpy(),
+        "camera_poses": scene.camera_poses,
     }
 
 
@@ -72,4 +75,6 @@ def build_prompt(question: Question) -> str:
 @torch.inference_mode()
 def answer_question(model, processor, question: Question, max_new_tokens: int = 32) -> str:
     """Greedy answer of the model to one question (the official chat prompt: geometry + semantic images)."""
-    return answer(model, processor, [str(path) for path in question.image_paths], build_prompt(question), max_new_tokens)
+    return answer(
+        model, processor, [str(path) for path in question.image_paths], build_prompt(question), max_new_tokens
+    )

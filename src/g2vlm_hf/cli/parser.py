@@ -1,0 +1,95 @@
+"""The `g2vlm` command line's arguments, and what must happen before the package is imported. Standard library only:
+the `g2vlm` launcher loads this file on its own to answer `--help` and argument errors before torch is imported; the
+commands run in the package (`cli.main`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+"""`--dtype`'s values, the names of `g2vlm_hf.model_loading.DTYPES` (a test keeps the two equal: this file cannot
+import the package)."""
+
+# The exported clouds of many views are randomly subsampled to this many points unless --max-points says otherwise:
+# about 30 MB of PLY, still smooth to open in a viewer (one 518x392 view alone has 203,056 points).
+DEFAULT_MAX_POINTS = 2_000_000
+
+
+def quiet_import_warnings() -> None:
+    """Silence warnings that other packages log when they are imported, not about this run: with torchao installed,
+    transformers' quantizers import it, and it reports CUDA extensions it cannot load (and torch's pytree deprecated
+    registrations of its enums), lines that would bury the command's own messages. Call before importing g2vlm_hf."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of `g2vlm reconstruct ...` and `g2vlm chat ...` (the command's name lands in `args.command`)."""
+    parser = argparse.ArgumentParser(prog="g2vlm", description="G2VLM: 3D reconstruction and spatial chat.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--model", required=True, help="converted checkpoint folder or Hub id")
+        sub.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="weights dtype (default: as saved)")
+        sub.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps, ... (default: cuda when available)")
+        sub.add_argument(
+            "--resize-views", action="store_true", help="resize views of other sizes to the first view's size"
+        )
+        sub.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+
+    recon = commands.add_parser("reconstruct", help="views of one scene -> scene.glb, points.ply, cameras.json, depth")
+    common(recon)
+    recon.add_argument("images", nargs="*", default=[], help="image files of the views")
+    recon.add_argument("--folder", type=Path, help="use every image of this folder (sorted by name)")
+    recon.add_argument("--video", type=Path, help="use frames of this video file")
+    recon.add_argument("--every", type=int, default=10, help="with --video: keep every N-th frame (default 10)")
+    recon.add_argument("--max-views", type=int, default=None, help="with --video: keep at most this many frames")
+    recon.add_argument("--output", type=Path, required=True, help="output folder (replaced only when complete)")
+    recon.add_argument("--overwrite", action="store_true", help="replace an existing output of an earlier run")
+    recon.add_argument(
+        "--confidence-percentile", type=float, default=None, help="drop points below this confidence percentile"
+    )
+    recon.add_argument(
+        "--max-points",
+        type=int,
+        default=None,
+        help=f"randomly keep at most this many points in the exported clouds (default {DEFAULT_MAX_POINTS:,})",
+    )
+    recon.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="reconstruct any number of views in overlapping chunks of this many views (e.g. 32; default: one pass, "
+        "at most 256 views); the views are read lazily",
+    )
+    recon.add_argument(
+        "--overlap",
+        type=int,
+        default=8,
+        help="with --chunk-size: views each chunk shares with the previous (default 8)",
+    )
+    recon.add_argument(
+        "--ask-views",
+        type=int,
+        default=8,
+        help="with --chunk-size and --ask: ask about this many views spread uniformly over the sequence (default 8)",
+    )
+    recon.add_argument(
+        "--colmap", type=Path, default=None, help="also write a COLMAP text model (cameras, images, points3D) here"
+    )
+    recon.add_argument(
+        "--ask", default=None, metavar="QUESTION", help="also answer this question about the views into answer.json"
+    )
+
+    chat = commands.add_parser("chat", help="images + question -> streamed answer")
+    common(chat)
+    chat.add_argument("--image", action="append", default=[], help="an image (repeat for several)")
+    chat.add_argument("--video", type=Path, help="ask about frames of this video instead")
+    chat.add_argument(
+        "--views", type=int, default=8, help="with --video: this many frames spread uniformly over it (default 8)"
+    )
+    chat.add_argument("question", help="the question about the images")
+    return parser
