@@ -10,7 +10,13 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from g2vlm_hf import reconstruct_chunked
-from g2vlm_hf.chunked import merge_chunks, stream_reconstruction, transform_reconstruction
+from g2vlm_hf.chunked import (
+    LoopClosureConfig,
+    close_loops,
+    merge_chunks,
+    stream_reconstruction,
+    transform_reconstruction,
+)
 
 NUM_VIEWS, CHUNK, OVERLAP, WIDTH = 120, 16, 4, 56
 
@@ -83,3 +89,37 @@ def test_a_short_sequence_is_one_pass(model_and_processor):
     expected = one_pass(model, processor, views)
     for name, value in expected.items():
         torch.testing.assert_close(getattr(merged, name), value)
+
+
+def test_loop_closure_end_to_end(model_and_processor):
+    pytest.importorskip("scipy", reason="loop closure needs scipy (the loop extra, part of the test extras)")
+    model, processor = model_and_processor
+    views, chunk, overlap = sliding_views(40), 8, 2
+    chunks = list(
+        stream_reconstruction(model, processor, views, chunk, overlap, describe_views=True, target_width=WIDTH)
+    )
+    # the descriptors are the geometry encoder's patch tokens of each view, mean-pooled and normalised
+    inputs = processor(geometry_images=views[:chunk], return_tensors="pt", target_width=WIDTH)
+    with torch.inference_mode():
+        tokens = model.model.geometry_encoder(inputs["geometry_pixel_values"].flatten(0, 1), views_per_scene=chunk)
+    expected = torch.nn.functional.normalize(tokens.float().mean(dim=1), dim=-1)
+    torch.testing.assert_close(chunks[0].descriptors, expected, atol=1e-5, rtol=1e-5)
+    assert torch.cat([c.descriptors for c in chunks]).shape == (40, tokens.shape[-1])
+
+    # random weights: accept any candidate, so that pair chunks and the pose graph run
+    config = LoopClosureConfig(similarity_threshold=-1.0, min_separation=16, max_loops=2,
+                               max_alignment_error=float("inf"), min_co_visible=0.0)  # fmt: skip
+    closed, loops = close_loops(model, processor, views, chunks, config, target_width=WIDTH)
+    assert len(loops) == 2 and all(loop.candidate.second - loop.candidate.first >= 16 for loop in loops)
+    merged = merge_chunks(closed)
+    assert merged.camera_poses.shape == (1, 40, 4, 4) and merged.world_points.shape[:2] == (1, 40)
+    for name in ("camera_poses", "world_points", "local_points", "depth"):
+        assert getattr(merged, name).isfinite().all(), name
+    rotations = merged.camera_poses[0, :, :3, :3]
+    torch.testing.assert_close(rotations @ rotations.transpose(1, 2), torch.eye(3).expand(40, 3, 3), atol=1e-4, rtol=0)
+    assert torch.allclose(torch.linalg.det(rotations), torch.ones(40), atol=1e-4)
+    world = (
+        torch.einsum("nij,nhwj->nhwi", rotations, merged.local_points[0]) + merged.camera_poses[0, :, None, None, :3, 3]
+    )
+    torch.testing.assert_close(world, merged.world_points[0], atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(merged.depth, merged.local_points[..., 2])

@@ -12,12 +12,16 @@ A view shared by two chunks is kept as the earlier chunk predicted it: that pred
 by the stream (which never revises what it yielded), and it is the one the next chunk was aligned to. The last chunk
 is filled back to `chunk_size` views with earlier views (a longer overlap) rather than run short.
 
-The chaining has no loop closure: errors of successive alignments add up like a random walk over the chunks, which
-stays far below the per-view noise when the overlap is long enough (see the README's figures).
+Errors of successive alignments add up along the chain (like a random walk for noise, linearly for a model's
+systematic drift). With loop closure (`reconstruct_chunked(..., loop_closure=True)`, [`close_loops`]) the places the
+sequence revisits, found by the geometry encoder's own image features, are reconstructed together in a pair chunk and
+a pose-graph optimisation over the chunks' similarities spreads the drift along the loop (`loop_closure.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -27,6 +31,16 @@ from typing import Any, TypeVar
 import torch
 from transformers.utils import logging
 
+from .loop_closure import (
+    LoopCandidate,
+    LoopClosureConfig,
+    PoseGraphEdge,
+    co_visible_share,
+    find_loop_candidates,
+    optimise_pose_graph,
+    record_view_descriptors,
+    require_scipy,
+)
 from .modeling.outputs import G2VLMReconstructionOutput
 from .similarity import Similarity, robust_umeyama
 
@@ -87,6 +101,8 @@ class ReconstructedChunk:
         similarity: The transform applied to this chunk's poses and world points (identity for the first chunk).
         alignment_error: Median distance between the shared views' aligned points and the previous chunk's, relative
             to the median distance of those points from their centre; None for the first chunk.
+        descriptors: `(views, dim)` L2-normalised descriptors of those views from the geometry encoder (for loop
+            closure), when the stream was asked for them (`describe_views=True`); else None.
     """
 
     index: int
@@ -95,6 +111,7 @@ class ReconstructedChunk:
     geometry_pixel_values: torch.Tensor
     similarity: Similarity
     alignment_error: float | None
+    descriptors: torch.Tensor | None = None
 
 
 def transform_reconstruction(
@@ -203,6 +220,19 @@ class ChunkAligner:
         return fit, float(residual / spread) if spread > 0 else float("inf")
 
 
+def reconstruct_views(
+    model: Any, processor: Any, views: list, describe_views: bool = False, **processor_kwargs: Any
+) -> tuple[G2VLMReconstructionOutput, torch.Tensor, torch.Tensor | None]:
+    """One model pass over `views` (one scene): the output on the CPU, the processor's geometry pixels `(1, views, 3,
+    H, W)` on the CPU, and with `describe_views` the views' `(views, dim)` geometry-encoder descriptors."""
+    inputs = processor(geometry_images=views, return_tensors="pt", **processor_kwargs).to(model.device)
+    recorder = record_view_descriptors(model) if describe_views else contextlib.nullcontext([])
+    with torch.inference_mode(), recorder as recorded:
+        prediction = select_views(model.reconstruct(**inputs), slice(None))
+    descriptors = torch.cat(recorded) if recorded else None
+    return prediction, inputs["geometry_pixel_values"].cpu(), descriptors
+
+
 def stream_reconstruction(
     model: Any,
     processor: Any,
@@ -211,6 +241,7 @@ def stream_reconstruction(
     overlap: int = 8,
     total_views: int | None = None,
     max_alignment_points: int = 20_000,
+    describe_views: bool = False,
     **processor_kwargs: Any,
 ) -> Iterator[ReconstructedChunk]:
     """Reconstruct `views` chunk by chunk, yielding each chunk aligned to the first as soon as it is done.
@@ -228,6 +259,8 @@ def stream_reconstruction(
         overlap: Views each chunk shares with the previous one, on which it is aligned.
         total_views: The number of views, when `views` has no length (for the progress bar only).
         max_alignment_points: At most this many shared pixels per similarity fit.
+        describe_views: Also record each view's descriptor from the geometry encoder (`ReconstructedChunk.descriptors`,
+            for [`close_loops`]); read off the model's own pass, at no extra compute.
     """
     check_chunking(chunk_size, overlap)
     total_views = len(views) if total_views is None and isinstance(views, Sequence) else total_views
@@ -236,11 +269,9 @@ def stream_reconstruction(
     first_new = 0
     with logging.tqdm(total=total, desc="Reconstructing chunks", unit="chunk") as bar:
         for index, (chunk, shared) in enumerate(plan_chunks(views, chunk_size, overlap)):
-            inputs = processor(geometry_images=chunk, return_tensors="pt", **processor_kwargs).to(model.device)
-            with torch.inference_mode():
-                prediction = select_views(model.reconstruct(**inputs), slice(None))
-            pixels = inputs["geometry_pixel_values"][:, shared:].cpu()
-            del inputs
+            prediction, pixels, descriptors = reconstruct_views(
+                model, processor, chunk, describe_views, **processor_kwargs
+            )
             aligned, similarity, error = aligner.add(prediction, shared)
             if error is not None:
                 logger.info(f"Chunk {index}: scale {similarity.scale:.4g}, relative alignment error {error:.3g}")
@@ -248,15 +279,172 @@ def stream_reconstruction(
             first_new = new_views.stop
             bar.update(1)
             yield ReconstructedChunk(
-                index, new_views, select_views(aligned, slice(shared, None)), pixels, similarity, error
+                index,
+                new_views,
+                select_views(aligned, slice(shared, None)),
+                pixels[:, shared:],
+                similarity,
+                error,
+                None if descriptors is None else descriptors[shared:],
             )
 
 
-def merge_chunks(chunks: Iterable[ReconstructedChunk]) -> G2VLMReconstructionOutput:
-    """One `G2VLMReconstructionOutput` (batch 1) of all views of the chunks, in order."""
-    parts = [chunk.reconstruction for chunk in chunks]
-    if not parts:
-        raise ValueError("No chunks to merge: the view sequence was empty.")
+@dataclass(frozen=True)
+class ClosedLoop:
+    """A verified loop: the candidate, the chunks of its two views, the relative errors of the pair chunk's fits onto
+    the chain's views of the two places, and the co-visible share of the two places in the pair chunk."""
+
+    candidate: LoopCandidate
+    chunks: tuple[int, int]
+    alignment_errors: tuple[float, float]
+    co_visible: float
+
+
+def place_window(view: int, window: int, num_views: int) -> range:
+    """`window` consecutive views around `view`, inside `[0, num_views)`."""
+    start = min(max(0, view - window // 2), max(0, num_views - window))
+    return range(start, min(num_views, start + window))
+
+
+def gather_views(chunks: Sequence[ReconstructedChunk], views: range) -> G2VLMReconstructionOutput:
+    """The aligned outputs of `views` (consecutive, each owned by the chunk that reconstructed it first)."""
+    parts = []
+    for chunk in chunks:
+        first, last = max(views.start, chunk.view_indices.start), min(views.stop, chunk.view_indices.stop)
+        if first < last:
+            offset = chunk.view_indices.start
+            parts.append(select_views(chunk.reconstruction, slice(first - offset, last - offset)))
+    return merge_outputs(parts)
+
+
+def chunk_anchor(chunk: ReconstructedChunk) -> Similarity:
+    """A unitless frame centred on a chunk, in the chunk's own frame: its origin at the median of the chunk's camera
+    centres, its unit the median distance of (a sample of) its world points from their median."""
+    inverse = chunk.similarity.inverse()
+    centre = inverse.apply(chunk.reconstruction.camera_poses[0, :, :3, 3].double()).median(0).values
+    points = chunk.reconstruction.world_points.reshape(-1, 3).double()
+    points = points[points.isfinite().all(1)][:: max(1, points.shape[0] // 20_000)]
+    spread = float((points - points.median(0).values).norm(dim=1).median()) * inverse.scale if len(points) else 0.0
+    return Similarity(spread if spread > 0 else 1.0, torch.eye(3, dtype=torch.float64), centre)
+
+
+def close_loops(
+    model: Any,
+    processor: Any,
+    views: Sequence,
+    chunks: Sequence[ReconstructedChunk],
+    config: LoopClosureConfig | None = None,
+    max_alignment_points: int = 20_000,
+    **processor_kwargs: Any,
+) -> tuple[list[ReconstructedChunk], list[ClosedLoop]]:
+    """Find loops in a chunked reconstruction, verify them, and move every chunk by a pose-graph optimisation.
+
+    1. Candidates: view pairs far apart in the sequence whose geometry-encoder descriptors are alike
+       (`loop_closure.find_loop_candidates`; the chunks must come from `stream_reconstruction(...,
+       describe_views=True)`).
+    2. Verification: the `window` views around each of the two views are reconstructed together in one pass (a pair
+       chunk, of the size of a chunk); the pair chunk's points of each place are fitted (`robust_umeyama`) onto the
+       chain's aligned points of the same views. A loop is kept when both fits are good (relative error at most
+       `max_alignment_error`) and, inside the pair chunk, the second place's points lie on the first place's
+       (co-visible share at least `min_co_visible`): the model saw one place twice, not two places.
+    3. Each kept loop measures the similarity between the frames of the two views' chunks (the fit of the first place
+       composed with the inverse fit of the second: what moves the chain near the second place onto the pair chunk's
+       view of it relative to the first); consecutive chunks are joined by their chained alignments. The pose graph of
+       one Sim(3) per chunk is solved (`loop_closure.optimise_pose_graph`, scipy) and each chunk is moved by the
+       change of its similarity (its global points by the same change seen in the global head's frame).
+
+    Args:
+        views: The same views as streamed, as a sequence: the views of loop candidates are read again.
+        chunks: All chunks of the stream, in order, with descriptors.
+        config: The settings ([`LoopClosureConfig`]).
+        max_alignment_points: At most this many pixels per similarity fit.
+        processor_kwargs: As given to the stream (`target_width`, ...).
+
+    Returns:
+        The chunks moved into the optimised frame (unchanged when no loop is kept), and the loops kept.
+
+    Raises:
+        ValueError: When the chunks carry no descriptors.
+        ImportError: When scipy is not installed.
+    """
+    config = config or LoopClosureConfig()
+    chunks = list(chunks)
+    if len(chunks) < 2:
+        return chunks, []
+    if any(chunk.descriptors is None for chunk in chunks):
+        raise ValueError("Loop closure needs the views' descriptors: stream with `describe_views=True`.")
+    require_scipy()
+    chunk_size = len(chunks[0].view_indices)
+    num_views = chunks[-1].view_indices.stop
+    window = config.window or max(1, chunk_size // 2)
+    candidates = find_loop_candidates(
+        torch.cat([chunk.descriptors for chunk in chunks]),
+        max(config.min_separation or max(2 * chunk_size, num_views // 10), 2 * window),  # disjoint places
+        config.suppression or chunk_size,
+        config.similarity_threshold,
+        config.max_loops,
+    )
+    owner = [chunk.index for chunk in chunks for _ in chunk.view_indices]
+    aligner = ChunkAligner(max_alignment_points)
+    loops, edges = [], []
+    for candidate in candidates:
+        places = (place_window(candidate.first, window, num_views), place_window(candidate.second, window, num_views))
+        pair, _, _ = reconstruct_views(
+            model, processor, [views[index] for place in places for index in place], **processor_kwargs
+        )
+        parts = (select_views(pair, slice(0, len(places[0]))), select_views(pair, slice(len(places[0]), None)))
+        fits = []
+        for place, part in zip(places, parts, strict=True):
+            chain = gather_views(chunks, place)
+            if chain.world_points.shape[2:] != part.world_points.shape[2:]:
+                raise ValueError("Loop closure needs views of one size (resize_views_to_first=True).")
+            pixels = aligner._sample(chain.world_points[0, ..., 0].numel())
+            weights = aligner._weights(chain.confidence, part.confidence, pixels)
+            fits.append(aligner._fit(part.world_points, chain.world_points, weights, pixels))
+        co_visible = co_visible_share(parts[0].world_points, parts[1].world_points)
+        errors = (fits[0][1], fits[1][1])
+        if max(errors) > config.max_alignment_error or co_visible < config.min_co_visible:
+            logger.info(
+                f"Loop candidate views {candidate.first}-{candidate.second} (similarity {candidate.score:.3f}) "
+                f"rejected: alignment errors {errors[0]:.3g}, {errors[1]:.3g}, co-visible share {co_visible:.2f}"
+            )
+            continue
+        first, second = owner[candidate.first], owner[candidate.second]
+        correction = fits[0][0].compose(fits[1][0].inverse())  # chain near place 2 -> consistent with place 1
+        measurement = chunks[first].similarity.inverse().compose(correction).compose(chunks[second].similarity)
+        edges.append(PoseGraphEdge(first, second, measurement, config.loop_weight))
+        loops.append(ClosedLoop(candidate, (first, second), errors, co_visible))
+    logger.info(f"Loop closure: {len(loops)} of {len(candidates)} candidates kept")
+    if not loops:
+        return chunks, []
+    sequential = [
+        PoseGraphEdge(i - 1, i, chunks[i - 1].similarity.inverse().compose(chunks[i].similarity))
+        for i in range(1, len(chunks))
+    ]
+    optimised = optimise_pose_graph(
+        [chunk.similarity for chunk in chunks], sequential + edges, [chunk_anchor(chunk) for chunk in chunks]
+    )
+    to_global = global_frame_of(chunks[0])
+    moved = []
+    for chunk, similarity in zip(chunks, optimised, strict=True):
+        change = similarity.compose(chunk.similarity.inverse())
+        global_change = None if to_global is None else to_global.inverse().compose(change).compose(to_global)
+        reconstruction = transform_reconstruction(chunk.reconstruction, change, global_change)
+        moved.append(dataclasses.replace(chunk, reconstruction=reconstruction, similarity=similarity))
+    return moved, loops
+
+
+def global_frame_of(chunk: ReconstructedChunk) -> Similarity | None:
+    """The similarity from the global head's frame to the world frame of a chunk (fitted on its points), or None when
+    the chunk has no global points."""
+    output = chunk.reconstruction
+    if output.global_points is None:
+        return None
+    return robust_umeyama(output.global_points.reshape(-1, 3)[::7], output.world_points.reshape(-1, 3)[::7])
+
+
+def merge_outputs(parts: Sequence[G2VLMReconstructionOutput]) -> G2VLMReconstructionOutput:
+    """The outputs (batch 1, views of one size) concatenated along the views; a field missing in one is None."""
     sizes = {tuple(part.world_points.shape[2:4]) for part in parts}
     if len(sizes) != 1:
         raise ValueError(f"The chunks have views of different sizes {sorted(sizes)}; give all views one size.")
@@ -267,24 +455,60 @@ def merge_chunks(chunks: Iterable[ReconstructedChunk]) -> G2VLMReconstructionOut
     return G2VLMReconstructionOutput(**merged)
 
 
+def merge_chunks(chunks: Iterable[ReconstructedChunk]) -> G2VLMReconstructionOutput:
+    """One `G2VLMReconstructionOutput` (batch 1) of all views of the chunks, in order."""
+    parts = [chunk.reconstruction for chunk in chunks]
+    if not parts:
+        raise ValueError("No chunks to merge: the view sequence was empty.")
+    return merge_outputs(parts)
+
+
 def reconstruct_chunked(
-    model: Any, processor: Any, views: Iterable, chunk_size: int = 32, overlap: int = 8, **kwargs: Any
+    model: Any,
+    processor: Any,
+    views: Iterable,
+    chunk_size: int = 32,
+    overlap: int = 8,
+    loop_closure: bool | LoopClosureConfig = False,
+    **kwargs: Any,
 ) -> G2VLMReconstructionOutput:
     """Reconstruct any number of views in overlapping chunks (see [`stream_reconstruction`] for the arguments) and
     return one output with every view in the first chunk's frame and scale, on the CPU.
+
+    With `loop_closure` (True for the default [`LoopClosureConfig`], or a config), places the sequence revisits are
+    found and the chunks are moved by a pose-graph optimisation (see [`close_loops`]); `views` must then be a sequence
+    (the views of each loop candidate are read again), and scipy must be installed (`pip install "g2vlm-hf[loop]"`).
 
     Example:
         ```python
         output = g2vlm_hf.reconstruct_chunked(model, processor, frames, chunk_size=32, overlap=8)
         output.camera_poses.shape  # (1, len(frames), 4, 4)
+        closed = g2vlm_hf.reconstruct_chunked(model, processor, frames, loop_closure=True)
         ```
     """
-    return merge_chunks(stream_reconstruction(model, processor, views, chunk_size, overlap, **kwargs))
+    if not loop_closure:
+        return merge_chunks(stream_reconstruction(model, processor, views, chunk_size, overlap, **kwargs))
+    config = loop_closure if isinstance(loop_closure, LoopClosureConfig) else LoopClosureConfig()
+    if not isinstance(views, Sequence):
+        raise ValueError(
+            "Loop closure reads the views of each loop candidate again: pass `views` as a sequence (a list of images "
+            f"or paths), not a {type(views).__name__}."
+        )
+    require_scipy()  # before the model runs
+    max_points = kwargs.pop("max_alignment_points", 20_000)
+    total_views = kwargs.pop("total_views", None)
+    chunks = list(stream_reconstruction(model, processor, views, chunk_size, overlap, total_views, max_points, True,
+                                        **kwargs))  # fmt: skip
+    closed, _ = close_loops(model, processor, views, chunks, config, max_points, **kwargs)
+    return merge_chunks(closed)
 
 
 __all__ = [
     "ChunkAligner",
+    "ClosedLoop",
+    "LoopClosureConfig",
     "ReconstructedChunk",
+    "close_loops",
     "merge_chunks",
     "plan_chunks",
     "reconstruct_chunked",

@@ -1,12 +1,21 @@
 """3D similarity transforms (scale, rotation, translation) and their estimation from corresponding points.
 
-`umeyama` is the closed-form least-squares fit (Umeyama, 1991), optionally weighted. `robust_umeyama` wraps it in
-iteratively reweighted least squares with Huber weights, after leaving out the points far outside either cloud:
-outlying correspondences (sky, depth edges, moving objects) lose influence, while the inliers keep their full weight, so on clean data it returns the least-squares fit. Huber is
-chosen over a trimmed fit (which throws a fixed share of good points away and needs the outlier ratio guessed) and
-over redescending losses such as Cauchy or Tukey (non-convex: from a poor start they can settle on a wrong set of
-inliers). The Huber threshold is a multiple of the median residual, so it needs no unit: model outputs have an
-arbitrary scale.
+`umeyama` is the closed-form least-squares fit (Umeyama, 1991), optionally weighted. `robust_umeyama` is an
+MM-style estimate in three stages, after leaving out the points far outside either cloud:
+
+1. a robust start: iteratively reweighted least squares with Huber weights, whose threshold (2 x the median residual)
+   needs no unit (model outputs have an arbitrary scale). Huber is convex, so it cannot settle on a wrong inlier set,
+   but its influence is bounded, not zero: every gross outlier still pulls the fit by about the threshold, and under
+   noise (where the threshold grows with the residuals) 10% of outliers bias each chunk's scale enough for the bias to
+   compound along a chain of chunks;
+2. a residual scale from that fit: sigma = median residual norm / 1.5382 (the median of the norm of a 3D Gaussian
+   error of sigma per axis), which outliers, being fewer than half, barely move;
+3. Tukey-biweight refits (redescending) with that scale fixed: weight `(1 - (r / 6 sigma)^2)^2`, 0 beyond 6 sigma, so
+   gross outliers have no influence at all while the inliers keep most of theirs (a least-squares fit on clean data).
+
+Measured on a 240-view loop in chunks of 16 sharing 4 (the stand-in model of the tests, mean of 6 seeds): ATE 5.8e-2
+of the extent with 0.2% noise and 10% outliers after stage 1 alone, 5.1e-3 after stage 3, the same as with the noise
+alone (5.1e-3); see `tests/test_alignment_outliers.py`.
 
 Everything is computed in float64 on the CPU.
 """
@@ -25,6 +34,11 @@ HUBER_MEDIAN_MULTIPLE = 2.0  # about 3 sigma for the norm of isotropic 3D Gaussi
 # the least-squares start such points inflate the source variance and shrink the scale towards 0, a start from which
 # no reweighting recovers.
 FAR_POINT_MULTIPLE = 10.0
+# The norm of an isotropic 3D Gaussian error of sigma per axis has median 1.5382 sigma (chi distribution, 3 degrees of
+# freedom): the residual scale is read off the median residual norm, which outliers (under half) barely move.
+CHI3_MEDIAN = 1.5382
+# Tukey's biweight cut-off, in that sigma: inliers (99% within 3.4 sigma) keep weights above 0.45, gross outliers get 0.
+TUKEY_SIGMA_MULTIPLE = 6.0
 
 
 def as_float64(array: ArrayLike, name: str) -> torch.Tensor:
@@ -61,6 +75,11 @@ class Similarity:
         moved[..., :3, :3] = rotation @ camera_poses[..., :3, :3]
         moved[..., :3, 3] = self.apply(camera_poses[..., :3, 3])
         return moved
+
+    def inverse(self) -> Similarity:
+        """The similarity `y -> x` undoing this one."""
+        rotation = self.rotation.T
+        return Similarity(1.0 / self.scale, rotation, -(rotation @ self.translation) / self.scale)
 
     def compose(self, inner: Similarity) -> Similarity:
         """`self(inner(x))`."""
@@ -133,13 +152,14 @@ def robust_umeyama(
     iterations: int = 30,
     tolerance: float = 1e-9,
 ) -> Similarity:
-    """Similarity mapping `source` onto `target` by Huber-weighted iteratively reweighted Umeyama fits.
+    """Similarity mapping `source` onto `target`, robust to outliers (see the module docstring for the method).
 
     Correspondences where either point is not finite, or whose weight is not finite, are dropped first, and so are
-    those with a point farther from its cloud's median than 10 times the median distance. Each iteration then weights
+    those with a point farther from its cloud's median than 10 times the median distance. Huber iterations then weight
     a point by `weight * min(1, delta / residual)`, `delta` = 2 x the median residual of the current fit (medians are
-    weighted by `weights`); it stops after `iterations` refits or when the fitted points move by less than
-    `tolerance` (relative to the target's extent).
+    weighted by `weights`); Tukey iterations follow, weighting by `weight * (1 - (residual / (6 sigma))^2)^2` with
+    `sigma` the median residual of the Huber fit / 1.5382. Each stage stops after `iterations` refits or when the
+    fitted points move by less than `tolerance` (relative to the target's extent).
 
     Args:
         source: `(M, 3)` points to move.
@@ -171,6 +191,29 @@ def robust_umeyama(
         refit = Similarity(*umeyama(source, target, prior * huber))
         change = (refit.apply(source) - fit.apply(source)).norm(dim=1).max()
         fit = refit
+        if change <= tolerance * float(target.norm(dim=1).max()):
+            break
+    return _redescend(fit, source, target, prior, iterations, tolerance)
+
+
+def _redescend(
+    fit: Similarity, source: torch.Tensor, target: torch.Tensor, prior: torch.Tensor, iterations: int, tolerance: float
+) -> Similarity:
+    """Tukey-biweight refits from the Huber fit `fit`, with the residual scale fixed at its value for `fit` (an
+    MM-estimate): correspondences beyond `TUKEY_SIGMA_MULTIPLE` sigma get weight 0."""
+    residual = (fit.apply(source) - target).norm(dim=1)
+    sigma = float(weighted_median(residual, prior)) / CHI3_MEDIAN
+    if sigma == 0.0:
+        return fit
+    cutoff = TUKEY_SIGMA_MULTIPLE * sigma
+    for _ in range(iterations):
+        tukey = (1.0 - (residual / cutoff).square()).clamp(min=0.0).square()
+        if int((tukey > 0).sum()) < 3:
+            break
+        refit = Similarity(*umeyama(source, target, prior * tukey))
+        change = (refit.apply(source) - fit.apply(source)).norm(dim=1).max()
+        fit = refit
+        residual = (fit.apply(source) - target).norm(dim=1)
         if change <= tolerance * float(target.norm(dim=1).max()):
             break
     return fit
