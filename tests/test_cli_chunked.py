@@ -45,7 +45,7 @@ def test_reconstruct_a_video_in_chunks(small_views_model, tmp_path):
     write_walk_video(video, 24)
     args = ["reconstruct", "--model", str(small_views_model), "--video", str(video), "--every", "2", "--chunk-size", "5",
             "--overlap", "2", "--output", str(output), "--colmap", str(sparse), "--ask", "Where is the box?",
-            "--ask-views", "3", "--max-new-tokens", "2"]  # fmt: skip
+            "--ask-views", "3", "--ask-views-by", "uniform", "--max-new-tokens", "2"]  # fmt: skip
     assert g2vlm(args) == 0
 
     model = AutoModelForImageTextToText.from_pretrained(small_views_model).eval()
