@@ -4,7 +4,10 @@ in overlapping chunks (`chunked.stream_reconstruction`, any number of views, rea
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import ctypes
+import functools
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,6 +84,27 @@ def stream_in_chunks(
     for chunk in stream:
         chunk_sizes = [sizes.pop(index) for index in chunk.view_indices]
         writer.add_chunk(chunk, geometry, original_sizes=chunk_sizes)
+        del chunk
+        release_freed_memory()
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the memory freed by a chunk back to the system (glibc's `malloc_trim`; nothing elsewhere).
+
+    Each chunk's large arrays are freed once written, but the small records kept between them (poses, file names)
+    pin glibc's heap: without a trim, the process's RSS grew by about 0.25 MB per 112x112 view (measured), that is,
+    with the number of views, although nothing of the views is kept."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class RereadViews(Sequence):
@@ -93,22 +117,27 @@ class RereadViews(Sequence):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: int) -> Image.Image:
         if index not in self.cache:
             self.cache = dict(read_views(self.source, range(index, min(index + self.window, len(self.source)))))
         return self.cache[index]
 
 
-def read_views(source: ViewSource, indices) -> list[tuple[int, Image.Image]]:
-    """The views of `source` at `indices`, read in one pass, with their indices."""
+def read_views(source: ViewSource, indices: Iterable[int]) -> list[tuple[int, Image.Image]]:
+    """The views of `source` at `indices`, read in one pass that stops after the last of them, with their indices."""
     wanted = set(indices)
     last = max(wanted, default=-1)
     chosen = []
-    for index, view in enumerate(source):
-        if index in wanted:
-            chosen.append((index, view))
-        if index >= last:
-            break
+
+    def scan():
+        yield from source.read()
+
+    with contextlib.closing(scan()) as views:  # a video is closed as soon as its last wanted frame is read
+        for index, view in enumerate(views):
+            if index in wanted:
+                chosen.append((index, view))
+            if index >= last:
+                break
     return chosen
 
 
