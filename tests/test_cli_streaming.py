@@ -136,10 +136,6 @@ def test_loop_closure_runs_end_to_end_with_the_tiny_checkpoint(small_views_model
 def test_loop_closure_without_chunks_is_refused_before_model_work(small_views_model, tmp_path, monkeypatch):
     folder = tmp_path / "views"
     write_grey_views(folder, range(3))
-
-    def no_model(*args):
-        raise AssertionError("the model was loaded")
-
     monkeypatch.setattr("g2vlm_hf.model_loading.load_model", no_model)
     monkeypatch.setattr("g2vlm_hf.model_loading.load_processor", no_model)
     result = subprocess.run(
@@ -167,3 +163,31 @@ def test_loop_closure_reads_any_view_again_from_a_lazy_source(tmp_path):
     assert len(views) == 9
     for index in (7, 8, 0, 4, 5, 2):  # places asked for out of order
         assert views[index].getpixel((0, 0)) == (20 + 10 * index,) * 3
+
+
+def no_model(*args):
+    raise AssertionError("the model was loaded")
+
+
+def test_confidence_percentile_is_refused_with_chunks(small_views_model, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "views"
+    write_grey_views(folder, range(3))
+    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", no_model)
+    args = chunked_args(small_views_model, folder, tmp_path / "scene", "--confidence-percentile", "20")
+    assert g2vlm(args) == 2
+    assert "--confidence-percentile" in capsys.readouterr().err
+    assert not (tmp_path / "scene").exists()
+
+
+def test_loop_closure_without_scipy_says_which_extra(small_views_model, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "views"
+    write_grey_views(folder, range(3))
+
+    def missing():
+        raise ImportError('Loop closure needs scipy (its pose-graph solver): pip install "g2vlm-hf[loop]"')
+
+    monkeypatch.setattr("g2vlm_hf.loop_closure.require_scipy", missing)
+    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", no_model)
+    monkeypatch.setattr("g2vlm_hf.model_loading.load_processor", no_model)
+    assert g2vlm(chunked_args(small_views_model, folder, tmp_path / "scene", "--loop-closure")) == 2
+    assert 'pip install "g2vlm-hf[loop]"' in capsys.readouterr().err
