@@ -45,7 +45,7 @@ def test_reconstruct_a_video_in_chunks(small_views_model, tmp_path):
     write_walk_video(video, 24)
     args = ["reconstruct", "--model", str(small_views_model), "--video", str(video), "--every", "2", "--chunk-size", "5",
             "--overlap", "2", "--output", str(output), "--colmap", str(sparse), "--ask", "Where is the box?",
-            "--ask-views", "3", "--max-new-tokens", "2"]  # fmt: skip
+            "--ask-views", "3", "--ask-views-by", "uniform", "--max-new-tokens", "2"]  # fmt: skip
     assert g2vlm(args) == 0
 
     model = AutoModelForImageTextToText.from_pretrained(small_views_model).eval()
@@ -184,20 +184,32 @@ def walk_poses(count: int) -> torch.Tensor:
     return poses
 
 
-def test_chunked_cameras_match_the_known_trajectory(small_views_model, tmp_path, monkeypatch):
-    count = 19
-    folder = tmp_path / "views"
+def write_grey_views(folder, levels) -> None:
+    """One flat grey view per level (the stand-in model recognises a view by its grey level)."""
     folder.mkdir()
-    for index in range(count):
-        Image.new("RGB", (112, 56), (GREY_BASE + GREY_STEP * index,) * 3).save(folder / f"{index:03d}.png")
+    for index, level in enumerate(levels):
+        Image.new("RGB", (112, 56), (GREY_BASE + GREY_STEP * level,) * 3).save(folder / f"{index:03d}.png")
+
+
+def known_local_points(height: int, width: int) -> torch.Tensor:
+    """The camera-frame points `KnownGeometry` gives every view of `height` x `width` pixels."""
+    rows, columns = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    depth = 2 + 0.3 * torch.sin(columns / 7.0) * torch.cos(rows / 5.0)
+    return torch.stack([(columns - width / 2) / width * depth, (rows - height / 2) / width * depth, depth], -1).double()
+
+
+def test_chunked_outputs_match_the_known_geometry(small_views_model, tmp_path, monkeypatch):
+    count = 19
+    folder, scene, sparse = tmp_path / "views", tmp_path / "scene", tmp_path / "sparse"
+    write_grey_views(folder, range(count))
     truth = walk_poses(count)
     processor = AutoProcessor.from_pretrained(small_views_model)
     monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a: KnownGeometry(processor, truth))
     args = ["reconstruct", "--model", str(small_views_model), "--folder", str(folder), "--chunk-size", "6",
-            "--overlap", "2", "--output", str(tmp_path / "scene"), "--device", "cpu"]  # fmt: skip
+            "--overlap", "2", "--output", str(scene), "--colmap", str(sparse), "--device", "cpu"]  # fmt: skip
     assert g2vlm(args) == 0
 
-    written = torch.tensor([c["camera_to_world"] for c in json.loads((tmp_path / "scene" / "cameras.json").read_text())["cameras"]], dtype=torch.float64)  # fmt: skip
+    written = torch.tensor([c["camera_to_world"] for c in json.loads((scene / "cameras.json").read_text())["cameras"]], dtype=torch.float64)  # fmt: skip
     assert written.shape == (count, 4, 4)
     # relative to the first camera the merged trajectory is the truth, rotations exactly, translations at one scale
     relative = torch.linalg.inv(written[0]) @ written
@@ -206,3 +218,24 @@ def test_chunked_cameras_match_the_known_trajectory(small_views_model, tmp_path,
     scale = relative[-1, :3, 3].norm() / expected[-1, :3, 3].norm()
     extent = expected[:, :3, 3].norm(dim=-1).max()
     assert (relative[:, :3, 3] / scale - expected[:, :3, 3]).norm(dim=-1).max() < 1e-4 * extent
+
+    # the point cloud is every view's true surface, moved by the one similarity that maps the truth to the output
+    depth_maps = sorted(path.name for path in (scene / "depth").iterdir())
+    assert depth_maps == sorted([f"view_{i:03d}.png" for i in range(count)] + [f"view_{i:03d}_preview.png" for i in range(count)])  # fmt: skip
+    width, height = Image.open(scene / "depth" / "view_000.png").size
+    rotation = written[0, :3, :3] @ truth[0, :3, :3].T
+    shift = written[0, :3, 3] - scale * rotation @ truth[0, :3, 3]
+    world = torch.einsum("nij,hwj->nhwi", truth[:, :3, :3], known_local_points(height, width)) + truth[:, None, None, :3, 3]  # fmt: skip
+    cloud = torch.from_numpy(np.asarray(trimesh.load(scene / "points.ply").vertices, dtype=np.float64))
+    assert cloud.shape == (count * height * width, 3)
+    error = (cloud - (scale * world.reshape(-1, 3) @ rotation.T + shift)).norm(dim=-1).max()
+    assert error < 1e-4 * scale * extent
+
+    # the COLMAP model holds the same cameras (world-to-camera) and one observed point per pixel
+    lines = [line for line in (sparse / "images.txt").read_text().splitlines() if not line.startswith("#")]
+    assert len(lines) == 2 * count
+    translations = torch.tensor([[float(v) for v in line.split()[5:8]] for line in lines[::2]], dtype=torch.float64)
+    from_poses = -torch.einsum("nji,nj->ni", written[:, :3, :3], written[:, :3, 3])
+    torch.testing.assert_close(translations, from_poses, atol=1e-4 * float(scale * extent), rtol=1e-4)
+    points = [line for line in (sparse / "points3D.txt").read_text().splitlines() if not line.startswith("#")]
+    assert len(points) == count * height * width

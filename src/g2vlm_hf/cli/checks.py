@@ -45,6 +45,13 @@ def check_reconstruct_flags(args: argparse.Namespace) -> None:
         )
     if args.ask_views < 1:
         raise CLIError(f"--ask-views must be at least 1, got {args.ask_views}.")
+    if args.loop_closure and args.chunk_size is None:
+        raise CLIError("--loop-closure works on a chunked reconstruction: give --chunk-size too (e.g. 32).")
+    if args.chunk_size is not None and args.confidence_percentile is not None:
+        raise CLIError(
+            "--confidence-percentile needs every view's confidence at once; with --chunk-size the points are written "
+            "as they stream: leave it out."
+        )
     check_answer_flags(args)
 
 

@@ -72,10 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --chunk-size: views each chunk shares with the previous (default 8)",
     )
     recon.add_argument(
+        "--loop-closure",
+        action="store_true",
+        help="with --chunk-size: find places the sequence revisits and remove the drift between them (needs scipy: "
+        'pip install "g2vlm-hf[loop]"; keeps every chunk until the end)',
+    )
+    recon.add_argument(
         "--ask-views",
         type=int,
         default=8,
-        help="with --chunk-size and --ask: ask about this many views spread uniformly over the sequence (default 8)",
+        help="with --chunk-size and --ask: ask about at most this many views (default 8)",
+    )
+    recon.add_argument(
+        "--ask-views-by",
+        choices=("coverage", "uniform"),
+        default="coverage",
+        help="with --chunk-size and --ask: choose those views by coverage of the reconstructed cameras (default; "
+        "repeated places are skipped) or uniformly over the sequence",
     )
     recon.add_argument(
         "--colmap", type=Path, default=None, help="also write a COLMAP text model (cameras, images, points3D) here"

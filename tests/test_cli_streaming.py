@@ -1,0 +1,193 @@
+"""`g2vlm reconstruct --chunk-size` streams its outputs: a failure mid-stream leaves nothing at --output (and an
+earlier output intact), host memory does not grow with the number of views, and --loop-closure runs end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tracemalloc
+
+import pytest
+from conftest import write_video
+from PIL import Image
+from test_cli_chunked import KnownGeometry, walk_poses, write_grey_views
+from transformers import AutoProcessor
+
+from g2vlm_hf.cli import main as g2vlm
+
+trimesh = pytest.importorskip("trimesh", reason="the export extra (trimesh) is part of the test extras")
+
+
+@pytest.fixture(scope="module")
+def small_views_model(converted_tiny, tmp_path_factory):
+    """The converted tiny checkpoint with 56-pixel-wide geometry views, to keep the runs short."""
+    folder = tmp_path_factory.mktemp("small") / "g2vlm-tiny"
+    shutil.copytree(converted_tiny, folder)
+    config = json.loads((folder / "processor_config.json").read_text())
+    config["image_processor"]["target_width"] = 56
+    (folder / "processor_config.json").write_text(json.dumps(config))
+    return folder
+
+
+class FailingGeometry(KnownGeometry):
+    """The known geometry, until the third chunk: then it checks that the first chunks' depth maps were already
+    written (into a hidden staging folder, not at the output) and fails with `error`."""
+
+    def __init__(self, processor, poses, parent, error):
+        super().__init__(processor, poses)
+        self.parent, self.error, self.calls = parent, error, 0
+
+    def reconstruct(self, geometry_pixel_values, **kwargs):
+        self.calls += 1
+        if self.calls == 3:
+            staged = [path for path in self.parent.glob(".scene.g2vlm-staging.*/depth/*.png")]
+            assert len(staged) == 2 * 10  # chunks 1 and 2 (6 + 4 new views), map and preview each
+            raise self.error
+        return super().reconstruct(geometry_pixel_values, **kwargs)
+
+
+def chunked_args(model, folder, output, *extra):
+    return ["reconstruct", "--model", str(model), "--folder", str(folder), "--chunk-size", "6", "--overlap", "2",
+            "--output", str(output), "--device", "cpu", *extra]  # fmt: skip
+
+
+@pytest.mark.parametrize(("error", "status"), [(ValueError("the model broke"), 2), (KeyboardInterrupt(), 130)])
+def test_a_failure_mid_stream_leaves_no_output(small_views_model, tmp_path, monkeypatch, error, status):
+    folder, scene = tmp_path / "views", tmp_path / "scene"
+    write_grey_views(folder, range(16))
+    processor = AutoProcessor.from_pretrained(small_views_model)
+    model = FailingGeometry(processor, walk_poses(16), tmp_path, error)
+    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a: model)
+    assert g2vlm(chunked_args(small_views_model, folder, scene)) == status
+    assert model.calls == 3
+    assert not scene.exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["views"]  # no staging, no lock left behind
+
+
+def test_a_failure_mid_stream_keeps_the_earlier_output(small_views_model, tmp_path, monkeypatch):
+    folder, scene = tmp_path / "views", tmp_path / "scene"
+    write_grey_views(folder, range(16))
+    processor = AutoProcessor.from_pretrained(small_views_model)
+    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a: KnownGeometry(processor, walk_poses(16)))
+    assert g2vlm(chunked_args(small_views_model, folder, scene)) == 0
+    before = {path.relative_to(scene): path.read_bytes() for path in scene.rglob("*") if path.is_file()}
+
+    model = FailingGeometry(processor, walk_poses(16), tmp_path, ValueError("the model broke"))
+    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a: model)
+    assert g2vlm(chunked_args(small_views_model, folder, scene, "--overwrite")) == 2
+    after = {path.relative_to(scene): path.read_bytes() for path in scene.rglob("*") if path.is_file()}
+    assert after == before
+
+
+def peak_traced_bytes(model_folder, folder, output, count, monkeypatch) -> int:
+    """Peak of the Python/NumPy allocations of one chunked run over `count` views of the known geometry."""
+    processor = AutoProcessor.from_pretrained(model_folder)
+    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a: KnownGeometry(processor, walk_poses(count)))
+    tracemalloc.start()
+    try:
+        assert g2vlm(chunked_args(model_folder, folder, output, "--max-points", "2000")) == 0
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_host_memory_does_not_grow_with_the_number_of_views(converted_tiny, tmp_path, monkeypatch):
+    model_folder = tmp_path / "g2vlm-tiny"  # 224 x 112 geometry views: a chunk's arrays are a few MB
+    shutil.copytree(converted_tiny, model_folder)
+    config = json.loads((model_folder / "processor_config.json").read_text())
+    config["image_processor"]["target_width"] = 224
+    (model_folder / "processor_config.json").write_text(json.dumps(config))
+    peaks = {}
+    for count in (16, 128):
+        folder = tmp_path / f"views{count}"
+        write_grey_views(folder, range(count))
+        peaks[count] = peak_traced_bytes(model_folder, folder, tmp_path / f"scene{count}", count, monkeypatch)
+    # 8x the views: the whole scene's arrays held at once (about 1 MB a view here) would make this ratio about 6; what
+    # does grow with the views is the per-view records and the GLB's camera frustums (tens of KB a view)
+    assert peaks[128] < 1.5 * peaks[16], peaks
+
+
+def write_loop_video(path, frames: int) -> None:
+    """A camera sliding right along the fixture's view and back again: the second half revisits the first."""
+    from conftest import FIXTURE_DIR
+
+    source = Image.open(FIXTURE_DIR / "images" / "view_0.png").convert("RGB")
+    half = frames // 2
+    offsets = [24 * index for index in range(half)] + [24 * (frames - 1 - index) for index in range(half, frames)]
+    write_video(path, [source.crop((x, 0, x + 280, 280)).resize((112, 112)) for x in offsets])
+
+
+def test_loop_closure_runs_end_to_end_with_the_tiny_checkpoint(small_views_model, tmp_path):
+    pytest.importorskip("scipy", reason="loop closure needs the loop extra (scipy)")
+    video, scene = tmp_path / "loop.mp4", tmp_path / "scene"
+    write_loop_video(video, 20)
+    args = ["reconstruct", "--model", str(small_views_model), "--video", str(video), "--every", "1", "--chunk-size",
+            "4", "--overlap", "2", "--loop-closure", "--output", str(scene), "--device", "cpu"]  # fmt: skip
+    assert g2vlm(args) == 0
+    cameras = json.loads((scene / "cameras.json").read_text())["cameras"]
+    assert [camera["index"] for camera in cameras] == list(range(20))
+    assert len(list((scene / "depth").glob("view_*_preview.png"))) == 20
+    assert len(trimesh.load(scene / "points.ply").vertices) > 0
+    assert trimesh.load(scene / "scene.glb").geometry
+
+
+def test_loop_closure_without_chunks_is_refused_before_model_work(small_views_model, tmp_path, monkeypatch):
+    folder = tmp_path / "views"
+    write_grey_views(folder, range(3))
+    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", no_model)
+    monkeypatch.setattr("g2vlm_hf.model_loading.load_processor", no_model)
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; from g2vlm_hf.cli import main; sys.exit(main())", "reconstruct",
+         "--model", str(small_views_model), "--folder", str(folder), "--loop-closure", "--output",
+         str(tmp_path / "scene")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("g2vlm")]
+    assert lines == ["g2vlm: error: --loop-closure works on a chunked reconstruction: give --chunk-size too (e.g. 32)."]
+    assert g2vlm(["reconstruct", "--model", str(small_views_model), "--folder", str(folder), "--loop-closure",
+                  "--output", str(tmp_path / "scene")]) == 2  # fmt: skip
+    assert not (tmp_path / "scene").exists()
+
+
+def test_loop_closure_reads_any_view_again_from_a_lazy_source(tmp_path):
+    from g2vlm_hf.inputs import folder_views
+    from g2vlm_hf.reconstruction import RereadViews
+
+    folder = tmp_path / "views"
+    write_grey_views(folder, range(9))
+    source = folder_views(folder)
+    views = RereadViews(source, window=3)
+    assert len(views) == 9
+    for index in (7, 8, 0, 4, 5, 2):  # places asked for out of order
+        assert views[index].getpixel((0, 0)) == (20 + 10 * index,) * 3
+
+
+def no_model(*args):
+    raise AssertionError("the model was loaded")
+
+
+def test_confidence_percentile_is_refused_with_chunks(small_views_model, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "views"
+    write_grey_views(folder, range(3))
+    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", no_model)
+    args = chunked_args(small_views_model, folder, tmp_path / "scene", "--confidence-percentile", "20")
+    assert g2vlm(args) == 2
+    assert "--confidence-percentile" in capsys.readouterr().err
+    assert not (tmp_path / "scene").exists()
+
+
+def test_loop_closure_without_scipy_says_which_extra(small_views_model, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "views"
+    write_grey_views(folder, range(3))
+
+    def missing():
+        raise ImportError('Loop closure needs scipy (its pose-graph solver): pip install "g2vlm-hf[loop]"')
+
+    monkeypatch.setattr("g2vlm_hf.loop_closure.require_scipy", missing)
+    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", no_model)
+    monkeypatch.setattr("g2vlm_hf.model_loading.load_processor", no_model)
+    assert g2vlm(chunked_args(small_views_model, folder, tmp_path / "scene", "--loop-closure")) == 2
+    assert 'pip install "g2vlm-hf[loop]"' in capsys.readouterr().err
