@@ -16,6 +16,8 @@ there (a file added between the check and the rename is found now, and the folde
 then takes the target's name with a rename that refuses any existing target (`rename_noreplace`), so a folder that
 appeared at the target during the run is never replaced; finally the old folder is emptied of the files its manifest
 lists, and removed only if nothing else is left in it.
+An output withdrawn during the run (`StagingFolders.withdraw`) is not swapped: its staging folder is removed and
+its target is not touched.
 
 Locks. `output_lock` holds an exclusive advisory lock on `.NAME.g2vlm-lock` beside the target (its pid, host and
 command written in it) from the checks to the swap, and a shared lock on the lock file of every ancestor folder that
@@ -316,14 +318,29 @@ def _put_back(old: Path, output: Path) -> None:
         logger.warning(f"The previous content of {output} is kept in {old}: something else is now at {output}.")
 
 
+class StagingFolders(list):
+    """The staging folders `staged_outputs` yields, one per output in order; an output can be withdrawn."""
+
+    def __init__(self, folders: Iterable[Path]):
+        super().__init__(folders)
+        self.withdrawn: set[int] = set()
+
+    def withdraw(self, index: int) -> None:
+        """Do not swap in output `index` when the block ends: its staging folder is discarded with what was written
+        in it, and its target is left exactly as it is (absent, or an earlier output untouched)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"No output {index}: there are {len(self)}.")
+        self.withdrawn.add(index)
+
+
 @contextlib.contextmanager
 def staged_outputs(
     outputs: Sequence[str | os.PathLike[str]], *, kinds: Sequence[str], overwrite: bool = False
-) -> Iterator[list[Path]]:
+) -> Iterator[StagingFolders]:
     """One transaction over several output folders: lock each, check each again under the lock, yield a staging
-    folder per output, and seal and swap them all in (`swap_in_all`) when the block ends without an error. The
-    staging folders are always removed and the locks released, so a failure or Ctrl-C leaves every previous output
-    as it was."""
+    folder per output, and seal and swap them all in (`swap_in_all`) when the block ends without an error, except
+    those withdrawn in the block (`StagingFolders.withdraw`). The staging folders are always removed and the locks
+    released, so a failure or Ctrl-C leaves every previous output as it was, and so does a withdrawal its own."""
     outputs = [Path(output) for output in outputs]
     if len(kinds) != len(outputs):
         raise ValueError(f"{len(outputs)} outputs but {len(kinds)} kinds.")
@@ -338,8 +355,14 @@ def staged_outputs(
         stack.callback(_remove_folders, stagings)  # after a swap they are gone; after a failure, the new content
         for output in outputs:
             stagings.append(make_staging_dir(output))
-        yield list(stagings)
-        swap_in_all(list(zip(stagings, outputs)), kinds=kinds, overwrite=overwrite)
+        staged = StagingFolders(stagings)
+        yield staged
+        kept = [index for index in range(len(outputs)) if index not in staged.withdrawn]
+        swap_in_all(
+            [(stagings[index], outputs[index]) for index in kept],
+            kinds=[kinds[index] for index in kept],
+            overwrite=overwrite,
+        )
 
 
 def _remove_folders(folders: list[Path]) -> None:
@@ -473,6 +496,7 @@ def _writer_is_alive(writer: object) -> bool:
 __all__ = [
     "MARKER",
     "OutputError",
+    "StagingFolders",
     "check_output_dir",
     "clean_leftovers",
     "lock_path",

@@ -12,7 +12,8 @@ import numpy as np
 
 from .. import model_loading
 from ..export import check_reconstruction, write_scene
-from ..export.streaming import StreamingSceneWriter
+from ..export.colmap import NoUsableCameraError
+from ..export.streaming import StreamingSceneWriter, usable_cameras
 from ..inputs import open_views
 from ..reconstruction import reconstruct_in_one_pass, stream_in_chunks, views_for_question
 from ..safe_output import staged_outputs
@@ -27,7 +28,10 @@ from .parser import DEFAULT_MAX_POINTS
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check every flag, path and view count, then reconstruct and write the outputs as one transaction."""
+    """Check every flag, path and view count, then reconstruct and write the outputs as one transaction.
+
+    When no view gets a usable pinhole camera, --colmap's target is withdrawn from the transaction (left as it was),
+    the scene is still written, and the exit status is 2 with one line saying why."""
     check_reconstruct_flags(args)
     targets = check_reconstruct_outputs(args)
     check_model_and_device(args)
@@ -50,13 +54,24 @@ def run(args: argparse.Namespace) -> int:
             colmap = stagings[1] if inside is None else stagings[0] / inside
         model = model_loading.load_model(args.model, args.dtype, args.device)
         if args.chunk_size is None:
-            written = reconstruct_one_pass(args, stagings[0], colmap, model, processor, source, max_points)
+            written, no_camera = reconstruct_one_pass(args, stagings[0], colmap, model, processor, source, max_points)
         else:
-            written = reconstruct_streaming(args, stagings[0], colmap, model, processor, source, max_points)
+            written, no_camera = reconstruct_streaming(args, stagings[0], colmap, model, processor, source, max_points)
+        if no_camera is not None and len(stagings) == 2:  # nothing was written into its staging folder
+            stagings.withdraw(1)
     print(f"Reconstructed {len(source)} views into {args.output}:")
     for path in written:
         staging, final = next((s, f) for s, f in zip(stagings, shown) if Path(path).is_relative_to(s))
         print(f"  {final / Path(path).relative_to(staging)}")
+    if no_camera is not None:
+        sys.stdout.flush()
+        print(
+            f"g2vlm: error: no COLMAP model was written to {args.colmap} ({no_camera}), but the scene was written to "
+            f"{args.output}; --colmap needs a model whose point maps look like a pinhole camera's (real weights, not "
+            "random ones).",
+            file=sys.stderr,
+        )
+        return 2
     return 0
 
 
@@ -72,8 +87,9 @@ def check_loop_closure_installed() -> None:
 
 def reconstruct_one_pass(
     args: argparse.Namespace, folder: Path, colmap: Path | None, model, processor, source, max_points: int
-) -> list[Path]:
-    """Every view in one model pass, then the scene (and --colmap, --ask) written from the whole result."""
+) -> tuple[list[Path], NoUsableCameraError | None]:
+    """Every view in one model pass, then the scene (and --colmap, --ask) written from the whole result; returns the
+    written files and, when no view has a usable camera, the error that kept the COLMAP model from being written."""
     scene_run = reconstruct_in_one_pass(model, processor, source, resize_views_to_first=args.resize_views)
     # the predictions are checked once, here; the writers of the scene and of --colmap take them as they are
     scene = check_reconstruction(scene_run.output, scene_run.geometry_pixel_values, processor.geometry_image_processor)
@@ -84,21 +100,28 @@ def reconstruct_one_pass(
         max_points=max_points,
         original_sizes=scene_run.original_sizes,
     )
+    no_camera = None
     if colmap is not None:
         from ..export import write_colmap
 
-        written += write_colmap(colmap, scene, confidence_percentile=args.confidence_percentile, max_points=max_points)
+        try:
+            written += write_colmap(
+                colmap, scene, confidence_percentile=args.confidence_percentile, max_points=max_points
+            )
+        except NoUsableCameraError as error:  # raised before anything of the model is written
+            no_camera = error
     if args.ask is not None:
         written.append(ask(args, folder, model, processor, scene_run.views, scene_run.names, None))
-    return written
+    return written, no_camera
 
 
 def reconstruct_streaming(
     args: argparse.Namespace, folder: Path, colmap: Path | None, model, processor, source, max_points: int
-) -> list[Path]:
+) -> tuple[list[Path], NoUsableCameraError | None]:
     """Views in overlapping chunks, each chunk's files written into the staging `folder` (and `colmap`) as it is
     aligned (`StreamingSceneWriter`, a seeded point budget of `max_points`); the cameras, clouds and COLMAP text at the
-    end; a question asked on a few views chosen by --ask-views-by."""
+    end; a question asked on a few views chosen by --ask-views-by. Returns the written files and, when no view has a
+    usable camera, the error that kept the COLMAP model from being written (the scene is written all the same)."""
     with StreamingSceneWriter(folder, colmap_dir=colmap, max_points=max_points, seed=0) as writer:
         stream_in_chunks(
             model,
@@ -110,13 +133,23 @@ def reconstruct_streaming(
             loop_closure=args.loop_closure,
             resize_views_to_first=args.resize_views,
         )
+        no_camera = None
+        if (
+            colmap is not None
+            and writer.intrinsics is not None
+            and not usable_cameras(np.stack(writer.intrinsics)).any()
+        ):
+            # nothing of the COLMAP model is written yet (its images only for views with a usable camera): the
+            # writer closes with the scene alone instead of failing at the COLMAP text and discarding everything
+            writer.colmap_dir = None
+            no_camera = NoUsableCameraError()
     written = list(writer.written)
     if args.ask is not None:
         poses = np.stack(writer.poses)
         views, names = views_for_question(source, poses, args.ask_views, args.ask_views_by)
         print(f"Asking about {len(names)} views chosen by {args.ask_views_by}: {', '.join(names)}", file=sys.stderr)
         written.append(ask(args, folder, model, processor, views, names, args.ask_views_by))
-    return written
+    return written, no_camera
 
 
 def ask(

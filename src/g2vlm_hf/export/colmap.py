@@ -35,7 +35,18 @@ from .validation import ArrayLike, SceneArrays, check_scene
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["ColmapExportOptions", "export_colmap", "rotation_to_quaternion", "write_colmap"]
+__all__ = ["ColmapExportOptions", "NoUsableCameraError", "export_colmap", "rotation_to_quaternion", "write_colmap"]
+
+
+class NoUsableCameraError(ValueError):
+    """No view has a usable pinhole camera (finite intrinsics with positive focal lengths), so there is no COLMAP
+    model to write; the rest of the export does not depend on the cameras."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "No view has a usable pinhole camera (finite intrinsics with positive focal lengths); the point maps do "
+            "not look like a pinhole camera's"
+        )
 
 
 def rotation_to_quaternion(rotation: np.ndarray) -> np.ndarray:
@@ -152,7 +163,8 @@ def write_colmap(
         `list[Path]`: The written files.
 
     Raises:
-        ValueError: When the scene has no intrinsics, no view has a usable camera, or every point is filtered away.
+        NoUsableCameraError: When no view has a usable camera (nothing is written then).
+        ValueError: When the scene has no intrinsics or every point is filtered away.
     """
     if scene.intrinsics is None:
         raise ValueError("No `intrinsics`: a COLMAP model needs each view's pinhole camera")
@@ -161,10 +173,7 @@ def write_colmap(
     views, height, width = points.shape[:3]
     usable_camera = np.isfinite(matrices).all(axis=(1, 2)) & (matrices[:, 0, 0] > 0) & (matrices[:, 1, 1] > 0)
     if not usable_camera.any():
-        raise ValueError(
-            "No view has a usable pinhole camera (finite intrinsics with positive focal lengths); the point maps do "
-            "not look like a pinhole camera's"
-        )
+        raise NoUsableCameraError()
     if not usable_camera.all():
         logger.warning(
             f"Views {np.flatnonzero(~usable_camera).tolist()} have no usable pinhole camera (non-finite intrinsics or "

@@ -63,7 +63,7 @@ from transformers.utils import logging
 
 from .atomic import json_text, write_atomic, write_bytes_atomic
 from .cameras import encode_cameras_json
-from .colmap import number_text, png_bytes, rotation_to_quaternion
+from .colmap import NoUsableCameraError, number_text, png_bytes, rotation_to_quaternion
 from .depth_png import encode_depth_png16, encode_depth_preview
 from .glb import DEFAULT_FRUSTUM_SCALE, build_scene, view_colours
 from .ply import encode_point_cloud_ply, require_trimesh
@@ -306,6 +306,7 @@ class StreamingSceneWriter:
         """Write `cameras.json`, `points.ply`, `scene.glb` (and the COLMAP text files); returns every file written.
 
         Raises:
+            NoUsableCameraError: With `colmap_dir`, when no view has a usable camera; the files are removed then too.
             ValueError: When no view or no point was added; the files written so far are removed then.
         """
         if self.closed:
@@ -369,10 +370,7 @@ class StreamingSceneWriter:
         intrinsics = np.stack(self.intrinsics)
         usable = usable_cameras(intrinsics)
         if not usable.any():
-            raise ValueError(
-                "No view has a usable pinhole camera (finite intrinsics with positive focal lengths); the point maps "
-                "do not look like a pinhole camera's"
-            )
+            raise NoUsableCameraError()
         if not usable.all():
             logger.warning(
                 f"Views {np.flatnonzero(~usable).tolist()} have no usable pinhole camera (non-finite intrinsics or "
