@@ -22,6 +22,10 @@ from hub_testing import VIEWS, HubClient, fast_tiny_copy, hub_env
 import g2vlm_hf
 
 FULL, RECON = "user/card-full", "user/card-recon"
+# Requests that come from other packages, not from G2VLM's code: on a CPU with AVX512-BF16, bitsandbytes (which peft
+# imports in the LoRA snippet) asks the Hub for a kernels-community CPU kernel when `kernels` is installed (a hard
+# dependency of transformers 5.25), and logs a warning when the publisher check fails.
+NOT_OURS = {("GET", "/api/organizations/kernels-community/overview")}
 PARITY = {"camera poses, fp32 (max. relative error)": "1.1e-6", "greedy tokens": "identical"}
 
 
@@ -42,6 +46,7 @@ def hub(converted_tiny, tmp_path_factory):
             )  # fmt: skip
         yield server
         unknown = [(r.method, r.path) for r in server.requests if r.kind == "unknown"]
+        unknown = [request for request in unknown if request not in NOT_OURS]
         assert not unknown, f"endpoints the test server does not implement: {unknown}"
 
 
