@@ -6,6 +6,7 @@ its processor set to 112-pixel geometry views. Each run is a child of its own me
 
     python benchmarks/bench_cli_streaming.py                         # 64, 256, 1,024 views
     python benchmarks/bench_cli_streaming.py --views 64 256          # a quicker look
+    python benchmarks/bench_cli_streaming.py --video --views 64 1000 # the views as frames of one video (--video)
 
 With streaming exports, RSS should be flat in N (one chunk plus the point budget, --max-points, which the 64-view run
 already fills) and time linear.
@@ -32,14 +33,30 @@ SIDE = 112
 CLI = "import sys; from g2vlm_hf.cli import main; sys.exit(main())"
 
 
-def write_views(folder: Path, count: int, seed: int = 0) -> None:
+def synthetic_views(count: int, seed: int = 0):
     """`count` 112x112 crops of a smooth random texture, 3 pixels apart along it."""
     generator = np.random.default_rng(seed)
     coarse = generator.integers(0, 256, size=(SIDE // 8 + 1, (SIDE + 3 * count) // 8 + 2, 3), dtype=np.uint8)
     texture = Image.fromarray(coarse).resize((coarse.shape[1] * 8, coarse.shape[0] * 8), Image.BICUBIC)
-    folder.mkdir(parents=True)
     for index in range(count):
-        texture.crop((3 * index, 0, 3 * index + SIDE, SIDE)).save(folder / f"{index:05d}.png")
+        yield texture.crop((3 * index, 0, 3 * index + SIDE, SIDE))
+
+
+def write_views(path: Path, count: int, video: bool) -> None:
+    """The synthetic views as PNG files in the folder `path`, or as the frames of an MPEG-4 video at `path`."""
+    if not video:
+        path.mkdir(parents=True)
+        for index, view in enumerate(synthetic_views(count)):
+            view.save(path / f"{index:05d}.png")
+        return
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=30)
+        stream.width, stream.height, stream.pix_fmt = SIDE, SIDE, "yuv420p"
+        for view in synthetic_views(count):
+            container.mux(stream.encode(av.VideoFrame.from_image(view)))
+        container.mux(stream.encode())
 
 
 def prepare_model(folder: Path) -> Path:
@@ -56,7 +73,8 @@ def prepare_model(folder: Path) -> Path:
 def measure(args: argparse.Namespace) -> None:
     """One run of the command line as this process's child; prints a JSON line of its figures."""
     output = Path(args.work) / f"scene{args.count}"
-    command = [sys.executable, "-c", CLI, "reconstruct", "--model", args.model, "--folder", args.folder,
+    source = ["--video", args.source, "--every", "1"] if args.video else ["--folder", args.source]
+    command = [sys.executable, "-c", CLI, "reconstruct", "--model", args.model, *source,
                "--chunk-size", str(args.chunk_size), "--overlap", str(args.overlap), "--max-points",
                str(args.max_points), "--output", str(output), "--device", "cpu"]  # fmt: skip
     start = time.perf_counter()
@@ -84,7 +102,8 @@ def main() -> None:
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--video", action="store_true", help="read the views from one MPEG-4 video (--video)")
+    parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -94,19 +113,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         model = prepare_model(Path(work))
         for count in args.views:
-            folder = Path(work) / f"views{count}"
-            write_views(folder, count)
+            source = Path(work) / (f"views{count}.mp4" if args.video else f"views{count}")
+            write_views(source, count, args.video)
             result = subprocess.run(
-                [sys.executable, __file__, "--measure", "--count", str(count), "--model", str(model), "--folder",
-                 str(folder), "--work", work, "--chunk-size", str(args.chunk_size), "--overlap", str(args.overlap),
-                 "--max-points", str(args.max_points)],
+                [sys.executable, __file__, "--measure", "--count", str(count), "--model", str(model), "--source",
+                 str(source), "--work", work, "--chunk-size", str(args.chunk_size), "--overlap", str(args.overlap),
+                 "--max-points", str(args.max_points), *(["--video"] if args.video else [])],
                 check=True, capture_output=True, text=True,
             )  # fmt: skip
             rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-            shutil.rmtree(folder)
+            if source.is_dir():
+                shutil.rmtree(source)
+            else:
+                source.unlink()
             print(f"measured {count} views", file=sys.stderr)
     first = rows[0]
-    print(f"chunk {args.chunk_size}, overlap {args.overlap}, --max-points {args.max_points:,}, {SIDE}x{SIDE} views")
+    kind = "frames of one video" if args.video else "views in a folder"
+    print(f"chunk {args.chunk_size}, overlap {args.overlap}, --max-points {args.max_points:,}, {SIDE}x{SIDE} {kind}")
     print("| views | wall s | s / view | peak RSS MB | RSS / first | output MB | points.ply MB | files |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
