@@ -13,7 +13,7 @@ import numpy as np
 from .. import model_loading
 from ..export import check_reconstruction, write_scene
 from ..export.colmap import NoUsableCameraError
-from ..export.streaming import StreamingSceneWriter, usable_cameras
+from ..export.streaming import StreamingSceneWriter
 from ..inputs import open_views
 from ..reconstruction import reconstruct_in_one_pass, stream_in_chunks, views_for_question
 from ..safe_output import staged_outputs
@@ -133,16 +133,8 @@ def reconstruct_streaming(
             loop_closure=args.loop_closure,
             resize_views_to_first=args.resize_views,
         )
-        no_camera = None
-        if (
-            colmap is not None
-            and writer.intrinsics is not None
-            and not usable_cameras(np.stack(writer.intrinsics)).any()
-        ):
-            # nothing of the COLMAP model is written yet (its images only for views with a usable camera): the
-            # writer closes with the scene alone instead of failing at the COLMAP text and discarding everything
-            writer.colmap_dir = None
-            no_camera = NoUsableCameraError()
+        # without a usable camera the writer closes with the scene alone instead of failing and discarding it
+        no_camera = writer.drop_colmap_without_cameras()
     written = list(writer.written)
     if args.ask is not None:
         poses = np.stack(writer.poses)

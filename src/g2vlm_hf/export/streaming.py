@@ -302,6 +302,15 @@ class StreamingSceneWriter:
             flat + first * height * width, points[view_of, row_of, column_of], scene.images[view_of, row_of, column_of]
         )
 
+    def drop_colmap_without_cameras(self) -> NoUsableCameraError | None:
+        """Before [`close`]: when `colmap_dir` is set and no view added has a usable camera, stop writing the COLMAP
+        model (nothing of it is on disk then: its images are written only for views with a usable camera), so that
+        `close` writes the scene alone; returns the error that says why, or None when there is nothing to drop."""
+        if self.colmap_dir is None or self.intrinsics is None or usable_cameras(np.stack(self.intrinsics)).any():
+            return None
+        self.colmap_dir = None
+        return NoUsableCameraError()
+
     def close(self) -> list[Path]:
         """Write `cameras.json`, `points.ply`, `scene.glb` (and the COLMAP text files); returns every file written.
 
