@@ -97,3 +97,15 @@ def test_reconstruction_output_carries_intrinsics():
     confident = output.confidence >= torch.quantile(output.confidence.flatten(-2), 0.5, dim=-1)[..., None, None]
     residual = torch.where(confident, u - columns, 0.0).sum((-2, -1))
     torch.testing.assert_close(residual, torch.zeros_like(residual), atol=1e-2, rtol=0)
+
+
+def test_the_confidence_threshold_is_torchs_nanquantile_of_each_view():
+    from g2vlm_hf.modeling.intrinsics import _nanquantile_rows
+
+    scores = torch.rand(4, 997, generator=torch.Generator().manual_seed(0))
+    scores[1, ::3] = torch.nan
+    scores[2, :-1] = torch.nan  # one finite value
+    scores[3] = torch.nan  # none
+    for quantile in (0.0, 0.25, 0.5, 0.9):
+        expected = torch.stack([torch.nanquantile(row, quantile) for row in scores])
+        torch.testing.assert_close(_nanquantile_rows(scores, quantile), expected, equal_nan=True)

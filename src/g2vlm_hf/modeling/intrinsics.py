@@ -56,8 +56,9 @@ def estimate_intrinsics(
         raise ValueError(f"`local_points` must have shape (..., H, W, 3), got {tuple(local_points.shape)}")
     if not 0.0 <= confidence_quantile < 1.0:
         raise ValueError(f"`confidence_quantile` must be in [0, 1), got {confidence_quantile}")
+    # float32 suffices (the fit uses centred sums) and halves the bytes; float64 input keeps float64
     dtype = torch.float64 if local_points.dtype == torch.float64 else torch.float32
-    points = local_points.detach().to(torch.float64)
+    points = local_points.detach().to(dtype)
     height, width = points.shape[-3], points.shape[-2]
     x, y, z = points.unbind(-1)
     usable = torch.isfinite(points).all(-1) & (z > MIN_DEPTH)
@@ -68,32 +69,44 @@ def estimate_intrinsics(
     if confidence is not None:
         if confidence.shape != usable.shape:
             raise ValueError(f"`confidence` must have shape {tuple(usable.shape)}, got {tuple(confidence.shape)}")
-        scores = confidence.detach().to(torch.float64)
+        scores = confidence.detach().to(device=points.device, dtype=dtype)
         usable = usable & torch.isfinite(scores)
         if confidence_quantile > 0.0:
             flat = torch.where(usable, scores, torch.nan).reshape(-1, height * width)
-            # one view at a time: torch's quantile refuses inputs of more than 2**24 elements (many large views)
-            threshold = torch.stack([torch.nanquantile(view, confidence_quantile) for view in flat])
-            threshold = threshold.reshape(usable.shape[:-2])  # NaN for a view without usable pixels
-            usable = usable & (scores >= threshold[..., None, None])
+            threshold = _nanquantile_rows(flat, confidence_quantile).reshape(usable.shape[:-2])
+            usable = usable & (scores >= threshold[..., None, None])  # a view without usable pixels: NaN, none kept
 
-    weights = usable.to(torch.float64)
+    weights = usable.to(dtype)
     safe_z = torch.where(usable, z, torch.ones_like(z))
     ray_x = torch.where(usable, x / safe_z, torch.zeros_like(x))
     ray_y = torch.where(usable, y / safe_z, torch.zeros_like(y))
     v, u = torch.meshgrid(
-        torch.arange(height, dtype=torch.float64, device=points.device) + 0.5,
-        torch.arange(width, dtype=torch.float64, device=points.device) + 0.5,
+        torch.arange(height, dtype=dtype, device=points.device) + 0.5,
+        torch.arange(width, dtype=dtype, device=points.device) + 0.5,
         indexing="ij",
     )
     focal_x, centre_x = _fit_line(ray_x, u.expand_as(ray_x), weights)
     focal_y, centre_y = _fit_line(ray_y, v.expand_as(ray_y), weights)
 
-    intrinsics = torch.zeros(*points.shape[:-3], 3, 3, dtype=torch.float64, device=points.device)
+    intrinsics = torch.zeros(*points.shape[:-3], 3, 3, dtype=dtype, device=points.device)
     intrinsics[..., 0, 0], intrinsics[..., 0, 2] = focal_x, centre_x
     intrinsics[..., 1, 1], intrinsics[..., 1, 2] = focal_y, centre_y
     intrinsics[..., 2, 2] = 1.0
-    return intrinsics.to(dtype)
+    return intrinsics
+
+
+def _nanquantile_rows(rows: torch.Tensor, quantile: float) -> torch.Tensor:
+    """`torch.nanquantile(row, quantile)` (linear interpolation) of every row at once, by one sort: NaN sorts last, so
+    each row's finite values lead. (torch's quantile also refuses inputs of more than 2**24 elements.)"""
+    ordered = rows.sort(dim=-1).values
+    count = (~torch.isnan(rows)).sum(-1)
+    position = quantile * (count - 1).clamp(min=0).to(rows.dtype)
+    below = position.floor().long()
+    above = torch.minimum(below + 1, (count - 1).clamp(min=0))
+    low = ordered.gather(-1, below[:, None])[:, 0]
+    high = ordered.gather(-1, above[:, None])[:, 0]
+    value = low + (high - low) * (position - below.to(rows.dtype))
+    return torch.where(count > 0, value, torch.full_like(value, torch.nan))
 
 
 def _fit_line(inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
