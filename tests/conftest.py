@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,3 +171,14 @@ def converted_tiny(tmp_path_factory) -> Path:
     if not FIXTURE_DIR.is_dir():
         pytest.skip(MISSING_FIXTURES)
     return convert_official_checkpoint(FIXTURE_DIR / "checkpoint", tmp_path_factory.mktemp("converted") / "g2vlm-tiny")
+
+
+@pytest.fixture(scope="session")
+def small_views_model(converted_tiny, tmp_path_factory):
+    """The converted tiny checkpoint with its processor set to 56-pixel-wide geometry views, to keep runs short."""
+    folder = tmp_path_factory.mktemp("small") / "g2vlm-tiny"
+    shutil.copytree(converted_tiny, folder)
+    config = json.loads((folder / "processor_config.json").read_text())
+    config["image_processor"]["target_width"] = 56
+    (folder / "processor_config.json").write_text(json.dumps(config))
+    return folder

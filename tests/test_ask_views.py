@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest
@@ -55,15 +54,6 @@ def test_coverage_leaves_out_views_without_a_camera():
     poses[2, :3, 3] = np.nan
     assert coverage_indices(poses, 3) == [0, 1]
 
-
-@pytest.fixture(scope="module")
-def small_views_model(converted_tiny, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("small") / "g2vlm-tiny"
-    shutil.copytree(converted_tiny, folder)
-    config = json.loads((folder / "processor_config.json").read_text())
-    config["image_processor"]["target_width"] = 56
-    (folder / "processor_config.json").write_text(json.dumps(config))
-    return folder
 
 
 @pytest.mark.parametrize("by", ["coverage", "uniform"])

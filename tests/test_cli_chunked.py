@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest
@@ -22,16 +21,6 @@ from g2vlm_hf.modeling.outputs import G2VLMReconstructionOutput
 pytest.importorskip("av", reason="the video extra (PyAV) is part of the test extras")
 trimesh = pytest.importorskip("trimesh", reason="the export extra (trimesh) is part of the test extras")
 
-
-@pytest.fixture(scope="module")
-def small_views_model(converted_tiny, tmp_path_factory):
-    """The converted tiny checkpoint with its processor set to 56-pixel-wide geometry views, to keep the runs short."""
-    folder = tmp_path_factory.mktemp("small") / "g2vlm-tiny"
-    shutil.copytree(converted_tiny, folder)
-    config = json.loads((folder / "processor_config.json").read_text())
-    config["image_processor"]["target_width"] = 56
-    (folder / "processor_config.json").write_text(json.dumps(config))
-    return folder
 
 
 def write_walk_video(path, frames: int, size=(518, 140)) -> None:

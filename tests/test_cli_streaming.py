@@ -20,16 +20,6 @@ from g2vlm_hf.cli import main as g2vlm
 trimesh = pytest.importorskip("trimesh", reason="the export extra (trimesh) is part of the test extras")
 
 
-@pytest.fixture(scope="module")
-def small_views_model(converted_tiny, tmp_path_factory):
-    """The converted tiny checkpoint with 56-pixel-wide geometry views, to keep the runs short."""
-    folder = tmp_path_factory.mktemp("small") / "g2vlm-tiny"
-    shutil.copytree(converted_tiny, folder)
-    config = json.loads((folder / "processor_config.json").read_text())
-    config["image_processor"]["target_width"] = 56
-    (folder / "processor_config.json").write_text(json.dumps(config))
-    return folder
-
 
 class FailingGeometry(KnownGeometry):
     """The known geometry, until the third chunk: then it checks that the first chunks' depth maps were already
