@@ -4,8 +4,6 @@ the exit status is 2; on the one-pass path and on the chunked (streaming) one.""
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -34,16 +32,6 @@ class NoPinholeGeometry(KnownGeometry):
         output.intrinsics = intrinsics
         return output
 
-
-@pytest.fixture(scope="module")
-def small_model(converted_tiny, tmp_path_factory) -> Path:
-    """The converted tiny checkpoint with 56-pixel-wide geometry views (its weights are replaced by a stand-in)."""
-    folder = tmp_path_factory.mktemp("nocam") / "g2vlm-tiny"
-    shutil.copytree(converted_tiny, folder)
-    config = json.loads((folder / "processor_config.json").read_text())
-    config["image_processor"]["target_width"] = 56
-    (folder / "processor_config.json").write_text(json.dumps(config))
-    return folder
 
 
 @pytest.fixture
@@ -82,10 +70,10 @@ def check_reported(capsys, output: Path, colmap: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_the_scene_is_written_and_no_colmap_folder_is_made(small_model, views, tmp_path, monkeypatch, capsys, path):
+def test_the_scene_is_written_and_no_colmap_folder_is_made(small_views_model, views, tmp_path, monkeypatch, capsys, path):
     output, colmap = tmp_path / "scene", tmp_path / "sparse"
-    use_stand_in(monkeypatch, small_model, usable=False)
-    assert reconstruct(small_model, views, output, colmap, path) == 2
+    use_stand_in(monkeypatch, small_views_model, usable=False)
+    assert reconstruct(small_views_model, views, output, colmap, path) == 2
     printed = check_reported(capsys, output, colmap)
     assert all((output / name).is_file() for name in SCENE_FILES)
     assert {output / name for name in SCENE_FILES} <= set(printed)
@@ -94,16 +82,16 @@ def test_the_scene_is_written_and_no_colmap_folder_is_made(small_model, views, t
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_an_earlier_colmap_output_is_left_as_it_was(small_model, views, tmp_path, monkeypatch, capsys, path):
+def test_an_earlier_colmap_output_is_left_as_it_was(small_views_model, views, tmp_path, monkeypatch, capsys, path):
     output, colmap = tmp_path / "scene", tmp_path / "sparse"
-    use_stand_in(monkeypatch, small_model, usable=True)
-    assert reconstruct(small_model, views, output, colmap, path) == 0
+    use_stand_in(monkeypatch, small_views_model, usable=True)
+    assert reconstruct(small_views_model, views, output, colmap, path) == 0
     assert (colmap / "cameras.txt").is_file()
     cameras_before, colmap_before = (output / "cameras.json").read_bytes(), snapshot(colmap)
     capsys.readouterr()
 
-    use_stand_in(monkeypatch, small_model, usable=False)
-    assert reconstruct(small_model, views, output, colmap, path, "--overwrite") == 2
+    use_stand_in(monkeypatch, small_views_model, usable=False)
+    assert reconstruct(small_views_model, views, output, colmap, path, "--overwrite") == 2
     check_reported(capsys, output, colmap)
     assert snapshot(colmap) == colmap_before  # the earlier owned COLMAP model, untouched
     assert (output / "cameras.json").read_bytes() != cameras_before  # the new scene was swapped in
@@ -112,10 +100,10 @@ def test_an_earlier_colmap_output_is_left_as_it_was(small_model, views, tmp_path
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_colmap_inside_the_output_is_not_made(small_model, views, tmp_path, monkeypatch, capsys, path):
+def test_colmap_inside_the_output_is_not_made(small_views_model, views, tmp_path, monkeypatch, capsys, path):
     output = tmp_path / "scene"
-    use_stand_in(monkeypatch, small_model, usable=False)
-    assert reconstruct(small_model, views, output, output / "sparse", path) == 2
+    use_stand_in(monkeypatch, small_views_model, usable=False)
+    assert reconstruct(small_views_model, views, output, output / "sparse", path) == 2
     check_reported(capsys, output, output / "sparse")
     assert all((output / name).is_file() for name in SCENE_FILES)
     assert not (output / "sparse").exists()
