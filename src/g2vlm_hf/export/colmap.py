@@ -92,6 +92,58 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def usable_cameras(intrinsics: np.ndarray | None) -> np.ndarray:
+    """Per view: finite intrinsics with positive focal lengths (all False without intrinsics)."""
+    if intrinsics is None:
+        return np.zeros(0, dtype=bool)
+    return np.isfinite(intrinsics).all(axis=(1, 2)) & (intrinsics[:, 0, 0] > 0) & (intrinsics[:, 1, 1] > 0)
+
+
+def checked_usable_cameras(intrinsics: np.ndarray) -> np.ndarray:
+    """[`usable_cameras`] of the views a COLMAP model is written for: raises NoUsableCameraError when there is none,
+    warns about the views left out."""
+    usable = usable_cameras(intrinsics)
+    if not usable.any():
+        raise NoUsableCameraError()
+    if not usable.all():
+        logger.warning(
+            f"Views {np.flatnonzero(~usable).tolist()} have no usable pinhole camera (non-finite intrinsics or "
+            "a focal length <= 0); they and their points are left out of the COLMAP model"
+        )
+    return usable
+
+
+def reprojection_errors(
+    poses: np.ndarray,
+    intrinsics: np.ndarray,
+    xyz: np.ndarray,
+    view_of: np.ndarray,
+    row_of: np.ndarray,
+    column_of: np.ndarray,
+) -> np.ndarray:
+    """Distance in pixels between each point's pixel centre and its projection through its view's camera (-1, COLMAP's
+    "unknown", where it cannot be computed): the `ERROR` of points3D.txt."""
+    rotation, translation = poses[view_of, :3, :3], poses[view_of, :3, 3]
+    local = np.einsum("nji,nj->ni", rotation, xyz - translation)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u = intrinsics[view_of, 0, 0] * local[:, 0] / local[:, 2] + intrinsics[view_of, 0, 2]
+        v = intrinsics[view_of, 1, 1] * local[:, 1] / local[:, 2] + intrinsics[view_of, 1, 2]
+    error = np.hypot(u - (column_of + 0.5), v - (row_of + 0.5))
+    return np.where(np.isfinite(error), error, -1.0)
+
+
+def cameras_text(intrinsics: np.ndarray, usable: np.ndarray, width: int, height: int) -> str:
+    """`cameras.txt`: one PINHOLE camera per usable view, numbered by view (1-based), in pixels of `width x height`."""
+    lines = ["# Camera list with one line of data per camera:", "#   CAMERA_ID, MODEL, WIDTH, HEIGHT, PARAMS[]"]
+    lines.append(f"# Number of cameras: {int(usable.sum())}")
+    for index in np.flatnonzero(usable):
+        fx, fy, cx, cy = (
+            number_text(intrinsics[index, row, column]) for row, column in ((0, 0), (1, 1), (0, 2), (1, 2))
+        )
+        lines.append(f"{index + 1} PINHOLE {width} {height} {fx} {fy} {cx} {cy}")
+    return "\n".join(lines) + "\n"
+
+
 class ColmapExportOptions(TypedDict, total=False):
     """The options of [`write_colmap`], for [`export_colmap`] that forwards them (typed so that editors complete them)."""
 
@@ -171,14 +223,7 @@ def write_colmap(
     poses, matrices, colours = scene.camera_poses, scene.intrinsics, scene.images
     points = scene.world_points.astype(np.float64)
     views, height, width = points.shape[:3]
-    usable_camera = np.isfinite(matrices).all(axis=(1, 2)) & (matrices[:, 0, 0] > 0) & (matrices[:, 1, 1] > 0)
-    if not usable_camera.any():
-        raise NoUsableCameraError()
-    if not usable_camera.all():
-        logger.warning(
-            f"Views {np.flatnonzero(~usable_camera).tolist()} have no usable pinhole camera (non-finite intrinsics or "
-            "a focal length <= 0); they and their points are left out of the COLMAP model"
-        )
+    usable_camera = checked_usable_cameras(matrices)
     names = list(image_names) if image_names is not None else [f"view_{index:03d}.png" for index in range(views)]
     if len(names) != views or len(set(names)) != views or any(not name or " " in name for name in names):
         raise ValueError(f"`image_names` must be {views} distinct names without spaces, got {names}")
@@ -195,22 +240,9 @@ def write_colmap(
     xyz = points[view_of, row_of, column_of]
     rgb = colours[view_of, row_of, column_of]
 
-    # reprojection error of each point through its own (fitted) camera
-    rotation, translation = poses[view_of, :3, :3], poses[view_of, :3, 3]
-    local = np.einsum("nji,nj->ni", rotation, xyz - translation)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        u = matrices[view_of, 0, 0] * local[:, 0] / local[:, 2] + matrices[view_of, 0, 2]
-        v = matrices[view_of, 1, 1] * local[:, 1] / local[:, 2] + matrices[view_of, 1, 2]
-    error = np.hypot(u - (column_of + 0.5), v - (row_of + 0.5))
-    error = np.where(np.isfinite(error), error, -1.0)  # COLMAP's "unknown"
+    error = reprojection_errors(poses, matrices, xyz, view_of, row_of, column_of)
 
-    cameras = ["# Camera list with one line of data per camera:", "#   CAMERA_ID, MODEL, WIDTH, HEIGHT, PARAMS[]"]
-    cameras.append(f"# Number of cameras: {int(usable_camera.sum())}")
-    for index, matrix in enumerate(matrices):
-        if not usable_camera[index]:
-            continue
-        fx, fy, cx, cy = matrix[0, 0], matrix[1, 1], matrix[0, 2], matrix[1, 2]
-        cameras.append(f"{index + 1} PINHOLE {width} {height} {number_text(fx)} {number_text(fy)} {number_text(cx)} {number_text(cy)}")
+    cameras = cameras_text(matrices, usable_camera, width, height)
 
     point_ids = np.arange(1, flat.size + 1)
     lines = [
@@ -230,7 +262,9 @@ def write_colmap(
         )
         mine = np.flatnonzero(view_of == index)
         observation_index[mine] = np.arange(mine.size)
-        lines.append(" ".join(f"{number_text(column_of[k] + 0.5)} {number_text(row_of[k] + 0.5)} {point_ids[k]}" for k in mine))
+        lines.append(
+            " ".join(f"{number_text(column_of[k] + 0.5)} {number_text(row_of[k] + 0.5)} {point_ids[k]}" for k in mine)
+        )
 
     points_lines = [
         "# 3D point list with one line of data per point:",
@@ -246,7 +280,7 @@ def write_colmap(
 
     output_dir = Path(output_dir)
     payloads: list[tuple[Path, bytes]] = [
-        (output_dir / "cameras.txt", ("\n".join(cameras) + "\n").encode()),
+        (output_dir / "cameras.txt", cameras.encode()),
         (output_dir / "images.txt", ("\n".join(lines) + "\n").encode()),
         (output_dir / "points3D.txt", ("\n".join(points_lines) + "\n").encode()),
     ]

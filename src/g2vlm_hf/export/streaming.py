@@ -63,7 +63,16 @@ from transformers.utils import logging
 
 from .atomic import json_text, write_atomic, write_bytes_atomic
 from .cameras import encode_cameras_json
-from .colmap import NoUsableCameraError, number_text, png_bytes, rotation_to_quaternion
+from .colmap import (
+    NoUsableCameraError,
+    cameras_text,
+    checked_usable_cameras,
+    number_text,
+    png_bytes,
+    reprojection_errors,
+    rotation_to_quaternion,
+    usable_cameras,
+)
 from .depth_png import encode_depth_png16, encode_depth_preview
 from .glb import DEFAULT_FRUSTUM_SCALE, build_scene, view_colours
 from .ply import encode_point_cloud_ply, require_trimesh
@@ -287,7 +296,9 @@ class StreamingSceneWriter:
         if self.colmap_dir is not None and self.write_colmap_images:
             for offset, usable in enumerate(usable_cameras(scene.intrinsics)):
                 if usable:
-                    written.append(self._write(self.colmap_dir / "images" / names[offset], png_bytes(scene.images[offset])))
+                    written.append(
+                        self._write(self.colmap_dir / "images" / names[offset], png_bytes(scene.images[offset]))
+                    )
         return written
 
     def _keep_points(self, scene: SceneArrays, first: int) -> None:
@@ -377,14 +388,7 @@ class StreamingSceneWriter:
     def _write_colmap(self, view_of: np.ndarray) -> None:
         """The COLMAP text model of the reservoir's points on views with a usable camera (layout of `write_colmap`)."""
         intrinsics = np.stack(self.intrinsics)
-        usable = usable_cameras(intrinsics)
-        if not usable.any():
-            raise NoUsableCameraError()
-        if not usable.all():
-            logger.warning(
-                f"Views {np.flatnonzero(~usable).tolist()} have no usable pinhole camera (non-finite intrinsics or "
-                "a focal length <= 0); they and their points are left out of the COLMAP model"
-            )
+        usable = checked_usable_cameras(intrinsics)
         height, width = self.image_size
         on_usable = usable[view_of]
         order, points = self.reservoir.order[on_usable], self.reservoir.points[on_usable]
@@ -392,17 +396,7 @@ class StreamingSceneWriter:
         if not len(order):
             raise ValueError("All points were filtered away (non-finite points or confidence below the threshold)")
         row_of, column_of = (order % (height * width)) // width, order % width
-        cameras = ["# Camera list with one line of data per camera:", "#   CAMERA_ID, MODEL, WIDTH, HEIGHT, PARAMS[]"]
-        cameras.append(f"# Number of cameras: {int(usable.sum())}")
-        for index in np.flatnonzero(usable):
-            fx, fy, cx, cy = (
-                intrinsics[index, 0, 0],
-                intrinsics[index, 1, 1],
-                intrinsics[index, 0, 2],
-                intrinsics[index, 1, 2],
-            )
-            cameras.append(f"{index + 1} PINHOLE {width} {height} {number_text(fx)} {number_text(fy)} {number_text(cx)} {number_text(cy)}")
-        self._write(self.colmap_dir / "cameras.txt", ("\n".join(cameras) + "\n").encode())
+        self._write(self.colmap_dir / "cameras.txt", cameras_text(intrinsics, usable, width, height).encode())
 
         bounds = np.searchsorted(view_of, np.arange(self.num_views + 1))
 
@@ -421,7 +415,9 @@ class StreamingSceneWriter:
                 qw, qx, qy, qz = rotation_to_quaternion(rotation)
                 tx, ty, tz = translation
                 mine = range(bounds[index], bounds[index + 1])
-                observations = " ".join(f"{number_text(column_of[k] + 0.5)} {number_text(row_of[k] + 0.5)} {k + 1}" for k in mine)
+                observations = " ".join(
+                    f"{number_text(column_of[k] + 0.5)} {number_text(row_of[k] + 0.5)} {k + 1}" for k in mine
+                )
                 handle.write(
                     f"{index + 1} {number_text(qw)} {number_text(qx)} {number_text(qy)} {number_text(qz)} {number_text(tx)} {number_text(ty)} {number_text(tz)} "
                     f"{index + 1} {self.names[index]}\n{observations}\n".encode()
@@ -472,29 +468,3 @@ def release_free_heap() -> None:
     trim = _glibc_malloc_trim()
     if trim is not None:
         trim(0)
-
-
-def usable_cameras(intrinsics: np.ndarray | None) -> np.ndarray:
-    """Per view: finite intrinsics with positive focal lengths (all False without intrinsics)."""
-    if intrinsics is None:
-        return np.zeros(0, dtype=bool)
-    return np.isfinite(intrinsics).all(axis=(1, 2)) & (intrinsics[:, 0, 0] > 0) & (intrinsics[:, 1, 1] > 0)
-
-
-def reprojection_errors(
-    poses: np.ndarray,
-    intrinsics: np.ndarray,
-    xyz: np.ndarray,
-    view_of: np.ndarray,
-    row_of: np.ndarray,
-    column_of: np.ndarray,
-) -> np.ndarray:
-    """Distance in pixels between each point's pixel centre and its projection through its view's camera (-1, COLMAP's
-    "unknown", where it cannot be computed), as `write_colmap` reports it."""
-    rotation, translation = poses[view_of, :3, :3], poses[view_of, :3, 3]
-    local = np.einsum("nji,nj->ni", rotation, xyz - translation)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        u = intrinsics[view_of, 0, 0] * local[:, 0] / local[:, 2] + intrinsics[view_of, 0, 2]
-        v = intrinsics[view_of, 1, 1] * local[:, 1] / local[:, 2] + intrinsics[view_of, 1, 2]
-    error = np.hypot(u - (column_of + 0.5), v - (row_of + 0.5))
-    return np.where(np.isfinite(error), error, -1.0)
