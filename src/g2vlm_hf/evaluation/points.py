@@ -67,13 +67,6 @@ def nearest_neighbours(
     return distances[:, 0], indices[:, 0]
 
 
-def k_nearest(
-    points: torch.Tensor, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE, device: str | torch.device = "cpu"
-) -> torch.Tensor:
-    """Indices `(M, k)` of the `k` nearest points of each point (itself included)."""
-    return k_nearest_with_distances(points, points, k, chunk_size, device)[1]
-
-
 def knn_normals(
     points: ArrayLike, k: int = 30, chunk_size: int = DEFAULT_CHUNK_SIZE, device: str | torch.device = "cpu"
 ) -> torch.Tensor:
