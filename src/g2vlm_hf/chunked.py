@@ -47,7 +47,6 @@ from .similarity import Similarity, robust_umeyama
 logger = logging.get_logger(__name__)
 
 View = TypeVar("View")
-POINT_FIELDS = ("local_points", "world_points", "global_points")
 
 
 def check_chunking(chunk_size: int, overlap: int) -> None:
