@@ -160,10 +160,13 @@ class G2VLMModel(G2VLMPreTrainedModel):
 
     def _check_placeholders_have_media(self, input_ids, past_key_values, pixel_values, geometry_pixel_values) -> None:
         """Before anything is cached, placeholders without their images are a forgotten input: say so (a runtime
-        assertion under `torch.compile`)."""
-        # a tensor for a static cache: no branch on it
+        assertion under `torch.compile`). A decode step is not checked: it reads nothing back from the device and,
+        compiled, stays one graph."""
+        if input_ids.shape[1] == 1 and not cache_is_empty(past_key_values):
+            return
+        # a tensor for a static cache (which may have been reset for a new prompt): no branch on it
         cached = past_key_values is not None and past_key_values.get_seq_length() > 0
-        if cached is True:  # a decode step on a dynamic cache: nothing to check, no work per token
+        if cached is True:  # a later turn on a dynamic cache: its placeholders are ordinary tokens
             return
         for name, token_id, media in (
             ("pixel_values", self.config.image_token_id, pixel_values),
@@ -288,6 +291,18 @@ class G2VLMModel(G2VLMPreTrainedModel):
 
 ROPE_DELTAS_ATTRIBUTE = "g2vlm_rope_deltas"
 """The attribute of a key/value cache holding its request's rope deltas `(batch, 1)`: per request, not per model."""
+
+
+def cache_is_empty(cache: Cache | None) -> bool:
+    """Whether `cache` holds no token yet, known without reading the device. A static cache's length is a tensor on
+    the cache's device, so such a cache counts as empty until its layers are first written (transformers allocates
+    them on the first update); a reset one counts as holding tokens."""
+    if cache is None:
+        return True
+    length = cache.get_seq_length()
+    if isinstance(length, torch.Tensor):
+        return not cache.is_initialized
+    return length == 0
 
 
 def cached_rope_deltas(cache: Cache | None) -> torch.LongTensor | None:
@@ -446,8 +461,12 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
             `valid_mask` `(batch, views, H, W)` and `camera_poses` `(batch, views, 4, 4)` (camera-to-world), in any
             common world frame and scale. The loss terms are weighted by `config.geometry_loss_weights`.
         """
-        heads_trainable = any(parameter.requires_grad for parameter in self.geometry_heads.parameters())
-        if self.training and geometry_targets is None and geometry_pixel_values is not None and heads_trainable:
+        if (
+            self.training
+            and geometry_targets is None
+            and geometry_pixel_values is not None
+            and any(parameter.requires_grad for parameter in self.geometry_heads.parameters())
+        ):
             logger.warning_once(
                 "The geometry heads only run with `geometry_targets`: without them they get no gradient in this "
                 "step. Under DistributedDataParallel freeze them (`model.geometry_heads.requires_grad_(False)` or "
@@ -565,7 +584,7 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
         # The media go with the first step of a `generate()` call (also one continuing from a cache, whose new
         # tokens may hold new images), with an assistant model's first call (for which `generate()` says
         # `is_first_iteration=False`) and with every step without a cache.
-        prefill = is_first_iteration or cache is None or cache.get_seq_length() == 0
+        prefill = is_first_iteration or cache_is_empty(cache)
         embeds = model_inputs.get("inputs_embeds")
         if embeds is not None and input_ids is not None and input_ids.shape[1] == embeds.shape[1]:
             model_inputs["input_ids"] = input_ids  # the layout of the images is read from the ids
