@@ -32,6 +32,7 @@ import importlib.metadata
 import importlib.util
 import inspect
 import json
+import logging
 import math
 import os
 import platform
@@ -566,8 +567,42 @@ def section_bench(check: Check) -> None:
     model.set_attn_implementation(check.default_attention)
 
 
+class CompileWatch(logging.Handler):
+    """What compiling the decode step gave, over one `with` block: dynamo's graphs and graph breaks, and inductor's
+    CUDA-graph skips with their reasons (a step split into graphs, or one without CUDA graphs, runs far from its
+    floor)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.skip_reasons: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "skipping cudagraphs" in record.getMessage():
+            self.skip_reasons.append(record.getMessage()[:300])
+
+    def __enter__(self) -> CompileWatch:
+        from torch._dynamo.utils import counters
+
+        counters.clear()
+        torch._logging.set_logs(cudagraphs=True)
+        logging.getLogger("torch").addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("torch").removeHandler(self)
+        torch._logging.set_logs()
+
+    def stats(self) -> dict:
+        from torch._dynamo.utils import counters
+
+        return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+                "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
+                "cudagraph_skip_reasons": sorted(set(self.skip_reasons))}  # fmt: skip
+
+
 def section_decode(check: Check) -> None:
-    """tok/s from a time stamp after every generated token (`generate` with a stopping criterion that syncs)."""
+    """tok/s from a time stamp after every generated token (`generate` with a stopping criterion that syncs), and
+    what compiling the step gave (`CompileWatch`)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     model = check.shared_model()
@@ -595,7 +630,7 @@ def section_decode(check: Check) -> None:
 
             def run(kwargs=kwargs, ids=ids, batch=batch, floor=floor) -> dict:
                 attempts = []
-                with torch.inference_mode():
+                with torch.inference_mode(), CompileWatch() as watch:
                     for _ in range(3):  # the first call compiles where generate compiles the step
                         stamps = Stamps()
                         start = time.perf_counter()
@@ -610,7 +645,7 @@ def section_decode(check: Check) -> None:
                 best = max(attempt["tok_per_s"] for attempt in attempts[1:] or attempts)
                 return {"tok_per_s": best, "floor_tok_per_s": floor, "of_floor": best / floor,
                         "prefill_tok_per_s": batch * sizes.context / min(a["first_token_s"] for a in attempts),
-                        "attempts": attempts}  # fmt: skip
+                        "compile": watch.stats(), "attempts": attempts}  # fmt: skip
 
             check.item("decode", f"batch {batch}, {mode}, after {sizes.context} tokens", run, needs=15)
 
@@ -699,8 +734,11 @@ def table(data: dict) -> str:
         lines.append(f"bench  {key:<72} {fmt(seconds):>8} {fmt(value['floor_s']):>7} {fmt(value['x_floor'], 2):>5} "
                      f"{fmt(value['stage_floor_s']):>7} {fmt(value['peak_gib']):>6}{extra}")  # fmt: skip
     for key, value in data.get("decode", {}).items():
+        compiled = value.get("compile", {}) if isinstance(value, dict) else {}
         lines.append(f"decode {key:<50} " + (status(value) or f"{fmt(value['tok_per_s'], 4)} tok/s (floor "
-                     f"{fmt(value['floor_tok_per_s'], 4)}), prefill {fmt(value['prefill_tok_per_s'], 4)} tok/s"))  # fmt: skip
+                     f"{fmt(value['floor_tok_per_s'], 4)}), prefill {fmt(value['prefill_tok_per_s'], 4)} tok/s, "
+                     f"{compiled.get('graphs')} graphs, {compiled.get('graph_breaks')} breaks, "
+                     f"{compiled.get('cudagraph_skips')} CUDA-graph skips"))  # fmt: skip
     for key, value in data.get("lora", {}).items():
         lines.append(f"lora   {key:<32} " + (status(value) or f"loss {fmt(value['loss'])} finite {value['loss_finite']}, grads "
                      f"finite {value['grads_finite']}, {value['with_nonzero_grad']}/{value['adapter_tensors']} non-zero, "
