@@ -133,6 +133,31 @@ def test_views_are_read_lazily():
     assert len(read) == 16
 
 
+def test_the_next_chunk_is_queued_on_the_device_before_the_previous_is_handed_out():
+    # the host's work on chunk k (alignment, and the caller's: writing files) overlaps the device's on chunk k + 1
+    walk, events = Walk(40), []
+    model = FakeModel(walk)
+    reconstruct = model.reconstruct
+
+    def recording(geometry_pixel_values, **kwargs):
+        events.append(("queued", int(geometry_pixel_values[0, 0, 0, 0, 0])))
+        return reconstruct(geometry_pixel_values, **kwargs)
+
+    model.reconstruct = recording
+    chunks = []
+    for chunk in stream_reconstruction(model, index_processor, range(40), chunk_size=10, overlap=4):
+        events.append(("handed out", chunk.view_indices.start))
+        chunks.append(chunk)
+    plan = list(plan_chunks(range(40), 10, 4))
+    expected = [("queued", plan[0][0][0])]
+    for (views, _), chunk in zip(plan[1:], chunks, strict=False):
+        expected += [("queued", views[0]), ("handed out", chunk.view_indices.start)]
+    expected.append(("handed out", chunks[-1].view_indices.start))
+    assert events == expected
+    merged = merge_chunks(chunks)
+    assert trajectory_error(merged.camera_poses[0], walk.poses) < 1e-4  # and still aligned, to float32 precision
+
+
 @pytest.mark.parametrize(("chunk_size", "overlap"), [(1, 0), (8, 0), (8, 8), (8, -1)])
 def test_bad_chunking_is_refused(chunk_size, overlap):
     with pytest.raises(ValueError, match=r"chunk_size|overlap"):

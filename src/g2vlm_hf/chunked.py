@@ -219,17 +219,27 @@ class ChunkAligner:
         return fit, float(residual / spread) if spread > 0 else float("inf")
 
 
+def launch_views(
+    model: Any, processor: Any, views: list, describe_views: bool = False, **processor_kwargs: Any
+) -> tuple[G2VLMReconstructionOutput, torch.Tensor, torch.Tensor | None]:
+    """One model pass over `views` (one scene), queued on the model's device: the output there (on a GPU still being
+    computed when this returns), the processor's geometry pixels `(1, views, 3, H, W)` on the CPU, and with
+    `describe_views` the views' `(views, dim)` geometry-encoder descriptors."""
+    inputs = processor(geometry_images=views, return_tensors="pt", **processor_kwargs)
+    pixels = inputs["geometry_pixel_values"].cpu()
+    recorder = record_view_descriptors(model) if describe_views else contextlib.nullcontext([])
+    with torch.inference_mode(), recorder as recorded:
+        prediction = model.reconstruct(**inputs.to(model.device))
+    descriptors = torch.cat(recorded) if recorded else None
+    return prediction, pixels, descriptors
+
+
 def reconstruct_views(
     model: Any, processor: Any, views: list, describe_views: bool = False, **processor_kwargs: Any
 ) -> tuple[G2VLMReconstructionOutput, torch.Tensor, torch.Tensor | None]:
-    """One model pass over `views` (one scene): the output on the CPU, the processor's geometry pixels `(1, views, 3,
-    H, W)` on the CPU, and with `describe_views` the views' `(views, dim)` geometry-encoder descriptors."""
-    inputs = processor(geometry_images=views, return_tensors="pt", **processor_kwargs).to(model.device)
-    recorder = record_view_descriptors(model) if describe_views else contextlib.nullcontext([])
-    with torch.inference_mode(), recorder as recorded:
-        prediction = select_views(model.reconstruct(**inputs), slice(None))
-    descriptors = torch.cat(recorded) if recorded else None
-    return prediction, inputs["geometry_pixel_values"].cpu(), descriptors
+    """[`launch_views`] with the output brought to the CPU."""
+    prediction, pixels, descriptors = launch_views(model, processor, views, describe_views, **processor_kwargs)
+    return select_views(prediction, slice(None)), pixels, descriptors
 
 
 def stream_reconstruction(
@@ -245,10 +255,12 @@ def stream_reconstruction(
 ) -> Iterator[ReconstructedChunk]:
     """Reconstruct `views` chunk by chunk, yielding each chunk aligned to the first as soon as it is done.
 
-    `views` is read lazily (a generator of video frames works; at most `chunk_size` views are held), each chunk goes
+    `views` is read lazily (a generator of video frames works; at most two chunks of views are held), each chunk goes
     through `processor(geometry_images=chunk, **processor_kwargs)` and `model.reconstruct`, and its results leave the
-    model's device before the next chunk starts. A progress bar counts the chunks, with an ETA when the number of
-    views is known (`len(views)` or `total_views`).
+    model's device before the next chunk starts. The host's share of a chunk (its alignment, and whatever the caller
+    does with it before asking for the next one) overlaps the device's work on the following chunk: that chunk is
+    queued on the device before the previous one is aligned and yielded. A progress bar counts the chunks, with an
+    ETA when the number of views is known (`len(views)` or `total_views`).
 
     Args:
         model: A G²VLM model with `reconstruct` (`G2VLMForConditionalGeneration` or `G2VLMForReconstruction`).
@@ -265,27 +277,37 @@ def stream_reconstruction(
     total_views = len(views) if total_views is None and isinstance(views, Sequence) else total_views
     total = None if total_views is None else number_of_chunks(total_views, chunk_size, overlap)
     aligner = ChunkAligner(max_alignment_points)
+
+    def aligned(chunk: ReconstructedChunk, shared: int) -> ReconstructedChunk:
+        """`chunk` (its whole output, on the CPU) aligned to the previous one and cut to its new views."""
+        prediction, similarity, error = aligner.add(chunk.reconstruction, shared)
+        if error is not None:
+            logger.info(f"Chunk {chunk.index}: scale {similarity.scale:.4g}, relative alignment error {error:.3g}")
+        bar.update(1)
+        return dataclasses.replace(
+            chunk,
+            reconstruction=select_views(prediction, slice(shared, None)),
+            geometry_pixel_values=chunk.geometry_pixel_values[:, shared:],
+            similarity=similarity,
+            alignment_error=error,
+            descriptors=None if chunk.descriptors is None else chunk.descriptors[shared:],
+        )
+
     first_new = 0
+    previous: tuple[ReconstructedChunk, int] | None = None  # on the CPU, not yet aligned
     with logging.tqdm(total=total, desc="Reconstructing chunks", unit="chunk") as bar:
         for index, (chunk, shared) in enumerate(plan_chunks(views, chunk_size, overlap)):
-            prediction, pixels, descriptors = reconstruct_views(
-                model, processor, chunk, describe_views, **processor_kwargs
-            )
-            aligned, similarity, error = aligner.add(prediction, shared)
-            if error is not None:
-                logger.info(f"Chunk {index}: scale {similarity.scale:.4g}, relative alignment error {error:.3g}")
+            prediction, pixels, descriptors = launch_views(model, processor, chunk, describe_views, **processor_kwargs)
+            if previous is not None:
+                yield aligned(*previous)  # while the device computes this chunk
             new_views = range(first_new, first_new + len(chunk) - shared)
             first_new = new_views.stop
-            bar.update(1)
-            yield ReconstructedChunk(
-                index,
-                new_views,
-                select_views(aligned, slice(shared, None)),
-                pixels[:, shared:],
-                similarity,
-                error,
-                None if descriptors is None else descriptors[shared:],
-            )
+            on_host = select_views(prediction, slice(None))  # waits for the device
+            del prediction
+            # all of the chunk's views, in its own frame, until `aligned`
+            previous = ReconstructedChunk(index, new_views, on_host, pixels, Similarity.identity(), None, descriptors), shared
+        if previous is not None:
+            yield aligned(*previous)
 
 
 @dataclass(frozen=True)

@@ -62,9 +62,11 @@ class Similarity:
         return cls(1.0, torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
 
     def apply(self, points: torch.Tensor) -> torch.Tensor:
-        """The transformed points `(..., 3)`, in the points' dtype and device."""
-        rotation = self.rotation.to(points.device, points.dtype)
-        return self.scale * points @ rotation.T + self.translation.to(points.device, points.dtype)
+        """The transformed points `(..., 3)`, in the points' dtype and device (one pass over them: the scale folded
+        into the rotation, the translation added by the same matrix product)."""
+        linear = (self.scale * self.rotation).to(points.device, points.dtype)
+        translation = self.translation.to(points.device, points.dtype)
+        return torch.addmm(translation, points.reshape(-1, 3), linear.T).view(points.shape)
 
     def apply_to_poses(self, camera_poses: torch.Tensor) -> torch.Tensor:
         """Camera-to-world poses `(..., 4, 4)` moved into the new world: rotation composed, position transformed.
