@@ -14,7 +14,8 @@ so a run cut short still returns what it measured; a short table is printed last
 - bench   benchmarks/bench_gpu.py's rows (16 views 518x518, TF32 on and off; 100 frames 518x392 in one pass;
           200 frames in chunks of 32/8) for sdpa, torch_varlen and flex_attention (fresh, and again after a dozen
           other prompt shapes), time and peak memory beside the floor from costs.py
-- decode  tok/s timed per generated token after 1024 prompt tokens, batch 1 and 8, default settings and static cache
+- decode  tok/s timed per generated token after 1024 prompt tokens, batch 1 and 8, default settings and static cache,
+          with the graphs, graph breaks and CUDA-graph skips of the compiled step
 - lora    one LoRA step under bf16 autocast: finite loss and gradients
 
 A backend the installed code does not accept (or that cannot run here: torch_varlen needs CUDA and bf16/fp16,
