@@ -11,7 +11,8 @@ so a run cut short still returns what it measured; a short table is printed last
           relative error of the logits and world points, in float32 and bf16 (bf16 against the float32 reference)
 - stages  each stage of a 16-view reconstruction timed with CUDA events beside its FLOPs, bytes and floor
           (benchmarks/profile_stages.py), TF32 on and off, and a chat prefill with one image
-- bench   benchmarks/bench_gpu.py's rows (16 views 518x518, TF32 on and off; 100 frames 518x392 in one pass;
+- bench   benchmarks/bench_gpu.py's rows (16 views 518x518, TF32 on and off, and with each decoder layer compiled;
+          100 frames 518x392 in one pass;
           200 frames in chunks of 32/8) for sdpa, torch_varlen and flex_attention (fresh, and again after a dozen
           other prompt shapes), time and peak memory beside the floor from costs.py
 - decode  tok/s timed per generated token after 1024 prompt tokens, batch 1 and 8, default settings and static cache,
@@ -489,6 +490,33 @@ def section_bench(check: Check) -> None:
             check.item("bench", f"{name} | {views_row}, TF32 {'on' if tf32 else 'off'}",
                        lambda name=name, tf32=tf32: reconstruction(name, tf32), needs=8)  # fmt: skip
 
+    def compiled_layers() -> dict:
+        """The default attention with each decoder layer compiled by inductor ("regional compilation": the layers
+        share one graph): what fusing the trunk's element-wise work (norms, RoPE, SwiGLU, routing) gives."""
+        if check.tiny and not check.tiny_flex:
+            raise Skip("--tiny leaves the compiled rows out (on the CPU inductor compiles C++, ~30 s); --tiny-flex adds them")
+        resolved = check.select(model, check.default_attention, check.half)
+        layers = model.model.language_model.layers
+        torch._dynamo.reset()
+        set_tf32(True)
+        try:
+            for layer in layers:
+                layer.compile()
+            check.reset_peak()
+            with torch.inference_mode(), CompileWatch() as watch:
+                first, _ = check.timed(lambda: model.reconstruct(**inputs))
+                seconds = bench_gpu.best_time(lambda: model.reconstruct(**inputs), device, 3)
+        finally:
+            for layer in layers:
+                layer._compiled_call_impl = None  # back to eager for the rows after this one
+        row = {"resolved": resolved, "seconds": seconds, "first_call_s": first, "peak_gib": check.peak_gib(),
+               "compile": watch.stats()}  # fmt: skip
+        row.update(floors(check, sizes.views, sizes.side, sizes.side))
+        row["x_floor"] = seconds / row["floor_s"]
+        return row
+
+    check.item("bench", f"default, decoder layers compiled | {views_row}, TF32 on", compiled_layers, needs=60)
+
     # flex attention: in a fresh compile state (as in a new process), then after a dozen other prompt shapes
     def flex_fresh() -> dict:
         resolved = check.select(model, "flex_attention", check.half)
@@ -754,7 +782,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget", type=float, default=420.0, help="seconds for all sections together")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--tiny", action="store_true", help="a CPU dry run of every section with the tiny config")
-    parser.add_argument("--tiny-flex", action="store_true", help="with --tiny: include flex_attention (minutes)")
+    parser.add_argument("--tiny-flex", action="store_true",
+                        help="with --tiny: include flex_attention and the compiled decoder layers (minutes)")
     args = parser.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
         parser.error("no CUDA device here: run on a GPU machine, or pass --tiny for a CPU dry run")
