@@ -26,28 +26,35 @@ def attention_flops(queries: int, keys: int, width: int) -> float:
 
 @dataclass(frozen=True)
 class StagePrecision:
-    """Bytes per value of each part as it runs: the trunk and the encoders in the model's dtype (bf16 on a GPU), the
-    geometry heads in float32 (as in the official code and as loaded)."""
+    """Bytes per value of each part as it runs: the trunk and the encoders in the model's dtype (bf16 on a GPU); the
+    geometry heads' weights and output heads in float32, their decoders' matrix products under autocast to the
+    trunk's dtype (`head_decoders`; 4 with `head_decoder_precision="float32"` or a float32 model), as in the official
+    code on a GPU."""
 
     trunk: int = 2
     geometry_encoder: int = 2
     semantic_encoder: int = 2
     heads: int = 4
+    head_decoders: int = 2
 
 
 @dataclass(frozen=True)
 class StageCost:
     """One stage's work: `flops`, `bytes` (weights + input read once, output written once) and the kind of arithmetic
-    that runs it (`"half"`: bf16/fp16 matrix units, `"float32"`: TF32 or true fp32 by the global flag)."""
+    that runs it (`"half"`: bf16/fp16 matrix units, `"float32"`: TF32 or true fp32 by the global flag), except its
+    `float32_flops` (part of `flops`), which run in float32 whatever `arithmetic` says (a geometry head's output
+    head after its decoder)."""
 
     name: str
     flops: float
     bytes: float
     arithmetic: str
+    float32_flops: float = 0.0
 
     def floor(self, peaks: dict[str, float], bandwidth: float) -> float:
-        """max(FLOPs / the peak of its arithmetic, bytes / bandwidth), in seconds."""
-        return max(self.flops / peaks[self.arithmetic], self.bytes / bandwidth)
+        """max(FLOPs / the peak of their arithmetic, bytes / bandwidth), in seconds."""
+        compute = (self.flops - self.float32_flops) / peaks[self.arithmetic] + self.float32_flops / peaks["float32"]
+        return max(compute, self.bytes / bandwidth)
 
 
 def decoder_flops(config: G2VLMConfig, tokens: int, keys: int | None = None) -> float:
@@ -132,10 +139,23 @@ def _head_block(config: G2VLMConfig, patches: int) -> tuple[float, int]:
     return flops, 4 * d * d + 2 * d * hidden
 
 
-def head_costs(
-    config: G2VLMConfig, views: int, patches: int, pixels: int, scenes: int = 1
-) -> dict[str, tuple[float, int, int]]:
-    """Per head: (FLOPs, weights, output values) for `views` views of `patches` patch tokens and `pixels` pixels."""
+@dataclass(frozen=True)
+class HeadCost:
+    """One geometry head with its decoder: FLOPs of the decoder and of the output head, weights (matrices), output
+    values."""
+
+    decoder_flops: float
+    head_flops: float
+    weights: int
+    outputs: int
+
+    @property
+    def flops(self) -> float:
+        return self.decoder_flops + self.head_flops
+
+
+def head_costs(config: G2VLMConfig, views: int, patches: int, pixels: int, scenes: int = 1) -> dict[str, HeadCost]:
+    """Per head, with its decoder, for `views` views of `patches` patch tokens and `pixels` pixels."""
     d, depth, pixel = config.text_config.hidden_size, config.head_depth, config.geometry_patch_size**2
     point, camera = config.point_head_hidden_size, config.camera_head_hidden_size
     block_flops, block_weights = _head_block(config, patches)
@@ -147,11 +167,12 @@ def head_costs(
 
     costs = {}
     flops, weights = pixel_head(point, 3)
-    costs["point head"] = (views * (decoder_flops_ + flops), decoder_weights + weights, views * pixels * 3)
+    costs["point head"] = HeadCost(views * decoder_flops_, views * flops, decoder_weights + weights, views * pixels * 3)
     camera_mlp = 2 * 3 * linear_flops(patches, camera, camera)  # two residual blocks of three layers, every patch
     pose = 2 * linear_flops(1, camera, camera) + linear_flops(1, camera, 12)
-    costs["camera head"] = (
-        views * (decoder_flops_ + linear_flops(patches, d, camera) + camera_mlp + pose),
+    costs["camera head"] = HeadCost(
+        views * decoder_flops_,
+        views * (linear_flops(patches, d, camera) + camera_mlp + pose),
         decoder_weights + d * camera + 8 * camera * camera + 12 * camera,
         views * 16,
     )
@@ -161,14 +182,15 @@ def head_costs(
         cross = views * (2 * linear_flops(patches, d, d) + attention_flops(patches, patches, d))
         cross += scenes * 2 * linear_flops(patches, d, d)
         flops, weights = pixel_head(point, 3)
-        costs["global points head"] = (
-            views * (decoder_flops_ + flops) + depth * cross,
+        costs["global points head"] = HeadCost(
+            views * decoder_flops_ + depth * cross,
+            views * flops,
             decoder_weights + depth * 4 * d * d + weights,
             views * pixels * 3,
         )
     if config.use_confidence_head:
         flops, weights = pixel_head(point, 1)
-        costs["confidence head"] = (views * (decoder_flops_ + flops), decoder_weights + weights, views * pixels)
+        costs["confidence head"] = HeadCost(views * decoder_flops_, views * flops, decoder_weights + weights, views * pixels)
     return costs
 
 
@@ -222,17 +244,24 @@ def stage_costs(
             "half" if precision.trunk < 4 else "float32",
         )
     )
-    heads_input = precision.heads * views * patches * d
-    for name, (flops, weights, outputs) in head_costs(config, views, patches, height * width).items():
-        arithmetic = "half" if precision.heads < 4 else "float32"
-        stages.append(StageCost(name, flops, precision.heads * weights + heads_input + 4 * outputs, arithmetic))
+    heads_input = precision.trunk * views * patches * d
+    for name, head in head_costs(config, views, patches, height * width).items():
+        stages.append(
+            StageCost(
+                name,
+                head.flops,
+                precision.heads * head.weights + heads_input + 4 * head.outputs,
+                "half" if precision.head_decoders < 4 else "float32",
+                float32_flops=head.head_flops if precision.heads == 4 else 0.0,
+            )
+        )
     return stages
 
 
 def heads_flops(config: G2VLMConfig, views: int, patches: int) -> float:
     """All geometry heads of `views` views of `patches` patch tokens."""
     pixels = patches * config.geometry_patch_size**2
-    return sum(flops for flops, _, _ in head_costs(config, views, patches, pixels).values())
+    return sum(head.flops for head in head_costs(config, views, patches, pixels).values())
 
 
 def reconstruction_flops(config: G2VLMConfig, views: int, height: int, width: int, prompt_tokens: int = 8) -> float:
@@ -243,8 +272,8 @@ def reconstruction_flops(config: G2VLMConfig, views: int, height: int, width: in
 def reconstruction_floor(
     config: G2VLMConfig, views: int, height: int, width: int, peaks: dict[str, float], bandwidth: float, **kwargs
 ) -> float:
-    """Sum over the stages of each one's floor: the trunk and encoders at the half-precision peak, the heads at the
-    float32 peak (TF32 or true fp32, whichever `peaks["float32"]` was measured with)."""
+    """Sum over the stages of each one's floor: the trunk, encoders and head decoders at the half-precision peak, the
+    output heads at the float32 peak (TF32 or true fp32, whichever `peaks["float32"]` was measured with)."""
     return sum(stage.floor(peaks, bandwidth) for stage in stage_costs(config, views, height, width, **kwargs))
 
 

@@ -122,7 +122,7 @@ def test_stage_costs_match_the_flops_torch_counts_per_module(side):
 def test_head_weights_match_the_modules():
     config = profile_stages.config_for("tiny")
     heads = G2VLMForConditionalGeneration(config).geometry_heads
-    weights = {name: w for name, (_, w, _) in head_costs(config, views=1, patches=16, pixels=16 * 196).items()}
+    weights = {name: head.weights for name, head in head_costs(config, views=1, patches=16, pixels=16 * 196).items()}
     parts = {
         "point head": (heads.point_decoder, heads.point_head),
         "camera head": (heads.camera_decoder, heads.camera_head),

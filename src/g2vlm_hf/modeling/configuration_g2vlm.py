@@ -11,6 +11,7 @@ from .geometry_losses import G2VLMGeometryLossWeights
 from .head_activations import get_head_activation
 
 GEOMETRY_ENCODER_ATTENTION_MODES = ("per_view", "official_packed_windows")
+HEAD_DECODER_PRECISIONS = ("auto", "float32")
 DEFAULT_GEOMETRY_LOSS_WEIGHTS = asdict(G2VLMGeometryLossWeights())  # the dataclass holds the one table
 
 # Default encoders: those of G²VLM-2B (the Qwen2-VL-2B ViT and DINOv2-L with 4 registers).
@@ -116,6 +117,12 @@ class G2VLMConfig(PreTrainedConfig):
             LayerNorm epsilon of the head decoders.
         head_rope_theta (`float`, *optional*, defaults to 100.0):
             Base of the 2D RoPE over the patch grid in the head decoders.
+        head_decoder_precision (`str`, *optional*, defaults to `"auto"`):
+            Precision of the head decoders' transformer blocks. `"auto"`: as the official code runs them on a GPU,
+            under autocast to the decoder's half precision when the model runs in bfloat16/float16, in float32
+            otherwise. `"float32"`: always in float32 (slower on a GPU). Either way the weights stay in float32, and
+            the output heads (points, camera, confidence), the depth exponential, the pose SVD and every output are
+            float32.
         point_head_hidden_size (`int`, *optional*, defaults to 1024):
             Output width of the point, global-point and confidence decoders.
         camera_head_hidden_size (`int`, *optional*, defaults to 512):
@@ -159,6 +166,7 @@ class G2VLMConfig(PreTrainedConfig):
     head_mlp_ratio: float = 4.0
     head_layer_norm_eps: float = 1e-6
     head_rope_theta: float = 100.0
+    head_decoder_precision: Literal["auto", "float32"] = "auto"
     point_head_hidden_size: int = 1024
     camera_head_hidden_size: int = 512
     use_global_points: bool = True
@@ -188,6 +196,11 @@ class G2VLMConfig(PreTrainedConfig):
             raise ValueError(
                 f"geometry_encoder_attention={self.geometry_encoder_attention!r} is not supported; choose one of "
                 f"{GEOMETRY_ENCODER_ATTENTION_MODES}."
+            )
+        if self.head_decoder_precision not in HEAD_DECODER_PRECISIONS:
+            raise ValueError(
+                f"head_decoder_precision={self.head_decoder_precision!r} is not supported; choose one of "
+                f"{HEAD_DECODER_PRECISIONS}."
             )
         for name in (self.depth_activation, self.confidence_activation):
             get_head_activation(name)  # a ValueError naming the choices

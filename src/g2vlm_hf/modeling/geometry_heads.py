@@ -23,14 +23,18 @@ logger = logging.get_logger(__name__)
 
 
 class G2VLMGeometryHeads(nn.Module):
-    """All geometry heads. Their weights stay in float32 when loaded (`_keep_in_fp32_modules_strict`) and they run
-    with autocast off: the exponential depth and the SVD are unstable in half precision. A model cast as a whole
-    afterwards (`model.to(torch.bfloat16)`) runs the head decoders in that dtype and still takes the exponential and
-    the SVD, and returns every output, in float32."""
+    """All geometry heads. Their weights stay in float32 when loaded (`_keep_in_fp32_modules_strict`). The head
+    decoders (transformer blocks) run as the official code runs them on a GPU: under autocast to the decoder's half
+    precision when its geometry tokens come in bfloat16/float16, in float32 otherwise
+    (`config.head_decoder_precision="float32"`: always float32). The output heads, the exponential depth and the SVD
+    always run in float32 with autocast off: they are unstable in half precision. A model cast as a whole afterwards
+    (`model.to(torch.bfloat16)`) runs the head decoders in that dtype and still takes the exponential and the SVD,
+    and returns every output, in float32."""
 
     def __init__(self, config: G2VLMConfig):
         super().__init__()
         self.patch_size = config.geometry_patch_size
+        self.decoder_precision = config.head_decoder_precision
         self.head_dim = config.text_config.hidden_size // config.head_num_attention_heads
         self.rope = G2VLMRotary2D(config.head_rope_theta)
         self.depth_activation = get_head_activation(config.depth_activation)
@@ -69,6 +73,8 @@ class G2VLMGeometryHeads(nn.Module):
                 f"The geometry heads are in {dtype}, not float32 (the model was cast after loading); load with "
                 "`from_pretrained(..., dtype=...)` instead to keep them in float32 for full-precision geometry."
             )
+        half = geometry_tokens.dtype in (torch.bfloat16, torch.float16) and dtype == torch.float32
+        autocast_dtype = geometry_tokens.dtype if half and self.decoder_precision == "auto" else None
         tokens = geometry_tokens.reshape(scenes * views, grid_h * grid_w, dim).to(dtype)
         rows, columns = torch.meshgrid(
             torch.arange(grid_h, device=tokens.device), torch.arange(grid_w, device=tokens.device), indexing="ij"
@@ -79,24 +85,36 @@ class G2VLMGeometryHeads(nn.Module):
         def per_view(x: torch.Tensor) -> torch.Tensor:
             return x.reshape(scenes, views, *x.shape[1:])
 
-        with torch.autocast(device_type=tokens.device.type, enabled=False):
-            raw = self.point_head(self.point_decoder(tokens, rope), grid_h, grid_w).float()
+        device_type = tokens.device.type
+
+        def decoding() -> torch.autocast:
+            # as the official code: matrix products in half precision, norms and the residual stream in float32
+            return torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+
+        with torch.autocast(device_type, enabled=False):
+            with decoding():
+                hidden = self.point_decoder(tokens, rope)
+            raw = self.point_head(hidden.to(dtype), grid_h, grid_w).float()
             xy, raw_depth = raw.split([2, 1], dim=-1)
             depth = self.depth_activation(raw_depth)
             local_points = per_view(torch.cat((xy * depth, depth), dim=-1))
-            camera_poses = per_view(self.camera_head(self.camera_decoder(tokens, rope)))
+            with decoding():
+                hidden = self.camera_decoder(tokens, rope)
+            camera_poses = per_view(self.camera_head(hidden.to(dtype)))
             world_points = transform_points(camera_poses, local_points)
 
             global_points = None
             if self.global_points_decoder is not None:
                 first_view = tokens.view(scenes, views, grid_h * grid_w, dim)[:, 0]
-                hidden = self.global_points_decoder(tokens, rope, context=first_view)
-                global_points = per_view(self.global_point_head(hidden, grid_h, grid_w).float())
+                with decoding():
+                    hidden = self.global_points_decoder(tokens, rope, context=first_view)
+                global_points = per_view(self.global_point_head(hidden.to(dtype), grid_h, grid_w).float())
 
             confidence = None
             if self.confidence_decoder is not None:
-                hidden = self.confidence_decoder(tokens, rope)
-                raw_confidence = self.confidence_head(hidden, grid_h, grid_w)[..., 0].float()
+                with decoding():
+                    hidden = self.confidence_decoder(tokens, rope)
+                raw_confidence = self.confidence_head(hidden.to(dtype), grid_h, grid_w)[..., 0].float()
                 confidence = per_view(self.confidence_activation(raw_confidence))
 
         return G2VLMReconstructionOutput(
