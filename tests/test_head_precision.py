@@ -72,3 +72,20 @@ def test_a_float32_model_decodes_in_float32():
 def test_an_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="head_decoder_precision='bf16' is not supported"):
         G2VLMConfig(head_decoder_precision="bf16")
+
+
+def test_the_setting_loads_with_from_pretrained_and_applies_when_changed(tmp_path):
+    G2VLMForConditionalGeneration(tiny_config()).save_pretrained(tmp_path)
+    model = G2VLMForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16, head_decoder_precision="float32")
+    assert model.config.head_decoder_precision == "float32"
+    assert model.geometry_heads.point_decoder.blocks[0].attn.qkv.weight.dtype == torch.float32
+    seen = []
+    model.geometry_heads.point_decoder.blocks[0].attn.qkv.register_forward_hook(
+        lambda module, args, output: seen.append(output.dtype)
+    )
+    ids = torch.tensor([[1, 5, *geometry_block(VIEWS, GRID_H, GRID_W)]])
+    with torch.no_grad():
+        model.reconstruct(input_ids=ids, geometry_pixel_values=views())
+        model.config.head_decoder_precision = "auto"
+        model.reconstruct(input_ids=ids, geometry_pixel_values=views())
+    assert seen == [torch.float32, torch.bfloat16]

@@ -34,7 +34,7 @@ class G2VLMGeometryHeads(nn.Module):
     def __init__(self, config: G2VLMConfig):
         super().__init__()
         self.patch_size = config.geometry_patch_size
-        self.decoder_precision = config.head_decoder_precision
+        self.config = config  # `head_decoder_precision` is read at each call, so a change after loading applies
         self.head_dim = config.text_config.hidden_size // config.head_num_attention_heads
         self.rope = G2VLMRotary2D(config.head_rope_theta)
         self.depth_activation = get_head_activation(config.depth_activation)
@@ -74,7 +74,7 @@ class G2VLMGeometryHeads(nn.Module):
                 "`from_pretrained(..., dtype=...)` instead to keep them in float32 for full-precision geometry."
             )
         half = geometry_tokens.dtype in (torch.bfloat16, torch.float16) and dtype == torch.float32
-        autocast_dtype = geometry_tokens.dtype if half and self.decoder_precision == "auto" else None
+        autocast_dtype = geometry_tokens.dtype if half and self.config.head_decoder_precision == "auto" else None
         tokens = geometry_tokens.reshape(scenes * views, grid_h * grid_w, dim).to(dtype)
         rows, columns = torch.meshgrid(
             torch.arange(grid_h, device=tokens.device), torch.arange(grid_w, device=tokens.device), indexing="ij"
