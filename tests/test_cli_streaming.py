@@ -22,8 +22,9 @@ trimesh = pytest.importorskip("trimesh", reason="the export extra (trimesh) is p
 
 
 class FailingGeometry(KnownGeometry):
-    """The known geometry, until the third chunk: then it checks that the first chunks' depth maps were already
-    written (into a hidden staging folder, not at the output) and fails with `error`."""
+    """The known geometry, until the fourth chunk: then it checks that the first chunks' depth maps were already
+    written (into a hidden staging folder, not at the output) and fails with `error`. A chunk is handed out once the
+    next one is queued on the device, so at the fourth call chunks 1 and 2 have been written."""
 
     def __init__(self, processor, poses, parent, error):
         super().__init__(processor, poses)
@@ -31,7 +32,7 @@ class FailingGeometry(KnownGeometry):
 
     def reconstruct(self, geometry_pixel_values, **kwargs):
         self.calls += 1
-        if self.calls == 3:
+        if self.calls == 4:
             staged = [path for path in self.parent.glob(".scene.g2vlm-staging.*/depth/*.png")]
             assert len(staged) == 2 * 10  # chunks 1 and 2 (6 + 4 new views), map and preview each
             raise self.error
@@ -51,7 +52,7 @@ def test_a_failure_mid_stream_leaves_no_output(small_views_model, tmp_path, monk
     model = FailingGeometry(processor, walk_poses(16), tmp_path, error)
     monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a: model)
     assert g2vlm(chunked_args(small_views_model, folder, scene)) == status
-    assert model.calls == 3
+    assert model.calls == 4
     assert not scene.exists()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["views"]  # no staging, no lock left behind
 
