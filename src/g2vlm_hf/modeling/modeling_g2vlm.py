@@ -294,15 +294,13 @@ ROPE_DELTAS_ATTRIBUTE = "g2vlm_rope_deltas"
 
 
 def cache_is_empty(cache: Cache | None) -> bool:
-    """Whether `cache` holds no token yet, known without reading the device. A static cache's length is a tensor on
-    the cache's device, so such a cache counts as empty until its layers are first written (transformers allocates
-    them on the first update); a reset one counts as holding tokens."""
+    """Whether `cache` holds no token yet, known without reading the device. A static cache reports its length as a
+    tensor on the cache's device only once its layers were written (before, as 0), so such a cache counts as holding
+    tokens, also after a reset."""
     if cache is None:
         return True
     length = cache.get_seq_length()
-    if isinstance(length, torch.Tensor):
-        return not cache.is_initialized
-    return length == 0
+    return not isinstance(length, torch.Tensor) and length == 0
 
 
 def cached_rope_deltas(cache: Cache | None) -> torch.LongTensor | None:
