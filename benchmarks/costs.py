@@ -37,6 +37,11 @@ class StagePrecision:
     heads: int = 4
     head_decoders: int = 2
 
+    @classmethod
+    def float32(cls) -> StagePrecision:
+        """Every part in float32 (a float32 model, as on a CPU)."""
+        return cls(trunk=4, geometry_encoder=4, semantic_encoder=4, heads=4, head_decoders=4)
+
 
 @dataclass(frozen=True)
 class StageCost:

@@ -416,7 +416,7 @@ def section_stages(check: Check) -> None:
     """Each stage of a reconstruction (and of a chat prefill) beside its floor, TF32 on and off."""
     model = check.shared_model()
     sizes = check.sizes
-    precision = StagePrecision(4, 4, 4, 4, 4) if check.tiny else StagePrecision()
+    precision = StagePrecision.float32() if check.tiny else StagePrecision()
     for tf32 in (True, False):
         label = f"TF32 {'on' if tf32 else 'off'}"
 
@@ -461,7 +461,7 @@ def peaks_for(check: Check, tf32: bool) -> tuple[dict[str, float], float]:
 def floors(check: Check, views: int, height: int, width: int, tf32: bool = True, flops: float | None = None) -> dict:
     """The issue's floor (all FLOPs at the half-precision peak) and the stage floor (heads at the float32 rate)."""
     peaks, bandwidth = peaks_for(check, tf32)
-    precision = StagePrecision(4, 4, 4, 4, 4) if check.tiny else StagePrecision()
+    precision = StagePrecision.float32() if check.tiny else StagePrecision()
     flops = reconstruction_flops(check.config, views, height, width) if flops is None else flops
     return {"floor_s": flops / peaks["half"],
             "stage_floor_s": reconstruction_floor(check.config, views, height, width, peaks, bandwidth, precision=precision)}  # fmt: skip
@@ -597,9 +597,9 @@ def section_bench(check: Check) -> None:
 
 
 class CompileWatch(logging.Handler):
-    """What compiling the decode step gave, over one `with` block: dynamo's graphs and graph breaks, and inductor's
-    CUDA-graph skips with their reasons (a step split into graphs, or one without CUDA graphs, runs far from its
-    floor)."""
+    """What compiling gave over one `with` block (the decode step, the compiled decoder layers): dynamo's graphs and
+    graph breaks, and inductor's CUDA-graph skips with their reasons (a step split into graphs, or one without CUDA
+    graphs, runs far from its floor)."""
 
     def __init__(self):
         super().__init__(logging.WARNING)

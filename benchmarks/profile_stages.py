@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
     half = torch.bfloat16 if cuda else torch.float32
     config = config_for(size)
     model = bench_gpu.build_model(config, device, half, args.attn)
-    precision = StagePrecision() if cuda else StagePrecision(4, 4, 4, 4, 4)
+    precision = StagePrecision() if cuda else StagePrecision.float32()
     results = {"device": torch.cuda.get_device_name(device) if cuda else "CPU", "size": size, "views": views,
                "height": height, "width": width, "runs": {}}  # fmt: skip
     for tf32 in (True, False) if cuda else (False,):
