@@ -333,10 +333,17 @@ STALL = (
 )
 
 
+def default_ctrl_c() -> None:
+    """In the child: Ctrl-C as in a terminal, even when the tests run as a background job (which ignores SIGINT, a
+    setting its children inherit: Python would then never raise KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt(script: str, argv: list[str]) -> subprocess.CompletedProcess:
     child = subprocess.Popen(
-        [sys.executable, "-c", script, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+        [sys.executable, "-c", script, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=default_ctrl_c,
+    )  # fmt: skip
     line = child.stdout.readline()
     while line and line.strip() != "writing":
         line = child.stdout.readline()
