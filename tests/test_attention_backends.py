@@ -17,6 +17,8 @@ from transformers import DynamicCache, modeling_flash_attention_utils
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from g2vlm_hf.modeling import block_attention
+from g2vlm_hf.modeling.block_attention import attend_query_chunks, prefix_layout
 from g2vlm_hf.modeling.token_layout import TEXT_BLOCK_ID
 from g2vlm_hf.modeling.varlen_attention import attend_packed_runs, pack_runs
 
@@ -288,3 +290,38 @@ def test_real_flash_kernel_matches_sdpa_on_gpu():
         actual = flash(**inputs).logits.float()
     valid = inputs["attention_mask"].bool()
     assert float((actual[valid] - expected[valid]).norm() / expected[valid].norm()) < 2e-2
+
+
+@pytest.mark.parametrize("grouped_kernel", [True, False], ids=["grouped-heads-kernel", "repeated-heads"])
+@pytest.mark.parametrize("past_length", [0, 5])
+def test_query_slices_equal_the_dense_mask(grouped_kernel, past_length, monkeypatch):
+    # sdpa's path by query slices (block_attention.py), slices of 4 queries here, with left padding; the key/value
+    # heads are either grouped by the kernel (the CPU) or repeated once for every slice (CUDA's masked kernels)
+    torch.manual_seed(0)
+    batch, heads, kv_heads, q_len, dim = 2, 4, 2, 12, 16
+    kv_len = past_length + q_len
+    query = torch.randn(batch, heads, q_len, dim)
+    key, value = torch.randn(batch, kv_heads, kv_len, dim), torch.randn(batch, kv_heads, kv_len, dim)
+    blocks = torch.full((batch, q_len), TEXT_BLOCK_ID)
+    blocks[0, 2:6], blocks[0, 6:9], blocks[1, 4:11] = 0, 1, 0
+    attention_mask = torch.ones(batch, kv_len, dtype=torch.long)
+    attention_mask[1, :3] = 0
+    expected = dense_reference(query, key, value, attention_mask, blocks, past_length, dim**-0.5)
+
+    monkeypatch.setattr(block_attention, "QUERY_CHUNK", 4)
+    monkeypatch.setattr(block_attention, "groups_heads_under_a_mask", lambda device: grouped_kernel)
+    sdpa, calls = torch.nn.functional.scaled_dot_product_attention, []
+
+    def spy(query, key, value, **kwargs):
+        calls.append((key.shape[1], key.data_ptr(), kwargs["enable_gqa"]))
+        return sdpa(query, key, value, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    layout = prefix_layout(past_length, attention_mask, blocks)
+    actual = attend_query_chunks(query, key, value, layout, scaling=dim**-0.5)
+    valid = attention_mask[:, past_length:].bool()
+    torch.testing.assert_close(actual[valid], expected[valid], rtol=1e-5, atol=1e-5)
+    assert len(calls) == 3  # 12 queries in slices of 4
+    expected_call = (kv_heads, True) if grouped_kernel else (heads, False)  # (key heads seen, enable_gqa)
+    assert {(heads_seen, gqa) for heads_seen, _, gqa in calls} == {expected_call}
+    assert len({pointer for _, pointer, _ in calls}) == 1  # the same keys for every slice: repeated at most once

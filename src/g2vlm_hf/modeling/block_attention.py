@@ -3,7 +3,7 @@
 Every query of a G²VLM prompt sees a prefix of its row's keys: a text token the keys up to itself, a token of an
 image block (markers included) the keys up to the block's last token, minus the padding. So the whole pattern is one
 integer per query, the index of the last key it sees (`token_layout.block_last_index`), and the padding of the keys.
-The queries are attended in slices of `QUERY_CHUNK` tokens through transformers' sdpa function, each slice with its own
+The queries are attended in slices of `QUERY_CHUNK` tokens through torch's sdpa, each slice with its own
 `(batch, 1, slice, keys)` boolean mask made on the fly from those integers: the largest mask is `QUERY_CHUNK x keys`,
 so memory grows linearly with the prompt (with the number of views), and nothing waits for the host (the slices are
 fixed by the shapes, so `torch.compile` traces it as one graph). On the CPU and on CUDA sdpa runs its fused kernels
@@ -11,7 +11,6 @@ with such masks (flash on CPU, memory-efficient on CUDA). In CUDA half precision
 kernel instead (`torch_varlen.py`); eager alone builds the dense mask (it is the readable reference).
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,18 +40,19 @@ def prefix_layout(past_length: int, attention_mask: torch.Tensor | None, block_i
 
 
 def attend_query_chunks(
-    module: torch.nn.Module,
-    attention_interface: Callable,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     layout: PrefixLayout,
-    **kwargs,
+    *,
+    scaling: float,
+    dropout: float = 0.0,
 ) -> torch.Tensor:
     """Attend `query` `(batch, heads, q_len, dim)` over `key`/`value` `(batch, kv_heads, keys, dim)` slice by slice
-    with `attention_interface` (transformers' sdpa function). Returns `(batch, q_len, heads, dim)`. A padded query sees
-    only its own key (its output is meaningless and dropped by the caller), so no mask row is empty."""
+    with sdpa. Returns `(batch, q_len, heads, dim)`. A padded query sees only its own key (its output is meaningless and
+    dropped by the caller), so no mask row is empty."""
     q_len, buffer_len = query.shape[2], key.shape[2]
+    key, value, grouped = shared_key_value_heads(query, key, value)
     key_index = torch.arange(buffer_len, device=query.device)
     key_valid = layout.key_valid
     if key_valid is not None:
@@ -65,8 +65,31 @@ def attend_query_chunks(
         if key_valid is not None:
             own_key = torch.arange(start + layout.past_length, stop + layout.past_length, device=query.device)
             allowed = (allowed & key_valid) | (key_index == own_key[:, None])
-        output, _ = attention_interface(
-            module, query[:, :, start:stop], key, value, allowed[:, None], is_causal=False, **kwargs
-        )
-        outputs.append(output)
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        output = F.scaled_dot_product_attention(
+            query[:, :, start:stop], key, value, attn_mask=allowed[:, None], dropout_p=dropout, scale=scaling,
+            enable_gqa=grouped,
+        )  # fmt: skip
+        outputs.append(output.transpose(1, 2))
+    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)).contiguous()
+
+
+def shared_key_value_heads(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The keys and values as every query slice takes them, and whether sdpa groups the query heads itself.
+
+    With fewer key/value heads than query heads, a kernel that groups heads under a mask gets them as they are
+    (`enable_gqa`); otherwise they are repeated here, once for all slices, instead of once per slice as transformers'
+    sdpa function would."""
+    groups = query.shape[1] // key.shape[1]
+    if groups == 1:
+        return key, value, False
+    if groups_heads_under_a_mask(query.device):
+        return key, value, True
+    return key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1), False
+
+
+def groups_heads_under_a_mask(device: torch.device) -> bool:
+    """Whether sdpa's fused kernel for a boolean mask takes grouped key/value heads on `device`: the CPU's does;
+    CUDA's masked kernels do not (with `enable_gqa` sdpa would fall back to the unfused math)."""
+    return device.type == "cpu"

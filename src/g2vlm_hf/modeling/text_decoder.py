@@ -139,17 +139,11 @@ class G2VLMAttention(nn.Module):
             except FlexGraphLimitReached:
                 logger.warning_once(f"flex attention reached its bound of {FLEX_GRAPH_LIMIT} compiled graphs: prompts "
                                     "with images of new lengths now use sdpa by query slices.")  # fmt: skip
-                attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface("sdpa", None)
                 attn_output = attend_query_chunks(
-                    self, attention_interface, query, key, value, block_layout.layout, dropout=dropout,
-                    scaling=self.scaling, **kwargs,
-                )  # fmt: skip
+                    query, key, value, block_layout.layout, scaling=self.scaling, dropout=dropout
+                )
         elif isinstance(block_layout, PrefixLayout):
-            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface("sdpa", None)
-            attn_output = attend_query_chunks(
-                self, attention_interface, query, key, value, block_layout, dropout=dropout, scaling=self.scaling,
-                **kwargs,
-            )  # fmt: skip
+            attn_output = attend_query_chunks(query, key, value, block_layout, scaling=self.scaling, dropout=dropout)
         else:
             attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
                 self.config._attn_implementation, eager_attention_forward
