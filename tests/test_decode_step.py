@@ -19,6 +19,7 @@ import torch
 import torch._dynamo.utils as dynamo_utils
 from conftest import tiny_model
 from test_attention_backends import padded_chat_inputs
+from test_model import IMAGE_GRID, chat_prompt, image_patches, views
 from torch.overrides import TorchFunctionMode
 from transformers import CompileConfig, StaticCache
 
@@ -66,6 +67,34 @@ def test_generate_compiles_each_decode_step_into_one_graph():
     assert dict(dynamo_utils.counters["graph_break"]) == {}
     assert dynamo_utils.counters["stats"]["unique_graphs"] == 1
     assert torch.equal(actual, expected) and torch.equal(again, expected)
+
+
+def chat_turn(model, question_length: int, new_tokens: int, batch: int = 1, **options) -> torch.Tensor:
+    """One request of a chat session: a prompt with geometry views and an image, its question `question_length`
+    tokens long."""
+    ids = torch.tensor([chat_prompt([1, 5], [8 + i % 50 for i in range(question_length)])] * batch)
+    pixels = [image_patches(*IMAGE_GRID, seed=row) for row in range(batch)]
+    return model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.cat([p for p, _ in pixels]),
+        image_grid_thw=torch.cat([g for _, g in pixels]), geometry_pixel_values=views(batch=batch),
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **options,
+    )  # fmt: skip
+
+
+def test_a_chat_session_of_new_lengths_compiles_the_decode_step_at_most_twice():
+    # transformers grows the static cache as requests get longer; a step that specialised on the cache's length
+    # would compile anew for each request and, past dynamo's recompile limit (8), run uncompiled from then on
+    turns = [(2, 6), (3, 6), (6, 10), (1, 4), (12, 20), (4, 6), (20, 24), (9, 30), (30, 8), (2, 40)]
+    model = tiny_model(seed=3)
+    expected = [chat_turn(model, *turn, cache_implementation="static") for turn in turns]  # uncompiled (CPU)
+    compile_config = CompileConfig(backend="eager")
+    compile_config._compile_all_devices = True
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    for turn, tokens in zip(turns, expected, strict=True):
+        assert torch.equal(chat_turn(model, *turn, cache_implementation="static", compile_config=compile_config), tokens)
+    assert dict(dynamo_utils.counters["graph_break"]) == {}
+    assert dynamo_utils.counters["stats"]["unique_graphs"] <= 2  # the first length, then the length made dynamic
 
 
 @pytest.mark.parametrize("cache_implementation", ["static", "dynamic"])
