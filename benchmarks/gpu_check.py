@@ -10,7 +10,9 @@ so a run cut short still returns what it measured; a short table is printed last
           torch_varlen, flash_attention_2 if flash_attn imports, flex_attention) against eager float32 on the GPU,
           relative error of the logits and world points, in float32 and bf16 (bf16 against the float32 reference)
 - stages  each stage of a 16-view reconstruction timed with CUDA events beside its FLOPs, bytes and floor
-          (benchmarks/profile_stages.py), TF32 on and off, and a chat prefill with one image
+          (benchmarks/profile_stages.py), TF32 on and off, and a chat prefill with one image; the trunk of that
+          reconstruction by operator (benchmarks/trunk_ops.py: matmul, attention, copies, element-wise, kernels
+          launched, device idle time)
 - bench   benchmarks/bench_gpu.py's rows (16 views 518x518, TF32 on and off, and with each decoder layer compiled;
           100 frames 518x392 in one pass;
           200 frames in chunks of 32/8) for sdpa, torch_varlen and flex_attention (fresh, and again after a dozen
@@ -54,6 +56,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]  # the project trav
 
 import bench_gpu  # noqa: E402
 import profile_stages  # noqa: E402
+import trunk_ops  # noqa: E402
 from costs import StagePrecision, decode_bytes_per_token, reconstruction_floor, reconstruction_flops  # noqa: E402
 
 from g2vlm_hf import G2VLMConfig, G2VLMForConditionalGeneration  # noqa: E402
@@ -429,6 +432,14 @@ def section_stages(check: Check) -> None:
 
         check.item("stages", f"reconstruction, {sizes.views} views {sizes.side}x{sizes.side}, {label}", run, needs=8)
 
+    def operators() -> dict:
+        set_tf32(True)
+        scene = [torch.randn(3, sizes.side, sizes.side) for _ in range(sizes.views)]
+        inputs = bench_gpu.PromptProcessor(check.config)(scene).to(check.device)
+        return trunk_ops.trunk_ops(model, inputs, check.device)
+
+    check.item("stages", f"trunk by operator, {sizes.views} views {sizes.side}x{sizes.side}", operators, needs=5)
+
     def chat() -> dict:
         set_tf32(True)
         peaks, bandwidth = peaks_for(check, True)
@@ -749,6 +760,11 @@ def table(data: dict) -> str:
         if status(value):
             lines.append(f"stages {key}: {status(value)}")
             continue
+        if "by_kind_ms" in value:
+            kinds = ", ".join(f"{kind} {fmt(ms)}" for kind, ms in value["by_kind_ms"].items())
+            lines.append(f"stages {key}: {fmt(value['wall_ms'])} ms, {kinds}; idle {fmt(value['idle_ms'])} ms, "
+                         f"{value['kernels']} kernels")  # fmt: skip
+            continue
         parts = [f"{stage} {fmt(row['seconds'] * 1e3)} ms" + (f" ({fmt(row['over_floor'], 2)}x)" if row.get("over_floor") else "")
                  for stage, row in value.items() if row.get("seconds") is not None]  # fmt: skip
         lines.append(f"stages {key}: " + ", ".join(parts))
@@ -816,6 +832,7 @@ def main(argv: list[str] | None = None) -> dict:
         check.results.put("time", name, time.monotonic() - started)
         check.empty()
     watchdog.cancel()
+    watchdog.join()  # its closure holds the models: released here, not by a thread at interpreter exit (an abort)
     print("\n" + table(check.results.data), flush=True)
     return check.results.data
 

@@ -77,12 +77,22 @@ def test_tiny_dry_run_records_every_section_with_numbers_or_a_reason(tmp_path):
         assert stage in stages and stages[stage]["seconds"] > 0 and stages[stage]["floor"] > 0
     assert stages["intrinsics"]["seconds"] > 0 and stages["total"]["seconds"] > 0
     assert "semantic encoder" in data["stages"]["chat prefill, 2 views 56x56 + one 56px image, TF32 on"]
+    trunk = data["stages"]["trunk by operator, 2 views 56x56"]
+    assert {"matmul", "attention", "copies", "element-wise"} <= set(trunk["by_kind_ms"])
+    assert math.isclose(sum(trunk["by_kind_ms"].values()), trunk["busy_ms"], rel_tol=1e-3)
+    assert trunk["top"][0]["ms"] >= trunk["top"][-1]["ms"] > 0 and "trunk by operator" in run.stdout
     for key, value in data["decode"].items():
         assert value["tok_per_s"] > 0 and value["floor_tok_per_s"] > 0, key
     lora = data["lora"]["step, bf16 autocast"]
     assert lora["loss_finite"] and lora["grads_finite"] and lora["with_nonzero_grad"] > 0
     assert "sdpa | reconstruction, 2 views 56x56, TF32 on" in run.stdout  # the table, printed last
     assert run.stdout.rstrip().splitlines()[-1].startswith("section seconds:")
+
+
+def test_one_section_alone_exits_cleanly(tmp_path):
+    # the budget's watchdog thread held the models; released by that thread at interpreter exit, it aborted the run
+    run = run_check(tmp_path, "--sections", "stages")
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 def test_a_spent_budget_still_leaves_the_json_with_reasons(tmp_path):
