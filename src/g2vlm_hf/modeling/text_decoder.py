@@ -109,14 +109,12 @@ class G2VLMAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         past_key_values: Cache | None = None,
         block_layout: BlockLayout | None = None,
-        geometry_output_scale: nn.Module | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`attention_mask` is the configured backend's mask (dense for eager, a BlockMask, sdpa's mask of a text
         chunk, or the padding mask of flash-attention); `block_layout`, given for a chunk with image blocks on the
         varlen and sdpa paths, replaces it: packed runs go to one varlen call per kind of run, a prefix layout to sdpa
-        by slices of queries (block_attention.py). `geometry_output_scale` (the layer's LayerScale) scales the
-        geometry tokens' output projection."""
+        by slices of queries (block_attention.py)."""
         batch, seq = hidden_states.shape[:2]
         # per expert, in one routing: projections and QK-norm
         qkv = route_tokens(hidden_states, split, self._semantic_qkv, self._geometry_qkv).transpose(1, 2)
@@ -154,10 +152,7 @@ class G2VLMAttention(nn.Module):
                 self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
             )
         attn_output = attn_output.reshape(batch, seq, -1).contiguous()
-        geometry_output = self.geo_o_proj
-        if geometry_output_scale is not None:
-            geometry_output = lambda states: geometry_output_scale(self.geo_o_proj(states))
-        attn_output = route_tokens(attn_output, split, self.o_proj, geometry_output)
+        attn_output = route_tokens(attn_output, split, self.o_proj, self.geo_o_proj)
         return attn_output, attn_weights
 
 
@@ -187,23 +182,29 @@ class G2VLMDecoderLayer(GradientCheckpointingLayer):
         block_layout: BlockLayout | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        # the LayerScale of a geometry branch multiplies the geometry tokens' rows only, inside their routing
         residual = hidden_states
         hidden_states = route_tokens(hidden_states, split, self.input_layernorm, self.geo_input_layernorm)
         hidden_states, _ = self.self_attn(
-            hidden_states, split, position_embeddings, attention_mask, past_key_values, block_layout,
-            geometry_output_scale=self.geo_attn_layer_scale, **kwargs,
-        )  # fmt: skip
-        hidden_states = residual + hidden_states
+            hidden_states, split, position_embeddings, attention_mask, past_key_values, block_layout, **kwargs
+        )
+        hidden_states = residual + self._scale_geometry(hidden_states, split, self.geo_attn_layer_scale)
 
         residual = hidden_states
         hidden_states = route_tokens(
             hidden_states,
             split,
             lambda states: self.mlp(self.post_attention_layernorm(states)),
-            lambda states: self.geo_mlp_layer_scale(self.geo_mlp(self.geo_post_attention_layernorm(states))),
+            lambda states: self.geo_mlp(self.geo_post_attention_layernorm(states)),
         )
-        return residual + hidden_states
+        return residual + self._scale_geometry(hidden_states, split, self.geo_mlp_layer_scale)
+
+    @staticmethod
+    def _scale_geometry(
+        hidden_states: torch.Tensor, split: ExpertSplit | None, layer_scale: G2VLMLayerScale
+    ) -> torch.Tensor:
+        if split is None:
+            return hidden_states
+        return torch.where(split.mask.unsqueeze(-1), layer_scale(hidden_states), hidden_states)
 
 
 class G2VLMTextModel(G2VLMPreTrainedModel):
