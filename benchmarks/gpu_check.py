@@ -18,7 +18,8 @@ so a run cut short still returns what it measured; a short table is printed last
           200 frames in chunks of 32/8) for sdpa, torch_varlen and flex_attention (fresh, and again after a dozen
           other prompt shapes), time and peak memory beside the floor from costs.py
 - decode  tok/s timed per generated token after 1024 prompt tokens, batch 1 and 8, default settings and static cache,
-          with the graphs, graph breaks and CUDA-graph skips of the compiled step
+          with the graphs, graph breaks and CUDA-graph skips of the compiled step; the three calls of a row grow by
+          32 tokens like chat turns, so a step compiled again for a longer cache shows
 - lora    one LoRA step under bf16 autocast: finite loss and gradients
 
 A backend the installed code does not accept (or that cannot run here: torch_varlen needs CUDA and bf16/fp16,
@@ -660,7 +661,9 @@ def section_decode(check: Check) -> None:
 
     plain = min(1000, config.text_config.vocab_size, config.image_token_id, config.vision_start_token_id)
     for batch in (1, 8):
-        ids = torch.randint(3, plain, (batch, sizes.context), device=check.device)
+        # the calls grow like the turns of a chat: a longer prompt gets a longer static cache, which must not compile
+        # the step again (the attempts' call_s and the row's graphs say whether it did)
+        prompts = [torch.randint(3, plain, (batch, sizes.context + 32 * turn), device=check.device) for turn in range(3)]
         floor = (
             batch
             * peaks_for(check, True)[1]
@@ -668,10 +671,10 @@ def section_decode(check: Check) -> None:
         )
         for mode, kwargs in (("default settings", {}), ("static cache", {"cache_implementation": "static"})):
 
-            def run(kwargs=kwargs, ids=ids, batch=batch, floor=floor) -> dict:
+            def run(kwargs=kwargs, prompts=prompts, batch=batch, floor=floor) -> dict:
                 attempts = []
                 with torch.inference_mode(), CompileWatch() as watch:
-                    for _ in range(3):  # the first call compiles where generate compiles the step
+                    for ids in prompts:  # the first call compiles where generate compiles the step
                         stamps = Stamps()
                         start = time.perf_counter()
                         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=sizes.new_tokens,

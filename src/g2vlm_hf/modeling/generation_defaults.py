@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from transformers import GenerationConfig
+from transformers.cache_utils import Cache, StaticLayer
 from transformers.generation.configuration_utils import GenerationMode
 
 from .compat import output_cache
@@ -44,4 +45,26 @@ def default_cache_implementation(
     return "static"
 
 
-__all__ = ["default_cache_implementation", "runs_on_cuda"]
+def let_cache_length_vary(cache: Cache | None, attention_mask: torch.Tensor | dict | None) -> None:
+    """Tell torch.compile that a static cache's length varies, before the decode step is first compiled.
+
+    `generate()` makes a longer static cache for a longer request (each turn of a chat), and a decode step compiled
+    for one length would compile again for the next one (tens of seconds on a GPU) before dynamo made the length
+    dynamic by itself. Marked here: the cache's key/value tensors, once per cache, and the step's attention mask,
+    whose last dimension is the cache's length (a new tensor each step). A hint, not a constraint: without a compiler
+    it changes nothing."""
+    layers = getattr(cache, "layers", None)
+    if not layers or not isinstance(layers[0], StaticLayer) or not layers[0].is_initialized:
+        return
+    masks = attention_mask.values() if isinstance(attention_mask, dict) else [attention_mask]
+    for mask in masks:
+        if isinstance(mask, torch.Tensor) and mask.ndim == 4:
+            torch._dynamo.maybe_mark_dynamic(mask, 3)
+    if hasattr(layers[0].keys, "_dynamo_weak_dynamic_indices"):  # this cache is marked already
+        return
+    for layer in layers:
+        torch._dynamo.maybe_mark_dynamic(layer.keys, 2)
+        torch._dynamo.maybe_mark_dynamic(layer.values, 2)
+
+
+__all__ = ["default_cache_implementation", "let_cache_length_vary", "runs_on_cuda"]

@@ -11,7 +11,7 @@ from transformers.utils import can_return_tuple, logging, torch_compilable_check
 
 from .compat import accepts_cache_alias, cache_kwargs, output_cache
 from .configuration_g2vlm import G2VLMConfig, G2VLMReconstructionConfig
-from .generation_defaults import default_cache_implementation
+from .generation_defaults import default_cache_implementation, let_cache_length_vary
 from .geometry_encoder import G2VLMGeometryEncoder
 from .geometry_heads import G2VLMGeometryHeads
 from .geometry_losses import G2VLMGeometryLossWeights, check_geometry_targets, geometry_losses
@@ -583,6 +583,8 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
         # tokens may hold new images), with an assistant model's first call (for which `generate()` says
         # `is_first_iteration=False`) and with every step without a cache.
         prefill = is_first_iteration or cache_is_empty(cache)
+        if not prefill:
+            let_cache_length_vary(cache, model_inputs.get("attention_mask"))
         embeds = model_inputs.get("inputs_embeds")
         if embeds is not None and input_ids is not None and input_ids.shape[1] == embeds.shape[1]:
             model_inputs["input_ids"] = input_ids  # the layout of the images is read from the ids
