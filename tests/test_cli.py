@@ -59,12 +59,20 @@ def test_reconstruct_from_a_folder_equals_from_files(converted_tiny, tmp_path):
 
 
 def test_reconstruct_from_video_frames(converted_tiny, tmp_path):
+    """`--every 2` reconstructs the decoded frames 0, 2 and 4 (views 0, 2, 1), not merely three frames."""
+    av = pytest.importorskip("av", reason="the video extra (PyAV) is part of the test extras")
     frames = [Image.open(VIEWS[index % 3]).convert("RGB").resize((518, 140)) for index in range(6)]
     video = write_video(tmp_path / "walk.mp4", frames, rate=5)
     output = tmp_path / "scene"
     args = ["reconstruct", "--model", str(converted_tiny), "--video", str(video), "--every", "2", "--output", str(output)]
     assert g2vlm(args) == 0
-    assert len(json.loads((output / "cameras.json").read_text())["cameras"]) == 3  # frames 0, 2 and 4
+    saved = json.loads((output / "cameras.json").read_text())["cameras"]
+    assert len(saved) == 3
+    with av.open(str(video)) as container:  # decoded here with PyAV alone, not through the package's reader
+        decoded = [frame.to_image() for frame in container.decode(container.streams.video[0])]
+    expected = reference_reconstruction(converted_tiny, decoded[0::2])  # frames 0, 2 and 4
+    poses = np.array([camera["camera_to_world"] for camera in saved])
+    np.testing.assert_allclose(poses, expected.camera_poses[0].numpy(), atol=1e-5)
 
 
 def test_max_points_subsamples_the_cloud(converted_tiny, tmp_path):
