@@ -101,22 +101,37 @@ def test_bad_chunk_flags_are_refused(small_views_model, tmp_path, capsys, chunk_
     assert "--chunk-size" in error or "--overlap" in error
 
 
-def test_chat_over_a_video_uses_a_few_uniform_frames(small_views_model, tmp_path, capsys):
+def test_chat_over_a_video_uses_a_few_uniform_frames(small_views_model, tmp_path, capsys, monkeypatch):
+    """The question is asked on the decoded frames 0, 10, 19 and 29 (checked against PyAV's own decoding, not the
+    package's reader), which the command names on stderr."""
+    import av
+
+    from g2vlm_hf import chat
+
     video = tmp_path / "walk.mp4"
     write_walk_video(video, 30)
+    real_answer, asked = chat.answer, []
+
+    def recording_answer(model, processor, images, *args, **kwargs):
+        asked.append([np.asarray(image.convert("RGB")) for image in images])
+        return real_answer(model, processor, images, *args, **kwargs)
+
+    monkeypatch.setattr(chat, "answer", recording_answer)
     args = ["chat", "--model", str(small_views_model), "--video", str(video), "--views", "4", "Where is the box?",
             "--max-new-tokens", "3"]  # fmt: skip
     assert g2vlm(args) == 0
     captured = capsys.readouterr()
     assert "frame0, walk.mp4#frame10, walk.mp4#frame19, walk.mp4#frame29" in captured.err
-
-    from g2vlm_hf.chat import answer
+    with av.open(str(video)) as container:
+        decoded = [frame.to_image() for frame in container.decode(container.streams.video[0])]
+    frames = [decoded[index] for index in (0, 10, 19, 29)]
+    [images] = asked
+    assert len(images) == 4 and all(np.array_equal(got, np.asarray(want)) for got, want in zip(images, frames, strict=True))
 
     model = AutoModelForImageTextToText.from_pretrained(small_views_model).eval()
     processor = AutoProcessor.from_pretrained(small_views_model)
-    frames = list(iter_video_frames(video, indices=[0, 10, 19, 29]))
     with torch.no_grad():
-        expected = answer(model, processor, frames, "Where is the box?", 3)
+        expected = real_answer(model, processor, frames, "Where is the box?", 3)
     assert captured.out.strip() == expected
 
 
