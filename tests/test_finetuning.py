@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import geometry_block, image_block, image_patches, tiny_model
 from peft import LoraConfig, PeftModel, get_peft_model
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from g2vlm_hf.modeling.geometry_losses import geometry_losses, transform_points
 from g2vlm_hf.modeling.parts import part_of
@@ -219,6 +220,24 @@ def test_lora_adapter_save_load_and_merge(tmp_path):
     assert not torch.allclose(plain.logits, expected.logits)  # the adapters did change the model
 
 
+def block_calls(model: torch.nn.Module, run) -> tuple[dict[str, int], object]:
+    """`run()`'s result and a live count, per kind of checkpointable block, of the calls of one such block's first
+    linear: transformers checkpoints a block's `forward`, so the block's own hooks fire once even when it is
+    recomputed, its leaves' hooks twice."""
+    blocks = {type(m).__name__: m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)}
+    counts = dict.fromkeys(blocks, 0)
+
+    def counter(kind: str):
+        def hook(*_):
+            counts[kind] += 1
+
+        return hook
+
+    for kind, block in blocks.items():
+        next(m for m in block.modules() if isinstance(m, torch.nn.Linear)).register_forward_hook(counter(kind))
+    return counts, run()
+
+
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     batch = synthetic_batch()
     reference, checkpointed = tiny_model(seed=3), tiny_model(seed=3)
@@ -226,12 +245,14 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     layers = [m for m in checkpointed.modules() if getattr(m, "gradient_checkpointing", False)]
     kinds = {type(m).__name__ for m in layers}
     assert {"G2VLMDecoderLayer", "Qwen2VLVisionBlock", "Dinov2WithRegistersLayer", "G2VLMHeadBlock", "G2VLMHeadCrossBlock"} <= kinds
-    losses = []
+    losses, calls = [], []
     for model in (reference, checkpointed):
         model.train()
-        loss = model(**batch).loss
+        counts, loss = block_calls(model, lambda model=model: model(**batch).loss)
         loss.backward()
         losses.append(loss)
+        calls.append(dict(counts))  # a checkpointed block runs its forward again in the backward pass
+    assert all(calls[0].values()) and calls[1] == {kind: 2 * count for kind, count in calls[0].items()}, calls
     torch.testing.assert_close(losses[0], losses[1])
     for (name, a), (_, b) in zip(reference.named_parameters(), checkpointed.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
