@@ -22,6 +22,7 @@ from transformers import AutoProcessor, ProcessorMixin
 from g2vlm_hf import G2VLMGeometryImageProcessor, G2VLMProcessor
 from g2vlm_hf.conversion.convert_official import _build_processor, _load_tokenizer
 from g2vlm_hf.processing import G2VLMProcessorKwargs
+from g2vlm_hf.processing.processing_g2vlm import _G2VLMModalityKwargs
 
 CHECKPOINT = FIXTURE_DIR / "checkpoint"
 IMAGES = FIXTURE_DIR / "images"
@@ -90,8 +91,13 @@ def test_kwargs_reach_components_as_in_transformers(plain_processor, square_imag
     transformers' own `_merge_kwargs` (not ours, which the generic `__call__` would otherwise call too)."""
     images = [square_image, square_image]
     ours = plain_processor(images=images, text=PROMPTS, return_tensors="pt", **kwargs)
+    # transformers' merge of the groups it knows (all but the geometry one, which transformers < 5.25 cannot route)
     monkeypatch.setattr(
-        plain_processor, "_merge_kwargs", functools.partial(ProcessorMixin._merge_kwargs, plain_processor)
+        plain_processor,
+        "_merge_kwargs",
+        lambda _kwargs_class=None, **merge_kwargs: ProcessorMixin._merge_kwargs(
+            plain_processor, _G2VLMModalityKwargs, **merge_kwargs
+        ),
     )
     reference = ProcessorMixin.__call__(plain_processor, images=images, text=PROMPTS, return_tensors="pt", **kwargs)
     assert_same_outputs(ours, reference)
