@@ -45,6 +45,11 @@ def default_cache_implementation(
     return "static"
 
 
+MARKED_KEYS_ATTRIBUTE = "g2vlm_marked_keys"
+"""The attribute of a static cache holding its first layer's key tensor once `let_cache_length_vary` marked its
+tensors (a cache whose layers made new tensors is marked again)."""
+
+
 def let_cache_length_vary(cache: Cache | None, attention_mask: torch.Tensor | dict | None) -> None:
     """Tell torch.compile that a static cache's length varies, before the decode step is first compiled.
 
@@ -60,11 +65,12 @@ def let_cache_length_vary(cache: Cache | None, attention_mask: torch.Tensor | di
     for mask in masks:
         if isinstance(mask, torch.Tensor) and mask.ndim == 4:
             torch._dynamo.maybe_mark_dynamic(mask, 3)
-    if hasattr(layers[0].keys, "_dynamo_weak_dynamic_indices"):  # this cache is marked already
+    if getattr(cache, MARKED_KEYS_ATTRIBUTE, None) is layers[0].keys:
         return
     for layer in layers:
         torch._dynamo.maybe_mark_dynamic(layer.keys, 2)
         torch._dynamo.maybe_mark_dynamic(layer.values, 2)
+    setattr(cache, MARKED_KEYS_ATTRIBUTE, layers[0].keys)
 
 
 __all__ = ["default_cache_implementation", "let_cache_length_vary", "runs_on_cuda"]
