@@ -310,7 +310,10 @@ def test_a_setting_typed_during_a_run_applies_to_its_result_and_others_queue(ser
         wait_for_points(page, 30_000)
         assert counts(page)[1] == 30_000
         assert page.locator("#reconstruct-button").is_enabled() and not page.locator("#cancel-button").is_visible()
-        other.get_by_text("Reconstructed 2 views:").wait_for(timeout=120_000)  # then its turn comes
+        try:
+            other.get_by_text("Reconstructed 2 views:").wait_for(timeout=120_000)  # then its turn comes
+        except playwright_api.TimeoutError:  # seen once in CI, under load: say where the queued run stood
+            pytest.fail(f"the queued run did not finish; its page's status reads {other.locator('#status').inner_text()!r}")
     finally:
         restore()
     page.close()
