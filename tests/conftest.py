@@ -124,6 +124,19 @@ def tiny_model(seed: int = 0, **overrides) -> G2VLMForConditionalGeneration:
     return G2VLMForConditionalGeneration(tiny_config(**overrides)).eval()
 
 
+def greedy_answer(model, processor, images: list, question: str, max_new_tokens: int) -> str:
+    """The model's greedy answer about `images`, from the chat template and `generate()` alone: the reference for the
+    package's own chat paths (CLI, demo), which must not compute it themselves."""
+    content = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": question}]
+    inputs = processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True, return_dict=True,
+        return_tensors="pt",
+    ).to(model.device)  # fmt: skip
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
 def geometry_block(num_views: int, grid_h: int, grid_w: int) -> list[int]:
     """Token ids of a geometry block: each view wrapped in its own start/end markers."""
     return [TINY_START, *[TINY_GEO_TOKEN] * (grid_h * grid_w), TINY_END] * num_views

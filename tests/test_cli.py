@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURE_DIR, write_video
+from conftest import FIXTURE_DIR, greedy_answer, write_video
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -108,12 +108,8 @@ def test_chat_streams_the_greedy_answer(converted_tiny, capsys):
 
     model = AutoModelForImageTextToText.from_pretrained(converted_tiny).eval()
     processor = AutoProcessor.from_pretrained(converted_tiny)
-    messages = [{"role": "user", "content": [{"type": "image", "image": str(IMAGES / "chat.png")}, {"type": "text", "text": question}]}]
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
-    with torch.no_grad():
-        generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    expected = processor.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    assert streamed.strip() == expected.strip()
+    expected = greedy_answer(model, processor, [str(IMAGES / "chat.png")], question, 6)
+    assert streamed.strip() == expected
 
 
 class TestBadInput:

@@ -16,6 +16,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from g2vlm_hf.cli import main as g2vlm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import greedy_answer
 from hub_testing import VIEWS, fast_tiny_copy
 
 pytest.importorskip("trimesh", reason="the export extra (trimesh) is part of the test extras")
@@ -69,17 +70,7 @@ def test_reconstruct_with_colmap_and_ask(folder, tmp_path, capsys):
 
     answer = json.loads((out / "answer.json").read_text())
     assert answer["question"] == QUESTION and answer["views"] == [view.name for view in VIEWS]
-    content = [{"type": "image", "image": str(view)} for view in VIEWS] + [{"type": "text", "text": QUESTION}]
-    inputs = processor.apply_chat_template(
-        [{"role": "user", "content": content}],
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-    )
-    with torch.no_grad():
-        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    reference = processor.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    reference = greedy_answer(model, processor, [str(view) for view in VIEWS], QUESTION, 4)
     assert answer["answer"] == reference
     assert f"A: {reference}" in capsys.readouterr().out
 

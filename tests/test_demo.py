@@ -27,7 +27,7 @@ gradio_client = pytest.importorskip(
 trimesh = pytest.importorskip("trimesh")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import write_video  # noqa: E402
+from conftest import greedy_answer, write_video  # noqa: E402
 from demo_photos import photos  # noqa: E402
 from hub_testing import VIEWS, fast_tiny_copy  # noqa: E402  (after the sys.path entry)
 
@@ -85,24 +85,6 @@ def counts(status: str) -> tuple[int, int, int]:
     )
     shown = re.search(r"; ([\d,]+) of them are shown", status)
     return passing, total, passing if shown is None else int(shown.group(1).replace(",", ""))
-
-
-def greedy_answer(demo, paths: list[str], question: str) -> str:
-    """The demo model's greedy answer about `paths`, computed here from the chat template and `generate` (not through
-    `g2vlm_hf.chat.answer`, which the demo itself calls)."""
-    import torch
-
-    content = [{"type": "image", "image": path} for path in paths] + [{"type": "text", "text": question}]
-    inputs = demo.processor.apply_chat_template(
-        [{"role": "user", "content": content}],
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-    ).to(demo.model.device)
-    with torch.no_grad():
-        generated = demo.model.generate(**inputs, max_new_tokens=demo.max_new_tokens, do_sample=False)
-    return demo.processor.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def test_demo_serves_reconstruction_and_chat(app_module, model_folder, tmp_path):
@@ -170,7 +152,8 @@ def test_demo_serves_reconstruction_and_chat(app_module, model_folder, tmp_path)
         assert [turn["role"] for turn in history] == ["user", "assistant"]
         answer = history[1]["content"]
         answer = answer if isinstance(answer, str) else answer[0]["text"]
-        expected = greedy_answer(demo, [str(view) for view in VIEWS], QUESTION)  # the app returns the model's answer
+        # the app returns the model's answer, computed here without the package's chat code that the app calls
+        expected = greedy_answer(demo.model, demo.processor, [str(v) for v in VIEWS], QUESTION, demo.max_new_tokens)
         assert answer == f"{expected}\n\n*Views used: {', '.join(view.name for view in VIEWS)}*"
         assert [item["caption"] for item in used] == [view.name for view in VIEWS]
 
@@ -394,7 +377,7 @@ def test_chat_answer_is_streamed(app_module, model_folder):
         assert len(steps) >= 3  # the growing answer, then the final one with the views it used
         partial = [step[0][-1]["content"] for step in steps[:-1]]
         assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(partial))
-        expected = greedy_answer(demo, [str(view) for view in VIEWS[:2]], QUESTION)
+        expected = greedy_answer(demo.model, demo.processor, [str(v) for v in VIEWS[:2]], QUESTION, demo.max_new_tokens)
         assert expected and demo.answer([str(view) for view in VIEWS[:2]], QUESTION) == expected
         assert history[-1]["content"] == f"{expected}\n\n*Views used: view_0.png, view_1.png*"
     finally:
