@@ -21,6 +21,7 @@ from torch._dynamo.utils import counters
 from transformers import CompileConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_gpu
 import profile_stages
 from bench_vs_official import TokenClock
 
@@ -31,7 +32,7 @@ def chat_session(model, turns: int, first_prompt: int, growth: int, new_tokens: 
     """`turns` calls of `generate()` whose prompts grow by `growth` tokens, each with its timings and graph count."""
     compile_config = CompileConfig()  # transformers' default: inductor, CUDA graphs where there is CUDA
     compile_config._compile_all_devices = True  # transformers compiles by itself on accelerators only
-    vocab = min(1000, model.config.text_config.vocab_size, model.config.image_token_id)
+    vocab = bench_gpu.plain_text_ids(model.config)
     torch._dynamo.reset()
     counters.clear()
     rows = []

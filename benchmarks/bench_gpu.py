@@ -81,6 +81,13 @@ def measure_peaks(device: torch.device, dtype: torch.dtype, size: int, repeats: 
     return flops, bandwidth
 
 
+def plain_text_ids(config: G2VLMConfig) -> int:
+    """The exclusive bound of the token ids that random text prompts draw from: below every placeholder and vision
+    marker, so that no random token starts an image or a geometry block."""
+    special = (config.image_token_id, config.geometry_token_id, config.vision_start_token_id, config.vision_end_token_id)
+    return min(1000, config.text_config.vocab_size, *special)
+
+
 def build_model(config: G2VLMConfig, device: torch.device, dtype: torch.dtype, implementation: str):
     """Random weights created and initialised directly on `device` (no CPU copy of the full model), in `dtype`
     but for the geometry heads, which stay in float32 as when loading."""
@@ -175,8 +182,7 @@ def bench_backend(model, config: G2VLMConfig, args, device: torch.device, peaks:
         rows.append({"row": "largest view count that fits (doubling)", "value": largest, "unit": "views",
                      "floor": float("nan")})  # fmt: skip
 
-        special = (config.image_token_id, config.geometry_token_id, config.vision_start_token_id)
-        text_ids = min(1000, config.text_config.vocab_size, *special, config.vision_end_token_id)  # plain text
+        text_ids = plain_text_ids(config)
         for batch in (1, 8):
             ids = torch.randint(0, text_ids, (batch, args.context), device=device)
             seconds = best_time(lambda ids=ids: model(input_ids=ids, logits_to_keep=1), device, args.repeats)

@@ -270,8 +270,7 @@ def prompt_inputs(
     ] * views
     image_grid = image_side // 14 // 2 * 2
     image = [config.vision_start_token_id, *[config.image_token_id] * (image_grid**2 // 4), config.vision_end_token_id]
-    plain = min(1000, config.text_config.vocab_size, config.image_token_id, config.geometry_token_id,
-                config.vision_start_token_id, config.vision_end_token_id)  # fmt: skip
+    plain = bench_gpu.plain_text_ids(config)
     text = torch.randint(3, plain, (24,), generator=generator).tolist()
     pixels = torch.randn(1, views, 3, side, side, generator=generator)
     chat = {
@@ -659,7 +658,7 @@ def section_decode(check: Check) -> None:
             self.times.append(time.perf_counter())
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
-    plain = min(1000, config.text_config.vocab_size, config.image_token_id, config.vision_start_token_id)
+    plain = bench_gpu.plain_text_ids(config)
     for batch in (1, 8):
         # the calls grow like the turns of a chat: a longer prompt gets a longer static cache, which must not compile
         # the step again (the attempts' call_s and the row's graphs say whether it did)
