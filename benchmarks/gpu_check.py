@@ -19,7 +19,9 @@ so a run cut short still returns what it measured; a short table is printed last
           other prompt shapes), time and peak memory beside the floor from costs.py
 - decode  tok/s timed per generated token after 1024 prompt tokens, batch 1 and 8, default settings and static cache,
           with the graphs, graph breaks and CUDA-graph skips of the compiled step; the three calls of a row grow by
-          32 tokens like chat turns, so a step compiled again for a longer cache shows
+          32 tokens like chat turns, so a step compiled again for a longer cache shows; one batch-1 step by parts
+          (benchmarks/decode_steps.py: host time in the compiled call, device busy time, kernels, CUDA-graph
+          replays and host reads per step)
 - lora    one LoRA step under bf16 autocast: finite loss and gradients
 
 A backend the installed code does not accept (or that cannot run here: torch_varlen needs CUDA and bf16/fp16,
@@ -56,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]  # the project travels as source
 
 import bench_gpu  # noqa: E402
+import decode_steps  # noqa: E402
 import profile_stages  # noqa: E402
 import trunk_ops  # noqa: E402
 from costs import StagePrecision, decode_bytes_per_token, reconstruction_floor, reconstruction_flops  # noqa: E402
@@ -691,6 +694,12 @@ def section_decode(check: Check) -> None:
 
             check.item("decode", f"batch {batch}, {mode}, after {sizes.context} tokens", run, needs=15)
 
+    def step_parts() -> dict:
+        ids = torch.randint(3, plain, (1, sizes.context), device=check.device)
+        return decode_steps.decode_steps(model, ids, sizes.new_tokens)
+
+    check.item("decode", "batch 1, default settings, one step by parts (decode_steps.py)", step_parts, needs=10)
+
 
 def section_lora(check: Check) -> None:
     """One LoRA step (adapters on the semantic expert's attention) under bf16 autocast."""
@@ -781,6 +790,9 @@ def table(data: dict) -> str:
         lines.append(f"bench  {key:<72} {fmt(seconds):>8} {fmt(value['floor_s']):>7} {fmt(value['x_floor'], 2):>5} "
                      f"{fmt(value['stage_floor_s']):>7} {fmt(value['peak_gib']):>6}{extra}")  # fmt: skip
     for key, value in data.get("decode", {}).items():
+        if isinstance(value, dict) and "wall_ms" in value:
+            lines.append(f"decode {key:<50} " + (status(value) or decode_steps.format_steps(value)))
+            continue
         compiled = value.get("compile", {}) if isinstance(value, dict) else {}
         lines.append(f"decode {key:<50} " + (status(value) or f"{fmt(value['tok_per_s'], 4)} tok/s (floor "
                      f"{fmt(value['floor_tok_per_s'], 4)}), prefill {fmt(value['prefill_tok_per_s'], 4)} tok/s, "

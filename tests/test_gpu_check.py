@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -81,12 +82,35 @@ def test_tiny_dry_run_records_every_section_with_numbers_or_a_reason(tmp_path):
     assert {"matmul", "attention", "copies", "element-wise"} <= set(trunk["by_kind_ms"])
     assert math.isclose(sum(trunk["by_kind_ms"].values()), trunk["busy_ms"], rel_tol=1e-3)
     assert trunk["top"][0]["ms"] >= trunk["top"][-1]["ms"] > 0 and "trunk by operator" in run.stdout
+    parts = data["decode"].pop("batch 1, default settings, one step by parts (decode_steps.py)")
+    assert parts["steps"] == 8 and parts["wall_ms"] > 0 and parts["host_reads"] >= 1  # 9 new tokens
+    assert "decode step" in run.stdout
     for key, value in data["decode"].items():
         assert value["tok_per_s"] > 0 and value["floor_tok_per_s"] > 0, key
     lora = data["lora"]["step, bf16 autocast"]
     assert lora["loss_finite"] and lora["grads_finite"] and lora["with_nonzero_grad"] > 0
     assert "sdpa | reconstruction, 2 views 56x56, TF32 on" in run.stdout  # the table, printed last
     assert run.stdout.rstrip().splitlines()[-1].startswith("section seconds:")
+
+
+def test_decode_steps_counts_each_host_read_of_a_step():
+    """A stopping criterion that reads one more device value per step shows as exactly one more host read per step."""
+    import decode_steps
+
+    config = profile_stages.config_for("tiny")
+    model = bench_gpu.build_model(config, torch.device("cpu"), torch.float32, "sdpa")
+    ids = torch.randint(3, bench_gpu.plain_text_ids(config), (1, 16), generator=torch.Generator().manual_seed(0))
+
+    class ReadsLastToken(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            input_ids[:, -1].max().item()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    plain = decode_steps.decode_steps(model, ids, 6)
+    reading = decode_steps.decode_steps(model, ids, 6, stopping_criteria=StoppingCriteriaList([ReadsLastToken()]))
+    assert plain["steps"] == reading["steps"] == 5
+    assert reading["host_reads"] == plain["host_reads"] + 1
+    assert plain["wall_ms"] > 0 and plain["device_busy_ms"] is None  # no device timeline on the CPU
 
 
 def test_one_section_alone_exits_cleanly(tmp_path):
