@@ -52,6 +52,8 @@ def decode_steps(model, input_ids: torch.LongTensor, new_tokens: int, **generate
     """Per decode step of `model.generate(input_ids, ...)` (a warm-up call first, which compiles where generate
     compiles): wall ms, host ms inside compiled regions, device busy ms, kernels, CUDA-graph replays, host reads.
     A `stopping_criteria` in `generate_kwargs` runs beside the one that opens the profiler."""
+    if new_tokens < 2:
+        raise ValueError(f"decode_steps needs at least 2 new tokens (one decode step), got {new_tokens}")
     cuda = input_ids.device.type == "cuda"
     own_criteria = list(generate_kwargs.pop("stopping_criteria", None) or [])
 
@@ -74,8 +76,6 @@ def decode_steps(model, input_ids: torch.LongTensor, new_tokens: int, **generate
         finally:
             profiler.stop()
     steps = len(clock.stamps) - 1
-    if steps < 1:
-        raise ValueError(f"decode_steps needs at least 2 new tokens, got {new_tokens}")
     events = profiler.key_averages()
 
     def host_ms(prefixes: tuple[str, ...]) -> float:
