@@ -61,13 +61,15 @@ def scene():
 # ---- depth -------------------------------------------------------------------------------------------------------
 
 
-# What each alignment must undo: a scale, or for the shift alignments an affine map (Adam only approaches it).
+# What each alignment must undo: a scale, or for the shift alignments an affine map. Adam only approaches it: from
+# the median ratio it moves each parameter by about its learning rate (1e-4) a step, so at most 0.1 in its 1000
+# steps, and the shift it must find (up to 0.08 here) is within reach; the median ratio alone leaves abs_rel 3e-3.
 UNDOES = {
     "median": (3.7, 0.0, 1e-9),
     "l1-scale": (3.7, 0.0, 1e-9),
     "lstsq-scale": (3.7, 0.0, 1e-9),
     "lstsq-scale-shift": (2.0, 0.5, 1e-9),
-    "adam-l1-scale-shift": (3.7, 0.0, 1e-3),
+    "adam-l1-scale-shift": (0.5, 0.02, 5e-4),
 }
 
 
@@ -83,7 +85,7 @@ def test_each_alignment_undoes_its_own_transform(scene, alignment, per_frame):
     assert metrics["abs_rel"] == pytest.approx(0.0, abs=tolerance)
     assert metrics["delta_1.25"] == 1.0
     assert metrics["valid_pixels"] == depth.size
-    assert evaluate_depth(pred, depth, alignment="none")["abs_rel"] > 0.5  # the alignment did the work
+    assert evaluate_depth(pred, depth, alignment="none")["abs_rel"] > 0.4  # the alignment did the work
 
 
 def test_without_alignment_a_known_offset_gives_known_errors(scene):
