@@ -116,9 +116,17 @@ def test_batched_generation_equals_one_by_one(processor, model):
 
 
 def test_batched_scenes_of_equal_size(processor):
-    inputs = processor(geometry_images=[VIEWS[:2], VIEWS[1:]], return_tensors="pt")
+    """Each row of a batch holds its own scene: the views and ids of that scene processed alone (the golden tests
+    check one scene against the official preprocessing)."""
+    scenes = [VIEWS[:2], VIEWS[1:]]
+    inputs = processor(geometry_images=scenes, return_tensors="pt")
     assert inputs["geometry_pixel_values"].shape == (2, 2, 3, 140, 518)
     assert inputs["input_ids"].shape[0] == 2
+    for row, scene in enumerate(scenes):
+        alone = processor(geometry_images=scene, return_tensors="pt")
+        torch.testing.assert_close(inputs["geometry_pixel_values"][row], alone["geometry_pixel_values"][0])
+        assert inputs["input_ids"][row].tolist() == alone["input_ids"][0].tolist()
+    assert not torch.equal(inputs["geometry_pixel_values"][0], inputs["geometry_pixel_values"][1])
 
 
 def test_save_and_load_round_trip(processor, tmp_path):
