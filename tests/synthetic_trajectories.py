@@ -105,16 +105,17 @@ class StandInModel(nn.Module):
     Args:
         noise: Per-view noise: camera positions `noise * extent` (per axis), rotations `noise` rad, depths `noise`
             relative.
-        outlier_share: Share of world points thrown far off (50 x the frame's scale).
+        outlier_share: Share of world points thrown off, by a Gaussian offset of `outlier_spread` x the frame's
+            scale per axis (50: far off, outside the scene; 5: inside it, as wrong depths are).
         drift_rotation: Rotation bias (rad, about the vertical) of each step between consecutive views of one call.
         drift_scale: Relative scale bias of each step.
     """
 
     def __init__(self, trajectory: LoopTrajectory, noise: float = 0.0, outlier_share: float = 0.0,
-                 drift_rotation: float = 0.0, drift_scale: float = 0.0, seed: int = 1):  # fmt: skip
+                 drift_rotation: float = 0.0, drift_scale: float = 0.0, seed: int = 1, outlier_spread: float = 50.0):  # fmt: skip
         super().__init__()
         self.trajectory, self.rng = trajectory, np.random.default_rng(seed)
-        self.noise, self.outlier_share = noise, outlier_share
+        self.noise, self.outlier_share, self.outlier_spread = noise, outlier_share, outlier_spread
         self.bias = Similarity(1.0 + drift_scale, torch.from_numpy(rotation_from_vector(np.array([0, drift_rotation, 0]))),
                                torch.zeros(3, dtype=torch.float64))  # fmt: skip
         self.model = nn.Module()
@@ -156,7 +157,7 @@ class StandInModel(nn.Module):
         poses = frame.apply_to_poses(poses)
         world = world_from(poses, local)
         outliers = torch.from_numpy(self.rng.random(world.shape[:-1]) < self.outlier_share)
-        world[outliers] += torch.from_numpy(self.rng.normal(0, 50 * frame.scale, (int(outliers.sum()), 3)))
+        world[outliers] += torch.from_numpy(self.rng.normal(0, self.outlier_spread * frame.scale, (int(outliers.sum()), 3)))
         fields = dict(camera_poses=poses, local_points=local, world_points=world, depth=local[..., 2],
                       intrinsics=torch.tensor([[FOCAL, 0, WIDTH / 2], [0, FOCAL, HEIGHT / 2], [0, 0, 1]]).repeat(count, 1, 1))  # fmt: skip
         return G2VLMReconstructionOutput(**{name: value.float()[None] for name, value in fields.items()})
