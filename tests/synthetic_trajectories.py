@@ -109,13 +109,17 @@ class StandInModel(nn.Module):
             scale per axis (50: far off, outside the scene; 5: inside it, as wrong depths are).
         drift_rotation: Rotation bias (rad, about the vertical) of each step between consecutive views of one call.
         drift_scale: Relative scale bias of each step.
+        global_points: Also return `global_points`: the world points in a frame of their own per call (a random
+            similarity of the call's world frame), as the global head predicts them.
     """
 
     def __init__(self, trajectory: LoopTrajectory, noise: float = 0.0, outlier_share: float = 0.0,
-                 drift_rotation: float = 0.0, drift_scale: float = 0.0, seed: int = 1, outlier_spread: float = 50.0):  # fmt: skip
+                 drift_rotation: float = 0.0, drift_scale: float = 0.0, seed: int = 1, outlier_spread: float = 50.0,
+                 global_points: bool = False):  # fmt: skip
         super().__init__()
         self.trajectory, self.rng = trajectory, np.random.default_rng(seed)
         self.noise, self.outlier_share, self.outlier_spread = noise, outlier_share, outlier_spread
+        self.global_points = global_points
         self.bias = Similarity(1.0 + drift_scale, torch.from_numpy(rotation_from_vector(np.array([0, drift_rotation, 0]))),
                                torch.zeros(3, dtype=torch.float64))  # fmt: skip
         self.model = nn.Module()
@@ -160,6 +164,8 @@ class StandInModel(nn.Module):
         world[outliers] += torch.from_numpy(self.rng.normal(0, self.outlier_spread * frame.scale, (int(outliers.sum()), 3)))
         fields = dict(camera_poses=poses, local_points=local, world_points=world, depth=local[..., 2],
                       intrinsics=torch.tensor([[FOCAL, 0, WIDTH / 2], [0, FOCAL, HEIGHT / 2], [0, 0, 1]]).repeat(count, 1, 1))  # fmt: skip
+        if self.global_points:
+            fields["global_points"] = random_similarity(self.rng).apply(world)
         return G2VLMReconstructionOutput(**{name: value.float()[None] for name, value in fields.items()})
 
 

@@ -13,9 +13,15 @@ import torch
 from synthetic_trajectories import LoopTrajectory, StandInModel, index_processor, random_similarity, relative_ate
 from transformers.utils import logging
 
-from g2vlm_hf.chunked import LoopClosureConfig, close_loops, merge_chunks, reconstruct_chunked, stream_reconstruction
+from g2vlm_hf.chunked import (
+    LoopClosureConfig,
+    close_loops,
+    merge_chunks,
+    reconstruct_chunked,
+    stream_reconstruction,
+)
 from g2vlm_hf.loop_closure import PoseGraphEdge, find_loop_candidates, optimise_pose_graph
-from g2vlm_hf.similarity import Similarity
+from g2vlm_hf.similarity import Similarity, umeyama
 
 pytest.importorskip("scipy", reason="loop closure needs scipy (the loop extra, part of the test extras)")
 
@@ -155,3 +161,29 @@ def test_a_clear_error_without_scipy(monkeypatch):
 def test_bad_settings_are_refused(options):
     with pytest.raises(ValueError):
         LoopClosureConfig(**options)
+
+
+def test_global_points_move_with_their_chunk():
+    """Closing the loop moves each chunk's world points; its global points (in the global head's frame, aligned in
+    their own frame) must move with them, so that every chunk's global-to-world similarity stays the first chunk's."""
+    trajectory = LoopTrajectory(200)
+    model = StandInModel(trajectory, global_points=True, **DRIFT)
+    chunks = list(stream_reconstruction(model, index_processor, range(200), CHUNK, OVERLAP, describe_views=True))
+    closed, loops = close_loops(model, index_processor, range(200), chunks)
+    assert loops
+
+    def global_frame(chunk) -> Similarity:  # global points -> world points (exact fits: no noise, no outliers)
+        output = chunk.reconstruction
+        return Similarity(*umeyama(output.global_points.reshape(-1, 3), output.world_points.reshape(-1, 3)))
+
+    reference = global_frame(chunks[0])
+    probe = chunks[0].reconstruction.global_points.reshape(-1, 3).double()
+    tolerance = 1e-4 * float(reference.apply(probe).std())
+    moved = 0.0
+    for before, after in zip(chunks, closed, strict=True):
+        for chunk in (before, after):  # before: what the merge gives; after: what closing the loop must keep
+            error = (global_frame(chunk).apply(probe) - reference.apply(probe)).norm(dim=1).max()
+            assert error < tolerance, f"chunk {chunk.index}: global frame off by {error:.2e} (tolerance {tolerance:.2e})"
+        shift = (after.reconstruction.world_points - before.reconstruction.world_points).norm(dim=-1).max()
+        moved = max(moved, float(shift))
+    assert moved > 100 * tolerance  # the loop did move the chunks
