@@ -56,6 +56,11 @@ def test_select_points_combines_filters_and_counts():
     assert view_one[2] == 50 and np.array_equal(view_one[0], points[1, 5:].reshape(-1, 3).astype(np.float32))
     sampled = select_points(points, images, depth, None, PointSelection(max_points=17))
     assert len(sampled[0]) == len(sampled[1]) == 17 and sampled[2] == 299
+    depth[0, :, 6:] = 3.0  # a wall behind: columns 5 and 6 of view 0 are its edge, and nothing else is
+    no_edges = select_points(points, images, depth, None, PointSelection(views=[0], depth_edge_jump=0.1))
+    inside = np.ones((10, 10), dtype=bool)
+    inside[:, 5:7] = False
+    assert no_edges[2] == 80 and np.array_equal(no_edges[0], points[0][inside].astype(np.float32))
     confidence = np.arange(300, dtype=np.float64).reshape(3, 10, 10)
     confident = select_points(points, images, depth, confidence, PointSelection(confidence_percentile=50))
     assert confident[2] == 150
