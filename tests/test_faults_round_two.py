@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from g2vlm_hf.cli import main as g2vlm
 from g2vlm_hf.conversion.cli import main as g2vlm_convert
@@ -231,8 +231,9 @@ def test_exif_orientation_reaches_cameras_json_and_the_chat_inputs(model, tmp_pa
     assert [(c["original"]["width"], c["original"]["height"]) for c in cameras] == [(300, 600)] * 2
 
     processor = AutoProcessor.from_pretrained(model)
-    upright = tmp_path / "upright.png"  # the displayed pixels, without EXIF
-    load_image(photos[0]).save(upright)
+    upright = tmp_path / "upright.png"  # the displayed pixels, without EXIF, as PIL's own EXIF transpose gives them
+    with Image.open(photos[0]) as stored:
+        ImageOps.exif_transpose(stored).convert("RGB").save(upright)
 
     def chat_inputs(image: Path):
         content = [{"type": "image", "image": str(image)}, {"type": "text", "text": "Where?"}]
