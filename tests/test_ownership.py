@@ -95,6 +95,19 @@ def test_the_swap_refuses_a_target_that_appeared_after_the_checks(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # staging removed, lock released
 
 
+def test_a_target_that_appeared_before_the_lock_is_refused_before_any_work(tmp_path):
+    """Checked before the work (the CLI's early check) and again under the lock, before the block runs: a folder of
+    the user's that appeared in between stops the run before the model works, not at the swap after it."""
+    target = tmp_path / "out"
+    check_output_dir(target, kind="reconstruction")
+    (target / "theirs").mkdir(parents=True)
+    worked = []
+    with pytest.raises(OutputError, match="not empty"), staged_outputs([target], kinds=["reconstruction"]) as (s,):
+        worked.append(s)
+    assert not worked
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and [p.name for p in target.iterdir()] == ["theirs"]
+
+
 def test_a_file_added_to_the_previous_output_just_before_the_swap_is_kept(tmp_path, monkeypatch):
     """Between the check under the lock and the rename aside, a user file appears: the re-check of the folder renamed
     aside finds it and puts the folder back."""
