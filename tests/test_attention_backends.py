@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_model
+from conftest import Call, tiny_config, tiny_model
 from test_model import GRID_H, GRID_W, IMAGE_GRID, VIEWS, chat_prompt, geometry_block, image_patches, views
 from transformers import DynamicCache, modeling_flash_attention_utils
 from transformers.masking_utils import create_causal_mask
@@ -89,6 +89,15 @@ def flash_attention_stand_in(varlen_kernel=reference_varlen_attention):
         return output.transpose(1, 2).nan_to_num(), None  # padded query rows see nothing
 
     return flash_attention
+
+
+def varlen_queries_per_layer(calls: list[Call]) -> list[int]:
+    """The queries that each layer's two varlen kernel calls (causal runs, then bidirectional runs) attended, from the
+    recorded calls of the kernel (packed queries first), less the one-query sentinel segment each call ends with
+    (varlen_attention.VarlenGroup)."""
+    assert len(calls) % 2 == 0, f"{len(calls)} varlen calls: not two per layer"
+    queries = [int(call.args[0].shape[0]) - 1 for call in calls]
+    return [queries[index] + queries[index + 1] for index in range(0, len(queries), 2)]
 
 
 def dense_reference(query, key, value, attention_mask, block_ids, past_length, scaling):
