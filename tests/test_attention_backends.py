@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import Call, recording, spy_calls, tiny_config, tiny_model
 from test_model import GRID_H, GRID_W, IMAGE_GRID, VIEWS, chat_prompt, geometry_block, image_patches, views
+from torch.nn.attention.flex_attention import BlockMask
 from transformers import DynamicCache, modeling_flash_attention_utils
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -279,18 +280,22 @@ def test_flash_path_generates_like_sdpa_with_a_cache(flash_path_on_cpu):
     flash_path_on_cpu.assert_packed(flash, int(inputs["attention_mask"].sum()))  # the prompt; decode steps are text
 
 
-def test_flex_attention_matches_eager():
+def test_flex_attention_matches_eager(monkeypatch):
     """flex attention gets the mixed mask as a BlockMask (the first call compiles flex_attention, ~40 s on CPU)."""
     inputs = padded_chat_inputs()
     reference, flex = tiny_model(seed=4), tiny_model(seed=4)
     reference.set_attn_implementation("eager")
     flex.set_attn_implementation("flex_attention")
     assert flex.model.visual.config._attn_implementation == "flex_attention"
+    flex_blocks = spy_calls(monkeypatch, text_decoder, "attend_flex_blocks")
     with torch.no_grad():
         expected = reference(**inputs).logits
         actual = flex(**inputs).logits
     valid = inputs["attention_mask"].bool()
     torch.testing.assert_close(actual[valid], expected[valid], rtol=1e-4, atol=1e-5)
+    # every layer of the prompt (image blocks) went through flex with the chunk's BlockMask
+    assert len(flex_blocks) == flex.config.text_config.num_hidden_layers
+    assert all(isinstance(call.args[3].block_mask, BlockMask) for call in flex_blocks)
 
 
 @pytest.mark.parametrize("batched", [True, False])
