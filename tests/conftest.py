@@ -7,9 +7,12 @@ saying why (`pytest_collection_modifyitems`); the others run.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +138,34 @@ def greedy_answer(model, processor, images: list, question: str, max_new_tokens:
     with torch.no_grad():
         generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return processor.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+@dataclass
+class Call:
+    """One call of a spied function: its positional and keyword arguments."""
+
+    args: tuple
+    kwargs: dict
+
+
+def recording(function: Callable, calls: list[Call], context: Callable = contextlib.nullcontext) -> Callable:
+    """`function`, appending each call to `calls` and running it inside `context()`; its signature is kept (for the
+    callers that inspect it)."""
+
+    @functools.wraps(function)
+    def spy(*args, **kwargs):
+        calls.append(Call(args, kwargs))
+        with context():
+            return function(*args, **kwargs)
+
+    return spy
+
+
+def spy_calls(monkeypatch: pytest.MonkeyPatch, owner, name: str) -> list[Call]:
+    """Record every call of `owner.<name>` (a module's function, looked up there by its callers) for this test."""
+    calls: list[Call] = []
+    monkeypatch.setattr(owner, name, recording(getattr(owner, name), calls))
+    return calls
 
 
 def geometry_block(num_views: int, grid_h: int, grid_w: int) -> list[int]:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_model
+from conftest import Call, recording, spy_calls, tiny_config, tiny_model
 from test_model import GRID_H, GRID_W, IMAGE_GRID, VIEWS, chat_prompt, geometry_block, image_patches, views
+from torch.nn.attention.flex_attention import BlockMask
 from transformers import DynamicCache, modeling_flash_attention_utils
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from g2vlm_hf.modeling import block_attention
+from g2vlm_hf.modeling import block_attention, text_decoder
 from g2vlm_hf.modeling.block_attention import attend_query_chunks, prefix_layout
 from g2vlm_hf.modeling.token_layout import TEXT_BLOCK_ID
 from g2vlm_hf.modeling.varlen_attention import attend_packed_runs, pack_runs
@@ -89,6 +90,15 @@ def flash_attention_stand_in(varlen_kernel=reference_varlen_attention):
         return output.transpose(1, 2).nan_to_num(), None  # padded query rows see nothing
 
     return flash_attention
+
+
+def varlen_queries_per_layer(calls: list[Call]) -> list[int]:
+    """The queries that each layer's two varlen kernel calls (causal runs, then bidirectional runs) attended, from the
+    recorded calls of the kernel (packed queries first), less the one-query sentinel segment each call ends with
+    (varlen_attention.VarlenGroup)."""
+    assert len(calls) % 2 == 0, f"{len(calls)} varlen calls: not two per layer"
+    queries = [int(call.args[0].shape[0]) - 1 for call in calls]
+    return [queries[index] + queries[index + 1] for index in range(0, len(queries), 2)]
 
 
 def dense_reference(query, key, value, attention_mask, block_ids, past_length, scaling):
@@ -168,17 +178,32 @@ def test_reference_varlen_aligns_causal_masks_bottom_right():
     torch.testing.assert_close(out[0, 0], scores.softmax(-1) @ v[:4, 0])
 
 
-@pytest.fixture
-def flash_path_on_cpu(monkeypatch):
-    """The model's flash-attention path with a PyTorch stand-in for transformers' flash-attention function (flash_attn
-    is absent on CPUs), registered as "flash_attention_2" in transformers' attention registry."""
-    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "flash_attention_2", flash_attention_stand_in())
+class FlashPathOnCpu:
+    """Puts a model on the flash-attention path with a PyTorch stand-in for transformers' flash-attention function
+    (flash_attn is absent on CPUs), registered as "flash_attention_2" in transformers' attention registry; records
+    the calls of its varlen kernel and of sdpa by query slices (which the flash path must not use)."""
 
-    def enable(model):
+    def __init__(self, monkeypatch):
+        self.varlen_calls: list[Call] = []
+        kernel = recording(reference_varlen_attention, self.varlen_calls)
+        monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "flash_attention_2", flash_attention_stand_in(kernel))
+        self.query_slices = spy_calls(monkeypatch, text_decoder, "attend_query_chunks")
+
+    def __call__(self, model):
         model.config.text_config._attn_implementation_internal = "flash_attention_2"
         return model
 
-    return enable
+    def assert_packed(self, model, tokens: int) -> None:
+        """Since the last check, every layer attended `tokens` queries by varlen calls and none by query slices."""
+        layers = model.config.text_config.num_hidden_layers
+        assert varlen_queries_per_layer(self.varlen_calls) == [tokens] * layers
+        assert self.query_slices == [], "the flash path attended by sdpa query slices"
+        self.varlen_calls.clear()
+
+
+@pytest.fixture
+def flash_path_on_cpu(monkeypatch) -> FlashPathOnCpu:
+    return FlashPathOnCpu(monkeypatch)
 
 
 def padded_chat_inputs() -> dict:
@@ -203,6 +228,7 @@ def test_flash_path_matches_eager_for_a_padded_multimodal_batch(flash_path_on_cp
         actual = flash(**inputs).logits
     valid = inputs["attention_mask"].bool()
     torch.testing.assert_close(actual[valid], expected[valid], rtol=1e-4, atol=1e-5)
+    flash_path_on_cpu.assert_packed(flash, int(valid.sum()))
     with torch.no_grad():
         recon_ids = torch.tensor([[1, 5, *geometry_block(VIEWS, GRID_H, GRID_W)]])
         scene = views()
@@ -211,14 +237,18 @@ def test_flash_path_matches_eager_for_a_padded_multimodal_batch(flash_path_on_cp
             reference.reconstruct(input_ids=recon_ids, geometry_pixel_values=scene).world_points,
             rtol=1e-4, atol=1e-5,
         )  # fmt: skip
+    flash_path_on_cpu.assert_packed(flash, recon_ids.shape[1])
 
 
 def test_the_varlen_calls_run_through_transformers_flash_attention_function(monkeypatch):
     """transformers' own flash-attention function, unchanged, with its kernel loader pointed at the reference varlen
     kernel: the packed runs reach `flash_attn_varlen_func` as transformers hands them over, and match eager."""
-    process_kwargs = modeling_flash_attention_utils._lazy_define_process_function(reference_varlen_attention)
-    kernels = ((None, reference_varlen_attention, None, None, None), (process_kwargs, dict))
+    varlen_calls: list[Call] = []
+    kernel = recording(reference_varlen_attention, varlen_calls)
+    process_kwargs = modeling_flash_attention_utils._lazy_define_process_function(kernel)
+    kernels = ((None, kernel, None, None, None), (process_kwargs, dict))
     monkeypatch.setattr(modeling_flash_attention_utils, "lazy_import_flash_attention", lambda *args, **kw: kernels)
+    query_slices = spy_calls(monkeypatch, text_decoder, "attend_query_chunks")
     reference, flash = tiny_model(seed=2), tiny_model(seed=2)
     reference.set_attn_implementation("eager")
     flash.config.text_config._attn_implementation_internal = "flash_attention_2"
@@ -232,6 +262,10 @@ def test_the_varlen_calls_run_through_transformers_flash_attention_function(monk
         expected = reference.reconstruct(**inputs).world_points
         actual = flash.reconstruct(**inputs).world_points
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+    # every layer: all valid tokens through the varlen kernel (causal and bidirectional runs), none by query slices
+    layers = flash.config.text_config.num_hidden_layers
+    assert varlen_queries_per_layer(varlen_calls) == [int(inputs["attention_mask"].sum())] * layers
+    assert query_slices == []
 
 
 def test_flash_path_generates_like_sdpa_with_a_cache(flash_path_on_cpu):
@@ -239,22 +273,29 @@ def test_flash_path_generates_like_sdpa_with_a_cache(flash_path_on_cpu):
     reference, flash = tiny_model(seed=2), flash_path_on_cpu(tiny_model(seed=2))
     with torch.no_grad():
         expected = reference.generate(**inputs, max_new_tokens=5, do_sample=False)
+    flash_path_on_cpu.query_slices.clear()  # sdpa's, the reference's
+    with torch.no_grad():
         actual = flash.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert torch.equal(actual, expected)
+    flash_path_on_cpu.assert_packed(flash, int(inputs["attention_mask"].sum()))  # the prompt; decode steps are text
 
 
-def test_flex_attention_matches_eager():
+def test_flex_attention_matches_eager(monkeypatch):
     """flex attention gets the mixed mask as a BlockMask (the first call compiles flex_attention, ~40 s on CPU)."""
     inputs = padded_chat_inputs()
     reference, flex = tiny_model(seed=4), tiny_model(seed=4)
     reference.set_attn_implementation("eager")
     flex.set_attn_implementation("flex_attention")
     assert flex.model.visual.config._attn_implementation == "flex_attention"
+    flex_blocks = spy_calls(monkeypatch, text_decoder, "attend_flex_blocks")
     with torch.no_grad():
         expected = reference(**inputs).logits
         actual = flex(**inputs).logits
     valid = inputs["attention_mask"].bool()
     torch.testing.assert_close(actual[valid], expected[valid], rtol=1e-4, atol=1e-5)
+    # every layer of the prompt (image blocks) went through flex with the chunk's BlockMask
+    assert len(flex_blocks) == flex.config.text_config.num_hidden_layers
+    assert all(isinstance(call.args[3].block_mask, BlockMask) for call in flex_blocks)
 
 
 @pytest.mark.parametrize("batched", [True, False])

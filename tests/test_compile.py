@@ -14,8 +14,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_attention_backends import flash_attention_stand_in, reference_varlen_attention
+from conftest import Call, recording, tiny_model
+from test_attention_backends import flash_attention_stand_in, reference_varlen_attention, varlen_queries_per_layer
 from test_model import GRID_H, GRID_W, IMAGE_GRID, VIEWS, chat_prompt, geometry_block, image_patches, views
 from transformers import StaticCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -25,9 +25,11 @@ from g2vlm_hf.modeling.compat import cache_kwargs
 BACKENDS = ["sdpa", "eager", "flash_attention_2"]
 
 
-# The CPU reference kernel as an operator, as flash-attn registers `flash_attn_varlen_func`'s kernel.
+# The CPU reference kernel as an operator, as flash-attn registers `flash_attn_varlen_func`'s kernel. Its calls are
+# recorded when it runs, compiled or not (tracing runs the fake below), in VARLEN_RUNS.
+VARLEN_RUNS: list[Call] = []
 compiled_reference_varlen = torch.library.custom_op("g2vlm_tests::reference_varlen_attention", mutates_args=())(
-    reference_varlen_attention
+    recording(reference_varlen_attention, VARLEN_RUNS)
 )
 
 
@@ -98,8 +100,12 @@ def test_a_reconstruction_prefill_compiles_without_graph_breaks(implementation, 
 
     with torch.no_grad():
         expected = reconstruct(input_ids, attention_mask, scenes)
+        VARLEN_RUNS.clear()
         actual = torch.compile(reconstruct, fullgraph=True, backend="eager")(input_ids, attention_mask, scenes)
     torch.testing.assert_close(actual, expected)
+    if implementation == "flash_attention_2":  # the compiled graph ran every valid token through the varlen kernel
+        layers = model.config.text_config.num_hidden_layers
+        assert varlen_queries_per_layer(VARLEN_RUNS) == [int(attention_mask.sum())] * layers
 
 
 @pytest.mark.parametrize("implementation", BACKENDS)
@@ -147,5 +153,9 @@ def test_the_varlen_reconstruction_prefill_compiles_with_inductor(model_with):
 
     with torch.no_grad():
         expected = reconstruct(input_ids, scenes)
+        VARLEN_RUNS.clear()
         actual = torch.compile(reconstruct, fullgraph=True)(input_ids, scenes)
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+    # the compiled code ran every token through the varlen kernel, at every layer
+    layers = model.config.text_config.num_hidden_layers
+    assert varlen_queries_per_layer(VARLEN_RUNS) == [input_ids.shape[1]] * layers

@@ -14,6 +14,7 @@ from conftest import (
     load_golden,
     tiny_model,
 )
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, Dinov2WithRegistersModel, DynamicCache
 
 from g2vlm_hf import G2VLMForConditionalGeneration
@@ -290,12 +291,21 @@ def test_save_pretrained_round_trip(model, chat_inputs, tmp_path):
     torch.testing.assert_close(actual.world_points, expected.world_points, rtol=0, atol=0)
 
 
-def test_initialisation_covers_every_parameter():
-    with torch.device("meta"):
-        meta_model = G2VLMForConditionalGeneration(tiny_model().config)
-    model = G2VLMForConditionalGeneration._from_config(meta_model.config)
-    layer = model.model.language_model.layers[0]
-    assert torch.all(layer.geo_attn_layer_scale.gamma == model.config.text_config.geometry_layer_scale_init)
+def test_initialisation_covers_every_parameter(tmp_path):
+    """Weights missing from a checkpoint are initialised by the model: from_pretrained builds it on the meta device,
+    materialises the missing weights uninitialised and runs the model's initialisation on them. Every parameter but
+    one is missing here: all come out finite, the geometry LayerScale at the config's value."""
+    saved = tiny_model()
+    # a value no tensor ever held (the constructor filled gamma with the default): uninitialised memory cannot pass
+    saved.config.text_config.geometry_layer_scale_init = 0.375
+    saved.save_pretrained(tmp_path)
+    kept = "model.geometry_encoder.embeddings.cls_token"
+    save_file({kept: load_file(tmp_path / "model.safetensors")[kept]}, tmp_path / "model.safetensors", {"format": "pt"})
+    model = G2VLMForConditionalGeneration.from_pretrained(tmp_path)
+    scales = {name: p for name, p in model.named_parameters() if name.endswith("layer_scale.gamma")}
+    assert len(scales) == 2 * model.config.text_config.num_hidden_layers
+    for name, gamma in scales.items():
+        assert torch.all(gamma == 0.375), name
     for name, parameter in model.named_parameters():
         assert torch.isfinite(parameter).all(), name
 

@@ -8,12 +8,12 @@ import socket
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_model
+from conftest import spy_calls, tiny_config, tiny_model
 from test_attention_backends import padded_chat_inputs, reference_varlen_attention
 from transformers import modeling_flash_attention_utils, modeling_utils
 
 from g2vlm_hf import G2VLMForConditionalGeneration
-from g2vlm_hf.modeling import torch_varlen
+from g2vlm_hf.modeling import text_decoder, torch_varlen
 from g2vlm_hf.modeling.torch_varlen import VarlenKernel, local_attention_implementation, varlen_attention
 
 CALLS: list[dict] = []
@@ -89,17 +89,28 @@ def test_the_installed_torch_kernel_is_found():
         assert kernel.takes_window_size and kernel.takes_scale  # torch >= 2.11, as installed here
 
 
-def test_torch_varlen_is_a_registered_backend_and_equals_sdpa_off_cuda(tmp_path):
-    """On the CPU (and in float32) the packed runs cannot use torch's kernel: sdpa by query slices, same outputs."""
-    inputs = padded_chat_inputs()
+def eager_logits(inputs: dict) -> torch.Tensor:
+    """The reference: the logits of the same tiny model (seed 2) on eager attention."""
     reference = tiny_model(seed=2)
-    reference.save_pretrained(tmp_path)
+    reference.set_attn_implementation("eager")
+    with torch.no_grad():
+        return reference(**inputs).logits
+
+
+def test_torch_varlen_is_a_registered_backend_and_equals_eager_off_cuda(tmp_path, monkeypatch):
+    """On the CPU (and in float32) the packed runs cannot use torch's kernel: sdpa by query slices, eager's outputs
+    (a padded batch: the padding keys stay unseen)."""
+    inputs = padded_chat_inputs()
+    tiny_model(seed=2).save_pretrained(tmp_path)
     model = G2VLMForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="torch_varlen").eval()
     assert model.config.text_config._attn_implementation == "torch_varlen"
+    query_slices = spy_calls(monkeypatch, text_decoder, "attend_query_chunks")
     with torch.no_grad():
-        expected, actual = reference(**inputs).logits, model(**inputs).logits
+        actual = model(**inputs).logits
+    assert len(query_slices) == model.config.text_config.num_hidden_layers
     valid = inputs["attention_mask"].bool()
-    torch.testing.assert_close(actual[valid], expected[valid], rtol=1e-4, atol=1e-5)
+    assert not valid.all()
+    torch.testing.assert_close(actual[valid], eager_logits(inputs)[valid], rtol=1e-4, atol=1e-5)
 
 
 @pytest.fixture
@@ -127,7 +138,7 @@ def offline(monkeypatch):
 
 
 @pytest.mark.skipif(torch_varlen.TORCH_VARLEN_KERNEL is None, reason="torch < 2.10 has no varlen kernel")
-def test_flash_attention_2_without_the_package_uses_torch_varlen_and_downloads_nothing(offline, tmp_path):
+def test_flash_attention_2_without_the_package_uses_torch_varlen_and_downloads_nothing(offline, tmp_path, monkeypatch):
     tiny_model(seed=2).save_pretrained(tmp_path)
     loaded = G2VLMForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="flash_attention_2")
     switched = tiny_model(seed=2)
@@ -138,10 +149,12 @@ def test_flash_attention_2_without_the_package_uses_torch_varlen_and_downloads_n
         assert {config._attn_implementation for config in configs} == {"torch_varlen"}
     assert not any("/" in implementation for implementation in offline)  # no Hub kernel was even looked up
     inputs = padded_chat_inputs()
+    query_slices = spy_calls(monkeypatch, text_decoder, "attend_query_chunks")  # torch_varlen on the CPU
     with torch.no_grad():
-        expected, actual = tiny_model(seed=2)(**inputs).logits, loaded.eval()(**inputs).logits
+        actual = loaded.eval()(**inputs).logits
+    assert len(query_slices) == loaded.config.text_config.num_hidden_layers
     valid = inputs["attention_mask"].bool()
-    torch.testing.assert_close(actual[valid], expected[valid], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(actual[valid], eager_logits(inputs)[valid], rtol=1e-4, atol=1e-5)
 
 
 def test_without_any_flash_kernel_the_error_names_the_alternatives(offline, monkeypatch):
