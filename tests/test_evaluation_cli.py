@@ -216,16 +216,23 @@ def test_dtype_names_load_the_weights_in_that_dtype(converted_tiny):
 def test_geometry_width_is_a_per_call_setting(converted_tiny, geometry_data, tmp_path, monkeypatch):
     """`--geometry-width` resizes the views of every scene (the depth maps come back at that width before they are
     resized to the ground truth) and leaves the loaded processor's own width as it was."""
-    seen = []
-    real = cli.predict_geometry
+    seen = []  # (width of the views the model is given, the loaded processor's width) of each reconstruction
+    real_load = cli.load_model
 
-    def spy(model, processor, image_paths, size, device, target_width=None):
-        inputs = processor(geometry_images=[str(path) for path in image_paths], target_width=target_width)
-        seen.append((inputs["geometry_pixel_values"].shape[-1], processor.geometry_image_processor.target_width))
-        return real(model, processor, image_paths, size, device, target_width)
+    def load_spied(*args, **kwargs):
+        model, processor = real_load(*args, **kwargs)
+        reconstruct = model.reconstruct
 
-    monkeypatch.setattr(cli, "predict_geometry", spy)
+        def spied(*call_args, **call_kwargs):
+            views = call_kwargs["geometry_pixel_values"]
+            seen.append((views.shape[-1], processor.geometry_image_processor.target_width))
+            return reconstruct(*call_args, **call_kwargs)
+
+        model.reconstruct = spied
+        return model, processor
+
+    monkeypatch.setattr(cli, "load_model", load_spied)
     assert run("depth", converted_tiny, geometry_data, tmp_path / "depth.json", "--geometry-width", "28") == 0
-    assert seen and all(width == 28 for width, _ in seen)
+    assert len(seen) == len(SCENES) and all(width == 28 for width, _ in seen)
     saved_width = AutoProcessor.from_pretrained(converted_tiny).geometry_image_processor.target_width
     assert saved_width != 28 and all(width == saved_width for _, width in seen)  # the loaded processor, untouched
