@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import greedy_answer
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from g2vlm_hf.evaluation import cli, write_scene
@@ -166,7 +167,7 @@ def test_perfect_predictions_score_perfectly_through_the_cli(converted_tiny, geo
     assert results["poses"]["auc@30"] == 1.0 and results["poses"]["rra@5"] == 1.0
 
 
-def test_vqa_runs_generate_in_a_subprocess(converted_tiny, geometry_data, tmp_path):
+def test_vqa_runs_generate_in_a_subprocess(converted_tiny, tiny, geometry_data, tmp_path):
     images = sorted((geometry_data / "scene_b" / "images").glob("*.png"))
     questions = tmp_path / "questions.jsonl"
     lines = [
@@ -185,8 +186,17 @@ def test_vqa_runs_generate_in_a_subprocess(converted_tiny, geometry_data, tmp_pa
     result = json.loads(output.read_text())
     assert result["metrics"]["questions"] == 2
     assert set(result["metrics"]) >= {"overall", "category_mean", "category/motion", "category/distance"}
-    for row in result["details"]:
-        assert isinstance(row["prediction"], str) and 0.0 <= row["score"] <= 1.0
+    # each prediction is the model's greedy answer to the question with VSI-Bench's answer instruction appended
+    prompts = {
+        "side": "Did the camera move left or right?\nA. left\nB. right\n"
+        "Answer with the option's letter from the given choices directly.",
+        "far": "How far is the back wall?\nPlease answer the question using a single word or phrase.",
+    }
+    assert [row["id"] for row in result["details"]] == ["side", "far"]
+    for row, line in zip(result["details"], lines):
+        expected = greedy_answer(*tiny, line["images"], prompts[line["id"]], 4)
+        assert row["prediction"] == expected and expected, row["id"]
+        assert 0.0 <= row["score"] <= 1.0
 
 
 def test_bad_data_fails_cleanly_without_a_result_file(tmp_path, capsys):
