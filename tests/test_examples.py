@@ -56,8 +56,16 @@ def test_quickstart_converts_reconstructs_and_chats(converted_tiny, tmp_path):
 
 
 def test_reconstruct_to_glb(converted_tiny, tmp_path):
-    out = run_example("reconstruct_to_glb.py", "--model", str(converted_tiny), "--output", str(tmp_path / "s"), cwd=tmp_path)
-    assert {line.rsplit("/", 1)[-1] for line in out.split()} >= {"scene.glb", "points.ply", "cameras.json"}
+    """The files go into --output (run from an empty folder, so a script writing elsewhere leaves them there, not in
+    the checkout), and the paths printed are theirs."""
+    work, output = tmp_path / "work", tmp_path / "s"
+    work.mkdir()
+    out = run_example("reconstruct_to_glb.py", "--model", str(converted_tiny), "--output", str(output), cwd=work)
+    printed = [(work / line).resolve() for line in out.splitlines()]  # relative paths are the script's cwd's
+    assert {path.name for path in printed} >= {"scene.glb", "points.ply", "cameras.json"}
+    assert all(path.is_file() and path.is_relative_to(output.resolve()) for path in printed), printed
+    assert sorted(printed) == sorted(path.resolve() for path in output.rglob("*") if path.is_file())
+    assert list(work.iterdir()) == []
 
 
 @pytest.mark.parametrize("name", ["spatial_chat.py", "chat_with_geometry.py"])
