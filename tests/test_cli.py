@@ -118,13 +118,16 @@ class TestBadInput:
         assert "exactly one of them" in capsys.readouterr().err
         assert not (tmp_path / "o").exists()
 
-    def test_corrupt_image_leaves_nothing_behind(self, converted_tiny, tmp_path, capsys):
+    @pytest.mark.parametrize("chunking", [[], ["--chunk-size", "2", "--overlap", "1"]], ids=["one-pass", "chunked"])
+    def test_corrupt_image_leaves_nothing_behind(self, converted_tiny, tmp_path, capsys, chunking):
+        """Found before the outputs are staged (one pass reads every view first) or while streaming into them
+        (chunked): either way nothing is left beside the input."""
         broken = tmp_path / "broken.png"
         broken.write_bytes(b"\x89PNG but not really")
-        args = ["reconstruct", "--model", str(converted_tiny), str(VIEWS[0]), str(broken), "--output", str(tmp_path / "o")]
+        args = ["reconstruct", "--model", str(converted_tiny), str(VIEWS[0]), str(broken), "--output", str(tmp_path / "o"), *chunking]
         assert g2vlm(args) == 2
         assert "not an image" in capsys.readouterr().err
-        assert not (tmp_path / "o").exists()
+        assert [path.name for path in tmp_path.iterdir()] == ["broken.png"]  # no output, staging folder or lock
 
     def test_empty_folder(self, converted_tiny, tmp_path, capsys):
         (tmp_path / "empty").mkdir()

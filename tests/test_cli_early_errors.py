@@ -95,14 +95,45 @@ def test_video_frames_are_turned_by_the_display_rotation(tmp_path, degrees):
     assert video_frames(video, every=1)[0].size == turned.size  # the list the demo reads, same decoding
 
 
-def test_a_rotated_video_is_reconstructed_upright_on_both_paths(converted_tiny, tmp_path):
+def top_minus_bottom(image: torch.Tensor) -> torch.Tensor:
+    """Mean brightness of the top half minus the bottom half of `(..., C, H, W)` images (any monotonic scaling)."""
+    top, bottom = image.chunk(2, dim=-2)
+    return top.mean(dim=(-3, -2, -1)) - bottom.mean(dim=(-3, -2, -1))
+
+
+def test_a_rotated_video_is_reconstructed_upright_on_both_paths(converted_tiny, tmp_path, monkeypatch):
+    """The views the model is given are the frames turned as a player shows them (PIL's counter-clockwise rotation by
+    the display matrix's angle): the bright right half of each stored frame is on top, on both paths."""
+    import g2vlm_hf.model_loading
+
     frames = gradient_frames(4, size=(112, 56))
     video = write_rotated_video(tmp_path / "phone.mp4", frames, 90)
+    displayed = torch.from_numpy(np.asarray(frames[0].rotate(90, expand=True), np.float64)).movedim(-1, 0)
+    assert top_minus_bottom(displayed) > 100  # the bright half is up once turned
+    real_load, given = g2vlm_hf.model_loading.load_model, []
+
+    def load_recording(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        reconstruct = model.reconstruct
+
+        def recording(**inputs):
+            given.append(inputs["geometry_pixel_values"].cpu())
+            return reconstruct(**inputs)
+
+        model.reconstruct = recording
+        return model
+
+    monkeypatch.setattr(g2vlm_hf.model_loading, "load_model", load_recording)
     for extra, name in (([], "one"), (["--chunk-size", "2", "--overlap", "1"], "chunks")):
         output = tmp_path / name
+        given.clear()
         argv = ["reconstruct", "--model", str(converted_tiny), "--video", str(video), "--every", "1",
                 "--output", str(output), "--device", "cpu", *extra]  # fmt: skip
         assert g2vlm(argv) == 0
+        views = torch.cat([pixels[0] for pixels in given])  # (views, 3, H, W), the processor's normalised pixels
+        assert len(views) == (4 if name == "one" else 6)  # chunks of 2 sharing 1: 3 passes
+        assert views.shape[-2] > views.shape[-1]  # portrait
+        assert bool((top_minus_bottom(views) > 0.5).all()), top_minus_bottom(views)  # bright half up, every view
         cameras = json.loads((output / "cameras.json").read_text())["cameras"]
         assert [camera["original"]["height"] for camera in cameras] == [112] * 4  # portrait, as displayed
         assert [camera["original"]["width"] for camera in cameras] == [56] * 4

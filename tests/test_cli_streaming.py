@@ -127,15 +127,43 @@ def write_loop_video(path, frames: int) -> None:
     write_video(path, [source.crop((x, 0, x + 280, 280)).resize((112, 112)) for x in offsets])
 
 
-def test_loop_closure_runs_end_to_end_with_the_tiny_checkpoint(small_views_model, tmp_path):
+def test_loop_closure_runs_end_to_end_with_the_tiny_checkpoint(small_views_model, tmp_path, monkeypatch):
+    """`--loop-closure` hands every chunk of the stream (with the views' descriptors) to `close_loops`, and the
+    outputs are the chunks it returns: here moved by a known shift after the real loop closure (the tiny random
+    checkpoint keeps no loop, so the real one alone would change nothing visible)."""
     pytest.importorskip("scipy", reason="loop closure needs the loop extra (scipy)")
+    import dataclasses
+
+    import torch
+
+    import g2vlm_hf.reconstruction
+    from g2vlm_hf.chunked import transform_reconstruction
+    from g2vlm_hf.similarity import Similarity
+
+    real_close_loops, given = g2vlm_hf.reconstruction.close_loops, []
+    shift = Similarity(1.0, torch.eye(3, dtype=torch.float64), torch.tensor([100.0, -50.0, 25.0], dtype=torch.float64))
+
+    def shifted_close_loops(model, processor, views, chunks, *args, **kwargs):
+        given.append(list(chunks))
+        moved, loops = real_close_loops(model, processor, views, chunks, *args, **kwargs)
+        return [dataclasses.replace(c, reconstruction=transform_reconstruction(c.reconstruction, shift)) for c in moved], loops  # fmt: skip
+
+    monkeypatch.setattr(g2vlm_hf.reconstruction, "close_loops", shifted_close_loops)
     video, scene = tmp_path / "loop.mp4", tmp_path / "scene"
     write_loop_video(video, 20)
     args = ["reconstruct", "--model", str(small_views_model), "--video", str(video), "--every", "1", "--chunk-size",
             "4", "--overlap", "2", "--loop-closure", "--output", str(scene), "--device", "cpu"]  # fmt: skip
     assert g2vlm(args) == 0
+    [chunks] = given  # called once, with the whole stream: 20 views in chunks of 4 sharing 2
+    assert [index for chunk in chunks for index in chunk.view_indices] == list(range(20))
+    assert all(chunk.descriptors is not None and len(chunk.descriptors) == len(chunk.view_indices) for chunk in chunks)
     cameras = json.loads((scene / "cameras.json").read_text())["cameras"]
     assert [camera["index"] for camera in cameras] == list(range(20))
+    streamed = torch.cat([chunk.reconstruction.camera_poses[0] for chunk in chunks]).double()
+    expected = streamed.clone()
+    expected[:, :3, 3] += torch.tensor([100.0, -50.0, 25.0], dtype=torch.float64)
+    written = torch.tensor([camera["camera_to_world"] for camera in cameras], dtype=torch.float64)
+    torch.testing.assert_close(written, expected, atol=1e-4, rtol=1e-5)
     assert len(list((scene / "depth").glob("view_*_preview.png"))) == 20
     assert len(trimesh.load(scene / "points.ply").vertices) > 0
     assert trimesh.load(scene / "scene.glb").geometry

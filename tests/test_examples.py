@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 
 import pytest
-from conftest import FIXTURE_DIR, REPO_ROOT
+from conftest import FIXTURE_DIR, REPO_ROOT, greedy_answer
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 EXAMPLES = REPO_ROOT / "examples"
 
@@ -19,23 +21,62 @@ def run_example(name: str, *args: str, cwd) -> str:
     return result.stdout
 
 
-def test_quickstart_converts_reconstructs_and_chats(tmp_path):
+def example_views() -> list:
+    """The examples' default views (a synthetic room rendered on the spot), made by their own helper: the inputs the
+    scripts chat about when given no views."""
+    spec = importlib.util.spec_from_file_location("example_models", EXAMPLES / "example_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.example_views()
+
+
+def expected_answer(model_folder, question: str, max_new_tokens: int) -> str:
+    """The greedy answer (conftest.greedy_answer: chat template + generate) about the examples' default views."""
+    model = AutoModelForImageTextToText.from_pretrained(model_folder).eval()
+    answer = greedy_answer(model, AutoProcessor.from_pretrained(model_folder), example_views(), question, max_new_tokens)
+    assert answer  # a reference that says nothing would not tell generating from not generating
+    return answer
+
+
+def printed_answer(out: str) -> str:
+    """The text after "answer: " up to the next line the script prints after it (the answer may hold newlines)."""
+    answer = out.split("answer: ", 1)[1]
+    return answer.split("\ncamera positions:", 1)[0].strip()
+
+
+def test_quickstart_converts_reconstructs_and_chats(converted_tiny, tmp_path):
     checkpoint = FIXTURE_DIR / "checkpoint"
-    out = run_example("quickstart.py", "--official-dir", str(checkpoint), "--output", str(tmp_path / "model"), cwd=tmp_path)
-    assert "camera poses (1, 3, 4, 4)" in out and "answer:" in out
+    question = "How far is the first camera from the second one? Answer in meters."
+    args = ("--official-dir", str(checkpoint), "--output", str(tmp_path / "model"), "--question", question)
+    out = run_example("quickstart.py", *args, cwd=tmp_path)
+    assert "camera poses (1, 3, 4, 4)" in out
+    assert printed_answer(out) == expected_answer(converted_tiny, question, 24)  # the script's max_new_tokens
     assert (tmp_path / "model" / "config.json").is_file()
     assert f"converted model written to {(tmp_path / 'model').resolve()}" in out  # the user is told where it went
 
 
 def test_reconstruct_to_glb(converted_tiny, tmp_path):
-    out = run_example("reconstruct_to_glb.py", "--model", str(converted_tiny), "--output", str(tmp_path / "s"), cwd=tmp_path)
-    assert {line.rsplit("/", 1)[-1] for line in out.split()} >= {"scene.glb", "points.ply", "cameras.json"}
+    """The files go into --output (run from an empty folder, so a script writing elsewhere leaves them there, not in
+    the checkout), and the paths printed are theirs."""
+    work, output = tmp_path / "work", tmp_path / "s"
+    work.mkdir()
+    out = run_example("reconstruct_to_glb.py", "--model", str(converted_tiny), "--output", str(output), cwd=work)
+    printed = [(work / line).resolve() for line in out.splitlines()]  # relative paths are the script's cwd's
+    assert {path.name for path in printed} >= {"scene.glb", "points.ply", "cameras.json"}
+    assert all(path.is_file() and path.is_relative_to(output.resolve()) for path in printed), printed
+    assert sorted(printed) == sorted(path.resolve() for path in output.rglob("*") if path.is_file())
+    assert list(work.iterdir()) == []
 
 
 @pytest.mark.parametrize("name", ["spatial_chat.py", "chat_with_geometry.py"])
 def test_chat_examples(name, converted_tiny, tmp_path):
-    out = run_example(name, "--model", str(converted_tiny), cwd=tmp_path)
-    assert out.strip()
+    if name == "spatial_chat.py":
+        out = run_example(name, "--model", str(converted_tiny), cwd=tmp_path)
+        assert out.strip()
+        return
+    question = "Did the camera move to the left or to the right between the views?"
+    out = run_example(name, "--model", str(converted_tiny), "--question", question, cwd=tmp_path)
+    assert printed_answer(out) == expected_answer(converted_tiny, question, 32)  # the script's max_new_tokens
 
 
 def test_finetune_lora_recipe_lowers_both_losses(converted_tiny, tmp_path):
