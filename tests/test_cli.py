@@ -79,7 +79,16 @@ def test_max_points_subsamples_the_cloud(converted_tiny, tmp_path):
     output = tmp_path / "scene"
     args = ["reconstruct", "--model", str(converted_tiny), *map(str, VIEWS[:2]), "--output", str(output)]
     assert g2vlm([*args, "--max-points", "1000"]) == 0
-    assert len(trimesh.load(output / "points.ply").vertices) == 1000
+    sampled = trimesh.load(output / "points.ply")
+    assert len(sampled.vertices) == 1000
+    full_output = tmp_path / "full"
+    assert g2vlm(["reconstruct", "--model", str(converted_tiny), *map(str, VIEWS[:2]), "--output", str(full_output)]) == 0
+    full = trimesh.load(full_output / "points.ply")
+    assert len(full.vertices) > 1000
+    # the kept points are points of the full cloud, each with its own colour (a subsample, not new or moved points)
+    everything = {(*point, *colour) for point, colour in zip(full.vertices.tolist(), full.colors.tolist(), strict=True)}
+    kept = {(*point, *colour) for point, colour in zip(sampled.vertices.tolist(), sampled.colors.tolist(), strict=True)}
+    assert len(kept) == 1000 and kept <= everything
 
 
 def test_resize_views_reaches_the_processor_for_this_run(converted_tiny, tmp_path, capsys):
