@@ -344,24 +344,52 @@ class TestBadInput:
             model(input_ids=torch.tensor([[1, TINY_GEO_TOKEN]]))
 
 
-def test_the_views_of_a_scene_attend_to_its_first_view_as_if_one_by_one():
-    # the global-points decoder's cross-attention computes a scene's context keys once for all of its views
+def rotate_2d_reference(states: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, theta: float) -> torch.Tensor:
+    """The 2D RoPE of the official heads written out: the first half of each head turns with the patch row, the second
+    with the patch column, each half a 1D RoPE (rotate-half convention) with base `theta`. states `(seq, heads, dim)`."""
+
+    def rotate_1d(half: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        dim = half.shape[-1]
+        inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        angles = (positions.double()[:, None] * inv_freq).repeat(1, 2)[:, None]  # (seq, 1, dim)
+        turned = torch.cat((-half[..., dim // 2 :], half[..., : dim // 2]), dim=-1)
+        return half * angles.cos() + turned * angles.sin()
+
+    row_half, column_half = states.double().chunk(2, dim=-1)
+    return torch.cat((rotate_1d(row_half, rows), rotate_1d(column_half, columns)), dim=-1)
+
+
+def test_the_views_of_a_scene_attend_to_its_first_view_alone():
+    """The global-points decoder's cross-attention computes a scene's context keys once for all of its views; each view
+    must get what attending to its own scene's context alone gives, written out per view in float64."""
     from g2vlm_hf.modeling.head_layers import G2VLMRotary2D
 
     model = tiny_model()
     cross_attention = model.geometry_heads.global_points_decoder.blocks[0].cross_attn
+    theta = model.config.head_rope_theta
     scenes, views, grid_h, grid_w = 2, 3, 3, 4
-    dim = model.config.text_config.hidden_size
+    dim, heads = model.config.text_config.hidden_size, cross_attention.num_heads
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(scenes * views, grid_h * grid_w, dim, generator=generator)
     context = torch.randn(scenes, grid_h * grid_w, dim, generator=generator)
     rows, columns = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
-    positions = torch.stack((rows, columns), dim=-1).view(1, -1, 2)
-    rope = G2VLMRotary2D(100.0).embeddings(positions, dim // cross_attention.num_heads, torch.float32)
+    rows, columns = rows.flatten(), columns.flatten()
+    rope = G2VLMRotary2D(theta).embeddings(torch.stack((rows, columns), dim=-1)[None], dim // heads, torch.float32)
     with torch.no_grad():
-        per_scene = cross_attention(hidden, context, rope)
-        one_by_one = cross_attention(hidden, context.repeat_interleave(views, dim=0), rope)  # a context per view
-    torch.testing.assert_close(per_scene, one_by_one, rtol=1e-5, atol=1e-6)
+        output = cross_attention(hidden, context, rope)
+
+        def linear(layer, states):
+            return (states.double() @ layer.weight.double().T + layer.bias.double()).unflatten(-1, (heads, -1))
+
+        for view in range(scenes * views):
+            scene = view // views
+            query = rotate_2d_reference(linear(cross_attention.query, hidden[view]), rows, columns, theta)
+            key = rotate_2d_reference(linear(cross_attention.key, context[scene]), rows, columns, theta)
+            value = linear(cross_attention.value, context[scene])
+            scores = torch.einsum("qhd,khd->hqk", query, key) / (dim // heads) ** 0.5
+            attended = torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), value).flatten(-2)
+            expected = attended @ cross_attention.proj.weight.double().T + cross_attention.proj.bias.double()
+            torch.testing.assert_close(output[view].double(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_two_requests_interleaved_step_by_step_equal_each_alone(model):
