@@ -12,7 +12,8 @@ so a run cut short still returns what it measured; a short table is printed last
 - stages  each stage of a 16-view reconstruction timed with CUDA events beside its FLOPs, bytes and floor
           (benchmarks/profile_stages.py), TF32 on and off, and a chat prefill with one image; the trunk of that
           reconstruction by operator (benchmarks/trunk_ops.py: matmul, attention, copies, element-wise, kernels
-          launched, device idle time)
+          launched, device idle time); the attention kernels torch offers timed on that reconstruction's block of
+          views (benchmarks/attention_kernels.py: torch's varlen kernel, sdpa's flash, cuDNN and memory-efficient)
 - bench   benchmarks/bench_gpu.py's rows (16 views 518x518, TF32 on and off, and with each decoder layer compiled;
           100 frames 518x392 in one pass;
           200 frames in chunks of 32/8) for sdpa, torch_varlen and flex_attention (fresh, and again after a dozen
@@ -57,6 +58,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]  # the project travels as source
 
+import attention_kernels  # noqa: E402
 import bench_gpu  # noqa: E402
 import decode_steps  # noqa: E402
 import profile_stages  # noqa: E402
@@ -443,6 +445,13 @@ def section_stages(check: Check) -> None:
 
     check.item("stages", f"trunk by operator, {sizes.views} views {sizes.side}x{sizes.side}", operators, needs=5)
 
+    def kernels() -> dict:
+        peaks, _ = peaks_for(check, True)
+        return attention_kernels.attention_kernels(check.config, check.device, check.half, sizes.views, sizes.side,
+                                                   sizes.side, peaks["half"])  # fmt: skip
+
+    check.item("stages", f"attention kernels, the block of {sizes.views} views {sizes.side}x{sizes.side}", kernels, needs=5)
+
     def chat() -> dict:
         set_tf32(True)
         peaks, bandwidth = peaks_for(check, True)
@@ -770,6 +779,9 @@ def table(data: dict) -> str:
     for key, value in data.get("stages", {}).items():
         if status(value):
             lines.append(f"stages {key}: {status(value)}")
+            continue
+        if "shape" in value:
+            lines.extend(f"stages {line}" for line in attention_kernels.format_rows(value).splitlines())
             continue
         if "by_kind_ms" in value:
             kinds = ", ".join(f"{kind} {fmt(ms)}" for kind, ms in value["by_kind_ms"].items())

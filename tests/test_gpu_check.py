@@ -78,6 +78,12 @@ def test_tiny_dry_run_records_every_section_with_numbers_or_a_reason(tmp_path):
     for stage in ("geometry encoder", "trunk", "point head", "camera head", "global points head", "confidence head"):
         assert stage in stages and stages[stage]["seconds"] > 0 and stages[stage]["floor"] > 0
     assert stages["intrinsics"]["seconds"] > 0 and stages["total"]["seconds"] > 0
+    # the attention kernels on the block of the 2 views: 2 x (4 x 4 patches + 2 markers) tokens at the tiny widths
+    kernels = data["stages"]["attention kernels, the block of 2 views 56x56"]
+    assert kernels["shape"]["tokens"] == 36
+    assert kernels["sdpa flash"]["tflops"] > 0 and kernels["sdpa flash"]["reference"] is True
+    assert kernels["sdpa math"]["rel_diff"] < 1e-5  # the CPU's flash kernel equals the math backend in float32
+    assert "CUDA" in kernels["sdpa cuDNN"]["skipped"]
     assert "semantic encoder" in data["stages"]["chat prefill, 2 views 56x56 + one 56px image, TF32 on"]
     trunk = data["stages"]["trunk by operator, 2 views 56x56"]
     assert {"matmul", "attention", "copies", "element-wise"} <= set(trunk["by_kind_ms"])
