@@ -14,7 +14,8 @@ so a run cut short still returns what it measured; a short table is printed last
           reconstruction by operator (benchmarks/trunk_ops.py: matmul, attention, copies, element-wise, kernels
           launched, device idle time); the attention kernels torch offers timed on that reconstruction's block of
           views (benchmarks/attention_kernels.py: torch's varlen kernel, sdpa's flash, cuDNN and memory-efficient)
-- bench   benchmarks/bench_gpu.py's rows (16 views 518x518, TF32 on and off, and with each decoder layer compiled;
+- bench   benchmarks/bench_gpu.py's rows (16 views 518x518, TF32 on and off, and with each decoder layer and head
+          block compiled, per stage;
           100 frames 518x392 in one pass;
           200 frames in chunks of 32/8) for sdpa, torch_varlen and flex_attention (fresh, and again after a dozen
           other prompt shapes), time and peak memory beside the floor from costs.py
@@ -514,31 +515,42 @@ def section_bench(check: Check) -> None:
                        lambda name=name, tf32=tf32: reconstruction(name, tf32), needs=8)  # fmt: skip
 
     def compiled_layers() -> dict:
-        """The default attention with each decoder layer compiled by inductor ("regional compilation": the layers
-        share one graph): what fusing the trunk's element-wise work (norms, RoPE, SwiGLU, routing) gives."""
+        """The default attention with each decoder layer and each head block compiled by inductor ("regional
+        compilation": the 28 layers share one graph, the head blocks one per kind): what fusing the element-wise work
+        (norms, RoPE, SwiGLU, routing; the heads' 2D RoPE, LayerNorms and GELU) gives, per stage."""
         if check.tiny and not check.tiny_flex:
             raise Skip("--tiny leaves the compiled rows out (on the CPU inductor compiles C++, ~30 s); --tiny-flex adds them")
+        from g2vlm_hf.modeling.head_layers import G2VLMHeadBlock, G2VLMHeadCrossBlock
+
         resolved = check.select(model, check.default_attention, check.half)
-        layers = model.model.language_model.layers
+        blocks = [*model.model.language_model.layers]
+        blocks += [module for module in model.geometry_heads.modules() if isinstance(module, (G2VLMHeadBlock, G2VLMHeadCrossBlock))]  # fmt: skip
+        scene = [torch.randn(3, sizes.side, sizes.side) for _ in range(sizes.views)]
+        prompt = bench_gpu.PromptProcessor(config)(scene).to(device)  # the shapes profile_reconstruction times
         torch._dynamo.reset()
         set_tf32(True)
+        peaks, bandwidth = peaks_for(check, True)
+        precision = StagePrecision.float32() if check.tiny else StagePrecision()
         try:
-            for layer in layers:
-                layer.compile()
+            for block in blocks:
+                block.compile()
             check.reset_peak()
             with torch.inference_mode(), CompileWatch() as watch:
-                first, _ = check.timed(lambda: model.reconstruct(**inputs))
-                seconds = bench_gpu.best_time(lambda: model.reconstruct(**inputs), device, 3)
+                first, _ = check.timed(lambda: model.reconstruct(**prompt))
+                rows = profile_stages.profile_reconstruction(model, config, device, sizes.views, sizes.side, sizes.side,
+                                                             3, peaks, bandwidth, precision)  # fmt: skip
         finally:
-            for layer in layers:
-                layer._compiled_call_impl = None  # back to eager for the rows after this one
-        row = {"resolved": resolved, "seconds": seconds, "first_call_s": first, "peak_gib": check.peak_gib(),
-               "compile": watch.stats()}  # fmt: skip
+            for block in blocks:
+                block._compiled_call_impl = None  # back to eager for the rows after this one
+        stages = {row["stage"]: row for row in rows}
+        row = {"resolved": resolved, "seconds": stages["total"]["seconds"], "first_call_s": first,
+               "peak_gib": check.peak_gib(), "compile": watch.stats(),
+               "stages": {name: {"seconds": stage["seconds"], "over_floor": stage.get("over_floor")}
+                          for name, stage in stages.items()}}  # fmt: skip
         row.update(floors(check, sizes.views, sizes.side, sizes.side))
-        row["x_floor"] = seconds / row["floor_s"]
+        row["x_floor"] = row["seconds"] / row["floor_s"]
         return row
 
-    check.item("bench", f"default, decoder layers compiled | {views_row}, TF32 on", compiled_layers, needs=60)
 
     # flex attention: in a fresh compile state (as in a new process), then after a dozen other prompt shapes
     def flex_fresh() -> dict:
@@ -616,6 +628,9 @@ def section_bench(check: Check) -> None:
         frames_row(name, sizes.one_pass_frames, False, needs)
     for name, needs in (("torch_varlen", 15), ("sdpa", 20), ("flex_attention", 25)):
         frames_row(name, sizes.chunked_frames, True, needs)
+    # exploratory, so last: it gets the time the issue's rows leave
+    check.item("bench", f"default, decoder layers and head blocks compiled | {views_row}, TF32 on", compiled_layers,
+               needs=60)
     model.set_attn_implementation(check.default_attention)
 
 
@@ -747,6 +762,15 @@ def fmt(value, digits: int = 3) -> str:
     return "-" if value is None else str(value)
 
 
+def stage_summary(stages: dict) -> str:
+    """`stage ms (x floor)` for each timed stage of a profile_stages record."""
+    return ", ".join(
+        f"{stage} {fmt(row['seconds'] * 1e3)} ms" + (f" ({fmt(row['over_floor'], 2)}x)" if row.get("over_floor") else "")
+        for stage, row in stages.items()
+        if row.get("seconds") is not None
+    )
+
+
 def table(data: dict) -> str:
     """A short summary of `data` (the JSON), one line per measurement."""
     lines = []
@@ -788,9 +812,7 @@ def table(data: dict) -> str:
             lines.append(f"stages {key}: {fmt(value['wall_ms'])} ms, {kinds}; idle {fmt(value['idle_ms'])} ms, "
                          f"{value['kernels']} kernels")  # fmt: skip
             continue
-        parts = [f"{stage} {fmt(row['seconds'] * 1e3)} ms" + (f" ({fmt(row['over_floor'], 2)}x)" if row.get("over_floor") else "")
-                 for stage, row in value.items() if row.get("seconds") is not None]  # fmt: skip
-        lines.append(f"stages {key}: " + ", ".join(parts))
+        lines.append(f"stages {key}: " + stage_summary(value))
     lines.append(f"{'bench':<6} {'row':<72} {'s':>8} {'floor':>7} {'x':>5} {'stagefl':>7} {'GiB':>6}")
     for key, value in data.get("bench", {}).items():
         if status(value) or ("seconds" not in value and "seconds (one call, kernels warm)" not in value):
@@ -801,6 +823,8 @@ def table(data: dict) -> str:
         extra += f"  first call {fmt(value['first_call_s'])} s" if "first_call_s" in value else ""
         lines.append(f"bench  {key:<72} {fmt(seconds):>8} {fmt(value['floor_s']):>7} {fmt(value['x_floor'], 2):>5} "
                      f"{fmt(value['stage_floor_s']):>7} {fmt(value['peak_gib']):>6}{extra}")  # fmt: skip
+        if "stages" in value:
+            lines.append("bench    per stage: " + stage_summary(value["stages"]))
     for key, value in data.get("decode", {}).items():
         if isinstance(value, dict) and "wall_ms" in value:
             lines.append(f"decode {key:<50} " + (status(value) or decode_steps.format_steps(value)))
