@@ -84,7 +84,12 @@ def measure_peaks(device: torch.device, dtype: torch.dtype, size: int, repeats: 
 def plain_text_ids(config: G2VLMConfig) -> int:
     """The exclusive bound of the token ids that random text prompts draw from: below every placeholder and vision
     marker, so that no random token starts an image or a geometry block."""
-    special = (config.image_token_id, config.geometry_token_id, config.vision_start_token_id, config.vision_end_token_id)
+    special = (
+        config.image_token_id,
+        config.geometry_token_id,
+        config.vision_start_token_id,
+        config.vision_end_token_id,
+    )
     return min(1000, config.text_config.vocab_size, *special)
 
 
@@ -118,7 +123,11 @@ class PromptProcessor:
         pixels = torch.stack(list(geometry_images))[None]
         patch = self.config.geometry_patch_size
         tokens = (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)
-        block = [self.config.vision_start_token_id, *[self.config.geometry_token_id] * tokens, self.config.vision_end_token_id]
+        block = [
+            self.config.vision_start_token_id,
+            *[self.config.geometry_token_id] * tokens,
+            self.config.vision_end_token_id,
+        ]
         input_ids = torch.tensor([[1, 2, 3, 4, 5, *block * pixels.shape[1]]], device=pixels.device)
         return BatchFeature({"input_ids": input_ids, "geometry_pixel_values": pixels})
 
@@ -146,7 +155,9 @@ def bench_frames(model, config: G2VLMConfig, args, device: torch.device, flops_p
             try:
                 with torch.inference_mode():
                     row["value"] = best_time(run, device, repeats=1)
-                row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+                row["peak_memory_gib"] = (
+                    torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+                )
             except torch.OutOfMemoryError:
                 row.update(value=float("nan"), unit="OOM")
             rows.append(row)
@@ -220,7 +231,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--tiny", action="store_true", help="a tiny config (to check the script on a CPU)")
-    parser.add_argument("--backends", nargs="+", help="default: sdpa, torch_varlen (CUDA), flex_attention, flash_attention_2 if importable")
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        help="default: sdpa, torch_varlen (CUDA), flex_attention, flash_attention_2 if importable",
+    )
     parser.add_argument("--views", type=int, default=16)
     parser.add_argument("--side", type=int, default=518)
     parser.add_argument("--max-views", type=int, default=256)
@@ -228,7 +243,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--decode-steps", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--frames", type=int, nargs="*", default=[10, 50, 100, 200], help="frame counts of the frame table")
+    parser.add_argument(
+        "--frames", type=int, nargs="*", default=[10, 50, 100, 200], help="frame counts of the frame table"
+    )
     parser.add_argument("--frame-width", type=int, default=518)
     parser.add_argument("--frame-height", type=int, default=392)
     parser.add_argument("--chunk-size", type=int, default=32, help="views per chunk in the frame table")
@@ -253,7 +270,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for row in rows:
         memory = row.get("peak_memory_gib", float("nan"))
         memory = f"{memory:.1f} GiB" if memory == memory else ""  # NaN (no CUDA) prints nothing
-        print(f"{row['backend']:<18} {row['row']:<42} {row['value']:>10.4g} {row['unit']:<5} {row['floor']:>10.4g}  {memory}")
+        print(
+            f"{row['backend']:<18} {row['row']:<42} {row['value']:>10.4g} {row['unit']:<5} {row['floor']:>10.4g}  {memory}"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return rows

@@ -62,7 +62,9 @@ def methods() -> dict[str, Callable[[], dict]]:
         "float32": lambda: {"dtype": torch.float32},
         "bf16": lambda: {"dtype": torch.bfloat16},
         "int8 weight-only (torchao)": torchao_int8,
-        "nf4 (bitsandbytes)": bitsandbytes(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
+        "nf4 (bitsandbytes)": bitsandbytes(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        ),
         "LLM.int8 (bitsandbytes)": bitsandbytes(load_in_8bit=True),
     }
 
@@ -169,7 +171,9 @@ def main() -> None:
         "method", "weights MiB", "vs f32", "decode tok/s", f"{args.views}-view recon s", "world points drift",
         "logits drift", "greedy = f32",
     )  # fmt: skip
-    print(f"threads: {args.threads}; drift: relative L2 against float32; greedy = f32: leading tokens equal to float32's")
+    print(
+        f"threads: {args.threads}; drift: relative L2 against float32; greedy = f32: leading tokens equal to float32's"
+    )
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
     for row in rows:

@@ -87,7 +87,9 @@ def decode_rate(model, inputs: dict, steps: int, repeats: int, **generate_kwargs
     rates = []
     for _ in range(repeats):
         clock = TokenClock()
-        model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, streamer=clock, **generate_kwargs)
+        model.generate(
+            **inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, streamer=clock, **generate_kwargs
+        )
         rates.append((len(clock.times) - 1) / (clock.times[-1] - clock.times[0]))
     return max(rates)
 
@@ -168,18 +170,35 @@ def port_results(spec: dict) -> dict:
     results = {"recon": []}
     with torch.inference_mode():
         for paths in cases:
-            seconds = best_of(lambda paths=paths: model.reconstruct(**processor(geometry_images=paths, return_tensors="pt")), repeats)
+            seconds = best_of(
+                lambda paths=paths: model.reconstruct(**processor(geometry_images=paths, return_tensors="pt")), repeats
+            )
             results["recon"].append({"views": len(paths), "seconds": seconds})
         if spec["record"]:
             results["parity"] = parity_errors(model, Path(spec["record"]))
-        messages = [{"role": "user", "content": [{"type": "image", "image": cases[0][0]}, {"type": "text", "text": "How far is the red box?"}]}]
-        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": cases[0][0]},
+                    {"type": "text", "text": "How far is the red box?"},
+                ],
+            }
+        ]
+        inputs = processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
 
         results["decode"] = decode_rate(model, inputs, spec["decode_steps"], repeats)
         compile_config = CompileConfig(fullgraph=False, dynamic=False)
         compile_config._compile_all_devices = True  # transformers only auto-compiles on accelerators by default
         results["decode_compiled"] = decode_rate(
-            model, inputs, spec["decode_steps"], repeats + 1, cache_implementation="static", compile_config=compile_config
+            model,
+            inputs,
+            spec["decode_steps"],
+            repeats + 1,
+            cache_implementation="static",
+            compile_config=compile_config,
         )
         if spec["long_context"]:
             results["prefill"] = {f"{b} {c}": r for (b, c), r in prefill_rates(model, repeats).items()}
@@ -203,7 +222,9 @@ def measure_port(spec: dict, source: str | None = None) -> dict:
 def print_table(config, port: dict, before: dict | None, official: dict | None, threads: int) -> None:
     nan = float("nan")
     peak_flops, peak_bandwidth = measure_peaks()
-    print(f"CPU, {threads} threads, float32; measured peaks: {peak_flops / 1e9:.1f} GFLOP/s matmul, {peak_bandwidth / 1e9:.1f} GB/s copy")
+    print(
+        f"CPU, {threads} threads, float32; measured peaks: {peak_flops / 1e9:.1f} GFLOP/s matmul, {peak_bandwidth / 1e9:.1f} GB/s copy"
+    )
     print(f"{'benchmark':<30}{'before':>10}{'port':>10}{'official':>10}{'speed-up':>10}{'floor':>10}{'port/floor':>12}")
 
     def row(label, before_value, value, official_value, floor, fmt, faster_is_lower=True):
@@ -217,7 +238,14 @@ def print_table(config, port: dict, before: dict | None, official: dict | None, 
     for case in port["recon"]:
         views = case["views"]
         floor = reconstruction_flops(config, views, HEIGHT, WIDTH) / peak_flops
-        row(f"recon {views} views (s)", before_recon.get(views, nan), case["seconds"], official_recon.get(views, nan), floor, ".3f")
+        row(
+            f"recon {views} views (s)",
+            before_recon.get(views, nan),
+            case["seconds"],
+            official_recon.get(views, nan),
+            floor,
+            ".3f",
+        )
     floor_rate = peak_bandwidth / decode_bytes_per_token(config, port["context"])
     official_rate = official["decode"]["tokens_per_second"] if official else nan
     for key, label in (("decode", "decode b1 (tok/s)"), ("decode_compiled", "decode b1 static+compile")):
@@ -225,11 +253,27 @@ def print_table(config, port: dict, before: dict | None, official: dict | None, 
     for key, rate in port.get("prefill", {}).items():
         batch, context = map(int, key.split())
         floor_rate = peak_flops / (decoder_flops(config, context) / context)
-        row(f"prefill b{batch} {context // 1024}k (tok/s)", before["prefill"][key] if before else nan, rate, nan, floor_rate, ".0f", False)
+        row(
+            f"prefill b{batch} {context // 1024}k (tok/s)",
+            before["prefill"][key] if before else nan,
+            rate,
+            nan,
+            floor_rate,
+            ".0f",
+            False,
+        )
     for key, rate in port.get("long_decode", {}).items():
         batch, context = map(int, key.split())
         floor_rate = batch * peak_bandwidth / decode_bytes_per_token(config, context, batch)
-        row(f"decode b{batch} {context // 1024}k (tok/s)", before["long_decode"][key] if before else nan, rate, nan, floor_rate, ".0f", False)
+        row(
+            f"decode b{batch} {context // 1024}k (tok/s)",
+            before["long_decode"][key] if before else nan,
+            rate,
+            nan,
+            floor_rate,
+            ".0f",
+            False,
+        )
     print(f"(speed-up: port against official; floors: recon and prefill analytic FLOPs / peak FLOP/s, decode weights + "
           f"KV bytes per token / bandwidth; decode context {port['context']} tokens; 'port/floor': how many times the "
           "floor the port takes, or the floor's rate over the port's)")  # fmt: skip
@@ -244,11 +288,20 @@ def main() -> None:
     parser.add_argument("--official-python", help="python of the official harness environment")
     parser.add_argument("--ref-dir", help="the official source tree (git archive of InternRobotics/G2VLM)")
     parser.add_argument("--before-src", help="an older checkout's `src` folder, timed beside the current code")
-    parser.add_argument("--checkpoint", type=Path, default=FIXTURE, help="official-layout checkpoint folder "
-                        "(default: the tiny fixture; benchmarks/make_random_official.py writes a full-size one)")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=FIXTURE,
+        help="official-layout checkpoint folder "
+        "(default: the tiny fixture; benchmarks/make_random_official.py writes a full-size one)",
+    )
     parser.add_argument("--views", type=int, nargs="+", default=[2, 8, 16])
-    parser.add_argument("--long-context", action=argparse.BooleanOptionalAction, default=True,
-                        help="also prefill and decode at batch 1 and 8 with 1k and 4k tokens of context")
+    parser.add_argument(
+        "--long-context",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also prefill and decode at batch 1 and 8 with 1k and 4k tokens of context",
+    )
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -274,7 +327,9 @@ def main() -> None:
                 "--decode-steps", str(args.decode_steps), "--repeats", str(args.repeats), "--threads", str(args.threads),
                 "--record", str(record),
             ]  # fmt: skip
-            official = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+            official = json.loads(
+                subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            )
         spec = dict(model_dir=str(model_dir), cases=cases, decode_steps=args.decode_steps, repeats=args.repeats,
                     long_context=args.long_context, threads=args.threads, record=None)  # fmt: skip
         before = measure_port(spec, args.before_src) if args.before_src else None

@@ -195,7 +195,9 @@ def head_costs(config: G2VLMConfig, views: int, patches: int, pixels: int, scene
         )
     if config.use_confidence_head:
         flops, weights = pixel_head(point, 1)
-        costs["confidence head"] = HeadCost(views * decoder_flops_, views * flops, decoder_weights + weights, views * pixels)
+        costs["confidence head"] = HeadCost(
+            views * decoder_flops_, views * flops, decoder_weights + weights, views * pixels
+        )
     return costs
 
 

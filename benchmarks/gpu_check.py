@@ -451,7 +451,9 @@ def section_stages(check: Check) -> None:
         return attention_kernels.attention_kernels(check.config, check.device, check.half, sizes.views, sizes.side,
                                                    sizes.side, peaks["half"])  # fmt: skip
 
-    check.item("stages", f"attention kernels, the block of {sizes.views} views {sizes.side}x{sizes.side}", kernels, needs=5)
+    check.item(
+        "stages", f"attention kernels, the block of {sizes.views} views {sizes.side}x{sizes.side}", kernels, needs=5
+    )
 
     def chat() -> dict:
         set_tf32(True)
@@ -519,7 +521,9 @@ def section_bench(check: Check) -> None:
         compilation": the 28 layers share one graph, the head blocks one per kind): what fusing the element-wise work
         (norms, RoPE, SwiGLU, routing; the heads' 2D RoPE, LayerNorms and GELU) gives, per stage."""
         if check.tiny and not check.tiny_flex:
-            raise Skip("--tiny leaves the compiled rows out (on the CPU inductor compiles C++, ~30 s); --tiny-flex adds them")
+            raise Skip(
+                "--tiny leaves the compiled rows out (on the CPU inductor compiles C++, ~30 s); --tiny-flex adds them"
+            )
         from g2vlm_hf.modeling.head_layers import G2VLMHeadBlock, G2VLMHeadCrossBlock
 
         resolved = check.select(model, check.default_attention, check.half)
@@ -550,7 +554,6 @@ def section_bench(check: Check) -> None:
         row.update(floors(check, sizes.views, sizes.side, sizes.side))
         row["x_floor"] = row["seconds"] / row["floor_s"]
         return row
-
 
     # flex attention: in a fresh compile state (as in a new process), then after a dozen other prompt shapes
     def flex_fresh() -> dict:
@@ -629,8 +632,9 @@ def section_bench(check: Check) -> None:
     for name, needs in (("torch_varlen", 15), ("sdpa", 20), ("flex_attention", 25)):
         frames_row(name, sizes.chunked_frames, True, needs)
     # exploratory, so last: it gets the time the issue's rows leave
-    check.item("bench", f"default, decoder layers and head blocks compiled | {views_row}, TF32 on", compiled_layers,
-               needs=60)
+    check.item(
+        "bench", f"default, decoder layers and head blocks compiled | {views_row}, TF32 on", compiled_layers, needs=60
+    )
     model.set_attn_implementation(check.default_attention)
 
 
@@ -689,7 +693,9 @@ def section_decode(check: Check) -> None:
     for batch in (1, 8):
         # the calls grow like the turns of a chat: a longer prompt gets a longer static cache, which must not compile
         # the step again (the attempts' call_s and the row's graphs say whether it did)
-        prompts = [torch.randint(3, plain, (batch, sizes.context + 32 * turn), device=check.device) for turn in range(3)]
+        prompts = [
+            torch.randint(3, plain, (batch, sizes.context + 32 * turn), device=check.device) for turn in range(3)
+        ]
         floor = (
             batch
             * peaks_for(check, True)[1]
@@ -765,7 +771,8 @@ def fmt(value, digits: int = 3) -> str:
 def stage_summary(stages: dict) -> str:
     """`stage ms (x floor)` for each timed stage of a profile_stages record."""
     return ", ".join(
-        f"{stage} {fmt(row['seconds'] * 1e3)} ms" + (f" ({fmt(row['over_floor'], 2)}x)" if row.get("over_floor") else "")
+        f"{stage} {fmt(row['seconds'] * 1e3)} ms"
+        + (f" ({fmt(row['over_floor'], 2)}x)" if row.get("over_floor") else "")
         for stage, row in stages.items()
         if row.get("seconds") is not None
     )
@@ -848,8 +855,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget", type=float, default=420.0, help="seconds for all sections together")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--tiny", action="store_true", help="a CPU dry run of every section with the tiny config")
-    parser.add_argument("--tiny-flex", action="store_true",
-                        help="with --tiny: include flex_attention and the compiled decoder layers (minutes)")
+    parser.add_argument(
+        "--tiny-flex",
+        action="store_true",
+        help="with --tiny: include flex_attention and the compiled decoder layers (minutes)",
+    )
     args = parser.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
         parser.error("no CUDA device here: run on a GPU machine, or pass --tiny for a CPU dry run")

@@ -161,7 +161,9 @@ class StandInModel(nn.Module):
         poses = frame.apply_to_poses(poses)
         world = world_from(poses, local)
         outliers = torch.from_numpy(self.rng.random(world.shape[:-1]) < self.outlier_share)
-        world[outliers] += torch.from_numpy(self.rng.normal(0, self.outlier_spread * frame.scale, (int(outliers.sum()), 3)))
+        world[outliers] += torch.from_numpy(
+            self.rng.normal(0, self.outlier_spread * frame.scale, (int(outliers.sum()), 3))
+        )
         fields = dict(camera_poses=poses, local_points=local, world_points=world, depth=local[..., 2],
                       intrinsics=torch.tensor([[FOCAL, 0, WIDTH / 2], [0, FOCAL, HEIGHT / 2], [0, 0, 1]]).repeat(count, 1, 1))  # fmt: skip
         if self.global_points:

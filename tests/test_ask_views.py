@@ -55,7 +55,6 @@ def test_coverage_leaves_out_views_without_a_camera():
     assert coverage_indices(poses, 3) == [0, 1]
 
 
-
 @pytest.mark.parametrize("by", ["coverage", "uniform"])
 def test_ask_about_a_long_sequence_names_the_views_it_used(small_views_model, tmp_path, monkeypatch, capsys, by):
     # 16 views of 4 places (a camera pausing long at the first), then the question on 4 views

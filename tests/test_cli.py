@@ -42,8 +42,12 @@ def test_reconstruct_writes_files_that_reload_with_the_model_points(converted_ti
     assert len(cameras) == len(VIEWS)
 
     saved = json.loads((output / "cameras.json").read_text())["cameras"]
-    np.testing.assert_allclose(np.array([c["camera_to_world"] for c in saved]), expected.camera_poses[0].numpy(), atol=1e-6)
-    assert sorted(p.name for p in (output / "depth").iterdir() if "preview" not in p.name) == [f"view_00{i}.png" for i in range(3)]
+    np.testing.assert_allclose(
+        np.array([c["camera_to_world"] for c in saved]), expected.camera_poses[0].numpy(), atol=1e-6
+    )
+    assert sorted(p.name for p in (output / "depth").iterdir() if "preview" not in p.name) == [
+        f"view_00{i}.png" for i in range(3)
+    ]
     assert Image.open(output / "depth" / "view_000.png").mode == "I;16"
 
 
@@ -53,8 +57,13 @@ def test_reconstruct_from_a_folder_equals_from_files(converted_tiny, tmp_path):
     for view in VIEWS:
         shutil.copy(view, folder / view.name)
     (folder / "notes.txt").write_text("not an image, ignored")
-    assert g2vlm(["reconstruct", "--model", str(converted_tiny), "--folder", str(folder), "--output", str(tmp_path / "a")]) == 0
-    assert g2vlm(["reconstruct", "--model", str(converted_tiny), *map(str, VIEWS), "--output", str(tmp_path / "b")]) == 0
+    assert (
+        g2vlm(["reconstruct", "--model", str(converted_tiny), "--folder", str(folder), "--output", str(tmp_path / "a")])
+        == 0
+    )
+    assert (
+        g2vlm(["reconstruct", "--model", str(converted_tiny), *map(str, VIEWS), "--output", str(tmp_path / "b")]) == 0
+    )
     assert (tmp_path / "a" / "cameras.json").read_text() == (tmp_path / "b" / "cameras.json").read_text()
 
 
@@ -64,7 +73,17 @@ def test_reconstruct_from_video_frames(converted_tiny, tmp_path):
     frames = [Image.open(VIEWS[index % 3]).convert("RGB").resize((518, 140)) for index in range(6)]
     video = write_video(tmp_path / "walk.mp4", frames, rate=5)
     output = tmp_path / "scene"
-    args = ["reconstruct", "--model", str(converted_tiny), "--video", str(video), "--every", "2", "--output", str(output)]
+    args = [
+        "reconstruct",
+        "--model",
+        str(converted_tiny),
+        "--video",
+        str(video),
+        "--every",
+        "2",
+        "--output",
+        str(output),
+    ]
     assert g2vlm(args) == 0
     saved = json.loads((output / "cameras.json").read_text())["cameras"]
     assert len(saved) == 3
@@ -82,7 +101,9 @@ def test_max_points_subsamples_the_cloud(converted_tiny, tmp_path):
     sampled = trimesh.load(output / "points.ply")
     assert len(sampled.vertices) == 1000
     full_output = tmp_path / "full"
-    assert g2vlm(["reconstruct", "--model", str(converted_tiny), *map(str, VIEWS[:2]), "--output", str(full_output)]) == 0
+    assert (
+        g2vlm(["reconstruct", "--model", str(converted_tiny), *map(str, VIEWS[:2]), "--output", str(full_output)]) == 0
+    )
     full = trimesh.load(full_output / "points.ply")
     assert len(full.vertices) > 1000
     # the kept points are points of the full cloud, each with its own colour (a subsample, not new or moved points)
@@ -105,14 +126,32 @@ def test_resize_views_reaches_the_processor_for_this_run(converted_tiny, tmp_pat
     model = AutoModelForImageTextToText.from_pretrained(converted_tiny).eval()
     processor = AutoProcessor.from_pretrained(converted_tiny)
     with torch.no_grad():
-        expected = model.reconstruct(**processor(geometry_images=views, return_tensors="pt", resize_views_to_first=True))
+        expected = model.reconstruct(
+            **processor(geometry_images=views, return_tensors="pt", resize_views_to_first=True)
+        )
     saved = json.loads((output / "cameras.json").read_text())["cameras"]
-    np.testing.assert_allclose(np.array([c["camera_to_world"] for c in saved]), expected.camera_poses[0].numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        np.array([c["camera_to_world"] for c in saved]), expected.camera_poses[0].numpy(), atol=1e-6
+    )
 
 
 def test_chat_streams_the_greedy_answer(converted_tiny, capsys):
     question = "How far is the red box from the blue wall?"
-    assert g2vlm(["chat", "--model", str(converted_tiny), "--image", str(IMAGES / "chat.png"), question, "--max-new-tokens", "6"]) == 0
+    assert (
+        g2vlm(
+            [
+                "chat",
+                "--model",
+                str(converted_tiny),
+                "--image",
+                str(IMAGES / "chat.png"),
+                question,
+                "--max-new-tokens",
+                "6",
+            ]
+        )
+        == 0
+    )
     streamed = capsys.readouterr().out
 
     model = AutoModelForImageTextToText.from_pretrained(converted_tiny).eval()
@@ -133,13 +172,30 @@ class TestBadInput:
         (chunked): either way nothing is left beside the input."""
         broken = tmp_path / "broken.png"
         broken.write_bytes(b"\x89PNG but not really")
-        args = ["reconstruct", "--model", str(converted_tiny), str(VIEWS[0]), str(broken), "--output", str(tmp_path / "o"), *chunking]
+        args = [
+            "reconstruct",
+            "--model",
+            str(converted_tiny),
+            str(VIEWS[0]),
+            str(broken),
+            "--output",
+            str(tmp_path / "o"),
+            *chunking,
+        ]
         assert g2vlm(args) == 2
         assert "not an image" in capsys.readouterr().err
         assert [path.name for path in tmp_path.iterdir()] == ["broken.png"]  # no output, staging folder or lock
 
     def test_empty_folder(self, converted_tiny, tmp_path, capsys):
         (tmp_path / "empty").mkdir()
-        args = ["reconstruct", "--model", str(converted_tiny), "--folder", str(tmp_path / "empty"), "--output", str(tmp_path / "o")]
+        args = [
+            "reconstruct",
+            "--model",
+            str(converted_tiny),
+            "--folder",
+            str(tmp_path / "empty"),
+            "--output",
+            str(tmp_path / "o"),
+        ]
         assert g2vlm(args) == 2
         assert "holds no image files" in capsys.readouterr().err

@@ -20,7 +20,6 @@ pytest.importorskip("av", reason="the video extra (PyAV) is part of the test ext
 trimesh = pytest.importorskip("trimesh", reason="the export extra (trimesh) is part of the test extras")
 
 
-
 def write_walk_video(path, frames: int, size=(518, 140)) -> None:
     """A camera sliding along the fixture's first view: `frames` crops 8 pixels apart."""
     source = Image.open(FIXTURE_DIR / "images" / "view_0.png").convert("RGB")
@@ -141,7 +140,9 @@ def test_chat_over_a_video_uses_a_few_uniform_frames(small_views_model, tmp_path
         decoded = [frame.to_image() for frame in container.decode(container.streams.video[0])]
     frames = [decoded[index] for index in (0, 10, 19, 29)]
     [images] = asked
-    assert len(images) == 4 and all(np.array_equal(got, np.asarray(want)) for got, want in zip(images, frames, strict=True))
+    assert len(images) == 4 and all(
+        np.array_equal(got, np.asarray(want)) for got, want in zip(images, frames, strict=True)
+    )
 
     model = AutoModelForImageTextToText.from_pretrained(small_views_model).eval()
     processor = AutoProcessor.from_pretrained(small_views_model)

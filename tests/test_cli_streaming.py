@@ -22,7 +22,6 @@ trimesh = pytest.importorskip("trimesh", reason="the export extra (trimesh) is p
 TESTS = Path(__file__).resolve().parent
 
 
-
 class FailingGeometry(KnownGeometry):
     """The known geometry, until the fourth chunk: then it checks that the first chunks' depth maps were already
     written (into a hidden staging folder, not at the output) and fails with `error`. A chunk is handed out once the

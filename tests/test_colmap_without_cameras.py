@@ -33,7 +33,6 @@ class NoPinholeGeometry(KnownGeometry):
         return output
 
 
-
 @pytest.fixture
 def views(tmp_path) -> Path:
     folder = tmp_path / "views"
@@ -70,7 +69,9 @@ def check_reported(capsys, output: Path, colmap: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_the_scene_is_written_and_no_colmap_folder_is_made(small_views_model, views, tmp_path, monkeypatch, capsys, path):
+def test_the_scene_is_written_and_no_colmap_folder_is_made(
+    small_views_model, views, tmp_path, monkeypatch, capsys, path
+):
     output, colmap = tmp_path / "scene", tmp_path / "sparse"
     use_stand_in(monkeypatch, small_views_model, usable=False)
     assert reconstruct(small_views_model, views, output, colmap, path) == 2

@@ -42,7 +42,9 @@ def _(q, *args, **kwargs):
 def model_with(monkeypatch):
     """A tiny model on `implementation`; the flash path runs on the CPU with its stand-ins (see
     test_attention_backends), the varlen one registered as an operator like flash-attn's."""
-    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "flash_attention_2", flash_attention_stand_in(compiled_reference_varlen))
+    monkeypatch.setitem(
+        ALL_ATTENTION_FUNCTIONS, "flash_attention_2", flash_attention_stand_in(compiled_reference_varlen)
+    )
 
     def build(implementation: str):
         model = tiny_model()

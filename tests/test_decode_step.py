@@ -94,7 +94,9 @@ def test_a_chat_session_of_new_lengths_compiles_the_decode_step_once():
     torch._dynamo.reset()
     dynamo_utils.counters.clear()
     for turn, tokens in zip(turns, expected, strict=True):
-        assert torch.equal(chat_turn(model, *turn, cache_implementation="static", compile_config=compile_config), tokens)
+        assert torch.equal(
+            chat_turn(model, *turn, cache_implementation="static", compile_config=compile_config), tokens
+        )
     assert dict(dynamo_utils.counters["graph_break"]) == {}
     assert dynamo_utils.counters["stats"]["unique_graphs"] == 1
 

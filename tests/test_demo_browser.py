@@ -313,7 +313,9 @@ def test_a_setting_typed_during_a_run_applies_to_its_result_and_others_queue(ser
         try:
             other.get_by_text("Reconstructed 2 views:").wait_for(timeout=120_000)  # then its turn comes
         except playwright_api.TimeoutError:  # seen once in CI, under load: say where the queued run stood
-            pytest.fail(f"the queued run did not finish; its page's status reads {other.locator('#status').inner_text()!r}")
+            pytest.fail(
+                f"the queued run did not finish; its page's status reads {other.locator('#status').inner_text()!r}"
+            )
     finally:
         restore()
     page.close()

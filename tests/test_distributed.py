@@ -54,9 +54,7 @@ def global_batch() -> dict:
 
 
 def rows(batch: dict, index: slice) -> dict:
-    return {
-        key: (rows(value, index) if isinstance(value, dict) else value[index]) for key, value in batch.items()
-    }
+    return {key: (rows(value, index) if isinstance(value, dict) else value[index]) for key, value in batch.items()}
 
 
 def trainable_model() -> torch.nn.Module:
@@ -140,7 +138,9 @@ def two_processes(tmp_path_factory) -> None:
     own output says why); everything past that point is tested."""
     probe = accelerate_launch("ddp.yaml", TESTS / "distributed_probe.py", cwd=tmp_path_factory.mktemp("probe"))
     if probe.returncode != 0 or probe.stdout.count("MULTI_CPU sum 1") != 2:
-        pytest.skip(f"accelerate could not start two gloo processes here:\n{probe.stdout[-1500:]}{probe.stderr[-3000:]}")
+        pytest.skip(
+            f"accelerate could not start two gloo processes here:\n{probe.stdout[-1500:]}{probe.stderr[-3000:]}"
+        )
 
 
 def failure_report(launched: subprocess.CompletedProcess) -> str:
@@ -151,7 +151,9 @@ def failure_report(launched: subprocess.CompletedProcess) -> str:
 
 def run_worker(config: str, output: Path, *args: str) -> dict:
     output.mkdir(parents=True, exist_ok=True)
-    launched = accelerate_launch(config, TESTS / "distributed_worker.py", str(output), "--steps", str(STEPS), *args, cwd=output)
+    launched = accelerate_launch(
+        config, TESTS / "distributed_worker.py", str(output), "--steps", str(STEPS), *args, cwd=output
+    )
     assert launched.returncode == 0, failure_report(launched)
     return torch.load(output / "result.pt")
 
@@ -205,13 +207,19 @@ def test_the_finetuning_recipe_runs_unchanged_under_accelerate(two_processes, co
 def test_tensor_parallel_plan_shards_both_experts_over_two_processes(two_processes, tmp_path):
     model = tiny_model(seed=7)
     model.save_pretrained(tmp_path / "model")
-    launched = torchrun(TESTS / "tensor_parallel_worker.py", str(tmp_path / "model"), str(tmp_path / "tp.pt"), cwd=tmp_path)
+    launched = torchrun(
+        TESTS / "tensor_parallel_worker.py", str(tmp_path / "model"), str(tmp_path / "tp.pt"), cwd=tmp_path
+    )
     assert launched.returncode == 0, failure_report(launched)
     result = torch.load(tmp_path / "tp.pt")
 
     text = model.config.text_config
     hidden, head_dim = text.hidden_size, text.hidden_size // text.num_attention_heads
-    half_heads, half_kv, half_mlp = text.num_attention_heads // 2, text.num_key_value_heads // 2, text.intermediate_size // 2
+    half_heads, half_kv, half_mlp = (
+        text.num_attention_heads // 2,
+        text.num_key_value_heads // 2,
+        text.intermediate_size // 2,
+    )
     for prefix in ("", "geo_"):  # both experts: heads and MLP columns split in two, inputs of the output layers too
         assert result["shards"][f"{prefix}q_proj"] == (half_heads * head_dim, hidden)
         assert result["shards"][f"{prefix}k_proj"] == (half_kv * head_dim, hidden)
@@ -223,4 +231,6 @@ def test_tensor_parallel_plan_shards_both_experts_over_two_processes(two_process
     with torch.no_grad():
         torch.testing.assert_close(result["logits"], model(**chat).logits, rtol=1e-5, atol=1e-5)
         assert torch.equal(result["generated"], model.generate(**chat, max_new_tokens=5, do_sample=False))
-        torch.testing.assert_close(result["world_points"], model.reconstruct(**recon).world_points, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            result["world_points"], model.reconstruct(**recon).world_points, rtol=1e-5, atol=1e-5
+        )

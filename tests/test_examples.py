@@ -33,7 +33,9 @@ def example_views() -> list:
 def expected_answer(model_folder, question: str, max_new_tokens: int) -> str:
     """The greedy answer (conftest.greedy_answer: chat template + generate) about the examples' default views."""
     model = AutoModelForImageTextToText.from_pretrained(model_folder).eval()
-    answer = greedy_answer(model, AutoProcessor.from_pretrained(model_folder), example_views(), question, max_new_tokens)
+    answer = greedy_answer(
+        model, AutoProcessor.from_pretrained(model_folder), example_views(), question, max_new_tokens
+    )
     assert answer  # a reference that says nothing would not tell generating from not generating
     return answer
 
@@ -82,7 +84,9 @@ def test_chat_examples(name, converted_tiny, tmp_path):
 def test_finetune_lora_recipe_lowers_both_losses(converted_tiny, tmp_path):
     args = ("--model", str(converted_tiny), "--output", str(tmp_path / "lora"), "--steps", "12")
     out = run_example("finetune_lora.py", *args, cwd=tmp_path)
-    curves = {line.split(":")[0]: [float(v) for v in line.split()[2::2]] for line in out.splitlines() if " start " in line}
+    curves = {
+        line.split(":")[0]: [float(v) for v in line.split()[2::2]] for line in out.splitlines() if " start " in line
+    }
     assert curves["lm"][1] < 0.5 * curves["lm"][0], curves
     assert curves["geometry"][1] < curves["geometry"][0], curves
     assert (tmp_path / "lora" / "adapter_config.json").is_file()

@@ -485,6 +485,8 @@ def test_forwarded_option_types_name_exactly_the_writers_options(options, writer
     import inspect
 
     keyword_only = {
-        name for name, parameter in inspect.signature(writer).parameters.items() if parameter.kind is parameter.KEYWORD_ONLY
+        name
+        for name, parameter in inspect.signature(writer).parameters.items()
+        if parameter.kind is parameter.KEYWORD_ONLY
     }
     assert set(options.__annotations__) == keyword_only

@@ -106,7 +106,9 @@ def test_geometry_loss_vanishes_for_a_prediction_equal_to_the_truth_up_to_simila
     moved = similarity @ poses
     prediction = {
         "local_points": 3.0 * local,
-        "camera_poses": torch.cat([torch.cat([moved[..., :3, :3], 3.0 * moved[..., :3, 3:]], -1), moved[..., 3:, :]], -2),
+        "camera_poses": torch.cat(
+            [torch.cat([moved[..., :3, :3], 3.0 * moved[..., :3, 3:]], -1), moved[..., 3:, :]], -2
+        ),
         "global_points": 3.0 * transform_points(torch.linalg.inv(poses[:, :1]).expand_as(poses), world),
     }
     losses = geometry_losses(prediction, world, batch["valid_mask"], poses)
@@ -185,7 +187,11 @@ LAYERS = range(2)
         (
             lora_target_modules(semantic=False, semantic_encoder=True, geometry_encoder=True),
             {"visual.blocks.0.attn.qkv", "visual.blocks.0.attn.proj"}
-            | {f"geometry_encoder.encoder.layer.{i}.attention.{p}" for i in LAYERS for p in ("query", "key", "value", "dense")},
+            | {
+                f"geometry_encoder.encoder.layer.{i}.attention.{p}"
+                for i in LAYERS
+                for p in ("query", "key", "value", "dense")
+            },
         ),
     ],
 )
@@ -244,7 +250,13 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     layers = [m for m in checkpointed.modules() if getattr(m, "gradient_checkpointing", False)]
     kinds = {type(m).__name__ for m in layers}
-    assert {"G2VLMDecoderLayer", "Qwen2VLVisionBlock", "Dinov2WithRegistersLayer", "G2VLMHeadBlock", "G2VLMHeadCrossBlock"} <= kinds
+    assert {
+        "G2VLMDecoderLayer",
+        "Qwen2VLVisionBlock",
+        "Dinov2WithRegistersLayer",
+        "G2VLMHeadBlock",
+        "G2VLMHeadCrossBlock",
+    } <= kinds
     losses, calls = [], []
     for model in (reference, checkpointed):
         model.train()

@@ -45,4 +45,6 @@ def test_every_official_key_maps_to_a_parameter_of_the_same_shape(official_2b, f
 def test_parameter_count_equals_official(official_2b, full_size_config):
     with torch.device("meta"):
         model = G2VLMForConditionalGeneration(full_size_config)
-    assert sum(parameter.numel() for parameter in model.parameters()) == official_2b["total_parameters"] == 4_538_215_076
+    assert (
+        sum(parameter.numel() for parameter in model.parameters()) == official_2b["total_parameters"] == 4_538_215_076
+    )

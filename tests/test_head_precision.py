@@ -76,7 +76,9 @@ def test_an_unknown_precision_is_refused():
 
 def test_the_setting_loads_with_from_pretrained_and_applies_when_changed(tmp_path):
     G2VLMForConditionalGeneration(tiny_config()).save_pretrained(tmp_path)
-    model = G2VLMForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16, head_decoder_precision="float32")
+    model = G2VLMForConditionalGeneration.from_pretrained(
+        tmp_path, dtype=torch.bfloat16, head_decoder_precision="float32"
+    )
     assert model.config.head_decoder_precision == "float32"
     assert model.geometry_heads.point_decoder.blocks[0].attn.qkv.weight.dtype == torch.float32
     seen = []

@@ -183,7 +183,9 @@ def test_global_points_move_with_their_chunk():
     for before, after in zip(chunks, closed, strict=True):
         for chunk in (before, after):  # before: what the merge gives; after: what closing the loop must keep
             error = (global_frame(chunk).apply(probe) - reference.apply(probe)).norm(dim=1).max()
-            assert error < tolerance, f"chunk {chunk.index}: global frame off by {error:.2e} (tolerance {tolerance:.2e})"
+            assert error < tolerance, (
+                f"chunk {chunk.index}: global frame off by {error:.2e} (tolerance {tolerance:.2e})"
+            )
         shift = (after.reconstruction.world_points - before.reconstruction.world_points).norm(dim=-1).max()
         moved = max(moved, float(shift))
     assert moved > 100 * tolerance  # the loop did move the chunks

@@ -39,7 +39,9 @@ def chat_and_reconstruction_inputs() -> tuple[dict, dict]:
         input_ids=torch.tensor([chat_prompt([1, 5, 6], [8, 9])]), pixel_values=pixels, image_grid_thw=grid,
         geometry_pixel_values=views(),
     )  # fmt: skip
-    recon = dict(input_ids=torch.tensor([[1, 5, *geometry_block(VIEWS, GRID_H, GRID_W)]]), geometry_pixel_values=views())
+    recon = dict(
+        input_ids=torch.tensor([[1, 5, *geometry_block(VIEWS, GRID_H, GRID_W)]]), geometry_pixel_values=views()
+    )
     return chat, recon
 
 
@@ -183,7 +185,9 @@ def test_geometry_invariants_hold_for_random_weights(model):
     rotations = out.camera_poses[..., :3, :3].double()
     identity = torch.eye(3, dtype=torch.float64).expand_as(rotations)
     torch.testing.assert_close(rotations @ rotations.transpose(-1, -2), identity, rtol=0, atol=1e-5)
-    torch.testing.assert_close(torch.linalg.det(rotations), torch.ones(1, VIEWS, dtype=torch.float64), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        torch.linalg.det(rotations), torch.ones(1, VIEWS, dtype=torch.float64), rtol=0, atol=1e-5
+    )
     assert torch.equal(out.camera_poses[..., 3, :], torch.tensor([0.0, 0.0, 0.0, 1.0]).expand(1, VIEWS, 4))
     homogeneous = torch.cat([out.local_points, torch.ones_like(out.depth)[..., None]], dim=-1)
     world = torch.einsum("bnij,bnhwj->bnhwi", out.camera_poses, homogeneous)[..., :3]
@@ -219,9 +223,13 @@ def test_text_only_tokens_never_use_the_geometry_expert(model):
         saved = layer.self_attn.geo_q_proj.weight.clone()
         layer.self_attn.geo_q_proj.weight.add_(1.0)
         after = model(input_ids=ids).logits
-        with_geometry = model(input_ids=torch.tensor([[1, *geometry_block(1, GRID_H, GRID_W)]]), geometry_pixel_values=views()[:, :1])
+        with_geometry = model(
+            input_ids=torch.tensor([[1, *geometry_block(1, GRID_H, GRID_W)]]), geometry_pixel_values=views()[:, :1]
+        )
         layer.self_attn.geo_q_proj.weight.copy_(saved)
-        with_geometry_restored = model(input_ids=torch.tensor([[1, *geometry_block(1, GRID_H, GRID_W)]]), geometry_pixel_values=views()[:, :1])
+        with_geometry_restored = model(
+            input_ids=torch.tensor([[1, *geometry_block(1, GRID_H, GRID_W)]]), geometry_pixel_values=views()[:, :1]
+        )
     assert torch.equal(before, after)
     assert not torch.allclose(with_geometry.logits, with_geometry_restored.logits)
 
@@ -397,10 +405,17 @@ def test_two_requests_interleaved_step_by_step_equal_each_alone(model):
     image layouts advanced alternately on one model give what each gives alone."""
     pixels, grid = image_patches(*IMAGE_GRID)
     requests = [
-        dict(input_ids=torch.tensor([chat_prompt([1, 5, 6], [8, 9])]), pixel_values=pixels, image_grid_thw=grid,
-             geometry_pixel_values=views()),
-        dict(input_ids=torch.tensor([[1, 7, *image_block(*IMAGE_GRID), 8, 9, 10]]), pixel_values=pixels,
-             image_grid_thw=grid),
+        dict(
+            input_ids=torch.tensor([chat_prompt([1, 5, 6], [8, 9])]),
+            pixel_values=pixels,
+            image_grid_thw=grid,
+            geometry_pixel_values=views(),
+        ),
+        dict(
+            input_ids=torch.tensor([[1, 7, *image_block(*IMAGE_GRID), 8, 9, 10]]),
+            pixel_values=pixels,
+            image_grid_thw=grid,
+        ),
     ]
 
     def start(request):

@@ -28,7 +28,10 @@ class OfficialRun:
         config, tensors = self.model.config, self.golden.tensors
         geo, image = config.geometry_token_id, config.image_token_id
         self.recon_ids = torch.cat(
-            [tensors["recon.phase0.packed_text_ids"], self.golden.phase_ids("recon.phase1", "packed_dino_token_indexes", geo)]
+            [
+                tensors["recon.phase0.packed_text_ids"],
+                self.golden.phase_ids("recon.phase1", "packed_dino_token_indexes", geo),
+            ]
         )[None]
         self.recon_views = tensors["recon.phase1.packed_dino_images"][None]
         self.chat_phases = [
@@ -87,7 +90,9 @@ def test_geometry_encoder_features_match_official(run):
         tokens = run.model.model.geometry_encoder(
             run.recon_views.flatten(0, 1).to(run.model.dtype), views_per_scene=run.recon_views.shape[1]
         )
-        chat_tokens = run.model.model.geometry_encoder(run.chat_views.flatten(0, 1).to(run.model.dtype), views_per_scene=1)
+        chat_tokens = run.model.model.geometry_encoder(
+            run.chat_views.flatten(0, 1).to(run.model.dtype), views_per_scene=1
+        )
     assert relative_error(tokens, run.golden.tensors["recon.dino_patch_tokens"]) <= TOLERANCE[run.precision]
     assert relative_error(chat_tokens, run.golden.tensors["chat.dino_patch_tokens"]) <= TOLERANCE[run.precision]
 
@@ -103,7 +108,9 @@ def test_position_ids_match_every_official_phase(run):
     recon_positions = model.compute_position_ids(
         run.recon_ids, None, None, None, model.geometry_grid_thw(run.recon_views)
     )
-    expected = torch.cat([tensors["recon.phase0.packed_text_position_ids"], tensors["recon.phase1.packed_position_ids"]], 1)
+    expected = torch.cat(
+        [tensors["recon.phase0.packed_text_position_ids"], tensors["recon.phase1.packed_position_ids"]], 1
+    )
     assert torch.equal(recon_positions[:, 0], expected)
 
     chat_positions = model.compute_position_ids(

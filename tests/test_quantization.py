@@ -147,7 +147,10 @@ def test_quantized_model_reconstructs_and_generates(checkpoint, reference, metho
     assert all(t.dtype == torch.float32 for t in (actual.camera_poses, actual.world_points, actual.depth))
     rotations = actual.camera_poses[..., :3, :3].double()
     torch.testing.assert_close(
-        rotations @ rotations.transpose(-1, -2), torch.eye(3, dtype=torch.float64).expand_as(rotations), rtol=0, atol=1e-5
+        rotations @ rotations.transpose(-1, -2),
+        torch.eye(3, dtype=torch.float64).expand_as(rotations),
+        rtol=0,
+        atol=1e-5,
     )
     assert bool((actual.depth > 0).all())
     # the decoder's weights moved by the quantization error, the geometry path did not: a small drift, not zero
@@ -171,14 +174,18 @@ def test_a_users_skip_list_still_keeps_the_geometry_parts(checkpoint):
     config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["model.visual"])
     model = G2VLMForConditionalGeneration.from_pretrained(checkpoint, quantization_config=config)
     layers = linear_layers(model)
-    assert all(type(layers[name]) is nn.Linear for name in layers if in_part(name, (*FULL_PRECISION_PARTS, "model.visual")))
+    assert all(
+        type(layers[name]) is nn.Linear for name in layers if in_part(name, (*FULL_PRECISION_PARTS, "model.visual"))
+    )
     assert isinstance(layers["model.language_model.layers.0.self_attn.q_proj"], bitsandbytes().nn.Linear8bitLt)
 
 
 def test_the_backbone_alone_keeps_its_geometry_parts(checkpoint):
     model = G2VLMModel.from_pretrained(checkpoint, quantization_config=bitsandbytes_8bit())
     layers = linear_layers(model)
-    assert all(type(layers[name]) is nn.Linear for name in layers if in_part(name, ("geometry_encoder", "geometry_projector")))
+    assert all(
+        type(layers[name]) is nn.Linear for name in layers if in_part(name, ("geometry_encoder", "geometry_projector"))
+    )
     assert isinstance(layers["language_model.layers.0.self_attn.q_proj"], bitsandbytes().nn.Linear8bitLt)
 
 

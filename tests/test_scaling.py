@@ -28,7 +28,10 @@ def test_offloaded_model_gives_the_same_generation_and_reconstruction(saved_tiny
     model, folder = saved_tiny
     # without an offload folder, transformers 5 offloads to the checkpoint's own safetensors files (no error)
     offloaded = AutoModelForImageTextToText.from_pretrained(
-        folder, device_map="auto", max_memory={"cpu": "2MB"}, offload_folder=tmp_path / "offload" if offload_folder else None
+        folder,
+        device_map="auto",
+        max_memory={"cpu": "2MB"},
+        offload_folder=tmp_path / "offload" if offload_folder else None,
     )
     assert {"cpu", "disk"} <= set(offloaded.hf_device_map.values())
     # no placement splits a decoder layer (both experts + their shared attention), an encoder block or a head block

@@ -91,7 +91,11 @@ def test_a_batch_gets_the_positions_of_its_rows_laid_out_alone():
     ids = torch.tensor([[0] * (width - len(row)) + row for row in (row0, row1)])
     mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in (row0, row1)])
     positions, deltas = get_rope_index(
-        ids, torch.cat([torch.tensor(g) for g in image_grids]), torch.cat([torch.tensor(g) for g in view_grids]), mask, **LAYOUT
+        ids,
+        torch.cat([torch.tensor(g) for g in image_grids]),
+        torch.cat([torch.tensor(g) for g in view_grids]),
+        mask,
+        **LAYOUT,
     )
     for index, row in enumerate((row0, row1)):
         alone, alone_deltas = get_rope_index(

@@ -305,7 +305,10 @@ def stream_reconstruction(
             on_host = select_views(prediction, slice(None))  # waits for the device
             del prediction
             # all of the chunk's views, in its own frame, until `aligned`
-            previous = ReconstructedChunk(index, new_views, on_host, pixels, Similarity.identity(), None, descriptors), shared
+            previous = (
+                ReconstructedChunk(index, new_views, on_host, pixels, Similarity.identity(), None, descriptors),
+                shared,
+            )
         if previous is not None:
             yield aligned(*previous)
 

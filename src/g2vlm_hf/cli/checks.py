@@ -79,7 +79,6 @@ def check_reconstruct_outputs(args: argparse.Namespace) -> list[Path]:
     return [output, colmap_target]
 
 
-
 def check_view_counts(args: argparse.Namespace, source: ViewSource, max_views: int) -> None:
     """The counts a model pass takes (the processor's `max_views`): all views in one pass, or a chunk, and the views
     a question is asked on; checked before the model is loaded or any view decoded."""

@@ -249,9 +249,15 @@ def convert_official_checkpoint(
         mapping = map_official_keys(official_shapes, expected_state_dict_shapes(config))
         state_dict = {
             new: checkpoint.get_tensor(old)
-            for old, new in logging.tqdm(mapping.items(), desc="Renaming weights", disable=not logging.is_progress_bar_enabled())
+            for old, new in logging.tqdm(
+                mapping.items(), desc="Renaming weights", disable=not logging.is_progress_bar_enabled()
+            )
         }
-    config.dtype = {"BF16": torch.bfloat16, "F16": torch.float16}.get(dtypes.pop(), torch.float32) if len(dtypes) == 1 else torch.float32
+    config.dtype = (
+        {"BF16": torch.bfloat16, "F16": torch.float16}.get(dtypes.pop(), torch.float32)
+        if len(dtypes) == 1
+        else torch.float32
+    )
     config.architectures = [G2VLMForConditionalGeneration.__name__]
 
     # the previous output is replaced only once the new one is complete; one writer at a time

@@ -41,7 +41,9 @@ def _flex_call(query, key, value, block_mask, scale, enable_gqa):
 
 
 FLEX_COMPILE = torch.compile(_flex_call, dynamic=False)
-LIMIT_NAME = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+LIMIT_NAME = (
+    "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+)  # torch < 2.7
 
 
 def flex_length(length: int) -> int:
@@ -134,4 +136,12 @@ def attend_flex_blocks(
     return output[:, :, :q_len].transpose(1, 2)
 
 
-__all__ = ["FLEX_COMPILE", "FLEX_GRAPH_LIMIT", "FlexBlocks", "FlexGraphLimitReached", "attend_flex_blocks", "flex_length", "prefix_block_mask"]
+__all__ = [
+    "FLEX_COMPILE",
+    "FLEX_GRAPH_LIMIT",
+    "FlexBlocks",
+    "FlexGraphLimitReached",
+    "attend_flex_blocks",
+    "flex_length",
+    "prefix_block_mask",
+]

@@ -34,7 +34,7 @@ def default_cache_implementation(
     model_kwargs: dict[str, Any],
     generation_mode: GenerationMode,
 ) -> str | None:
-    """"static" when `generate()` on CUDA leaves the choice of cache to the model; None to keep transformers' choice."""
+    """`"static"` when `generate()` on CUDA leaves the choice of cache to the model; None to keep transformers' choice."""
     user_chose = (
         generation_config.cache_implementation is not None
         or output_cache(model_kwargs) is not None

@@ -41,7 +41,11 @@ class G2VLMGeometryEncoderAttention(Dinov2WithRegistersAttention):
         self.packed_windows = packed_windows
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, views_per_scene: int = 1, **kwargs
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        views_per_scene: int = 1,
+        **kwargs,
     ) -> tuple[torch.Tensor, None]:
         num_views_total, tokens_per_view, _ = hidden_states.shape
         if self.packed_windows:

@@ -121,7 +121,10 @@ def geometry_losses(
     view_mean = (depth * mask).flatten(2).sum(-1) / mask.flatten(2).sum(-1).clamp_min(1)
     pixel_weight = 1.0 / (torch.maximum(depth, 0.1 * view_mean[..., None, None]) + 1e-6)
     scale = torch.stack(
-        [weighted_l1_scale(local[b][mask[b]], target_local[b][mask[b]], pixel_weight[b][mask[b]]) for b in range(len(local))]
+        [
+            weighted_l1_scale(local[b][mask[b]], target_local[b][mask[b]], pixel_weight[b][mask[b]])
+            for b in range(len(local))
+        ]
     ).view(-1, 1, 1, 1, 1)
 
     def point_errors(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -135,15 +138,15 @@ def geometry_losses(
         losses["confidence"] = F.binary_cross_entropy_with_logits(prediction["confidence"].float()[mask], reliable)
         total = total + weights.confidence * losses["confidence"]
     if prediction.get("global_points") is not None:
-        losses["global_points"] = point_errors(prediction["global_points"].float() / predicted_scale, target_global).mean()
+        losses["global_points"] = point_errors(
+            prediction["global_points"].float() / predicted_scale, target_global
+        ).mean()
         total = total + weights.global_points * losses["global_points"]
 
     poses = scale_translations(prediction["camera_poses"].float(), scale.view(-1) / predicted_scale.view(-1))
     if poses.shape[1] > 1:
         predicted_pairs, target_pairs = relative_poses(poses), relative_poses(target_poses)
-        losses["camera_translation"] = F.huber_loss(
-            predicted_pairs[..., :3, 3], target_pairs[..., :3, 3], delta=0.1
-        )
+        losses["camera_translation"] = F.huber_loss(predicted_pairs[..., :3, 3], target_pairs[..., :3, 3], delta=0.1)
         losses["camera_rotation"] = rotation_angle(predicted_pairs[..., :3, :3], target_pairs[..., :3, :3]).mean()
         losses["camera"] = weights.camera_translation * losses["camera_translation"] + losses["camera_rotation"]
         total = total + weights.camera * losses["camera"]

@@ -19,7 +19,9 @@ class G2VLMRotary2D(nn.Module):
         super().__init__()
         self.theta = theta
 
-    def embeddings(self, positions: torch.Tensor, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def embeddings(
+        self, positions: torch.Tensor, head_dim: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin tables `(1, seq, 1, head_dim)` for `(batch, seq, heads, head_dim)` states, computed once
         per forward and shared by every block. The sin table carries the signs of the quarter swap (see `apply`)."""
         half = head_dim // 2
@@ -131,7 +133,9 @@ class G2VLMHeadCrossBlock(GradientCheckpointingLayer):
         self.norm3 = nn.LayerNorm(dim, eps=eps)
         self.mlp = G2VLMHeadMLP(dim, int(dim * config.head_mlp_ratio))
 
-    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, context: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
         hidden_states = hidden_states + self.attn(self.norm1(hidden_states), rope)
         context = self.norm_y(context)
         hidden_states = hidden_states + self.cross_attn(self.norm2(hidden_states), context, rope)

@@ -78,7 +78,9 @@ class G2VLMModel(G2VLMPreTrainedModel):
             `last_hidden_state` holds the vision tower's states before the merger.
         """
         if self.visual is None:
-            raise ValueError("This model has no semantic image encoder (it is reconstruction-only): pass no pixel_values.")
+            raise ValueError(
+                "This model has no semantic image encoder (it is reconstruction-only): pass no pixel_values."
+            )
         if image_grid_thw is None:
             raise ValueError("`pixel_values` need their `image_grid_thw` (the processor returns both).")
         outputs = self.visual(pixel_values.to(self.visual.dtype), grid_thw=image_grid_thw, **kwargs)
@@ -122,10 +124,14 @@ class G2VLMModel(G2VLMPreTrainedModel):
         if past_length and not has_media:
             deltas = previous_deltas if previous_deltas is not None else torch.zeros(1, 1, dtype=torch.long)
             positions = torch.arange(past_length, past_length + input_ids.shape[1], device=input_ids.device)
-            return (positions.view(1, 1, -1) + deltas.to(input_ids.device).view(1, -1, 1)).expand(3, input_ids.shape[0], -1)
+            return (positions.view(1, 1, -1) + deltas.to(input_ids.device).view(1, -1, 1)).expand(
+                3, input_ids.shape[0], -1
+            )
         start_positions = None
         if past_length:
-            deltas = previous_deltas if previous_deltas is not None else torch.zeros(input_ids.shape[0], 1, dtype=torch.long)
+            deltas = (
+                previous_deltas if previous_deltas is not None else torch.zeros(input_ids.shape[0], 1, dtype=torch.long)
+            )
             start_positions = past_length + deltas.view(-1).to(input_ids.device).expand(input_ids.shape[0])
         chunk_mask = attention_mask[:, -input_ids.shape[1] :] if is_padding_mask(attention_mask) else None
         position_ids, _ = get_rope_index(
@@ -212,7 +218,10 @@ class G2VLMModel(G2VLMPreTrainedModel):
         if geometry_pixel_values is not None:
             geometry_pixel_values = as_geometry_pixel_values(geometry_pixel_values, self.config.geometry_patch_size)
         if input_ids is None:
-            if geometry_pixel_values is not None and self.config.geometry_token_id >= self.config.text_config.vocab_size:
+            if (
+                geometry_pixel_values is not None
+                and self.config.geometry_token_id >= self.config.text_config.vocab_size
+            ):
                 raise ValueError(
                     "The geometry placeholder id lies outside the embedding matrix, so it cannot be found in "
                     "`inputs_embeds`: pass the prompt's `input_ids` together with `inputs_embeds`."
@@ -276,7 +285,9 @@ class G2VLMModel(G2VLMPreTrainedModel):
         if rope_deltas is None or image_mask is not None or geometry_mask is not None:
             # a prompt, or a chunk with images: the deltas change; text after them keeps them (no work per step)
             chunk_mask = attention_mask[:, -input_ids.shape[1] :] if is_padding_mask(attention_mask) else None
-            rope_deltas = rope_deltas_of(position_ids, chunk_mask, cache.get_seq_length() if cache is not None else None)
+            rope_deltas = rope_deltas_of(
+                position_ids, chunk_mask, cache.get_seq_length() if cache is not None else None
+            )
             if cache is not None:
                 setattr(cache, ROPE_DELTAS_ATTRIBUTE, rope_deltas)
         return G2VLMModelOutputWithPast(
@@ -359,8 +370,10 @@ def scatter_features(
     """Put `features` (one row per placeholder token, in order) in place of the placeholders."""
     torch_compilable_check(
         placeholder_mask.sum() == features.shape[0],
-        lambda: f"The prompt has {int(placeholder_mask.sum())} {kind} placeholder tokens but the {kind} inputs give "
-        f"{features.shape[0]} features: build `input_ids` with the processor so that both agree.",
+        lambda: (
+            f"The prompt has {int(placeholder_mask.sum())} {kind} placeholder tokens but the {kind} inputs give "
+            f"{features.shape[0]} features: build `input_ids` with the processor so that both agree."
+        ),
     )
     features = features.to(inputs_embeds.device, inputs_embeds.dtype)
     return inputs_embeds.masked_scatter(placeholder_mask.unsqueeze(-1), features)
@@ -522,7 +535,9 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
         """transformers' causal LM loss, with the image and geometry placeholders never taken as targets and a zero
         loss (still in the graph) for a batch that supervises no token, as happens in mixed reconstruction/chat
         batches."""
-        placeholder_ids = torch.tensor([self.config.image_token_id, self.config.geometry_token_id], device=labels.device)
+        placeholder_ids = torch.tensor(
+            [self.config.image_token_id, self.config.geometry_token_id], device=labels.device
+        )
         labels = labels.masked_fill(torch.isin(labels, placeholder_ids), -100)
         vocab_size = self.config.text_config.vocab_size
         out_of_range = (labels != -100) & ((labels < 0) | (labels >= vocab_size))
@@ -593,7 +608,11 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
                 model_inputs.pop(key, None)
             elif kwargs.get(key) is not None:  # `generate()` drops them for an assistant's prefill too
                 model_inputs[key] = kwargs[key]
-        if prefill and model_inputs.get("attention_mask") is not None and not is_padding_mask(model_inputs["attention_mask"]):
+        if (
+            prefill
+            and model_inputs.get("attention_mask") is not None
+            and not is_padding_mask(model_inputs["attention_mask"])
+        ):
             # With a static cache `generate()` prepares plain causal 4D masks; the prompt needs its image blocks,
             # which the model builds from the 2D padding mask (or none) and the placeholders.
             model_inputs["attention_mask"] = attention_mask
@@ -699,7 +718,9 @@ class G2VLMForReconstruction(G2VLMPreTrainedModel):
         **kwargs,
     ) -> G2VLMReconstructionOutput:
         """Same as [`G2VLMForConditionalGeneration.reconstruct`]."""
-        return reconstruct_scenes(self.model, self.geometry_heads, input_ids, geometry_pixel_values, attention_mask, **kwargs)
+        return reconstruct_scenes(
+            self.model, self.geometry_heads, input_ids, geometry_pixel_values, attention_mask, **kwargs
+        )
 
     reconstruct = forward
 

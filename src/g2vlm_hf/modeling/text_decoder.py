@@ -7,7 +7,6 @@ Leaf names: the semantic expert keeps the Qwen2 names (`q_proj`, `k_proj`, `v_pr
 `geo_attn_layer_scale` and `geo_mlp_layer_scale`.
 """
 
-
 from collections.abc import Callable
 
 import torch

@@ -109,6 +109,8 @@ def _fetch_url(url: str) -> Image.Image:
         return transformers_load_image(url, timeout=URL_TIMEOUT_S)
     except Exception as error:  # network errors, HTTP error pages, undecodable bytes
         raise ValueError(f"Could not read an image from {url} ({type(error).__name__}: {error}).") from error
+
+
 def _check_pixels(size: tuple[int, int], name: str) -> None:
     """Refuse empty images and images over `MAX_IMAGE_PIXELS` with a clear error."""
     width, height = size

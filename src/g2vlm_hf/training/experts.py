@@ -40,7 +40,9 @@ class TrainableReport:
     per_group: dict[str, tuple[int, int]] = field(default_factory=dict)  # group -> (trainable, total)
 
     def __str__(self) -> str:
-        lines = [f"trainable {self.trainable:,} / {self.total:,} parameters ({100 * self.trainable / max(self.total, 1):.2f}%)"]
+        lines = [
+            f"trainable {self.trainable:,} / {self.total:,} parameters ({100 * self.trainable / max(self.total, 1):.2f}%)"
+        ]
         lines += [f"  {group}: {t:,} / {n:,}" for group, (t, n) in self.per_group.items()]
         return "\n".join(lines)
 
