@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from g2vlm_hf.modeling.token_layout import get_block_ids, get_rope_index
+from g2vlm_hf.modeling.token_layout import TEXT_BLOCK_ID, block_last_index, get_block_ids, get_rope_index
 
 IMG, GEO, START, END = 90, 91, 92, 93
 LAYOUT = dict(image_token_id=IMG, geometry_token_id=GEO, spatial_merge_size=2)
@@ -105,3 +107,56 @@ def test_a_batch_gets_the_positions_of_its_rows_laid_out_alone():
         assert deltas[index, 0] == alone_deltas[0, 0] - (width - len(row))  # same next position, later index
     # the second image of row 1 starts where the first one's extent (max(1, 1, 2) = 2) leaves off
     assert positions[:, 1, width - len(row1) + 4].tolist() == [2 + 2, 2 + 2, 2 + 2]
+
+
+# --- the attention blocks as a property: random prompts whose layout is known by construction ---------------------
+
+SEGMENTS = st.lists(
+    st.tuples(st.sampled_from(["text", "image", "geometry"]), st.integers(min_value=1, max_value=3)),
+    min_size=1,
+    max_size=7,
+)
+
+
+@st.composite
+def padded_batches(draw) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """Rows of random text, images and geometry views (each placeholder run between its markers), padded on either end
+    to one width with id 0, and the block each token belongs to as the rule says: an image with its markers is a
+    block, views that directly follow each other are one block (a scene), text and padding are -1."""
+    rows, blocks = [], []
+    for _ in range(draw(st.integers(min_value=1, max_value=3))):
+        ids, row_blocks, count, previous = [], [], 0, None
+        for kind, length in draw(SEGMENTS):
+            if kind == "text":
+                ids += draw(st.lists(st.integers(min_value=1, max_value=9), min_size=length, max_size=length))
+                row_blocks += [TEXT_BLOCK_ID] * length
+            else:
+                count += 0 if kind == previous == "geometry" else 1
+                ids += [START, *[IMG if kind == "image" else GEO] * length, END]
+                row_blocks += [count - 1] * (length + 2)
+            previous = kind
+        rows.append(ids)
+        blocks.append(row_blocks)
+    width = max(len(ids) for ids in rows) + draw(st.integers(min_value=0, max_value=2))
+    left = draw(st.booleans())  # the processor pads on one side for the whole batch
+    batch_ids, batch_mask, batch_blocks = [], [], []
+    for ids, row_blocks in zip(rows, blocks):
+        pad = width - len(ids)
+        batch_ids.append([0] * pad + ids if left else ids + [0] * pad)
+        batch_mask.append([0] * pad + [1] * len(ids) if left else [1] * len(ids) + [0] * pad)
+        batch_blocks.append([TEXT_BLOCK_ID] * pad + row_blocks if left else row_blocks + [TEXT_BLOCK_ID] * pad)
+    return batch_ids, batch_mask, batch_blocks
+
+
+@settings(max_examples=300, deadline=None)
+@given(padded_batches())
+def test_blocks_and_their_last_keys_follow_the_rule_for_any_layout(batch):
+    ids, mask, expected = batch
+    blocks = get_block_ids(torch.tensor(ids), torch.tensor(mask), **BLOCKS)
+    assert blocks.tolist() == expected
+    # each token attends up to itself (text, padding) or to the last token of its block
+    last = block_last_index(blocks).tolist()
+    for row, row_blocks in zip(last, expected):
+        for index, block in enumerate(row_blocks):
+            ends = [i for i, other in enumerate(row_blocks) if other == block] if block != TEXT_BLOCK_ID else [index]
+            assert row[index] == max(ends), (index, row_blocks)
