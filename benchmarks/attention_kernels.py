@@ -5,8 +5,9 @@ At 16 views of 518x518 that block is 21,936 tokens and its attention is more tha
 kernel that runs it sets how close the trunk can come to its floor. The default path hands it to torch's varlen
 kernel (FlashAttention 2) on CUDA in half precision; sdpa's own backends (flash, cuDNN, memory-efficient) run the
 same unmasked block too. Each kernel gets the same random queries, keys and values (grouped-query heads as the
-model's: the key/value heads are repeated where a kernel does not group them); a row gives its best time, its
-TFLOP/s, its share of the measured matmul peak and its relative difference from the first kernel that ran.
+model's: the sdpa rows repeat the key/value heads inside the timed call, as the varlen adapter does before torch
+2.12, a copy of about 135 MB at 16 views against some 3 TFLOP of attention); a row gives its best time, its TFLOP/s,
+its share of the measured matmul peak and its relative difference from the first kernel that ran.
 
     python benchmarks/attention_kernels.py                   # CUDA, bf16, the 16-view block of the full config
     python benchmarks/attention_kernels.py --views 4 --tiny  # the CPU, float32, the tiny config's widths

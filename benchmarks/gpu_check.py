@@ -858,7 +858,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--tiny-flex",
         action="store_true",
-        help="with --tiny: include flex_attention and the compiled decoder layers (minutes)",
+        help="with --tiny: include flex_attention and the compiled decoder layers and head blocks (minutes)",
     )
     args = parser.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
