@@ -14,12 +14,13 @@ import torch
 from conftest import Call, recording, spy_calls, tiny_config, tiny_model
 from test_model import GRID_H, GRID_W, IMAGE_GRID, VIEWS, chat_prompt, geometry_block, image_patches, views
 from torch.nn.attention.flex_attention import BlockMask
-from transformers import DynamicCache, modeling_flash_attention_utils
+from transformers import DynamicCache, StaticCache, modeling_flash_attention_utils
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from g2vlm_hf.modeling import block_attention, text_decoder
 from g2vlm_hf.modeling.block_attention import attend_query_chunks, prefix_layout
+from g2vlm_hf.modeling.compat import cache_kwargs
 from g2vlm_hf.modeling.token_layout import TEXT_BLOCK_ID
 from g2vlm_hf.modeling.varlen_attention import attend_packed_runs, pack_runs
 
@@ -68,7 +69,8 @@ def reference_varlen_attention(
 
 def flash_attention_stand_in(varlen_kernel=reference_varlen_attention):
     """transformers' flash-attention function in plain PyTorch: packed sequences with `cu_seq_lens_q/k` go to
-    `varlen_kernel`; otherwise a 2D padding mask and a causal mask aligned bottom-right."""
+    `varlen_kernel`; otherwise a 2D padding mask (key buffers longer than it cut to its length, as transformers does
+    for a static cache) and a causal mask aligned bottom-right."""
 
     def flash_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                         cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None, **kwargs):  # fmt: skip
@@ -80,6 +82,9 @@ def flash_attention_stand_in(varlen_kernel=reference_varlen_attention):
                 max_seqlen_k=max_length_k, dropout_p=dropout, softmax_scale=scaling, causal=is_causal,
             )  # fmt: skip
             return output.view(query.shape[0], -1, *output.shape[1:]), None
+        if attention_mask is not None and key.shape[2] > attention_mask.shape[-1]:
+            # a static cache's buffers are longer than the 2D mask: transformers' flash function cuts them to it
+            key, value = key[:, :, : attention_mask.shape[-1]], value[:, :, : attention_mask.shape[-1]]
         q_len, kv_len = query.shape[2], key.shape[2]
         allowed = bottom_right_causal_mask(q_len, kv_len, query.device)[None, None]
         if attention_mask is not None:
@@ -268,16 +273,35 @@ def test_the_varlen_calls_run_through_transformers_flash_attention_function(monk
     assert query_slices == []
 
 
-def test_flash_path_generates_like_sdpa_with_a_cache(flash_path_on_cpu):
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+def test_flash_path_generates_like_sdpa_with_a_cache(flash_path_on_cpu, cache_implementation):
     inputs = padded_chat_inputs()
     reference, flash = tiny_model(seed=2), flash_path_on_cpu(tiny_model(seed=2))
     with torch.no_grad():
         expected = reference.generate(**inputs, max_new_tokens=5, do_sample=False)
     flash_path_on_cpu.query_slices.clear()  # sdpa's, the reference's
     with torch.no_grad():
-        actual = flash.generate(**inputs, max_new_tokens=5, do_sample=False)
+        actual = flash.generate(**inputs, max_new_tokens=5, do_sample=False, cache_implementation=cache_implementation)
     assert torch.equal(actual, expected)
     flash_path_on_cpu.assert_packed(flash, int(inputs["attention_mask"].sum()))  # the prompt; decode steps are text
+
+
+def test_flash_path_prefills_a_static_cache_like_eager(flash_path_on_cpu):
+    # On CUDA a chat's prompt goes through the packed runs into a static cache (the default there): its key buffers
+    # are longer than the prompt, so each row's keys lie a buffer apart in the flattened keys, not a prompt apart.
+    inputs = padded_chat_inputs()
+    reference, flash = tiny_model(seed=2), flash_path_on_cpu(tiny_model(seed=2))
+    reference.set_attn_implementation("eager")
+    length = inputs["input_ids"].shape[1]
+    cache = StaticCache(config=flash.config, max_cache_len=length + 7)
+    with torch.no_grad():
+        expected = reference(**inputs).logits
+        actual = flash(**inputs, **cache_kwargs(cache), use_cache=True).logits
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(actual[valid], expected[valid], rtol=1e-4, atol=1e-5)
+    flash_path_on_cpu.assert_packed(flash, int(valid.sum()))
+    key_buffer = cache.layers[0].keys
+    assert key_buffer.shape[2] == length + 7 and key_buffer.shape[0] == 2  # the longer buffer was in play, batched
 
 
 def test_flex_attention_matches_eager(monkeypatch):
