@@ -157,6 +157,25 @@ def test_flash_attention_2_without_the_package_uses_torch_varlen_and_downloads_n
     torch.testing.assert_close(actual[valid], eager_logits(inputs)[valid], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.skipif(torch_varlen.TORCH_VARLEN_KERNEL is None, reason="torch < 2.10 has no varlen kernel")
+def test_flash_attention_2_for_the_text_alone_leaves_the_encoders_choices(offline, tmp_path):
+    tiny_model(seed=2).save_pretrained(tmp_path)
+    per_part = {"": "flash_attention_2", "text_config": "flash_attention_2", "vision_config": "sdpa"}
+    loaded = G2VLMForConditionalGeneration.from_pretrained(
+        tmp_path, attn_implementation={**per_part, "geometry_config": "eager"}
+    )
+    switched = tiny_model(seed=2)
+    switched.set_attn_implementation({"text_config": "flash_attention_2", "geometry_config": "eager"})
+    for model in (loaded, switched):
+        config = model.config
+        assert config.text_config._attn_implementation == "torch_varlen"
+        assert (config.vision_config._attn_implementation, config.geometry_config._attn_implementation) == (
+            "sdpa",
+            "eager",
+        )
+    assert not any("/" in implementation for implementation in offline)
+
+
 def test_without_any_flash_kernel_the_error_names_the_alternatives(offline, monkeypatch):
     monkeypatch.setattr(torch_varlen, "TORCH_VARLEN_KERNEL", None)
     with pytest.raises(ImportError, match="attn_implementation='sdpa'"):
