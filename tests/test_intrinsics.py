@@ -70,6 +70,51 @@ def test_view_without_usable_pixels_gives_nan_not_an_error():
         estimate_intrinsics(local[..., :2])
 
 
+def test_one_view_unbatched_and_every_pixel_kept_at_quantile_zero():
+    height, width, focal = 24, 32, 28.8
+    local, _ = rendered_local_points(height, width, focal)
+    one_view = estimate_intrinsics(local[1])  # (H, W, 3): no batch dimension
+    assert one_view.shape == (3, 3)
+    torch.testing.assert_close(one_view, estimate_intrinsics(local)[1])
+    noisy = local.clone()
+    noisy[:, ::3] *= torch.tensor([1.7, 0.4, 1.0], dtype=torch.float64)  # wrong rays on every third row
+    confidence = torch.rand(2, height, width, dtype=torch.float64)
+    kept_all = estimate_intrinsics(noisy, confidence, confidence_quantile=0.0)
+    torch.testing.assert_close(kept_all, estimate_intrinsics(noisy))
+    assert (kept_all - pinhole(focal, height, width)).abs().max() > 1.0
+
+
+def test_unusable_points_stay_out_whatever_their_confidence():
+    height, width, focal = 24, 32, 28.8
+    local, _ = rendered_local_points(height, width, focal)
+    bad = torch.from_numpy(np.random.default_rng(1).random((2, height, width)) < 0.3)
+    broken = local.clone()
+    broken[bad & (torch.arange(width) % 2 == 0)] = torch.nan
+    broken[..., 2][bad & (torch.arange(width) % 2 == 1)] *= -1.0  # behind the camera
+    confidence = torch.full((2, height, width), 3.0, dtype=torch.float64)  # finite everywhere, bad points included
+    for view in estimate_intrinsics(broken, confidence, confidence_quantile=0.0):
+        torch.testing.assert_close(view, pinhole(focal, height, width), atol=1e-6, rtol=1e-9)
+
+
+def test_an_axis_whose_rays_do_not_vary_gives_nan_there():
+    # Only one column of view 1 is usable: its rays vary along y but along x only by the rounding of the renderer's
+    # float32 points (about 1e-8), so fx and cx are not determined (NaN, as documented) while fy and cy are fitted.
+    height, width, focal = 24, 32, 28.8
+    local, _ = rendered_local_points(height, width, focal)
+    column = torch.zeros(height, width, dtype=torch.bool)
+    column[:, 7] = True
+    rays_x = local[1, :, 7, 0] / local[1, :, 7, 2]
+    assert 0 < rays_x.var() < 1e-12  # not exactly constant: the guard, not a division by zero, gives the NaN
+    intrinsics = estimate_intrinsics(local[1], valid_mask=column)
+    assert torch.isnan(intrinsics[0, [0, 2]]).all()
+    torch.testing.assert_close(intrinsics[1, [1, 2]], pinhole(focal, height, width)[1, [1, 2]], atol=1e-6, rtol=1e-9)
+    two = torch.zeros(height, width, dtype=torch.bool)
+    two[3, 5] = two[17, 20] = True  # two pixels apart on both axes determine both lines
+    torch.testing.assert_close(
+        estimate_intrinsics(local[1], valid_mask=two), pinhole(focal, height, width), atol=1e-5, rtol=1e-9
+    )
+
+
 def test_rescale_maps_to_the_renderers_intrinsics_at_another_size():
     # The same camera rendered at 24x32 and at 48x96 (focal scaled with the width, aspect changed by a resize).
     small = estimate_intrinsics(rendered_local_points(24, 32, 28.8)[0])[0]
@@ -77,6 +122,9 @@ def test_rescale_maps_to_the_renderers_intrinsics_at_another_size():
     expected = torch.tensor([[28.8 * 3, 0.0, 48.0], [0.0, 28.8 * 2, 24.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
     torch.testing.assert_close(mapped, expected, atol=1e-6, rtol=1e-9)
     torch.testing.assert_close(rescale_intrinsics(mapped, (48, 96), (24, 32)), small)
+    for sizes in [((24, 0), (48, 96)), ((24, 32), (-48, 96)), ((24,), (48, 96)), ((24, 32), (48, 96, 3))]:
+        with pytest.raises(ValueError, match="positive \\(height, width\\) pairs"):
+            rescale_intrinsics(small, *sizes)
 
 
 def test_reconstruction_output_carries_intrinsics():
