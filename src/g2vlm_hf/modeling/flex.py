@@ -10,13 +10,13 @@ took 5.6 s and 80 GiB instead of 0.98 s). Here, for a chunk with image blocks:
   one `mask_mod` whose code never changes and which reads only tensors;
 - the `BlockMask` is made directly from that rule at block granularity (`(q / 128) x (keys / 128)` entries, tensor
   operations, no compile, no tokens x tokens mask);
-- queries and keys are padded to a few lengths (`flex_length`: multiples of 128, then four steps per doubling, at
-  most 25% padding; padded queries see nothing and padded keys are never seen), and flex is compiled once per
-  process through its own function (`FLEX_COMPILE`, static shapes: the CPU compiler fails on dynamic shapes with
-  such masks in torch 2.13), so a graph is made per (length bucket, batch size, dtype) and reused; the bound is
-  enforced: `FLEX_GRAPH_LIMIT` graphs (64) for this function, apart from transformers' own flex graphs (text chunks
-  and decode steps keep transformers' path); past it the chunk goes to sdpa by query slices (one log line) instead
-  of an uncompiled flex.
+- queries and keys are padded to a few lengths (`flex_length`: multiples of 128, then four steps per doubling from
+  512 on, so the padding is under a block or under a quarter of the length; padded queries see nothing and padded
+  keys are never seen), and flex is compiled once per process through its own function (`FLEX_COMPILE`, static
+  shapes: the CPU compiler fails on dynamic shapes with such masks in torch 2.13), so a graph is made per (length
+  bucket, batch size, dtype) and reused; the bound is enforced: `FLEX_GRAPH_LIMIT` graphs (64) for this function,
+  apart from transformers' own flex graphs (text chunks and decode steps keep transformers' path); past it the
+  chunk goes to sdpa by query slices (one log line) instead of an uncompiled flex.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ LIMIT_NAME = (
 
 
 def flex_length(length: int) -> int:
-    """The padded length of `length` tokens: 128, then multiples of a quarter of the power of two below it."""
+    """The padded length of `length` tokens: a multiple of 128 and of a quarter of the power of two below `length`
+    (36 lengths up to 128k tokens; the padding is under one block of 128 or under a quarter of `length`)."""
     if length <= FLEX_BLOCK:
         return FLEX_BLOCK
     step = max((1 << ((length - 1).bit_length() - 1)) // 4, FLEX_BLOCK)
