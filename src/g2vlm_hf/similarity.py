@@ -227,7 +227,7 @@ def _robust_start(source: torch.Tensor, target: torch.Tensor, prior: torch.Tenso
 def _redescend(
     fit: Similarity, source: torch.Tensor, target: torch.Tensor, prior: torch.Tensor, iterations: int, tolerance: float
 ) -> Similarity:
-    """Tukey-biweight refits from the Huber fit `fit`, with the residual scale fixed at its value for `fit` (an
+    """Tukey-biweight refits from the robust start `fit`, with the residual scale fixed at its value for `fit` (an
     MM-estimate): correspondences beyond `TUKEY_SIGMA_MULTIPLE` sigma get weight 0."""
     residual = (fit.apply(source) - target).norm(dim=1)
     sigma = float(weighted_median(residual, prior)) / CHI3_MEDIAN
