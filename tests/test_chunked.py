@@ -178,6 +178,24 @@ def test_weighted_umeyama_equals_repeating_the_points():
     torch.testing.assert_close(weighted[2], plain[2])
 
 
+def test_umeyama_is_exact_from_three_points_and_refuses_bad_weights():
+    rng = np.random.default_rng(3)
+    truth = random_similarity(rng)
+    source = torch.from_numpy(rng.normal(size=(3, 3)))  # the fewest points that fix a similarity
+    scale, rotation, translation = umeyama(source, truth.apply(source))
+    assert scale == pytest.approx(truth.scale, rel=1e-10)
+    torch.testing.assert_close(rotation, truth.rotation)
+    torch.testing.assert_close(translation, truth.translation)
+    torch.testing.assert_close(torch.det(rotation), torch.tensor(1.0, dtype=torch.float64))
+    source = torch.from_numpy(rng.normal(size=(6, 3)))
+    target = truth.apply(source)
+    for weights in ([1.0, 1, 1, 1, 1, -1], [1.0, 1, 1, 1, 1, float("nan")], [1.0, 1, 1, 1, 1]):
+        with pytest.raises(ValueError, match="weights must be 6 finite non-negative numbers"):
+            umeyama(source, target, torch.tensor(weights))
+    with pytest.raises(ValueError, match="at least 3 corresponding points of positive weight, got 2"):
+        umeyama(source, target, torch.tensor([1.0, 1, 0, 0, 0, 0]))
+
+
 def test_robust_fit_ignores_outliers_and_non_finite_points():
     rng = np.random.default_rng(1)
     truth = random_similarity(rng)
@@ -193,6 +211,39 @@ def test_robust_fit_ignores_outliers_and_non_finite_points():
     plain = Similarity(*umeyama(source[finite], target[finite]))
     # the least-squares fit is pulled far off by the same outliers
     assert abs(plain.scale - truth.scale) > 20 * abs(fit.scale - truth.scale)
+
+
+def test_correspondences_beyond_six_sigma_have_no_influence():
+    # Tukey's cut-off is 6 sigma, sigma read off the median residual norm (/ 1.5382): a tenth of the points moved by
+    # 9 sigma, one way (inside the scene, so no far-point filter), leave the fit where the other points alone put it;
+    # they pull least squares by about 0.9 sigma (a cut-off at 14 sigma, sigma taken as the median norm, by 0.5).
+    rng = np.random.default_rng(4)
+    truth = random_similarity(rng)
+    count, sigma = 2000, 0.01
+    source = torch.from_numpy(rng.normal(size=(count, 3)))
+    target = truth.apply(source) + torch.from_numpy(rng.normal(0, sigma, (count, 3)))
+    target[: count // 10, 0] += 9 * sigma
+    inliers = Similarity(*umeyama(source[count // 10 :], target[count // 10 :]))
+
+    def distance(fit: Similarity) -> float:
+        return float((fit.apply(source) - inliers.apply(source)).norm(dim=1).max())
+
+    assert distance(robust_umeyama(source, target)) < 0.1 * sigma
+    assert distance(Similarity(*umeyama(source, target))) > 0.5 * sigma
+
+
+def test_the_robust_fit_needs_three_usable_correspondences_and_is_exact_with_them():
+    rng = np.random.default_rng(5)
+    truth = random_similarity(rng)
+    source = torch.from_numpy(rng.normal(size=(6, 3)))
+    target = truth.apply(source)
+    weights = torch.tensor([1.0, 2.0, 0.5, 0.0, 0.0, 1.0])
+    target[5] = float("nan")  # three usable correspondences: weights 1, 2 and 0.5
+    fit = robust_umeyama(source, target, weights)
+    assert fit.scale == pytest.approx(truth.scale, rel=1e-9)
+    torch.testing.assert_close(fit.rotation, truth.rotation)
+    with pytest.raises(ValueError, match="Only 0 of 6 correspondences are usable"):
+        robust_umeyama(source, target, torch.zeros(6))  # zero weights are no correspondences
 
 
 def test_confidence_weights_remove_even_a_majority_of_outliers():
