@@ -17,8 +17,15 @@ from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch.nn.attention.flex_attention import BlockMask
 
 from g2vlm_hf.modeling import text_decoder
-from g2vlm_hf.modeling.block_attention import prefix_layout
-from g2vlm_hf.modeling.flex import FLEX_BLOCK, _flex_call, flex_length, prefix_block_mask
+from g2vlm_hf.modeling.block_attention import attend_query_chunks, prefix_layout
+from g2vlm_hf.modeling.flex import (
+    FLEX_BLOCK,
+    FlexBlocks,
+    _flex_call,
+    attend_flex_blocks,
+    flex_length,
+    prefix_block_mask,
+)
 from g2vlm_hf.modeling.token_layout import TEXT_BLOCK_ID
 
 SHAPES = [  # (views, text tokens before the views, left padding of a second row or None)
@@ -143,3 +150,22 @@ def test_the_block_mask_follows_the_prefix_rule_block_by_block(chunk):
     assert whole[classes == 2].all() and not touched[classes == 0].any()
     if attention_mask is None:  # without padding the classification is exact: no block needlessly partial
         assert torch.equal(classes, torch.where(whole, 2, torch.where(touched, 1, 0)))
+
+
+def test_query_heads_that_are_not_a_power_of_two_get_their_key_heads_repeated():
+    # The full-size text model has 12 query heads over 2 key/value heads; flex's grouped-query kernels want a power
+    # of two, so those keys are repeated instead (the tiny config, 4 over 2, takes the grouped path). Against sdpa by
+    # query slices on a padded chunk of two blocks of 128 tokens.
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, q_len, dim = 2, 12, 2, 150, 16
+    query = torch.randn(batch, heads, q_len, dim, generator=generator)
+    key, value = (torch.randn(batch, kv_heads, q_len, dim, generator=generator) for _ in range(2))
+    block_ids = torch.full((batch, q_len), TEXT_BLOCK_ID)
+    block_ids[0, 10:90], block_ids[1, 60:140] = 0, 0
+    attention_mask = torch.ones(batch, q_len, dtype=torch.long)
+    attention_mask[1, :5] = 0
+    layout = prefix_layout(0, attention_mask, block_ids)
+    expected = attend_query_chunks(query, key, value, layout, scaling=dim**-0.5)
+    actual = attend_flex_blocks(query, key, value, FlexBlocks(layout), dim**-0.5)
+    valid = attention_mask.bool()
+    torch.testing.assert_close(actual[valid], expected[valid], rtol=1e-4, atol=1e-5)
