@@ -183,6 +183,12 @@ class LocalFlashAttentionMixin:
             self, resolved, is_init_check=is_init_check, allow_all_kernels=allow_all_kernels
         )
 
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        # transformers < 5.25 checks a sub-model's part of a per-part `set_attn_implementation({...})` here alone
+        return super().get_correct_attn_implementation(
+            local_attention_implementation(requested_attention), is_init_check=is_init_check
+        )
+
 
 __all__ = [
     "TORCH_VARLEN",
