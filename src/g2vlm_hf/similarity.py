@@ -3,8 +3,8 @@
 `umeyama` is the closed-form least-squares fit (Umeyama, 1991), optionally weighted. `robust_umeyama` is an
 MM-estimate in three stages, after leaving out the points far outside either cloud:
 
-1. a start that outliers under half cannot drag away: least median of squares (Rousseeuw, 1984) over fits of 3
-   distinct random correspondences, or the least-squares fit when its median residual is lower (no outliers). A least-squares
+1. a start that outliers under half cannot drag away: least median of squares (Rousseeuw, 1984) over fits of 3 distinct
+   random correspondences, or the least-squares fit when its median residual is lower (no outliers). A least-squares
    start alone can be so far off, with a fifth of the correspondences moderate outliers (inside the scene, where the
    far-point filter does not reach), that no reweighting recovers; a Huber stage, which earlier versions ran here,
    drifts from a good start to a wrong one in that case (its threshold grows with the residuals, the scale shrinks);
@@ -40,8 +40,9 @@ FAR_POINT_MULTIPLE = 10.0
 CHI3_MEDIAN = 1.5382
 # Tukey's biweight cut-off, in that sigma: inliers (99% within 3.4 sigma) keep weights above 0.45, gross outliers get 0.
 TUKEY_SIGMA_MULTIPLE = 6.0
-# The robust start tries this many fits of 3 distinct random correspondences, each scored by its median residual over at most
-# START_SCORED_POINTS of them: with a fifth of outliers, the chance that no sample is all inliers is 0.49^128 = 1e-40.
+# The robust start tries this many fits of 3 distinct random correspondences, each scored by its median residual over
+# at most START_SCORED_POINTS of them: with a fifth of outliers, the chance that no sample is all inliers is
+# 0.49^128 = 1e-40.
 START_SAMPLES = 128
 START_SCORED_POINTS = 1024
 
@@ -172,13 +173,12 @@ def robust_umeyama(
 ) -> Similarity:
     """Similarity mapping `source` onto `target`, robust to outliers (see the module docstring for the method).
 
-    Correspondences where either point is not finite, or whose weight is not finite, are dropped first, and so are
-    those with a point farther from its cloud's median than 10 times the median distance. The start is the
-    least-squares fit or, when its median residual is lower, the best of 128 fits of 3 distinct random correspondences (medians
-    are weighted by `weights`); Tukey iterations follow, weighting by `weight * (1 - (residual / (6 sigma))^2)^2` with
+    Correspondences where either point is not finite, or whose weight is not finite, are dropped first, and so are those
+    with a point farther from its cloud's median than 10 times the median distance. The start is the least-squares fit
+    or, when its median residual is lower, the best of 128 fits of 3 distinct random correspondences (medians are
+    weighted by `weights`); Tukey iterations follow, weighting by `weight * (1 - (residual / (6 sigma))^2)^2` with
     `sigma` the median residual of the start / 1.5382. They stop after `iterations` refits or when the fitted points
-    move by less than `tolerance` (relative to the target's extent). The result is deterministic (the draws are
-    seeded).
+    move by less than `tolerance` (relative to the target's extent). The result is deterministic (the draws are seeded).
 
     Args:
         source: `(M, 3)` points to move.
@@ -211,19 +211,19 @@ def _robust_start(source: torch.Tensor, target: torch.Tensor, prior: torch.Tenso
     least_squares = Similarity(*umeyama(source, target, prior))
     generator = torch.Generator().manual_seed(0)
     scored = torch.randperm(source.shape[0], generator=generator)[:START_SCORED_POINTS]
-    # each sample: 3 distinct correspondences of the scored ones (a repeated one leaves the rotation about the line of
-    # the other two free, and such a fit can still match a weighted majority exactly: two of three points carrying
-    # most of the weight), drawn by prior weight
-    picks = torch.multinomial(prior[scored].expand(START_SAMPLES, -1), 3, replacement=False, generator=generator)
-    drawn = scored[picks]
+    source, target, prior = source[scored], target[scored], prior[scored]  # the start sees the scored ones only
+    # each sample: 3 distinct correspondences (a repeated one leaves the rotation about the line of the other two
+    # free, and such a fit can still match a weighted majority exactly: two of three points carrying most of the
+    # weight), drawn by prior weight
+    drawn = torch.multinomial(prior.expand(START_SAMPLES, -1), 3, replacement=False, generator=generator)
     equal = torch.full((START_SAMPLES, 3), 1.0 / 3.0, dtype=torch.float64)
     scale, rotation, translation, coincident = _fit_similarities(source[drawn], target[drawn], equal)
-    moved = scale[:, None, None] * source[scored] @ rotation.transpose(1, 2) + translation[:, None]
-    medians = weighted_median((moved - target[scored]).norm(dim=-1).T, prior[scored])
+    moved = scale[:, None, None] * source @ rotation.transpose(1, 2) + translation[:, None]
+    medians = weighted_median((moved - target).norm(dim=-1).T, prior)
     medians = medians.masked_fill(coincident | ~scale.isfinite() | (scale <= 0), float("inf"))
     best = int(medians.argmin())
-    residual = (least_squares.apply(source[scored]) - target[scored]).norm(dim=1)
-    if not bool(medians[best] < weighted_median(residual, prior[scored])):
+    residual = (least_squares.apply(source) - target).norm(dim=1)
+    if not bool(medians[best] < weighted_median(residual, prior)):
         return least_squares
     return Similarity(float(scale[best]), rotation[best], translation[best])
 
