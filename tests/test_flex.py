@@ -106,7 +106,8 @@ def block_classes(mask: BlockMask) -> torch.Tensor:
     attends every element."""
     batch, _, q_blocks = mask.kv_num_blocks.shape
     classes = torch.zeros(batch, q_blocks, mask.kv_indices.shape[-1], dtype=torch.long)
-    for value, counts, indices in ((1, mask.kv_num_blocks, mask.kv_indices), (2, mask.full_kv_num_blocks, mask.full_kv_indices)):  # fmt: skip
+    listings = ((1, mask.kv_num_blocks, mask.kv_indices), (2, mask.full_kv_num_blocks, mask.full_kv_indices))
+    for value, counts, indices in listings:
         for row in range(batch):
             for q_block in range(q_blocks):
                 listed = indices[row, 0, q_block, : counts[row, 0, q_block]].long()
