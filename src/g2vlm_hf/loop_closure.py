@@ -125,8 +125,7 @@ def record_view_descriptors(model: Any) -> Iterator[list[torch.Tensor]]:
     (its patch tokens mean-pooled per view, L2-normalised) to the yielded list."""
     recorded: list[torch.Tensor] = []
 
-    def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        tokens = output if isinstance(output, torch.Tensor) else output[0]
+    def hook(module: nn.Module, inputs: Any, tokens: torch.Tensor) -> None:
         pooled = tokens.detach().float().mean(dim=1)
         recorded.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
 
