@@ -157,10 +157,67 @@ def test_a_clear_error_without_scipy(monkeypatch):
         )
 
 
-@pytest.mark.parametrize("options", [dict(similarity_threshold=2.0), dict(window=0), dict(min_co_visible=1.5)])
+BAD_SETTINGS = [
+    dict(similarity_threshold=1.0001), dict(similarity_threshold=-1.0001), dict(min_separation=0), dict(suppression=0),
+    dict(window=0), dict(max_loops=-1), dict(loop_weight=0.0), dict(min_co_visible=-0.01), dict(min_co_visible=1.01),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("options", BAD_SETTINGS)
 def test_bad_settings_are_refused(options):
-    with pytest.raises(ValueError):
+    (name,) = options
+    with pytest.raises(ValueError, match=name):
         LoopClosureConfig(**options)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(similarity_threshold=1.0), dict(similarity_threshold=-1.0), dict(min_separation=1, suppression=1, window=1),
+     dict(max_loops=0), dict(min_co_visible=0.0), dict(min_co_visible=1.0), dict(loop_weight=1e-9)],
+)  # fmt: skip
+def test_the_edges_of_the_settings_are_accepted(options):
+    config = LoopClosureConfig(**options)
+    assert all(getattr(config, name) == value for name, value in options.items())
+
+
+class NoisyPairChunks(StandInModel):
+    """Exact for the stream's chunks (consecutive views); `pair_noise` on every pair chunk of loop verification."""
+
+    def __init__(self, trajectory: LoopTrajectory, pair_noise: float, **options):
+        super().__init__(trajectory, **options)
+        self.pair_noise = pair_noise
+
+    def reconstruct(self, geometry_pixel_values: torch.Tensor, **kwargs):
+        index = geometry_pixel_values[0, :, 0, 0, 0]
+        self.noise = self.pair_noise if bool((index.diff() != 1).any()) else 0.0
+        return super().reconstruct(geometry_pixel_values, **kwargs)
+
+
+def test_a_pair_chunk_that_aligns_badly_onto_the_chain_is_rejected():
+    trajectory = LoopTrajectory(200)
+    model = NoisyPairChunks(trajectory, pair_noise=0.05, **DRIFT)
+    chunks = list(stream_reconstruction(model, index_processor, range(200), CHUNK, OVERLAP, describe_views=True))
+    closed, loops = close_loops(model, index_processor, range(200), chunks)
+    assert len(model.calls) > len(chunks) and loops == []  # verified, and refused ...
+    assert all(after is before for after, before in zip(closed, chunks, strict=True))
+    _, accepted = close_loops(model, index_processor, range(200), chunks, LoopClosureConfig(max_alignment_error=1.0))
+    assert accepted, "without the alignment check the loop is kept"
+    for loop in accepted:  # ... because of the fits alone: the places do overlap
+        assert max(loop.alignment_errors) > LoopClosureConfig().max_alignment_error
+        assert loop.co_visible >= LoopClosureConfig().min_co_visible
+
+
+def test_verifying_the_candidates_shows_a_progress_bar(capsys):
+    logging.enable_progress_bar()
+    trajectory = LoopTrajectory(200)
+    model = StandInModel(trajectory)
+    chunks = list(stream_reconstruction(model, index_processor, range(200), CHUNK, OVERLAP, describe_views=True))
+    capsys.readouterr()
+    _, loops = close_loops(model, index_processor, range(200), chunks)
+    verified = len(model.calls) - len(chunks)
+    assert loops and verified >= len(loops)
+    err = capsys.readouterr().err
+    assert "Verifying loop candidates" in err and f"{verified}/{verified}" in err, err
 
 
 def test_global_points_move_with_their_chunk():

@@ -370,7 +370,8 @@ def close_loops(
        chunk, of the size of a chunk); the pair chunk's points of each place are fitted (`robust_umeyama`) onto the
        chain's aligned points of the same views. A loop is kept when both fits are good (relative error at most
        `max_alignment_error`) and, inside the pair chunk, the second place's points lie on the first place's
-       (co-visible share at least `min_co_visible`): the model saw one place twice, not two places.
+       (co-visible share at least `min_co_visible`): the model saw one place twice, not two places. A progress bar
+       counts the candidates (one model pass each: up to `max_loops` passes, which can take as long as the stream).
     3. Each kept loop measures the similarity between the frames of the two views' chunks (the fit of the first place
        composed with the inverse fit of the second: what moves the chain near the second place onto the pair chunk's
        view of it relative to the first); consecutive chunks are joined by their chained alignments. The pose graph of
@@ -411,7 +412,7 @@ def close_loops(
     owner = [chunk.index for chunk in chunks for _ in chunk.view_indices]
     aligner = ChunkAligner(max_alignment_points)
     loops, edges = [], []
-    for candidate in candidates:
+    for candidate in logging.tqdm(candidates, desc="Verifying loop candidates", unit="candidate"):
         places = (place_window(candidate.first, window, num_views), place_window(candidate.second, window, num_views))
         pair, _, _ = reconstruct_views(
             model, processor, [views[index] for place in places for index in place], **processor_kwargs
