@@ -115,6 +115,45 @@ def test_candidates_skip_temporal_neighbours_and_suppress_duplicates():
     assert find_loop_candidates(descriptors, min_separation=100, suppression=8, threshold=0.9, max_loops=10) == []
 
 
+def brute_force_candidates(descriptors, min_separation, suppression, threshold, max_loops) -> list[tuple[int, int]]:
+    """The candidates as the module docstring defines them, from the whole similarity matrix, one pair at a time."""
+    scores = (descriptors.double() @ descriptors.double().T).numpy()
+    best = []
+    for first in range(len(scores)):
+        partners = range(first + min_separation, len(scores))
+        if partners:
+            second = max(partners, key=lambda other: scores[first, other])
+            if scores[first, second] >= threshold:
+                best.append((first, second))
+    best.sort(key=lambda pair: -scores[pair])
+    kept = []
+    for first, second in best:
+        if all(abs(first - a) >= suppression or abs(second - b) >= suppression for a, b in kept):
+            kept.append((first, second))
+    return kept[:max_loops]
+
+
+def test_candidates_equal_a_brute_force_search_across_row_blocks():
+    """2,100 views: the similarity matrix is computed in blocks of 1,024 rows; loops planted at the blocks' edges, at
+    exactly the least separation (and one view short of it), and two within one suppression block."""
+    rng = np.random.default_rng(3)
+    descriptors = torch.from_numpy(rng.normal(size=(2100, 64)))
+    separation, suppression = 40, 8
+    plants = [(1023, 1023 + separation), (1024, 1900), (0, 2099), (2047, 2047 + separation), (2048, 2095), (500, 1600),
+              (503, 1602), (1200, 1200 + separation - 1)]  # fmt: skip
+    for number, (first, second) in enumerate(plants):
+        descriptors[second] = descriptors[first] + 0.02 * (1 + number) * torch.from_numpy(rng.normal(size=64))
+    descriptors = torch.nn.functional.normalize(descriptors, dim=1).float()
+    for max_loops in (32, 3):
+        found = find_loop_candidates(descriptors, separation, suppression, 0.9, max_loops)
+        expected = brute_force_candidates(descriptors, separation, suppression, 0.9, max_loops)
+        assert [(c.first, c.second) for c in found] == expected
+    assert expected == plants[:3] and len(found) == 3
+    pairs = [(c.first, c.second) for c in find_loop_candidates(descriptors, separation, suppression, 0.9, 32)]
+    assert set(plants[:5]) < set(pairs) and len(pairs) == 6  # one of the twins within a suppression block is kept,
+    assert len(set(pairs) & set(plants[5:7])) == 1 and plants[7] not in pairs  # and the too-close pair is ignored
+
+
 def test_the_pose_graph_recovers_consistent_similarities_from_a_drifted_start():
     rng = np.random.default_rng(5)
     truth = [Similarity.identity()] + [random_similarity(rng) for _ in range(11)]
