@@ -78,6 +78,62 @@ def test_the_refusal_names_every_foreign_path_and_deletes_nothing(tmp_path):
     assert (output / "notes.txt").read_text() == "mine" and (output / "depth" / "d.png").read_bytes() == b"edited"
 
 
+def test_a_link_to_an_earlier_output_is_followed_as_the_early_check_follows_it(tmp_path):
+    """The early check resolves the path; the transaction used to stage beside the link and refuse it at the swap,
+    after all the work."""
+    real = make_output(tmp_path / "real", {"a.txt": b"old"})
+    link = tmp_path / "out"
+    link.symlink_to(real, target_is_directory=True)
+    assert check_output_dir(link, kind="reconstruction", overwrite=True) == real
+    with staged_outputs([link], kinds=["reconstruction"], overwrite=True) as (staging,):
+        (staging / "a.txt").write_bytes(b"new")
+    assert link.is_symlink() and link.resolve() == real and (real / "a.txt").read_bytes() == b"new"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "real"]  # no staging, old folder or lock left
+
+
+def test_a_link_to_a_users_folder_is_refused_before_any_work(tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "data.bin").write_bytes(b"theirs")
+    link = tmp_path / "out"
+    link.symlink_to(theirs, target_is_directory=True)
+    worked = []
+    with (
+        pytest.raises(OutputError, match=r"no .* manifest"),
+        staged_outputs([link], kinds=["reconstruction"], overwrite=True) as stagings,
+    ):
+        worked.append(stagings)
+    assert not worked and (theirs / "data.bin").read_bytes() == b"theirs"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "theirs"]
+
+
+def test_an_output_under_the_home_folder_is_written_there(tmp_path, monkeypatch):
+    """`~` is expanded by the check and the lock; the staging and the swap used the literal path, writing `./~/out`."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    assert check_output_dir("~/out", kind="reconstruction") == home / "out"
+    make_output("~/out", {"a.txt": b"a"})
+    assert (home / "out" / "a.txt").read_bytes() == b"a" and read_manifest(home / "out")["kind"] == "reconstruction"
+    assert list(work.iterdir()) == []
+
+
+def test_the_longest_name_accepted_is_staged_and_swapped_and_a_longer_one_is_refused(tmp_path):
+    """Names are limited to 255 bytes by the file system; the staging folder beside an output adds 24 characters."""
+    for name in ("n" * 215, "é" * 107):  # 215 and 214 bytes
+        target = check_output_dir(tmp_path / name, kind="reconstruction")
+        make_output(target, {"a.txt": b"first"})
+        with staged_outputs([target], kinds=["reconstruction"], overwrite=True) as (staging,):  # old folder aside
+            (staging / "a.txt").write_bytes(b"second")
+        assert (target / "a.txt").read_bytes() == b"second"
+    for name in ("n" * 216, "é" * 108):  # 216 bytes
+        with pytest.raises(OutputError, match="too long"):
+            check_output_dir(tmp_path / name, kind="reconstruction")
+    assert sorted(len(path.name.encode()) for path in tmp_path.iterdir()) == [214, 215]
+
+
 def test_a_file_removed_from_an_output_is_not_foreign(tmp_path):
     output = make_output(tmp_path / "out", {"a.txt": b"a", "b.txt": b"b"})
     (output / "a.txt").unlink()

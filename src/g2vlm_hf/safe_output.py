@@ -340,15 +340,19 @@ def staged_outputs(
     """One transaction over several output folders: lock each, check each again under the lock, yield a staging
     folder per output, and seal and swap them all in (`swap_in_all`) when the block ends without an error, except
     those withdrawn in the block (`StagingFolders.withdraw`). The staging folders are always removed and the locks
-    released, so a failure or Ctrl-C leaves every previous output as it was, and so does a withdrawal its own."""
-    outputs = [Path(output) for output in outputs]
+    released, so a failure or Ctrl-C leaves every previous output as it was, and so does a withdrawal its own.
+
+    An output is the folder its path leads to, as `check_output_dir` checks it: `~` expanded, links followed (a link
+    to an earlier output has that folder replaced and still points to it)."""
+    shown = [Path(output) for output in outputs]  # as the caller wrote them, for messages
+    outputs = [output.expanduser().resolve() for output in shown]
     if len(kinds) != len(outputs):
         raise ValueError(f"{len(outputs)} outputs but {len(kinds)} kinds.")
     with contextlib.ExitStack() as stack:
         for output in outputs:
             stack.enter_context(output_lock(output))
-        for output, kind in zip(outputs, kinds):  # again, now that no other writer of ours can change it
-            problem = replace_problem(output.expanduser().resolve(), kind, overwrite, shown=output)
+        for output, kind, name in zip(outputs, kinds, shown):  # again, now that no other writer of ours can change it
+            problem = replace_problem(output, kind, overwrite, shown=name)
             if problem:
                 raise OutputError(problem)
         stagings: list[Path] = []
