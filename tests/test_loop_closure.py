@@ -20,7 +20,7 @@ from g2vlm_hf.chunked import (
     reconstruct_chunked,
     stream_reconstruction,
 )
-from g2vlm_hf.loop_closure import PoseGraphEdge, find_loop_candidates, optimise_pose_graph
+from g2vlm_hf.loop_closure import PoseGraphEdge, co_visible_share, find_loop_candidates, optimise_pose_graph
 from g2vlm_hf.similarity import Similarity, umeyama
 
 pytest.importorskip("scipy", reason="loop closure needs scipy (the loop extra, part of the test extras)")
@@ -152,6 +152,27 @@ def test_candidates_equal_a_brute_force_search_across_row_blocks():
     pairs = [(c.first, c.second) for c in find_loop_candidates(descriptors, separation, suppression, 0.9, 32)]
     assert set(plants[:5]) < set(pairs) and len(pairs) == 6  # one of the twins within a suppression block is kept,
     assert len(set(pairs) & set(plants[5:7])) == 1 and plants[7] not in pairs  # and the too-close pair is ignored
+
+
+def test_the_co_visible_share_is_the_share_of_the_second_place_lying_on_the_first():
+    rng = np.random.default_rng(4)
+    rows, columns = torch.meshgrid(torch.arange(50.0), torch.arange(60.0), indexing="ij")
+    wall = torch.stack([columns / 60, rows / 50, torch.zeros_like(rows)], dim=-1).reshape(-1, 3).double()
+    seen_again = wall + torch.from_numpy(rng.uniform(-0.004, 0.004, wall.shape))  # the wall seen by other views
+    elsewhere = seen_again + torch.tensor([5.0, 0.0, 0.0], dtype=torch.float64)
+    assert co_visible_share(wall, seen_again, sample=3000) == 1.0
+    assert co_visible_share(wall, elsewhere, sample=3000) == 0.0
+    order = torch.from_numpy(rng.permutation(3000))
+    for share in (0.25, 0.6):  # part of the second place on the wall, the rest elsewhere
+        on_wall = torch.zeros(3000, dtype=torch.bool)
+        on_wall[order[: int(share * 3000)]] = True
+        second = torch.where(on_wall[:, None], seen_again, elsewhere)
+        assert co_visible_share(wall, second, sample=3000) == pytest.approx(share, abs=1e-9)
+        assert co_visible_share(wall, second) == pytest.approx(share, abs=0.03)  # 2,000 of each sampled
+    gaps = torch.cat([torch.full((500, 3), float("nan")), torch.full((500, 3), float("inf"))])
+    assert co_visible_share(wall, torch.cat([seen_again, gaps]), sample=3000) == 1.0  # non-finite points are none
+    assert co_visible_share(torch.cat([wall[:1], gaps]), seen_again) == 0.0  # one point: no spacing to measure
+    assert co_visible_share(wall, gaps) == 0.0  # nothing to place
 
 
 def test_the_pose_graph_recovers_consistent_similarities_from_a_drifted_start():
