@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from ownership_world import CONVERT_INPUT, Run, play
 
-from g2vlm_hf.output_manifest import MANIFEST_NAME, read_manifest
+from g2vlm_hf.output_manifest import MANIFEST_NAME, read_manifest, write_staging_manifest
 from g2vlm_hf.rename_noreplace import rename_noreplace
 from g2vlm_hf.safe_output import (
     OutputError,
@@ -134,6 +134,18 @@ def test_the_longest_name_accepted_is_staged_and_swapped_and_a_longer_one_is_ref
     assert sorted(len(path.name.encode()) for path in tmp_path.iterdir()) == [214, 215]
 
 
+@pytest.mark.parametrize("added", [8, 11])
+def test_a_long_refusal_names_eight_paths_and_counts_the_rest(tmp_path, added):
+    output = make_output(tmp_path / "out", {"cameras.json": b"{}"})
+    for index in range(added):
+        (output / f"notes{index:02d}.txt").write_text("mine")
+    with pytest.raises(OutputError) as refusal:
+        check_output_dir(output, kind="reconstruction", overwrite=True)
+    message = str(refusal.value)
+    assert f"holds {added} path(s)" in message and sum(f"notes{i:02d}.txt" in message for i in range(added)) == 8
+    assert ("more)" in message) == (added > 8) and (added == 8 or f"({added - 8} more)" in message), message
+
+
 def test_a_file_removed_from_an_output_is_not_foreign(tmp_path):
     output = make_output(tmp_path / "out", {"a.txt": b"a", "b.txt": b"b"})
     (output / "a.txt").unlink()
@@ -249,6 +261,49 @@ def test_leftovers_are_matched_by_exact_name_and_manifest(tmp_path):
     assert (tmp_path / ".scene1.g2vlm-old.abcd1234" / "cameras.json").is_file()
     clean_leftovers(tmp_path / "scene1")  # its own: restored
     assert (tmp_path / "scene1" / "cameras.json").read_text() == "{}"
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_only_staging_leftovers_of_this_output_whose_writer_is_gone_are_removed(tmp_path):
+    """Beside `scene`: a dead writer's staging folder (removed), and what must stay: a live writer's, one staging
+    another output, a user's folder with a staging name but no manifest, a link with a staging name to a dead
+    writer's folder, and an old output the user renamed to keep (not a tempfile suffix)."""
+    make_output(tmp_path / "scene", {"cameras.json": b"now"})
+
+    def staging(name: str, target: str = "scene", pid: int | None = None) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        write_staging_manifest(folder, target)
+        if pid is not None:
+            manifest = json.loads((folder / MANIFEST_NAME).read_text())
+            manifest["writer"]["pid"] = pid
+            (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+        (folder / "part.bin").write_bytes(b"x")
+        return folder
+
+    dead = _dead_pid()
+    gone = staging(".scene.g2vlm-staging.dead0001", pid=dead)
+    kept = [
+        staging(".scene.g2vlm-staging.live0001"),  # this process: alive
+        staging(".scene.g2vlm-staging.other001", target="scene2", pid=dead),
+        tmp_path / ".scene.g2vlm-staging.user0001",
+        tmp_path / ".scene.g2vlm-staging.link0001",
+    ]
+    kept[2].mkdir()
+    (kept[2] / "part.bin").write_bytes(b"mine")
+    kept[3].symlink_to(staging("elsewhere", pid=dead), target_is_directory=True)
+    make_output(tmp_path / "built", {"cameras.json": b"kept by the user"})
+    (tmp_path / "built").rename(tmp_path / ".scene.g2vlm-old.keep-this")
+    assert clean_leftovers(tmp_path / "scene") == [gone]
+    assert not gone.exists() and all((folder / "part.bin").is_file() for folder in kept)
+    assert (tmp_path / "elsewhere" / "part.bin").is_file() and kept[3].is_symlink()
+    assert (tmp_path / ".scene.g2vlm-old.keep-this" / "cameras.json").read_bytes() == b"kept by the user"
+    assert (tmp_path / "scene" / "cameras.json").read_bytes() == b"now"
 
 
 def test_an_old_leftover_is_emptied_of_its_own_files_only(tmp_path):
