@@ -192,6 +192,19 @@ def test_the_pose_graph_recovers_consistent_similarities_from_a_drifted_start():
         torch.testing.assert_close(got.translation, expected.translation, atol=tolerance, rtol=0)
 
 
+def test_the_pose_graph_checks_its_edges_and_anchors_and_leaves_a_graph_without_edges_alone():
+    rng = np.random.default_rng(6)
+    start = [Similarity.identity()] + [random_similarity(rng) for _ in range(3)]
+    anchors = [Similarity.identity()] * 4
+    assert optimise_pose_graph(start, [], anchors) == start
+    assert optimise_pose_graph(start[:1], [PoseGraphEdge(0, 0, Similarity.identity())], anchors[:1]) == start[:1]
+    for reference, moving in ((0, 4), (-1, 2)):
+        with pytest.raises(ValueError, match=r"join chunks 0\.\.3"):
+            optimise_pose_graph(start, [PoseGraphEdge(reference, moving, Similarity.identity())], anchors)
+    with pytest.raises(ValueError, match=r"one anchor per chunk \(4\), got 3"):
+        optimise_pose_graph(start, [PoseGraphEdge(0, 1, Similarity.identity())], anchors[:3])
+
+
 def _rotation(vector) -> np.ndarray:
     angle = np.linalg.norm(vector)
     axis = np.asarray(vector) / angle
