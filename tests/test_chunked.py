@@ -213,6 +213,26 @@ def test_robust_fit_ignores_outliers_and_non_finite_points():
     assert abs(plain.scale - truth.scale) > 20 * abs(fit.scale - truth.scale)
 
 
+@pytest.mark.parametrize("cloud", ["source", "target", "both"])
+@pytest.mark.parametrize("distance", [1e6, 1e12])
+def test_points_far_beyond_the_scene_are_dropped_before_the_fit(cloud, distance):
+    """A tenth of the points a million times (or more) farther than the scene, as depth blown up at the sky or a
+    window gives: in the source they dwarf the scene's spread, so that without the far-point filter the fit took the
+    source for one point ("all coincide") and failed."""
+    rng = np.random.default_rng(7)
+    truth = random_similarity(rng)
+    source = torch.from_numpy(rng.normal(size=(2000, 3)))
+    target = truth.apply(source) + torch.from_numpy(rng.normal(0, 0.01, (2000, 3)))
+    far = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(200, 3))), dim=1) * distance
+    if cloud in ("source", "both"):
+        source[:200] = far * torch.from_numpy(rng.uniform(1, 2, (200, 1)))
+    if cloud in ("target", "both"):
+        target[:200] = far * torch.from_numpy(rng.uniform(1, 2, (200, 1)))
+    fit = robust_umeyama(source, target)
+    assert fit.scale == pytest.approx(truth.scale, rel=1e-3)
+    torch.testing.assert_close(fit.rotation, truth.rotation, atol=1e-3, rtol=0)
+
+
 def test_correspondences_beyond_six_sigma_have_no_influence():
     # Tukey's cut-off is 6 sigma, sigma read off the median residual norm (/ 1.5382): a tenth of the points moved by
     # 9 sigma, one way (inside the scene, so no far-point filter), leave the fit where the other points alone put it;
