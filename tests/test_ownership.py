@@ -78,6 +78,21 @@ def test_the_refusal_names_every_foreign_path_and_deletes_nothing(tmp_path):
     assert (output / "notes.txt").read_text() == "mine" and (output / "depth" / "d.png").read_bytes() == b"edited"
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_an_output_folder_gets_the_mode_mkdir_gives_it(tmp_path, umask):
+    """The staging folder (made private by mkdtemp) becomes the output: it gets the mode of a folder made with mkdir
+    under the user's umask. Tests run as root, which reads any folder, so only the mode itself shows a mistake."""
+    previous = os.umask(umask)
+    try:
+        output = make_output(tmp_path / "out", {"depth/a.png": b"a"})
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(previous)
+    expected = oct((tmp_path / "plain").stat().st_mode & 0o7777)
+    for folder in (output, output / "depth"):
+        assert oct(folder.stat().st_mode & 0o7777) == expected, folder
+
+
 def test_a_link_to_an_earlier_output_is_followed_as_the_early_check_follows_it(tmp_path):
     """The early check resolves the path; the transaction used to stage beside the link and refuse it at the swap,
     after all the work."""

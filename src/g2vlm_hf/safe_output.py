@@ -231,11 +231,6 @@ def make_staging_dir(output: Path) -> Path:
     return staging
 
 
-def swap_in(staging: Path, output: Path, *, kind: str, overwrite: bool = False) -> Path:
-    """Seal the complete `staging` folder as an output of `kind` and move it to `output` (see `swap_in_all`)."""
-    return swap_in_all([(staging, output)], kinds=[kind], overwrite=overwrite)[0]
-
-
 def swap_in_all(pairs: Sequence[tuple[Path, Path]], *, kinds: Sequence[str], overwrite: bool = False) -> list[Path]:
     """Seal each complete staging folder (its manifest) and move it to its output, all as one step.
 
@@ -508,6 +503,5 @@ __all__ = [
     "output_lock",
     "replace_problem",
     "staged_outputs",
-    "swap_in",
     "swap_in_all",
 ]
