@@ -238,6 +238,54 @@ def test_when_one_swap_fails_the_outputs_already_swapped_get_their_content_back(
     assert not (tmp_path / "sparse").exists()
 
 
+def _failing_swap(monkeypatch, staging: Path, before_rename) -> None:
+    """Run `before_rename()` when `staging` is renamed to its output, then do the rename for real."""
+    import g2vlm_hf.safe_output as layer
+
+    real = layer.rename_noreplace
+
+    def rename(source, target):
+        if Path(source) == staging:
+            before_rename(Path(target))
+        real(source, target)
+
+    monkeypatch.setattr(layer, "rename_noreplace", rename)
+
+
+def test_a_failed_rename_puts_the_previous_output_back_in_place(tmp_path, monkeypatch):
+    previous = make_output(tmp_path / "scene", {"cameras.json": b"old"})
+    staged = tmp_path / ".scene.staged"
+    staged.mkdir()
+    (staged / "cameras.json").write_text("new")
+
+    def no_space(target: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    _failing_swap(monkeypatch, staged, no_space)
+    with pytest.raises(OSError, match="No space"):
+        swap_in_all([(staged, previous)], kinds=["reconstruction"], overwrite=True)
+    assert (previous / "cameras.json").read_text() == "old"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".scene.staged", "scene"]  # nothing left aside
+
+
+def test_a_folder_appearing_at_the_output_during_the_swap_is_left_and_the_previous_output_kept(tmp_path, monkeypatch):
+    previous = make_output(tmp_path / "scene", {"cameras.json": b"old"})
+    staged = tmp_path / ".scene.staged"
+    staged.mkdir()
+    (staged / "cameras.json").write_text("new")
+
+    def theirs_appears(target: Path) -> None:  # after the previous output was moved aside
+        target.mkdir()
+        (target / "theirs.txt").write_text("theirs")
+
+    _failing_swap(monkeypatch, staged, theirs_appears)
+    with pytest.raises(OutputError, match="appeared while this run was writing"):
+        swap_in_all([(staged, previous)], kinds=["reconstruction"], overwrite=True)
+    assert [path.name for path in previous.iterdir()] == ["theirs.txt"]
+    (aside,) = tmp_path.glob(".scene.g2vlm-old.*")  # the place was taken: the previous output waits there
+    assert (aside / "cameras.json").read_text() == "old" and (staged / "cameras.json").read_text() == "new"
+
+
 def test_rename_noreplace_never_replaces(tmp_path):
     source, target = tmp_path / "a", tmp_path / "b"
     source.mkdir()
