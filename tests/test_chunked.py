@@ -11,9 +11,12 @@ import torch
 from synthetic_trajectories import FOCAL, HEIGHT, WIDTH, random_similarity, rotation_from_vector
 from transformers import BatchFeature
 
+import g2vlm_hf.chunked as chunked
 from g2vlm_hf.chunked import (
+    ChunkAligner,
     merge_chunks,
     number_of_chunks,
+    place_window,
     plan_chunks,
     stream_reconstruction,
     transform_reconstruction,
@@ -156,6 +159,59 @@ def test_the_next_chunk_is_queued_on_the_device_before_the_previous_is_handed_ou
     assert events == expected
     merged = merge_chunks(chunks)
     assert trajectory_error(merged.camera_poses[0], walk.poses) < 1e-4  # and still aligned, to float32 precision
+
+
+def test_a_loop_window_is_centred_on_its_view_unless_the_sequence_ends():
+    for num_views in range(1, 30):
+        for window in range(1, 12):
+            for view in range(num_views):
+                places = place_window(view, window, num_views)
+                assert view in places and len(places) == min(window, num_views)
+                assert places.start >= 0 and places.stop <= num_views
+                if window // 2 <= view <= num_views - window + window // 2:  # room on both sides
+                    assert places.start == view - window // 2
+                else:
+                    assert places.start == 0 or places.stop == num_views
+
+
+def test_each_alignment_fits_at_most_max_alignment_points_of_the_shared_pixels(monkeypatch):
+    walk = Walk(40)
+    fitted = []
+
+    def counting(source, target, weights=None):
+        fitted.append(source.shape[0])
+        return robust_umeyama(source, target, weights)
+
+    monkeypatch.setattr(chunked, "robust_umeyama", counting)
+    shared = 4 * HEIGHT * WIDTH  # 192 pixels in the 4 views two chunks share
+    for limit, expected in ((100, 100), (10_000, shared)):
+        fitted.clear()
+        views = range(40)
+        chunks = list(stream_reconstruction(FakeModel(walk), index_processor, views, 10, 4, max_alignment_points=limit))
+        assert fitted == [expected] * 2 * (len(chunks) - 1)  # world points, then the global head's points
+        assert trajectory_error(merge_chunks(chunks).camera_poses[0], walk.poses) < 1e-4
+
+
+def test_the_aligner_refuses_what_it_cannot_chain():
+    walk = Walk(12)
+    model = FakeModel(walk)
+    first, second = (model.reconstruct(index_processor(list(views))["geometry_pixel_values"]) for views in
+                     (range(0, 6), range(4, 10)))  # fmt: skip
+    with pytest.raises(ValueError, match="one scene at a time, got a batch of 2"):
+        ChunkAligner().add(G2VLMReconstructionOutput(**{k: torch.cat([v, v]) for k, v in first.items()}), 0)
+    with pytest.raises(ValueError, match="first chunk cannot share views"):
+        ChunkAligner().add(first, 2)
+    aligner = ChunkAligner()
+    aligner.add(first, 0)
+    with pytest.raises(ValueError, match="share at least one view of the same size"):
+        aligner.add(second, 0)
+    smaller = G2VLMReconstructionOutput(**{k: v[:, :, :4] if v.dim() > 4 else v for k, v in second.items()})
+    with pytest.raises(ValueError, match=r"resize_views_to_first=True"):
+        aligner.add(smaller, 2)
+    aligned, _, error = aligner.add(second, 2)
+    assert error < 1e-6 and len(aligned.world_points[0]) == 6
+    with pytest.raises(ValueError, match="No chunks to merge"):
+        merge_chunks([])
 
 
 @pytest.mark.parametrize(("chunk_size", "overlap"), [(1, 0), (8, 0), (8, 8), (8, -1)])
