@@ -195,8 +195,10 @@ def test_each_alignment_fits_at_most_max_alignment_points_of_the_shared_pixels(m
 def test_the_aligner_refuses_what_it_cannot_chain():
     walk = Walk(12)
     model = FakeModel(walk)
-    first, second = (model.reconstruct(index_processor(list(views))["geometry_pixel_values"]) for views in
-                     (range(0, 6), range(4, 10)))  # fmt: skip
+    first, second = (
+        model.reconstruct(index_processor(list(views))["geometry_pixel_values"])
+        for views in (range(0, 6), range(4, 10))
+    )
     with pytest.raises(ValueError, match="one scene at a time, got a batch of 2"):
         ChunkAligner().add(G2VLMReconstructionOutput(**{k: torch.cat([v, v]) for k, v in first.items()}), 0)
     with pytest.raises(ValueError, match="first chunk cannot share views"):

@@ -139,8 +139,16 @@ def test_candidates_equal_a_brute_force_search_across_row_blocks():
     rng = np.random.default_rng(3)
     descriptors = torch.from_numpy(rng.normal(size=(2100, 64)))
     separation, suppression = 40, 8
-    plants = [(1023, 1023 + separation), (1024, 1900), (0, 2099), (2047, 2047 + separation), (2048, 2095), (500, 1600),
-              (503, 1602), (1200, 1200 + separation - 1)]  # fmt: skip
+    plants = [
+        (1023, 1023 + separation),
+        (1024, 1900),
+        (0, 2099),
+        (2047, 2047 + separation),
+        (2048, 2095),
+        (500, 1600),
+        (503, 1602),
+        (1200, 1200 + separation - 1),
+    ]
     for number, (first, second) in enumerate(plants):
         descriptors[second] = descriptors[first] + 0.02 * (1 + number) * torch.from_numpy(rng.normal(size=64))
     descriptors = torch.nn.functional.normalize(descriptors, dim=1).float()
@@ -231,9 +239,16 @@ def test_a_clear_error_without_scipy(monkeypatch):
 
 
 BAD_SETTINGS = [
-    dict(similarity_threshold=1.0001), dict(similarity_threshold=-1.0001), dict(min_separation=0), dict(suppression=0),
-    dict(window=0), dict(max_loops=-1), dict(loop_weight=0.0), dict(min_co_visible=-0.01), dict(min_co_visible=1.01),
-]  # fmt: skip
+    dict(similarity_threshold=1.0001),
+    dict(similarity_threshold=-1.0001),
+    dict(min_separation=0),
+    dict(suppression=0),
+    dict(window=0),
+    dict(max_loops=-1),
+    dict(loop_weight=0.0),
+    dict(min_co_visible=-0.01),
+    dict(min_co_visible=1.01),
+]
 
 
 @pytest.mark.parametrize("options", BAD_SETTINGS)
@@ -245,9 +260,16 @@ def test_bad_settings_are_refused(options):
 
 @pytest.mark.parametrize(
     "options",
-    [dict(similarity_threshold=1.0), dict(similarity_threshold=-1.0), dict(min_separation=1, suppression=1, window=1),
-     dict(max_loops=0), dict(min_co_visible=0.0), dict(min_co_visible=1.0), dict(loop_weight=1e-9)],
-)  # fmt: skip
+    [
+        dict(similarity_threshold=1.0),
+        dict(similarity_threshold=-1.0),
+        dict(min_separation=1, suppression=1, window=1),
+        dict(max_loops=0),
+        dict(min_co_visible=0.0),
+        dict(min_co_visible=1.0),
+        dict(loop_weight=1e-9),
+    ],
+)
 def test_the_edges_of_the_settings_are_accepted(options):
     config = LoopClosureConfig(**options)
     assert all(getattr(config, name) == value for name, value in options.items())
