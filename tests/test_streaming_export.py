@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from g2vlm_hf.export import check_scene, export_colmap, export_reconstruction, load_depth_png16
+from g2vlm_hf.export import check_scene, export_colmap, export_reconstruction, load_depth_png16, streaming
 from g2vlm_hf.export.streaming import StreamingSceneWriter
 from g2vlm_hf.modeling.outputs import G2VLMReconstructionOutput
 from g2vlm_hf.processing import G2VLMGeometryImageProcessor
@@ -146,6 +146,22 @@ def test_without_subsampling_the_files_are_the_one_pass_export(tmp_path):
     assert sorted(str(path.relative_to(tmp_path / "streamed")) for path in streamed) == relative
     for name in relative:
         assert (tmp_path / "streamed" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+
+
+def test_files_written_in_batches_are_the_one_pass_export(tmp_path, monkeypatch):
+    """520 views: `cameras.json` is encoded 256 views at a time (three batches, the last of 8 views); `points3D.txt`
+    in blocks of 1,000 points here (100,000 by default: 12 blocks of about 11,900 points)."""
+    monkeypatch.setattr(streaming, "POINT_BATCH", 1000)
+    arrays = synthetic_scene(520, seed=8, height=4, width=6)
+    sizes = [(480 + index % 7, 640) for index in range(520)]
+    streamed = stream(arrays, tmp_path / "streamed", [100, 37], sizes=sizes, max_points=None)
+    one_pass = export_reconstruction(tmp_path / "one" / "scene", **arrays, original_sizes=sizes)
+    one_pass += export_colmap(tmp_path / "one" / "sparse", **{k: v for k, v in arrays.items() if k != "depth"})
+    assert len(streamed) == len(one_pass)
+    for name in ("scene/cameras.json", "sparse/images.txt", "sparse/points3D.txt", "scene/points.ply"):
+        assert (tmp_path / "streamed" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    cameras = json.loads((tmp_path / "streamed" / "scene" / "cameras.json").read_text())["cameras"]
+    assert [camera["index"] for camera in cameras] == list(range(520))
 
 
 def test_the_budget_keeps_a_seeded_uniform_subset_whatever_the_chunking(tmp_path):
