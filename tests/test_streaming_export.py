@@ -12,10 +12,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from g2vlm_hf.export import check_scene, export_colmap, export_reconstruction, load_depth_png16, streaming
-from g2vlm_hf.export.streaming import StreamingSceneWriter
+from g2vlm_hf.export.streaming import PointReservoir, StreamingSceneWriter
 from g2vlm_hf.modeling.outputs import G2VLMReconstructionOutput
 from g2vlm_hf.processing import G2VLMGeometryImageProcessor
 
@@ -162,6 +164,39 @@ def test_files_written_in_batches_are_the_one_pass_export(tmp_path, monkeypatch)
         assert (tmp_path / "streamed" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
     cameras = json.loads((tmp_path / "streamed" / "scene" / "cameras.json").read_text())["cameras"]
     assert [camera["index"] for camera in cameras] == list(range(520))
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(
+    chunks=st.lists(st.integers(0, 60), min_size=1, max_size=12),
+    max_points=st.one_of(st.none(), st.integers(1, 120)),
+    seed=st.integers(0, 2**16),
+)
+def test_the_reservoir_keeps_the_points_of_smallest_key_whatever_the_chunking(chunks, max_points, seed):
+    """The module's definition: one key per point offered, drawn in stream order from one generator seeded with
+    `seed`; the `max_points` points of smallest key are kept (all with None), with their colours, in stream order."""
+    rng = np.random.default_rng(seed + 1)
+    total = sum(chunks)
+    positions = np.cumsum(rng.integers(1, 4, total))  # where the points lie in the stream of all pixels
+    points, colours = rng.normal(size=(total, 3)).astype(np.float32), rng.integers(0, 256, (total, 3), dtype=np.uint8)
+    reservoir = PointReservoir(max_points, seed)
+    for start, stop in zip(np.cumsum([0, *chunks[:-1]]), np.cumsum(chunks), strict=True):
+        reservoir.add(positions[start:stop], points[start:stop], colours[start:stop])
+    reservoir.finish()
+    keys = np.random.default_rng(seed).random(total)
+    kept = np.sort(np.argsort(keys)[:max_points]) if max_points is not None else np.arange(total)
+    assert reservoir.seen == total
+    np.testing.assert_array_equal(reservoir.order, positions[kept])
+    np.testing.assert_array_equal(reservoir.points, points[kept])
+    np.testing.assert_array_equal(reservoir.colours, colours[kept])
+
+
+def test_a_reservoir_needs_room_for_a_point():
+    with pytest.raises(ValueError, match="`max_points` must be at least 1, got 0"):
+        PointReservoir(0, seed=0)
+    reservoir = PointReservoir(1, seed=0)
+    reservoir.add(np.arange(5), np.zeros((5, 3)), np.zeros((5, 3), dtype=np.uint8))
+    assert len(reservoir.order) == 1
 
 
 def test_the_budget_keeps_a_seeded_uniform_subset_whatever_the_chunking(tmp_path):
