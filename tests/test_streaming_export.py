@@ -271,6 +271,38 @@ def test_views_of_another_size_are_refused(tmp_path):
             writer.add_views(check_scene(**synthetic_scene(2, height=16)))
 
 
+def test_bad_settings_and_inconsistent_chunks_are_refused_and_nothing_is_left(tmp_path):
+    for options, message in (
+        (dict(point_colouring="depth"), "point_colouring"),
+        (dict(frustum_scale=0.0), "frustum_scale"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            StreamingSceneWriter(tmp_path / "scene", **options)
+    arrays = synthetic_scene(4)
+    views = [check_scene(**{name: value[start : start + 2] for name, value in arrays.items()}) for start in (0, 2)]
+    without = {name: value[2:] for name, value in arrays.items() if name not in ("intrinsics", "depth")}
+    sizes = [(480, 640)] * 2
+    refusals = [  # (the writer's options, the first chunk's call, the second chunk's call, the error)
+        (dict(), (views[0],), (check_scene(**without),), "no `depth`"),
+        (dict(colmap_dir=tmp_path / "sparse"), (check_scene(**without, depth=arrays["depth"][2:]),), None, "COLMAP"),
+        (dict(), (views[0], sizes), (views[1],), "original_sizes"),
+        (dict(), (views[0],), (views[1], sizes), "original_sizes"),
+        (dict(), (views[0],), (check_scene(**without, depth=arrays["depth"][2:]),), "intrinsics"),
+        (dict(), (views[0], None, ["a.png", "b.png"]), (views[1], None, ["c.png", "a.png"]), "new distinct names"),
+        (dict(), (views[0], None, ["a.png", "b c.png"]), None, "without spaces"),
+        (dict(), (views[0], None, ["a.png"]), None, "2 new distinct names"),
+    ]
+    for options, first, second, message in refusals:
+        with pytest.raises(ValueError, match=message), StreamingSceneWriter(tmp_path / "scene", **options) as writer:
+            writer.add_views(*first)
+            writer.add_views(*second)
+        assert not (tmp_path / "scene").exists() and not (tmp_path / "sparse").exists(), message
+    with StreamingSceneWriter(tmp_path / "scene") as writer:
+        writer.add_views(views[0])
+    with pytest.raises(ValueError, match="closed"):
+        writer.add_views(views[1])
+
+
 def peak_memory(num_views: int, folder) -> int:
     """Peak traced memory of streaming `num_views` 48x64 views in chunks of 16 under a 30,000-point budget (each
     chunk's arrays are made as the chunk is needed, as a reconstruction stream would)."""
