@@ -206,6 +206,9 @@ def test_the_pose_graph_checks_its_edges_and_anchors_and_leaves_a_graph_without_
     anchors = [Similarity.identity()] * 4
     assert optimise_pose_graph(start, [], anchors) == start
     assert optimise_pose_graph(start[:1], [PoseGraphEdge(0, 0, Similarity.identity())], anchors[:1]) == start[:1]
+    (_, moved) = optimise_pose_graph(start[:2], [PoseGraphEdge(0, 1, start[3])], anchors[:2])  # two chunks: solved
+    assert moved.scale == pytest.approx(start[3].scale, rel=1e-9)
+    torch.testing.assert_close(moved.translation, start[3].translation)
     for reference, moving in ((0, 4), (-1, 2)):
         with pytest.raises(ValueError, match=r"join chunks 0\.\.3"):
             optimise_pose_graph(start, [PoseGraphEdge(reference, moving, Similarity.identity())], anchors)
