@@ -310,6 +310,18 @@ def test_nested_outputs_exclude_each_other_through_the_lock(tmp_path):
     with output_lock(tmp_path / "out" / "nest" / "inner"), output_lock(tmp_path / "out" / "nest" / "other"):
         pass  # two writers inside a folder that nobody writes
     assert not lock_path(tmp_path / "out" / "nest").exists()
+    stale = lock_path(tmp_path / "out" / "nest")
+    stale.write_text(json.dumps({"pid": _dead_pid(), "host": "here", "command": "g2vlm", "since": "then"}) + "\n")
+    with output_lock(tmp_path / "out" / "nest" / "inner"), output_lock(tmp_path / "out" / "nest" / "other"):
+        pass  # ... nor one whose writer was killed, leaving its lock file: both share it
+
+
+def test_a_writer_that_is_refused_is_told_who_holds_the_output(tmp_path):
+    with output_lock(tmp_path / "out"), pytest.raises(OutputError) as refusal, output_lock(tmp_path / "out"):
+        pass
+    message = str(refusal.value)
+    assert message.startswith(f"Output {tmp_path / 'out'} is being written by process {os.getpid()} on "), message
+    assert str(lock_path(tmp_path / "out")) in message
 
 
 def test_leftovers_are_matched_by_exact_name_and_manifest(tmp_path):
