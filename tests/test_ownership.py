@@ -345,9 +345,9 @@ def _dead_pid() -> int:
 
 
 def test_only_staging_leftovers_of_this_output_whose_writer_is_gone_are_removed(tmp_path):
-    """Beside `scene`: a dead writer's staging folder (removed), and what must stay: a live writer's, one staging
-    another output, a user's folder with a staging name but no manifest, a link with a staging name to a dead
-    writer's folder, and an old output the user renamed to keep (not a tempfile suffix)."""
+    """Beside `scene`: a dead writer's staging folder and one naming no writer (removed), and what must stay: a live
+    writer's, one staging another output, a user's folder with a staging name but no manifest, a link with a staging
+    name to a dead writer's folder, and an old output the user renamed to keep (not a tempfile suffix)."""
     make_output(tmp_path / "scene", {"cameras.json": b"now"})
 
     def staging(name: str, target: str = "scene", pid: int | None = None) -> Path:
@@ -362,7 +362,10 @@ def test_only_staging_leftovers_of_this_output_whose_writer_is_gone_are_removed(
         return folder
 
     dead = _dead_pid()
-    gone = staging(".scene.g2vlm-staging.dead0001", pid=dead)
+    gone = [staging(".scene.g2vlm-staging.dead0001", pid=dead), staging(".scene.g2vlm-staging.nobody01")]
+    unrecorded = json.loads((gone[1] / MANIFEST_NAME).read_text())
+    del unrecorded["writer"]  # no writer recorded: nobody to wait for
+    (gone[1] / MANIFEST_NAME).write_text(json.dumps(unrecorded))
     kept = [
         staging(".scene.g2vlm-staging.live0001"),  # this process: alive
         staging(".scene.g2vlm-staging.other001", target="scene2", pid=dead),
@@ -374,8 +377,8 @@ def test_only_staging_leftovers_of_this_output_whose_writer_is_gone_are_removed(
     kept[3].symlink_to(staging("elsewhere", pid=dead), target_is_directory=True)
     make_output(tmp_path / "built", {"cameras.json": b"kept by the user"})
     (tmp_path / "built").rename(tmp_path / ".scene.g2vlm-old.keep-this")
-    assert clean_leftovers(tmp_path / "scene") == [gone]
-    assert not gone.exists() and all((folder / "part.bin").is_file() for folder in kept)
+    assert clean_leftovers(tmp_path / "scene") == gone
+    assert not any(folder.exists() for folder in gone) and all((folder / "part.bin").is_file() for folder in kept)
     assert (tmp_path / "elsewhere" / "part.bin").is_file() and kept[3].is_symlink()
     assert (tmp_path / ".scene.g2vlm-old.keep-this" / "cameras.json").read_bytes() == b"kept by the user"
     assert (tmp_path / "scene" / "cameras.json").read_bytes() == b"now"
