@@ -191,6 +191,18 @@ def test_the_reservoir_keeps_the_points_of_smallest_key_whatever_the_chunking(ch
     np.testing.assert_array_equal(reservoir.colours, colours[kept])
 
 
+def test_min_confidence_keeps_the_points_at_or_above_it(tmp_path):
+    arrays = synthetic_scene(6, seed=9)
+    confidence = np.random.default_rng(9).uniform(0, 2, arrays["depth"].shape).astype(np.float32)
+    confidence[0, 0, :4] = np.nan
+    confidence[1, 0, 0] = 1.0  # exactly the threshold: kept
+    stream({**arrays, "confidence": confidence}, tmp_path, [4], max_points=None, min_confidence=1.0)
+    keep = np.isfinite(arrays["world_points"]).all(-1) & (np.nan_to_num(confidence, nan=-1.0) >= 1.0)
+    ply = np.asarray(trimesh.load(tmp_path / "scene" / "points.ply").vertices, dtype=np.float32)
+    np.testing.assert_array_equal(ply, arrays["world_points"][keep])
+    assert 0.3 < keep.mean() < 0.6 and keep[1, 0, 0] == np.isfinite(arrays["world_points"][1, 0, 0]).all()
+
+
 def test_a_reservoir_needs_room_for_a_point():
     with pytest.raises(ValueError, match="`max_points` must be at least 1, got 0"):
         PointReservoir(0, seed=0)
