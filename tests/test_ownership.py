@@ -214,30 +214,6 @@ def test_a_file_added_to_the_previous_output_just_before_the_swap_is_kept(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_when_one_swap_fails_the_outputs_already_swapped_get_their_content_back(tmp_path, monkeypatch):
-    first = make_output(tmp_path / "scene", {"cameras.json": b"old"})
-    staged_a, staged_b = tmp_path / ".scene.staged", tmp_path / ".sparse.staged"
-    for folder, name in ((staged_a, "cameras.json"), (staged_b, "cameras.txt")):
-        folder.mkdir()
-        (folder / name).write_text("new")
-    import g2vlm_hf.safe_output as layer
-
-    real = layer.rename_noreplace
-
-    def fail_second(source, target):
-        if Path(target).name == "sparse":
-            raise OSError(28, "No space left on device")
-        real(source, target)
-
-    monkeypatch.setattr(layer, "rename_noreplace", fail_second)
-    with pytest.raises(OSError, match="No space"):
-        swap_in_all(
-            [(staged_a, first), (staged_b, tmp_path / "sparse")], kinds=["reconstruction", "colmap"], overwrite=True
-        )
-    assert (first / "cameras.json").read_text() == "old" and (staged_a / "cameras.json").read_text() == "new"
-    assert not (tmp_path / "sparse").exists()
-
-
 def _failing_swap(monkeypatch, staging: Path, before_rename) -> None:
     """Run `before_rename()` when `staging` is renamed to its output, then do the rename for real."""
     import g2vlm_hf.safe_output as layer
@@ -252,16 +228,32 @@ def _failing_swap(monkeypatch, staging: Path, before_rename) -> None:
     monkeypatch.setattr(layer, "rename_noreplace", rename)
 
 
+def _no_space(target: Path) -> None:
+    raise OSError(28, "No space left on device")
+
+
+def test_when_one_swap_fails_the_outputs_already_swapped_get_their_content_back(tmp_path, monkeypatch):
+    first = make_output(tmp_path / "scene", {"cameras.json": b"old"})
+    staged_a, staged_b = tmp_path / ".scene.staged", tmp_path / ".sparse.staged"
+    for folder, name in ((staged_a, "cameras.json"), (staged_b, "cameras.txt")):
+        folder.mkdir()
+        (folder / name).write_text("new")
+    _failing_swap(monkeypatch, staged_b, _no_space)
+    with pytest.raises(OSError, match="No space"):
+        swap_in_all(
+            [(staged_a, first), (staged_b, tmp_path / "sparse")], kinds=["reconstruction", "colmap"], overwrite=True
+        )
+    assert (first / "cameras.json").read_text() == "old" and (staged_a / "cameras.json").read_text() == "new"
+    assert not (tmp_path / "sparse").exists()
+
+
 def test_a_failed_rename_puts_the_previous_output_back_in_place(tmp_path, monkeypatch):
     previous = make_output(tmp_path / "scene", {"cameras.json": b"old"})
     staged = tmp_path / ".scene.staged"
     staged.mkdir()
     (staged / "cameras.json").write_text("new")
 
-    def no_space(target: Path) -> None:
-        raise OSError(28, "No space left on device")
-
-    _failing_swap(monkeypatch, staged, no_space)
+    _failing_swap(monkeypatch, staged, _no_space)
     with pytest.raises(OSError, match="No space"):
         swap_in_all([(staged, previous)], kinds=["reconstruction"], overwrite=True)
     assert (previous / "cameras.json").read_text() == "old"
@@ -301,6 +293,12 @@ def test_rename_noreplace_never_replaces(tmp_path):
     assert target.is_dir() and not source.exists()
 
 
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
 def test_nested_outputs_exclude_each_other_through_the_lock(tmp_path):
     with output_lock(tmp_path / "out" / "nest"):
         with pytest.raises(OutputError, match="being written"), output_lock(tmp_path / "out" / "nest" / "inner"):
@@ -338,34 +336,31 @@ def test_leftovers_are_matched_by_exact_name_and_manifest(tmp_path):
     assert (tmp_path / "scene1" / "cameras.json").read_text() == "{}"
 
 
-def _dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
-
-
 def test_only_staging_leftovers_of_this_output_whose_writer_is_gone_are_removed(tmp_path):
     """Beside `scene`: a dead writer's staging folder and one naming no writer (removed), and what must stay: a live
     writer's, one staging another output, a user's folder with a staging name but no manifest, a link with a staging
     name to a dead writer's folder, and an old output the user renamed to keep (not a tempfile suffix)."""
     make_output(tmp_path / "scene", {"cameras.json": b"now"})
 
-    def staging(name: str, target: str = "scene", pid: int | None = None) -> Path:
+    def staging(name: str, target: str = "scene", pid: int | None = None, recorded: bool = True) -> Path:
+        """A staging folder of ours; `pid` replaces its writer's, `recorded=False` drops the writer record."""
         folder = tmp_path / name
         folder.mkdir()
         write_staging_manifest(folder, target)
-        if pid is not None:
-            manifest = json.loads((folder / MANIFEST_NAME).read_text())
+        manifest = json.loads((folder / MANIFEST_NAME).read_text())
+        if not recorded:
+            del manifest["writer"]
+        elif pid is not None:
             manifest["writer"]["pid"] = pid
-            (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+        (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
         (folder / "part.bin").write_bytes(b"x")
         return folder
 
     dead = _dead_pid()
-    gone = [staging(".scene.g2vlm-staging.dead0001", pid=dead), staging(".scene.g2vlm-staging.nobody01")]
-    unrecorded = json.loads((gone[1] / MANIFEST_NAME).read_text())
-    del unrecorded["writer"]  # no writer recorded: nobody to wait for
-    (gone[1] / MANIFEST_NAME).write_text(json.dumps(unrecorded))
+    gone = [
+        staging(".scene.g2vlm-staging.dead0001", pid=dead),
+        staging(".scene.g2vlm-staging.nobody01", recorded=False),
+    ]
     kept = [
         staging(".scene.g2vlm-staging.live0001"),  # this process: alive
         staging(".scene.g2vlm-staging.other001", target="scene2", pid=dead),
