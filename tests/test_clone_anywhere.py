@@ -85,8 +85,12 @@ def test_component_shards_get_the_usual_file_mode(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"lm_head.weight": torch.zeros(2, 2)}, str(source / "model.safetensors"))
-    save_component_shards(source, output)
+    components = save_component_shards(source, output)
     mask = os.umask(0o022)
     os.umask(mask)
+    written = sorted(path.name for path in output.iterdir())
+    assert written == sorted(
+        [*(name for names in components.values() for name in names), "model.safetensors.index.json"]
+    )
     for path in output.iterdir():
         assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~mask), path.name

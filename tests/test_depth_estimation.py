@@ -110,6 +110,36 @@ def test_depth_model_without_prompt_ids_says_how_to_get_them(folder):
         model(**AutoImageProcessor.from_pretrained(folder)(str(VIEWS[0])))
 
 
+def reconstructed_depth(folder: Path, views: list[str]) -> torch.Tensor:
+    """`(views, H, W)` depth of one joint reconstruction of `views` by the chat model (not the depth model)."""
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    inputs = AutoProcessor.from_pretrained(folder)(geometry_images=views, return_tensors="pt")
+    with torch.no_grad():
+        return model.reconstruct(**inputs).depth[0]
+
+
+def test_post_processing_resizes_bilinearly_between_pixel_centres(folder):
+    """Bilinear resizing keeps a linear ramp linear: each output pixel centre maps back to the input coordinate
+    `(i + 0.5) * in / out - 0.5`, clamped to the input's border pixels."""
+    height, width, out_height, out_width = 14, 20, 37, 51
+    rows, columns = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    ramp = 2.0 + 0.1 * rows + 0.05 * columns
+    [result] = AutoImageProcessor.from_pretrained(folder).post_process_depth_estimation(
+        {"predicted_depth": ramp[None]}, target_sizes=[(out_height, out_width)]
+    )
+
+    def source(index: torch.Tensor, size: int, out_size: int) -> torch.Tensor:
+        return ((index + 0.5) * size / out_size - 0.5).clamp(0, size - 1)
+
+    out_rows, out_columns = torch.meshgrid(torch.arange(out_height), torch.arange(out_width), indexing="ij")
+    expected = 2.0 + 0.1 * source(out_rows, height, out_height) + 0.05 * source(out_columns, width, out_width)
+    torch.testing.assert_close(result["predicted_depth"], expected.float())
+    with pytest.raises(ValueError, match="2 target sizes for 1 depth maps"):
+        AutoImageProcessor.from_pretrained(folder).post_process_depth_estimation(
+            {"predicted_depth": ramp[None]}, target_sizes=[(3, 3), (4, 4)]
+        )
+
+
 def test_depth_estimation_pipeline(folder):
     estimator = pipeline("depth-estimation", model=str(folder))
     assert type(estimator.model) is G2VLMForDepthEstimation
@@ -120,10 +150,8 @@ def test_depth_estimation_pipeline(folder):
     assert isinstance(result["depth"], Image.Image) and result["depth"].size == size
     assert (result["predicted_depth"] > 0).all()
 
-    # the depth of the view reconstructed on its own, resized (bilinear) to the image
-    inputs = estimator.image_processor(str(VIEWS[0]))
-    with torch.no_grad():
-        direct = estimator.model(**inputs).predicted_depth
+    # the depth of the view reconstructed on its own by the chat model, resized (bilinear, as tested below)
+    direct = reconstructed_depth(folder, [str(VIEWS[0])])
     resized = F.interpolate(direct[:, None].float(), size=size[::-1], mode="bilinear")[0, 0]
     torch.testing.assert_close(result["predicted_depth"], resized)
     depth = np.asarray(result["depth"], dtype=np.float64)
@@ -142,9 +170,7 @@ def test_pipeline_takes_several_views_of_one_scene(folder):
     assert len(scene) == len(views)
 
     # the same depth as one joint reconstruction of the views, resized to each image
-    inputs = estimator.image_processor([views])
-    with torch.no_grad():
-        joint = estimator.model(**inputs).predicted_depth
+    joint = reconstructed_depth(folder, views)
     for index, (result, view) in enumerate(zip(scene, views)):
         with Image.open(view) as image:
             size = image.size[::-1]

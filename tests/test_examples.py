@@ -21,21 +21,21 @@ def run_example(name: str, *args: str, cwd) -> str:
     return result.stdout
 
 
-def example_views() -> list:
-    """The examples' default views (a synthetic room rendered on the spot), made by their own helper: the inputs the
-    scripts chat about when given no views."""
+def example_views(count: int = 3) -> list:
+    """`count` of the examples' default views (a synthetic room rendered on the spot; 3 unless a script asks for
+    fewer), made by their own helper: the inputs the scripts chat about when given no views."""
     spec = importlib.util.spec_from_file_location("example_models", EXAMPLES / "example_models.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.example_views()
+    return module.example_views(count)
 
 
-def expected_answer(model_folder, question: str, max_new_tokens: int) -> str:
-    """The greedy answer (conftest.greedy_answer: chat template + generate) about the examples' default views."""
+def expected_answer(model_folder, question: str, max_new_tokens: int, views: int = 3) -> str:
+    """The greedy answer (conftest.greedy_answer: chat template + generate) about `views` of the examples' default
+    views."""
     model = AutoModelForImageTextToText.from_pretrained(model_folder).eval()
-    answer = greedy_answer(
-        model, AutoProcessor.from_pretrained(model_folder), example_views(), question, max_new_tokens
-    )
+    images = example_views(views)
+    answer = greedy_answer(model, AutoProcessor.from_pretrained(model_folder), images, question, max_new_tokens)
     assert answer  # a reference that says nothing would not tell generating from not generating
     return answer
 
@@ -72,9 +72,10 @@ def test_reconstruct_to_glb(converted_tiny, tmp_path):
 
 @pytest.mark.parametrize("name", ["spatial_chat.py", "chat_with_geometry.py"])
 def test_chat_examples(name, converted_tiny, tmp_path):
-    if name == "spatial_chat.py":
+    if name == "spatial_chat.py":  # the default question about one synthetic view, streamed
         out = run_example(name, "--model", str(converted_tiny), cwd=tmp_path)
-        assert out.strip()
+        question = "How far is the red box from the blue wall? Answer in meters."
+        assert out.strip() == expected_answer(converted_tiny, question, 64, views=1)  # the script's max_new_tokens
         return
     question = "Did the camera move to the left or to the right between the views?"
     out = run_example(name, "--model", str(converted_tiny), "--question", question, cwd=tmp_path)

@@ -167,7 +167,14 @@ def test_reconstruct_checks_output_and_flags_before_loading_the_model(tmp_path, 
     argv = ["reconstruct", "--model", str(tmp_path), *VIEWS, "--output", str(output.get(case, tmp_path / "o"))]
     assert g2vlm(argv + extra.get(case, [])) == 2
     err = one_line_error(capsys)
-    assert {"max_points": "--max-points", "percentile": "--confidence-percentile"}.get(case, "Output") in err
+    expected = {
+        "file": "is a file; give a folder path",
+        "under_file": "lies under the file",
+        "too_long": "is too long for the file system",
+        "max_points": "--max-points",
+        "percentile": "--confidence-percentile",
+    }
+    assert expected[case] in err
 
 
 def test_missing_local_model_and_absent_cuda_are_reported_at_once(tmp_path, monkeypatch, capsys):

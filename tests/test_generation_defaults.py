@@ -47,12 +47,12 @@ def test_on_cuda_the_static_cache_is_one_transformers_compiles(on_cuda, monkeypa
 def test_the_user_choice_and_other_modes_keep_their_cache(on_cuda):
     model = tiny_model()
     _, beams = generated(model, num_beams=2)
-    assert not isinstance(beams, StaticCache)
+    assert isinstance(beams, DynamicCache)
     model.generation_config.cache_implementation = "dynamic"
     _, configured = generated(model)
-    assert not isinstance(configured, StaticCache)
+    assert isinstance(configured, DynamicCache)
 
 
 def test_on_the_cpu_nothing_changes():
     _, cache = generated(tiny_model())
-    assert not isinstance(cache, StaticCache)
+    assert isinstance(cache, DynamicCache)

@@ -273,8 +273,14 @@ def test_qlora_gradient_checkpointing_gives_the_same_loss_and_gradients(checkpoi
             for name, parameter in model.named_parameters():
                 if "lora_B" in name:
                     parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+        layer = next(m for m in model.modules() if type(m).__name__ == "G2VLMDecoderLayer")
+        first_linear = next(m for m in layer.modules() if isinstance(m, torch.nn.Linear))
+        calls = []
+        first_linear.register_forward_hook(lambda *_, seen=calls: seen.append(1))
         loss = model(**batch).loss
         loss.backward()
+        # a checkpointed layer runs its forward again during the backward pass
+        assert len(calls) == (2 if checkpointing else 1)
         grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
         results.append((loss.detach(), grads))
     (loss, grads), (checkpointed_loss, checkpointed_grads) = results
