@@ -113,12 +113,27 @@ def test_chunks_overlap_and_the_last_one_is_filled_back():
     assert chunks == [([0, 1, 2, 3], 0), ([2, 3, 4, 5], 2), ([4, 5, 6, 7], 2), ([6, 7, 8, 9], 2), ([7, 8, 9, 10], 3)]
     assert number_of_chunks(11, 4, 2) == len(chunks)
     assert list(plan_chunks(range(3), chunk_size=4, overlap=2)) == [([0, 1, 2], 0)]
-    for num_views in range(1, 40):
-        plan = list(plan_chunks(range(num_views), 7, 3))
-        new = [view for views, shared in plan for view in views[shared:]]
-        assert new == list(range(num_views)), "every view is reconstructed first by exactly one chunk, in order"
-        assert len(plan) == number_of_chunks(num_views, 7, 3)
-        assert all(shared >= 3 for _, shared in plan[1:])
+    for chunk_size, overlap in [(7, 3), (2, 1), (5, 4)]:  # the smallest chunk and overlap allowed, the largest overlap
+        for num_views in range(40):
+            plan = list(plan_chunks(range(num_views), chunk_size, overlap))
+            new = [view for views, shared in plan for view in views[shared:]]
+            assert new == list(range(num_views)), "every view is reconstructed first by exactly one chunk, in order"
+            assert all(len(views) == min(chunk_size, num_views) for views, _ in plan)
+            assert len(plan) == number_of_chunks(num_views, chunk_size, overlap)
+            assert all(shared >= overlap for _, shared in plan[1:])
+
+
+@pytest.mark.parametrize(
+    ("chunk_size", "overlap", "message"),
+    [
+        (1, 1, "chunk_size must be at least 2 views, got 1"),
+        (4, 0, "overlap must be at least 1 view .* less than chunk_size=4, got 0"),
+        (4, 4, "overlap must be at least 1 view .* less than chunk_size=4, got 4"),
+    ],
+)
+def test_chunk_settings_outside_the_plan_are_refused(chunk_size, overlap, message):
+    with pytest.raises(ValueError, match=message):
+        list(plan_chunks(range(10), chunk_size, overlap))
 
 
 def test_views_are_read_lazily():
