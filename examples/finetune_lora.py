@@ -2,10 +2,11 @@
 on views with known geometry, using transformers' Trainer.
 
 The data is generated: a textured box room rendered from random cameras (exact world points and poses), and spatial
-questions whose answers follow from those cameras. With no arguments it trains a small random model made locally (examples/example_models.py) for a
-few steps on the CPU; pass --model (a converted folder or Hub id) and larger --width/--steps for a real run.
+questions whose answers follow from those cameras. With no arguments (or --tiny) it trains a small random model made
+locally (examples/example_models.py) for a few steps on the CPU; pass --model (a converted folder or Hub id) and larger
+--width/--steps for a real run. The losses are reported before and after on two held-out scenes.
 
-    python examples/finetune_lora.py [--model outputs/g2vlm-tiny] [--steps 20] [--output outputs/lora]
+    python examples/finetune_lora.py [--tiny | --model outputs/g2vlm-2b] [--steps 20] [--output outputs/lora]
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from example_models import TINY_DIR, build_tiny_model
+from example_models import TINY_DIR, add_model_arguments, model_folder
 from peft import LoraConfig, get_peft_model
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
@@ -71,7 +72,8 @@ class Collator:
 def evaluate(model, batch: dict) -> dict[str, float]:
     """The total, language and geometry losses on a fixed batch."""
     model.eval()
-    outputs = model(**batch)
+    with torch.no_grad():
+        outputs = model(**batch)
     return {
         "loss": outputs.loss.item(),
         "lm": outputs.lm_loss.item(),
@@ -81,7 +83,7 @@ def evaluate(model, batch: dict) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=Path("outputs/g2vlm-tiny"))
+    add_model_arguments(parser, default=str(TINY_DIR))
     parser.add_argument("--output", type=Path, default=Path("outputs/lora"))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--scenes", type=int, default=8)
@@ -97,25 +99,26 @@ def main() -> None:
     )  # fmt: skip
     # under `accelerate launch` one process makes the tiny model while the others wait
     with training_args.main_process_first(desc="making the tiny model"):
-        if not (args.model / "config.json").is_file() and args.model == TINY_DIR:
-            build_tiny_model(TINY_DIR)
-    processor = AutoProcessor.from_pretrained(args.model)
+        args.tiny = args.tiny or args.model == str(TINY_DIR)
+        folder = model_folder(args)
+    processor = AutoProcessor.from_pretrained(folder)
     processor.geometry_image_processor.target_width = args.width  # render at the geometry resolution: no resize
     processor.semantic_image_size = args.width
     height = args.width * 3 // 4 // 14 * 14
 
     torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
     # LoRA on the attention and MLP projections of both experts
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=lora_target_modules(semantic=True, geometry=True))
     model = get_peft_model(model, lora)
     if training_args.process_index == 0:
         print(trainable_report(model))
 
-    dataset = make_dataset(args.scenes, args.views, height, args.width)
+    scenes = make_dataset(args.scenes + 2, args.views, height, args.width)
+    dataset, held_out = scenes[:-2], scenes[-2:]
     collator = Collator(processor)
-    fixed_batch = collator(dataset[:2])
-    before = evaluate(model, fixed_batch)
+    held_out_batch = collator(held_out)
+    before = evaluate(model, held_out_batch)
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -124,7 +127,7 @@ def main() -> None:
     )
     trainer.train()
     trainer.save_model(str(args.output))
-    after = evaluate(model, fixed_batch)
+    after = evaluate(model, held_out_batch)
     if trainer.is_world_process_zero():
         print(f"processes: {training_args.world_size}")
         for name in ("loss", "lm", "geometry"):
