@@ -57,8 +57,21 @@ def test_converted_weights_are_the_official_ones(converted_tiny):
 def test_cli_refuses_to_overwrite(tmp_path, capsys):
     output = tmp_path / "out"
     output.mkdir()
+    (output / "mine.txt").write_text("mine")
     assert convert_cli([str(OFFICIAL), str(output)]) == 2
-    assert "--overwrite" in capsys.readouterr().err
+    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert [path.name for path in output.iterdir()] == ["mine.txt"]
+
+
+@pytest.mark.parametrize("flags", [[], ["--reconstruction-only"]], ids=["full", "reconstruction-only"])
+def test_cli_converts_into_an_empty_folder(tmp_path, flags):
+    """An empty folder is as good as none (README "Safety of outputs"), for both kinds of conversion."""
+    output = tmp_path / "made-by-mkdir"
+    output.mkdir()
+    assert convert_cli([str(OFFICIAL), str(output), *flags]) == 0
+    model_type = json.loads((output / "config.json").read_text())["model_type"]
+    assert model_type == ("g2vlm_reconstruction" if flags else "g2vlm")
+    assert (output / ".g2vlm-output").is_file()
 
 
 def _rewrite_weights(folder, edit):

@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("input_dir", help="official checkpoint folder")
     parser.add_argument(
-        "output_dir", help="folder to write (must not exist unless --overwrite); not the input, nor the current folder"
+        "output_dir",
+        help="folder to write: new or empty, or an earlier g2vlm-convert output with --overwrite; not the input, nor "
+        "the current folder",
     )
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default: 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -95,8 +97,6 @@ def convert(args: argparse.Namespace) -> Path:
         )
         print(f"Converted checkpoint written to {output}")
         return output
-    if output.exists() and not args.overwrite:
-        raise FileExistsError(f"{output} exists; pass --overwrite to replace it.")
     check_output_dir(output, kind=OUTPUT_KIND, inputs=[args.input_dir], overwrite=args.overwrite)
     with staged_outputs([output], kinds=[OUTPUT_KIND], overwrite=args.overwrite) as (staging,):
         work = staging / ".work"  # the full model, inside the staging folder so that a killed run leaves one leftover

@@ -212,9 +212,10 @@ def convert_official_checkpoint(
     Args:
         input_dir: folder with `text_config.json`, `vit_config.json`, `dino_config.json`, `model.safetensors` and
             the tokenizer files.
-        output_dir: where the converted folder goes; it must not exist unless `overwrite`.
+        output_dir: where the converted folder goes: a new or empty folder, or with `overwrite` an earlier
+            output of the converter (checked by its manifest, see README "Safety of outputs").
         max_shard_size: largest safetensors shard.
-        overwrite: replace an existing `output_dir`.
+        overwrite: replace an earlier converter output at `output_dir`.
 
     Returns:
         The output folder, loadable with `AutoModelForImageTextToText.from_pretrained`.
@@ -223,8 +224,6 @@ def convert_official_checkpoint(
     missing_files = [name for name in OFFICIAL_FILES if not (input_dir / name).is_file()]
     if missing_files:
         raise FileNotFoundError(f"{input_dir} is not an official G2VLM checkpoint folder: missing {missing_files}.")
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} exists; pass overwrite=True (or --overwrite) to replace it.")
     check_output_dir(output_dir, inputs=[input_dir], overwrite=overwrite, kind="converted-model")
     try:
         with safe_open(input_dir / "model.safetensors", framework="pt"):
