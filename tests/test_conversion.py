@@ -12,8 +12,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 from g2vlm_hf import G2VLMForConditionalGeneration
-from g2vlm_hf.conversion import convert_official_checkpoint
+from g2vlm_hf.conversion import build_reconstruction_only, convert_official_checkpoint
 from g2vlm_hf.conversion.cli import main as convert_cli
+from g2vlm_hf.output_manifest import read_manifest
+from g2vlm_hf.safe_output import OutputError
 
 OFFICIAL = FIXTURE_DIR / "checkpoint"
 
@@ -104,3 +106,33 @@ def test_missing_official_file_is_named(official_copy, tmp_path):
     (official_copy / "dino_config.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"dino_config\.json"):
         convert_official_checkpoint(official_copy, tmp_path / "converted")
+
+
+def test_build_reconstruction_only_replaces_only_its_own_output(converted_tiny, tmp_path):
+    """The library function writes as `g2vlm-convert` does: a user's folder is never replaced, even with
+    `overwrite=True`; an earlier converter output is, unless the user changed something in it."""
+    user = tmp_path / "my-experiments"
+    user.mkdir()
+    (user / "results.csv").write_text("mine")
+    with pytest.raises(OutputError, match="not a previous output of g2vlm"):
+        build_reconstruction_only(converted_tiny, user, overwrite=True)
+    assert [path.name for path in user.iterdir()] == ["results.csv"]
+    with pytest.raises(OutputError, match="is the input"):
+        build_reconstruction_only(converted_tiny, converted_tiny, overwrite=True)
+
+    output = build_reconstruction_only(converted_tiny, tmp_path / "recon")
+    assert json.loads((output / "config.json").read_text())["model_type"] == "g2vlm_reconstruction"
+    assert read_manifest(output)["kind"] == "converted-model"
+    with pytest.raises(OutputError, match="exists and is not empty; pass --overwrite"):
+        build_reconstruction_only(converted_tiny, output)
+
+    build_reconstruction_only(converted_tiny, output, overwrite=True, max_shard_size="100KB")
+    shards = sorted(path.name for path in output.glob("*.safetensors"))
+    assert any("-of-" in name for name in shards), shards  # the new output replaced the old one
+    assert set(read_manifest(output)["files"]) == {
+        path.relative_to(output).as_posix() for path in output.rglob("*") if path.name != ".g2vlm-output"
+    }
+    (output / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match=r"notes\.txt"):
+        build_reconstruction_only(converted_tiny, output, overwrite=True)
+    assert (output / "notes.txt").read_text() == "mine" and (output / "config.json").is_file()

@@ -210,6 +210,9 @@ def test_reconstruction_only_folder_and_push(hub, client, tiny, local_full, tmp_
     result = push(client, tiny, "user/g2vlm-tiny-recon", reconstruction_only=True)
     assert folder_digest(tiny) == before
     assert result.reconstruction_only and "lm-head" not in str(sorted(result.files))
+    # the local outputs carry their manifest (an owned output); a push never publishes it
+    assert (folder / ".g2vlm-output").is_file() and (tiny / ".g2vlm-output").is_file()
+    assert ".g2vlm-output" not in hub.files("user/g2vlm-tiny-recon")
     assert json.loads(hub.files("user/g2vlm-tiny-recon")["config.json"])["auto_map"]["AutoModel"] == (
         "modeling_g2vlm.G2VLMForReconstruction"
     )

@@ -15,7 +15,6 @@ from pathlib import Path
 
 # Nothing heavy at the top: `g2vlm-convert --help` and argument errors are answered before torch and transformers are
 # imported (the package and the converter are imported inside `main`, once the command line is parsed).
-OUTPUT_KIND = "converted-model"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,10 +74,9 @@ def parse_parity(items: list[str]) -> dict[str, str]:
 
 def convert(args: argparse.Namespace) -> Path:
     """Convert INPUT into OUTPUT (full or reconstruction-only); reuse OUTPUT when pushing without --overwrite."""
-    from ..output_manifest import MANIFEST_NAME
     from ..safe_output import check_output_dir, staged_outputs
     from .convert_official import convert_official_checkpoint
-    from .reconstruction_only import build_reconstruction_only, read_model_type
+    from .reconstruction_only import OUTPUT_KIND, read_model_type, write_reconstruction_only
 
     output = Path(args.output_dir)
     wanted = "g2vlm_reconstruction" if args.reconstruction_only else "g2vlm"
@@ -100,11 +98,11 @@ def convert(args: argparse.Namespace) -> Path:
     check_output_dir(output, kind=OUTPUT_KIND, inputs=[args.input_dir], overwrite=args.overwrite)
     with staged_outputs([output], kinds=[OUTPUT_KIND], overwrite=args.overwrite) as (staging,):
         work = staging / ".work"  # the full model, inside the staging folder so that a killed run leaves one leftover
+        (work / "reconstruction").mkdir(parents=True)
         convert_official_checkpoint(args.input_dir, work / "model", max_shard_size=args.max_shard_size)
-        build_reconstruction_only(work / "model", work / "reconstruction", max_shard_size=args.max_shard_size)
+        write_reconstruction_only(work / "model", work / "reconstruction", max_shard_size=args.max_shard_size)
         for entry in (work / "reconstruction").iterdir():
-            if entry.name != MANIFEST_NAME:  # the converter's manifest of the full model; the swap writes ours
-                entry.rename(staging / entry.name)
+            entry.rename(staging / entry.name)
         shutil.rmtree(work)
     print(f"Reconstruction-only checkpoint written to {output}")
     return output

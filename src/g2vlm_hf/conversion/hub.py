@@ -29,7 +29,7 @@ from transformers.utils import logging
 from ..modeling import G2VLMConfig, G2VLMReconstructionConfig
 from ..output_manifest import MANIFEST_NAME
 from .model_card import DEFAULT_BASE_MODEL, EXAMPLES_DIR, ModelCardInfo, build_model_card
-from .reconstruction_only import build_reconstruction_only, read_model_type
+from .reconstruction_only import read_model_type, write_reconstruction_only
 from .remote_code import write_remote_code
 from .sharding import SAFE_WEIGHTS_INDEX_NAME, is_weight_file, save_component_shards
 
@@ -127,10 +127,10 @@ def stage_for_hub(
         raise ValueError(f"The example images must have distinct file names, got {names}.")
 
     reconstruction_only = reconstruction_only or model_type == G2VLMReconstructionConfig.model_type
+    staging.mkdir(parents=True, exist_ok=True)
     if model_type == G2VLMConfig.model_type and reconstruction_only:
-        build_reconstruction_only(folder, staging, max_shard_size=max_shard_size)
+        write_reconstruction_only(folder, staging, max_shard_size=max_shard_size)
     else:
-        staging.mkdir(parents=True, exist_ok=True)
         for source in sorted(folder.iterdir()):
             if source.is_file() and not is_weight_file(source.name) and source.name not in NOT_PUBLISHED:
                 shutil.copyfile(source, staging / source.name)
@@ -240,7 +240,8 @@ def push_to_hub(
     """Upload the converted folder `folder` to the Hub repository `repo_id` (created if missing) in one commit.
 
     Args:
-        folder: output of `g2vlm-convert` (full) or of `build_reconstruction_only`; it is only read.
+        folder: output of `g2vlm-convert` (full or reconstruction-only) or of `build_reconstruction_only`; it is only
+            read.
         repo_id: `namespace/name`; validated before any network access.
         private: visibility of a newly created repository.
         revision: branch to commit to (created from `main` if missing); default `main`.

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 from transformers.utils import logging
 
 from ..modeling import G2VLMConfig, G2VLMForReconstruction, G2VLMReconstructionConfig
 from ..output_manifest import MANIFEST_NAME
+from ..safe_output import check_output_dir, staged_outputs
 from .sharding import is_weight_file, save_component_shards
 
 logger = logging.get_logger(__name__)
 
+OUTPUT_KIND = "converted-model"  # the kind `g2vlm-convert` gives both its outputs (full and reconstruction-only)
 DROPPED_COMPONENTS = ("semantic-encoder", "lm-head")
 # Files of a full folder that a reconstruction-only folder does not keep (it does not generate text).
 DROPPED_FILES = ("config.json", "generation_config.json", "README.md", MANIFEST_NAME)
@@ -55,40 +56,45 @@ def build_reconstruction_only(
 
     Drops the `model.visual.*` and `lm_head.*` weights and the generation config, writes a
     [`G2VLMReconstructionConfig`] (`vision_config=None`, `architectures=["G2VLMForReconstruction"]`), keeps the
-    processor and tokenizer files, and shards the weights by component. The result is written to a temporary folder,
-    checked to load with no missing or unexpected weight, then moved into place; `full_dir` is only read.
+    processor and tokenizer files, and shards the weights by component; `full_dir` is only read. `output_dir` is an
+    output of the converter, written as `g2vlm-convert` writes its own (README "Safety of outputs"): a new or empty
+    folder, or with `overwrite` an unchanged earlier converter output (anything else is refused before any work and
+    left as it is); the result is staged beside it, checked to load with no missing or unexpected weight, and swapped
+    in with its manifest.
 
     Returns:
         `output_dir`, loadable with `AutoModel.from_pretrained` (after `import g2vlm_hf`).
     """
-    full_dir, output_dir = Path(full_dir), Path(output_dir)
+    full_dir = Path(full_dir)
+    check_model_type(full_dir)
+    check_output_dir(output_dir, kind=OUTPUT_KIND, inputs=[full_dir], overwrite=overwrite)
+    with staged_outputs([output_dir], kinds=[OUTPUT_KIND], overwrite=overwrite) as (staging,):
+        write_reconstruction_only(full_dir, staging, max_shard_size=max_shard_size)
+    logger.info(f"Wrote the reconstruction-only checkpoint of {full_dir} into {output_dir}.")
+    return Path(output_dir)
+
+
+def check_model_type(full_dir: Path) -> None:
+    """A ValueError unless `full_dir` holds a full (not reconstruction-only) converted checkpoint."""
     model_type = read_model_type(full_dir)
     if model_type != G2VLMConfig.model_type:
         raise ValueError(
             f"{full_dir} holds a {model_type!r} checkpoint; a reconstruction-only folder is built from a full "
             f"{G2VLMConfig.model_type!r} one (the output of g2vlm-convert)."
         )
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} exists; pass overwrite=True (or --overwrite) to replace it.")
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    staging.chmod(0o755)
-    try:
-        reconstruction_config(G2VLMConfig.from_pretrained(full_dir)).save_pretrained(staging)
-        for source in sorted(full_dir.iterdir()):
-            if source.is_file() and not is_weight_file(source.name) and source.name not in DROPPED_FILES:
-                shutil.copy2(source, staging / source.name)
-        save_component_shards(full_dir, staging, max_shard_size=max_shard_size, exclude=DROPPED_COMPONENTS)
-        check_loads_cleanly(staging)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    logger.info(f"Wrote the reconstruction-only checkpoint of {full_dir} into {output_dir}.")
-    return output_dir
+
+def write_reconstruction_only(full_dir: str | Path, folder: str | Path, *, max_shard_size: str = "5GB") -> None:
+    """Write the files of [`build_reconstruction_only`] into the existing empty `folder` (no manifest) and check that
+    they load cleanly; for callers that own `folder` (a staging folder)."""
+    full_dir, folder = Path(full_dir), Path(folder)
+    check_model_type(full_dir)
+    reconstruction_config(G2VLMConfig.from_pretrained(full_dir)).save_pretrained(folder)
+    for source in sorted(full_dir.iterdir()):
+        if source.is_file() and not is_weight_file(source.name) and source.name not in DROPPED_FILES:
+            shutil.copy2(source, folder / source.name)
+    save_component_shards(full_dir, folder, max_shard_size=max_shard_size, exclude=DROPPED_COMPONENTS)
+    check_loads_cleanly(folder)
 
 
 def check_loads_cleanly(folder: str | Path) -> None:
@@ -99,4 +105,10 @@ def check_loads_cleanly(folder: str | Path) -> None:
         raise ValueError(f"The reconstruction-only checkpoint does not load cleanly: {problems or info['error_msgs']}")
 
 
-__all__ = ["build_reconstruction_only", "check_loads_cleanly", "read_model_type", "reconstruction_config"]
+__all__ = [
+    "build_reconstruction_only",
+    "check_loads_cleanly",
+    "read_model_type",
+    "reconstruction_config",
+    "write_reconstruction_only",
+]
