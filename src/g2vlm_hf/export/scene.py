@@ -50,7 +50,9 @@ def export_reconstruction(
     """Writes one scene's reconstruction into `output_dir`: [`check_scene`] of the arrays, then [`write_scene`].
 
     Args:
-        output_dir (`str` or `os.PathLike`): Destination folder, created if missing.
+        output_dir (`str` or `os.PathLike`): Destination folder, created if missing; files of the same names are
+            replaced, other files are left as they are (`g2vlm reconstruct` writes an owned folder instead: README
+            "Safety of outputs").
         camera_poses (`(N, 4, 4)` float): Camera-to-world transforms.
         world_points (`(N, H, W, 3)` float): Per-pixel 3D points in the world frame.
         depth (`(N, H, W)` float): Positive depth along each camera's z axis.
@@ -94,7 +96,9 @@ def write_scene(
     partial nor temporary files.
 
     Args:
-        output_dir (`str` or `os.PathLike`): Destination folder, created if missing.
+        output_dir (`str` or `os.PathLike`): Destination folder, created if missing; files of the same names are
+            replaced, other files are left as they are (`g2vlm reconstruct` writes an owned folder instead: README
+            "Safety of outputs").
         scene ([`SceneArrays`]): The checked arrays.
         point_colouring (`str`, defaults to `"image"`): `"image"` colours each point by its pixel, `"view"` by its
             view's colour (the colour of that view's frustum, [`view_colours`]).
