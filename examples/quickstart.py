@@ -2,7 +2,7 @@
 
     python examples/quickstart.py --tiny                    # offline: a small random model made locally, in seconds
     python examples/quickstart.py                           # the real model: downloads InternRobotics/G2VLM-2B-MoT
-                                                            # (4.5 B parameters, ~9 GB in bf16) once, converts it into outputs/g2vlm-2b
+                                                            # (~9 GB in bf16) once, converts it to outputs/g2vlm-2b
     python examples/quickstart.py --official-dir DIR        # converts an official folder you downloaded
     python examples/quickstart.py --model FOLDER_OR_HUB_ID --images a.png b.png ...
 
