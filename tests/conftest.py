@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,23 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixture_paths import FIXTURE_DIR, FIXTURES_ENV, fixtures_root
 from safetensors.torch import load_file
 
 import g2vlm_hf  # noqa: F401  (registers the Auto classes)
 from g2vlm_hf import G2VLMConfig, G2VLMForConditionalGeneration
 from g2vlm_hf.conversion import convert_official_checkpoint
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-FIXTURES_ENV = "G2VLM_FIXTURES"
-
-
-def fixtures_root() -> Path:
-    """`$G2VLM_FIXTURES` if set, else `../shared/fixtures` beside the checkout (which may not exist)."""
-    configured = os.environ.get(FIXTURES_ENV)
-    return Path(configured).expanduser() if configured else REPO_ROOT.parent / "shared" / "fixtures"
-
-
-FIXTURE_DIR = fixtures_root() / "official-tiny"
 KEYS_2B_FILE = fixtures_root() / "official-2b-keys.json"
 MISSING_FIXTURES = (
     f"needs the official tiny fixture, not found at {FIXTURE_DIR}: set {FIXTURES_ENV} to the folder holding "

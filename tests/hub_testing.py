@@ -34,8 +34,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from fixture_paths import FIXTURE_DIR
+
 TESTS_DIR = Path(__file__).resolve().parent
-IMAGES_DIR = TESTS_DIR.parent.parent / "shared" / "fixtures" / "official-tiny" / "images"
+IMAGES_DIR = FIXTURE_DIR / "images"
 VIEWS = sorted(IMAGES_DIR.glob("view_*.png"))
 TOKEN = "hf_g2vlm_offline_token"
 SOURCE_DIR = TESTS_DIR.parent / "src" / "g2vlm_hf"

@@ -223,8 +223,8 @@ def test_the_aligner_refuses_what_it_cannot_chain():
     with pytest.raises(ValueError, match="share at least one view of the same size"):
         aligner.add(second, 0)
     smaller = G2VLMReconstructionOutput(**{k: v[:, :, :4] if v.dim() > 4 else v for k, v in second.items()})
-    with pytest.raises(ValueError, match=r"resize_views_to_first=True"):
-        aligner.add(smaller, 2)
+    with pytest.raises(ValueError, match=r"sizes \(4, 8\) and \(6, 8\)\. .*resize_views_to_first=True"):
+        aligner.add(smaller, 2)  # the sizes named are (height, width) of the new and the previous chunk
     aligned, _, error = aligner.add(second, 2)
     assert error < 1e-6 and len(aligned.world_points[0]) == 6
     with pytest.raises(ValueError, match="No chunks to merge"):

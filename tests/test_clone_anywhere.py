@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from fixture_paths import REPO_ROOT
 
 from g2vlm_hf.conversion import save_component_shards
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, geometry_block, tiny_model
+from conftest import geometry_block, tiny_model
+from fixture_paths import REPO_ROOT
 from test_finetuning import HEIGHT, IMAGENET_MEAN, IMAGENET_STD, WIDTH
 from test_model import chat_and_reconstruction_inputs
 

@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import FIXTURE_DIR, REPO_ROOT, greedy_answer
+from conftest import FIXTURE_DIR, greedy_answer
+from fixture_paths import REPO_ROOT
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 EXAMPLES = REPO_ROOT / "examples"

@@ -4,7 +4,8 @@ row claims some weight, and the README shows it as it is."""
 from __future__ import annotations
 
 import pytest
-from conftest import REPO_ROOT, tiny_config, tiny_model
+from conftest import tiny_config, tiny_model
+from fixture_paths import REPO_ROOT
 
 from g2vlm_hf import G2VLMForDepthEstimation, G2VLMForReconstruction
 from g2vlm_hf.conversion import reconstruction_config
