@@ -129,3 +129,32 @@ def test_colmap_subsample_and_errors(room, tmp_path):
     with pytest.raises(ValueError, match="filtered away"):
         export_colmap(tmp_path / "c", **dict(room, world_points=np.full_like(room["world_points"], np.nan)))
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        ("abc", "the single string 'abc'"),
+        (["a.png", "../../escaped.png", "c.png"], r"not plain file names without spaces: \['../../escaped.png'\]"),
+        (["a.png", "sub/b.png", "c.png"], r"not plain file names .*'sub/b.png'"),
+        (["a.png", "..", "c.png"], r"not plain file names .*'\.\.'"),
+        (["a.png", "b c.png", "c.png"], r"not plain file names .*'b c.png'"),
+        (["a.png", "a.png", "c.png"], "3 new distinct names"),
+        (["a.png", "b.png"], "3 new distinct names"),
+        (["a.png", "b.jpg", "c.png"], r"\['b.jpg'\] do not end in .png"),
+    ],
+)
+def test_colmap_image_names_stay_inside_images(room, tmp_path, names, message):
+    """A name is a file in `images/`: nothing is written anywhere (least of all outside the output) when one is not."""
+    output = tmp_path / "deep" / "down" / "sparse"
+    with pytest.raises(ValueError, match=message):
+        export_colmap(output, **room, image_names=names)
+    assert list(tmp_path.rglob("*")) == []
+
+
+def test_colmap_names_of_images_kept_elsewhere_may_be_jpegs(room, tmp_path):
+    names = ["IMG_1.jpg", "IMG_2.JPG", "IMG_3.jpeg"]
+    export_colmap(tmp_path / "sparse", **room, image_names=names, write_images=False)
+    model = pycolmap.Reconstruction()
+    model.read_text(str(tmp_path / "sparse"))
+    assert sorted(image.name for image in model.images.values()) == names

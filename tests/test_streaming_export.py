@@ -304,6 +304,8 @@ def test_bad_settings_and_inconsistent_chunks_are_refused_and_nothing_is_left(tm
         (dict(), (views[0],), (no_intrinsics,), "intrinsics"),
         (dict(), (views[0], None, ["a.png", "b.png"]), (views[1], None, ["c.png", "a.png"]), "new distinct names"),
         (dict(), (views[0], None, ["a.png", "b c.png"]), None, "without spaces"),
+        (dict(colmap_dir=tmp_path / "sparse"), (views[0], None, ["a.png", "../b.png"]), None, "plain file names"),
+        (dict(colmap_dir=tmp_path / "sparse"), (views[0], None, ["a.png", "b.jpg"]), None, "do not end in .png"),
         (dict(), (views[0], None, ["a.png"]), None, "2 new distinct names"),
     ]
     for options, first, second, message in refusals:

@@ -31,7 +31,7 @@ from transformers.utils import logging
 
 from .atomic import write_all_or_nothing
 from .points import confidence_mask, subsample
-from .validation import ArrayLike, SceneArrays, check_scene
+from .validation import ArrayLike, SceneArrays, check_scene, validate_image_names
 
 logger = logging.get_logger(__name__)
 
@@ -224,9 +224,7 @@ def write_colmap(
     points = scene.world_points.astype(np.float64)
     views, height, width = points.shape[:3]
     usable_camera = checked_usable_cameras(matrices)
-    names = list(image_names) if image_names is not None else [f"view_{index:03d}.png" for index in range(views)]
-    if len(names) != views or len(set(names)) != views or any(not name or " " in name for name in names):
-        raise ValueError(f"`image_names` must be {views} distinct names without spaces, got {names}")
+    names = validate_image_names(image_names, 0, views, written_as_png=write_images)
 
     keep = confidence_mask(points, scene.confidence, confidence_percentile)
     keep &= usable_camera[:, None, None]

@@ -76,7 +76,7 @@ from .colmap import (
 from .depth_png import encode_depth_png16, encode_depth_preview
 from .glb import DEFAULT_FRUSTUM_SCALE, build_scene, view_colours
 from .ply import encode_point_cloud_ply, require_trimesh
-from .validation import SceneArrays, check_reconstruction, validate_original_sizes
+from .validation import SceneArrays, check_reconstruction, validate_image_names, validate_original_sizes
 
 logger = logging.get_logger(__name__)
 
@@ -257,9 +257,10 @@ class StreamingSceneWriter:
             raise ValueError("Give `original_sizes` with every chunk or with none.")
         if (scene.intrinsics is None) != (self.intrinsics is None) and first:
             raise ValueError("Give `intrinsics` with every chunk or with none.")
-        names = list(image_names) if image_names is not None else [f"view_{first + k:03d}.png" for k in range(count)]
-        if len(names) != count or any(not name or " " in name for name in names) or set(names) & set(self.names):
-            raise ValueError(f"`image_names` must be {count} new distinct names without spaces, got {names}")
+        names = validate_image_names(
+            image_names, first, count, written_as_png=self.colmap_dir is not None and self.write_colmap_images,
+            taken=self.names,
+        )  # fmt: skip
 
         written = self._write_views(scene, first, names)
         self.poses.extend(scene.camera_poses)

@@ -137,6 +137,37 @@ def validate_original_sizes(
     return sizes
 
 
+def validate_image_names(
+    image_names: Sequence[str] | None, first: int, count: int, *, written_as_png: bool, taken: Sequence[str] = ()
+) -> list[str]:
+    """The COLMAP names of `count` views numbered from `first`: `image_names` checked, or `view_NNN.png`.
+
+    Each name is a plain file name (it is written into `images/`, never outside it), without spaces (COLMAP's text
+    format splits on them), distinct from the others and from `taken`, and ends in `.png` when the view is written
+    (the bytes are PNG)."""
+    if image_names is None:
+        return [f"view_{first + k:03d}.png" for k in range(count)]
+    if isinstance(image_names, (str, bytes)):
+        raise ValueError(f"`image_names` must be a list of {count} names, got the single string {image_names!r}")
+    names = list(image_names)
+    bad = [
+        name
+        for name in names
+        if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in " /\\")
+    ]
+    if len(names) != count or bad or len(set(names)) != count or set(names) & set(taken):
+        problem = f"; not plain file names without spaces: {bad}" if bad else ""
+        raise ValueError(f"`image_names` must be {count} new distinct names without spaces, got {names}{problem}")
+    if written_as_png:
+        not_png = [name for name in names if not name.lower().endswith(".png")]
+        if not_png:
+            raise ValueError(
+                f"`image_names` {not_png} do not end in .png, but the views are written as PNG images; rename them "
+                "or pass write_images=False to name images you keep elsewhere"
+            )
+    return names
+
+
 @dataclass(frozen=True)
 class SceneArrays:
     """One scene's predictions, checked by [`check_scene`]: numpy arrays whose views and pixels agree.
