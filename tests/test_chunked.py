@@ -4,6 +4,7 @@ whose per-chunk "predictions" are the ground truth in a random similarity frame 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from g2vlm_hf.chunked import (
     number_of_chunks,
     place_window,
     plan_chunks,
+    reconstruct_chunked,
     stream_reconstruction,
     transform_reconstruction,
 )
@@ -424,3 +426,17 @@ def test_global_points_are_aligned_in_their_own_frame():
     expected = model.global_frames[0].apply(world_from(walk.poses, walk.local))
     scale = model.global_frames[0].scale
     torch.testing.assert_close(merged.global_points[0].double(), expected, atol=1e-3 * scale, rtol=1e-4)
+
+
+@pytest.mark.parametrize("views", ["photos/", Path("photos"), b"photos"], ids=["str", "path", "bytes"])
+def test_a_single_path_is_not_read_as_views(views):
+    """A string is iterable: without the check its letters became views (and a progress bar of 0/7 chunks)."""
+    model = FakeModel(Walk(4))
+    for call in (
+        lambda: list(stream_reconstruction(model, index_processor, views, 4, 2)),
+        lambda: reconstruct_chunked(model, index_processor, views, 4, 2),
+        lambda: reconstruct_chunked(model, index_processor, views, 4, 2, loop_closure=True),
+    ):
+        with pytest.raises(ValueError, match=r"got the single path 'photos/?'; for a folder of images pass"):
+            call()
+    assert model.frames == []  # the model never ran

@@ -171,6 +171,11 @@ class TestBadInput:
             processor(geometry_images=[])
         with pytest.raises(ValueError, match="geometry_images"):
             processor()
+        with pytest.raises(ValueError, match="Scene 1 of the geometry images has no views"):
+            processor(geometry_images=[[VIEWS[0]], []])
+        for single in (str(VIEWS[0]), VIEWS[0]):  # not read letter by letter
+            with pytest.raises(ValueError, match="takes the views of one scene as a list; got a single"):
+                processor.geometry_image_processor.preprocess_scene(single)
 
     def test_too_many_views_says_how_much_memory_they_need(self, processor):
         with pytest.raises(ValueError, match=r"1000 views exceed max_views=256.*GB"):

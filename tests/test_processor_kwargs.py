@@ -160,8 +160,35 @@ def test_geometry_image_processor_takes_per_call_settings_and_names_unknown_ones
     for entry in (shared.preprocess_scene, shared.preprocess):
         with pytest.raises(TypeError, match=r"unknown setting\(s\) \['do_rescale'\].*'target_width'"):
             entry(VIEWS, do_rescale=False)
-    with pytest.raises(ValueError, match="positive multiple of the patch size 14"):
+    with pytest.raises(ValueError, match="positive integer multiple of the patch size 14"):
         shared(VIEWS, target_width=30)
+
+
+BAD_GEOMETRY_SETTINGS = [
+    ({"target_width": 280.0}, r"target_width=280\.0 must be a positive integer multiple"),
+    ({"target_width": "280"}, r"target_width='280' must be a positive integer multiple"),
+    ({"target_width": -14}, "target_width=-14 must be a positive integer multiple"),
+    ({"max_views": 0}, "max_views must be a positive integer, got 0"),
+    ({"image_mean": [0.5, 0.5]}, r"image_mean must be one number or three \(R, G, B\), got \[0.5, 0.5\]"),
+    ({"image_std": [0.2, 0.0, 0.2]}, "image_std must be one number or three .*, all positive"),
+]
+
+
+@pytest.mark.parametrize(("settings", "message"), BAD_GEOMETRY_SETTINGS, ids=lambda v: str(v)[:30])
+def test_bad_geometry_settings_are_refused_where_they_are_given(settings, message):
+    """At construction (where a saved processor is loaded too) and per call, before any image is read."""
+    with pytest.raises(ValueError, match=message):
+        G2VLMGeometryImageProcessor(**settings)
+    with pytest.raises(ValueError, match=message):
+        G2VLMGeometryImageProcessor().preprocess_scene(["never-read.png"], **settings)
+
+
+def test_geometry_processor_checks_its_patch_and_takes_one_number_for_all_channels():
+    with pytest.raises(ValueError, match="patch_size must be a positive integer, got 0"):
+        G2VLMGeometryImageProcessor(patch_size=0)
+    single, spelled = G2VLMGeometryImageProcessor(image_mean=0.5), G2VLMGeometryImageProcessor(image_mean=[0.5] * 3)
+    assert single.image_mean == [0.5] * 3
+    assert torch.equal(single.preprocess_scene(VIEWS), spelled.preprocess_scene(VIEWS))
 
 
 @pytest.mark.parametrize("form", ["flat", "nested"])

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -57,6 +58,15 @@ def check_chunking(chunk_size: int, overlap: int) -> None:
         raise ValueError(
             f"overlap must be at least 1 view (the chunks are aligned on the views they share) and less than "
             f"chunk_size={chunk_size}, got {overlap}."
+        )
+
+
+def check_view_iterable(views: object) -> None:
+    """Raise a ValueError when `views` is one path (a string would be read letter by letter as views)."""
+    if isinstance(views, (str, bytes, os.PathLike)):
+        raise ValueError(
+            f"`views` must hold the views of the scene (a list of images or paths, or an iterable of frames), got the "
+            f"single path {os.fsdecode(views)!r}; for a folder of images pass e.g. `sorted(Path(folder).glob('*.jpg'))`."
         )
 
 
@@ -273,6 +283,7 @@ def stream_reconstruction(
         describe_views: Also record each view's descriptor from the geometry encoder (`ReconstructedChunk.descriptors`,
             for [`close_loops`]); read off the model's own pass, at no extra compute.
     """
+    check_view_iterable(views)
     check_chunking(chunk_size, overlap)
     total_views = len(views) if total_views is None and isinstance(views, Sequence) else total_views
     total = None if total_views is None else number_of_chunks(total_views, chunk_size, overlap)
@@ -511,6 +522,7 @@ def reconstruct_chunked(
         closed = g2vlm_hf.reconstruct_chunked(model, processor, frames, loop_closure=True)
         ```
     """
+    check_view_iterable(views)
     if not loop_closure:
         return merge_chunks(stream_reconstruction(model, processor, views, chunk_size, overlap, **kwargs))
     config = loop_closure if isinstance(loop_closure, LoopClosureConfig) else LoopClosureConfig()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypedDict
@@ -83,8 +84,10 @@ class G2VLMGeometryImageProcessor(BaseImageProcessor):
             Geometry encoder patch; output sides are multiples of it.
         do_normalize (`bool`, *optional*, defaults to `True`):
             Normalise with `image_mean` and `image_std` after scaling to [0, 1].
-        image_mean (`list[float]`, *optional*, defaults to the ImageNet mean):
-        image_std (`list[float]`, *optional*, defaults to the ImageNet std):
+        image_mean (`float` or `list[float]`, *optional*, defaults to the ImageNet mean):
+            One number or one per RGB channel.
+        image_std (`float` or `list[float]`, *optional*, defaults to the ImageNet std):
+            One positive number or one per RGB channel.
         max_views (`int`, *optional*, defaults to 256):
             Largest number of views in one scene; more raise a ValueError with a memory estimate.
         max_tokens_per_view (`int`, *optional*, defaults to 4096):
@@ -104,8 +107,8 @@ class G2VLMGeometryImageProcessor(BaseImageProcessor):
         target_width: int = 518,
         patch_size: int = 14,
         do_normalize: bool = True,
-        image_mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-        image_std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        image_mean: float | Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        image_std: float | Sequence[float] = IMAGENET_DEFAULT_STD,
         max_views: int = 256,
         max_tokens_per_view: int = 4096,
         max_aspect_ratio: float = 4.0,
@@ -113,18 +116,19 @@ class G2VLMGeometryImageProcessor(BaseImageProcessor):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if target_width % patch_size:
-            raise ValueError(f"target_width={target_width} must be a multiple of patch_size={patch_size}.")
+        if not _is_count(patch_size):
+            raise ValueError(f"patch_size must be a positive integer, got {patch_size!r}.")
         self.do_resize = do_resize
         self.target_width = target_width
         self.patch_size = patch_size
         self.do_normalize = do_normalize
-        self.image_mean = list(image_mean)
-        self.image_std = list(image_std)
+        self.image_mean = _per_channel(image_mean)
+        self.image_std = _per_channel(image_std)
         self.max_views = max_views
         self.max_tokens_per_view = max_tokens_per_view
         self.max_aspect_ratio = max_aspect_ratio
         self.resize_views_to_first = resize_views_to_first
+        self._call_settings({})  # the same checks as the settings of a call
 
     def __call__(self, images, return_tensors: str | TensorType | None = "pt", **kwargs) -> BatchFeature:
         return self.preprocess(images, return_tensors=return_tensors, **kwargs)
@@ -183,6 +187,11 @@ class G2VLMGeometryImageProcessor(BaseImageProcessor):
         self, views: Sequence[ImageSource], **kwargs: Unpack[G2VLMGeometryImagesKwargs]
     ) -> torch.Tensor:
         """`(views, 3, H, W)` normalised pixels of one scene (settings given here apply to this call only)."""
+        if isinstance(views, (str, os.PathLike, Image.Image)):
+            raise ValueError(
+                f"preprocess_scene takes the views of one scene as a list; got a single {type(views).__name__} "
+                f"({views!r:.80}): wrap it in a list."
+            )
         return self._scene_pixels(views, self._call_settings(kwargs))
 
     def _call_settings(self, overrides: G2VLMGeometryImagesKwargs) -> _ViewSettings:
@@ -200,10 +209,20 @@ class G2VLMGeometryImageProcessor(BaseImageProcessor):
             _per_channel(values["image_std"]),
         )
         settings = _ViewSettings(**values)
-        if settings.target_width <= 0 or settings.target_width % self.patch_size:
+        if not _is_count(settings.target_width) or settings.target_width % self.patch_size:
             raise ValueError(
-                f"target_width={settings.target_width} must be a positive multiple of the patch size {self.patch_size}."
+                f"target_width={settings.target_width!r} must be a positive integer multiple of the patch size "
+                f"{self.patch_size}."
             )
+        if not _is_count(settings.max_views):
+            raise ValueError(f"max_views must be a positive integer, got {settings.max_views!r}.")
+        for name in ("image_mean", "image_std"):
+            value = getattr(settings, name)
+            if len(value) != 3 or (name == "image_std" and min(value) <= 0):
+                raise ValueError(
+                    f"{name} must be one number or three (R, G, B){', all positive' if name == 'image_std' else ''}, "
+                    f"got {value}."
+                )
         return settings
 
     def _scene_pixels(self, views: Sequence[ImageSource], settings: _ViewSettings) -> torch.Tensor:
@@ -296,6 +315,11 @@ class G2VLMGeometryImageProcessor(BaseImageProcessor):
         )
 
 
+def _is_count(value: object) -> bool:
+    """Whether `value` is a positive integer (not a bool, a float or a string)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def _per_channel(value: float | Sequence[float]) -> list[float]:
     """A mean or std as one float per RGB channel (a single number stands for all three)."""
     return [float(value)] * 3 if isinstance(value, (int, float)) else [float(v) for v in value]
@@ -307,6 +331,9 @@ def as_scenes(images) -> list[list[ImageSource]]:
         if len(images) == 0:
             raise ValueError("No geometry images were given: reconstruction needs at least one view.")
         if all(isinstance(scene, (list, tuple)) for scene in images):
+            empty = [index for index, scene in enumerate(images) if len(scene) == 0]
+            if empty:
+                raise ValueError(f"Scene {empty[0]} of the geometry images has no views: give each scene at least one.")
             return [list(scene) for scene in images]
         if any(isinstance(scene, (list, tuple)) for scene in images):
             raise ValueError("Pass either the views of one scene or a list of scenes (lists of views), not a mix.")
