@@ -3,6 +3,8 @@ batching, attention pattern, expert routing, save/load, geometry invariants and 
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import (
@@ -328,6 +330,35 @@ class TestBadInput:
         ids = torch.tensor([[1, *geometry_block(2, GRID_H, GRID_W)]])
         with pytest.raises(ValueError, match="same size"):
             model.reconstruct(input_ids=ids, geometry_pixel_values=[torch.randn(3, 28, 42), torch.randn(3, 42, 28)])
+
+    @pytest.mark.parametrize(
+        ("values", "message"),
+        [
+            (lambda v: v.numpy(), "must be torch tensors, got ndarray; call the processor with return_tensors='pt'"),
+            (lambda v: (v * 50).to(torch.uint8), "normalised floating-point views, got torch.uint8"),
+            (lambda v: v.index_fill(1, torch.tensor([1]), float("nan")), "holds NaN or infinite values"),
+            (lambda v: v.index_fill(4, torch.tensor([0]), float("inf")), "holds NaN or infinite values"),
+        ],
+        ids=["numpy", "uint8", "nan", "inf"],
+    )
+    def test_geometry_views_must_be_finite_float_tensors(self, model, values, message):
+        """What the model reads is what the processor makes; anything else is named before the encoders run (NaN
+        views made generate answer token 0 and reconstruct fail inside an SVD)."""
+        ids = torch.tensor([[1, *geometry_block(VIEWS, GRID_H, GRID_W)]])
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "geometry_pixel_values": values(views())}
+        for run in (model.reconstruct, model.__call__, functools.partial(model.generate, max_new_tokens=1)):
+            with pytest.raises(ValueError, match=message):
+                run(**inputs)
+
+    def test_input_ids_must_be_a_batch_of_sequences(self, model):
+        ids = torch.tensor([[1, *geometry_block(VIEWS, GRID_H, GRID_W)]])
+        generate = functools.partial(model.generate, max_new_tokens=1)
+        # (generate() itself reads `.shape` of a list before the model sees it)
+        for bad, got, runs in ((ids[0].tolist(), "list", (model.reconstruct, model.__call__)),
+                               (ids[0], rf"shape \({ids.shape[1]},\)", (model.reconstruct, model.__call__, generate))):  # fmt: skip
+            for run in runs:
+                with pytest.raises(ValueError, match=rf"must be a \(batch_size, sequence_length\) tensor, got {got};"):
+                    run(input_ids=bad, geometry_pixel_values=views())
 
     def test_geometry_placeholder_count_must_match_the_features(self, model):
         ids = torch.tensor([[1, *geometry_block(2, GRID_H, GRID_W)[:-3], 99]])

@@ -215,6 +215,8 @@ class G2VLMModel(G2VLMPreTrainedModel):
         """
         if input_ids is None and inputs_embeds is None:
             raise ValueError("Pass `input_ids` (from the processor) or `inputs_embeds`.")
+        if input_ids is not None:
+            check_input_ids(input_ids)
         if geometry_pixel_values is not None:
             geometry_pixel_values = as_geometry_pixel_values(geometry_pixel_values, self.config.geometry_patch_size)
         if input_ids is None:
@@ -338,11 +340,34 @@ def is_padding_mask(attention_mask) -> bool:
     return isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2
 
 
+def check_input_ids(input_ids: object) -> None:
+    """Raise a ValueError unless `input_ids` is a `(batch_size, sequence_length)` tensor."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+        got = f"shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(
+            f"input_ids must be a (batch_size, sequence_length) tensor, got {got}; call the processor with "
+            "return_tensors='pt' (and add a batch dimension to a single sequence)."
+        )
+
+
 def as_geometry_pixel_values(geometry_pixel_values: torch.Tensor | list[torch.Tensor], patch_size: int) -> torch.Tensor:
     """Validate geometry views and return them as one `(batch, views, 3, H, W)` tensor.
 
     A list of `(3, H, W)` views is taken as one scene. Raises a ValueError naming the problem otherwise.
     """
+    views = geometry_pixel_values if isinstance(geometry_pixel_values, (list, tuple)) else [geometry_pixel_values]
+    not_tensors = sorted({type(view).__name__ for view in views if not isinstance(view, torch.Tensor)})
+    if not_tensors:
+        raise ValueError(
+            f"geometry_pixel_values must be torch tensors, got {', '.join(not_tensors)}; call the processor with "
+            "return_tensors='pt'."
+        )
+    not_floats = sorted({str(view.dtype) for view in views if not view.is_floating_point()})
+    if not_floats:
+        raise ValueError(
+            f"geometry_pixel_values must be normalised floating-point views, got {', '.join(not_floats)}; pass the "
+            "images through the G2VLM processor (geometry_images=...), which scales and normalises them."
+        )
     if isinstance(geometry_pixel_values, (list, tuple)):
         sizes = sorted({tuple(view.shape) for view in geometry_pixel_values})
         if len(sizes) != 1:
@@ -361,6 +386,10 @@ def as_geometry_pixel_values(geometry_pixel_values: torch.Tensor | list[torch.Te
             f"Geometry images must have sides that are multiples of the patch size {patch_size}, got {height}x{width}; "
             "resize them (the G2VLM processor resizes to width 518 and a height multiple of 14)."
         )
+    torch_compilable_check(
+        torch.isfinite(geometry_pixel_values).all(),
+        "geometry_pixel_values holds NaN or infinite values; check the views and their preprocessing.",
+    )
     return geometry_pixel_values
 
 
@@ -660,6 +689,8 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
         # Overridden: the prompt needs 3D multimodal positions; generation then extends them by one per step.
         input_ids = model_kwargs.get("input_ids")
         if input_ids is None or input_ids.shape[1] == 0:
+            if not inputs_tensor.is_floating_point():
+                check_input_ids(inputs_tensor)
             is_ids = inputs_tensor.ndim == 2 and not inputs_tensor.is_floating_point()
             input_ids = inputs_tensor if is_ids else self.model.layout_ids_from_embeds(model_kwargs["inputs_embeds"])
         image_grid_thw = model_kwargs.get("image_grid_thw") if model_kwargs.get("pixel_values") is not None else None
