@@ -181,3 +181,18 @@ def test_pipeline_takes_several_views_of_one_scene(folder):
     alone = estimator(views[1])["predicted_depth"]
     assert not torch.allclose(alone, scene[1]["predicted_depth"])
     assert estimator(views[0])["predicted_depth"].ndim == 2  # single images behave as in the standard pipeline
+
+
+def test_pipeline_reads_16_bit_images_as_the_processor_does(folder, tmp_path):
+    """transformers' `load_image` clips a 16-bit PNG to white; the G2VLM pipeline reads it as the processor does."""
+    from g2vlm_hf.pipelines import G2VLMDepthEstimationPipeline
+
+    gray = np.asarray(Image.open(VIEWS[0]).convert("L"), dtype=np.uint16)
+    Image.fromarray(gray * 257).save(tmp_path / "16-bit.png")
+    Image.fromarray(gray.astype(np.uint8)).convert("RGB").save(tmp_path / "8-bit.png")
+    assert Image.open(tmp_path / "16-bit.png").mode == "I;16"
+    estimator = pipeline("depth-estimation", model=str(folder), pipeline_class=G2VLMDepthEstimationPipeline)
+    eight = estimator(str(tmp_path / "8-bit.png"))["predicted_depth"]
+    torch.testing.assert_close(estimator(str(tmp_path / "16-bit.png"))["predicted_depth"], eight)
+    [[scene_view]] = estimator([[str(tmp_path / "16-bit.png")]])
+    torch.testing.assert_close(scene_view["predicted_depth"], eight)

@@ -141,13 +141,18 @@ def test_save_and_load_round_trip(processor, tmp_path):
     assert first["input_ids"] == second["input_ids"]
 
 
-@pytest.mark.parametrize("mode", ["L", "RGBA", "I;16", "P"])
+@pytest.mark.parametrize("mode", ["L", "RGBA", "I;16", "P", "F in [0, 1]", "F in [0, 255]"])
 def test_other_image_modes_are_converted_to_rgb(mode):
     rgb = Image.open(VIEWS[0]).convert("RGB")
     if mode == "I;16":
         gray = np.asarray(rgb.convert("L"), dtype=np.uint16) * 257
         image = Image.fromarray(gray)
         assert image.mode == "I;16"
+        expected = rgb.convert("L").convert("RGB")
+    elif mode.startswith("F"):  # float images: in [0, 1] as float arrays are read, or in 8-bit units
+        scale = 255.0 if mode.endswith("[0, 1]") else 1.0
+        image = Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.float32) / scale)
+        assert image.mode == "F"
         expected = rgb.convert("L").convert("RGB")
     elif mode == "RGBA":
         image = rgb.convert("RGBA")  # fully opaque: compositing onto white changes nothing

@@ -15,22 +15,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers.image_utils import load_image
 from transformers.pipelines import DepthEstimationPipeline
+
+from .processing.image_io import load_image
 
 __all__ = ["G2VLMDepthEstimationPipeline"]
 
 
 class G2VLMDepthEstimationPipeline(DepthEstimationPipeline):
     """[`~transformers.DepthEstimationPipeline`] where an input may be a list of views of one scene (reconstructed
-    together); its result is then a list with one `{"predicted_depth", "depth"}` per view, each at its image's size."""
+    together); its result is then a list with one `{"predicted_depth", "depth"}` per view, each at its image's size.
+    Images are read as the G2VLM processor reads them (16-bit, grayscale and transparent images converted to 8-bit RGB
+    without clipping, EXIF orientation applied)."""
 
     def preprocess(self, image: Any, timeout: float | None = None) -> dict[str, Any]:
         if not isinstance(image, (list, tuple)):
-            return super().preprocess(image, timeout)
+            return super().preprocess(load_image(image), timeout)
         if not image:
             raise ValueError("A scene needs at least one view.")
-        views = [load_image(view, timeout) for view in image]
+        views = [load_image(view) for view in image]
         model_inputs = self.image_processor(images=[views], return_tensors="pt")
         model_inputs = model_inputs.to(self.dtype)
         model_inputs["target_size"] = [view.size[::-1] for view in views]

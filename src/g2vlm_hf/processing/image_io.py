@@ -24,7 +24,8 @@ def load_image(source: ImageSource) -> Image.Image:
     Accepted: a path, a PIL image or a `(H, W)`, `(H, W, 3)` or `(H, W, 4)` array (uint8, uint16, or float in [0, 1]).
     Conversions: the EXIF orientation is applied (the image as viewers display it, as transformers' `load_image`);
     grayscale is replicated to three channels; an alpha channel is composited onto white; 16-bit images are scaled
-    to 8 bits (value / 257); palette images are expanded. http(s) URLs are fetched with transformers.
+    to 8 bits (value / 257), and floating-point images ("F") with values in [0, 1] by 255; palette images are
+    expanded. http(s) URLs are fetched with transformers.
     """
     if is_url(source):
         source = _fetch_url(source)
@@ -132,7 +133,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8)).convert("RGB")
     if image.mode in ("I", "F"):
         values = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if values.max(initial=0) > 255 else 255.0
+        brightest = values.max(initial=0)
+        # float images in [0, 1] (as float arrays are read), else 8- or 16-bit values
+        peak = 1.0 if image.mode == "F" and brightest <= 1.0 else 65535.0 if brightest > 255 else 255.0
         return Image.fromarray(np.clip(np.rint(values * 255.0 / peak), 0, 255).astype(np.uint8)).convert("RGB")
     if image.mode == "P":
         image = image.convert("RGBA")
