@@ -439,3 +439,24 @@ def test_question_files_are_checked_line_by_line(tmp_path):
     path.write_text(json.dumps({**good, "choices": [], "answer": "far"}))
     with pytest.raises(ValueError, match="numeric answer must be a non-zero number"):
         load_questions(path)
+
+
+@pytest.mark.parametrize(
+    ("images", "ground_truth", "message"),
+    [
+        (np.full((2, 8, 12, 3), 0.5), {}, r"must be \(N, H, W, 3\) uint8 with N >= 1, got float64"),
+        (np.zeros((2, 8, 12, 3), np.uint16), {}, "got uint16"),
+        (np.zeros((2, 8, 12), np.uint8), {}, r"of shape \(2, 8, 12\)"),
+        (np.zeros((0, 8, 12, 3), np.uint8), {}, "N >= 1"),
+        (np.zeros((2, 8, 12, 3), np.uint8), {"depth": np.ones((3, 8, 12))}, "'depth' has 3 views but there are 2"),
+        (np.zeros((2, 8, 12, 3), np.uint8), {"depth": np.ones((2, 12, 8))}, "'depth' is 12x8 but the images are 8x12"),
+        (np.zeros((2, 8, 12, 3), np.uint8), {"poses": np.ones((2, 3, 4))}, r"'poses' has shape \(2, 3, 4\)"),
+        (np.zeros((2, 8, 12, 3), np.uint8), {"depth": np.full((2, 8, 12), "1")}, "'depth' holds <U1 values"),
+    ],
+)
+def test_write_scene_refuses_what_the_evaluation_could_not_read(tmp_path, images, ground_truth, message):
+    """Float images were written black, uint16 ones wrapped, and mismatched ground truth failed only when the
+    evaluation read it back; now nothing is written."""
+    with pytest.raises(ValueError, match=message):
+        write_scene(tmp_path / "scene", images, **ground_truth)
+    assert list(tmp_path.iterdir()) == []

@@ -502,3 +502,23 @@ def test_forwarded_option_types_name_exactly_the_writers_options(options, writer
         if parameter.kind is parameter.KEYWORD_ONLY
     }
     assert set(options.__annotations__) == keyword_only
+
+
+@pytest.mark.parametrize("colour", [(300, 0, 0), (1.0, 0.0, 0.0), (255, 0), "red", (-1, 0, 0)])
+def test_a_frustum_colour_outside_8_bit_rgb_is_refused(scene, tmp_path, colour):
+    """(300, 0, 0) wrapped to 44 and (1.0, 0, 0) came out nearly black: both silently."""
+    points, colours = filter_points(scene["world_points"], scene["images"], max_points=100)
+    with pytest.raises(ValueError, match=r"`frustum_colour` must be three integers in \[0, 255\]"):
+        save_scene_glb(tmp_path / "scene.glb", points, colours, scene["camera_poses"], frustum_colour=colour)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_one_frustum_colour_for_every_camera(scene, tmp_path):
+    points, colours = filter_points(scene["world_points"], scene["images"], max_points=100)
+    path = save_scene_glb(
+        tmp_path / "s.glb", points, colours, scene["camera_poses"], frustum_colour=np.array([9, 99, 199])
+    )
+    loaded = trimesh.load(path)
+    for index in range(N):
+        frustum = loaded.geometry[f"camera_{index}"]
+        np.testing.assert_array_equal(np.unique(frustum.visual.vertex_colors, axis=0), [[9, 99, 199, 255]])

@@ -186,17 +186,38 @@ def find_scenes(root: Path | str, require: str) -> list[GeometryScene]:
 
 
 def write_scene(directory: Path | str, images: np.ndarray, **ground_truth: np.ndarray) -> Path:
-    """Write one scene in the documented format: `images` `(N, H, W, 3)` uint8, ground truth as keyword arrays."""
+    """Write one scene in the documented format: `images` `(N, H, W, 3)` uint8, ground truth as keyword arrays
+    (`depth`, `valid` `(N, H, W)` and `points` `(N, H, W, 3)` at the images' size, `poses` `(N, 4, 4)`). Everything
+    is checked before anything is written; the values themselves are not (the evaluation checks them when it reads
+    the scene)."""
     from PIL import Image
 
     directory = Path(directory)
     unknown = set(ground_truth) - set(GT_SHAPES)
     if unknown:
         raise ValueError(f"Unknown ground-truth keys {sorted(unknown)}; use {sorted(GT_SHAPES)}.")
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
+        raise ValueError(
+            f"`images` must be (N, H, W, 3) uint8 with N >= 1, got {images.dtype} of shape {images.shape}; convert "
+            "float images in [0, 1] with (images * 255).round().astype(np.uint8)."
+        )
+    arrays = {key: np.asarray(value) for key, value in ground_truth.items()}
+    where = directory / GT_FILE
+    for key, array in arrays.items():
+        _check_dtype(key, array, where)
+        _check_shape(key, array, where)
+        if array.shape[0] != len(images):
+            raise ValueError(f"{where}: '{key}' has {array.shape[0]} views but there are {len(images)} images.")
+        if key in PIXEL_MAPS and array.shape[1:3] != images.shape[1:3]:
+            raise ValueError(
+                f"{where}: '{key}' is {array.shape[1]}x{array.shape[2]} but the images are "
+                f"{images.shape[1]}x{images.shape[2]}; give the ground truth at the images' size."
+            )
     (directory / "images").mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(images):
-        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(directory / "images" / f"{index:04d}.png")
-    np.savez(directory / GT_FILE, **{key: np.asarray(value) for key, value in ground_truth.items()})
+        Image.fromarray(image).save(directory / "images" / f"{index:04d}.png")
+    np.savez(where, **arrays)
     return directory
 
 

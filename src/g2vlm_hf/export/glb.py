@@ -10,7 +10,7 @@ import numpy as np
 
 from .atomic import write_bytes_atomic
 from .ply import require_trimesh
-from .validation import ArrayLike, to_numpy, validate_cloud, validate_image_size, validate_poses
+from .validation import ArrayLike, to_numpy, validate_cloud, validate_colour, validate_image_size, validate_poses
 
 if TYPE_CHECKING:
     import trimesh
@@ -185,7 +185,7 @@ def save_scene_glb(
         validate_poses(camera_poses),
         image_size=(1, 1) if image_size is None else validate_image_size(image_size),
         frustum_scale=frustum_scale,
-        frustum_colour=frustum_colour,
+        frustum_colour=None if frustum_colour is None else validate_colour(frustum_colour, "frustum_colour"),
         show_cameras=show_cameras,
     )
     return write_bytes_atomic(path, scene.export(file_type="glb"))

@@ -114,6 +114,16 @@ def validate_image_size(image_size: Sequence[int]) -> tuple[int, int]:
     return int(image_size[0]), int(image_size[1])
 
 
+def validate_colour(colour: Sequence[int], name: str) -> tuple[int, int, int]:
+    """An RGB colour of three integers in [0, 255] (not floats in [0, 1], which would come out nearly black)."""
+    values = tuple(colour) if isinstance(colour, (Sequence, np.ndarray)) and not isinstance(colour, str) else ()
+    if len(values) != 3 or not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= 255 for v in values
+    ):
+        raise ValueError(f"`{name}` must be three integers in [0, 255] (R, G, B), got {colour!r}")
+    return tuple(int(v) for v in values)
+
+
 def validate_intrinsics(intrinsics: ArrayLike | None, num_views: int) -> np.ndarray | None:
     """`(num_views, 3, 3)` float64 intrinsics (NaN allowed: a view that could not be fitted), or None."""
     if intrinsics is None:
