@@ -131,11 +131,20 @@ def test_chunks_overlap_and_the_last_one_is_filled_back():
         (1, 1, "chunk_size must be at least 2 views, got 1"),
         (4, 0, "overlap must be at least 1 view .* less than chunk_size=4, got 0"),
         (4, 4, "overlap must be at least 1 view .* less than chunk_size=4, got 4"),
+        (4.0, 2, r"chunk_size must be an integer number of views, got 4\.0"),
+        (4, "2", "overlap must be an integer number of views, got '2'"),
     ],
 )
 def test_chunk_settings_outside_the_plan_are_refused(chunk_size, overlap, message):
     with pytest.raises(ValueError, match=message):
         list(plan_chunks(range(10), chunk_size, overlap))
+
+
+def test_numpy_integers_plan_as_ints_and_the_alignment_needs_three_points():
+    assert list(plan_chunks(range(5), np.int64(4), np.int64(2))) == list(plan_chunks(range(5), 4, 2))
+    for bad in (0, 2, 2.5):  # 0 failed later with "points are missing or non-finite", not the cause
+        with pytest.raises(ValueError, match=rf"max_alignment_points must be an integer of at least 3 .*got {bad}"):
+            list(stream_reconstruction(FakeModel(Walk(8)), index_processor, range(8), 4, 2, max_alignment_points=bad))
 
 
 def test_views_are_read_lazily():

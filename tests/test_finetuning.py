@@ -19,6 +19,7 @@ from g2vlm_hf.training import (
     lora_target_modules,
     parameter_group,
     render_room,
+    set_trainable,
     trainable_report,
     yaw_pose,
 )
@@ -124,6 +125,15 @@ def test_geometry_loss_vanishes_for_a_prediction_equal_to_the_truth_up_to_simila
 def expected_groups_trainable(model, groups):
     for name, parameter in model.named_parameters():
         assert parameter.requires_grad == (parameter_group(name) in groups), name
+
+
+def test_one_group_may_be_named_alone_and_unknown_ones_are_refused():
+    model = tiny_model()
+    report = set_trainable(model, "geometry_expert")  # a string was read as its letters
+    expected_groups_trainable(model, {"geometry_expert"})
+    assert report.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
+    with pytest.raises(ValueError, match=r"Unknown parameter group\(s\) \['geometry'\]"):
+        set_trainable(model, ["geometry"])
 
 
 @pytest.mark.parametrize("stage", [1, 2])

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -51,7 +52,10 @@ View = TypeVar("View")
 
 
 def check_chunking(chunk_size: int, overlap: int) -> None:
-    """Raise a ValueError unless `2 <= chunk_size` and `1 <= overlap < chunk_size`."""
+    """Raise a ValueError unless `2 <= chunk_size` and `1 <= overlap < chunk_size` (integers)."""
+    for name, value in (("chunk_size", chunk_size), ("overlap", overlap)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise ValueError(f"{name} must be an integer number of views, got {value!r}.")
     if chunk_size < 2:
         raise ValueError(f"chunk_size must be at least 2 views, got {chunk_size}.")
     if not 1 <= overlap < chunk_size:
@@ -85,6 +89,7 @@ def plan_chunks(views: Iterable[View], chunk_size: int, overlap: int) -> Iterato
     `chunk_size` views).
     """
     check_chunking(chunk_size, overlap)
+    chunk_size, overlap = int(chunk_size), int(overlap)  # numpy integers too
     window: deque[View] = deque(maxlen=chunk_size)
     fresh, first = 0, True
     for view in views:
@@ -161,6 +166,11 @@ class ChunkAligner:
     """
 
     def __init__(self, max_points: int = 20_000, seed: int = 0):
+        if not isinstance(max_points, numbers.Integral) or isinstance(max_points, bool) or max_points < 3:
+            raise ValueError(
+                f"max_alignment_points must be an integer of at least 3 (a similarity is fitted to them), got "
+                f"{max_points!r}."
+            )
         self.max_points = max_points
         self.generator = torch.Generator().manual_seed(seed)
         self.previous: G2VLMReconstructionOutput | None = None  # the previous chunk, aligned

@@ -60,8 +60,10 @@ def trainable_report(model: nn.Module) -> TrainableReport:
     return report
 
 
-def set_trainable(model: nn.Module, groups: tuple[str, ...] | list[str]) -> TrainableReport:
-    """Make exactly the parameters of `groups` trainable (see `PARAMETER_GROUPS`) and report the counts."""
+def set_trainable(model: nn.Module, groups: str | tuple[str, ...] | list[str]) -> TrainableReport:
+    """Make exactly the parameters of `groups` (one group or several) trainable (see `PARAMETER_GROUPS`) and report
+    the counts."""
+    groups = (groups,) if isinstance(groups, str) else tuple(groups)
     unknown = set(groups) - set(PARAMETER_GROUPS)
     if unknown:
         raise ValueError(f"Unknown parameter group(s) {sorted(unknown)}; choose from {PARAMETER_GROUPS}.")
