@@ -522,3 +522,33 @@ def test_one_frustum_colour_for_every_camera(scene, tmp_path):
     for index in range(N):
         frustum = loaded.geometry[f"camera_{index}"]
         np.testing.assert_array_equal(np.unique(frustum.visual.vertex_colors, axis=0), [[9, 99, 199, 255]])
+
+
+def test_export_model_scene_colours_by_the_views_and_takes_either_processor(converted_tiny, tmp_path):
+    """The model's own reconstruction, exported with the processor's geometry views: the point colours are the
+    views' pixels (unnormalised), whichever of the two processors is given; a wrong scene or object is named."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from hub_testing import VIEWS
+
+    model = AutoModelForImageTextToText.from_pretrained(converted_tiny).eval()
+    processor = AutoProcessor.from_pretrained(converted_tiny)
+    inputs = processor(geometry_images=[str(view) for view in VIEWS], return_tensors="pt", target_width=56)
+    with torch.no_grad():
+        output = model.reconstruct(**inputs)
+    pixels = inputs["geometry_pixel_values"]
+    written = {}
+    for name, which in (("geometry", processor.geometry_image_processor), ("full", processor)):
+        files = export.export_model_scene(tmp_path / name, output, pixels, which, point_colouring="image")
+        written[name] = {path.relative_to(tmp_path / name): path.read_bytes() for path in files}
+    assert written["geometry"] == written["full"]
+    cloud = trimesh.load(tmp_path / "full" / "points.ply")
+    views = (pixels[0].permute(0, 2, 3, 1).numpy() * [0.229, 0.224, 0.225] + [0.485, 0.456, 0.406]) * 255
+    palette = {tuple(int(c) for c in colour) for colour in np.clip(np.rint(views), 0, 255).reshape(-1, 3)}
+    assert {tuple(colour) for colour in np.asarray(cloud.colors)[:, :3]} <= palette
+    with pytest.raises(ValueError, match=r"scene=1 is out of range: the reconstruction holds 1 scene"):
+        export.export_model_scene(tmp_path / "bad", output, pixels, processor, scene=1)
+    with pytest.raises(ValueError, match="got a dict"):
+        export.export_model_scene(tmp_path / "bad", output, pixels, {})
+    assert not (tmp_path / "bad").exists()

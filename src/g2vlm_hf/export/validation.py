@@ -244,7 +244,17 @@ def check_reconstruction(
     reconstruction: Any, geometry_pixel_values: torch.Tensor, geometry_image_processor: Any, *, scene: int = 0
 ) -> SceneArrays:
     """[`check_scene`] of scene `scene` of a model's reconstruction (`G2VLMReconstructionOutput`), coloured by its
-    geometry views (`geometry_pixel_values` as the processor made them, unnormalised by `geometry_image_processor`)."""
+    geometry views (`geometry_pixel_values` as the processor made them, unnormalised by `geometry_image_processor`,
+    or by the geometry image processor of a `G2VLMProcessor` given instead)."""
+    geometry_image_processor = getattr(geometry_image_processor, "geometry_image_processor", geometry_image_processor)
+    if not hasattr(geometry_image_processor, "unnormalize"):
+        raise ValueError(
+            f"Expected the geometry image processor (or the G2VLMProcessor holding it) to unnormalise the views, got "
+            f"a {type(geometry_image_processor).__name__}."
+        )
+    scenes = reconstruction.camera_poses.shape[0]
+    if not -scenes <= scene < scenes:
+        raise ValueError(f"scene={scene} is out of range: the reconstruction holds {scenes} scene(s).")
     optional = {name: getattr(reconstruction, name, None) for name in ("depth", "confidence", "intrinsics")}
     return check_scene(
         reconstruction.camera_poses[scene],
