@@ -365,6 +365,15 @@ class TestBadInput:
         with pytest.raises(ValueError, match="geometry placeholder tokens"):
             model.reconstruct(input_ids=ids, geometry_pixel_values=views())
 
+    def test_semantic_images_must_be_finite(self, model):
+        """NaN patches made generate answer token 0 without a word."""
+        pixels, grid = image_patches(*IMAGE_GRID)
+        ids = torch.tensor([[1, *image_block(*IMAGE_GRID)]])
+        bad = pixels.index_fill(0, torch.tensor([2]), float("nan"))
+        for run in (model.__call__, functools.partial(model.generate, max_new_tokens=1)):
+            with pytest.raises(ValueError, match="pixel_values holds NaN or infinite values"):
+                run(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=bad, image_grid_thw=grid)
+
     def test_image_placeholders_need_pixel_values(self, model):
         with pytest.raises(ValueError, match="no `pixel_values`"):
             model(input_ids=torch.tensor([[1, *image_block(*IMAGE_GRID)]]))

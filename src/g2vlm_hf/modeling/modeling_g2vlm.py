@@ -83,6 +83,10 @@ class G2VLMModel(G2VLMPreTrainedModel):
             )
         if image_grid_thw is None:
             raise ValueError("`pixel_values` need their `image_grid_thw` (the processor returns both).")
+        torch_compilable_check(
+            torch.isfinite(pixel_values).all(),
+            "pixel_values holds NaN or infinite values; check the images and their preprocessing.",
+        )
         outputs = self.visual(pixel_values.to(self.visual.dtype), grid_thw=image_grid_thw, **kwargs)
         split_sizes = (image_grid_thw.prod(-1) // self.spatial_merge_size**2).tolist()
         outputs.pooler_output = torch.split(outputs.pooler_output, split_sizes)
