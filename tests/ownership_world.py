@@ -82,7 +82,7 @@ class Killed(Exception):
 
 @dataclass(frozen=True)
 class Run:
-    command: str  # "reconstruct" or "convert"
+    command: str  # "reconstruct", "convert" or "convert-reconstruction-only" (g2vlm-convert --reconstruction-only)
     target: str
     overwrite: bool = False
     colmap: str | None = None
@@ -217,6 +217,7 @@ class World:
             argv += ["--colmap", str(colmap)] if colmap else []
         else:
             argv = [str(CONVERT_INPUT), str(target)] + (["--overwrite"] if step.overwrite else [])
+            argv += ["--reconstruction-only"] if step.command == "convert-reconstruction-only" else []
             colmap = None
         self._hook, self._written = (step.during, step.kill_at, target), 0
         printed = []
@@ -234,7 +235,7 @@ class World:
             self._hook = None
         self.codes.append((step.target, code))
         if code == 0:
-            if step.command == "convert":
+            if step.command != "reconstruct":
                 printed = [p for p in target.rglob("*") if p.is_file() and p.name != ".g2vlm-output"]
             for path in printed:
                 assert path.is_file(), f"{step}: printed {path}, which does not exist"

@@ -5,6 +5,8 @@ versions of the package (to show which cases they lost data in)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from ownership_world import CASES, CONVERT_INPUT, Run, UserAdd, UserTree, play
 
@@ -35,8 +37,37 @@ def test_data_loss_case(case, tmp_path, monkeypatch, capsys):
         [UserTree("fine-tuned-save", "out"), Run("convert", "out", overwrite=True)],  # model_type g2vlm is not ours
         [Run("reconstruct", "out"), Run("convert", "out", overwrite=True)],  # case 5 through g2vlm-convert
         [Run("convert", "out"), UserAdd("out"), Run("convert", "out", overwrite=True)],
+        [UserTree("fine-tuned-save", "out"), Run("convert-reconstruction-only", "out", overwrite=True)],
+        [Run("convert", "out"), UserAdd("out"), Run("convert-reconstruction-only", "out", overwrite=True)],
     ],
-    ids=["fine-tuned-save", "reconstruction-to-model", "user-file-in-model"],
+    ids=[
+        "fine-tuned-save",
+        "reconstruction-to-model",
+        "user-file-in-model",
+        "fine-tuned-save-recon",
+        "user-file-recon",
+    ],
 )
 def test_convert_overwrite_needs_its_own_unchanged_output(steps, tmp_path, monkeypatch):
-    play(tmp_path, steps, monkeypatch)
+    world = play(tmp_path, steps, monkeypatch)
+    assert world.codes[-1] == ("out", 2)  # refused
+
+
+@needs_checkpoint
+def test_either_conversion_replaces_the_other(tmp_path, monkeypatch):
+    """Full and reconstruction-only conversions are outputs of one kind: each may replace the other with
+    --overwrite, and the folder then holds only the new one."""
+    world = play(
+        tmp_path,
+        [
+            Run("convert", "out"),
+            Run("convert-reconstruction-only", "out", overwrite=True),
+            Run("convert", "out", overwrite=True),
+        ],
+        monkeypatch,
+    )
+    assert [code for _, code in world.codes] == [0, 0, 0]
+    written = {path.relative_to(tmp_path / "out").as_posix() for path in (tmp_path / "out").rglob("*")}
+    manifest = json.loads((tmp_path / "out" / ".g2vlm-output").read_text())
+    assert written == set(manifest["files"]) | {".g2vlm-output"}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "g2vlm"

@@ -33,7 +33,8 @@ def runs(draw, nested: bool = True) -> Run:
             )
         )
     if convert:
-        return Run("convert", target, draw(st.booleans()), None, draw(kill_points), during)
+        command = draw(st.sampled_from(("convert", "convert-reconstruction-only")))
+        return Run(command, target, draw(st.booleans()), None, draw(kill_points), during)
     colmap = draw(st.one_of(st.none(), targets))
     return Run("reconstruct", target, draw(st.booleans()), colmap, draw(kill_points), during)
 
