@@ -449,3 +449,21 @@ def test_a_single_path_is_not_read_as_views(views):
         with pytest.raises(ValueError, match=r"got the single path 'photos/?'; for a folder of images pass"):
             call()
     assert model.frames == []  # the model never ran
+
+
+def test_the_progress_bar_counts_chunks_out_of_the_known_total(capsys):
+    """The total (for an ETA) comes from len(views), else from total_views; a generator of unknown length still
+    counts its chunks."""
+    model = FakeModel(Walk(11))
+    expected = number_of_chunks(11, 4, 2)
+    for views, total_views, shown in (
+        (range(11), None, f"{expected}/{expected}"),
+        ((view for view in range(11)), 11, f"{expected}/{expected}"),
+        ((view for view in range(11)), None, f"{expected}chunk"),
+    ):
+        capsys.readouterr()
+        chunks = list(stream_reconstruction(model, index_processor, views, 4, 2, total_views=total_views))
+        err = capsys.readouterr().err
+        assert len(chunks) == expected and "Reconstructing chunks" in err and shown in err, err
+        if total_views is None and not isinstance(views, range):
+            assert f"/{expected}" not in err
