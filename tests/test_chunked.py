@@ -467,3 +467,24 @@ def test_the_progress_bar_counts_chunks_out_of_the_known_total(capsys):
         assert len(chunks) == expected and "Reconstructing chunks" in err and shown in err, err
         if total_views is None and not isinstance(views, range):
             assert f"/{expected}" not in err
+
+
+def test_a_chunk_anchor_is_its_camera_centre_and_point_spread_in_its_own_frame():
+    """The pose graph's gauge for a chunk (loop closure): in the chunk's own (unaligned) frame, the origin at the
+    median camera centre and the unit the median distance of the points from their median. The optimum does not
+    depend on it, only how well the solver is conditioned, so it is checked here, on a chunk of known geometry."""
+    centre = torch.tensor([2.0, -1.0, 3.0], dtype=torch.float64)
+    cameras = torch.eye(4, dtype=torch.float64).repeat(5, 1, 1)
+    cameras[:, :3, 3] = centre + torch.arange(-2.0, 3.0, dtype=torch.float64)[:, None] * torch.tensor([1.0, 0, 0])
+    offsets = 2.0 * torch.cat([torch.eye(3), -torch.eye(3)]).double()  # six points 2 from the centre
+    points = (centre + offsets).expand(5, 1, 6, 3)
+    alignment = random_similarity(np.random.default_rng(7))
+    aligned = G2VLMReconstructionOutput(
+        camera_poses=alignment.apply_to_poses(cameras)[None].float(),
+        world_points=alignment.apply(points.reshape(-1, 3)).reshape(1, 5, 1, 6, 3).float(),
+    )
+    chunk = chunked.ReconstructedChunk(3, range(10, 15), aligned, torch.zeros(1, 5, 3, 14, 14), alignment, 0.0)
+    anchor = chunked.chunk_anchor(chunk)
+    torch.testing.assert_close(anchor.translation, centre, atol=1e-5, rtol=0)
+    assert anchor.scale == pytest.approx(2.0, rel=1e-5)
+    torch.testing.assert_close(anchor.rotation, torch.eye(3, dtype=torch.float64))

@@ -368,8 +368,8 @@ def chunk_anchor(chunk: ReconstructedChunk) -> Similarity:
     inverse = chunk.similarity.inverse()
     centre = inverse.apply(chunk.reconstruction.camera_poses[0, :, :3, 3].double()).median(0).values
     points = chunk.reconstruction.world_points.reshape(-1, 3).double()
-    points = points[points.isfinite().all(1)][:: max(1, points.shape[0] // 20_000)]
-    spread = float((points - points.median(0).values).norm(dim=1).median()) * inverse.scale if len(points) else 0.0
+    points = inverse.apply(points[points.isfinite().all(1)][:: max(1, points.shape[0] // 20_000)])
+    spread = float((points - points.median(0).values).norm(dim=1).median()) if len(points) else 0.0
     return Similarity(spread if spread > 0 else 1.0, torch.eye(3, dtype=torch.float64), centre)
 
 
