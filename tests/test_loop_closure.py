@@ -344,3 +344,33 @@ def test_global_points_move_with_their_chunk():
         shift = (after.reconstruction.world_points - before.reconstruction.world_points).norm(dim=-1).max()
         moved = max(moved, float(shift))
     assert moved > 100 * tolerance  # the loop did move the chunks
+
+
+@pytest.mark.parametrize(
+    ("num_views", "config", "expected"),
+    [
+        # min_separation: 2 x chunk (32) or a tenth of the views, the larger; suppression: the chunk; window: half
+        (200, LoopClosureConfig(), (2 * CHUNK, CHUNK, CHUNK // 2)),
+        (400, LoopClosureConfig(), (40, CHUNK, CHUNK // 2)),
+        # never closer than twice the window, so that the two places of a pair chunk do not overlap
+        (200, LoopClosureConfig(window=20), (40, CHUNK, 20)),
+        (200, LoopClosureConfig(min_separation=50, suppression=5, window=3), (50, 5, 3)),
+    ],
+)
+def test_unset_loop_settings_follow_the_chunk_size_as_documented(monkeypatch, num_views, config, expected):
+    import g2vlm_hf.chunked as chunked
+
+    model = StandInModel(LoopTrajectory(num_views))
+    chunks = list(stream_reconstruction(model, index_processor, range(num_views), CHUNK, OVERLAP, describe_views=True))
+    searched, pair_sizes = [], []
+    real_search, real_pass = chunked.find_loop_candidates, chunked.reconstruct_views
+    monkeypatch.setattr(chunked, "find_loop_candidates", lambda d, *a: searched.append(a[:2]) or real_search(d, *a))
+    monkeypatch.setattr(
+        chunked,
+        "reconstruct_views",
+        lambda m, p, views, **k: pair_sizes.append(len(views)) or real_pass(m, p, views, **k),
+    )
+    close_loops(model, index_processor, range(num_views), chunks, config)
+    min_separation, suppression, window = expected
+    assert searched == [(min_separation, suppression)]
+    assert pair_sizes and set(pair_sizes) == {2 * window}  # each place: `window` views
