@@ -274,7 +274,8 @@ def no_eval_model(monkeypatch):
 
 def test_eval_refuses_ground_truth_of_another_size_than_the_images(tmp_path, capsys, no_eval_model):
     images = np.zeros((2, 28, 70, 3), np.uint8)
-    write_scene(tmp_path / "data" / "room", images, depth=np.ones((2, 70, 28)))  # transposed
+    write_scene(tmp_path / "data" / "room", images)
+    np.savez(tmp_path / "data" / "room" / "gt.npz", depth=np.ones((2, 70, 28)))  # transposed (write_scene refuses it)
     assert eval_depth(tmp_path / "data", tmp_path / "r.json") == 2
     error = one_line_error(capsys)
     assert "Scene room" in error and "28x70" in error and "70x28" in error
