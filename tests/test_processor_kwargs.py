@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import FIXTURE_DIR
@@ -183,9 +184,39 @@ def test_bad_geometry_settings_are_refused_where_they_are_given(settings, messag
         G2VLMGeometryImageProcessor().preprocess_scene(["never-read.png"], **settings)
 
 
-def test_geometry_processor_checks_its_patch_and_takes_one_number_for_all_channels():
-    with pytest.raises(ValueError, match="patch_size must be a positive integer, got 0"):
-        G2VLMGeometryImageProcessor(patch_size=0)
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"patch_size": 0}, "patch_size must be a positive integer, got 0"),
+        ({"max_tokens_per_view": 1.5}, "max_tokens_per_view must be a positive integer, got 1.5"),
+        ({"max_aspect_ratio": 0.5}, "max_aspect_ratio must be a number of at least 1"),
+        ({"max_aspect_ratio": float("nan")}, "max_aspect_ratio must be a number of at least 1"),
+        ({"max_aspect_ratio": "4"}, "max_aspect_ratio must be a number of at least 1"),
+    ],
+    ids=lambda v: str(v)[:30],
+)
+def test_geometry_processor_checks_its_construction_only_settings(settings, message):
+    with pytest.raises(ValueError, match=message):
+        G2VLMGeometryImageProcessor(**settings)
+
+
+def test_numpy_integer_settings_act_and_save_as_python_integers(tmp_path):
+    """A width computed with NumPy is a setting like any other, and the processor still saves to JSON."""
+    settings = {"target_width": np.int64(28), "max_views": np.int32(5), "patch_size": np.int64(14)}
+    built = G2VLMGeometryImageProcessor(**settings, max_tokens_per_view=np.int64(100))
+    expected = G2VLMGeometryImageProcessor(target_width=28, max_views=5)
+    assert torch.equal(built.preprocess_scene(VIEWS), expected.preprocess_scene(VIEWS))
+    assert torch.equal(
+        G2VLMGeometryImageProcessor().preprocess_scene(VIEWS, target_width=np.int64(28)),
+        expected.preprocess_scene(VIEWS),
+    )
+    built.save_pretrained(tmp_path)
+    reloaded = G2VLMGeometryImageProcessor.from_pretrained(tmp_path)
+    assert (reloaded.target_width, reloaded.max_views, reloaded.max_tokens_per_view) == (28, 5, 100)
+    assert type(reloaded.target_width) is int
+
+
+def test_geometry_processor_takes_one_number_for_all_channels():
     single, spelled = G2VLMGeometryImageProcessor(image_mean=0.5), G2VLMGeometryImageProcessor(image_mean=[0.5] * 3)
     assert single.image_mean == [0.5] * 3
     assert torch.equal(single.preprocess_scene(VIEWS), spelled.preprocess_scene(VIEWS))

@@ -41,12 +41,12 @@ def test_remote_code_is_the_package_source_with_flat_imports():
         for path in Path(package.__file__).parent.glob("*.py")
         if path.name != "__init__.py"
     }
-    sources.update({path.name: path for path in [root / "compat.py"] if path.is_file()})  # a shared top-level module
+    sources.update({path.name: path for path in [root / "integers.py"]})  # a shared top-level module
     assert sorted(files) == sorted(sources)
     for name, text in files.items():
         header, body = text.split("\n", 1)
         source = sources[name].read_text()
-        expected = re.sub(r"^(\s*)from \.\.compat import", r"\1from .compat import", source, flags=re.MULTILINE)
+        expected = re.sub(r"^(\s*)from \.\.integers import", r"\1from .integers import", source, flags=re.MULTILINE)
         how = "verbatim" if expected == source else "with its `from ..` imports made `from .`"
         assert header.startswith(f"# Copied {how} from g2vlm_hf") and body == expected, name
 
@@ -60,13 +60,13 @@ def write_package(root: Path, modules: dict[str, str]) -> Path:
 
 # A package laid out like g2vlm_hf whose modeling and processing modules import a shared top-level module.
 FLAT_PACKAGE = {
-    "compat.py": """
+    "integers.py": """
         import transformers
-        FLAVOUR = "compat of transformers " + transformers.__version__
+        FLAVOUR = "shared module of transformers " + transformers.__version__
         """,
     "modeling/configuration_flat.py": """
         from transformers import PretrainedConfig
-        from ..compat import FLAVOUR
+        from ..integers import FLAVOUR
 
         class FlatConfig(PretrainedConfig):
             model_type = "flat_test"
@@ -77,7 +77,7 @@ FLAT_PACKAGE = {
         """,
     "processing/processing_flat.py": """
         if True:
-            from ..compat import (
+            from ..integers import (
                 FLAVOUR,
             )
         from .configuration_flat import FlatConfig
@@ -89,10 +89,10 @@ FLAT_PACKAGE = {
 def test_parent_imports_of_shared_modules_are_flattened(tmp_path):
     root = write_package(tmp_path / "pkg", FLAT_PACKAGE)
     files = remote_code_files(root)
-    assert sorted(files) == ["compat.py", "configuration_flat.py", "processing_flat.py"]  # no export.py
-    assert "\nfrom .compat import FLAVOUR\n" in files["configuration_flat.py"]
-    assert "\n    from .compat import (\n        FLAVOUR,\n    )\n" in files["processing_flat.py"]
-    assert files["compat.py"].split("\n", 1)[1] == (root / "compat.py").read_text()
+    assert sorted(files) == ["configuration_flat.py", "integers.py", "processing_flat.py"]  # no export.py
+    assert "\nfrom .integers import FLAVOUR\n" in files["configuration_flat.py"]
+    assert "\n    from .integers import (\n        FLAVOUR,\n    )\n" in files["processing_flat.py"]
+    assert files["integers.py"].split("\n", 1)[1] == (root / "integers.py").read_text()
 
     (root / "modeling" / "modeling_flat.py").write_text("from ..export import trimesh\n")
     with pytest.raises(ValueError, match=r"do not travel: modeling_flat.py: from \.\.export import"):
@@ -124,7 +124,7 @@ from hub_testing import model_outputs
 full = AutoModelForImageTextToText.from_pretrained("user/remote-full", dtype=torch.float32, trust_remote_code=True).eval()
 processor = AutoProcessor.from_pretrained("user/remote-full", trust_remote_code=True)
 recon = AutoModel.from_pretrained("user/remote-recon", dtype=torch.float32, trust_remote_code=True).eval()
-flat = AutoConfig.from_pretrained("user/flat-compat", trust_remote_code=True)
+flat = AutoConfig.from_pretrained("user/flat-shared", trust_remote_code=True)
 classes = {
     "full": type(full), "recon": type(recon), "processor": type(processor),
     "geometry_processor": type(processor.geometry_image_processor), "flat": type(flat),
@@ -132,7 +132,7 @@ classes = {
 {
     "classes": {name: f"{cls.__module__}.{cls.__name__}" for name, cls in classes.items()},
     "recon has a ViT": getattr(recon.model, "visual", None) is not None,
-    "flat flavour": (flat.flavour, "compat of transformers " + transformers.__version__),
+    "flat flavour": (flat.flavour, "shared module of transformers " + transformers.__version__),
     "outputs": model_outputs(processor, full, recon),
     "g2vlm_hf findable": importlib.util.find_spec("g2vlm_hf") is not None,
     "g2vlm_hf modules": sorted(name for name in sys.modules if name.split(".")[0] == "g2vlm_hf"),
@@ -162,8 +162,8 @@ def repos(converted_tiny, tmp_path_factory):
                 from g2vlm_hf.conversion import push_to_hub
                 push_to_hub(folder, "user/remote-full", verify=False)
                 push_to_hub(folder, "user/remote-recon", reconstruction_only=True, verify=False)
-                HfApi().create_repo("user/flat-compat")
-                HfApi().upload_folder(repo_id="user/flat-compat", folder_path=flat)
+                HfApi().create_repo("user/flat-shared")
+                HfApi().upload_folder(repo_id="user/flat-shared", folder_path=flat)
                 """,
                 folder=folder,
                 flat=flat_repo(tmp_path_factory.mktemp("flat")),
@@ -185,7 +185,7 @@ def test_trust_remote_code_without_the_package_reproduces_the_package(repos, tmp
         assert qualified.startswith("transformers_modules."), (name, qualified)
     assert remote["classes"]["full"].endswith(".G2VLMForConditionalGeneration")
     assert remote["classes"]["recon"].endswith(".G2VLMForReconstruction") and not remote["recon has a ViT"]
-    flavour, expected_flavour = remote["flat flavour"]  # `from ..compat` flattened: the loader found compat.py
+    flavour, expected_flavour = remote["flat flavour"]  # `from ..integers` flattened: the loader found integers.py
     assert remote["classes"]["flat"].endswith(".FlatConfig") and flavour == expected_flavour
 
     full = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import numbers
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -33,6 +32,7 @@ from typing import Any, TypeVar
 import torch
 from transformers.utils import logging
 
+from .integers import is_integer
 from .loop_closure import (
     LoopCandidate,
     LoopClosureConfig,
@@ -54,7 +54,7 @@ View = TypeVar("View")
 def check_chunking(chunk_size: int, overlap: int) -> None:
     """Raise a ValueError unless `2 <= chunk_size` and `1 <= overlap < chunk_size` (integers)."""
     for name, value in (("chunk_size", chunk_size), ("overlap", overlap)):
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        if not is_integer(value):
             raise ValueError(f"{name} must be an integer number of views, got {value!r}.")
     if chunk_size < 2:
         raise ValueError(f"chunk_size must be at least 2 views, got {chunk_size}.")
@@ -166,7 +166,7 @@ class ChunkAligner:
     """
 
     def __init__(self, max_points: int = 20_000, seed: int = 0):
-        if not isinstance(max_points, numbers.Integral) or isinstance(max_points, bool) or max_points < 3:
+        if not is_integer(max_points) or max_points < 3:
             raise ValueError(
                 f"max_alignment_points must be an integer of at least 3 (a similarity is fitted to them), got "
                 f"{max_points!r}."

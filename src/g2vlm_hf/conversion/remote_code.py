@@ -3,8 +3,9 @@
 transformers' dynamic-module loader downloads the file named in `auto_map` and, recursively, the files it imports with
 single-dot relative imports from the same (flat) folder. `g2vlm_hf/modeling/*.py` and `g2vlm_hf/processing/*.py`
 (without their `__init__.py`) import each other that way, and the top-level modules of `SHARED_MODULES` (such as
-`g2vlm_hf/compat.py`) with `from ..compat import ...`: all of them are copied into one folder, verbatim but for those
-imports, which become `from .compat import ...`, with one comment line on top saying where each file comes from.
+`g2vlm_hf/integers.py`) with `from ..integers import ...`: all of them are copied into one folder, verbatim but for
+those imports, which become `from .integers import ...`, with one comment line on top saying where each file comes
+from.
 `check_remote_code` fails if a module imports something that would not travel (another parent-package import, a
 sibling that is not copied, or a third-party package other than torch, transformers, numpy and PIL).
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 # and what all of them may import besides the standard library.
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 SOURCE_PACKAGES = ("modeling", "processing")
-SHARED_MODULES = ("compat",)
+SHARED_MODULES = ("integers",)
 ALLOWED_THIRD_PARTY = frozenset({"torch", "transformers", "numpy", "PIL"})
 
 CONFIG_AUTO_MAP = {

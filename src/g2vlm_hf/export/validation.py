@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..integers import is_integer
+
 ArrayLike = np.ndarray | torch.Tensor
 
 __all__ = [
@@ -117,9 +119,7 @@ def validate_image_size(image_size: Sequence[int]) -> tuple[int, int]:
 def validate_colour(colour: Sequence[int], name: str) -> tuple[int, int, int]:
     """An RGB colour of three integers in [0, 255] (not floats in [0, 1], which would come out nearly black)."""
     values = tuple(colour) if isinstance(colour, (Sequence, np.ndarray)) and not isinstance(colour, str) else ()
-    if len(values) != 3 or not all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= 255 for v in values
-    ):
+    if len(values) != 3 or not all(is_integer(v) and 0 <= v <= 255 for v in values):
         raise ValueError(f"`{name}` must be three integers in [0, 255] (R, G, B), got {colour!r}")
     return tuple(int(v) for v in values)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.processing_utils import Unpack
 from transformers.utils import TensorType
 
+from ..integers import is_integer
 from .image_io import ImageSource, load_image
 
 # Key/value bytes per prompt token of G²VLM-2B in bfloat16 (28 layers x K and V x 2 KV heads x 128 dims x 2 bytes),
@@ -116,19 +118,31 @@ class G2VLMGeometryImageProcessor(BaseImageProcessor):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if not _is_count(patch_size):
-            raise ValueError(f"patch_size must be a positive integer, got {patch_size!r}.")
+        for name, value in (("patch_size", patch_size), ("max_tokens_per_view", max_tokens_per_view)):
+            if not _is_count(value):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if (
+            isinstance(max_aspect_ratio, bool)
+            or not isinstance(max_aspect_ratio, numbers.Real)
+            or not max_aspect_ratio >= 1
+        ):
+            raise ValueError(
+                f"max_aspect_ratio must be a number of at least 1 (the long side over the short), got "
+                f"{max_aspect_ratio!r}."
+            )
         self.do_resize = do_resize
         self.target_width = target_width
-        self.patch_size = patch_size
+        self.patch_size = int(patch_size)
         self.do_normalize = do_normalize
         self.image_mean = _per_channel(image_mean)
         self.image_std = _per_channel(image_std)
         self.max_views = max_views
-        self.max_tokens_per_view = max_tokens_per_view
-        self.max_aspect_ratio = max_aspect_ratio
+        self.max_tokens_per_view = int(max_tokens_per_view)
+        self.max_aspect_ratio = float(max_aspect_ratio)
         self.resize_views_to_first = resize_views_to_first
         self._call_settings({})  # the same checks as the settings of a call
+        # Python numbers from here on: a NumPy integer would not save to the processor's JSON.
+        self.target_width, self.max_views = int(target_width), int(max_views)
 
     def __call__(self, images, return_tensors: str | TensorType | None = "pt", **kwargs) -> BatchFeature:
         return self.preprocess(images, return_tensors=return_tensors, **kwargs)
@@ -317,7 +331,7 @@ class G2VLMGeometryImageProcessor(BaseImageProcessor):
 
 def _is_count(value: object) -> bool:
     """Whether `value` is a positive integer (not a bool, a float or a string)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return is_integer(value) and value > 0
 
 
 def _per_channel(value: float | Sequence[float]) -> list[float]:
