@@ -73,7 +73,8 @@ def test_cli_converts_into_an_empty_folder(tmp_path, flags):
     assert convert_cli([str(OFFICIAL), str(output), *flags]) == 0
     model_type = json.loads((output / "config.json").read_text())["model_type"]
     assert model_type == ("g2vlm_reconstruction" if flags else "g2vlm")
-    assert (output / ".g2vlm-output").is_file()
+    hidden = sorted(path.name for path in output.iterdir() if path.name.startswith("."))
+    assert hidden == [".g2vlm-output"]  # the manifest, and no working folder left behind
 
 
 def _rewrite_weights(folder, edit):

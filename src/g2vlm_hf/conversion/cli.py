@@ -97,13 +97,10 @@ def convert(args: argparse.Namespace) -> Path:
         return output
     check_output_dir(output, kind=OUTPUT_KIND, inputs=[args.input_dir], overwrite=args.overwrite)
     with staged_outputs([output], kinds=[OUTPUT_KIND], overwrite=args.overwrite) as (staging,):
-        work = staging / ".work"  # the full model, inside the staging folder so that a killed run leaves one leftover
-        (work / "reconstruction").mkdir(parents=True)
-        convert_official_checkpoint(args.input_dir, work / "model", max_shard_size=args.max_shard_size)
-        write_reconstruction_only(work / "model", work / "reconstruction", max_shard_size=args.max_shard_size)
-        for entry in (work / "reconstruction").iterdir():
-            entry.rename(staging / entry.name)
-        shutil.rmtree(work)
+        full = staging / ".full-model"  # inside the staging folder, so that a killed run leaves one leftover
+        convert_official_checkpoint(args.input_dir, full, max_shard_size=args.max_shard_size)
+        write_reconstruction_only(full, staging, max_shard_size=args.max_shard_size)
+        shutil.rmtree(full)
     print(f"Reconstruction-only checkpoint written to {output}")
     return output
 

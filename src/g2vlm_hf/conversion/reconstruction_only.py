@@ -85,8 +85,8 @@ def check_model_type(full_dir: Path) -> None:
 
 
 def write_reconstruction_only(full_dir: str | Path, folder: str | Path, *, max_shard_size: str = "5GB") -> None:
-    """Write the files of [`build_reconstruction_only`] into the existing empty `folder` (no manifest) and check that
-    they load cleanly; for callers that own `folder` (a staging folder)."""
+    """Write the files of [`build_reconstruction_only`] into the existing `folder` (no manifest; other entries of it
+    are left alone) and check that they load cleanly; for callers that own `folder` (a staging folder)."""
     full_dir, folder = Path(full_dir), Path(folder)
     check_model_type(full_dir)
     reconstruction_config(G2VLMConfig.from_pretrained(full_dir)).save_pretrained(folder)
