@@ -268,6 +268,22 @@ def test_cameras_json_intrinsics_and_original_size(scene, tmp_path):
         save_cameras_json(tmp_path / "c.json", scene["camera_poses"], (H, W), intrinsics[:2])
 
 
+@pytest.mark.parametrize(
+    ("original_size", "warns"),
+    [((480, 640), False), ((640, 480), True), ((3024, 4032), False), ((4032, 3024), True), ((500, 500), False)],
+)
+def test_original_sizes_that_look_swapped_warn(scene, tmp_path, original_size, warns):
+    """Views of 392x518 from 640x480 photos: `(640, 480)` (PIL's `size`) would write wrong original intrinsics."""
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    poses = scene["camera_poses"]
+    with CaptureLogger(logging.get_logger("g2vlm_hf.export.validation")) as captured:
+        path = save_cameras_json(tmp_path / "cameras.json", poses, (392, 518), original_sizes=[original_size] * N)
+    assert ("have the shape of the 392x518 views only once swapped" in captured.out) == warns, captured.out
+    assert json.loads(path.read_text())["cameras"][0]["original"]["height"] == original_size[0]
+
+
 def test_depth_png16_round_trip(scene, tmp_path):
     depth = scene["depth"][2].astype(np.float64)  # view 2 is tilted, so its depth varies
     depth[0, 0], depth[1, 1], depth[2, 2] = np.nan, np.inf, -1.0

@@ -90,11 +90,11 @@ def save_cameras_json(
     Raises:
         ValueError: On bad shapes, non-finite poses or a bad image size.
     """
-    poses = validate_poses(camera_poses)
+    poses, image_size = validate_poses(camera_poses), validate_image_size(image_size)
     document = encode_cameras_json(
         poses,
-        validate_image_size(image_size),
+        image_size,
         validate_intrinsics(intrinsics, len(poses)),
-        validate_original_sizes(original_sizes, len(poses)),
+        validate_original_sizes(original_sizes, len(poses), image_size),
     )
     return write_bytes_atomic(path, document)

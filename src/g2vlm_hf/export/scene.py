@@ -123,7 +123,7 @@ def write_scene(
     if point_colouring not in ("image", "view"):
         raise ValueError(f'`point_colouring` must be "image" or "view", got {point_colouring!r}')
     poses, points, image_size = scene.camera_poses, scene.world_points, scene.image_size
-    sizes = validate_original_sizes(original_sizes, len(poses))
+    sizes = validate_original_sizes(original_sizes, len(poses), image_size)
     colours = scene.images
     if point_colouring == "view":
         colours = np.broadcast_to(view_colours(len(poses))[:, None, None], points.shape)

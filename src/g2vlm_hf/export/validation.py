@@ -12,8 +12,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers.utils import logging
 
 from ..integers import is_integer
+
+logger = logging.get_logger(__name__)
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -136,15 +139,33 @@ def validate_intrinsics(intrinsics: ArrayLike | None, num_views: int) -> np.ndar
 
 
 def validate_original_sizes(
-    original_sizes: Sequence[Sequence[int]] | None, num_views: int
+    original_sizes: Sequence[Sequence[int]] | None, num_views: int, image_size: tuple[int, int]
 ) -> list[tuple[int, int]] | None:
-    """One `(height, width)` per view, or None."""
+    """One `(height, width)` per view, or None; a warning for each size that looks given as `(width, height)`."""
     if original_sizes is None:
         return None
     sizes = [validate_image_size(size) for size in original_sizes]
     if len(sizes) != num_views:
         raise ValueError(f"`original_sizes` has {len(sizes)} entries for {num_views} views")
+    swapped = [index for index, size in enumerate(sizes) if _looks_swapped(size, image_size)]
+    if swapped:
+        logger.warning(
+            f"`original_sizes` are (height, width), but those of view(s) {swapped[:10]} (e.g. {sizes[swapped[0]]}) "
+            f"have the shape of the {image_size[0]}x{image_size[1]} views only once swapped: pass (height, width) "
+            "(PIL's `image.size` is (width, height)), or the original intrinsics will be wrong."
+        )
     return sizes
+
+
+def _looks_swapped(size: tuple[int, int], image_size: tuple[int, int], tolerance: float = 0.1) -> bool:
+    """Whether the aspect ratio of `size` differs from the views' by more than `tolerance` and that of `size` swapped
+    does not (the views are resized keeping their aspect, up to rounding each side to the patch size)."""
+    aspect = image_size[1] / image_size[0]
+
+    def fits(height: int, width: int) -> bool:
+        return abs(width / height / aspect - 1) <= tolerance
+
+    return not fits(*size) and fits(size[1], size[0])
 
 
 def validate_image_names(
