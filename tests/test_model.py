@@ -175,6 +175,30 @@ def test_reconstruct_batch_equals_one_scene_at_a_time(model):
                 torch.testing.assert_close(batched[name][row], single[name][0], rtol=1e-4, atol=1e-5)
 
 
+def test_a_padded_reconstruct_batch_needs_its_attention_mask(model):
+    """With the mask, a left-padded scene reconstructs as it does alone; without it the padding is attended to, which
+    changes the result, and a warning says so (as transformers warns for its models)."""
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    prompts = [[1, 5, *geometry_block(VIEWS, GRID_H, GRID_W)], [1, 5, 6, 7, *geometry_block(VIEWS, GRID_H, GRID_W)]]
+    pad, width = model.config.text_config.pad_token_id, max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width) >= torch.tensor([[width - len(p)] for p in prompts])).long()
+    scenes = views(batch=2)
+    logger = logging.get_logger("g2vlm_hf.modeling.modeling_g2vlm")
+    logging.warning_once.cache_clear()  # said once per process
+    with torch.no_grad():
+        with CaptureLogger(logger) as quiet:
+            alone = model.reconstruct(input_ids=torch.tensor(prompts[:1]), geometry_pixel_values=scenes[:1])
+            masked = model.reconstruct(input_ids=ids, attention_mask=mask, geometry_pixel_values=scenes)
+        with CaptureLogger(logger) as warned:
+            unmasked = model.reconstruct(input_ids=ids, geometry_pixel_values=scenes)
+    assert quiet.out == "" and "no `attention_mask` was given" in warned.out
+    torch.testing.assert_close(masked.world_points[0], alone.world_points[0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(unmasked.world_points[0], alone.world_points[0], rtol=1e-3, atol=1e-4)
+
+
 def test_geometry_invariants_hold_for_random_weights(model):
     ids = torch.tensor([[1, 5, *geometry_block(VIEWS, GRID_H, GRID_W)]])
     with torch.no_grad():

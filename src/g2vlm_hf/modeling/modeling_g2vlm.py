@@ -422,6 +422,21 @@ def geometry_token_grid(
     return hidden_states.flatten(0, 1).index_select(0, geometry).view(batch, views, grid_h, grid_w, -1)
 
 
+def warn_if_padded_without_mask(
+    config: G2VLMConfig, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None
+) -> None:
+    """transformers' `warn_if_padding_and_no_attention_mask` with the text config's pad token: without the mask of a
+    padded batch every token attends to the padding, which changes the reconstruction without an error."""
+    pad_token_id = config.text_config.pad_token_id
+    if attention_mask is not None or pad_token_id is None or not torch.is_tensor(input_ids) or input_ids.ndim != 2:
+        return
+    if bool((input_ids[:, [0, -1]] == pad_token_id).any()):
+        logger.warning_once(
+            "The prompts start or end with the pad token but no `attention_mask` was given: pass the processor's "
+            "`attention_mask` with a padded batch, or the padding is attended to and changes the reconstruction."
+        )
+
+
 def reconstruct_scenes(
     model: G2VLMModel,
     geometry_heads: G2VLMGeometryHeads,
@@ -435,6 +450,7 @@ def reconstruct_scenes(
     """Run the encoders and the decoder over the prompt, then the geometry heads over the geometry tokens."""
     if geometry_pixel_values is None:
         raise ValueError("Reconstruction needs geometry_pixel_values: at least one view per scene.")
+    warn_if_padded_without_mask(model.config, input_ids, attention_mask)
     patch = model.config.geometry_patch_size
     geometry_pixel_values = as_geometry_pixel_values(geometry_pixel_values, patch)
     outputs = model(
