@@ -210,6 +210,19 @@ class TestBadInput:
         with pytest.raises(ValueError, match="images only"):
             processor(text="hi", videos=["clip.mp4"])
 
+    @pytest.mark.parametrize("kind", ["images", "Image", "image_url", None])
+    def test_content_the_template_would_drop_is_refused(self, processor, kind):
+        """An item of another type would leave its image out of the prompt: the answer would ignore it."""
+        item = {"type": kind, "image": str(IMAGES / "chat.png")} if kind else {"image": str(IMAGES / "chat.png")}
+        messages = [{"role": "user", "content": [item, {"type": "text", "text": "What is this?"}]}]
+        for conversation in (messages, [messages]):
+            for tokenize in (False, True):
+                with pytest.raises(ValueError, match=f"content item has type {kind!r}, which the G2VLM chat"):
+                    processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=tokenize)
+        item["type"] = "image"
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        assert prompt.count("<|image_pad|>") == 1 and prompt.count("<|geo_pad|>") == 1
+
 
 def test_model_input_names_are_what_a_call_with_both_kinds_of_images_returns(processor, model):
     """transformers' `test_model_input_names`, with G2VLM's image layout (the mixin's call cannot give geometry views):

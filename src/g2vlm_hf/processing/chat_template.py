@@ -10,6 +10,13 @@ Assistant replies and their closing `<|im_end|>` sit in a `{% generation %}` blo
 `apply_chat_template(..., return_assistant_tokens_mask=True)` marks the tokens a model is trained to write.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
+# The content items the template renders; a video item reaches the processor, which refuses videos.
+CONTENT_TYPES = ("text", "image", "video")
+
 CHAT_TEMPLATE = (
     "{% macro render_content(content) %}"
     "{% if content is string %}"
@@ -40,3 +47,20 @@ CHAT_TEMPLATE = (
 )
 
 RECONSTRUCTION_PROMPT = "<|im_start|>Reconstruct the 3D scene."
+
+
+def check_chat_content(conversation: Any) -> None:
+    """A ValueError for a content item the template would leave out of the prompt without a word (a type other than
+    `CONTENT_TYPES`, e.g. `"images"` or `"image_url"`); `conversation` is one list of messages or a batch of them."""
+    batch = conversation if conversation and isinstance(conversation[0], (list, tuple)) else [conversation]
+    for messages in batch:
+        for message in messages:
+            content = message.get("content") if isinstance(message, dict) else None
+            for item in content if isinstance(content, (list, tuple)) else ():
+                kind = item.get("type") if isinstance(item, dict) else None
+                if kind not in CONTENT_TYPES:
+                    raise ValueError(
+                        f"A {message.get('role', 'message')!r} content item has type {kind!r}, which the G2VLM chat "
+                        "template does not render: use {'type': 'image', 'image': <PIL image, path or URL>} (or "
+                        "'url' / 'path' for the image) and {'type': 'text', 'text': ...}."
+                    )

@@ -17,7 +17,7 @@ except ImportError:
     _UNMARKED = ""
 from transformers.tokenization_utils_base import TextInput
 
-from .chat_template import CHAT_TEMPLATE, RECONSTRUCTION_PROMPT
+from .chat_template import CHAT_TEMPLATE, RECONSTRUCTION_PROMPT, check_chat_content
 from .image_io import ImageSource, is_url, load_image
 from .image_processing_geometry import G2VLMGeometryImageProcessor, G2VLMGeometryImagesKwargs, as_scenes
 from .processing_compat import SubprocessorLoading
@@ -286,6 +286,12 @@ class G2VLMProcessor(SubprocessorLoading):  # a ProcessorMixin (processing_compa
             data["mm_token_type_ids"] = self.create_mm_token_type_ids(encoded["input_ids"])
         skip = sorted({*getattr(self, "skip_tensor_conversion", []), "text_replacement_offsets"})
         return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=skip)
+
+    def apply_chat_template(self, conversation, *args, **kwargs):
+        """transformers' `apply_chat_template`, after checking that each content item is text or an image (the
+        template would leave an item of another type out of the prompt without a word)."""
+        check_chat_content(conversation)
+        return super().apply_chat_template(conversation, *args, **kwargs)
 
     @property
     def image_token_ids(self) -> list[int]:
