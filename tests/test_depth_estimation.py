@@ -138,6 +138,8 @@ def test_post_processing_resizes_bilinearly_between_pixel_centres(folder):
         AutoImageProcessor.from_pretrained(folder).post_process_depth_estimation(
             {"predicted_depth": ramp[None]}, target_sizes=[(3, 3), (4, 4)]
         )
+    with pytest.raises(ValueError, match=r"must be \(views, height, width\).*got shape \(1, 1, 14, 20\).*flatten"):
+        AutoImageProcessor.from_pretrained(folder).post_process_depth_estimation({"predicted_depth": ramp[None, None]})
 
 
 def test_depth_estimation_pipeline(folder):

@@ -350,6 +350,15 @@ def test_translation_angle_and_auc_definitions():
 # ---- spatial VQA ------------------------------------------------------------------------------------------------
 
 
+def test_render_room_checks_its_cameras_and_size():
+    pose = yaw_pose(0.0, 0.0, 10.0)
+    assert render_room(pose[None], 6, 8).images.shape == (1, 6, 8, 3)
+    with pytest.raises(ValueError, match=r"\(views, 4, 4\) camera-to-world matrices, got shape \(4, 4\)"):
+        render_room(pose, 6, 8)
+    with pytest.raises(ValueError, match=r"height and width must be positive integers, got 6\.5 and 8"):
+        render_room(pose[None], 6.5, 8)
+
+
 def test_mean_relative_accuracy_known_values():
     assert mean_relative_accuracy(2.0, 2.0) == 1.0
     assert mean_relative_accuracy(2.24, 2.0) == pytest.approx(0.8)  # error 0.12 passes theta = 0.50 ... 0.85
@@ -385,6 +394,8 @@ def test_vqa_scores_on_questions_from_a_rendered_scene(scene):
     assert score_answer(numeric, distance) == 1.0
     value = parse_number(distance)
     assert score_answer(numeric, f"{value * 1.3:.4f} m") == pytest.approx(0.5)  # error 0.3 passes 0.50 ... 0.70
+    with pytest.raises(ValueError, match="Multiple-choice question 'q7' has no `choices`"):
+        score_answer({"id": "q7", "answer": "A", "type": "multiple_choice"}, "A")
     summary = summarize_vqa([("a", 1.0), ("a", 0.0), ("b", 1.0)])
     assert summary["overall"] == pytest.approx(2 / 3)
     assert summary["category_mean"] == pytest.approx(0.75)

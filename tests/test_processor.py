@@ -206,6 +206,10 @@ class TestBadInput:
         with pytest.raises(ValueError, match="process them one by one"):
             processor(geometry_images=[[VIEWS[0]], [IMAGES / "chat.png"]])
 
+    def test_an_empty_list_of_prompts_is_refused(self, processor):
+        with pytest.raises(ValueError, match="`text` is an empty list: pass at least one prompt"):
+            processor(text=[], return_tensors="pt")
+
     def test_videos_are_refused(self, processor):
         with pytest.raises(ValueError, match="images only"):
             processor(text="hi", videos=["clip.mp4"])

@@ -59,6 +59,8 @@ def score_answer(record: dict, prediction: str) -> float:
     kind = record.get("type", "multiple_choice" if record.get("choices") else "numeric")
     answer = str(record["answer"]).strip()
     if kind == "multiple_choice":
+        if not record.get("choices"):
+            raise ValueError(f"Multiple-choice question {record.get('id')!r} has no `choices`.")
         return float(extract_choice(prediction, record["choices"]) == answer.upper())
     if kind == "numeric":
         target = parse_number(answer)

@@ -188,6 +188,12 @@ class G2VLMGeometryImageProcessor(BaseImageProcessor):
             `list[dict]`: one `{"predicted_depth": (height, width) tensor}` per view.
         """
         depth = outputs["predicted_depth"] if isinstance(outputs, dict) else outputs.predicted_depth
+        if depth.ndim != 3:
+            raise ValueError(
+                f"`predicted_depth` must be (views, height, width), all views of all scenes in order (the output of "
+                f"G2VLMForDepthEstimation), got shape {tuple(depth.shape)}; for a reconstruction's (scenes, views, "
+                "height, width) depth pass `depth.flatten(0, 1)`."
+            )
         if target_sizes is not None and len(target_sizes) != depth.shape[0]:
             raise ValueError(f"{len(target_sizes)} target sizes for {depth.shape[0]} depth maps")
         results = []

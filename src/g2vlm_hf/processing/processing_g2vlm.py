@@ -237,6 +237,8 @@ class G2VLMProcessor(SubprocessorLoading):  # a ProcessorMixin (processing_compa
             texts = [text]
         elif isinstance(text, (list, tuple)) and all(isinstance(prompt, str) for prompt in text):
             texts = list(text)
+            if not texts:
+                raise ValueError("`text` is an empty list: pass at least one prompt.")
         else:
             raise ValueError("`text` must be a string or a list of strings.")
 

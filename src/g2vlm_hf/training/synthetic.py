@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..integers import is_integer
+
 # The room: axis-aligned planes (axis, coordinate, RGB colour); cameras sit inside looking along +z.
 ROOM_PLANES = (
     (0, -2.0, (200, 60, 60)),  # left wall, red
@@ -41,7 +43,21 @@ def yaw_pose(x: float, z: float, yaw_degrees: float) -> np.ndarray:
 
 
 def render_room(camera_poses: np.ndarray, height: int, width: int, focal: float | None = None) -> SyntheticScene:
-    """Ray-cast the room from each camera (pinhole, principal point at the image centre)."""
+    """Ray-cast the room from each camera (pinhole, principal point at the image centre).
+
+    Args:
+        camera_poses: `(views, 4, 4)` camera-to-world matrices (OpenCV camera frame), e.g. from [`yaw_pose`].
+        height, width: Image size in pixels.
+        focal: Focal length in pixels (defaults to 0.9 x width).
+    """
+    camera_poses = np.asarray(camera_poses)
+    if camera_poses.ndim != 3 or camera_poses.shape[1:] != (4, 4) or len(camera_poses) == 0:
+        raise ValueError(
+            f"camera_poses must be (views, 4, 4) camera-to-world matrices, got shape {camera_poses.shape}; for one "
+            "camera pass `pose[None]`."
+        )
+    if not (is_integer(height) and is_integer(width) and height > 0 and width > 0):
+        raise ValueError(f"height and width must be positive integers, got {height!r} and {width!r}.")
     focal = focal or 0.9 * width
     rows, columns = np.meshgrid(np.arange(height) + 0.5, np.arange(width) + 0.5, indexing="ij")
     rays_camera = np.stack([(columns - width / 2) / focal, (rows - height / 2) / focal, np.ones_like(rows)], -1)
