@@ -305,6 +305,42 @@ def test_a_pair_chunk_that_aligns_badly_onto_the_chain_is_rejected():
         assert loop.co_visible >= LoopClosureConfig().min_co_visible
 
 
+class OnePlaceDistorted(StandInModel):
+    """Exact everywhere but in the world points of one place (0: the first, 1: the second) of each pair chunk of loop
+    verification, which are scaled about the origin by a per-pixel factor 1 + N(0, `distortion`)."""
+
+    def __init__(self, trajectory: LoopTrajectory, place: int, distortion: float, **options):
+        super().__init__(trajectory, **options)
+        self.place, self.distortion = place, distortion
+
+    def reconstruct(self, geometry_pixel_values: torch.Tensor, **kwargs):
+        output = super().reconstruct(geometry_pixel_values, **kwargs)
+        jumps = (geometry_pixel_values[0, :, 0, 0, 0].diff() != 1).nonzero()
+        if len(jumps):  # a pair chunk: the views of the first place, then those of the second
+            split = int(jumps[0]) + 1
+            views = slice(0, split) if self.place == 0 else slice(split, None)
+            points = output.world_points[0, views]
+            factor = 1 + self.distortion * torch.from_numpy(self.rng.normal(size=points.shape[:-1])).float()
+            output.world_points[0, views] = points * factor[..., None]
+        return output
+
+
+@pytest.mark.parametrize("place", [0, 1], ids=["first-place", "second-place"])
+def test_a_pair_chunk_is_rejected_when_either_place_alone_aligns_badly(place):
+    """The check takes the worse of the two fits: a loop whose one place fits well is still refused."""
+    trajectory = LoopTrajectory(200)
+    model = OnePlaceDistorted(trajectory, place, distortion=0.03, **DRIFT)
+    chunks = list(stream_reconstruction(model, index_processor, range(200), CHUNK, OVERLAP, describe_views=True))
+    _, loops = close_loops(model, index_processor, range(200), chunks)
+    assert loops == []
+    _, accepted = close_loops(model, index_processor, range(200), chunks, LoopClosureConfig(max_alignment_error=1.0))
+    assert accepted, "without the alignment check the loop is kept"
+    limit = LoopClosureConfig().max_alignment_error
+    for loop in accepted:  # only the distorted place fits badly, and the places overlap
+        assert loop.alignment_errors[place] > limit >= loop.alignment_errors[1 - place]
+        assert loop.co_visible >= LoopClosureConfig().min_co_visible
+
+
 def test_verifying_the_candidates_shows_a_progress_bar(capsys):
     logging.enable_progress_bar()
     trajectory = LoopTrajectory(200)
