@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from test_cli_chunked import KnownGeometry, walk_poses, write_grey_views
 from transformers import AutoProcessor
+from transformers.utils import logging
 
 from g2vlm_hf.cli import main as g2vlm
 from g2vlm_hf.view_selection import choose_views, coverage_indices
@@ -53,6 +54,27 @@ def test_coverage_leaves_out_views_without_a_camera():
     poses = poses_at([(0, 0, 0), (1, 0, 0), (9, 0, 0)])
     poses[2, :3, 3] = np.nan
     assert coverage_indices(poses, 3) == [0, 1]
+
+
+def test_coverage_starts_from_the_first_view_with_a_camera():
+    """A first view without a camera was chosen, and with its NaN distances every other view was left out."""
+    poses = poses_at([(0, 0, 0), (1, 0, 0), (9, 0, 0), (5, 0, 0)])
+    poses[0, :3, 3] = np.nan
+    assert coverage_indices(poses, 2) == [1, 2]
+    assert coverage_indices(poses, 3) == [1, 2, 3]
+
+
+def test_without_any_camera_views_are_chosen_evenly(caplog):
+    poses = poses_at([(k, 0, 0) for k in range(9)])
+    poses[:, :3, 3] = np.nan
+    assert coverage_indices(poses, 3) == []
+    logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            assert choose_views(poses, 3, "coverage") == choose_views(poses, 3, "uniform") == [0, 4, 8]
+    finally:
+        logging.disable_propagation()
+    assert "No view has a usable camera" in caplog.text
 
 
 @pytest.mark.parametrize("by", ["coverage", "uniform"])
