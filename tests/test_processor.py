@@ -216,7 +216,8 @@ class TestBadInput:
 
     @pytest.mark.parametrize("kind", ["images", "Image", "image_url", None])
     def test_content_the_template_would_drop_is_refused(self, processor, kind):
-        """An item of another type would leave its image out of the prompt: the answer would ignore it."""
+        """An item of another type would leave its image out of the prompt: the answer would ignore it (an
+        "image_url" item without OpenAI's "image_url" key too; with it, it is an image: test_processor_kwargs)."""
         item = {"type": kind, "image": str(IMAGES / "chat.png")} if kind else {"image": str(IMAGES / "chat.png")}
         messages = [{"role": "user", "content": [item, {"type": "text", "text": "What is this?"}]}]
         for conversation in (messages, [messages]):

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-# The content items the template renders; a video item reaches the processor, which refuses videos.
+# The content items the template renders; a video item reaches the processor, which refuses videos. transformers
+# turns an OpenAI-style {"type": "image_url", "image_url": {"url": ...}} item into an image item before rendering.
 CONTENT_TYPES = ("text", "image", "video")
 
 CHAT_TEMPLATE = (
@@ -51,14 +52,15 @@ RECONSTRUCTION_PROMPT = "<|im_start|>Reconstruct the 3D scene."
 
 def check_chat_content(conversation: Any) -> None:
     """A ValueError for a content item the template would leave out of the prompt without a word (a type other than
-    `CONTENT_TYPES`, e.g. `"images"` or `"image_url"`); `conversation` is one list of messages or a batch of them."""
+    `CONTENT_TYPES` but for OpenAI's image_url items, e.g. `"images"`); `conversation` is one list of messages or a
+    batch of them."""
     batch = conversation if conversation and isinstance(conversation[0], (list, tuple)) else [conversation]
     for messages in batch:
         for message in messages:
             content = message.get("content") if isinstance(message, dict) else None
             for item in content if isinstance(content, (list, tuple)) else ():
                 kind = item.get("type") if isinstance(item, dict) else None
-                if kind not in CONTENT_TYPES:
+                if kind not in CONTENT_TYPES and not (kind == "image_url" and "image_url" in item):
                     raise ValueError(
                         f"A {message.get('role', 'message')!r} content item has type {kind!r}, which the G2VLM chat "
                         "template does not render: use {'type': 'image', 'image': <PIL image, path or URL>} (or "
