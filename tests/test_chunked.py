@@ -280,6 +280,45 @@ def test_umeyama_is_exact_from_three_points_and_refuses_bad_weights():
         umeyama(source, target, torch.tensor([1.0, 1, 0, 0, 0, 0]))
 
 
+def test_umeyama_leaves_out_points_of_weight_zero_even_when_they_are_not_finite():
+    """A mask given as weights: the masked points (NaN, or far off) change nothing; a NaN point of positive weight and
+    a cloud that all coincides are refused."""
+    rng = np.random.default_rng(4)
+    truth = random_similarity(rng)
+    source = torch.from_numpy(rng.normal(size=(40, 3)))
+    target = truth.apply(source)
+    weights = torch.ones(40, dtype=torch.float64)
+    source[5], target[6], target[7], weights[5:8] = float("nan"), float("inf"), 1e12, 0.0
+    scale, rotation, translation = umeyama(source, target, weights)
+    assert scale == pytest.approx(truth.scale, rel=1e-10)
+    torch.testing.assert_close(rotation, truth.rotation)
+    torch.testing.assert_close(translation, truth.translation)
+    with pytest.raises(ValueError, match="NaN or Inf points of positive weight: give them weight 0"):
+        umeyama(source, target)
+    with pytest.raises(ValueError, match="The source or the target points all coincide"):
+        umeyama(source[8:], torch.ones(32, 3, dtype=torch.float64))  # the least-squares scale would be 0
+
+
+@pytest.mark.parametrize("cloud", ["source", "target"])
+def test_robust_fit_refuses_a_cloud_half_of_which_sits_on_one_point(cloud):
+    """Invalid pixels unprojected to (0, 0, 0): under half of them are outliers like any other, half or more left
+    only the coinciding points after the far-point filter (a scale of 0 without an error, for the target)."""
+    rng = np.random.default_rng(5)
+    truth = random_similarity(rng)
+    source = torch.from_numpy(rng.normal(size=(1000, 3))) + torch.tensor([0.0, 0.0, 3.0], dtype=torch.float64)
+    target = truth.apply(source)
+    zeroed = {"source": source.clone(), "target": target.clone()}
+    zeroed[cloud][:300] = 0.0
+    fit = robust_umeyama(zeroed["source"], zeroed["target"])
+    assert fit.scale == pytest.approx(truth.scale, rel=1e-9)
+    zeroed[cloud][:550] = 0.0
+    with pytest.raises(ValueError, match=f"Half or more of the {cloud} points .* coincide at one point"):
+        robust_umeyama(zeroed["source"], zeroed["target"])
+    weights = torch.ones(1000, dtype=torch.float64)
+    weights[:550] = 0.0  # given weight 0, they are left out
+    assert robust_umeyama(zeroed["source"], zeroed["target"], weights).scale == pytest.approx(truth.scale, rel=1e-9)
+
+
 def test_robust_fit_ignores_outliers_and_non_finite_points():
     rng = np.random.default_rng(1)
     truth = random_similarity(rng)

@@ -127,6 +127,13 @@ def test_rescale_maps_to_the_renderers_intrinsics_at_another_size():
             rescale_intrinsics(small, *sizes)
 
 
+def test_rescale_takes_integer_intrinsics():
+    """Hand-typed intrinsics are often integers: their scale factors were truncated to 0."""
+    typed = torch.tensor([[500, 0, 320], [0, 500, 240], [0, 0, 1]])
+    expected = torch.tensor([[250.0, 0.0, 160.0], [0.0, 250.0, 120.0], [0.0, 0.0, 1.0]])
+    torch.testing.assert_close(rescale_intrinsics(typed, (480, 640), (240, 320)), expected)
+
+
 def test_reconstruction_output_carries_intrinsics():
     model = tiny_model()
     views, grid_h, grid_w = 2, 2, 3

@@ -115,6 +115,20 @@ def test_candidates_skip_temporal_neighbours_and_suppress_duplicates():
     assert find_loop_candidates(descriptors, min_separation=100, suppression=8, threshold=0.9, max_loops=10) == []
 
 
+def test_a_non_finite_descriptor_only_loses_its_own_view():
+    """One NaN descriptor (e.g. a view whose tokens overflowed in float16) made the best score of every view that could
+    pair with it NaN, and every loop was lost."""
+    rng = np.random.default_rng(1)
+    descriptors = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(50, 32))).float(), dim=1)
+    descriptors[45], descriptors[47] = descriptors[3], descriptors[20]
+    expected = [(3, 45), (20, 47)]
+    assert [(c.first, c.second) for c in find_loop_candidates(descriptors, 10, 5, 0.8, 10)] == expected
+    descriptors[49] = float("nan")
+    assert [(c.first, c.second) for c in find_loop_candidates(descriptors, 10, 5, 0.8, 10)] == expected
+    with pytest.raises(ValueError, match="min_separation must be at least 1 view"):
+        find_loop_candidates(descriptors, 0, 5, 0.8, 10)  # each view would be its own best partner
+
+
 def brute_force_candidates(descriptors, min_separation, suppression, threshold, max_loops) -> list[tuple[int, int]]:
     """The candidates as the module docstring defines them, from the whole similarity matrix, one pair at a time."""
     scores = (descriptors.double() @ descriptors.double().T).numpy()

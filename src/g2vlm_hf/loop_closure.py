@@ -142,7 +142,10 @@ def find_loop_candidates(
     """Loop candidates among `(N, dim)` L2-normalised view descriptors (see the module docstring), best first.
 
     The similarity matrix is computed in blocks of rows, so memory stays `O(N)` per block; for each view only its best
-    partner at least `min_separation` later in the sequence is considered."""
+    partner at least `min_separation` (>= 1) later in the sequence is considered; a view whose descriptor is not
+    finite has no partner."""
+    if min_separation < 1:
+        raise ValueError(f"min_separation must be at least 1 view (a view is not its own loop), got {min_separation}.")
     count = descriptors.shape[0]
     best: list[LoopCandidate] = []
     descriptors = descriptors.float()
@@ -150,6 +153,7 @@ def find_loop_candidates(
         rows = torch.arange(start, min(start + 1024, count))
         scores = descriptors[rows] @ descriptors.T
         scores[torch.arange(count)[None, :] < rows[:, None] + min_separation] = -float("inf")
+        scores.nan_to_num_(nan=-float("inf"))  # one NaN descriptor would make the best score of every row NaN
         value, partner = scores.max(dim=1)
         for row, score, other in zip(rows.tolist(), value.tolist(), partner.tolist(), strict=True):
             if score >= threshold:

@@ -123,8 +123,11 @@ def umeyama(
     Returns:
         scale, rotation `(3, 3)` with det +1, translation `(3,)`; `target ≈ scale * source @ R.T + t`.
 
+    Points of weight 0 take no part (they may be NaN: a mask given as weights).
+
     Raises:
-        ValueError: on mismatched shapes, fewer than 3 points of positive weight, or source points that all coincide.
+        ValueError: on mismatched shapes, fewer than 3 points of positive weight, a non-finite point of positive
+            weight, or source (or, for the scale, target) points that all coincide.
     """
     source, target = corresponding_points(source, target, "umeyama")
     weights = torch.ones(source.shape[0], dtype=torch.float64) if weights is None else as_float64(weights, "weights")
@@ -132,13 +135,18 @@ def umeyama(
         raise ValueError(
             f"weights must be {source.shape[0]} finite non-negative numbers, got shape {tuple(weights.shape)}."
         )
-    if int((weights > 0).sum()) < 3:
-        raise ValueError(
-            f"umeyama needs at least 3 corresponding points of positive weight, got {int((weights > 0).sum())}."
-        )
+    used = weights > 0
+    if int(used.sum()) < 3:
+        raise ValueError(f"umeyama needs at least 3 corresponding points of positive weight, got {int(used.sum())}.")
+    source, target, weights = source[used], target[used], weights[used]
+    if not (bool(source.isfinite().all()) and bool(target.isfinite().all())):
+        raise ValueError("umeyama got NaN or Inf points of positive weight: give them weight 0 or leave them out.")
     scale, rotation, translation, coincident = _fit_similarities(source, target, weights / weights.sum(), with_scale)
     if bool(coincident):
-        raise ValueError("The source points all coincide: a scale cannot be estimated from them.")
+        raise ValueError(
+            "The source or the target points all coincide (their spread is under a millionth of their distance "
+            "from the origin): a scale cannot be estimated from them."
+        )
     return float(scale), rotation, translation
 
 
@@ -146,14 +154,17 @@ def _fit_similarities(
     source: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, with_scale: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Umeyama's closed form for a batch of problems: `source`, `target` `(..., M, 3)`, `weights` `(..., M)` summing
-    to 1. Returns scale `(...)`, rotation `(..., 3, 3)`, translation `(..., 3)`, and where the source points all
-    coincide `(...)` (no scale: that problem's scale is not finite)."""
+    to 1. Returns scale `(...)`, rotation `(..., 3, 3)`, translation `(..., 3)`, and where the source or the target
+    points all coincide `(...)` (no scale: that problem's scale is not finite, or 0)."""
     mean_x = (weights[..., None, :] @ source)[..., 0, :]
     mean_y = (weights[..., None, :] @ target)[..., 0, :]
     x, y = source - mean_x[..., None, :], target - mean_y[..., None, :]
     variance_x = (weights * (x * x).sum(-1)).sum(-1)
-    size = (source * source).sum(-1).amax(-1).clamp(min=1e-300)
-    coincident = (variance_x <= 1e-12 * size) if with_scale else torch.zeros_like(variance_x, dtype=torch.bool)
+    coincident = (
+        _coincide(variance_x, source) | _coincide((weights * (y * y).sum(-1)).sum(-1), target)
+        if with_scale
+        else torch.zeros_like(variance_x, dtype=torch.bool)
+    )
     covariance = (y * weights[..., None]).transpose(-1, -2) @ x
     u, singular, vh = torch.linalg.svd(covariance)
     sign = torch.ones_like(singular)
@@ -162,6 +173,12 @@ def _fit_similarities(
     scale = (singular * sign).sum(-1) / variance_x if with_scale else torch.ones_like(variance_x)
     translation = mean_y - scale[..., None] * (rotation @ mean_x[..., None])[..., 0]
     return scale, rotation, translation, coincident
+
+
+def _coincide(variance: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Whether points `(..., M, 3)` of weighted `variance` `(...)` all coincide: a spread under a millionth of their
+    distance from the origin."""
+    return variance <= 1e-12 * (points * points).sum(-1).amax(-1).clamp(min=1e-300)
 
 
 def robust_umeyama(
@@ -186,7 +203,8 @@ def robust_umeyama(
         weights: `(M,)` non-negative prior weights (e.g. confidences), all 1 by default.
 
     Raises:
-        ValueError: when fewer than 3 usable correspondences remain, or the source points all coincide.
+        ValueError: when fewer than 3 usable correspondences remain, half of either cloud sits on one point, or the
+            source points all coincide.
     """
     source, target = corresponding_points(source, target, "robust_umeyama")
     prior = torch.ones(source.shape[0], dtype=torch.float64) if weights is None else as_float64(weights, "weights")
@@ -197,7 +215,7 @@ def robust_umeyama(
             "a similarity needs at least 3. The shared views' points are missing or non-finite."
         )
     source, target, prior = source[usable], target[usable], prior[usable]
-    near = _near_the_bulk(source, prior) & _near_the_bulk(target, prior)
+    near = _near_the_bulk(source, prior, "source") & _near_the_bulk(target, prior, "target")
     if int(near.sum()) >= 3:
         source, target, prior = source[near], target[near], prior[near]
     return _redescend(_robust_start(source, target, prior), source, target, prior, iterations, tolerance)
@@ -259,9 +277,20 @@ def weighted_median(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
     return values.gather(0, order.gather(0, middle))[0]
 
 
-def _near_the_bulk(points: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def _near_the_bulk(points: torch.Tensor, weights: torch.Tensor, name: str) -> torch.Tensor:
+    """The points within `FAR_POINT_MULTIPLE` median distances of the cloud's median. When half of the weight sits on
+    one point that distance is 0: all points are kept if that is one or two correspondences (a heavy weight), and a
+    ValueError is raised if it is more (coinciding points, which alone would be kept and fitted)."""
     distance = (points - weighted_median(points, weights)).norm(dim=1)
-    return distance <= FAR_POINT_MULTIPLE * weighted_median(distance, weights)
+    typical = weighted_median(distance, weights)
+    if bool(typical > 0):
+        return distance <= FAR_POINT_MULTIPLE * typical
+    if int((distance == 0).sum()) >= 3:
+        raise ValueError(
+            f"Half or more of the {name} points (by weight) coincide at one point, e.g. invalid pixels set to 0: "
+            "give those weight 0 or leave them out."
+        )
+    return torch.ones_like(distance, dtype=torch.bool)
 
 
 __all__ = ["Similarity", "robust_umeyama", "umeyama"]

@@ -140,10 +140,13 @@ def rescale_intrinsics(intrinsics: torch.Tensor, from_size: Sequence[int], to_si
         to_size (`(height, width)`): Size of the target image, e.g. the original image's.
 
     Returns:
-        `torch.Tensor` of shape `(..., 3, 3)`: The intrinsics in pixels of `to_size`.
+        `torch.Tensor` of shape `(..., 3, 3)`: The intrinsics in pixels of `to_size` (floating point: integer
+        intrinsics come back in the default dtype).
     """
     if len(from_size) != 2 or len(to_size) != 2 or min(*from_size, *to_size) <= 0:
         raise ValueError(f"sizes must be positive (height, width) pairs, got {from_size} and {to_size}")
+    if not intrinsics.is_floating_point():  # integer intrinsics: the scale factors would be truncated to 0 or 1
+        intrinsics = intrinsics.to(torch.get_default_dtype())
     scale = torch.ones(3, dtype=intrinsics.dtype, device=intrinsics.device)
     scale[0] = to_size[1] / from_size[1]
     scale[1] = to_size[0] / from_size[0]
