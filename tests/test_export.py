@@ -123,6 +123,26 @@ def test_confidence_percentile_keeps_expected_fraction(scene, percentile):
     assert scene["confidence"][mask].min() > scene["confidence"][~mask].max()
 
 
+def test_infinite_confidence_is_the_most_confident(scene):
+    """An overflowed exp (the expp1 activation) gives +inf: those points are kept by any percentile, a -inf one goes
+    with the least confident, and the threshold stays a number (numpy interpolates NaN next to an infinity)."""
+    confidence = scene["confidence"].astype(np.float32)
+    confidence[0, 0, :3] = np.inf
+    confidence[1, 0, 0] = -np.inf
+    for percentile in (0.0, 50.0, 99.9):
+        mask = compute_keep_mask(scene["world_points"], confidence, confidence_percentile=percentile)
+        assert mask[0, 0, :3].all() and mask[1, 0, 0] == (percentile == 0.0)
+        finite = np.isfinite(confidence)
+        assert abs(mask[finite].sum() - finite.sum() * (1 - percentile / 100)) <= 3
+
+
+def test_points_beyond_float32_are_refused_not_written_as_inf(scene):
+    world = scene["world_points"].astype(np.float64)
+    world[0, 0, 0] = (1e39, 0.0, 0.0)  # finite in float64, inf once written as float32
+    with pytest.raises(ValueError, match="beyond the float32 range"):
+        filter_points(world, scene["images"])
+
+
 def test_confidence_percentile_ignored_without_confidence(scene):
     points, _ = filter_points(scene["world_points"], scene["images"], None, confidence_percentile=50.0)
     assert points.shape[0] == N * H * W
@@ -441,6 +461,14 @@ def test_bad_percentile_and_max_points(scene):
         compute_keep_mask(scene["world_points"], scene["confidence"], confidence_percentile=120.0)
     with pytest.raises(ValueError, match="max_points"):
         filter_points(scene["world_points"], scene["images"], max_points=0)
+
+
+@pytest.mark.parametrize("frustum_scale", [0.0, -1.0, float("nan"), float("inf")])
+def test_frustum_scale_must_be_positive_and_finite(scene, tmp_path, frustum_scale):
+    points, colours = filter_points(scene["world_points"], scene["images"])
+    with pytest.raises(ValueError, match="`frustum_scale` must be a positive finite number"):
+        save_scene_glb(tmp_path / "s.glb", points, colours, scene["camera_poses"], frustum_scale=frustum_scale)
+    assert not (tmp_path / "s.glb").exists()
 
 
 def test_missing_trimesh_says_how_to_install(scene, tmp_path, monkeypatch):

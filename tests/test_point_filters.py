@@ -97,3 +97,19 @@ def test_the_cap_comes_after_the_filters_and_follows_them():
     assert not np.array_equal(loose[0], tight[0])
     low, high = percentile_box(points, 15.0)
     assert (tight[0] >= low.astype(np.float32) - 1e-6).all() and (tight[0] <= high.astype(np.float32) + 1e-6).all()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"confidence_percentile": 150.0}, r"`confidence_percentile` must be in \[0, 100\], got 150"),
+        ({"confidence_percentile": -5.0}, r"`confidence_percentile` must be in \[0, 100\], got -5"),
+        ({"outlier_percentile": 50.0}, r"`outlier_percentile` must be in \[0, 50\), got 50"),
+        ({"depth_edge_jump": float("nan")}, "`depth_edge_jump` must be at least 0, got nan"),
+        ({"max_points": 0}, "`max_points` must be at least 1, got 0"),
+    ],
+)
+def test_a_selection_out_of_range_is_refused_naming_its_setting(settings, message):
+    with pytest.raises(ValueError, match=message):
+        PointSelection(**settings)
+    PointSelection(confidence_percentile=100.0, outlier_percentile=49.0)  # the edges are settings like any other

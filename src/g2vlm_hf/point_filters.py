@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .export.points import confidence_mask, kept_cloud
+from .export.points import confidence_mask, confidence_threshold, kept_cloud
 
 # a channel at or below this is "black", at or above 255 minus it "white" (JPEG noise keeps pure colours off 0/255)
 BACKGROUND_TOLERANCE = 12
@@ -83,6 +83,16 @@ class PointSelection:
     confidence_percentile: float = 0.0
     max_points: int | None = None
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.outlier_percentile < 50.0:
+            raise ValueError(f"`outlier_percentile` must be in [0, 50), got {self.outlier_percentile}")
+        if not 0.0 <= self.confidence_percentile <= 100.0:
+            raise ValueError(f"`confidence_percentile` must be in [0, 100], got {self.confidence_percentile}")
+        if not self.depth_edge_jump >= 0.0:
+            raise ValueError(f"`depth_edge_jump` must be at least 0, got {self.depth_edge_jump}")
+        if self.max_points is not None and self.max_points < 1:
+            raise ValueError(f"`max_points` must be at least 1, got {self.max_points}")
+
 
 def keep_mask(
     world_points: np.ndarray,
@@ -105,7 +115,7 @@ def keep_mask(
     if selection.depth_edge_jump > 0:
         keep &= ~depth_edges(depth, selection.depth_edge_jump)
     if percentile and keep.any():  # the percentile of the points still kept, not of every point
-        keep &= confidence >= np.percentile(confidence[keep], percentile)
+        keep &= confidence >= confidence_threshold(confidence[keep], percentile)
     if selection.outlier_percentile > 0 and keep.any():
         low, high = percentile_box(world_points[keep], selection.outlier_percentile)
         keep &= inside_box(world_points, low, high)

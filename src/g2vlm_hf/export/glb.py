@@ -122,8 +122,8 @@ def build_scene(
     """The scene of [`save_scene_glb`] from checked arrays: a cloud (see [`validate_cloud`]), poses (see
     [`validate_poses`]) and the views' `(height, width)`."""
     trimesh = require_trimesh()
-    if frustum_scale <= 0.0:
-        raise ValueError(f"`frustum_scale` must be positive, got {frustum_scale}")
+    if not 0.0 < frustum_scale < float("inf"):
+        raise ValueError(f"`frustum_scale` must be a positive finite number, got {frustum_scale}")
     height, width = image_size
     size = frustum_scale * median_camera_distance(points.astype(np.float64), poses[:, :3, 3])
     scene = trimesh.Scene()

@@ -27,11 +27,19 @@ def confidence_mask(
     if confidence is None:
         logger.warning("`confidence_percentile` is ignored: this reconstruction has no confidence")
         return keep
-    keep &= np.isfinite(confidence)
+    keep &= ~np.isnan(confidence)  # +inf is the most confident value there is (an overflowed exp), not an invalid one
     if keep.any() and confidence_percentile > 0.0:
-        threshold = np.percentile(confidence[keep], confidence_percentile)
-        keep &= confidence >= threshold
+        keep &= confidence >= confidence_threshold(confidence[keep], confidence_percentile)
     return keep
+
+
+def confidence_threshold(confidence: np.ndarray, percentile: float) -> float:
+    """The `percentile` of the (non-NaN) `confidence` values, infinities ranked as the largest / smallest values
+    (numpy's interpolation gives NaN next to an infinity)."""
+    if np.issubdtype(confidence.dtype, np.floating):
+        limit = np.finfo(confidence.dtype).max
+        confidence = np.clip(confidence, -limit, limit)
+    return np.percentile(confidence, percentile)
 
 
 def compute_keep_mask(
@@ -49,7 +57,7 @@ def compute_keep_mask(
             percentile of the finite points' confidence (20.0 keeps the top 80%). Ignored when `confidence` is None.
 
     Returns:
-        `(N, H, W)` bool: True where the point is finite (and, when filtering by confidence, its confidence is finite
+        `(N, H, W)` bool: True where the point is finite (and, when filtering by confidence, its confidence is not NaN
         and at least the percentile).
 
     Raises:
@@ -87,12 +95,15 @@ def kept_cloud(
     Raises:
         ValueError: When `keep` keeps nothing, or `max_points < 1`.
     """
-    kept_points = points[keep].astype(np.float32)
+    with np.errstate(over="ignore"):
+        kept_points = points[keep].astype(np.float32)
     kept_colours = colours[keep]
     if kept_points.shape[0] == 0:
         raise ValueError(
             f"All {keep.size} points were filtered away (non-finite points or confidence below the percentile)"
         )
+    if not np.isfinite(kept_points).all():
+        raise ValueError("Some points lie beyond the float32 range (about 3.4e38), in which point clouds are written")
     chosen = subsample(kept_points.shape[0], max_points, seed)
     if chosen is not None:
         kept_points, kept_colours = kept_points[chosen], kept_colours[chosen]
