@@ -280,6 +280,20 @@ def test_umeyama_is_exact_from_three_points_and_refuses_bad_weights():
         umeyama(source, target, torch.tensor([1.0, 1, 0, 0, 0, 0]))
 
 
+def test_a_similarity_built_from_any_numbers_composes_and_applies():
+    """float32 or NumPy parts (as a user builds one) are held in float64: composing with a fitted one failed on the
+    dtypes, and integer points were moved by a rotation cast to integers."""
+    built = Similarity(np.float32(2.0), torch.eye(3), np.array([1, 0, 0]))
+    composed = built.compose(Similarity.identity()).compose(built.inverse())
+    torch.testing.assert_close(composed.rotation, torch.eye(3, dtype=torch.float64))
+    torch.testing.assert_close(composed.translation, torch.zeros(3, dtype=torch.float64))
+    assert composed.scale == 1.0
+    quarter = Similarity(1.0, torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]), torch.zeros(3))
+    torch.testing.assert_close(quarter.apply(torch.tensor([[1, 2, 3]])), torch.tensor([[-2.0, 1.0, 3.0]]))
+    scale, _, _ = umeyama(np.eye(3)[::-1] * 2.0, np.eye(3)[::-1] * 4.0)  # a reversed (negative-stride) view
+    assert scale == pytest.approx(2.0)
+
+
 def test_umeyama_leaves_out_points_of_weight_zero_even_when_they_are_not_finite():
     """A mask given as weights: the masked points (NaN, or far off) change nothing; a NaN point of positive weight and
     a cloud that all coincides are refused."""

@@ -49,7 +49,7 @@ START_SCORED_POINTS = 1024
 
 def as_float64(array: ArrayLike, name: str) -> torch.Tensor:
     """`array` as a float64 CPU tensor; raises if it is not numeric."""
-    tensor = torch.as_tensor(np.asarray(array) if not isinstance(array, torch.Tensor) else array)
+    tensor = torch.as_tensor(np.ascontiguousarray(array) if not isinstance(array, torch.Tensor) else array)
     if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64, torch.uint8, torch.int16)):
         raise ValueError(f"{name} must be a numeric array, got dtype {tensor.dtype}.")
     return tensor.detach().to("cpu", torch.float64)
@@ -63,13 +63,21 @@ class Similarity:
     rotation: torch.Tensor
     translation: torch.Tensor
 
+    def __post_init__(self) -> None:  # float64 CPU fields whatever was given, so that similarities compose
+        object.__setattr__(self, "scale", float(self.scale))
+        object.__setattr__(self, "rotation", as_float64(self.rotation, "rotation"))
+        object.__setattr__(self, "translation", as_float64(self.translation, "translation"))
+
     @classmethod
     def identity(cls) -> Similarity:
         return cls(1.0, torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
 
     def apply(self, points: torch.Tensor) -> torch.Tensor:
         """The transformed points `(..., 3)`, in the points' dtype and device (one pass over them: the scale folded
-        into the rotation, the translation added by the same matrix product)."""
+        into the rotation, the translation added by the same matrix product); integer points come back in the
+        default float dtype."""
+        if not points.is_floating_point():
+            points = points.to(torch.get_default_dtype())
         linear = (self.scale * self.rotation).to(points.device, points.dtype)
         translation = self.translation.to(points.device, points.dtype)
         return torch.addmm(translation, points.reshape(-1, 3), linear.T).view(points.shape)
