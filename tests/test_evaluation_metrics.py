@@ -36,7 +36,7 @@ from g2vlm_hf.evaluation import (
     write_scene,
 )
 from g2vlm_hf.evaluation.points import icp_refine, k_nearest_with_distances
-from g2vlm_hf.evaluation.poses import direction_angle_degrees
+from g2vlm_hf.evaluation.poses import direction_angle_degrees, rotation_angle_degrees, summarize_pose_errors
 from g2vlm_hf.training.synthetic import render_room, spatial_questions, yaw_pose
 
 
@@ -345,6 +345,50 @@ def test_translation_angle_and_auc_definitions():
     assert auc == pytest.approx((2 * (1 / 3) + 28 * (2 / 3)) / 30)
     with pytest.raises(ValueError, match=r"\(N, 4, 4\)"):
         relative_pose_errors(np.eye(4), np.eye(4))
+
+
+def test_pose_metrics_count_an_error_at_a_threshold_as_a_miss():
+    """The protocol's `error < t` for RRA@t, RTA@t and the AUC's bins, `<= 30` for its last bin only; the default
+    thresholds are 5, 15 and 30 degrees."""
+    rotation_error = torch.tensor([5.0, 15.0, 30.0], dtype=torch.float64)
+    translation_error = torch.tensor([0.0, 15.0, 4.0], dtype=torch.float64)
+    metrics = summarize_pose_errors(rotation_error, translation_error)
+    assert sorted(metrics) == sorted(
+        [f"{kind}@{t}" for t in (5, 15, 30) for kind in ("rra", "rta")]
+        + ["auc@30", "rotation_error_mean", "translation_error_mean", "pairs"]
+    )
+    assert (metrics["rra@5"], metrics["rra@15"], metrics["rra@30"]) == (0.0, pytest.approx(1 / 3), pytest.approx(2 / 3))
+    assert (metrics["rta@5"], metrics["rta@15"]) == (pytest.approx(2 / 3), pytest.approx(2 / 3))
+    # max errors 5, 15, 30: under k for none up to k = 5, one for k = 6..15, two for k = 16..29, all three at 30
+    assert metrics["auc@30"] == pytest.approx((10 / 3 + 14 * 2 / 3 + 1) / 30)
+    assert metrics["pairs"] == 3
+
+
+def test_rotation_errors_of_equal_and_opposite_rotations_are_exact():
+    """Rounding puts the cosine a hair outside [-1, 1] for equal rotations or half turns: clamped, not NaN."""
+    generator = torch.Generator().manual_seed(0)
+    rotations = torch.linalg.qr(torch.randn(500, 3, 3, generator=generator, dtype=torch.float64)).Q
+    rotations = rotations * torch.det(rotations)[:, None, None]  # det +1
+    same = rotation_angle_degrees(rotations, rotations)
+    assert bool(same.isfinite().all()) and float(same.max()) < 1e-5
+    half_turn = torch.diag(torch.tensor([1.0, -1.0, -1.0], dtype=torch.float64))
+    opposite = rotation_angle_degrees(rotations, rotations @ half_turn)
+    assert bool(opposite.isfinite().all()) and float((opposite - 180.0).abs().max()) < 1e-5
+
+
+def test_a_zero_length_translation_scores_ninety_degrees_on_either_side():
+    zero, x = torch.zeros(1, 3, dtype=torch.float64), torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
+    assert direction_angle_degrees(zero, x).tolist() == direction_angle_degrees(x, zero).tolist() == [90.0]
+
+
+def test_pose_inputs_are_checked():
+    poses = np.tile(np.eye(4), (3, 1, 1))
+    with pytest.raises(ValueError, match=r"\(N, 4, 4\) camera-to-world matrices, got \(3, 3, 4\)"):
+        relative_pose_errors(poses[:, :3], poses)
+    with pytest.raises(ValueError, match=r"same number \(>= 2\) of predicted and true poses, got 1 and 1"):
+        relative_pose_errors(poses[:1], poses[:1])
+    with pytest.raises(ValueError, match=r"got 3 and 2"):
+        relative_pose_errors(poses, poses[:2])
 
 
 # ---- spatial VQA ------------------------------------------------------------------------------------------------
