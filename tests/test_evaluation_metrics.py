@@ -4,6 +4,7 @@ perturbations give the analytically known values."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from g2vlm_hf.evaluation import (
+    depth_errors,
     evaluate_depth,
     evaluate_point_maps,
     evaluate_poses,
@@ -139,6 +141,26 @@ def test_per_frame_alignment_absorbs_per_frame_scales_a_sequence_alignment_does_
     sequence = evaluate_depth(pred, depth, alignment="l1-scale", per_frame=False)
     # the L1 scale settles on one frame's factor; the other two frames stay off by factors 2 and 4 (or 1/2, 1/4)
     assert sequence["abs_rel"] > 0.3
+
+
+def test_depth_errors_by_their_definitions():
+    """Each metric by hand on six pixels: differences 0, 1, -1.9, 1, 9, 61; ratios max(p/g, g/p) 1, 1.5, 4/2.1 and
+    exactly 1.25, 1.25^2 and 1.25^3 (misses: the protocol counts ratio < 1.25^k)."""
+    gt, pred = np.array([1.0, 2.0, 4.0, 4.0, 16.0, 64.0]), np.array([1.0, 3.0, 2.1, 5.0, 25.0, 125.0])
+    errors = depth_errors(pred, gt)
+    assert errors["abs_rel"] == pytest.approx((0 + 1 / 2 + 1.9 / 4 + 1 / 4 + 9 / 16 + 61 / 64) / 6)
+    assert errors["sq_rel"] == pytest.approx((0 + 1 / 2 + 1.9**2 / 4 + 1 / 4 + 81 / 16 + 61**2 / 64) / 6)
+    assert errors["rmse"] == pytest.approx(math.sqrt((0 + 1 + 1.9**2 + 1 + 81 + 61**2) / 6))
+    logs = [0.0, math.log(1.5), math.log(2.1 / 4), math.log(1.25), math.log(25 / 16), math.log(125 / 64)]
+    assert errors["log_rmse"] == pytest.approx(math.sqrt(sum(v * v for v in logs) / 6))
+    deltas = (errors["delta_1.25"], errors["delta_1.25^2"], errors["delta_1.25^3"])
+    assert deltas == (pytest.approx(1 / 6), pytest.approx(3 / 6), pytest.approx(5 / 6))
+    # a prediction of 0 counts as 1e-5 in the ratio and the logarithm (no infinity)
+    zero = depth_errors(np.array([0.0]), np.array([1.0]))
+    assert zero["log_rmse"] == pytest.approx(-math.log(1e-5)) and zero["delta_1.25^3"] == 0.0
+    for bad in ((np.zeros(0), np.zeros(0)), (np.ones(3), np.ones(2))):
+        with pytest.raises(ValueError, match="two non-empty arrays of one size"):
+            depth_errors(*bad)
 
 
 def test_depth_masks_invalid_and_far_ground_truth(scene):
