@@ -330,6 +330,25 @@ class TestBadInput:
         for name in ("local_points", "global_points"):
             torch.testing.assert_close(unmasked[name], masked[name])
 
+    @pytest.mark.parametrize("unknown", ["masked", "behind the cameras"])
+    def test_a_scene_without_known_points_takes_no_part_in_the_geometry_loss(self, unknown):
+        """A mixed batch: the second scene's views have no known geometry. Its losses were computed with the 1e-8
+        scale floor (camera translation loss 1e6); the batch's losses are now those of the first scene alone."""
+        one = synthetic_batch()
+        two = {name: torch.cat([value, value]) for name, value in one.items() if name != "geometry_targets"}
+        targets = {name: torch.cat([value, value]) for name, value in one["geometry_targets"].items()}
+        if unknown == "masked":
+            targets["valid_mask"][1] = False
+        else:  # every point mirrored behind the first camera
+            targets["world_points"][1] = -targets["world_points"][1]
+        two["geometry_targets"] = targets
+        model = tiny_model().eval()
+        with torch.no_grad():
+            alone, mixed = model(**one).geometry_losses, model(**two).geometry_losses
+        assert sorted(mixed) == sorted(alone)
+        for name, value in alone.items():
+            torch.testing.assert_close(mixed[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
     def test_a_reconstruction_only_batch_trains_on_geometry_alone(self):
         # a batch whose labels are all -100 (reconstruction samples in a mixed Trainer run) is not an error
         batch = synthetic_batch()

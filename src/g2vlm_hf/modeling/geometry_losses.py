@@ -88,7 +88,7 @@ def geometry_losses(
         prediction: the geometry heads' output (`local_points`, `camera_poses`, optionally `global_points`).
         world_points: `(B, N, H, W, 3)` ground-truth points in any world frame.
         valid_mask: `(B, N, H, W)` bool, True where `world_points` is known (points behind their camera are left
-            out as well).
+            out as well); a scene with no such point takes no part in the losses.
         camera_poses: `(B, N, 4, 4)` ground-truth camera-to-world transforms in the same frame.
         weights: term weights (defaults: the official recipe).
     """
@@ -110,6 +110,17 @@ def geometry_losses(
     mask = mask & (target_local[..., 2] > 0)
     if int(mask.sum()) == 0:
         raise ValueError("No valid target point lies in front of its camera: check geometry_targets' frames.")
+    scenes = mask.flatten(1).any(1)
+    if not bool(scenes.all()):
+        # a scene without a known point (a chat sample's views in a mixed batch) takes no part: its target scale
+        # would be the 1e-8 floor, and its camera translations scaled by 1e8
+        prediction = {
+            name: prediction.get(name) for name in ("local_points", "camera_poses", "global_points", "confidence")
+        }
+        prediction = {name: None if value is None else value[scenes] for name, value in prediction.items()}
+        target_poses, target_global, target_local, mask = (
+            tensor[scenes] for tensor in (target_poses, target_global, target_local, mask)
+        )
 
     # predictions: unit mean distance of the local points
     local = prediction["local_points"].float()
