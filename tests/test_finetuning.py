@@ -298,6 +298,46 @@ def test_report_counts_adapters_separately():
     assert report.trainable == report.per_group["adapters"][0] > 0
 
 
+def collate_samples(samples: list[dict]) -> dict:
+    """Samples of `synthetic_batch` (one each) as one batch: tensors joined along their first dimension."""
+    batch = {name: torch.cat([sample[name] for sample in samples]) for name in samples[0] if name != "geometry_targets"}
+    batch["geometry_targets"] = {
+        name: torch.cat([sample["geometry_targets"][name] for sample in samples])
+        for name in samples[0]["geometry_targets"]
+    }
+    return batch
+
+
+@pytest.mark.parametrize("with_labels", [True, False], ids=["labels", "no-labels"])
+def test_trainer_gradient_accumulation_gives_the_update_of_the_whole_batch(tmp_path, with_labels):
+    """transformers' Trainer with labels passed `num_items_in_batch` and left the loss undivided by the accumulation
+    steps: the geometry loss, a per-batch mean, counted twice with two steps. The geometry heads (the only trainable
+    part here, so their update is the geometry loss's alone) now move as far with one batch of two as with two
+    accumulated batches of one."""
+    from transformers import Trainer, TrainingArguments
+
+    sample = synthetic_batch()
+    if not with_labels:
+        sample.pop("labels")
+    updates = []
+    for batch_size, accumulation in ((2, 1), (1, 2)):
+        model = tiny_model()
+        set_trainable(model, "geometry_heads")
+        before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+        arguments = TrainingArguments(
+            output_dir=str(tmp_path / f"run{batch_size}"), max_steps=1, per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation, learning_rate=0.1, optim="sgd", lr_scheduler_type="constant",
+            weight_decay=0.0, max_grad_norm=0.0, save_strategy="no", report_to=[], remove_unused_columns=False,
+            use_cpu=True, seed=0,
+        )  # fmt: skip
+        Trainer(model=model, args=arguments, train_dataset=[sample, sample], data_collator=collate_samples).train()
+        updates.append(
+            torch.cat([(p.detach() - before[n]).flatten() for n, p in model.named_parameters() if n in before])
+        )
+    assert bool(updates[0].abs().sum() > 0)
+    torch.testing.assert_close(updates[1], updates[0], rtol=1e-4, atol=1e-7)
+
+
 class TestBadInput:
     def test_targets_must_match_the_views(self):
         batch = synthetic_batch()

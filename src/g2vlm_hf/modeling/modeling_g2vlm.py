@@ -475,6 +475,10 @@ class G2VLMForConditionalGeneration(G2VLMPreTrainedModel, GenerationMixin):
     _keep_in_fp32_modules = FULL_PRECISION_MODULES
     _keep_in_fp32_modules_strict = ["geometry_heads"]
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # transformers' Trainer would pass `num_items_in_batch` and then neither divide the loss by the gradient
+    # accumulation steps nor leave it per process: right for the language loss, which it normalises, but the geometry
+    # loss is a per-batch mean and came out that many times too large. Both are per-batch means instead (as Qwen3-VL).
+    accepts_loss_kwargs = False
     _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: G2VLMConfig):
