@@ -298,6 +298,20 @@ def test_report_counts_adapters_separately():
     assert report.trainable == report.per_group["adapters"][0] > 0
 
 
+def test_set_trainable_on_a_peft_model_trains_parts_beside_the_adapters():
+    """LoRA on the experts plus the geometry heads trained in full: set_trainable froze the adapters (a run that
+    trained the heads alone, silently)."""
+    peft_model = get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=lora_target_modules(geometry=True)))
+    adapters = trainable_report(peft_model).per_group["adapters"]
+    report = set_trainable(peft_model, "geometry_heads")
+    assert report.per_group["adapters"] == adapters and adapters[0] == adapters[1] > 0
+    assert report.per_group["geometry_heads"][0] == report.per_group["geometry_heads"][1] > 0
+    assert report.trainable == adapters[0] + report.per_group["geometry_heads"][0]
+    assert set_trainable(peft_model, []).trainable == adapters[0]  # the adapters alone, as PEFT left them
+    with pytest.raises(ValueError, match=r"\['lm_head'\].*\(the LM head trains with `embeddings`\)"):
+        set_trainable(peft_model, "lm_head")
+
+
 def collate_samples(samples: list[dict]) -> dict:
     """Samples of `synthetic_batch` (one each) as one batch: tensors joined along their first dimension."""
     batch = {name: torch.cat([sample[name] for sample in samples]) for name in samples[0] if name != "geometry_targets"}

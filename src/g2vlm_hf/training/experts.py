@@ -47,11 +47,16 @@ class TrainableReport:
         return "\n".join(lines)
 
 
+def is_adapter(name: str) -> bool:
+    """Whether a parameter is a PEFT LoRA adapter's (`lora_A`, `lora_B`, DoRA's `lora_magnitude_vector`, ...)."""
+    return "lora_" in name
+
+
 def trainable_report(model: nn.Module) -> TrainableReport:
-    """Count trainable parameters per part of G²VLM."""
+    """Count trainable parameters per part of G²VLM (LoRA adapters as `adapters`)."""
     report = TrainableReport(per_group={group: (0, 0) for group in PARAMETER_GROUPS})
     for name, parameter in model.named_parameters():
-        group = "adapters" if "lora_" in name else parameter_group(name)
+        group = "adapters" if is_adapter(name) else parameter_group(name)
         trainable, total = report.per_group.get(group, (0, 0))
         count = parameter.numel()
         report.per_group[group] = (trainable + count * parameter.requires_grad, total + count)
@@ -61,14 +66,17 @@ def trainable_report(model: nn.Module) -> TrainableReport:
 
 
 def set_trainable(model: nn.Module, groups: str | tuple[str, ...] | list[str]) -> TrainableReport:
-    """Make exactly the parameters of `groups` (one group or several) trainable (see `PARAMETER_GROUPS`) and report
-    the counts."""
+    """Make exactly the parameters of `groups` (one group or several, see `PARAMETER_GROUPS`) trainable and report
+    the counts. On a PEFT model the LoRA adapters are left as they are (trainable, as PEFT made them): `groups` are
+    the parts of G²VLM trained beside them (e.g. `"geometry_heads"`), or none."""
     groups = (groups,) if isinstance(groups, str) else tuple(groups)
     unknown = set(groups) - set(PARAMETER_GROUPS)
     if unknown:
-        raise ValueError(f"Unknown parameter group(s) {sorted(unknown)}; choose from {PARAMETER_GROUPS}.")
+        hint = " (the LM head trains with `embeddings`)" if "lm_head" in unknown else ""
+        raise ValueError(f"Unknown parameter group(s) {sorted(unknown)}; choose from {PARAMETER_GROUPS}{hint}.")
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(parameter_group(name) in groups and not name.endswith(NEVER_USED))
+        if not is_adapter(name):
+            parameter.requires_grad_(parameter_group(name) in groups and not name.endswith(NEVER_USED))
     report = trainable_report(model)
     logger.info(f"Trainable parts {sorted(groups)}: {report}")
     return report
