@@ -365,6 +365,17 @@ class TestBadInput:
         with pytest.raises(ValueError, match="needs 'camera_poses'"):
             tiny_model()(**batch)
 
+    def test_targets_must_be_tensors(self):
+        batch = synthetic_batch()
+        batch["geometry_targets"]["world_points"] = batch["geometry_targets"]["world_points"].numpy()
+        with pytest.raises(ValueError, match=r"\['world_points'\] must be a torch.Tensor, got ndarray"):
+            tiny_model()(**batch)
+
+    @pytest.mark.parametrize("stage", [True, 3, "1"])
+    def test_stages_are_one_or_two(self, stage):
+        with pytest.raises(ValueError, match="stage must be one of \\[1, 2\\]"):
+            freeze_for_stage(tiny_model(), stage)
+
     def test_target_points_behind_their_camera_are_left_out(self):
         batch = synthetic_batch()
         model = tiny_model()

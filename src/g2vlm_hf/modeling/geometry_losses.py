@@ -175,6 +175,11 @@ def check_geometry_targets(targets: dict[str, torch.Tensor], batch: int, views: 
     for name, shape in expected.items():
         if name not in targets:
             raise ValueError(f"geometry_targets needs '{name}' of shape {shape}; it has {sorted(targets)}.")
+        if not isinstance(targets[name], torch.Tensor):
+            raise ValueError(
+                f"geometry_targets['{name}'] must be a torch.Tensor, got {type(targets[name]).__name__} (e.g. "
+                "torch.from_numpy(array))."
+            )
         if tuple(targets[name].shape) != shape:
             raise ValueError(
                 f"geometry_targets['{name}'] has shape {tuple(targets[name].shape)} but the geometry views "

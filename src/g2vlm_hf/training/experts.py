@@ -85,7 +85,7 @@ def set_trainable(model: nn.Module, groups: str | tuple[str, ...] | list[str]) -
 def freeze_for_stage(model: nn.Module, stage: int) -> TrainableReport:
     """Set `requires_grad` for training stage 1 (geometry expert, projector and heads; semantic expert frozen) or
     stage 2 (both experts, projector and heads). The encoders, embeddings and LM head stay frozen in both."""
-    if stage not in TRAINING_STAGES:
+    if isinstance(stage, bool) or stage not in TRAINING_STAGES:  # True == 1 in Python
         raise ValueError(f"stage must be one of {sorted(TRAINING_STAGES)}, got {stage!r}.")
     return set_trainable(model, TRAINING_STAGES[stage])
 
