@@ -177,6 +177,29 @@ def test_depth_masks_invalid_and_far_ground_truth(scene):
     assert evaluate_depth(2 * depth, depth, valid, alignment="none")["valid_pixels"] == depth[0].size
 
 
+def test_depth_edges_of_the_valid_range_and_one_frame(scene):
+    """Ground truth exactly at max_depth is out ("at or beyond"), below 1 is in; an (H, W) frame, with or without a
+    mask, scores as the (1, H, W) sequence; frames are aligned one by one unless told otherwise."""
+    _, _, depth = scene
+    gt = depth[1] * 0.25  # depths below 1
+    gt[0, 0], gt[0, 1] = 0.5, 2.0
+    pred = gt * 1.1
+    pred[0, 1] = 50.0  # wrong only where the ground truth is exactly max_depth
+    metrics = evaluate_depth(pred, gt, alignment="none", max_depth=2.0)
+    assert metrics["valid_pixels"] == int((gt < 2.0).sum()) == gt.size - 1
+    assert metrics["abs_rel"] == pytest.approx(0.1)
+    valid = np.ones(gt.shape, dtype=bool)
+    valid[3:] = False
+    for mask in (None, valid):
+        assert evaluate_depth(pred, gt, mask) == evaluate_depth(
+            pred[None], gt[None], None if mask is None else mask[None]
+        )
+    frames = np.stack([depth[0], depth[1]])
+    scaled = frames * np.array([2.0, 5.0])[:, None, None]  # another scale per frame
+    assert evaluate_depth(scaled, frames)["abs_rel"] == pytest.approx(0.0, abs=1e-12)
+    assert evaluate_depth(scaled, frames, per_frame=False)["abs_rel"] > 0.1
+
+
 def test_depth_rejects_bad_input(scene):
     _, _, depth = scene
     with pytest.raises(ValueError, match="differ in shape"):
