@@ -66,6 +66,8 @@ def test_select_points_combines_filters_and_counts():
     assert confident[2] == 150
     with pytest.raises(ValueError, match="Every point is filtered away"):
         select_points(points, np.zeros_like(images), depth, None, PointSelection(drop_black=True))
+    with pytest.raises(ValueError, match="whose confidence is NaN, are always left out"):  # no filter is on here
+        select_points(points, images, depth, np.full(depth.shape, np.nan), PointSelection())
 
 
 def test_a_nan_confidence_drops_its_point_only():

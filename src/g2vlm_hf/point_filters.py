@@ -144,6 +144,9 @@ def select_points(
     keep = keep_mask(world_points, images, depth, confidence, selection)
     kept = int(keep.sum())
     if kept == 0:
-        raise ValueError("Every point is filtered away: loosen the filters (outliers, depth edges, background, view).")
+        raise ValueError(
+            "Every point is filtered away: loosen the filters (outliers, depth edges, background, view, confidence); "
+            "points that are not finite, or whose confidence is NaN, are always left out."
+        )
     points, point_colours = kept_cloud(world_points, colours, keep, max_points=selection.max_points, seed=seed)
     return points, point_colours, kept
