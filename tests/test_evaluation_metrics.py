@@ -280,6 +280,19 @@ def test_medians_are_numpy_medians_of_an_even_count():
     assert metrics["accuracy"] == pytest.approx(distances.mean())
 
 
+def test_neighbour_searches_check_their_clouds():
+    cloud = np.random.default_rng(0).normal(size=(5, 3))
+    for queries, points in ((np.zeros((0, 3)), cloud), (cloud, np.zeros((0, 3))), (cloud[:, :2], cloud)):
+        with pytest.raises(ValueError, match=r"must be a non-empty \(M, 3\) array"):
+            k_nearest_with_distances(queries, points, 2)
+    with pytest.raises(ValueError, match="chunk_size must be at least 1, got 0"):
+        k_nearest_with_distances(cloud, cloud, 2, chunk_size=0)
+    with pytest.raises(ValueError, match="at least 3 points, got \\(2, 3\\)"):
+        knn_normals(cloud[:2])
+    distances, indices = k_nearest_with_distances(cloud, cloud, 10)  # k capped at the cloud's 5 points
+    assert distances.shape == indices.shape == (5, 5) and indices[:, 0].tolist() == list(range(5))
+
+
 def test_knn_normals_of_a_tilted_plane_and_icp_undo_a_small_rigid_motion():
     tilted = plane(9, 9, tilt_degrees=35).reshape(-1, 3)
     expected = rotation("x", 35) @ np.array([0.0, 0.0, 1.0])
