@@ -304,6 +304,21 @@ def test_original_sizes_that_look_swapped_warn(scene, tmp_path, original_size, w
     assert json.loads(path.read_text())["cameras"][0]["original"]["height"] == original_size[0]
 
 
+def test_views_squashed_to_the_first_ones_shape_do_not_warn(scene, tmp_path):
+    """`resize_views_to_first` (`--resize-views`): portrait photos after a landscape first one have the views' shape
+    only once swapped, rightly; the first view, resized keeping its aspect, tells a swap from a squash."""
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    poses, logger = scene["camera_poses"], logging.get_logger("g2vlm_hf.export.validation")
+    mixed = [(480, 640), (640, 480)] + [(480, 640)] * (N - 2)
+    with CaptureLogger(logger) as squashed:
+        save_cameras_json(tmp_path / "a.json", poses, (392, 518), original_sizes=mixed)
+    with CaptureLogger(logger) as swapped:
+        save_cameras_json(tmp_path / "b.json", poses, (392, 518), original_sizes=[s[::-1] for s in mixed])
+    assert squashed.out == "" and "view(s) [0, 2" in swapped.out
+
+
 def test_depth_png16_round_trip(scene, tmp_path):
     depth = scene["depth"][2].astype(np.float64)  # view 2 is tilted, so its depth varies
     depth[0, 0], depth[1, 1], depth[2, 2] = np.nan, np.inf, -1.0

@@ -252,7 +252,7 @@ class StreamingSceneWriter:
             self.image_size = scene.image_size
         elif scene.image_size != self.image_size:
             raise ValueError(f"All views must have one size: {scene.image_size} after {self.image_size}.")
-        sizes = validate_original_sizes(original_sizes, count, scene.image_size)
+        sizes = validate_original_sizes(original_sizes, count, None if first else scene.image_size)  # first view
         if first and (sizes is None) != (self.original_sizes is None):
             raise ValueError("Give `original_sizes` with every chunk or with none.")
         if (scene.intrinsics is None) != (self.intrinsics is None) and first:

@@ -139,14 +139,20 @@ def validate_intrinsics(intrinsics: ArrayLike | None, num_views: int) -> np.ndar
 
 
 def validate_original_sizes(
-    original_sizes: Sequence[Sequence[int]] | None, num_views: int, image_size: tuple[int, int]
+    original_sizes: Sequence[Sequence[int]] | None, num_views: int, image_size: tuple[int, int] | None
 ) -> list[tuple[int, int]] | None:
-    """One `(height, width)` per view, or None; a warning for each size that looks given as `(width, height)`."""
+    """One `(height, width)` per view, or None; a warning when they look given as `(width, height)`.
+
+    That is judged by the first view (skipped when `image_size` is None): resized keeping its aspect, it has the
+    views' shape whenever its size is right, while a later view may have been squashed to the first one's shape on
+    purpose (`resize_views_to_first`)."""
     if original_sizes is None:
         return None
     sizes = [validate_image_size(size) for size in original_sizes]
     if len(sizes) != num_views:
         raise ValueError(f"`original_sizes` has {len(sizes)} entries for {num_views} views")
+    if image_size is None or not sizes or not _looks_swapped(sizes[0], image_size):
+        return sizes
     swapped = [index for index, size in enumerate(sizes) if _looks_swapped(size, image_size)]
     if swapped:
         logger.warning(
