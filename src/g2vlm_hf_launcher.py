@@ -9,8 +9,11 @@ standard-library-only parser file (`cli/parser.py`, `conversion/cli.py`, `evalua
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import importlib.util
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -28,31 +31,41 @@ def _standalone(relative_path: str):
     return module
 
 
+@contextlib.contextmanager
+def _starting(command: str) -> Iterator[None]:
+    """Ctrl-C while `command` starts (parsing, then importing the package: seconds) ends it with one line and exit
+    status 130, as during its run, instead of a traceback from inside the import machinery."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted while starting; nothing was written.", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
 def g2vlm() -> int:
-    parser = _standalone("cli/parser.py")
-    args = parser.build_parser().parse_args()
-    parser.quiet_import_warnings()
-
-    from g2vlm_hf.cli.main import run
-
-    return run(args)
+    with _starting("g2vlm"):
+        parser = _standalone("cli/parser.py")
+        args = parser.build_parser().parse_args()
+        parser.quiet_import_warnings()
+        command = importlib.import_module("g2vlm_hf.cli.main")
+    return command.run(args)
 
 
 def g2vlm_convert() -> int:
     """`g2vlm-convert`: its parser answers `--help` and argument errors first; the package then parses again (cheap)."""
-    _standalone("conversion/cli.py").build_parser().parse_args()
-    from g2vlm_hf.conversion.cli import main
-
-    return main()
+    with _starting("g2vlm-convert"):
+        _standalone("conversion/cli.py").build_parser().parse_args()
+        command = importlib.import_module("g2vlm_hf.conversion.cli")
+    return command.main()
 
 
 def g2vlm_eval() -> int:
     """`g2vlm-eval`, likewise."""
-    _standalone("evaluation/parser.py").build_parser().parse_args()
-    _standalone("cli/parser.py").quiet_import_warnings()
-    from g2vlm_hf.evaluation.cli import main
-
-    return main()
+    with _starting("g2vlm-eval"):
+        _standalone("evaluation/parser.py").build_parser().parse_args()
+        _standalone("cli/parser.py").quiet_import_warnings()
+        command = importlib.import_module("g2vlm_hf.evaluation.cli")
+    return command.main()
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,25 @@ def one_line_error(result: subprocess.CompletedProcess, program: str) -> str:
     assert "Traceback" not in result.stderr and len(errors) == 1, result.stderr
     assert errors[0].startswith(f"{program}: error:"), result.stderr
     return errors[0]
+
+
+@pytest.mark.parametrize("name", ["g2vlm", "g2vlm-convert", "g2vlm-eval"])
+def test_ctrl_c_while_starting_is_one_line(tmp_path, name):
+    """Ctrl-C a second in, while the package (torch, transformers) is being imported: a traceback of 40-odd lines
+    from inside the import machinery, before; one line and exit status 130 now, as during a run."""
+    argv = {
+        "g2vlm": ["reconstruct", *VIEWS, "--model", tmp_path / "model", "--output", tmp_path / "out"],
+        "g2vlm-convert": [tmp_path / "official", tmp_path / "converted"],
+        "g2vlm-eval": ["depth", "--model", tmp_path / "model", "--data", tmp_path, "--output", tmp_path / "r.json"],
+    }[name]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([installed(name), *map(str, argv)], stderr=subprocess.PIPE, text=True, env=environment)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith(f"{name}: interrupted"), stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
 
 
 def test_a_folder_without_images_in_chunks_is_one_line(converted_tiny, tmp_path):
