@@ -354,7 +354,9 @@ def test_views_are_counted_and_named_before_any_decoding(tmp_path, monkeypatch):
     video = open_views(video=tmp_path / "walk.mp4", every=2)
     assert (len(video), video.names) == (3, ["walk.mp4#frame0", "walk.mp4#frame2", "walk.mp4#frame4"])
     assert open_views(folder=folder).names == ["a.gif", "b.tif", "c.PNG"]  # one suffix list, any case
-    with pytest.raises(InputError, match="is a folder, not an image file"):
+    with pytest.raises(
+        InputError, match=r"is a folder, not an image file \(`g2vlm reconstruct --folder` takes a folder of views\)"
+    ):
         open_views(images=[folder])
     with pytest.raises(InputError, match="exactly one of them"):
         open_views(images=[folder / "a.gif"], folder=folder)

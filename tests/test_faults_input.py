@@ -64,7 +64,7 @@ def test_a_decompression_bomb_is_a_clear_error(tmp_path, capsys):
 
 
 def test_a_folder_given_as_an_image_says_so(tmp_path):
-    with pytest.raises(ValueError, match="is a folder, not an image file"):
+    with pytest.raises(ValueError, match="is a folder, not an image file: pass the image files in it"):
         load_image(tmp_path)
 
 

@@ -58,7 +58,9 @@ def image_views(paths: Sequence[Path | str]) -> ViewSource:
         raise InputError("No image files were given.")
     for path in paths:
         if path.is_dir():
-            raise InputError(f"{path} is a folder, not an image file (use --folder for a folder of views).")
+            raise InputError(
+                f"{path} is a folder, not an image file (`g2vlm reconstruct --folder` takes a folder of views)."
+            )
     absent = [str(path) for path in paths if not path.is_file()]
     if absent:
         raise InputError(f"Image file(s) not found: {', '.join(absent)}.")

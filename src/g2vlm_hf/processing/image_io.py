@@ -32,7 +32,7 @@ def load_image(source: ImageSource) -> Image.Image:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.is_dir():
-            raise ValueError(f"{path} is a folder, not an image file (use --folder for a folder of views).")
+            raise ValueError(f"{path} is a folder, not an image file: pass the image files in it.")
         if not path.is_file():
             raise ValueError(f"Image file {path} does not exist.")
         try:
