@@ -67,6 +67,27 @@ def test_reconstruct_from_a_folder_equals_from_files(converted_tiny, tmp_path):
     assert (tmp_path / "a" / "cameras.json").read_text() == (tmp_path / "b" / "cameras.json").read_text()
 
 
+def test_a_reconstruction_only_checkpoint_reconstructs_and_refuses_questions(converted_tiny, tmp_path, capsys):
+    """`g2vlm-convert --reconstruction-only`'s output: `reconstruct` writes what the full model writes; `--ask` and
+    `chat` say in one line that they need the full model (it was transformers' 'Unrecognized configuration class'
+    with a hundred class names)."""
+    from g2vlm_hf.conversion import build_reconstruction_only
+
+    recon = build_reconstruction_only(converted_tiny, tmp_path / "recon")
+    for model, output in ((converted_tiny, "out-full"), (recon, "out-recon")):
+        assert g2vlm(["reconstruct", "--model", str(model), *map(str, VIEWS), "--output", str(tmp_path / output)]) == 0
+    assert (tmp_path / "out-recon" / "cameras.json").read_text() == (tmp_path / "out-full" / "cameras.json").read_text()
+    capsys.readouterr()
+    asked = ["reconstruct", "--model", str(recon), *map(str, VIEWS), "--output", str(tmp_path / "a"), "--ask", "Q?"]
+    for argv in (asked, ["chat", "--model", str(recon), "--image", str(VIEWS[0]), "Where?"]):
+        assert g2vlm(argv) == 2
+        stderr = capsys.readouterr().err
+        errors = [line for line in stderr.splitlines() if "error:" in line]
+        assert "Traceback" not in stderr and len(errors) == 1, stderr
+        assert "is a reconstruction-only checkpoint (no language-model head)" in errors[0], stderr
+    assert not (tmp_path / "a").exists()
+
+
 def test_reconstruct_from_video_frames(converted_tiny, tmp_path):
     """`--every 2` reconstructs the decoded frames 0, 2 and 4 (views 0, 2, 1), not merely three frames."""
     av = pytest.importorskip("av", reason="the video extra (PyAV) is part of the test extras")

@@ -79,23 +79,34 @@ def load_processor(model_path: str):
     return AutoProcessor.from_pretrained(model_path)
 
 
-def load_model(model_path: str, dtype: str, device: str):
-    """The model of a converted checkpoint in eval mode on `device`, its weights in `dtype` (one of `DTYPES`).
+def load_model(model_path: str, dtype: str, device: str, generate: bool = True):
+    """The model of a converted checkpoint in eval mode on `device`, its weights in `dtype` (one of `DTYPES`): a
+    reconstruction-only checkpoint too when the model need not `generate`.
 
     Raises:
-        ValueError: an unknown dtype or device, or weights that lack keys the config needs or hold keys it does not
-            know (e.g. a `num_hidden_layers` that does not match the weights).
+        ValueError: an unknown dtype or device, a reconstruction-only checkpoint where text is generated, or weights
+            that lack keys the config needs or hold keys it does not know (e.g. a `num_hidden_layers` that does not
+            match the weights).
     """
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; choose one of {list(DTYPES)}.")
     check_device(device)
     import torch
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
     import g2vlm_hf  # noqa: F401  (registers the Auto classes)
+    from g2vlm_hf.modeling import G2VLMReconstructionConfig
 
+    config = AutoConfig.from_pretrained(model_path)
+    reconstruction_only = config.model_type == G2VLMReconstructionConfig.model_type
+    if reconstruction_only and generate:
+        raise ValueError(
+            f"{model_path} is a reconstruction-only checkpoint (no language-model head): answering questions needs "
+            "the full model (g2vlm-convert without --reconstruction-only)."
+        )
+    auto_class = AutoModel if reconstruction_only else AutoModelForImageTextToText
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model, info = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch_dtype, output_loading_info=True)
+    model, info = auto_class.from_pretrained(model_path, dtype=torch_dtype, output_loading_info=True)
     missing, unexpected = list(info.get("missing_keys") or []), list(info.get("unexpected_keys") or [])
     if missing or unexpected:
         problems = [f"missing weights {_named(missing)}"] if missing else []

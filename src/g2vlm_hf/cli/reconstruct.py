@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         if args.colmap is not None:  # its own staging, or its place inside --output's
             inside = args.colmap.expanduser().resolve().relative_to(targets[0]) if len(stagings) == 1 else None
             colmap = stagings[1] if inside is None else stagings[0] / inside
-        model = model_loading.load_model(args.model, args.dtype, args.device)
+        model = model_loading.load_model(args.model, args.dtype, args.device, generate=args.ask is not None)
         if args.chunk_size is None:
             written, no_camera = reconstruct_one_pass(args, stagings[0], colmap, model, processor, source, max_points)
         else:
