@@ -146,6 +146,21 @@ def test_a_missing_model_fails_cleanly(geometry_data, tmp_path, capsys):
     assert not output.exists()
 
 
+def test_an_output_that_cannot_be_the_results_file_is_refused_before_any_work(geometry_data, tmp_path, capsys):
+    """An existing folder, or a path under a file, as --output: refused first (with a missing model too, which would
+    be found next); the error came after the whole evaluation."""
+    (tmp_path / "results").mkdir()
+    (tmp_path / "a-file").write_text("mine")
+    for output, message in (
+        (tmp_path / "results", "is a folder; give the results file, e.g."),
+        (tmp_path / "a-file" / "r.json", "is not a folder this user can write in"),
+    ):
+        assert run("poses", tmp_path / "no-model-here", geometry_data, output) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"g2vlm-eval: error: --output {output}") and message in error, error
+    assert (tmp_path / "a-file").read_text() == "mine" and list((tmp_path / "results").iterdir()) == []
+
+
 def test_perfect_predictions_score_perfectly_through_the_cli(converted_tiny, geometry_data, tmp_path, monkeypatch):
     """The CLI's plumbing (loading, resizing, alignment, pooling) gives perfect scores to a perfect prediction."""
 

@@ -4,6 +4,7 @@ print a table of the metrics and write them (with per-scene / per-question resul
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -131,6 +132,16 @@ def format_table(task: str, summary: dict) -> str:
     return f"g2vlm-eval {task}\n" + "\n".join(lines)
 
 
+def check_output_file(path: Path) -> None:
+    """A ValueError, before any work, for an `--output` that cannot become the results file: a folder, or a path in a
+    folder that cannot be written (the results were written only after the whole evaluation)."""
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a folder; give the results file, e.g. {path / 'results.json'}.")
+    parent = next(folder for folder in path.absolute().parents if folder.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {path} cannot be written: {parent} is not a folder this user can write in.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.device is None:
@@ -139,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("g2vlm-eval: error: --limit must be at least 1", file=sys.stderr)
         return 2
     try:
+        check_output_file(args.output)
         check_device(args.device)
         data = load_data(args)
         model, processor = load_model(args.model, args.dtype, args.device, getattr(args, "geometry_width", None))
