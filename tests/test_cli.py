@@ -76,6 +76,7 @@ def test_a_reconstruction_only_checkpoint_reconstructs_and_refuses_questions(con
     recon = build_reconstruction_only(converted_tiny, tmp_path / "recon")
     for model, output in ((converted_tiny, "out-full"), (recon, "out-recon")):
         assert g2vlm(["reconstruct", "--model", str(model), *map(str, VIEWS), "--output", str(tmp_path / output)]) == 0
+        assert "Reconstructing the 3 views in one pass..." in capsys.readouterr().err  # no bar within one pass
     assert (tmp_path / "out-recon" / "cameras.json").read_text() == (tmp_path / "out-full" / "cameras.json").read_text()
     capsys.readouterr()
     asked = ["reconstruct", "--model", str(recon), *map(str, VIEWS), "--output", str(tmp_path / "a"), "--ask", "Q?"]

@@ -90,6 +90,8 @@ def reconstruct_one_pass(
 ) -> tuple[list[Path], NoUsableCameraError | None]:
     """Every view in one model pass, then the scene (and --colmap, --ask) written from the whole result; returns the
     written files and, when no view has a usable camera, the error that kept the COLMAP model from being written."""
+    # one forward pass has no steps to show a bar for: say that it runs (minutes for hundreds of views on a CPU)
+    print(f"Reconstructing the {len(source)} views in one pass...", file=sys.stderr, flush=True)
     scene_run = reconstruct_in_one_pass(model, processor, source, resize_views_to_first=args.resize_views)
     # the predictions are checked once, here; the writers of the scene and of --colmap take them as they are
     scene = check_reconstruction(scene_run.output, scene_run.geometry_pixel_values, processor.geometry_image_processor)
