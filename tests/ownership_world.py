@@ -134,7 +134,7 @@ class World:
     def _stand_ins(self, patch: pytest.MonkeyPatch) -> None:
         model, processor = _Model(), _Processor()
         patch.setattr("g2vlm_hf.model_loading.load_processor", lambda *a: processor)
-        patch.setattr("g2vlm_hf.model_loading.load_model", lambda *a: model)
+        patch.setattr("g2vlm_hf.model_loading.load_model", lambda *a, **k: model)
         patch.setattr("g2vlm_hf.cli.reconstruct.check_reconstruction", lambda *a, **k: "scene")
         patch.setattr("g2vlm_hf.cli.reconstruct.write_scene", self._write_scene)
         patch.setattr("g2vlm_hf.export.write_colmap", self._write_colmap)

@@ -84,7 +84,7 @@ def test_ask_about_a_long_sequence_names_the_views_it_used(small_views_model, tm
     folder, scene = tmp_path / "views", tmp_path / "scene"
     write_grey_views(folder, levels)
     processor = AutoProcessor.from_pretrained(small_views_model)
-    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a: KnownGeometry(processor, walk_poses(4)))
+    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a, **k: KnownGeometry(processor, walk_poses(4)))
     asked = []
 
     def answer(model, processor, views, question, max_new_tokens, **kwargs):

@@ -231,7 +231,7 @@ def test_chunked_outputs_match_the_known_geometry(small_views_model, tmp_path, m
     write_grey_views(folder, range(count))
     truth = walk_poses(count)
     processor = AutoProcessor.from_pretrained(small_views_model)
-    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a: KnownGeometry(processor, truth))
+    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a, **k: KnownGeometry(processor, truth))
     args = ["reconstruct", "--model", str(small_views_model), "--folder", str(folder), "--chunk-size", "6",
             "--overlap", "2", "--output", str(scene), "--colmap", str(sparse), "--device", "cpu"]  # fmt: skip
     assert g2vlm(args) == 0

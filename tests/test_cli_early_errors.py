@@ -33,7 +33,7 @@ def one_line_error(capsys, program: str = "g2vlm") -> str:
 def no_model_load(monkeypatch):
     """The model loader fails the test: what is checked early never gets to it."""
 
-    def loaded(*args):
+    def loaded(*args, **kwargs):
         pytest.fail("the model was loaded")
 
     monkeypatch.setattr("g2vlm_hf.model_loading.load_model", loaded)
@@ -265,7 +265,7 @@ def test_flags_are_checked_before_the_model_loads(converted_tiny, tmp_path, caps
 
 
 def test_too_many_views_for_one_pass_are_refused_before_decoding(converted_tiny, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     monkeypatch.setattr("g2vlm_hf.inputs.video.upright", lambda frame: pytest.fail("a frame was decoded"))
     write_video(tmp_path / "long.mp4", gradient_frames(300, size=(16, 16)))
     argv = ["reconstruct", "--model", str(converted_tiny), "--video", str(tmp_path / "long.mp4"), "--every", "1",
@@ -305,7 +305,7 @@ def eval_argv(task: str, data, output) -> list[str]:
 
 @pytest.fixture
 def no_eval_model(monkeypatch):
-    monkeypatch.setattr(eval_cli, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(eval_cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
 
 
 def test_eval_refuses_string_ground_truth(tmp_path, capsys, no_eval_model):

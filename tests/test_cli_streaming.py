@@ -51,7 +51,7 @@ def test_a_failure_mid_stream_leaves_no_output(small_views_model, tmp_path, monk
     write_grey_views(folder, range(16))
     processor = AutoProcessor.from_pretrained(small_views_model)
     model = FailingGeometry(processor, walk_poses(16), tmp_path, error)
-    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a: model)
+    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a, **k: model)
     assert g2vlm(chunked_args(small_views_model, folder, scene)) == status
     assert model.calls == 4
     assert not scene.exists()
@@ -62,12 +62,12 @@ def test_a_failure_mid_stream_keeps_the_earlier_output(small_views_model, tmp_pa
     folder, scene = tmp_path / "views", tmp_path / "scene"
     write_grey_views(folder, range(16))
     processor = AutoProcessor.from_pretrained(small_views_model)
-    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a: KnownGeometry(processor, walk_poses(16)))
+    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a, **k: KnownGeometry(processor, walk_poses(16)))
     assert g2vlm(chunked_args(small_views_model, folder, scene)) == 0
     before = {path.relative_to(scene): path.read_bytes() for path in scene.rglob("*") if path.is_file()}
 
     model = FailingGeometry(processor, walk_poses(16), tmp_path, ValueError("the model broke"))
-    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a: model)
+    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a, **k: model)
     assert g2vlm(chunked_args(small_views_model, folder, scene, "--overwrite")) == 2
     after = {path.relative_to(scene): path.read_bytes() for path in scene.rglob("*") if path.is_file()}
     assert after == before
@@ -83,7 +83,7 @@ from g2vlm_hf.cli import main
 processor = AutoProcessor.from_pretrained(sys.argv[1])
 peaks = []
 for count, argv in json.loads(sys.argv[2]):
-    g2vlm_hf.model_loading.load_model = lambda *a, count=count: KnownGeometry(processor, walk_poses(count))
+    g2vlm_hf.model_loading.load_model = lambda *a, count=count, **k: KnownGeometry(processor, walk_poses(count))
     assert main(argv) == 0
     peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # MB (ru_maxrss is in KB on Linux)
 print(peaks[-1] - peaks[0])
@@ -200,7 +200,7 @@ def test_loop_closure_reads_any_view_again_from_a_lazy_source(tmp_path):
         assert views[index].getpixel((0, 0)) == (20 + 10 * index,) * 3
 
 
-def no_model(*args):
+def no_model(*args, **kwargs):
     raise AssertionError("the model was loaded")
 
 

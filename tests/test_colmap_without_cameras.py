@@ -43,7 +43,7 @@ def views(tmp_path) -> Path:
 def use_stand_in(monkeypatch, model_dir: Path, usable: bool) -> None:
     processor = AutoProcessor.from_pretrained(model_dir)
     stand_in = (KnownGeometry if usable else NoPinholeGeometry)(processor, walk_poses(VIEWS))
-    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a: stand_in)
+    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a, **k: stand_in)
 
 
 def reconstruct(model_dir: Path, views: Path, output: Path, colmap: Path, path: str, *extra: str) -> int:

@@ -105,7 +105,7 @@ def test_chat_images_get_the_token_budget_too(converted_tiny):
 def test_an_unreadable_view_is_reported_on_its_own_line_after_the_progress_bar(
     converted_tiny, tmp_path, capsys, monkeypatch
 ):
-    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     folder = tmp_path / "views"
     folder.mkdir()
     Image.new("RGB", (8, 8)).save(folder / "a.png")

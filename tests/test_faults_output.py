@@ -163,7 +163,7 @@ def test_reconstruct_checks_output_and_flags_before_loading_the_model(tmp_path, 
     (tmp_path / "f").write_text("x")
     output = {"file": tmp_path / "f", "under_file": tmp_path / "f" / "out", "too_long": tmp_path / ("x" * 300)}
     extra = {"max_points": ["--max-points", "0"], "percentile": ["--confidence-percentile", "150"]}
-    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     argv = ["reconstruct", "--model", str(tmp_path), *VIEWS, "--output", str(output.get(case, tmp_path / "o"))]
     assert g2vlm(argv + extra.get(case, [])) == 2
     err = one_line_error(capsys)
@@ -178,7 +178,7 @@ def test_reconstruct_checks_output_and_flags_before_loading_the_model(tmp_path, 
 
 
 def test_missing_local_model_and_absent_cuda_are_reported_at_once(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     argv = ["chat", "--image", VIEWS[0], "Where?"]
     assert g2vlm([*argv, "--model", "./no-such-model", "--device", "cpu"]) == 2
     assert "does not exist" in one_line_error(capsys)

@@ -45,7 +45,7 @@ def one_line_error(capsys) -> str:
 
 
 def no_model_load(monkeypatch):
-    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("g2vlm_hf.model_loading.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
 
 
 def reconstruct(model: Path, output: Path, *extra: str, views=VIEWS) -> int:
@@ -269,7 +269,7 @@ def eval_depth(data: Path, output: Path) -> int:
 
 @pytest.fixture
 def no_eval_model(monkeypatch):
-    monkeypatch.setattr(eval_cli, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(eval_cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
 
 
 def test_eval_refuses_ground_truth_of_another_size_than_the_images(tmp_path, capsys, no_eval_model):

@@ -430,6 +430,8 @@ def warn_if_padded_without_mask(
     pad_token_id = config.text_config.pad_token_id
     if attention_mask is not None or pad_token_id is None or not torch.is_tensor(input_ids) or input_ids.ndim != 2:
         return
+    if torch.compiler.is_compiling():  # a data-dependent branch; transformers skips its check under tracing too
+        return
     if bool((input_ids[:, [0, -1]] == pad_token_id).any()):
         logger.warning_once(
             "The prompts start or end with the pad token but no `attention_mask` was given: pass the processor's "
