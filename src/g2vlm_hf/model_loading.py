@@ -106,7 +106,7 @@ def load_model(model_path: str, dtype: str, device: str, generate: bool = True):
         )
     auto_class = AutoModel if reconstruction_only else AutoModelForImageTextToText
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model, info = auto_class.from_pretrained(model_path, dtype=torch_dtype, output_loading_info=True)
+    model, info = auto_class.from_pretrained(model_path, config=config, dtype=torch_dtype, output_loading_info=True)
     missing, unexpected = list(info.get("missing_keys") or []), list(info.get("unexpected_keys") or [])
     if missing or unexpected:
         problems = [f"missing weights {_named(missing)}"] if missing else []

@@ -153,13 +153,12 @@ def validate_original_sizes(
         raise ValueError(f"`original_sizes` has {len(sizes)} entries for {num_views} views")
     if image_size is None or not sizes or not _looks_swapped(sizes[0], image_size):
         return sizes
-    swapped = [index for index, size in enumerate(sizes) if _looks_swapped(size, image_size)]
-    if swapped:
-        logger.warning(
-            f"`original_sizes` are (height, width), but those of view(s) {swapped[:10]} (e.g. {sizes[swapped[0]]}) "
-            f"have the shape of the {image_size[0]}x{image_size[1]} views only once swapped: pass (height, width) "
-            "(PIL's `image.size` is (width, height)), or the original intrinsics will be wrong."
-        )
+    swapped = [index for index, size in enumerate(sizes) if _looks_swapped(size, image_size)]  # view 0 among them
+    logger.warning(
+        f"`original_sizes` are (height, width), but those of view(s) {swapped[:10]} (e.g. {sizes[0]}) have the shape "
+        f"of the {image_size[0]}x{image_size[1]} views only once swapped: pass (height, width) (PIL's `image.size` is "
+        "(width, height)), or the original intrinsics will be wrong."
+    )
     return sizes
 
 

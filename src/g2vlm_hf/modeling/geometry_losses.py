@@ -115,9 +115,9 @@ def geometry_losses(
         # a scene without a known point (a chat sample's views in a mixed batch) takes no part: its target scale
         # would be the 1e-8 floor, and its camera translations scaled by 1e8
         prediction = {
-            name: prediction.get(name) for name in ("local_points", "camera_poses", "global_points", "confidence")
+            name: None if prediction.get(name) is None else prediction[name][scenes]
+            for name in ("local_points", "camera_poses", "global_points", "confidence")
         }
-        prediction = {name: None if value is None else value[scenes] for name, value in prediction.items()}
         target_poses, target_global, target_local, mask = (
             tensor[scenes] for tensor in (target_poses, target_global, target_local, mask)
         )
