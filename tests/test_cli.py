@@ -67,6 +67,34 @@ def test_reconstruct_from_a_folder_equals_from_files(converted_tiny, tmp_path):
     assert (tmp_path / "a" / "cameras.json").read_text() == (tmp_path / "b" / "cameras.json").read_text()
 
 
+def test_every_and_max_views_subsample_a_folder_and_image_files(converted_tiny, tmp_path, capsys):
+    """`--every` / `--max-views` pick views of a folder or of image files as of a video (the one-pass limit's error
+    suggests them for any source; they were ignored but for a video): files 0, 3, 6 of seven, then the first two."""
+    folder = tmp_path / "views"
+    folder.mkdir()
+    for index in range(7):  # seven distinct views: the three fixture views flipped and turned
+        image = Image.open(VIEWS[index % 3]).convert("RGB")
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if index >= 3 else image
+        image.rotate(90 * (index // 6), expand=False).save(folder / f"frame_{index:02d}.png")
+    files = sorted(folder.iterdir())
+    for source, flags, picked in (
+        (["--folder", str(folder)], ["--every", "3"], [0, 3, 6]),
+        ([str(path) for path in files], ["--every", "3", "--max-views", "2"], [0, 3]),
+        (["--folder", str(folder)], ["--max-views", "2"], [0, 1]),
+    ):
+        output = tmp_path / f"out-{len(picked)}-{picked[1]}"
+        assert g2vlm(["reconstruct", "--model", str(converted_tiny), *source, *flags, "--output", str(output)]) == 0
+        assert f"Reconstructed {len(picked)} views" in capsys.readouterr().out
+        saved = json.loads((output / "cameras.json").read_text())["cameras"]
+        expected = reference_reconstruction(converted_tiny, [Image.open(files[index]) for index in picked])
+        poses = np.array([camera["camera_to_world"] for camera in saved])
+        np.testing.assert_allclose(poses, expected.camera_poses[0].numpy(), atol=1e-5)
+    assert g2vlm(["reconstruct", "--model", str(converted_tiny), "--folder", str(folder), "--every", "7",
+                  "--output", str(tmp_path / "one")]) == 2  # fmt: skip
+    assert "--every 7 keeps 1 of the 7 image files" in capsys.readouterr().err
+    assert not (tmp_path / "one").exists()
+
+
 def test_a_reconstruction_only_checkpoint_reconstructs_and_refuses_questions(converted_tiny, tmp_path, capsys):
     """`g2vlm-convert --reconstruction-only`'s output: `reconstruct` writes what the full model writes; `--ask` and
     `chat` say in one line that they need the full model (it was transformers' 'Unrecognized configuration class'

@@ -232,6 +232,10 @@ def reconstruct_argv(model, tmp_path, *extra) -> list[str]:
         (["--max-points", "0"], "--max-points must be at least 1"),
         (["--confidence-percentile", "100"], "--confidence-percentile must be in [0, 100)"),
         (["--output", "{occupied}"], "{occupied}"),
+        (["--overlap", "4"], "--overlap works on a chunked reconstruction"),
+        (["--ask", "Where?", "--ask-views", "4"], "--ask-views works on a chunked reconstruction"),
+        (["--ask", "Where?", "--ask-views-by", "uniform"], "--ask-views-by works on a chunked reconstruction"),
+        (["--chunk-size", "4", "--ask-views", "4"], "--ask-views chooses the views --ask asks about"),
     ],
     ids=[
         "ask-views",
@@ -248,6 +252,10 @@ def reconstruct_argv(model, tmp_path, *extra) -> list[str]:
         "max-points",
         "confidence-percentile",
         "output-occupied",
+        "overlap-without-chunks",
+        "ask-views-without-chunks",
+        "ask-views-by-without-chunks",
+        "ask-views-without-ask",
     ],
 )
 def test_flags_are_checked_before_the_model_loads(converted_tiny, tmp_path, capsys, no_model_load, extra, message):
@@ -283,8 +291,9 @@ def test_too_many_views_for_one_pass_are_refused_before_decoding(converted_tiny,
         (["--image", str(VIEWS[0]), "--video", "{video}", "Where?"], "exactly one"),
         (["--image", str(VIEWS[0]), "--device", "bogus", "Where?"], "--device bogus"),
         (["--video", "{video}", "--views", "257", "Where?"], "257 views (frames of"),
+        (["--image", str(VIEWS[0]), "--views", "4", "Where?"], "--views picks frames of a --video"),
     ],
-    ids=["max-new-tokens", "views", "question", "image-and-video", "device", "views-over-max"],
+    ids=["max-new-tokens", "views", "question", "image-and-video", "device", "views-over-max", "views-of-images"],
 )
 def test_chat_flags_are_checked_before_the_model_loads(
     converted_tiny, tmp_path, capsys, monkeypatch, no_model_load, extra, message

@@ -181,7 +181,10 @@ def test_loop_closure_without_chunks_is_refused_before_model_work(small_views_mo
     )  # fmt: skip
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("g2vlm")]
-    assert lines == ["g2vlm: error: --loop-closure works on a chunked reconstruction: give --chunk-size too (e.g. 32)."]
+    assert lines == [
+        "g2vlm: error: --loop-closure works on a chunked reconstruction: give --chunk-size too (e.g. 32), or leave "
+        "--loop-closure out."
+    ]
     assert g2vlm(["reconstruct", "--model", str(small_views_model), "--folder", str(folder), "--loop-closure",
                   "--output", str(tmp_path / "scene")]) == 2  # fmt: skip
     assert not (tmp_path / "scene").exists()

@@ -9,6 +9,7 @@ from .. import model_loading
 from ..inputs import image_views, spread_video_views
 from .checks import check_answer_flags, check_model_and_device
 from .errors import CLIError
+from .parser import DEFAULT_CHAT_VIEWS
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,7 +24,10 @@ def run(args: argparse.Namespace) -> int:
     check_model_and_device(args)
     if (args.image != []) == (args.video is not None):
         raise CLIError("Give the images with --image (repeat for several) or a video with --video (exactly one).")
-    source = image_views(args.image) if args.video is None else spread_video_views(args.video, args.views)
+    if args.video is None and args.views is not None:
+        raise CLIError("--views picks frames of a --video; with --image every image given is asked about.")
+    views = DEFAULT_CHAT_VIEWS if args.views is None else args.views
+    source = image_views(args.image) if args.video is None else spread_video_views(args.video, views)
     images = list(source) if args.video is None else None  # image files: refused if unreadable before any loading
     processor = model_loading.load_processor(args.model)
     source.check_at_most(processor.geometry_image_processor.max_views, "ask about fewer views.")

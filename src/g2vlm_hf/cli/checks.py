@@ -9,6 +9,7 @@ from .. import model_loading
 from ..inputs import ViewSource
 from ..safe_output import check_output_dir
 from .errors import CLIError
+from .parser import fill_dependent_defaults
 
 SCENE_FILES = {"scene.glb", "points.ply", "cameras.json", "depth", "answer.json", ".g2vlm-output"}
 """What `reconstruct` writes into --output (a --colmap folder inside it must not collide with these)."""
@@ -26,8 +27,9 @@ def check_answer_flags(args: argparse.Namespace) -> None:
 
 
 def check_reconstruct_flags(args: argparse.Namespace) -> None:
-    """The values of `reconstruct`'s flags, on their own."""
-    if args.every < 1:
+    """The values of `reconstruct`'s flags, on their own and together (a flag given without the one it works with is
+    refused, not ignored); then the defaults of those left out are filled in."""
+    if args.every is not None and args.every < 1:
         raise CLIError(f"--every must be at least 1, got {args.every}.")
     if args.max_views is not None and args.max_views < 1:
         raise CLIError(f"--max-views must be at least 1, got {args.max_views}.")
@@ -39,14 +41,25 @@ def check_reconstruct_flags(args: argparse.Namespace) -> None:
         raise CLIError("--ask needs a question.")
     if args.chunk_size is not None and args.chunk_size < 2:
         raise CLIError(f"--chunk-size must be at least 2, got {args.chunk_size}.")
+    if args.ask_views is not None and args.ask_views < 1:
+        raise CLIError(f"--ask-views must be at least 1, got {args.ask_views}.")
+    for flag, given in (
+        ("--loop-closure", args.loop_closure),
+        ("--overlap", args.overlap is not None),
+        ("--ask-views", args.ask_views is not None),
+        ("--ask-views-by", args.ask_views_by is not None),
+    ):
+        if given and args.chunk_size is None:
+            raise CLIError(
+                f"{flag} works on a chunked reconstruction: give --chunk-size too (e.g. 32), or leave {flag} out."
+            )
+        if given and flag.startswith("--ask-") and args.ask is None:
+            raise CLIError(f"{flag} chooses the views --ask asks about: give --ask QUESTION too, or leave {flag} out.")
+    fill_dependent_defaults(args)
     if args.chunk_size is not None and not 1 <= args.overlap < args.chunk_size:
         raise CLIError(
             f"--overlap must be at least 1 and less than --chunk-size {args.chunk_size}, got {args.overlap}."
         )
-    if args.ask_views < 1:
-        raise CLIError(f"--ask-views must be at least 1, got {args.ask_views}.")
-    if args.loop_closure and args.chunk_size is None:
-        raise CLIError("--loop-closure works on a chunked reconstruction: give --chunk-size too (e.g. 32).")
     if args.chunk_size is not None and args.confidence_percentile is not None:
         raise CLIError(
             "--confidence-percentile needs every view's confidence at once; with --chunk-size the points are written "

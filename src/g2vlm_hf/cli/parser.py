@@ -15,6 +15,12 @@ import the package)."""
 # about 30 MB of PLY, still smooth to open in a viewer (one 518x392 view alone has 203,056 points).
 DEFAULT_MAX_POINTS = 2_000_000
 
+# Defaults of the flags that only mean something beside others (given alone, they are refused, not ignored):
+DEFAULT_OVERLAP = 8  # --overlap, with --chunk-size
+DEFAULT_ASK_VIEWS = 8  # --ask-views, with --chunk-size and --ask
+DEFAULT_ASK_VIEWS_BY = "coverage"  # --ask-views-by, with --chunk-size and --ask
+DEFAULT_CHAT_VIEWS = 8  # chat's --views, with --video
+
 
 def quiet_import_warnings() -> None:
     """Silence warnings that other packages log when they are imported, not about this run: with torchao installed,
@@ -24,6 +30,15 @@ def quiet_import_warnings() -> None:
 
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def fill_dependent_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Give `reconstruct`'s chunk and question flags left out their defaults (once it is checked that none was given
+    without the flags it needs)."""
+    args.overlap = DEFAULT_OVERLAP if args.overlap is None else args.overlap
+    args.ask_views = DEFAULT_ASK_VIEWS if args.ask_views is None else args.ask_views
+    args.ask_views_by = DEFAULT_ASK_VIEWS_BY if args.ask_views_by is None else args.ask_views_by
+    return args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,8 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("images", nargs="*", default=[], help="image files of the views")
     recon.add_argument("--folder", type=Path, help="use every image of this folder (sorted by name)")
     recon.add_argument("--video", type=Path, help="use frames of this video file")
-    recon.add_argument("--every", type=int, default=10, help="with --video: keep every N-th frame (default 10)")
-    recon.add_argument("--max-views", type=int, default=None, help="with --video: keep at most this many frames")
+    recon.add_argument(
+        "--every",
+        type=int,
+        default=None,
+        help="keep every N-th view: of a --video's frames (default 10) or of the images (default 1, all)",
+    )
+    recon.add_argument(
+        "--max-views", type=int, default=None, help="keep at most this many views (the first ones, after --every)"
+    )
     recon.add_argument("--output", type=Path, required=True, help="output folder (replaced only when complete)")
     recon.add_argument("--overwrite", action="store_true", help="replace an existing output of an earlier run")
     recon.add_argument(
@@ -68,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument(
         "--overlap",
         type=int,
-        default=8,
-        help="with --chunk-size: views each chunk shares with the previous (default 8)",
+        default=None,
+        help=f"with --chunk-size: views each chunk shares with the previous (default {DEFAULT_OVERLAP})",
     )
     recon.add_argument(
         "--loop-closure",
@@ -80,13 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument(
         "--ask-views",
         type=int,
-        default=8,
-        help="with --chunk-size and --ask: ask about at most this many views (default 8)",
+        default=None,
+        help=f"with --chunk-size and --ask: ask about at most this many views (default {DEFAULT_ASK_VIEWS})",
     )
     recon.add_argument(
         "--ask-views-by",
         choices=("coverage", "uniform"),
-        default="coverage",
+        default=None,
         help="with --chunk-size and --ask: choose those views by coverage of the reconstructed cameras (default; "
         "repeated places are skipped) or uniformly over the sequence",
     )
@@ -102,7 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--image", action="append", default=[], help="an image (repeat for several)")
     chat.add_argument("--video", type=Path, help="ask about frames of this video instead")
     chat.add_argument(
-        "--views", type=int, default=8, help="with --video: this many frames spread uniformly over it (default 8)"
+        "--views",
+        type=int,
+        default=None,
+        help=f"with --video: this many frames spread uniformly over it (default {DEFAULT_CHAT_VIEWS})",
     )
     chat.add_argument("question", help="the question about the images")
     return parser

@@ -14,6 +14,10 @@ from .errors import InputError
 from .images import images_in_folder
 from .video import count_video_frames, frame_name, iter_video_frames, uniform_indices
 
+DEFAULT_VIDEO_EVERY = 10
+"""One frame in this many of a video is a view unless `every` says otherwise (neighbouring frames add time, not
+coverage)."""
+
 
 @dataclass(frozen=True)
 class ViewSource:
@@ -49,8 +53,9 @@ class ViewSource:
             raise InputError(f"{len(self)} views ({self.description}) are more than {limit}: {advice}")
 
 
-def image_views(paths: Sequence[Path | str]) -> ViewSource:
-    """Views read from image files (EXIF orientation applied), named by their file names."""
+def image_views(paths: Sequence[Path | str], every: int = 1, max_views: int | None = None) -> ViewSource:
+    """Views read from image files (EXIF orientation applied), named by their file names: every `every`-th of them
+    (at most `max_views`); when the files are several, fewer than two kept are refused as for a video."""
     from ..processing.image_io import load_image
 
     paths = [Path(path) for path in paths]
@@ -64,31 +69,51 @@ def image_views(paths: Sequence[Path | str]) -> ViewSource:
     absent = [str(path) for path in paths if not path.is_file()]
     if absent:
         raise InputError(f"Image file(s) not found: {', '.join(absent)}.")
-    return ViewSource([path.name for path in paths], lambda: (load_image(path) for path in paths), "image files")
+    kept = paths[:: check_every(every, max_views)][:max_views]
+    check_kept(len(kept), len(paths), every, max_views, f"the {len(paths)} image files")
+    return ViewSource(
+        [path.name for path in kept],
+        lambda: (load_image(path) for path in kept),
+        "image files" + (f", one in {every}" if every > 1 else ""),
+    )
 
 
-def folder_views(folder: Path) -> ViewSource:
-    """Views read from the image files of `folder`, sorted by name."""
-    return image_views(images_in_folder(folder))
+def folder_views(folder: Path, every: int = 1, max_views: int | None = None) -> ViewSource:
+    """Views read from the image files of `folder`, sorted by name: every `every`-th of them (at most `max_views`)."""
+    return image_views(images_in_folder(folder), every, max_views)
+
+
+def check_every(every: int, max_views: int | None) -> int:
+    """`every` when it and `max_views` are valid (at least 1, as their flags say)."""
+    if every < 1:
+        raise InputError(f"--every must be at least 1, got {every}.")
+    if max_views is not None and max_views < 1:
+        raise InputError(f"--max-views must be at least 1, got {max_views}.")
+    return every
+
+
+def check_kept(kept: int, total: int, every: int, max_views: int | None, what: str, min_views: int = 2) -> None:
+    """Refuse a subsampling that leaves fewer than `min_views` of `total` views (a scene of one view is not what a
+    sequence is given for), unless there was only one view or `max_views` asks for fewer."""
+    if total > 1 and kept < min(min_views, max_views or min_views):
+        raise InputError(
+            f"--every {every} keeps {kept} of {what}; a reconstruction needs at least {min_views} views: use a "
+            f"smaller --every (at most {total - 1})."
+        )
 
 
 def video_views(video: Path, every: int = 1, max_views: int | None = None, min_views: int = 2) -> ViewSource:
     """Views read from every `every`-th frame of `video` (at most `max_views`), counted from the video's packets
     without decoding; fewer than `min_views` kept frames are refused (a video is not meant to give a one-view scene
     unless `max_views` asks for one)."""
-    if every < 1:
-        raise InputError(f"--every must be at least 1, got {every}.")
-    if max_views is not None and max_views < 1:
-        raise InputError(f"--max-views must be at least 1, got {max_views}.")
     total = count_video_frames(video)
-    kept = math.ceil(total / every) if max_views is None else min(math.ceil(total / every), max_views)
-    if kept < min(min_views, max_views or min_views):
+    kept = math.ceil(total / check_every(every, max_views))
+    kept = kept if max_views is None else min(kept, max_views)
+    if total <= 1 and kept < min(min_views, max_views or min_views):
         raise InputError(
             f"{video} holds a single frame; a reconstruction from a video needs at least {min_views} views."
-            if total <= 1
-            else f"--every {every} keeps {kept} of the {total} frames of {video}; a reconstruction needs at least "
-            f"{min_views} views: use a smaller --every (at most {total - 1})."
         )
+    check_kept(kept, total, every, max_views, f"the {total} frames of {video}", min_views)
     return ViewSource(
         [frame_name(video, index * every) for index in range(kept)],
         lambda: iter_video_frames(video, every, kept),
@@ -118,16 +143,17 @@ def open_views(
     images: Sequence[Path | str] = (),
     folder: Path | None = None,
     video: Path | None = None,
-    every: int = 1,
+    every: int | None = None,
     max_views: int | None = None,
 ) -> ViewSource:
-    """The views given as image files, or a folder, or a video (exactly one of them); `every` and `max_views` pick
-    the frames of a video."""
+    """The views given as image files, or a folder, or a video (exactly one of them): every `every`-th of them
+    (default: one in 10 of a video's frames, every image), at most `max_views`."""
     if sum([bool(images), folder is not None, video is not None]) != 1:
         raise InputError("Give the views as image files, or --folder DIR, or --video FILE (exactly one of them).")
     if video is not None:
-        return video_views(video, every, max_views)
-    return folder_views(folder) if folder is not None else image_views(images)
+        return video_views(video, DEFAULT_VIDEO_EVERY if every is None else every, max_views)
+    every = 1 if every is None else every
+    return folder_views(folder, every, max_views) if folder is not None else image_views(images, every, max_views)
 
 
 __all__ = [
