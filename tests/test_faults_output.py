@@ -227,6 +227,27 @@ def test_killed_swap_restores_the_previous_output(tmp_path):
     assert (stranger / "mine.txt").read_text() == "not yours"
 
 
+def test_a_run_that_writes_nothing_leaves_no_new_folders_around_its_output(converted_tiny, tmp_path, capsys):
+    """A run refused inside its transaction (views of two sizes, found once the lock is held) removes the folders it
+    created around `--output` again; a folder that held something before, or gets another writer's file, stays."""
+    from PIL import Image
+
+    wide = tmp_path / "wide.png"
+    Image.open(VIEWS[0]).resize((300, 100)).save(wide)
+    output = tmp_path / "new" / "deeper" / "scene"
+    assert g2vlm(["reconstruct", "--model", str(converted_tiny), VIEWS[0], str(wide), "--output", str(output)]) == 2
+    assert "resized to the first view's size" in one_line_error(capsys)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["wide.png"]
+
+    (tmp_path / "kept").mkdir()
+    outputs = [tmp_path / "kept" / "a" / "out", tmp_path / "b" / "out"]
+    with pytest.raises(RuntimeError, match="model failed"), staged_outputs(outputs, kinds=["reconstruction"] * 2):
+        (tmp_path / "b" / "notes.txt").write_text("another writer's file")
+        raise RuntimeError("model failed")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["b", "kept", "wide.png"]
+    assert list((tmp_path / "kept").iterdir()) == [] and [p.name for p in (tmp_path / "b").iterdir()] == ["notes.txt"]
+
+
 def test_cli_error_via_the_entry_point_subprocess(tmp_path):
     started = time.monotonic()
     # the console script pip installed (pyproject's entry point), as a user runs it

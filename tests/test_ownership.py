@@ -307,8 +307,9 @@ def test_nested_outputs_exclude_each_other_through_the_lock(tmp_path):
             pass
     with output_lock(tmp_path / "out" / "nest" / "inner"), output_lock(tmp_path / "out" / "nest" / "other"):
         pass  # two writers inside a folder that nobody writes
-    assert not lock_path(tmp_path / "out" / "nest").exists()
+    assert not (tmp_path / "out").exists()  # the locks' folders, created for them, removed with them
     stale = lock_path(tmp_path / "out" / "nest")
+    stale.parent.mkdir()
     stale.write_text(json.dumps({"pid": _dead_pid(), "host": "here", "command": "g2vlm", "since": "then"}) + "\n")
     with output_lock(tmp_path / "out" / "nest" / "inner"), output_lock(tmp_path / "out" / "nest" / "other"):
         pass  # ... nor one whose writer was killed, leaving its lock file: both share it

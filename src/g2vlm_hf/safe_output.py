@@ -378,8 +378,8 @@ def lock_path(output: str | os.PathLike[str]) -> Path:
 
 @contextlib.contextmanager
 def output_lock(output: str | os.PathLike[str]) -> Iterator[Path]:
-    """Hold the writer's lock of `output` (creating its parent folders), and a shared lock on the lock file of each
-    ancestor folder that has one, until the block ends.
+    """Hold the writer's lock of `output` (creating its parent folders, removed again if they end empty), and a shared
+    lock on the lock file of each ancestor folder that has one, until the block ends.
 
     Raises:
         OutputError: another live process writes `output` or a folder around it (its pid, host and command are
@@ -387,12 +387,15 @@ def output_lock(output: str | os.PathLike[str]) -> Iterator[Path]:
     """
     resolved = Path(output).expanduser().resolve()
     path = lock_path(resolved)
+    created = [folder for folder in resolved.parents if not folder.exists()]  # deepest first
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = _acquire(path)
     except OSError as error:
+        _remove_empty(created)
         raise OutputError(f"Output {output}: cannot create its lock file {path} ({error}).") from error
     with contextlib.ExitStack() as stack:
+        stack.callback(_remove_empty, created)  # last: a run that wrote nothing leaves no new empty folders
         stack.callback(handle.close)
         stack.callback(path.unlink, missing_ok=True)  # while still locked: no writer holds a lock on a removed file
         for ancestor in resolved.parents:
@@ -401,6 +404,16 @@ def output_lock(output: str | os.PathLike[str]) -> Iterator[Path]:
                 if shared is not None:
                     stack.callback(shared.close)
         yield path
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first) while they are empty: those this run created around its output, when the
+    output did not come to be (a folder holding anything, such as another writer's lock file, stays)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _share(path: Path, output: Path):
