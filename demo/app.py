@@ -749,7 +749,10 @@ class G2VLMDemo:
                 progress(0.1, desc="Writing every point")
             folder = scene.folder / "full"
             written = write_scene(
-                folder, scene.arrays, original_sizes=[(view.height, view.width) for view in scene.views]
+                folder,
+                scene.arrays,
+                original_sizes=[(view.height, view.width) for view in scene.views],
+                view_names=scene.names,
             )
             names = {"scene.glb": "full_scene.glb", "points.ply": "full_points.ply", "cameras.json": "cameras.json"}
             files = [str(path.rename(folder / names[path.name])) for path in written

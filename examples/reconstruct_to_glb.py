@@ -37,6 +37,7 @@ def main() -> None:
         inputs["geometry_pixel_values"],
         processor.geometry_image_processor,
         confidence_percentile=args.confidence_percentile,
+        view_names=[view.name for view in args.views] or None,  # each camera of cameras.json names its file
     )
     for path in written:
         print(path)

@@ -89,6 +89,7 @@ def test_every_and_max_views_subsample_a_folder_and_image_files(converted_tiny, 
         expected = reference_reconstruction(converted_tiny, [Image.open(files[index]) for index in picked])
         poses = np.array([camera["camera_to_world"] for camera in saved])
         np.testing.assert_allclose(poses, expected.camera_poses[0].numpy(), atol=1e-5)
+        assert [camera["name"] for camera in saved] == [files[index].name for index in picked]
     assert g2vlm(["reconstruct", "--model", str(converted_tiny), "--folder", str(folder), "--every", "7",
                   "--output", str(tmp_path / "one")]) == 2  # fmt: skip
     assert "--every 7 keeps 1 of the 7 image files" in capsys.readouterr().err

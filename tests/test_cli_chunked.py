@@ -41,6 +41,7 @@ def test_reconstruct_a_video_in_chunks(small_views_model, tmp_path):
 
     cameras = json.loads((output / "cameras.json").read_text())["cameras"]
     assert len(cameras) == 12  # frames 0, 2, ..., 22
+    assert [camera["name"] for camera in cameras] == [f"walk.mp4#frame{frame}" for frame in range(0, 24, 2)]
     poses = np.array([camera["camera_to_world"] for camera in cameras])
     assert np.isfinite(poses).all()
     np.testing.assert_allclose(poses[:, :3, :3] @ poses[:, :3, :3].transpose(0, 2, 1), np.eye(3)[None].repeat(12, 0), atol=1e-4)  # fmt: skip

@@ -288,6 +288,20 @@ def test_cameras_json_intrinsics_and_original_size(scene, tmp_path):
         save_cameras_json(tmp_path / "c.json", scene["camera_poses"], (H, W), intrinsics[:2])
 
 
+def test_cameras_json_names_each_view(scene, tmp_path):
+    """`view_names` (the files the views came from) are each camera's `name`, in view order; a bad list is refused
+    before anything is written."""
+    names = [f"photo_{index}.jpg" for index in reversed(range(N))]
+    path = save_cameras_json(tmp_path / "cameras.json", scene["camera_poses"], (H, W), view_names=names)
+    cameras = json.loads(path.read_text())["cameras"]
+    assert [(camera["index"], camera["name"]) for camera in cameras] == list(enumerate(names))
+    for bad, message in ((names[:-1], f"has {N - 1} names for {N} views"), ("photo.jpg", "a list of"),
+                         ([1] * N, "strings")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            save_cameras_json(tmp_path / "bad.json", scene["camera_poses"], (H, W), view_names=bad)
+    assert not (tmp_path / "bad.json").exists()
+
+
 @pytest.mark.parametrize(
     ("original_size", "warns"),
     [((480, 640), False), ((640, 480), True), ((3024, 4032), False), ((4032, 3024), True), ((500, 500), False)],

@@ -58,7 +58,7 @@ def synthetic_scene(num_views: int, seed: int = 0, height: int = HEIGHT, width: 
     )
 
 
-def stream(arrays: dict, folder, chunk_sizes, sizes=None, **options) -> list:
+def stream(arrays: dict, folder, chunk_sizes, sizes=None, view_names=None, **options) -> list:
     """Write `arrays` through the streaming writer in chunks of the given sizes (cycled)."""
     count = len(arrays["camera_poses"])
     with StreamingSceneWriter(folder / "scene", colmap_dir=folder / "sparse", **options) as writer:
@@ -66,7 +66,8 @@ def stream(arrays: dict, folder, chunk_sizes, sizes=None, **options) -> list:
         while start < count:
             stop = min(count, start + chunk_sizes[step % len(chunk_sizes)])
             part = check_scene(**{name: value[start:stop] for name, value in arrays.items()})
-            writer.add_views(part, None if sizes is None else sizes[start:stop])
+            names = None if view_names is None else view_names[start:stop]
+            writer.add_views(part, None if sizes is None else sizes[start:stop], view_names=names)
             start, step = stop, step + 1
     return writer.written
 
@@ -156,14 +157,16 @@ def test_files_written_in_batches_are_the_one_pass_export(tmp_path, monkeypatch)
     monkeypatch.setattr(streaming, "POINT_BATCH", 1000)
     arrays = synthetic_scene(520, seed=8, height=4, width=6)
     sizes = [(480 + index % 7, 640) for index in range(520)]
-    streamed = stream(arrays, tmp_path / "streamed", [100, 37], sizes=sizes, max_points=None)
-    one_pass = export_reconstruction(tmp_path / "one" / "scene", **arrays, original_sizes=sizes)
+    names = [f"IMG_{index:04d} (copy).JPG" for index in range(520)]  # any text: a name is only recorded
+    streamed = stream(arrays, tmp_path / "streamed", [100, 37], sizes=sizes, view_names=names, max_points=None)
+    one_pass = export_reconstruction(tmp_path / "one" / "scene", **arrays, original_sizes=sizes, view_names=names)
     one_pass += export_colmap(tmp_path / "one" / "sparse", **{k: v for k, v in arrays.items() if k != "depth"})
     assert len(streamed) == len(one_pass)
     for name in ("scene/cameras.json", "sparse/images.txt", "sparse/points3D.txt", "scene/points.ply"):
         assert (tmp_path / "streamed" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
     cameras = json.loads((tmp_path / "streamed" / "scene" / "cameras.json").read_text())["cameras"]
     assert [camera["index"] for camera in cameras] == list(range(520))
+    assert [camera["name"] for camera in cameras] == names
 
 
 @settings(max_examples=200, deadline=None, database=None)
@@ -302,6 +305,9 @@ def test_bad_settings_and_inconsistent_chunks_are_refused_and_nothing_is_left(tm
         (dict(), (views[0], sizes), (views[1],), "original_sizes"),
         (dict(), (views[0],), (views[1], sizes), "original_sizes"),
         (dict(), (views[0],), (no_intrinsics,), "intrinsics"),
+        (dict(), (views[0], None, None, ["a", "b"]), (views[1],), "view_names"),
+        (dict(), (views[0],), (views[1], None, None, ["c", "d"]), "view_names"),
+        (dict(), (views[0], None, None, ["a"]), None, "`view_names` has 1 names for 2 views"),
         (dict(), (views[0], None, ["a.png", "b.png"]), (views[1], None, ["c.png", "a.png"]), "new distinct names"),
         (dict(), (views[0], None, ["a.png", "b c.png"]), None, "without spaces"),
         (dict(colmap_dir=tmp_path / "sparse"), (views[0], None, ["a.png", "../b.png"]), None, "plain file names"),

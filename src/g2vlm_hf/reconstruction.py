@@ -83,7 +83,8 @@ def stream_in_chunks(
     geometry = processor.geometry_image_processor
     for chunk in stream:
         chunk_sizes = [sizes.pop(index) for index in chunk.view_indices]
-        writer.add_chunk(chunk, geometry, original_sizes=chunk_sizes)
+        names = [source.names[index] for index in chunk.view_indices]
+        writer.add_chunk(chunk, geometry, original_sizes=chunk_sizes, view_names=names)
         del chunk
         release_freed_memory()
 

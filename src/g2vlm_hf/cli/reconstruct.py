@@ -101,6 +101,7 @@ def reconstruct_one_pass(
         confidence_percentile=args.confidence_percentile,
         max_points=max_points,
         original_sizes=scene_run.original_sizes,
+        view_names=scene_run.names,
     )
     no_camera = None
     if colmap is not None:

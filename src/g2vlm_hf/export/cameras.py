@@ -17,6 +17,7 @@ from .validation import (
     validate_intrinsics,
     validate_original_sizes,
     validate_poses,
+    validate_view_names,
 )
 
 __all__ = ["encode_cameras_json", "save_cameras_json"]
@@ -32,13 +33,17 @@ def encode_cameras_json(
     image_size: tuple[int, int],
     intrinsics: np.ndarray | None = None,
     original_sizes: Sequence[tuple[int, int]] | None = None,
+    view_names: Sequence[str] | None = None,
 ) -> bytes:
     """The `cameras.json` bytes (see [`save_cameras_json`]) of checked arrays: poses (see [`validate_poses`]),
-    `(height, width)`, intrinsics and original sizes for every view."""
+    `(height, width)`, intrinsics, original sizes and names for every view."""
     height, width = image_size
     cameras = []
     for index, pose in enumerate(poses):
-        camera: dict[str, Any] = {"index": index, "camera_to_world": pose.tolist(), "width": width, "height": height}
+        camera: dict[str, Any] = {"index": index}
+        if view_names is not None:
+            camera["name"] = view_names[index]
+        camera.update(camera_to_world=pose.tolist(), width=width, height=height)
         if intrinsics is not None:
             camera["intrinsics"] = _json_matrix(intrinsics[index])
         if original_sizes is not None:
@@ -67,10 +72,12 @@ def save_cameras_json(
     image_size: tuple[int, int],
     intrinsics: ArrayLike | None = None,
     original_sizes: Sequence[tuple[int, int]] | None = None,
+    view_names: Sequence[str] | None = None,
 ) -> Path:
     """Saves the camera poses (and intrinsics) as JSON.
 
-    The document is `{"convention": str, "intrinsics_convention": str, "cameras": [{"index": int, "camera_to_world":
+    The document is `{"convention": str, "intrinsics_convention": str, "cameras": [{"index": int, "name": str (with
+    `view_names`), "camera_to_world":
     4x4 nested list, "width": int, "height": int, "intrinsics": 3x3 (with `intrinsics`), "original": {"width",
     "height", "intrinsics"} (with `original_sizes`)}, ...]}`, one entry per view in view order. Intrinsics a view
     could not be fitted for hold `null`.
@@ -83,6 +90,7 @@ def save_cameras_json(
             (`G2VLMReconstructionOutput.intrinsics[scene]`).
         original_sizes (`list[tuple[int, int]]`, *optional*): `(height, width)` of each original image; the
             intrinsics are also written rescaled to them.
+        view_names (`list[str]`, *optional*): Each view's name (e.g. its file name), written as the camera's `name`.
 
     Returns:
         `Path`: The written file.
@@ -96,5 +104,6 @@ def save_cameras_json(
         image_size,
         validate_intrinsics(intrinsics, len(poses)),
         validate_original_sizes(original_sizes, len(poses), image_size),
+        validate_view_names(view_names, len(poses)),
     )
     return write_bytes_atomic(path, document)

@@ -18,7 +18,14 @@ from .depth_png import encode_depth_png16, encode_depth_preview
 from .glb import DEFAULT_FRUSTUM_SCALE, build_scene, view_colours
 from .ply import encode_point_cloud_ply
 from .points import confidence_mask, kept_cloud
-from .validation import ArrayLike, SceneArrays, check_reconstruction, check_scene, validate_original_sizes
+from .validation import (
+    ArrayLike,
+    SceneArrays,
+    check_reconstruction,
+    check_scene,
+    validate_original_sizes,
+    validate_view_names,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -34,6 +41,7 @@ class SceneExportOptions(TypedDict, total=False):
     seed: int
     frustum_scale: float
     original_sizes: Sequence[tuple[int, int]] | None
+    view_names: Sequence[str] | None
 
 
 def export_reconstruction(
@@ -61,7 +69,7 @@ def export_reconstruction(
         intrinsics (`(N, 3, 3)` float, *optional*): Pinhole intrinsics in pixels of the views, written to
             `cameras.json`.
         options: The options of [`write_scene`]: `confidence_percentile`, `max_points`, `seed`, `frustum_scale`,
-            `original_sizes`, `point_colouring`.
+            `original_sizes`, `view_names`, `point_colouring`.
 
     Returns:
         `list[Path]`: The written files, in the order of [`write_scene`].
@@ -85,6 +93,7 @@ def write_scene(
     seed: int = 0,
     frustum_scale: float = DEFAULT_FRUSTUM_SCALE,
     original_sizes: Sequence[tuple[int, int]] | None = None,
+    view_names: Sequence[str] | None = None,
 ) -> list[Path]:
     """Writes a checked scene (from [`check_scene`] or [`check_reconstruction`], with its depth) into `output_dir`.
 
@@ -110,6 +119,8 @@ def write_scene(
             distance (see [`save_scene_glb`]).
         original_sizes (`list[tuple[int, int]]`, *optional*): `(height, width)` of each original image, for the
             rescaled intrinsics in `cameras.json`.
+        view_names (`list[str]`, *optional*): Each view's name (e.g. its file name), the cameras' `name` in
+            `cameras.json`.
 
     Returns:
         `list[Path]`: The written files, in the order above.
@@ -124,6 +135,7 @@ def write_scene(
         raise ValueError(f'`point_colouring` must be "image" or "view", got {point_colouring!r}')
     poses, points, image_size = scene.camera_poses, scene.world_points, scene.image_size
     sizes = validate_original_sizes(original_sizes, len(poses), image_size)
+    names = validate_view_names(view_names, len(poses))
     colours = scene.images
     if point_colouring == "view":
         colours = np.broadcast_to(view_colours(len(poses))[:, None, None], points.shape)
@@ -136,7 +148,7 @@ def write_scene(
     payloads: list[tuple[Path, bytes]] = [
         (output_dir / "scene.glb", glb.export(file_type="glb")),
         (output_dir / "points.ply", encode_point_cloud_ply(cloud, cloud_colours)),
-        (output_dir / "cameras.json", encode_cameras_json(poses, image_size, scene.intrinsics, sizes)),
+        (output_dir / "cameras.json", encode_cameras_json(poses, image_size, scene.intrinsics, sizes, names)),
     ]
     for index, view_depth in enumerate(scene.depth):
         payloads.append((output_dir / "depth" / f"view_{index:03d}.png", encode_depth_png16(view_depth)[0]))

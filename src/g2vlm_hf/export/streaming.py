@@ -76,7 +76,13 @@ from .colmap import (
 from .depth_png import encode_depth_png16, encode_depth_preview
 from .glb import DEFAULT_FRUSTUM_SCALE, build_scene, view_colours
 from .ply import encode_point_cloud_ply, require_trimesh
-from .validation import SceneArrays, check_reconstruction, validate_image_names, validate_original_sizes
+from .validation import (
+    SceneArrays,
+    check_reconstruction,
+    validate_image_names,
+    validate_original_sizes,
+    validate_view_names,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -180,6 +186,7 @@ class StreamingSceneWriter:
         self.intrinsics: list[np.ndarray] | None = None
         self.original_sizes: list[tuple[int, int]] | None = None
         self.names: list[str] = []
+        self.view_names: list[str] | None = None
         self.written: list[Path] = []
         self.created: list[Path] = []
         self.closed = False
@@ -214,6 +221,7 @@ class StreamingSceneWriter:
         geometry_image_processor: Any,
         original_sizes: Sequence[tuple[int, int]] | None = None,
         image_names: Sequence[str] | None = None,
+        view_names: Sequence[str] | None = None,
     ) -> list[Path]:
         """[`add_views`] of one item of `stream_reconstruction` (its `reconstruction` and `geometry_pixel_values`),
         coloured by its views unnormalised with `geometry_image_processor`."""
@@ -221,13 +229,14 @@ class StreamingSceneWriter:
         if start != self.num_views:
             raise ValueError(f"Chunks must arrive in order: expected views from {self.num_views}, got from {start}.")
         scene = check_reconstruction(chunk.reconstruction, chunk.geometry_pixel_values, geometry_image_processor)
-        return self.add_views(scene, original_sizes, image_names)
+        return self.add_views(scene, original_sizes, image_names, view_names)
 
     def add_views(
         self,
         scene: SceneArrays,
         original_sizes: Sequence[tuple[int, int]] | None = None,
         image_names: Sequence[str] | None = None,
+        view_names: Sequence[str] | None = None,
     ) -> list[Path]:
         """Write the depth maps (and COLMAP images) of the next views and keep their records and points.
 
@@ -237,6 +246,8 @@ class StreamingSceneWriter:
                 give them or none.
             image_names (`list[str]`, *optional*): The views' file names in the COLMAP model (default
                 `view_000.png`, ...).
+            view_names (`list[str]`, *optional*): Each view's name (e.g. its file name), the cameras' `name` in
+                `cameras.json`; all calls give them or none.
 
         Returns:
             `list[Path]`: The files written for these views.
@@ -257,6 +268,9 @@ class StreamingSceneWriter:
             raise ValueError("Give `original_sizes` with every chunk or with none.")
         if (scene.intrinsics is None) != (self.intrinsics is None) and first:
             raise ValueError("Give `intrinsics` with every chunk or with none.")
+        named = validate_view_names(view_names, count)
+        if first and (named is None) != (self.view_names is None):
+            raise ValueError("Give `view_names` with every chunk or with none.")
         names = validate_image_names(
             image_names, first, count, written_as_png=self.colmap_dir is not None and self.write_colmap_images,
             taken=self.names,
@@ -268,6 +282,8 @@ class StreamingSceneWriter:
             self.intrinsics = (self.intrinsics or []) + list(scene.intrinsics)
         if sizes is not None:
             self.original_sizes = (self.original_sizes or []) + sizes
+        if named is not None:
+            self.view_names = (self.view_names or []) + named
         self.names.extend(names)
         self._keep_points(scene, first)
         release_free_heap()
@@ -375,6 +391,7 @@ class StreamingSceneWriter:
                     self.image_size,
                     None if intrinsics is None else intrinsics[views],
                     None if self.original_sizes is None else self.original_sizes[views],
+                    None if self.view_names is None else self.view_names[views],
                 )
             )
             if start == 0:  # the document's head, up to the list of cameras

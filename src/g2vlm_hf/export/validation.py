@@ -34,6 +34,7 @@ __all__ = [
     "validate_intrinsics",
     "validate_original_sizes",
     "validate_poses",
+    "validate_view_names",
 ]
 
 
@@ -171,6 +172,18 @@ def _looks_swapped(size: tuple[int, int], image_size: tuple[int, int], tolerance
         return abs(width / height / aspect - 1) <= tolerance
 
     return not fits(*size) and fits(size[1], size[0])
+
+
+def validate_view_names(view_names: Sequence[str] | None, num_views: int) -> list[str] | None:
+    """One name per view (what the user knows each view by: its file name, or a video frame), or None."""
+    if view_names is None:
+        return None
+    if isinstance(view_names, (str, bytes)) or not all(isinstance(name, str) for name in view_names):
+        raise ValueError(f"`view_names` must be a list of {num_views} strings, got {view_names!r}")
+    names = list(view_names)
+    if len(names) != num_views:
+        raise ValueError(f"`view_names` has {len(names)} names for {num_views} views")
+    return names
 
 
 def validate_image_names(
