@@ -313,6 +313,21 @@ def test_umeyama_leaves_out_points_of_weight_zero_even_when_they_are_not_finite(
         umeyama(source[8:], torch.ones(32, 3, dtype=torch.float64))  # the least-squares scale would be 0
 
 
+def test_a_small_scan_far_from_the_origin_is_fitted_not_called_coinciding():
+    """A 2 m scan in UTM coordinates (4,000 km from the origin, float64 keeps it to a nanometre) aligned to the
+    prediction's frame: the similarity is recovered by both fits (it was refused as points that all coincide)."""
+    rng = np.random.default_rng(11)
+    truth = random_similarity(rng)
+    utm = torch.tensor([512_345.0, 4_012_345.0, 120.0], dtype=torch.float64)
+    source = torch.from_numpy(rng.normal(size=(300, 3))) + utm
+    target = truth.apply(source)
+    scale, rotation, _ = umeyama(source, target)
+    assert scale == pytest.approx(truth.scale, rel=1e-6)
+    torch.testing.assert_close(rotation, truth.rotation, atol=1e-6, rtol=0)
+    fit = robust_umeyama(source, target)
+    torch.testing.assert_close(fit.apply(source), target, atol=1e-4 * truth.scale, rtol=0)
+
+
 @pytest.mark.parametrize("cloud", ["source", "target"])
 def test_robust_fit_refuses_a_cloud_half_of_which_sits_on_one_point(cloud):
     """Invalid pixels unprojected to (0, 0, 0): under half of them are outliers like any other, half or more left

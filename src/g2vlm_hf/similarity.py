@@ -152,8 +152,8 @@ def umeyama(
     scale, rotation, translation, coincident = _fit_similarities(source, target, weights / weights.sum(), with_scale)
     if bool(coincident):
         raise ValueError(
-            "The source or the target points all coincide (their spread is under a millionth of their distance "
-            "from the origin): a scale cannot be estimated from them."
+            "The source or the target points all coincide (their spread is under 1e-10 of their distance from the "
+            "origin, float64 rounding): a scale cannot be estimated from them."
         )
     return float(scale), rotation, translation
 
@@ -184,9 +184,10 @@ def _fit_similarities(
 
 
 def _coincide(variance: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Whether points `(..., M, 3)` of weighted `variance` `(...)` all coincide: a spread under a millionth of their
-    distance from the origin."""
-    return variance <= 1e-12 * (points * points).sum(-1).amax(-1).clamp(min=1e-300)
+    """Whether points `(..., M, 3)` of weighted `variance` `(...)` all coincide: a spread under 1e-10 of their
+    distance from the origin, what float64 rounding of the coordinates can make of one point (a few metres of a scan
+    in UTM coordinates, millions of metres from the origin, are a spread)."""
+    return variance <= 1e-20 * (points * points).sum(-1).amax(-1).clamp(min=1e-300)
 
 
 def robust_umeyama(
