@@ -407,6 +407,25 @@ def test_a_read_only_output_location_is_refused_before_model_work(tmp_path, monk
         locked.chmod(0o755)
 
 
+def test_a_mount_point_output_is_refused_before_model_work(tmp_path, monkeypatch, capsys):
+    """A mount point (a drive, a folder bind-mounted into a container) cannot be renamed aside or replaced: refused
+    before any model work, naming a folder to give instead (the run failed with EBUSY after all its work)."""
+    from g2vlm_hf.safe_output import replace_problem
+
+    mounted = tmp_path / "usb"
+    mounted.mkdir()
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == mounted or real_ismount(path))
+    no_model_load(monkeypatch)
+    assert reconstruct(tmp_path, mounted) == 2
+    assert f"is a mount point (a drive, or a folder mounted into a container), which a run cannot replace as a whole; " \
+        f"give a new folder inside it, e.g. {mounted / 'scene'}." in one_line_error(capsys)  # fmt: skip
+    assert reconstruct(tmp_path, mounted / "scene", "--device", "bogus") == 2  # inside it: past the output checks
+    assert "--device bogus" in one_line_error(capsys)
+    if real_ismount("/proc"):  # a real one (non-empty: the mount point is what is named, even with --overwrite)
+        assert "is a mount point" in replace_problem(Path("/proc"), "reconstruction", overwrite=True)
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [

@@ -124,12 +124,17 @@ def check_output_dir(
 
 def replace_problem(target: Path, kind: str, overwrite: bool, *, shown: str | os.PathLike[str] | None = None) -> str:
     """Why the folder at `target` may not be replaced by an output of `kind` ("" when it may: absent, empty, or with
-    `overwrite` an unchanged earlier output of the same kind)."""
+    `overwrite` an unchanged earlier output of the same kind; never a mount point)."""
     shown = target if shown is None else shown
     if not os.path.lexists(target):
         return ""
     if target.is_symlink() or not target.is_dir():
         return f"Output {shown} is a file or a link, not a folder; give a folder path."
+    if os.path.ismount(target):  # a run renames its output aside and its new folder in: a mount point cannot move
+        return (
+            f"Output {shown} is a mount point (a drive, or a folder mounted into a container), which a run cannot "
+            f"replace as a whole; give a new folder inside it, e.g. {Path(shown) / 'scene'}."
+        )
     if not any(target.iterdir()):
         return ""
     if not overwrite:
