@@ -510,3 +510,35 @@ def test_the_launcher_runs_the_commands(tmp_path):
     result = subprocess.run([sys.executable, "-m", "g2vlm_hf_launcher", *argv], capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"g2vlm: error: Model folder {tmp_path / 'typo-model'} does not exist."
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("g2vlm-2b", "Model g2vlm-2b is no folder here, and a Hub id has the form owner/name"),
+        (
+            "outputs/g2vlm-2b",
+            "Model folder outputs/g2vlm-2b does not exist (outputs is a folder here, so this is no Hub id)",
+        ),
+    ],
+    ids=["bare-name", "folder-typo"],
+)
+def test_a_model_name_that_is_neither_a_folder_nor_a_hub_id_is_refused_at_once(
+    tmp_path, monkeypatch, capsys, model, message
+):
+    """A missing local folder written without `./` (a bare name, or `outputs/NAME` beside an `outputs` folder) went
+    to the Hub, which offline retries for minutes before failing; now one line at once, in `g2vlm` and `g2vlm-eval`.
+    A real folder of that name, or `owner/name` with no such local folder, is still taken as it is."""
+    from g2vlm_hf.model_loading import check_model_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    assert g2vlm(["chat", "--model", model, "--image", str(VIEWS[0]), "Where?"]) == 2
+    assert message in one_line_error(capsys)
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"id": "a", "question": "Where?", "images": [str(VIEWS[0])], "answer": "2.5"}))
+    assert eval_cli.main(["vqa", "--model", model, "--data", str(questions), "--output", "r.json"]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "r.json").exists()
+    (tmp_path / model).mkdir(parents=True)
+    check_model_path(model)  # it exists now: a local folder
+    check_model_path("InternRobotics/G2VLM-2B-MoT")  # no local InternRobotics folder: left to the Hub

@@ -40,11 +40,25 @@ def check_device(device: str) -> None:
 
 
 def check_model_path(model_path: str) -> None:
-    """Raise a ValueError for a local-looking `model_path` (starting with `.`, `/` or `~`, holding a backslash or more
-    than one `/`) that does not exist; a Hub id is left to the Hub."""
+    """Raise a ValueError for a `model_path` that names no local folder and cannot be a Hub id either: one that looks
+    local (starting with `.`, `/` or `~`, holding a backslash or more than one `/`), a bare name (a Hub id is
+    `owner/name`), or `folder/name` whose `folder` is a local folder. Other names are left to the Hub (which, offline,
+    is only known after its retries)."""
+    path = Path(model_path).expanduser()
+    if path.exists():
+        return
     local_looking = model_path.startswith((".", "/", "~")) or "\\" in model_path or model_path.count("/") > 1
-    if local_looking and not Path(model_path).expanduser().exists():
+    if local_looking:
         raise ValueError(f"Model folder {model_path} does not exist.")
+    if "/" not in model_path:
+        raise ValueError(
+            f"Model {model_path} is no folder here, and a Hub id has the form owner/name; give the folder "
+            "g2vlm-convert wrote, or the model's Hub id."
+        )
+    if path.parent.is_dir():
+        raise ValueError(
+            f"Model folder {model_path} does not exist ({path.parent} is a folder here, so this is no Hub id)."
+        )
 
 
 def check_tokenizer_files(model_path: str) -> None:

@@ -15,7 +15,7 @@ import torch
 from transformers.utils import logging
 
 from ..export.atomic import write_json_atomic
-from ..model_loading import check_device
+from ..model_loading import check_device, check_model_path
 from ..processing.image_io import displayed_size
 from .datasets import GeometryScene, Question, find_scenes, load_questions
 from .depth import evaluate_depth, weighted_mean
@@ -153,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_output_file(args.output)
         check_device(args.device)
         data = load_data(args)
+        check_model_path(args.model)
         model, processor = load_model(args.model, args.dtype, args.device, getattr(args, "geometry_width", None))
         summary, details = TASKS[args.task](args, model, processor, data)
         settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
