@@ -55,6 +55,7 @@ def g2vlm_convert() -> int:
     """`g2vlm-convert`: its parser answers `--help` and argument errors first; the package then parses again (cheap)."""
     with _starting("g2vlm-convert"):
         _standalone("conversion/cli.py").build_parser().parse_args()
+        _standalone("cli/parser.py").quiet_import_warnings()
         command = importlib.import_module("g2vlm_hf.conversion.cli")
     return command.main()
 

@@ -78,6 +78,26 @@ def test_help_of_every_console_script_imports_no_torch(script, tmp_path):
     assert result.stderr == ""  # no torchao / pytree warnings
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["g2vlm", "chat", "--model", "./typo-model", "--image", "a.png", "Where?"],
+        ["g2vlm-convert", "missing-official", "converted"],
+        ["g2vlm-eval", "depth", "--model", "m", "--data", "missing-data", "--output", "r.json"],
+    ],
+    ids=["g2vlm", "g2vlm-convert", "g2vlm-eval"],
+)
+def test_an_error_of_every_console_script_is_one_line_without_import_noise(argv, tmp_path):
+    """An error found once the package is imported is the command's one line: nothing that torchao (a test extra,
+    imported by transformers' quantizers) or torch's pytree log at import (g2vlm-convert printed four such lines)."""
+    script = Path(sys.executable).with_name(argv[0])  # the console script pip installed
+    result = run([str(script), *argv[1:]], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() and all(
+        line.startswith(f"{argv[0]}: error: ") for line in result.stderr.splitlines()
+    ), result.stderr
+
+
 def test_component_shards_get_the_usual_file_mode(tmp_path):
     source, output = tmp_path / "source", tmp_path / "output"
     source.mkdir()

@@ -8,7 +8,6 @@ g2vlm-convert INPUT OUTPUT --push-to-hub user/g2vlm-2b      # ... then upload OU
 from __future__ import annotations
 
 import argparse
-import logging as std_logging
 import shutil
 import sys
 from pathlib import Path
@@ -105,15 +104,8 @@ def convert(args: argparse.Namespace) -> Path:
     return output
 
 
-def quiet_import_warnings() -> None:
-    """Silence what torchao and torch's pytree log when transformers imports them (not about this run)."""
-    for name in ("torchao", "torch.utils._pytree"):
-        std_logging.getLogger(name).setLevel(std_logging.ERROR)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    quiet_import_warnings()
     from transformers.utils import logging
 
     from .hub import HubPushError, push_to_hub, resolve_token, validate_hub_repo_id
