@@ -5,10 +5,11 @@ distance from each ground-truth point to its nearest predicted point, and normal
 the normals of those nearest pairs (the DUSt3R / Spann3R / CUT3R / Pi3 multi-view reconstruction protocol; the
 alignment is a similarity fit, optionally refined by rigid point-to-point ICP as the reference does).
 
-Nearest neighbours are exact and brute force (`torch.cdist` over blocks of `chunk_size` queries by `chunk_size`
-points): O(M * K) time for M queries against K points, and memory bounded by one block (`chunk_size`² distances,
-32 MB at the default 2048) whatever M and K, so two 1036x280 views (580,160 points a side) fit anywhere; fine for
-the few hundred thousand points of an ETH3D/DTU sample on a GPU, slow on a CPU.
+Nearest neighbours are exact. On a GPU, and for small clouds, they are brute force (`torch.cdist` over blocks of
+`chunk_size` queries by `chunk_size` points): O(M * K) time for M queries against K points, and memory bounded by one
+block (`chunk_size`² distances, 32 MB at the default 2048) whatever M and K, so two 1036x280 views (580,160 points a
+side) fit anywhere. On the CPU, from `KD_TREE_PAIRS` query-point pairs on, a KD-tree (scipy's `cKDTree`, when scipy
+is installed) answers them in O((M + K) log K), as the reference does: minutes of brute force become seconds.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from .alignment import ArrayLike, apply_similarity, as_float64, as_mask, umeyama
 
 DEFAULT_CHUNK_SIZE = 2048
 """Queries and points per distance block (a block holds `chunk_size`² float64 distances: 32 MB)."""
+
+KD_TREE_PAIRS = 2**24
+"""From this many query-point pairs (M * K) on, a CPU search uses a KD-tree when scipy is installed (below it, about
+4,000 points a side, brute force takes milliseconds)."""
 
 
 def _check_cloud(array: torch.Tensor, name: str) -> None:
@@ -35,13 +40,19 @@ def k_nearest_with_distances(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Distances and indices `(M, k)` of the `k` nearest of `points` `(K, 3)` to each of `queries` `(M, 3)`, nearest
     first (`k` is capped at K). Exact: blocks of `chunk_size` queries by `chunk_size` points, each query's best `k`
-    kept across the point blocks, so memory stays at one block whatever M and K."""
+    kept across the point blocks, so memory stays at one block whatever M and K; on the CPU from `KD_TREE_PAIRS`
+    pairs on, a KD-tree (scipy) instead."""
     queries, points = as_float64(queries, "query points"), as_float64(points, "reference points")
     _check_cloud(queries, "query points")
     _check_cloud(points, "reference points")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}.")
     k = min(k, points.shape[0])
+    tree = _kd_tree_class() if torch.device(device).type == "cpu" else None
+    if tree is not None and queries.shape[0] * points.shape[0] >= KD_TREE_PAIRS:
+        distances, indices = tree(points.numpy()).query(queries.numpy(), k=k, workers=-1)
+        shape = (queries.shape[0], k)  # scipy drops the k axis when k is 1
+        return torch.from_numpy(distances).reshape(shape), torch.from_numpy(indices).long().reshape(shape)
     distances, indices = [], []
     for start in range(0, queries.shape[0], chunk_size):
         block = queries[start : start + chunk_size].to(device)
@@ -57,6 +68,15 @@ def k_nearest_with_distances(
         distances.append(best.cpu())
         indices.append(best_index.cpu())
     return torch.cat(distances), torch.cat(indices)
+
+
+def _kd_tree_class():
+    """scipy's `cKDTree`, or None without scipy (brute force then)."""
+    try:
+        from scipy.spatial import cKDTree
+    except ImportError:
+        return None
+    return cKDTree
 
 
 def nearest_neighbours(
@@ -78,10 +98,10 @@ def knn_normals(
     points = as_float64(points, "points")
     if points.ndim != 2 or points.shape[1] != 3 or points.shape[0] < 3:
         raise ValueError(f"knn_normals needs an (M, 3) cloud of at least 3 points, got {tuple(points.shape)}.")
+    _, nearest = k_nearest_with_distances(points, points, k, chunk_size, device)  # one search: (M, k) indices
     normals = []
     for start in range(0, points.shape[0], chunk_size):  # neighbourhoods of one block of points at a time
-        _, index = k_nearest_with_distances(points[start : start + chunk_size], points, k, chunk_size, device)
-        neighbourhoods = points[index]
+        neighbourhoods = points[nearest[start : start + chunk_size]]
         centred = neighbourhoods - neighbourhoods.mean(1, keepdim=True)
         covariance = centred.transpose(1, 2) @ centred / neighbourhoods.shape[1]
         normals.append(torch.linalg.eigh(covariance).eigenvectors[..., 0])
