@@ -552,17 +552,26 @@ def test_point_maps_check_their_input_and_score_three_valid_points():
         evaluate_point_maps(pred, gt, normals="pca")
 
 
-@pytest.mark.xfail(strict=True, reason="grid normals next to a dropped non-finite point are NaN (bug)")
-def test_a_non_finite_point_does_not_make_grid_normal_consistency_nan():
-    """Non-finite points are dropped, but with normals='grid' the central differences of their finite neighbours
-    take them in: one NaN predicted pixel in a 6 x 7 plane makes nc_accuracy, nc_completeness and
-    normal_consistency NaN (while their medians read 1)."""
+def test_grid_normals_leave_out_dropped_points_non_finite_or_masked():
+    """Non-finite points are dropped, and with normals='grid' their finite neighbours do not take them in (one NaN
+    predicted pixel in a 6 x 7 plane made nc_accuracy, nc_completeness and normal_consistency NaN while their medians
+    read 1); nor do pixels outside the valid mask holding garbage (invalid ground truth stored as 0, 0, 0): the
+    neighbours' differences become one-sided, and a flat plane keeps normal consistency 1 exactly."""
     gt = plane(6, 7)
     pred = gt.copy()
     pred[0, 2, 3] = np.nan
     metrics = evaluate_point_maps(pred, gt, align=False, normals="grid")
     assert metrics["valid_points"] == 41
-    assert 0.0 <= metrics["normal_consistency"] <= 1.0
+    assert metrics["normal_consistency"] == pytest.approx(1.0, abs=1e-12)
+    valid = np.ones((1, 6, 7), bool)
+    valid[0, 3, 4] = False
+    gt[0, 3, 4] = 0.0
+    metrics = evaluate_point_maps(gt.copy(), gt, valid=valid, align=False, normals="grid")
+    assert metrics["valid_points"] == 41
+    assert metrics["normal_consistency"] == pytest.approx(1.0, abs=1e-12)
+    normals = grid_normals(gt, valid).numpy()
+    assert not normals[0, 3, 4].any()  # the dropped pixel itself has no normal
+    assert np.allclose(np.abs(normals[valid]), np.abs(normals[0, 0, 0]), atol=1e-12)  # one plane: one normal
 
 
 MEMORY_PROBE = """

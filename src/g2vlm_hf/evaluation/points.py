@@ -139,19 +139,37 @@ def icp_refine(
     return moved
 
 
-def grid_normals(points: ArrayLike) -> torch.Tensor:
+def grid_normals(points: ArrayLike, valid: ArrayLike | None = None) -> torch.Tensor:
     """Unit normals of point maps `(..., H, W, 3)` from the cross product of central differences on the pixel grid.
 
-    Border pixels use one-sided differences. Where the cross product vanishes the normal is zero (and its
-    consistency scores 0).
+    Only valid pixels (`valid` `(..., H, W)`, and always finite ones) take part: a difference with an invalid or
+    missing neighbour is one-sided (as at the border), and a pixel with no valid neighbour along rows or columns, or
+    an invalid pixel, gets the zero normal, as does one where the cross product vanishes (its consistency scores 0).
     """
     points = as_float64(points, "point map")
     if points.ndim < 3 or points.shape[-1] != 3:
         raise ValueError(f"Point maps must be (..., H, W, 3), got {tuple(points.shape)}.")
-    d_rows = torch.gradient(points, dim=-3)[0] if points.shape[-3] > 1 else torch.zeros_like(points)
-    d_columns = torch.gradient(points, dim=-2)[0] if points.shape[-2] > 1 else torch.zeros_like(points)
+    usable = torch.isfinite(points).all(-1)
+    if valid is not None:
+        usable &= as_mask(valid, usable.shape)
+    d_rows, d_columns = _valid_difference(points, usable, -3), _valid_difference(points, usable, -2)
     normals = torch.linalg.cross(d_columns, d_rows, dim=-1)
     return torch.nn.functional.normalize(normals, dim=-1, eps=1e-12)
+
+
+def _valid_difference(points: torch.Tensor, usable: torch.Tensor, dim: int) -> torch.Tensor:
+    """The derivative of `points` along grid axis `dim` (-3 rows, -2 columns) from usable pixels: the mean of the
+    differences to the usable neighbours before and after (the central difference, or one-sided), zero without one."""
+    size, mask_dim = points.shape[dim], dim + 1
+    if size < 2:
+        return torch.zeros_like(points)
+    step = points.narrow(dim, 1, size - 1) - points.narrow(dim, 0, size - 1)  # from pixel i to pixel i + 1
+    both = usable.narrow(mask_dim, 1, size - 1) & usable.narrow(mask_dim, 0, size - 1)
+    step = torch.where(both[..., None], step, 0.0)
+    no_step, no_pair = torch.zeros_like(step.narrow(dim, 0, 1)), torch.zeros_like(both.narrow(mask_dim, 0, 1))
+    ahead, behind = torch.cat([step, no_step], dim), torch.cat([no_step, step], dim)
+    count = torch.cat([both, no_pair], mask_dim).double() + torch.cat([no_pair, both], mask_dim).double()
+    return (ahead + behind) / count.clamp(min=1.0)[..., None]
 
 
 def median(values: torch.Tensor) -> float:
@@ -238,7 +256,7 @@ def evaluate_point_maps(
         scale, rotation, translation = umeyama(pred[mask], gt[mask])
         pred = apply_similarity(pred, scale, rotation, translation)
     if normals == "grid":
-        pred_normals, gt_normals = grid_normals(pred)[mask], grid_normals(gt)[mask]
+        pred_normals, gt_normals = grid_normals(pred, mask)[mask], grid_normals(gt, mask)[mask]
     pred, gt = pred[mask], gt[mask]
     if icp_distance is not None:
         pred = icp_refine(pred, gt, icp_distance, chunk_size=chunk_size, device=device)
