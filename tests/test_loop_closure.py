@@ -194,6 +194,9 @@ def test_the_co_visible_share_is_the_share_of_the_second_place_lying_on_the_firs
     gaps = torch.cat([torch.full((500, 3), float("nan")), torch.full((500, 3), float("inf"))])
     assert co_visible_share(wall, torch.cat([seen_again, gaps]), sample=3000) == 1.0  # non-finite points are none
     assert co_visible_share(torch.cat([wall[:1], gaps]), seen_again) == 0.0  # one point: no spacing to measure
+    clamped = torch.cat([wall, torch.zeros(4000, 3, dtype=torch.float64)])  # most pixels clamped to one point
+    assert co_visible_share(clamped, seen_again, sample=7000) == 1.0  # the spacing is the wall's, not 0
+    assert co_visible_share(torch.ones(50, 3), seen_again) == 0.0  # one place only
     assert co_visible_share(wall, gaps) == 0.0  # nothing to place
 
 

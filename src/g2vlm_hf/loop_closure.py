@@ -173,8 +173,9 @@ def find_loop_candidates(
 
 def co_visible_share(first: torch.Tensor, second: torch.Tensor, sample: int = 2000, seed: int = 0) -> float:
     """Share of the `(M, 3)` points `second` whose nearest point of `first` is within 3 times the median
-    nearest-neighbour spacing of `first` (non-finite points ignored, at most `sample` points of each): how much of
-    one place's structure the other place sees too, in one reconstruction."""
+    nearest-neighbour spacing of `first` (non-finite points ignored, at most `sample` points of each; the spacing is
+    to the nearest other point at another place, so that repeated points, such as pixels clamped to one point, do not
+    shrink it to 0): how much of one place's structure the other place sees too, in one reconstruction."""
     generator = torch.Generator().manual_seed(seed)
     first, second = (
         points[points.isfinite().all(1)].double() for points in (first.reshape(-1, 3), second.reshape(-1, 3))
@@ -184,7 +185,10 @@ def co_visible_share(first: torch.Tensor, second: torch.Tensor, sample: int = 20
     first, second = (
         points[torch.randperm(points.shape[0], generator=generator)[:sample]] for points in (first, second)
     )
-    spacing = torch.cdist(first, first).fill_diagonal_(float("inf")).min(dim=1).values.median()
+    apart = torch.cdist(first, first)
+    spacing = apart.masked_fill(apart == 0, float("inf")).min(dim=1).values.median()
+    if not bool(spacing.isfinite()):  # every point of `first` at one place: no spacing to measure
+        return 0.0
     nearest = torch.cdist(second, first).min(dim=1).values
     return float((nearest <= 3 * spacing).double().mean())
 
