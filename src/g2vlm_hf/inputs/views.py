@@ -69,8 +69,8 @@ def image_views(paths: Sequence[Path | str], every: int = 1, max_views: int | No
     absent = [str(path) for path in paths if not path.is_file()]
     if absent:
         raise InputError(f"Image file(s) not found: {', '.join(absent)}.")
-    kept = paths[:: check_every(every, max_views)][:max_views]
-    check_kept(len(kept), len(paths), every, max_views, f"the {len(paths)} image files")
+    kept = paths[:: _check_every(every, max_views)][:max_views]
+    _check_kept(len(kept), len(paths), every, max_views, f"the {len(paths)} image files")
     return ViewSource(
         [path.name for path in kept],
         lambda: (load_image(path) for path in kept),
@@ -83,7 +83,7 @@ def folder_views(folder: Path, every: int = 1, max_views: int | None = None) -> 
     return image_views(images_in_folder(folder), every, max_views)
 
 
-def check_every(every: int, max_views: int | None) -> int:
+def _check_every(every: int, max_views: int | None) -> int:
     """`every` when it and `max_views` are valid (at least 1, as their flags say)."""
     if every < 1:
         raise InputError(f"--every must be at least 1, got {every}.")
@@ -92,7 +92,7 @@ def check_every(every: int, max_views: int | None) -> int:
     return every
 
 
-def check_kept(kept: int, total: int, every: int, max_views: int | None, what: str, min_views: int = 2) -> None:
+def _check_kept(kept: int, total: int, every: int, max_views: int | None, what: str, min_views: int = 2) -> None:
     """Refuse a subsampling that leaves fewer than `min_views` of `total` views (a scene of one view is not what a
     sequence is given for), unless there was only one view or `max_views` asks for fewer."""
     if total > 1 and kept < min(min_views, max_views or min_views):
@@ -107,13 +107,13 @@ def video_views(video: Path, every: int = 1, max_views: int | None = None, min_v
     without decoding; fewer than `min_views` kept frames are refused (a video is not meant to give a one-view scene
     unless `max_views` asks for one)."""
     total = count_video_frames(video)
-    kept = math.ceil(total / check_every(every, max_views))
+    kept = math.ceil(total / _check_every(every, max_views))
     kept = kept if max_views is None else min(kept, max_views)
     if total <= 1 and kept < min(min_views, max_views or min_views):
         raise InputError(
             f"{video} holds a single frame; a reconstruction from a video needs at least {min_views} views."
         )
-    check_kept(kept, total, every, max_views, f"the {total} frames of {video}", min_views)
+    _check_kept(kept, total, every, max_views, f"the {total} frames of {video}", min_views)
     return ViewSource(
         [frame_name(video, index * every) for index in range(kept)],
         lambda: iter_video_frames(video, every, kept),
