@@ -352,6 +352,27 @@ def test_eval_reads_every_image_suffix_of_the_inputs_layer(tmp_path):
 # ------------------------------------------------------------------------------------------------- the inputs layer
 
 
+def test_photos_in_formats_not_read_are_named_not_silently_left_out(tmp_path):
+    """A folder of iPhone photos (HEIC) beside a few JPEGs: the HEIC files are named in a warning with what to do (the
+    scene was silently smaller); a folder of HEIC files alone is refused naming them. Other files stay unmentioned."""
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    folder = tmp_path / "iphone"
+    folder.mkdir()
+    for name in ("IMG_0001.HEIC", "IMG_0002.heic", "IMG_0003.DNG", "IMG_0004.HEIC", "notes.txt", ".DS_Store"):
+        (folder / name).write_bytes(b"not read")
+    with pytest.raises(InputError, match=r"holds no image files .*; 4 photo\(s\) in a format that is not read "
+                       r"\(IMG_0001.HEIC, IMG_0002.heic, IMG_0003.DNG, \.\.\.\): convert them to JPEG or PNG"):  # fmt: skip
+        open_views(folder=folder)
+    Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(folder / "IMG_0005.jpg")
+    with CaptureLogger(logging.get_logger("g2vlm_hf.inputs.images")) as captured:
+        views = open_views(folder=folder)
+    assert views.names == ["IMG_0005.jpg"]
+    assert "1 image files are used and 4 photo(s) in a format that is not read" in captured.out
+    assert "notes.txt" not in captured.out and "DS_Store" not in captured.out
+
+
 def test_views_are_counted_and_named_before_any_decoding(tmp_path, monkeypatch):
     write_video(tmp_path / "walk.mp4", gradient_frames(5))
     folder = tmp_path / "views"
