@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -529,7 +530,7 @@ def test_a_model_name_that_is_neither_a_folder_nor_a_hub_id_is_refused_at_once(
     """A missing local folder written without `./` (a bare name, or `outputs/NAME` beside an `outputs` folder) went
     to the Hub, which offline retries for minutes before failing; now one line at once, in `g2vlm` and `g2vlm-eval`.
     A real folder of that name, or `owner/name` with no such local folder, is still taken as it is."""
-    from g2vlm_hf.model_loading import check_model_path
+    from g2vlm_hf.model_loading import check_model_path, load_checked
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "outputs").mkdir()
@@ -539,6 +540,8 @@ def test_a_model_name_that_is_neither_a_folder_nor_a_hub_id_is_refused_at_once(
     questions.write_text(json.dumps({"id": "a", "question": "Where?", "images": [str(VIEWS[0])], "answer": "2.5"}))
     assert eval_cli.main(["vqa", "--model", model, "--data", str(questions), "--output", "r.json"]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "r.json").exists()
+    with pytest.raises(ValueError, match=re.escape(message)):  # the demo's loader
+        load_checked(model, "auto", "cpu")
     (tmp_path / model).mkdir(parents=True)
     check_model_path(model)  # it exists now: a local folder
     check_model_path("InternRobotics/G2VLM-2B-MoT")  # no local InternRobotics folder: left to the Hub

@@ -133,6 +133,8 @@ def load_model(model_path: str, dtype: str, device: str, generate: bool = True):
 
 
 def load_checked(model_path: str, dtype: str, device: str):
-    """`(model, processor)` of a converted checkpoint: [`load_processor`] then [`load_model`] (see their errors)."""
+    """`(model, processor)` of a converted checkpoint: [`check_model_path`], [`load_processor`] then [`load_model`] (see
+    their errors)."""
+    check_model_path(model_path)
     processor = load_processor(model_path)
     return load_model(model_path, dtype, device), processor
