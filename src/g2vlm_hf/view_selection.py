@@ -28,11 +28,12 @@ def coverage_indices(camera_poses: np.ndarray, count: int) -> list[int]:
     if not len(poses) or count < 1:
         return []
     centres, directions = poses[:, :3, 3], poses[:, :3, 2]
-    spread = float(np.median(np.linalg.norm(centres - np.median(centres, axis=0), axis=1)))
-    features = np.concatenate([centres / (spread if spread > 0 else 1.0), directions], axis=1)
-    usable = np.isfinite(features).all(axis=1)
+    usable = np.isfinite(centres).all(axis=1) & np.isfinite(directions).all(axis=1)
     if not usable.any():
         return []
+    known = centres[usable]  # the spread of the usable cameras: one NaN camera made it NaN, and the unit world units
+    spread = float(np.median(np.linalg.norm(known - np.median(known, axis=0), axis=1)))
+    features = np.concatenate([centres / (spread if spread > 0 else 1.0), directions], axis=1)
     features[~usable] = np.nan  # a view without a usable camera is never chosen
     first = int(np.argmax(usable))
     chosen = [first]
