@@ -77,10 +77,9 @@ def save_cameras_json(
     """Saves the camera poses (and intrinsics) as JSON.
 
     The document is `{"convention": str, "intrinsics_convention": str, "cameras": [{"index": int, "name": str (with
-    `view_names`), "camera_to_world":
-    4x4 nested list, "width": int, "height": int, "intrinsics": 3x3 (with `intrinsics`), "original": {"width",
-    "height", "intrinsics"} (with `original_sizes`)}, ...]}`, one entry per view in view order. Intrinsics a view
-    could not be fitted for hold `null`.
+    `view_names`), "camera_to_world": 4x4 nested list, "width": int, "height": int, "intrinsics": 3x3 (with
+    `intrinsics`), "original": {"width", "height", "intrinsics"} (with `original_sizes`)}, ...]}`, one entry per view
+    in view order. Intrinsics a view could not be fitted for hold `null`.
 
     Args:
         path (`str` or `os.PathLike`): Destination file; its folder is created if missing.
