@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     recon = commands.add_parser("reconstruct", help="views of one scene -> scene.glb, points.ply, cameras.json, depth")
     common(recon)
     recon.add_argument("images", nargs="*", default=[], help="image files of the views")
-    recon.add_argument("--folder", type=Path, help="use every image of this folder (sorted by name)")
+    recon.add_argument("--folder", type=Path, help="use the images of this folder, sorted by name (see --every)")
     recon.add_argument("--video", type=Path, help="use frames of this video file")
     recon.add_argument(
         "--every",
