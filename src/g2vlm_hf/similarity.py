@@ -135,7 +135,8 @@ def umeyama(
 
     Raises:
         ValueError: on mismatched shapes, fewer than 3 points of positive weight, a non-finite point of positive
-            weight, or source (or, for the scale, target) points that all coincide.
+            weight, or, with the scale, source or target points that all coincide (without it, ICP's use, nothing is
+            refused: the rotation of coinciding points is then arbitrary).
     """
     source, target = corresponding_points(source, target, "umeyama")
     weights = torch.ones(source.shape[0], dtype=torch.float64) if weights is None else as_float64(weights, "weights")
