@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers.utils import logging as transformers_logging
 
 from g2vlm_hf import export
 from g2vlm_hf.export import (
@@ -143,9 +144,19 @@ def test_points_beyond_float32_are_refused_not_written_as_inf(scene):
         filter_points(world, scene["images"])
 
 
-def test_confidence_percentile_ignored_without_confidence(scene):
-    points, _ = filter_points(scene["world_points"], scene["images"], None, confidence_percentile=50.0)
+def test_confidence_percentile_ignored_without_confidence(scene, caplog):
+    """Every finite point is kept, and the ignored argument is said once, not by each writer the scene goes through
+    (the command line writes its files, then its COLMAP model, from one reconstruction)."""
+    transformers_logging.warning_once.cache_clear()
+    transformers_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            for _ in range(2):
+                points, _ = filter_points(scene["world_points"], scene["images"], None, confidence_percentile=50.0)
+    finally:
+        transformers_logging.disable_propagation()
     assert points.shape[0] == N * H * W
+    assert caplog.text.count("`confidence_percentile` is ignored: this reconstruction has no confidence") == 1
 
 
 def test_max_points_subsample_is_seeded_subset(scene):

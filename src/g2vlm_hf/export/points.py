@@ -25,7 +25,8 @@ def confidence_mask(
     if not 0.0 <= confidence_percentile <= 100.0:
         raise ValueError(f"`confidence_percentile` must be in [0, 100], got {confidence_percentile}")
     if confidence is None:
-        logger.warning("`confidence_percentile` is ignored: this reconstruction has no confidence")
+        # once per process: one scene goes through several writers (its files, then COLMAP's), a stream chunk by chunk
+        logger.warning_once("`confidence_percentile` is ignored: this reconstruction has no confidence")
         return keep
     keep &= ~np.isnan(confidence)  # +inf is the most confident value there is (an overflowed exp), not an invalid one
     if keep.any() and confidence_percentile > 0.0:
