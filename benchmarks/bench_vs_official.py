@@ -215,7 +215,8 @@ def measure_port(spec: dict, source: str | None = None) -> dict:
     if source:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(source).resolve()), env.get("PYTHONPATH")]))
     command = [sys.executable, str(Path(__file__).resolve()), "--measure-port", json.dumps(spec)]
-    output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+    # the child's stderr passes through: a failing side shows its traceback
+    output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True, env=env).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
