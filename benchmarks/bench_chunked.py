@@ -8,6 +8,7 @@ chunk, cameras, PLY and GLB at the end under a 200,000-point budget, in a tempor
 
     python benchmarks/bench_chunked.py                                 # the README table (about 10 minutes, 2 cores)
     python benchmarks/bench_chunked.py --views 8 16 --side 56          # a quick look
+    python benchmarks/bench_chunked.py --modes one_pass --attention eager   # one pass with eager's dense mask
 
 bfloat16 rows are added only when the CPU has bfloat16 units (AVX512-BF16 or AMX): without them PyTorch emulates
 bf16 and the figures would say nothing about bf16 hardware. Their speed ratio to float32 and the relative distance
@@ -64,6 +65,7 @@ def worker(args: argparse.Namespace) -> None:
     config = G2VLMConfig(**TINY)
     model = G2VLMForConditionalGeneration._from_config(config, dtype=getattr(torch, args.dtype)).eval()
     model.geometry_heads.float()
+    model.set_attn_implementation(args.attention)
     processor = PromptProcessor(config)
     views = random_views(args.views[0], args.side, args.side)
     with torch.inference_mode():  # warm-up: one-time kernel and allocator set-up stays out of the timing
@@ -86,13 +88,14 @@ def worker(args: argparse.Namespace) -> None:
     if args.save:
         torch.save(output.world_points, args.save)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    print(json.dumps({"seconds": seconds, "peak_rss_gib": peak_gib}))
+    attention = model.config.text_config._attn_implementation  # what the decoder ran, not what was asked for
+    print(json.dumps({"seconds": seconds, "peak_rss_gib": peak_gib, "attention": attention}))
 
 
 def measure(args: argparse.Namespace, views: int, mode: str, dtype: str, save: Path | None) -> dict:
     command = [sys.executable, __file__, "--worker", "--views", str(views), "--side", str(args.side), "--dtype", dtype,
                "--mode", mode, "--chunk-size", str(args.chunk_size), "--overlap", str(args.overlap),
-               "--memory-limit-gb", str(args.memory_limit_gb)]  # fmt: skip
+               "--memory-limit-gb", str(args.memory_limit_gb), "--attention", args.attention]  # fmt: skip
     command += ["--save", str(save)] if save else []
     try:
         run = subprocess.run(command, capture_output=True, text=True, timeout=args.time_limit)
@@ -120,6 +123,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--memory-limit-gb", type=int, default=8, help="address-space limit of each configuration")
     parser.add_argument("--time-limit", type=float, default=300.0, help="seconds allowed to each configuration")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES[:3]))
+    parser.add_argument(
+        "--attention", default="sdpa", choices=("sdpa", "eager"),
+        help="the decoder's attention (eager builds the dense tokens x tokens mask: its one-pass memory is quadratic)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
@@ -134,7 +141,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dtypes = ["float32", "bfloat16"] if units else ["float32"]
     print(f"CPU: {torch.backends.cpu.get_cpu_capability()} kernels, {torch.get_num_threads()} threads; bfloat16 "
           f"{'units: ' + units if units else 'rows left out: no AVX512-BF16 or AMX units (bf16 would be emulated)'}")  # fmt: skip
-    print(f"tiny config, {args.side}x{args.side} views, chunks of {args.chunk_size} sharing {args.overlap}; "
+    print(f"tiny config, {args.attention} attention, {args.side}x{args.side} views, chunks of {args.chunk_size} sharing {args.overlap}; "
           f"limits per run {args.memory_limit_gb} GiB, {args.time_limit:.0f} s")  # fmt: skip
     rows = []
     with tempfile.TemporaryDirectory() as folder:
