@@ -35,7 +35,14 @@ import torch
 from costs import decode_bytes_per_token, decoder_flops, measure_peaks, reconstruction_flops
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, CompileConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    CompileConfig,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
 from transformers.generation.streamers import BaseStreamer
 
 import g2vlm_hf  # noqa: F401
@@ -118,6 +125,27 @@ def long_context_decode_rates(model, steps: int, repeats: int) -> dict[tuple[int
     return rates
 
 
+def reference_decode_rate(config, context: int, spec: dict, repeats: int) -> float:
+    """Decode tokens/s of transformers' own Qwen2-VL with the port's text decoder size (random weights, a text prompt
+    of `context` tokens, dynamic cache): the per-token host work of `generate` on a transformers model, which the
+    port's decode adds to only what its own forward costs more."""
+    text = {key: value for key, value in config.text_config.to_dict().items() if key != "model_type"}
+    text |= {"bos_token_id": None, "eos_token_id": None}  # Qwen2-VL's defaults lie outside a tiny vocabulary
+    reference_config = Qwen2VLConfig(
+        text_config=text,
+        vision_config={"depth": 1, "embed_dim": 32, "hidden_size": text["hidden_size"], "num_heads": 2},
+        image_token_id=config.image_token_id,
+        vision_start_token_id=config.vision_start_token_id,
+        vision_end_token_id=config.vision_end_token_id,
+    )
+    reference = Qwen2VLForConditionalGeneration._from_config(reference_config, dtype=torch.float32).eval()
+    vocab = config.text_config.vocab_size
+    ids = torch.randint(0, vocab - 10, (1, context), generator=torch.Generator().manual_seed(0))
+    return decode_rate(
+        reference, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, spec["decode_steps"], repeats
+    )
+
+
 def relative_error(port: torch.Tensor, official: torch.Tensor) -> float:
     return float((port.float() - official.float()).norm() / official.float().norm())
 
@@ -190,6 +218,7 @@ def port_results(spec: dict) -> dict:
         )
 
         results["decode"] = decode_rate(model, inputs, spec["decode_steps"], repeats)
+        results["decode_reference"] = reference_decode_rate(model.config, inputs["input_ids"].shape[1], spec, repeats)
         compile_config = CompileConfig(fullgraph=False, dynamic=False)
         compile_config._compile_all_devices = True  # transformers only auto-compiles on accelerators by default
         results["decode_compiled"] = decode_rate(
@@ -251,6 +280,9 @@ def print_table(config, port: dict, before: dict | None, official: dict | None, 
     official_rate = official["decode"]["tokens_per_second"] if official else nan
     for key, label in (("decode", "decode b1 (tok/s)"), ("decode_compiled", "decode b1 static+compile")):
         row(label, before[key] if before else nan, port[key], official_rate, floor_rate, ".1f", faster_is_lower=False)
+    before_reference = before.get("decode_reference", nan) if before else nan
+    row("decode b1 Qwen2-VL (reference)", before_reference, port["decode_reference"], official_rate, floor_rate, ".1f",
+        faster_is_lower=False)  # fmt: skip
     for key, rate in port.get("prefill", {}).items():
         batch, context = map(int, key.split())
         floor_rate = peak_flops / (decoder_flops(config, context) / context)
@@ -277,7 +309,9 @@ def print_table(config, port: dict, before: dict | None, official: dict | None, 
         )
     print(f"(speed-up: port against official; floors: recon and prefill analytic FLOPs / peak FLOP/s, decode weights + "
           f"KV bytes per token / bandwidth; decode context {port['context']} tokens; 'port/floor': how many times the "
-          "floor the port takes, or the floor's rate over the port's)")  # fmt: skip
+          "floor the port takes, or the floor's rate over the port's; 'Qwen2-VL (reference)': transformers' own "
+          "Qwen2-VL with the same text decoder and context, measured in each port process: the host work of "
+          "generate() itself)")  # fmt: skip
     if "parity" in port:
         parity = port["parity"]
         print(f"parity with the official run on its own inputs (float32): world points relative error "
