@@ -391,10 +391,11 @@ def test_blocked_k_nearest_and_normals_match_brute_force():
     torch.testing.assert_close(knn_normals(cloud, 10, chunk_size=9).abs(), expected.abs())
 
 
-def reference_icp(source: np.ndarray, target: np.ndarray, max_distance: float) -> np.ndarray:
+def reference_icp(source: np.ndarray, target: np.ndarray, max_distance: float) -> tuple[np.ndarray, int]:
     """Point-to-point ICP as Open3D's `registration_icp` runs it with its default criteria (30 iterations, relative
-    fitness and RMSE 1e-6), by brute force: all pair distances, and each rigid motion by Kabsch's SVD."""
-    moved, previous = source.copy(), None
+    fitness and RMSE 1e-6), by brute force: all pair distances, and each rigid motion by Kabsch's SVD. Returns the
+    moved source and the number of motions applied (30 when the criterion never stopped it)."""
+    moved, previous, steps = source.copy(), None, 0
     for _ in range(30):
         distances = np.linalg.norm(moved[:, None] - target[None], axis=-1)
         index = distances.argmin(1)
@@ -408,7 +409,8 @@ def reference_icp(source: np.ndarray, target: np.ndarray, max_distance: float) -
         u, _, vt = np.linalg.svd((y - y.mean(0)).T @ (x - x.mean(0)))
         r = u @ np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))]) @ vt
         moved = moved @ r.T + (y.mean(0) - r @ x.mean(0))
-    return moved
+        steps += 1
+    return moved, steps
 
 
 def wavy_surface(count: int, seed: int, amplitude: float, frequencies: tuple[float, float]) -> np.ndarray:
@@ -418,20 +420,24 @@ def wavy_surface(count: int, seed: int, amplitude: float, frequencies: tuple[flo
 
 
 @pytest.mark.parametrize(
-    "amplitude, frequencies, seed, degrees, shift, max_distance",
+    "amplitude, frequencies, seed, degrees, shift, max_distance, stops_early",
     [
-        (0.3, (2.0, 3.0), 0, 8.0, (0.05, -0.04, 0.03), 0.3),  # stops on the 1e-6 criterion after 21 steps
-        (0.15, (1.5, 1.0), 2, 10.0, (0.15, -0.1, 0.03), 0.5),  # still moving after the 30 steps
+        (0.3, (2.0, 3.0), 0, 8.0, (0.05, -0.04, 0.03), 0.3, True),  # stops on the 1e-6 criterion
+        (0.15, (1.5, 1.0), 2, 10.0, (0.15, -0.1, 0.03), 0.5, False),  # still moving after the 30 steps
     ],
 )
-def test_icp_matches_brute_force_open3d_icp_and_stays_rigid(amplitude, frequencies, seed, degrees, shift, max_distance):
+def test_icp_matches_brute_force_open3d_icp_and_stays_rigid(
+    amplitude, frequencies, seed, degrees, shift, max_distance, stops_early
+):
     """Two samplings of one surface (no exact pairs: the pairs change from step to step): the refined cloud is
     Open3D's default ICP result, one stopping on the fitness and RMSE criterion, one at the 30-iteration cap, and a
     rigid motion of the source (its pairwise distances kept: no scale is fitted)."""
     target = wavy_surface(300, seed, amplitude, frequencies)
     source = wavy_surface(200, seed + 100, amplitude, frequencies) @ rotation("z", degrees).T + np.array(shift)
     refined = icp_refine(torch.from_numpy(source), torch.from_numpy(target), max_distance).numpy()
-    np.testing.assert_allclose(refined, reference_icp(source, target, max_distance), atol=1e-10)
+    expected, steps = reference_icp(source, target, max_distance)
+    assert (steps < 30) == stops_early  # each case exercises the criterion it is there for
+    np.testing.assert_allclose(refined, expected, atol=1e-10)
     pairwise = np.linalg.norm(source[:, None] - source[None], axis=-1)
     np.testing.assert_allclose(np.linalg.norm(refined[:, None] - refined[None], axis=-1), pairwise, atol=1e-10)
 

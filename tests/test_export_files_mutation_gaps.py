@@ -215,9 +215,12 @@ def test_scene_scale_measures_from_each_camera_centre():
 
 
 def test_scene_scale_of_a_large_cloud_samples_all_of_it():
-    """30,000 points (over the 20,000 sample): the first 100 are 1 away, the rest 5; the scale is 5."""
-    radii = np.r_[np.ones(100), np.full(29_900, 5.0)]
+    """30,000 points (over the 20,000 sample): 9,000 at distance 5, then 12,000 at 1, then 9,000 at 5. The whole
+    cloud, and a sample spread over it, is 60% at 5: scale 5. The first 20,000 points alone (11,000 at 1 of them) or
+    the last 20,000 would give 1."""
+    radii = np.repeat([5.0, 1.0, 5.0], [9_000, 12_000, 9_000])
     points = sphere(1.0, count=30_000) * radii[:, None]
+    assert np.median(radii[:20_000]) == np.median(radii[-20_000:]) == 1.0  # what a prefix or suffix sample would see
     assert glb.robust_scene_scale(points, np.eye(4)[None]) == pytest.approx(5.0)
 
 

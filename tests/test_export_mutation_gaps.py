@@ -324,7 +324,8 @@ def test_a_view_without_a_camera_does_not_end_the_choice_early():
 
 def test_choose_views_by_coverage_and_uniformly_differ_on_a_lingering_camera():
     """A camera that stays at one place for views 0-7 and 9 and visits x = 5 at view 8: two views by coverage are
-    the first and the visit, evenly they are the first and the last."""
+    the first and the visit, evenly they are the first and the last. Most centres coincide, so the median spread is
+    0: places are then counted in world units (no division by zero)."""
     poses = places([(0, 0, 0)] * 8 + [(5, 0, 0), (0, 0, 0)])
     assert choose_views(poses, 2, "coverage") == [0, 8]
     assert choose_views(poses, 2, "uniform") == [0, 9]

@@ -53,16 +53,6 @@ def test_compose_applies_the_inner_similarity_first_and_inverse_undoes():
     torch.testing.assert_close(back.translation, torch.zeros(3, dtype=torch.float64), atol=1e-12, rtol=0)
 
 
-def test_compose_with_the_identity_keeps_the_translation():
-    """Composing with the identity on either side changes nothing, the translation included."""
-    parts = known(np.random.default_rng(2))
-    a = Similarity(*parts)
-    for composed in (a.compose(Similarity.identity()), Similarity.identity().compose(a)):
-        assert composed.scale == pytest.approx(parts[0], rel=1e-15)
-        torch.testing.assert_close(composed.rotation, torch.from_numpy(parts[1]))
-        torch.testing.assert_close(composed.translation, torch.from_numpy(parts[2]))
-
-
 def test_apply_to_poses_moves_cameras_consistently_with_their_points():
     """`new pose @ (scale * local) == similarity(pose @ local)`, the bottom row stays (0, 0, 0, 1), the input is
     left untouched."""
@@ -84,7 +74,8 @@ def test_apply_to_poses_moves_cameras_consistently_with_their_points():
 
 
 def test_points_given_as_a_reversed_view_or_a_tensor_needing_grad_are_accepted():
-    """A NumPy view with negative strides and a tensor that requires grad (e.g. a model's output) are valid input."""
+    """A NumPy view with negative strides and a tensor that requires grad (e.g. a model's output) are valid input;
+    the fit of the latter is plain data, outside the autograd graph (its tensors convert to NumPy)."""
     rng = np.random.default_rng(4)
     parts = known(rng)
     source = rng.normal(size=(10, 3))
@@ -92,8 +83,11 @@ def test_points_given_as_a_reversed_view_or_a_tensor_needing_grad_are_accepted()
     scale, rot, _ = umeyama(source[::-1], target[::-1])
     assert scale == pytest.approx(parts[0], rel=1e-10)
     np.testing.assert_allclose(rot.numpy(), parts[1], atol=1e-10)
-    scale, _, _ = umeyama(torch.from_numpy(source).requires_grad_(), torch.from_numpy(target))
+    scale, rot, shift = umeyama(torch.from_numpy(source).requires_grad_(), torch.from_numpy(target))
     assert scale == pytest.approx(parts[0], rel=1e-10)
+    assert not rot.requires_grad and not shift.requires_grad
+    np.testing.assert_allclose(rot.numpy(), parts[1], atol=1e-10)
+    np.testing.assert_allclose(shift.numpy(), parts[2], atol=1e-9)
 
 
 # ------------------------------------------------------------------------------------------------------- umeyama
