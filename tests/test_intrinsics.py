@@ -164,3 +164,23 @@ def test_the_confidence_threshold_is_torchs_nanquantile_of_each_view():
     for quantile in (0.0, 0.25, 0.5, 0.9):
         expected = torch.stack([torch.nanquantile(row, quantile) for row in scores])
         torch.testing.assert_close(_nanquantile_rows(scores, quantile), expected, equal_nan=True)
+
+
+@pytest.mark.parametrize("side", [4, 128])
+def test_whether_rays_vary_is_judged_per_pixel_not_by_the_pixel_count(side):
+    """The fit is undetermined when a view's rays spread by under about 1e-6 (rounding of float32 points), whatever
+    the resolution: rays spread by 3e-7 give NaN at 4x4 and at 128x128 pixels, and a (very long) lens whose rays spread
+    by 2e-5 is still fitted exactly at both. The spread of the pixel grid is side / sqrt(12) pixels, so the focal length
+    is that over the rays' spread."""
+    grid_spread = side / 12**0.5
+    centre = side / 2
+    v, u = torch.meshgrid(*[torch.arange(side, dtype=torch.float64) + 0.5] * 2, indexing="ij")
+    depth = 2.0 + 0.1 * torch.rand(side, side, generator=torch.Generator().manual_seed(side), dtype=torch.float64)
+    for ray_spread, fitted in ((3e-7, False), (2e-5, True)):
+        focal = grid_spread / ray_spread
+        points = torch.stack([(u - centre) / focal * depth, (v - centre) / focal * depth, depth], dim=-1)
+        intrinsics = estimate_intrinsics(points)
+        if fitted:
+            torch.testing.assert_close(intrinsics, pinhole(focal, side, side), rtol=1e-6, atol=1e-6 * focal)
+        else:
+            assert torch.isnan(intrinsics[[0, 0, 1, 1], [0, 2, 1, 2]]).all()
