@@ -377,6 +377,9 @@ class TestBadInput:
             freeze_for_stage(tiny_model(), stage)
 
     def test_target_points_behind_their_camera_are_left_out(self):
+        """Valid points behind the first camera give every loss term of the same pixels masked: the scale-free point
+        terms and also the camera term, whose target translations are scaled by the target points' mean distance
+        (the behind points counted in it)."""
         batch = synthetic_batch()
         model = tiny_model()
         with torch.no_grad():
@@ -392,8 +395,38 @@ class TestBadInput:
             batch["geometry_targets"]["valid_mask"] = targets["valid_mask"]
             unmasked = model(**batch).geometry_losses
         assert all(value >= 0 for value in reference.values())
-        for name in ("local_points", "global_points"):
-            torch.testing.assert_close(unmasked[name], masked[name])
+        assert sorted(unmasked) == sorted(masked) and "camera_translation" in masked
+        for name, value in masked.items():
+            torch.testing.assert_close(unmasked[name], value, msg=name)
+
+    @pytest.mark.parametrize("unknown", [float("nan"), float("inf"), -float("inf")])
+    @pytest.mark.parametrize("marked", ["masked", "marked valid"])
+    def test_unknown_target_points_may_hold_non_finite_values(self, unknown, marked):
+        """Datasets store unknown depth as NaN or inf: at masked pixels it changes no loss and no gradient, and a
+        non-finite point marked valid is left out as unknown (it made the target scale NaN, every point then
+        'behind its camera', and the call failed)."""
+        batch = synthetic_batch()
+        targets = batch["geometry_targets"]
+        unknown_pixels = torch.zeros_like(targets["valid_mask"])
+        unknown_pixels[..., 1, :3] = True
+
+        def losses_and_gradients(world_points, valid_mask):
+            model = tiny_model()
+            batch["geometry_targets"] = {**targets, "world_points": world_points, "valid_mask": valid_mask}
+            losses = model(**batch).geometry_losses
+            losses["total"].backward()
+            return losses, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+        reference, reference_gradients = losses_and_gradients(
+            targets["world_points"], targets["valid_mask"] & ~unknown_pixels
+        )
+        poisoned = targets["world_points"].masked_fill(unknown_pixels[..., None], unknown)
+        valid = targets["valid_mask"] & ~unknown_pixels if marked == "masked" else targets["valid_mask"]
+        losses, gradients = losses_and_gradients(poisoned, valid)
+        assert torch.isfinite(gradients).all() and bool(gradients.abs().sum() > 0)
+        for name, value in reference.items():
+            torch.testing.assert_close(losses[name], value, msg=name)
+        torch.testing.assert_close(gradients, reference_gradients)
 
     @pytest.mark.parametrize("unknown", ["masked", "behind the cameras"])
     def test_a_scene_without_known_points_takes_no_part_in_the_geometry_loss(self, unknown):

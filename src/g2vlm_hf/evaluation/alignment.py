@@ -74,7 +74,7 @@ def adam_l1_scale_shift(
 
     Not a closed form: this is the "scale&shift" alignment of the video-depth protocol in G²VLM's / Pi3's evaluation
     code (learning rate 1e-4, 1e-3 for NYU-v2; at most `max_steps` steps, stopping when the loss changes by less
-    than `tolerance`), reproduced so that its numbers can be compared. Runs in float64 on the inputs' device.
+    than `tolerance`), reproduced so that its numbers can be compared. Runs in float64 on the CPU.
     """
     pred, gt = as_float64(pred, "prediction").flatten(), as_float64(gt, "ground truth").flatten()
     _check_pair(pred, gt)

@@ -37,14 +37,15 @@ def scale_translations(poses: torch.Tensor, factor: torch.Tensor) -> torch.Tenso
 
 
 def mean_distance(points: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean norm of the valid points of each scene: `(B,)`."""
-    distances = points.norm(dim=-1) * mask
+    """Mean norm of the valid points of each scene: `(B,)` (what the other points hold, NaN included, is not read)."""
+    distances = torch.where(mask, points.norm(dim=-1), 0.0)
     return distances.flatten(1).sum(-1) / mask.flatten(1).sum(-1).clamp_min(1)
 
 
 @torch.no_grad()
 def weighted_l1_scale(source: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The scale `a` minimising `sum w * |a * x - y|` over the coordinates of one scene (a weighted median of y / x).
+    """The magnitude of the scale `a` minimising `sum w * |a * x - y|` over the coordinates of one scene (a weighted
+    median of y / x; a mirrored prediction's negative minimiser is taken by its size).
 
     Args:
         source, target: `(n, 3)` points; weight: `(n,)`.
@@ -87,8 +88,9 @@ def geometry_losses(
     Args:
         prediction: the geometry heads' output (`local_points`, `camera_poses`, optionally `global_points`).
         world_points: `(B, N, H, W, 3)` ground-truth points in any world frame.
-        valid_mask: `(B, N, H, W)` bool, True where `world_points` is known (points behind their camera are left
-            out as well); a scene with no such point takes no part in the losses.
+        valid_mask: `(B, N, H, W)` bool, True where `world_points` is known (points that are not finite or lie
+            behind their camera are left out as well; unknown points may hold anything, NaN included); a scene with no
+            such point takes no part in the losses.
         camera_poses: `(B, N, 4, 4)` ground-truth camera-to-world transforms in the same frame.
         weights: term weights (defaults: the official recipe).
     """
@@ -97,6 +99,14 @@ def geometry_losses(
     mask = valid_mask.bool()
     if int(mask.sum()) == 0:
         raise ValueError("geometry_targets['valid_mask'] marks no valid pixel: the geometry loss needs known points.")
+    # a target point behind its camera is no pixel's depth: leaving it in would make the depth weights negative, and
+    # it must not count in the target scale either (NaN compares False: a non-finite point is left out too)
+    mask = mask & (transform_points(invert_rigid(camera_poses), world_points)[..., 2] > 0)
+    mask = mask & torch.isfinite(world_points).all(-1)
+    if int(mask.sum()) == 0:
+        raise ValueError("No valid target point lies in front of its camera: check geometry_targets' frames.")
+    # what unknown points hold never reaches a sum, nor the gradient (0 * NaN is NaN)
+    world_points = torch.where(mask[..., None], world_points, 0.0)
 
     # targets: first camera's frame, unit mean distance
     to_first = invert_rigid(camera_poses[:, :1])
@@ -106,10 +116,6 @@ def geometry_losses(
     target_global = target_global / target_scale.view(-1, 1, 1, 1, 1)
     target_poses = scale_translations(target_poses, 1.0 / target_scale)
     target_local = transform_points(invert_rigid(target_poses), target_global)
-    # a target point behind its camera is no pixel's depth: leaving it in would make the depth weights negative
-    mask = mask & (target_local[..., 2] > 0)
-    if int(mask.sum()) == 0:
-        raise ValueError("No valid target point lies in front of its camera: check geometry_targets' frames.")
     scenes = mask.flatten(1).any(1)
     if not bool(scenes.all()):
         # a scene without a known point (a chat sample's views in a mixed batch) takes no part: its target scale
@@ -129,7 +135,7 @@ def geometry_losses(
 
     # per-pixel weights: closer points count more; then one optimal scale per scene
     depth = target_local[..., 2]
-    view_mean = (depth * mask).flatten(2).sum(-1) / mask.flatten(2).sum(-1).clamp_min(1)
+    view_mean = torch.where(mask, depth, 0.0).flatten(2).sum(-1) / mask.flatten(2).sum(-1).clamp_min(1)
     pixel_weight = 1.0 / (torch.maximum(depth, 0.1 * view_mean[..., None, None]) + 1e-6)
     scale = torch.stack(
         [
