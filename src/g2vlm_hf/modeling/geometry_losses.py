@@ -37,8 +37,8 @@ def scale_translations(poses: torch.Tensor, factor: torch.Tensor) -> torch.Tenso
 
 
 def mean_distance(points: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean norm of the valid points of each scene: `(B,)` (what the other points hold, NaN included, is not read)."""
-    distances = torch.where(mask, points.norm(dim=-1), 0.0)
+    """Mean norm of the valid points of each scene: `(B,)`."""
+    distances = points.norm(dim=-1) * mask
     return distances.flatten(1).sum(-1) / mask.flatten(1).sum(-1).clamp_min(1)
 
 
@@ -135,7 +135,7 @@ def geometry_losses(
 
     # per-pixel weights: closer points count more; then one optimal scale per scene
     depth = target_local[..., 2]
-    view_mean = torch.where(mask, depth, 0.0).flatten(2).sum(-1) / mask.flatten(2).sum(-1).clamp_min(1)
+    view_mean = (depth * mask).flatten(2).sum(-1) / mask.flatten(2).sum(-1).clamp_min(1)
     pixel_weight = 1.0 / (torch.maximum(depth, 0.1 * view_mean[..., None, None]) + 1e-6)
     scale = torch.stack(
         [
