@@ -278,11 +278,12 @@ def print_table(config, port: dict, before: dict | None, official: dict | None, 
         )
     floor_rate = peak_bandwidth / decode_bytes_per_token(config, port["context"])
     official_rate = official["decode"]["tokens_per_second"] if official else nan
-    for key, label in (("decode", "decode b1 (tok/s)"), ("decode_compiled", "decode b1 static+compile")):
+    for key, label in (
+        ("decode", "decode b1 (tok/s)"),
+        ("decode_compiled", "decode b1 static+compile"),
+        ("decode_reference", "decode b1 Qwen2-VL (reference)"),
+    ):
         row(label, before[key] if before else nan, port[key], official_rate, floor_rate, ".1f", faster_is_lower=False)
-    before_reference = before.get("decode_reference", nan) if before else nan
-    row("decode b1 Qwen2-VL (reference)", before_reference, port["decode_reference"], official_rate, floor_rate, ".1f",
-        faster_is_lower=False)  # fmt: skip
     for key, rate in port.get("prefill", {}).items():
         batch, context = map(int, key.split())
         floor_rate = peak_flops / (decoder_flops(config, context) / context)
