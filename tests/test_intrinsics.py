@@ -170,9 +170,9 @@ def test_the_confidence_threshold_is_torchs_nanquantile_of_each_view():
 def test_whether_rays_vary_is_judged_per_pixel_not_by_the_pixel_count(side):
     """The fit is undetermined when a view's rays spread by under about 1e-6 (rounding of float32 points), whatever
     the resolution: rays spread by 3e-7 give NaN at 4x4 and at 128x128 pixels, and a (very long) lens whose rays spread
-    by 2e-5 is still fitted exactly at both. The spread of the pixel grid is side / sqrt(12) pixels, so the focal length
-    is that over the rays' spread."""
-    grid_spread = side / 12**0.5
+    by 2e-5 is still fitted exactly at both. The spread (standard deviation) of `side` pixel centres is
+    sqrt((side^2 - 1) / 12) pixels, so the focal length is that over the rays' spread."""
+    grid_spread = ((side**2 - 1) / 12) ** 0.5
     centre = side / 2
     v, u = torch.meshgrid(*[torch.arange(side, dtype=torch.float64) + 0.5] * 2, indexing="ij")
     depth = 2.0 + 0.1 * torch.rand(side, side, generator=torch.Generator().manual_seed(side), dtype=torch.float64)
