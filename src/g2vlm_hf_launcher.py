@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,12 +35,34 @@ def _standalone(relative_path: str):
 @contextlib.contextmanager
 def _starting(command: str) -> Iterator[None]:
     """Ctrl-C while `command` starts (parsing, then importing the package: seconds) ends it with one line and exit
-    status 130, as during its run, instead of a traceback from inside the import machinery."""
+    status 130, as during its run, instead of a traceback from inside the import machinery.
+
+    The interrupt is also recorded: one that lands inside a callback the interpreter runs for itself (a weakref
+    callback of importlib's module locks) is reported as "ignored" and swallowed there, and the command would go on.
+    """
+    interrupted = False
+
+    def interrupt(signum: int, frame: object) -> None:
+        nonlocal interrupted
+        interrupted = True
+        raise KeyboardInterrupt
+
+    def drop_swallowed_interrupt(unraisable: sys.UnraisableHookArgs) -> None:
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            previous_hook(unraisable)
+
+    previous_handler = signal.signal(signal.SIGINT, interrupt)
+    previous_hook, sys.unraisablehook = sys.unraisablehook, drop_swallowed_interrupt
     try:
         yield
     except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        sys.unraisablehook = previous_hook
+    if interrupted:
         print(f"{command}: interrupted while starting; nothing was written.", file=sys.stderr)
-        raise SystemExit(130) from None
+        raise SystemExit(130)
 
 
 def g2vlm() -> int:

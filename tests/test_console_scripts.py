@@ -65,6 +65,33 @@ def test_ctrl_c_while_starting_is_one_line(tmp_path, name):
     assert sorted(path.name for path in tmp_path.iterdir()) == []
 
 
+def test_ctrl_c_swallowed_by_an_interpreter_callback_still_ends_the_start(capsys):
+    """A Ctrl-C that lands inside a callback the interpreter runs for itself (a weakref callback of importlib's module
+    locks, during the package import) was reported as "ignored" there and lost: the command went on and failed with
+    an unrelated exit status (seen once in CI). The launcher records the interrupt, so it still ends the start."""
+    import weakref
+
+    from g2vlm_hf_launcher import _starting
+
+    class Lock:
+        pass
+
+    def callback(reference: weakref.ref) -> None:
+        signal.raise_signal(signal.SIGINT)  # the handler runs here, inside the callback, whose exception is ignored
+
+    went_on = []
+    with pytest.raises(SystemExit) as ended, _starting("g2vlm"):
+        lock = Lock()
+        reference = weakref.ref(lock, callback)
+        del lock
+        went_on.append(reference() is None)
+    assert went_on == [True]  # the interrupt was swallowed inside the callback: the body went on
+    assert ended.value.code == 130
+    stderr = capsys.readouterr().err
+    assert stderr.strip().splitlines() == ["g2vlm: interrupted while starting; nothing was written."], stderr
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_a_folder_without_images_in_chunks_is_one_line(converted_tiny, tmp_path):
     (tmp_path / "empty").mkdir()
     result = run("g2vlm", "reconstruct", "--model", converted_tiny, "--folder", tmp_path / "empty", "--chunk-size", 4,
