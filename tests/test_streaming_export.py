@@ -338,5 +338,9 @@ def peak_memory(num_views: int, folder) -> int:
 
 
 def test_memory_does_not_grow_with_the_number_of_views(tmp_path):
-    small, large = peak_memory(64, tmp_path / "64"), peak_memory(1024, tmp_path / "1024")
+    """Each size is streamed twice and its smaller peak kept: a run may be charged with a one-off resize of the
+    interpreter's table of interned strings (pathlib interns each file name; 7.5 MiB seen at 1024 views when earlier
+    tests had filled it), an allocation sized by the whole process, not by the views, which cannot recur within the
+    next run's few thousand names."""
+    small, large = (min(peak_memory(views, tmp_path / f"{views}-{run}") for run in range(2)) for views in (64, 1024))
     assert large < 1.2 * small, f"peak {large / 2**20:.1f} MiB for 1024 views vs {small / 2**20:.1f} MiB for 64"
