@@ -1,9 +1,9 @@
 """Behaviour of the streaming export (`export/streaming.py`) that a mutation-testing pass found unpinned by the other
 tests: the options that change what is written (`point_colouring="view"`, `frustum_scale`,
-`write_colmap_images=False`) give the one-pass export's files; the point budget keeps exactly the points of smallest
-key at realistic sizes (where `argpartition` leaves the part after its pivot unsorted); and the reservoir's memory is
-the documented 31 bytes a held float32 point, with a chunk offered to a full reservoir costing about 16 bytes per held
-point rather than a copy of the reservoir."""
+`write_colmap_images=False`) give the one-pass export's files; the reservoir's memory is the documented 31 bytes a
+held float32 point, with a chunk offered to a full reservoir costing about 16 bytes per held point rather than a copy
+of the reservoir; what `add_views` and `close` return, the writer after a failure, and the errors of a scene without
+views, points or cameras."""
 
 from __future__ import annotations
 
