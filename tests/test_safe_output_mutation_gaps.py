@@ -1,4 +1,4 @@
-"""What a mutation-testing pass of the output layer (`safe_output`) found unpinned: behaviour a user relies on that
+"""What a mutation-testing pass of the output layer (`safe_output`) found unpinned, and the bugs it led to: behaviour a user relies on that
 a changed line of the module kept passing every earlier test (a default of `overwrite`, an output inside an input
 folder, the lock file's name, its record and its shared locks, a lock file removed while it is taken, the staging
 folder's place, the cleaning of leftovers and its result, the liveness check of a staging folder's writer). Each test
@@ -328,3 +328,22 @@ def _dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     return child.pid
+
+
+def test_an_old_leftover_is_not_emptied_through_a_linked_folder(tmp_path):
+    """A killed run's old folder whose `depth` folder the user replaced by a link to a folder of their own: cleaning
+    it deleted the user's `depth/d.png` through the link (bytes identical to the file the manifest lists). Nothing
+    behind a link is ours."""
+    make_output(tmp_path / "scene", {"new.txt": b"new"})
+    make_output(tmp_path / "built", {"depth/d.png": b"png", "cameras.json": b"{}"})
+    old = tmp_path / ".scene.g2vlm-old.abcd1234"
+    (tmp_path / "built").rename(old)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "d.png").write_bytes(b"png")
+    shutil.rmtree(old / "depth")
+    (old / "depth").symlink_to(mine, target_is_directory=True)
+    clean_leftovers(tmp_path / "scene")
+    assert (mine / "d.png").read_bytes() == b"png"
+    assert names(old) == [MANIFEST_NAME, "depth"] and (old / "depth").is_symlink()  # kept: it holds a link
+    assert names(tmp_path / "scene") == [MANIFEST_NAME, "new.txt"]
