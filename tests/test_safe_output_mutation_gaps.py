@@ -347,3 +347,22 @@ def test_an_old_leftover_is_not_emptied_through_a_linked_folder(tmp_path):
     assert (mine / "d.png").read_bytes() == b"png"
     assert names(old) == [MANIFEST_NAME, "depth"] and (old / "depth").is_symlink()  # kept: it holds a link
     assert names(tmp_path / "scene") == [MANIFEST_NAME, "new.txt"]
+
+
+def test_an_output_restored_from_a_killed_swap_is_checked_before_the_work(tmp_path):
+    """A run killed between the two renames of its swap leaves the previous output aside and nothing at the target.
+    The next run puts it back when it locks the target, before its checks: it used to restore it only when making its
+    staging folder, after the checks, so a run without --overwrite did all its work and was refused at the swap."""
+    make_output(tmp_path / "built", {"cameras.json": b"previous"})
+    (tmp_path / "built").rename(tmp_path / ".scene.g2vlm-old.abcd1234")
+    worked = []
+    with (
+        pytest.raises(OutputError, match="--overwrite"),
+        staged_outputs([tmp_path / "scene"], kinds=["reconstruction"]) as stagings,
+    ):
+        worked.append(stagings)
+    assert not worked
+    assert names(tmp_path) == ["scene"] and (tmp_path / "scene" / "cameras.json").read_bytes() == b"previous"
+    with staged_outputs([tmp_path / "scene"], kinds=["reconstruction"], overwrite=True) as (staging,):
+        (staging / "cameras.json").write_bytes(b"new")
+    assert names(tmp_path) == ["scene"] and (tmp_path / "scene" / "cameras.json").read_bytes() == b"new"
