@@ -153,19 +153,33 @@ def _unchanged(path: Path, entry: dict) -> bool:
         return False
 
 
+def _directly_in(folder: Path, name: str) -> bool:
+    """Whether `folder / name` lies in `folder` itself: a relative path without `..` whose folders are real folders,
+    not links (a file reached through a link is someone else's, whatever its bytes)."""
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts:
+        return False
+    path = folder
+    for part in relative.parts[:-1]:
+        path = path / part
+        if path.is_symlink() or not path.is_dir():
+            return False
+    return True
+
+
 def remove_owned(folder: Path, manifest: dict) -> list[str]:
     """Delete what the manifest lists in `folder` (files still exactly as listed, then the folders they emptied, then
     the manifest and `folder` itself when empty); return what was left because it is not ours."""
     for name, entry in manifest["files"].items():
         path = folder / name
-        if not path.is_symlink() and _unchanged(path, entry):
+        if _directly_in(folder, name) and not path.is_symlink() and _unchanged(path, entry):
             with contextlib.suppress(OSError):
                 path.unlink()
-    dirs = sorted({folder / parent for name in manifest["files"] for parent in Path(name).parents}, reverse=True)
+    dirs = sorted({parent for name in manifest["files"] for parent in Path(name).parents}, reverse=True)
     for directory in dirs:
-        if directory != folder:
+        if directory != Path(".") and _directly_in(folder, directory.as_posix()):
             with contextlib.suppress(OSError):
-                directory.rmdir()
+                (folder / directory).rmdir()
     remaining = [entry for entry in os.listdir(folder) if entry != MANIFEST_NAME]
     if not remaining:
         (folder / MANIFEST_NAME).unlink(missing_ok=True)

@@ -337,7 +337,8 @@ class StagingFolders(list):
 def staged_outputs(
     outputs: Sequence[str | os.PathLike[str]], *, kinds: Sequence[str], overwrite: bool = False
 ) -> Iterator[StagingFolders]:
-    """One transaction over several output folders: lock each, check each again under the lock, yield a staging
+    """One transaction over several output folders: lock each, tidy the leftovers of killed runs beside it (a
+    previous output a killed swap left aside is put back), check each again under the lock, yield a staging
     folder per output, and seal and swap them all in (`swap_in_all`) when the block ends without an error, except
     those withdrawn in the block (`StagingFolders.withdraw`). The staging folders are always removed and the locks
     released, so a failure or Ctrl-C leaves every previous output as it was, and so does a withdrawal its own.
@@ -351,6 +352,8 @@ def staged_outputs(
     with contextlib.ExitStack() as stack:
         for output in outputs:
             stack.enter_context(output_lock(output))
+        for output in outputs:  # a previous output a killed swap left aside is put back before it is checked
+            clean_leftovers(output)
         for output, kind, name in zip(outputs, kinds, shown):  # again, now that no other writer of ours can change it
             problem = replace_problem(output, kind, overwrite, shown=name)
             if problem:
