@@ -1,9 +1,10 @@
-"""What a mutation-testing pass of the output layer (`safe_output`) found unpinned, and the bugs it led to: behaviour a user relies on that
-a changed line of the module kept passing every earlier test (a default of `overwrite`, an output inside an input
-folder, the lock file's name, its record and its shared locks, a lock file removed while it is taken, the staging
-folder's place, the cleaning of leftovers and its result, the liveness check of a staging folder's writer). Each test
-names the wrong behaviour it catches; all work on real files and folders in tmp_path, and real processes where a lock
-or a writer is at stake."""
+"""What a mutation-testing pass of the output layer (`safe_output`) found unpinned, and the bugs it led to: behaviour
+a user relies on that a changed line of the module kept passing every earlier test (a default of `overwrite`, an
+output inside an input folder, the lock file's name, its record and its shared locks, a lock file removed while it is
+taken, the staging folder's place, the cleaning of leftovers and its result, the liveness check of a staging folder's
+writer, a leftover emptied through a linked folder, a previous output put back before the check). Each test names the
+wrong behaviour it catches; all work on real files and folders in tmp_path, and real processes where a lock or a
+writer is at stake."""
 
 from __future__ import annotations
 
