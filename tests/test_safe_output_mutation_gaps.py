@@ -367,3 +367,30 @@ def test_an_output_restored_from_a_killed_swap_is_checked_before_the_work(tmp_pa
     with staged_outputs([tmp_path / "scene"], kinds=["reconstruction"], overwrite=True) as (staging,):
         (staging / "cameras.json").write_bytes(b"new")
     assert names(tmp_path) == ["scene"] and (tmp_path / "scene" / "cameras.json").read_bytes() == b"new"
+
+
+def test_an_earlier_output_emptied_during_the_swap_is_replaced_without_an_error(tmp_path, monkeypatch):
+    """An earlier output its user empties (manifest and all) between the last check at the target and its rename
+    aside passed the check there as an empty folder and had no manifest to empty it by: a TypeError after the new
+    output was already in place, and the empty old folder left beside it. Now the new output is swapped in and
+    nothing else stays."""
+    import g2vlm_hf.safe_output as layer
+
+    earlier = make_output(tmp_path / "out", {"a.txt": b"earlier", "sub/b.txt": b"b"})
+    staging = tmp_path / ".staging"
+    staging.mkdir()
+    (staging / "a.txt").write_bytes(b"new")
+    checked, checks = layer.replace_problem, []
+
+    def check_then_user_empties(target, kind, overwrite, **options):
+        problem = checked(target, kind, overwrite, **options)
+        checks.append(Path(target))
+        if checks[-1] == earlier and checks.count(earlier) == 2:  # the last check before its rename aside
+            shutil.rmtree(earlier)
+            earlier.mkdir()
+        return problem
+
+    monkeypatch.setattr(layer, "replace_problem", check_then_user_empties)
+    assert swap_in_all([(staging, earlier)], kinds=["reconstruction"], overwrite=True) == [earlier]
+    assert checks.count(earlier) == 2  # the user emptied it after the last check at the target
+    assert names(tmp_path) == ["out"] and (earlier / "a.txt").read_bytes() == b"new"

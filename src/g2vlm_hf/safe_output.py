@@ -307,7 +307,15 @@ def _move_previous_aside(output: Path, kind: str, overwrite: bool) -> tuple[Path
     if problem:
         _put_back(old, output)
         raise OutputError(problem)
-    return old, read_manifest(old)
+    manifest = read_manifest(old)
+    if manifest is None:  # emptied, manifest and all, between the check and the rename: nothing of it to keep
+        try:
+            old.rmdir()
+        except OSError:  # and something put in it since: not ours to judge
+            _put_back(old, output)
+            raise OutputError(f"Output {output} changed while this run replaced it; nothing was written.") from None
+        return None, None
+    return old, manifest
 
 
 def _put_back(old: Path, output: Path) -> None:
