@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_ownership import make_output  # an earlier output, written through the real transaction
 
 from g2vlm_hf.output_manifest import MANIFEST_NAME, write_staging_manifest
 from g2vlm_hf.safe_output import (
@@ -29,15 +30,6 @@ from g2vlm_hf.safe_output import (
     staged_outputs,
     swap_in_all,
 )
-
-
-def make_output(target: Path, files: dict[str, bytes], kind: str = "reconstruction") -> Path:
-    """An earlier output of `kind` at `target`, written through the real transaction."""
-    with staged_outputs([target], kinds=[kind]) as (staging,):
-        for name, data in files.items():
-            (staging / name).parent.mkdir(parents=True, exist_ok=True)
-            (staging / name).write_bytes(data)
-    return target
 
 
 def names(folder: Path) -> list[str]:
