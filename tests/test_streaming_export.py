@@ -72,6 +72,22 @@ def stream(arrays: dict, folder, chunk_sizes, sizes=None, view_names=None, **opt
     return writer.written
 
 
+def one_pass(arrays: dict, folder, scene_options: dict, colmap_options: dict) -> list:
+    """The one-pass export of `arrays` (`folder/scene` and its COLMAP model `folder/sparse`): every file written."""
+    written = export_reconstruction(folder / "scene", **arrays, **scene_options)
+    return written + export_colmap(
+        folder / "sparse", **{name: value for name, value in arrays.items() if name != "depth"}, **colmap_options
+    )
+
+
+def assert_same_files(streamed: list, expected: list, root_streamed, root_expected) -> None:
+    """The same files, relative to their roots, with the same bytes."""
+    names = sorted(str(path.relative_to(root_expected)) for path in expected)
+    assert sorted(str(path.relative_to(root_streamed)) for path in streamed) == names
+    for name in names:
+        assert (root_streamed / name).read_bytes() == (root_expected / name).read_bytes(), name
+
+
 def expected_cloud(arrays: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The finite points in (view, row, column) order, their colours and views."""
     keep = np.isfinite(arrays["world_points"]).all(-1)
@@ -143,12 +159,8 @@ def test_every_output_matches_the_arrays(tmp_path):
 def test_without_subsampling_the_files_are_the_one_pass_export(tmp_path):
     arrays = synthetic_scene(9, seed=3)
     streamed = stream(arrays, tmp_path / "streamed", [2, 5], max_points=None)
-    one_pass = export_reconstruction(tmp_path / "one" / "scene", **arrays)
-    one_pass += export_colmap(tmp_path / "one" / "sparse", **{k: v for k, v in arrays.items() if k != "depth"})
-    relative = sorted(str(path.relative_to(tmp_path / "one")) for path in one_pass)
-    assert sorted(str(path.relative_to(tmp_path / "streamed")) for path in streamed) == relative
-    for name in relative:
-        assert (tmp_path / "streamed" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    expected = one_pass(arrays, tmp_path / "one", scene_options={}, colmap_options={})
+    assert_same_files(streamed, expected, tmp_path / "streamed", tmp_path / "one")
 
 
 def test_files_written_in_batches_are_the_one_pass_export(tmp_path, monkeypatch):

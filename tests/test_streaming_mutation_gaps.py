@@ -12,28 +12,14 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from test_streaming_export import stream, synthetic_scene
+from test_streaming_export import assert_same_files, one_pass, stream, synthetic_scene
 from transformers.utils import logging
 
-from g2vlm_hf.export import check_scene, export_colmap, export_reconstruction
+from g2vlm_hf.export import check_scene, export_colmap
 from g2vlm_hf.export.colmap import NoUsableCameraError
 from g2vlm_hf.export.streaming import PointReservoir, StreamingSceneWriter
 
 pytest.importorskip("trimesh", reason="the export extra (trimesh) is part of the test extras")
-
-
-def one_pass(arrays: dict, folder, scene_options: dict, colmap_options: dict) -> list:
-    written = export_reconstruction(folder / "scene", **arrays, **scene_options)
-    return written + export_colmap(
-        folder / "sparse", **{name: value for name, value in arrays.items() if name != "depth"}, **colmap_options
-    )
-
-
-def assert_same_files(streamed: list, expected: list, root_streamed, root_expected) -> None:
-    names = sorted(str(path.relative_to(root_expected)) for path in expected)
-    assert sorted(str(path.relative_to(root_streamed)) for path in streamed) == names
-    for name in names:
-        assert (root_streamed / name).read_bytes() == (root_expected / name).read_bytes(), name
 
 
 def test_view_colouring_and_frustum_scale_give_the_one_pass_files(tmp_path):
