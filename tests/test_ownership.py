@@ -418,3 +418,43 @@ def test_sigkill_of_a_writer_loses_nothing_and_its_leftover_goes(tmp_path, files
     staging = [p for p in tmp_path.iterdir() if ".g2vlm-staging." in p.name]
     assert len(staging) == 1 and clean_leftovers(output) == staging
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scene"]
+
+
+WRITER_KILLED_AT_ITS_SWAP = """
+import sys, time
+from pathlib import Path
+import g2vlm_hf.safe_output as safe_output
+from g2vlm_hf.safe_output import staged_outputs
+
+def stop_before_the_rename(source, target):
+    print("sealed", flush=True)
+    time.sleep(600)
+
+safe_output.rename_noreplace = stop_before_the_rename
+with staged_outputs([Path(sys.argv[1])], kinds=["reconstruction"], overwrite=True) as (staging,):
+    (staging / "cameras.json").write_bytes(b"killed run")
+"""
+
+
+def test_a_writer_killed_between_its_seal_and_its_swap_leaves_nothing_after_the_next_run(tmp_path):
+    """Killed with the previous output renamed aside and its own output sealed: a tidy-up without the lock puts the
+    previous output back and keeps the sealed folder (it names no writer, and only the lock's holder is ever between
+    seal and swap); the next run, holding the lock, removes it."""
+    output = make_output(tmp_path / "scene", {"cameras.json": b"previous"})
+    child = subprocess.Popen(
+        [sys.executable, "-c", WRITER_KILLED_AT_ITS_SWAP, str(output)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout.readline().strip() == "sealed"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert not output.exists()  # killed between its two renames: the previous output lies aside
+    (sealed,) = [p for p in tmp_path.iterdir() if ".g2vlm-staging." in p.name]
+    assert read_manifest(sealed)["state"] == "complete"
+    assert clean_leftovers(output) == [] and (sealed / "cameras.json").read_bytes() == b"killed run"
+    assert (output / "cameras.json").read_bytes() == b"previous"
+    with staged_outputs([output], kinds=["reconstruction"], overwrite=True) as (staging,):
+        (staging / "cameras.json").write_bytes(b"next run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene"]
+    assert (output / "cameras.json").read_bytes() == b"next run"

@@ -29,7 +29,8 @@ is foreign to the outer manifest. The operating system releases the locks of a k
 
 Leftovers of killed runs (staging and old folders) are matched by exact name (`.NAME` + infix + the 8-character
 suffix `tempfile` makes; no glob) and touched only when they carry our manifest: a staging folder whose writer is gone
-is removed, an old folder is put back when the target is missing and otherwise emptied of its own files.
+is removed (a sealed one, killed between its seal and its swap, by the next run holding the output's lock), an old
+folder is put back when the target is missing and otherwise emptied of its own files.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ OLD_INFIX = ".g2vlm-old."
 LOCK_SUFFIX = ".g2vlm-lock"
 _TEMP_SUFFIX = re.compile(r"[a-z0-9_]{8}")  # what tempfile.mkdtemp appends
 _SHOWN = 8  # foreign paths named in an error
+_LOCKS_HELD_HERE: set[Path] = set()  # the lock files `output_lock` holds in this process
 
 
 class OutputError(ValueError):
@@ -179,8 +181,11 @@ def clean_leftovers(output: Path) -> list[Path]:
     """Tidy what a killed run left beside `output`; return the folders removed.
 
     Only folders named for this output that carry our manifest are touched: a staging folder whose writer is gone is
-    removed (never one whose writer still runs); an old output renamed aside is put back when `output` is missing,
-    otherwise emptied of the files its manifest lists. Then a lock file nobody holds is removed."""
+    removed (never one whose writer still runs), and so is a sealed one whose run was killed before its swap when
+    this process holds the output's lock (`output_lock`: the swap happens under it, so no other run is between its
+    seal and its rename; without the lock such a folder is kept); an old output renamed aside is put back when
+    `output` is missing, otherwise emptied of the files its manifest lists. Then a lock file nobody holds is
+    removed."""
     output = Path(output)
     removed = []
     for old in _leftovers(output, OLD_INFIX):
@@ -202,9 +207,14 @@ def clean_leftovers(output: Path) -> list[Path]:
             removed.append(old)
     for staging in _leftovers(output, STAGING_INFIX):
         manifest = read_manifest(staging)
-        if manifest is None or staging.is_symlink() or manifest.get("target") != output.name:
+        if manifest is None or staging.is_symlink():
             continue
-        if _writer_is_alive(manifest.get("writer")):
+        if manifest.get("state") == "complete":  # sealed: only the holder of the output's lock is between seal and swap
+            if lock_path(output) not in _LOCKS_HELD_HERE:
+                continue
+        elif manifest.get("target") != output.name:
+            continue
+        elif _writer_is_alive(manifest.get("writer")):
             logger.warning(f"Kept {staging}: the process that writes it is still running.")
             continue
         shutil.rmtree(staging, ignore_errors=True)
@@ -414,6 +424,8 @@ def output_lock(output: str | os.PathLike[str]) -> Iterator[Path]:
         stack.callback(_remove_empty, created)  # last: a run that wrote nothing leaves no new empty folders
         stack.callback(handle.close)
         stack.callback(path.unlink, missing_ok=True)  # while still locked: no writer holds a lock on a removed file
+        _LOCKS_HELD_HERE.add(path)
+        stack.callback(_LOCKS_HELD_HERE.discard, path)
         for ancestor in resolved.parents:
             if ancestor.name:
                 shared = _share(lock_path(ancestor), resolved)
