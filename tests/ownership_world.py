@@ -11,7 +11,14 @@ converter's load-and-run check is skipped). After every step:
 
 A step may interfere while a run writes (`during`): a folder appears at its output, the user adds a file into it, or a
 second run with a nested output runs to its end (the lock must keep them apart). A run may be killed in its writer
-(`kill_at`: an exception after that many files).
+(`kill_at`: an exception after that many files), or its process may die by SIGKILL at a point of its output work
+(`hard_kill`, one of `HARD_KILL_POINTS`: the run is forked and nothing of its own clean-up runs). After a hard kill
+the tidy-up the next run does first (`clean_leftovers` under the output's lock) runs, and then also:
+
+- nothing of the killed run is left beside its outputs (staging or old folders, lock files) unless it holds a user's
+  file;
+- each output of the killed run holds either its earlier content or, swapped in before the kill, a complete output of
+  the same kind (every file its manifest lists, unchanged).
 """
 
 from __future__ import annotations
@@ -19,8 +26,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
-from dataclasses import dataclass
+import signal
+import tempfile
+from dataclasses import dataclass, replace
+from glob import escape as glob_escape
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,8 +40,10 @@ import torch
 from conftest import FIXTURE_DIR
 from PIL import Image
 
+from g2vlm_hf import safe_output
 from g2vlm_hf.cli import main as g2vlm
 from g2vlm_hf.conversion.cli import main as g2vlm_convert
+from g2vlm_hf.output_manifest import foreign_entries, read_manifest
 
 USER_TREES: dict[str, dict[str, bytes]] = {
     "gaussian-splatting": {
@@ -55,6 +68,10 @@ USER_TREES: dict[str, dict[str, bytes]] = {
 PLACES = ("out", "out/nest", "out/nest/inner", "scene[1]", "scene1", "sparse", ".scene1.g2vlm-old.abcdefgh")
 TARGETS = ("out", "out/nest", "out/nest/inner", "scene[1]", "scene1", "sparse", "out/sparse")
 CONVERT_INPUT = FIXTURE_DIR / "checkpoint"
+HARD_KILL_POINTS = ("writer", "seal", "aside", "swap", "emptying")
+"""Where a hard-killed run dies: after its writer's first file; after sealing its first output; after renaming its
+first previous output aside; after swapping in its first output; after removing one file of a previous output."""
+KILLED = -9
 
 
 class _Inputs(dict):
@@ -80,6 +97,26 @@ class Killed(Exception):
     """The stand-in of a crash inside the writer."""
 
 
+def _die() -> None:
+    """SIGKILL this process: no finally, no exit handler, no clean-up of any kind runs."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _manifest_bytes(output: Path) -> bytes | None:
+    path = output / ".g2vlm-output"
+    return path.read_bytes() if path.is_file() else None
+
+
+def _then_die(function):
+    """`function`, after which the process dies."""
+
+    def wrapper(*args, **kwargs):
+        function(*args, **kwargs)
+        _die()
+
+    return wrapper
+
+
 @dataclass(frozen=True)
 class Run:
     command: str  # "reconstruct", "convert" or "convert-reconstruction-only" (g2vlm-convert --reconstruction-only)
@@ -88,6 +125,7 @@ class Run:
     colmap: str | None = None
     kill_at: int | None = None
     during: object = None  # a UserTree, UserAdd or Run done while this run writes
+    hard_kill: str | None = None  # one of HARD_KILL_POINTS (not with `during`)
 
 
 @dataclass(frozen=True)
@@ -127,6 +165,7 @@ class World:
             self._write_user(photo, image.getvalue())
         self._written = 0
         self._hook: tuple[object, int | None, Path] | None = None
+        self._die_in_writer = False
         self.codes: list[tuple[str, int]] = []  # (target, exit code) of every run, in the order they ended
         self._stand_ins(monkeypatch)
 
@@ -151,6 +190,8 @@ class World:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(os.urandom(16))
             written.append(path)
+            if self._die_in_writer:
+                _die()
         return written
 
     def _write_scene(self, folder, scene, **options):
@@ -219,39 +260,126 @@ class World:
             argv = [str(CONVERT_INPUT), str(target)] + (["--overwrite"] if step.overwrite else [])
             argv += ["--reconstruction-only"] if step.command == "convert-reconstruction-only" else []
             colmap = None
+        outputs = [target] + ([colmap] if colmap else [])
+        if step.hard_kill is None:
+            code, printed = self._run_here(step, argv, target)
+        else:
+            manifests = {output: _manifest_bytes(output) for output in outputs}
+            code, printed = self._run_killed(step, argv, target)
+        self.codes.append((step.target, code))
+        if code == 0:
+            self._record(step, target, colmap, printed)
+        elif step.hard_kill is not None and code == KILLED:
+            self._tidy_up_after_a_hard_kill(step, manifests)
+        return code
+
+    def _run_here(self, step: Run, argv: list[str], target: Path) -> tuple[int, list[Path]]:
+        """Run the command in this process; (exit code, paths it printed)."""
         self._hook, self._written = (step.during, step.kill_at, target), 0
-        printed = []
         try:
             if step.command == "reconstruct":
                 out = io.StringIO()
                 with contextlib.redirect_stdout(out):
                     code = g2vlm(argv)
-                printed = [Path(line.strip()) for line in out.getvalue().splitlines() if line.startswith("  ")]
-            else:
-                code = g2vlm_convert(argv)
+                return code, [Path(line.strip()) for line in out.getvalue().splitlines() if line.startswith("  ")]
+            return g2vlm_convert(argv), []
         except Killed:
-            code = -9
+            return KILLED, []
         finally:
             self._hook = None
-        self.codes.append((step.target, code))
-        if code == 0:
-            if step.command != "reconstruct":
-                printed = [p for p in target.rglob("*") if p.is_file() and p.name != ".g2vlm-output"]
-            for path in printed:
-                assert path.is_file(), f"{step}: printed {path}, which does not exist"
-            outputs = {target: "reconstruction" if step.command == "reconstruct" else "converted-model"}
-            if colmap is not None and target not in colmap.parents:
-                outputs[colmap] = "colmap"
-            for folder, kind in outputs.items():
-                earlier = self.outputs.get(folder)
-                assert earlier is None or earlier[0] == kind, (
-                    f"{step}: replaced the earlier {earlier[0]} output at {folder} by a {kind} output"
-                )
-                inside = {p: p.read_bytes() for p in printed if folder in p.parents}
-                if colmap is not None and folder == target and target not in colmap.parents:
-                    inside = {p: b for p, b in inside.items() if colmap not in p.parents}
-                self.outputs[folder] = (kind, inside)
-        return code
+
+    def _run_killed(self, step: Run, argv: list[str], target: Path) -> tuple[int, list[Path]]:
+        """Run the command in a forked process that SIGKILLs itself at `step.hard_kill`; a run that ends before that
+        point (a refusal, or no previous output to rename aside) reports its exit code and printed paths."""
+        with tempfile.TemporaryDirectory() as scratch:
+            report = Path(scratch) / "report.json"
+            pid = os.fork()
+            if pid == 0:  # the child: never returns into the test
+                try:
+                    with pytest.MonkeyPatch.context() as patch:
+                        self._die_at(step.hard_kill, patch)
+                        code, printed = self._run_here(replace(step, hard_kill=None), argv, target)
+                    report.write_text(json.dumps([code, [str(path) for path in printed]]))
+                finally:
+                    os._exit(0)
+            _, status = os.waitpid(pid, 0)
+            if os.WIFSIGNALED(status):
+                assert os.WTERMSIG(status) == signal.SIGKILL, f"{step}: the run died of signal {os.WTERMSIG(status)}"
+                return KILLED, []
+            assert report.is_file(), f"{step}: the forked run ended without a report (status {status})"
+            code, printed = json.loads(report.read_text())
+            return code, [Path(path) for path in printed]
+
+    def _die_at(self, point: str, patch: pytest.MonkeyPatch) -> None:
+        """Make this (forked) process SIGKILL itself at `point` of its output work."""
+        if point == "writer":
+            self._die_in_writer = True
+        elif point == "seal":
+            patch.setattr(safe_output, "seal", _then_die(safe_output.seal))
+        elif point == "aside":
+            patch.setattr(safe_output, "_move_previous_aside", _then_die(safe_output._move_previous_aside))
+        elif point == "swap":
+            rename = safe_output.rename_noreplace
+
+            def swap_then_die(source, target):
+                rename(source, target)
+                if safe_output.STAGING_INFIX in Path(source).name:
+                    _die()
+
+            patch.setattr(safe_output, "rename_noreplace", swap_then_die)
+        elif point == "emptying":
+            remove_owned = safe_output.remove_owned
+
+            def remove_one_then_die(folder, manifest):
+                first = dict(list(manifest["files"].items())[:1])
+                remove_owned(folder, {**manifest, "files": first})
+                _die()
+
+            patch.setattr(safe_output, "remove_owned", remove_one_then_die)
+        else:
+            raise ValueError(f"Unknown kill point {point!r}; one of {HARD_KILL_POINTS}.")
+
+    def _record(self, step: Run, target: Path, colmap: Path | None, printed: list[Path]) -> None:
+        """What a successful run wrote becomes a live output (checked by `check` from now on)."""
+        if step.command != "reconstruct":
+            printed = [p for p in target.rglob("*") if p.is_file() and p.name != ".g2vlm-output"]
+        for path in printed:
+            assert path.is_file(), f"{step}: printed {path}, which does not exist"
+        outputs = {target: "reconstruction" if step.command == "reconstruct" else "converted-model"}
+        if colmap is not None and target not in colmap.parents:
+            outputs[colmap] = "colmap"
+        for folder, kind in outputs.items():
+            earlier = self.outputs.get(folder)
+            assert earlier is None or earlier[0] == kind, (
+                f"{step}: replaced the earlier {earlier[0]} output at {folder} by a {kind} output"
+            )
+            inside = {p: p.read_bytes() for p in printed if folder in p.parents}
+            if colmap is not None and folder == target and target not in colmap.parents:
+                inside = {p: b for p, b in inside.items() if colmap not in p.parents}
+            self.outputs[folder] = (kind, inside)
+
+    def _tidy_up_after_a_hard_kill(self, step: Run, manifests: dict[Path, bytes | None]) -> None:
+        """Do what the next run does first (tidy up under each output's lock), then check what the kill left:
+        `manifests` holds each output's manifest before the run, to tell an output the run swapped in."""
+        for output in manifests:
+            with safe_output.output_lock(output):
+                safe_output.clean_leftovers(output.resolve())
+        for output, before in manifests.items():
+            for entry in sorted(output.parent.glob(f".{glob_escape(output.name)}.g2vlm-*")):
+                holds_a_user_file = any(entry in path.parents for path in self.user)
+                assert holds_a_user_file, f"after {step}: {entry.relative_to(self.root)} is left beside the output"
+            if _manifest_bytes(output) in (None, before):
+                continue  # not swapped in: `check` finds the earlier content there
+            manifest = read_manifest(output)
+            earlier = self.outputs.get(output)
+            assert manifest is not None, f"after {step}: {output} holds a manifest of another tool"
+            assert earlier is None or earlier[0] == manifest["kind"], (
+                f"after {step}: the earlier {earlier[0]} output at {output} became a {manifest['kind']} output"
+            )
+            assert foreign_entries(output, manifest) == [], f"after {step}: {output} is not a complete output"
+            files = {output / name: (output / name).read_bytes() for name in manifest["files"]}
+            assert all(path.is_file() for path in files), f"after {step}: {output} lacks files of its manifest"
+            self.outputs[output] = (manifest["kind"], files)
 
     def apply(self, step: object) -> None:
         if isinstance(step, Run):

@@ -1,5 +1,6 @@
 """Issue 30, the invariant as a property: random trees of user files and earlier outputs of every kind, random
-commands and flags (--overwrite, --colmap inside or beside the output), runs killed in their writer, things appearing
+commands and flags (--overwrite, --colmap inside or beside the output), runs killed in their writer or by SIGKILL at
+any point of their output work (then nothing of theirs may be left after the next run's tidy-up), things appearing
 while a run writes and concurrent runs with nested outputs. After every step every file the package did not write is
 byte-identical, every path a successful run printed exists, and no output was replaced by one of another kind
 (`ownership_world.World.check`). Bounded: it runs in CI in well under a minute."""
@@ -11,11 +12,24 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from ownership_world import CASES, CONVERT_INPUT, PLACES, TARGETS, USER_TREES, Run, UserAdd, UserEdit, UserTree, play
+from ownership_world import (
+    CASES,
+    CONVERT_INPUT,
+    HARD_KILL_POINTS,
+    PLACES,
+    TARGETS,
+    USER_TREES,
+    Run,
+    UserAdd,
+    UserEdit,
+    UserTree,
+    play,
+)
 
 trees = st.sampled_from(sorted(USER_TREES))
 targets = st.sampled_from(TARGETS)
 kill_points = st.one_of(st.none(), st.integers(min_value=0, max_value=6))
+hard_kill_points = st.one_of(st.none(), st.sampled_from(HARD_KILL_POINTS))
 
 
 @st.composite
@@ -32,11 +46,13 @@ def runs(draw, nested: bool = True) -> Run:
                 runs(nested=False),
             )
         )
+    hard_kill = draw(hard_kill_points) if during is None else None  # the forked run cannot report its `during`
+    kill_at = draw(kill_points) if hard_kill is None else None
     if convert:
         command = draw(st.sampled_from(("convert", "convert-reconstruction-only")))
-        return Run(command, target, draw(st.booleans()), None, draw(kill_points), during)
+        return Run(command, target, draw(st.booleans()), None, kill_at, during, hard_kill)
     colmap = draw(st.one_of(st.none(), targets))
-    return Run("reconstruct", target, draw(st.booleans()), colmap, draw(kill_points), during)
+    return Run("reconstruct", target, draw(st.booleans()), colmap, kill_at, during, hard_kill)
 
 
 steps = st.lists(
@@ -52,9 +68,13 @@ steps = st.lists(
 
 
 def with_the_issue_cases(test):
-    """The six data-loss cases of the issue are always tried first (hypothesis' explicit examples)."""
+    """The six data-loss cases of the issue, and a SIGKILL at each point of a run that replaces an output and a
+    COLMAP model beside it, are always tried first (hypothesis' explicit examples)."""
     for case in CASES.values():
         test = example(steps=case)(test)
+    earlier = [Run("reconstruct", "out", colmap="sparse")]
+    for point in HARD_KILL_POINTS:
+        test = example(steps=[*earlier, Run("reconstruct", "out", True, colmap="sparse", hard_kill=point)])(test)
     return test
 
 
