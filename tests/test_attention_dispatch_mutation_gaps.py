@@ -180,7 +180,24 @@ def test_the_packed_runs_of_cuda_inputs_are_on_cuda():
         for group in runs.groups:
             for indices in (group.query_index, group.key_index, group.cu_seqlens_q, group.cu_seqlens_k):
                 assert indices.device.type == "cuda"
+            assert group.query_index.dtype == group.key_index.dtype == torch.long  # indices into the tokens
             assert group.cu_seqlens_q.dtype == group.cu_seqlens_k.dtype == torch.int32  # what flash kernels take
+
+
+def test_the_kernel_gets_maximum_lengths_that_bound_every_segment(monkeypatch):
+    """A varlen kernel sizes its work by `max_q`/`max_k` (on the GPU a segment longer than them is cut short), so
+    each call gets integers at least as long as its longest query and key segments."""
+    kernel_calls: list[Call] = []
+    kernel = VarlenKernel.of(recording(fake_torch_varlen, kernel_calls))
+    monkeypatch.setattr(torch_varlen, "TORCH_VARLEN_KERNEL", kernel)
+    query, key, value, attention_mask, blocks = padded_chunk(past_length=5)
+    runs = pack_runs(query.shape[2], 5, attention_mask, blocks, TORCH_VARLEN)
+    attend_packed_runs(None, ALL_ATTENTION_FUNCTIONS[runs.implementation], query, key, value, runs, scaling=0.25)
+    assert len(kernel_calls) == 2
+    for call in kernel_calls:
+        cu_q, cu_k, max_q, max_k = call.args[3:7]
+        assert isinstance(max_q, int) and isinstance(max_k, int)
+        assert max_q >= int(cu_q.diff().max()) and max_k >= int(cu_k.diff().max())
 
 
 # --------------------------------------------------------------------------------------------------------- flex.py
