@@ -123,8 +123,9 @@ def test_packed_runs_through_the_registered_torch_varlen_function_equal_the_dens
 
 
 def test_a_packed_call_follows_the_modules_causality_unless_told(monkeypatch):
-    """transformers' contract: `is_causal=None` means the module's `is_causal`; packed segments `(1, heads, tokens,
-    dim)` in, `(1, tokens, heads, dim)` out, as the reference varlen kernel computes them."""
+    """transformers' contract: `is_causal=None` means the module's `is_causal` (causal when it has none, as sdpa
+    reads it); packed segments `(1, heads, tokens, dim)` in, `(1, tokens, heads, dim)` out, as the reference varlen
+    kernel computes them."""
     monkeypatch.setattr(torch_varlen, "TORCH_VARLEN_KERNEL", VarlenKernel.of(fake_torch_varlen))
     generator = torch.Generator().manual_seed(0)
     query, key, value = (torch.randn(1, 2, 7, 8, generator=generator) for _ in range(3))
@@ -139,6 +140,9 @@ def test_a_packed_call_follows_the_modules_causality_unless_told(monkeypatch):
         torch.testing.assert_close(actual, expected[None])
         told, _ = torch_varlen_attention_forward(module, query, key, value, None, is_causal=not causal, **packed)
         torch.testing.assert_close(told, reference_varlen_attention(*flat, cu_q, cu_k, 4, 4, causal=not causal)[None])
+    unmarked, _ = torch_varlen_attention_forward(torch.nn.Module(), query, key, value, None, **packed)
+    causal = reference_varlen_attention(*flat, cu_q, cu_k, 4, 4, causal=True)
+    torch.testing.assert_close(unmarked, causal[None])  # a module without `is_causal` is causal, as for sdpa
 
 
 def test_a_packed_call_with_dropout_is_refused(monkeypatch):
