@@ -19,6 +19,8 @@ import pytest
 import torch
 from fixture_paths import FIXTURE_DIR, FIXTURES_ENV, fixtures_root
 from safetensors.torch import load_file
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
 
 import g2vlm_hf  # noqa: F401  (registers the Auto classes)
 from g2vlm_hf import G2VLMConfig, G2VLMForConditionalGeneration
@@ -196,6 +198,18 @@ def load_golden(precision: str) -> Golden:
     tensors.update(load_file(FIXTURE_DIR / f"golden_{precision}.safetensors"))
     meta = json.loads((FIXTURE_DIR / f"golden_{precision}.json").read_text())
     return Golden(tensors, meta)
+
+
+@pytest.fixture(autouse=True)
+def _attention_registrations_kept():
+    """Loading the Hub copy of the modeling code in a test (test_serving) registers that copy's "torch_varlen"
+    functions over the package's in transformers' global registries; give each entry a test found back its earlier
+    function afterwards (entries registered for the first time stay: a first import registers them once)."""
+    registries = (AttentionInterface._global_mapping, AttentionMaskInterface._global_mapping)
+    saved = [dict(registry) for registry in registries]
+    yield
+    for registry, before in zip(registries, saved):
+        registry.update(before)
 
 
 @pytest.fixture(scope="session")
