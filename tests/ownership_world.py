@@ -43,7 +43,7 @@ from PIL import Image
 from g2vlm_hf import safe_output
 from g2vlm_hf.cli import main as g2vlm
 from g2vlm_hf.conversion.cli import main as g2vlm_convert
-from g2vlm_hf.output_manifest import foreign_entries, read_manifest
+from g2vlm_hf.output_manifest import MANIFEST_NAME, foreign_entries, read_manifest
 
 USER_TREES: dict[str, dict[str, bytes]] = {
     "gaussian-splatting": {
@@ -103,7 +103,7 @@ def _die() -> None:
 
 
 def _manifest_bytes(output: Path) -> bytes | None:
-    path = output / ".g2vlm-output"
+    path = output / MANIFEST_NAME
     return path.read_bytes() if path.is_file() else None
 
 
@@ -342,7 +342,7 @@ class World:
     def _record(self, step: Run, target: Path, colmap: Path | None, printed: list[Path]) -> None:
         """What a successful run wrote becomes a live output (checked by `check` from now on)."""
         if step.command != "reconstruct":
-            printed = [p for p in target.rglob("*") if p.is_file() and p.name != ".g2vlm-output"]
+            printed = [p for p in target.rglob("*") if p.is_file() and p.name != MANIFEST_NAME]
         for path in printed:
             assert path.is_file(), f"{step}: printed {path}, which does not exist"
         outputs = {target: "reconstruction" if step.command == "reconstruct" else "converted-model"}

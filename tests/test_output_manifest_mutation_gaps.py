@@ -29,6 +29,16 @@ from g2vlm_hf.rename_noreplace import rename_noreplace
 from g2vlm_hf.safe_output import OutputError, check_output_dir, clean_leftovers, output_lock, staged_outputs
 
 
+def _record(folder: Path, files: dict[str, dict | None], kind: str = "reconstruction") -> None:
+    """A manifest of this package's own form in `folder`, listing `files` with the entries given."""
+    manifest = {"tool": "g2vlm-hf", "format": 1, "state": "complete", "kind": kind, "files": files}
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest), encoding="utf-8")
+
+
+def _entry(data: bytes) -> dict:
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def names(folder: Path) -> list[str]:
     return sorted(path.name for path in folder.iterdir())
 
@@ -145,8 +155,7 @@ def test_the_manifest_on_disk_is_the_documented_record(tmp_path, monkeypatch):
         "command": "g2vlm reconstruct photos --output out",
     }
     assert manifest["files"] == {
-        name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        for name, data in {"cameras.json": b"{}", "depth/d.png": b"png"}.items()
+        name: _entry(data) for name, data in {"cameras.json": b"{}", "depth/d.png": b"png"}.items()
     }
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d.*", manifest["written"]), manifest["written"]
 
@@ -160,9 +169,7 @@ def test_an_output_recorded_by_hand_in_the_documented_format_is_replaced(tmp_pat
     for name, data in files.items():
         (output / name).parent.mkdir(parents=True, exist_ok=True)
         (output / name).write_bytes(data)
-    record = {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in files.items()}
-    manifest = {"tool": "g2vlm-hf", "format": 1, "state": "complete", "kind": "reconstruction", "files": record}
-    (output / MANIFEST_NAME).write_text(json.dumps(manifest), encoding="utf-8")
+    _record(output, {name: _entry(data) for name, data in files.items()})
     with staged_outputs([output], kinds=["reconstruction"], overwrite=True) as (staging,):
         (staging / "new.txt").write_text("new")
     assert names(output) == [MANIFEST_NAME, "new.txt"] and names(tmp_path) == ["out"]
@@ -256,7 +263,7 @@ def test_a_manifest_this_package_did_not_write_makes_the_folder_a_users(tmp_path
     folder = tmp_path / "out"
     folder.mkdir()
     (folder / "data.bin").write_bytes(b"theirs")
-    record = {"files": {"data.bin": {"size": 6, "sha256": hashlib.sha256(b"theirs").hexdigest()}}}
+    record = {"files": {"data.bin": _entry(b"theirs")}}
     (folder / MANIFEST_NAME).write_text(json.dumps(NOT_OURS[content](record)), encoding="utf-8")
     with (
         pytest.raises(OutputError, match="not a previous output of g2vlm"),
@@ -290,16 +297,6 @@ def test_seal_returns_the_record_it_wrote(tmp_path):
     manifest = seal(staging, "colmap")
     assert manifest == json.loads((staging / MANIFEST_NAME).read_text(encoding="utf-8"))
     assert manifest["kind"] == "colmap" and list(manifest["files"]) == ["a.txt"]
-
-
-def _record(folder: Path, files: dict[str, dict | None], kind: str = "reconstruction") -> None:
-    """A manifest of this package's own form in `folder`, listing `files` with the entries given."""
-    manifest = {"tool": "g2vlm-hf", "format": 1, "state": "complete", "kind": kind, "files": files}
-    (folder / MANIFEST_NAME).write_text(json.dumps(manifest), encoding="utf-8")
-
-
-def _entry(data: bytes) -> dict:
-    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 @pytest.mark.parametrize("entry", [{}, {"size": 6}, None, "theirs"], ids=["empty", "no-sha256", "null", "a-string"])
