@@ -54,12 +54,18 @@ def writer_record() -> dict:
 
 
 _HASHED: dict[tuple[int, ...], str] = {}
+RECENT_CHANGE_NS = 2_000_000_000
+"""A file changed less than this long before it is read is hashed again at every check. File times come from a
+coarse clock (a few ms on Linux before 6.13, 1 s on ext3, 2 s on FAT), so a same-size write just after our read can
+leave them unchanged; any write after a change time older than this is sure to show in the key (git's "racy clean")."""
 
 
 def sha256_of(path: Path) -> str:
     """The file's sha256. Remembered for this process under its identity and change times: a run checks an earlier
     output several times (before model work, under the lock, at the swap) and a converted model weighs gigabytes; any
-    write to the file changes its ctime, which no user call can set back."""
+    write to the file changes its ctime, which no user call can set back. Files changed within `RECENT_CHANGE_NS` of
+    the read are not remembered (see there)."""
+    read_at = time.time_ns()
     with open(path, "rb") as handle:
         info = os.fstat(handle.fileno())
         key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
@@ -68,7 +74,7 @@ def sha256_of(path: Path) -> str:
         digest = hashlib.sha256()
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
-    if os.stat(path).st_ctime_ns == info.st_ctime_ns:  # not written while it was read
+    if info.st_ctime_ns < read_at - RECENT_CHANGE_NS:  # a write from now on, even during the read, changes the key
         _HASHED[key] = digest.hexdigest()
     return digest.hexdigest()
 
