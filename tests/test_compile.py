@@ -144,10 +144,15 @@ def test_the_chat_prefill_breaks_graphs_only_in_the_semantic_vision_tower(implem
 
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler")
-def test_the_varlen_reconstruction_prefill_compiles_with_inductor(model_with):
+@pytest.mark.parametrize(
+    "text_prefix",
+    [[1, 5], []],
+    ids=["text-then-views", "views-only"],  # views only: no causal run, that group holds just its sentinel segment
+)
+def test_the_varlen_reconstruction_prefill_compiles_with_inductor(model_with, text_prefix):
     # the packed runs have sizes known only at run time: inductor generates code for symbolic sizes
     model = model_with("flash_attention_2")
-    input_ids = torch.tensor([[1, 5, *geometry_block(VIEWS, GRID_H, GRID_W)]])
+    input_ids = torch.tensor([[*text_prefix, *geometry_block(VIEWS, GRID_H, GRID_W)]])
     scenes = views()
 
     def reconstruct(input_ids, scenes):
