@@ -79,14 +79,12 @@ def pack_runs(
     return PackedRuns(groups=groups, q_len=q_len, kv_len=kv_len, implementation=implementation)
 
 
-@torch.library.custom_op(f"{OPERATOR_NAMESPACE}::pack_varlen_runs", mutates_args=())
-def pack_varlen_runs(key_valid: torch.Tensor, block_ids: torch.Tensor) -> list[torch.Tensor]:
+def varlen_runs(key_valid: torch.Tensor, block_ids: torch.Tensor) -> list[torch.Tensor]:
     """The packed runs of the causal and of the bidirectional group: `(query_index, key_index, cu_seqlens_q,
     cu_seqlens_k)` of each, sentinel included (see `VarlenGroup`).
 
     Tensor operations on the masks' device, no loop over tokens; the host reads only the sizes of its outputs (once
-    per forward). A custom op because those sizes depend on the layout: `torch.compile` traces through it with
-    symbolic sizes instead of breaking the graph.
+    per forward).
 
     Args:
         key_valid: `(batch, kv_len)` bool, False on padding; the last `q_len` keys are the chunk's queries.
@@ -136,6 +134,13 @@ def pack_varlen_runs(key_valid: torch.Tensor, block_ids: torch.Tensor) -> list[t
             torch.cat((cu_seqlens_k, cu_seqlens_k[-1:] + 1)).to(torch.int32),
         ]
     return packed
+
+
+@torch.library.custom_op(f"{OPERATOR_NAMESPACE}::pack_varlen_runs", mutates_args=())
+def pack_varlen_runs(key_valid: torch.Tensor, block_ids: torch.Tensor) -> list[torch.Tensor]:
+    """`varlen_runs` as an operator: the sizes of its outputs depend on the layout, and `torch.compile` traces
+    through an operator with symbolic sizes instead of breaking the graph."""
+    return varlen_runs(key_valid, block_ids)
 
 
 @pack_varlen_runs.register_fake
