@@ -134,6 +134,24 @@ def test_rescale_takes_integer_intrinsics():
     torch.testing.assert_close(rescale_intrinsics(typed, (480, 640), (240, 320)), expected)
 
 
+def test_numpy_arrays_are_refused_with_the_conversion_to_use():
+    """A user with NumPy point maps (e.g. `output.local_points.numpy()`) or COLMAP's K gets a TypeError naming the
+    argument and `torch.from_numpy`, not an AttributeError from inside the fit; the tensor call works."""
+    local, valid = rendered_local_points(24, 32, 28.8)
+    calls = {
+        "local_points": lambda: estimate_intrinsics(local.numpy()),
+        "confidence": lambda: estimate_intrinsics(local, valid.double().numpy()),
+        "valid_mask": lambda: estimate_intrinsics(local, valid_mask=valid.numpy()),
+        "intrinsics": lambda: rescale_intrinsics(pinhole(28.8, 24, 32).numpy(), (24, 32), (48, 64)),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=rf"`{name}` must be a torch.Tensor, got ndarray .*torch.from_numpy"):
+            call()
+    with pytest.raises(TypeError, match=r"`intrinsics` must be a torch.Tensor, got list\.$"):
+        rescale_intrinsics([[1.0, 0.0, 0.5]] * 3, (1, 1), (2, 2))
+    torch.testing.assert_close(estimate_intrinsics(local, valid_mask=valid)[0], pinhole(28.8, 24, 32))
+
+
 def test_reconstruction_output_carries_intrinsics():
     model = tiny_model()
     views, grid_h, grid_w = 2, 2, 3

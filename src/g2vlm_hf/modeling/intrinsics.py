@@ -50,8 +50,11 @@ def estimate_intrinsics(
         (or whose rays do not vary along it) gets NaN in that axis' focal length and principal point.
 
     Raises:
+        TypeError: When an array is not a `torch.Tensor` (NumPy arrays: `torch.from_numpy(array)`).
         ValueError: On mismatched shapes or a quantile outside `[0, 1)`.
     """
+    for name, value in (("local_points", local_points), ("confidence", confidence), ("valid_mask", valid_mask)):
+        _require_tensor(name, value, optional=name != "local_points")
     if local_points.ndim < 3 or local_points.shape[-1] != 3:
         raise ValueError(f"`local_points` must have shape (..., H, W, 3), got {tuple(local_points.shape)}")
     if not 0.0 <= confidence_quantile < 1.0:
@@ -142,7 +145,12 @@ def rescale_intrinsics(intrinsics: torch.Tensor, from_size: Sequence[int], to_si
     Returns:
         `torch.Tensor` of shape `(..., 3, 3)`: The intrinsics in pixels of `to_size` (floating point: integer
         intrinsics come back in the default dtype).
+
+    Raises:
+        TypeError: When `intrinsics` is not a `torch.Tensor` (NumPy arrays: `torch.from_numpy(array)`).
+        ValueError: When a size is not a positive `(height, width)` pair.
     """
+    _require_tensor("intrinsics", intrinsics)
     if len(from_size) != 2 or len(to_size) != 2 or min(*from_size, *to_size) <= 0:
         raise ValueError(f"sizes must be positive (height, width) pairs, got {from_size} and {to_size}")
     if not intrinsics.is_floating_point():  # integer intrinsics: the scale factors would be truncated to 0 or 1
@@ -151,3 +159,10 @@ def rescale_intrinsics(intrinsics: torch.Tensor, from_size: Sequence[int], to_si
     scale[0] = to_size[1] / from_size[1]
     scale[1] = to_size[0] / from_size[0]
     return intrinsics * scale[:, None]
+
+
+def _require_tensor(name: str, value: object, optional: bool = False) -> None:
+    if (value is None and optional) or isinstance(value, torch.Tensor):
+        return
+    hint = " (from NumPy: torch.from_numpy(array))" if type(value).__module__ == "numpy" else ""
+    raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}{hint}.")
