@@ -39,7 +39,11 @@ def _starting(command: str) -> Iterator[None]:
 
     The interrupt is also recorded: one that lands inside a callback the interpreter runs for itself (a weakref
     callback of importlib's module locks) is reported as "ignored" and swallowed there, and the command would go on.
+    A command started with SIGINT ignored (a background job of a script, as Python itself honours) keeps ignoring it.
     """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield
+        return
     interrupted = False
 
     def interrupt(signum: int, frame: object) -> None:

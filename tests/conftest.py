@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import shutil
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,12 @@ def write_video(path: Path, frames, rate: int = 10) -> Path:
         for packet in stream.encode():  # flush the encoder
             container.mux(packet)
     return path
+
+
+def default_ctrl_c() -> None:
+    """In a child process (`preexec_fn`): Ctrl-C as in a terminal, even when the tests run as a background job (which
+    ignores SIGINT, a setting its children inherit: Python would then never raise KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def tiny_config(**overrides) -> G2VLMConfig:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FIXTURE_DIR
+from conftest import FIXTURE_DIR, default_ctrl_c
 
 from g2vlm_hf.evaluation import write_scene
 
@@ -56,7 +56,10 @@ def test_ctrl_c_while_starting_is_one_line(tmp_path, name):
         "g2vlm-eval": ["depth", "--model", tmp_path / "model", "--data", tmp_path, "--output", tmp_path / "r.json"],
     }[name]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([installed(name), *map(str, argv)], stderr=subprocess.PIPE, text=True, env=environment)
+    process = subprocess.Popen(
+        [installed(name), *map(str, argv)], stderr=subprocess.PIPE, text=True, env=environment,
+        preexec_fn=default_ctrl_c,
+    )  # fmt: skip
     time.sleep(1.0)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
@@ -65,13 +68,24 @@ def test_ctrl_c_while_starting_is_one_line(tmp_path, name):
     assert sorted(path.name for path in tmp_path.iterdir()) == []
 
 
-def test_ctrl_c_swallowed_by_an_interpreter_callback_still_ends_the_start(capsys):
+@pytest.fixture
+def sigint_handler():
+    """Sets this process's SIGINT handler for a test (the tests may run as a background job, which ignores SIGINT)
+    and puts back the one before."""
+    before = signal.getsignal(signal.SIGINT)
+    yield lambda handler: signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_swallowed_by_an_interpreter_callback_still_ends_the_start(capsys, sigint_handler):
     """A Ctrl-C that lands inside a callback the interpreter runs for itself (a weakref callback of importlib's module
     locks, during the package import) was reported as "ignored" there and lost: the command went on and failed with
     an unrelated exit status (seen once in CI). The launcher records the interrupt, so it still ends the start."""
     import weakref
 
     from g2vlm_hf_launcher import _starting
+
+    sigint_handler(signal.default_int_handler)  # as Python sets it up in a terminal
 
     class Lock:
         pass
@@ -90,6 +104,20 @@ def test_ctrl_c_swallowed_by_an_interpreter_callback_still_ends_the_start(capsys
     stderr = capsys.readouterr().err
     assert stderr.strip().splitlines() == ["g2vlm: interrupted while starting; nothing was written."], stderr
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_command_started_ignoring_ctrl_c_keeps_ignoring_it_while_it_starts(capsys, sigint_handler):
+    """A background job of a script starts with SIGINT ignored, and Python honours that for the whole run: the start
+    does too, instead of ending with "interrupted" on a Ctrl-C meant for the terminal's foreground job."""
+    from g2vlm_hf_launcher import _starting
+
+    sigint_handler(signal.SIG_IGN)
+    went_on = []
+    with _starting("g2vlm"):
+        signal.raise_signal(signal.SIGINT)
+        went_on.append(True)
+    assert went_on == [True] and capsys.readouterr().err == ""
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_a_folder_without_images_in_chunks_is_one_line(converted_tiny, tmp_path):

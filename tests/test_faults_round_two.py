@@ -24,7 +24,7 @@ from g2vlm_hf.processing import G2VLMGeometryImageProcessor, load_image
 from g2vlm_hf.safe_output import clean_leftovers, lock_path, output_lock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import FIXTURE_DIR, write_video
+from conftest import FIXTURE_DIR, default_ctrl_c, write_video
 from hub_testing import fast_tiny_copy
 
 pytest.importorskip("trimesh", reason="the export extra (trimesh) is part of the test extras")
@@ -334,12 +334,6 @@ STALL = (
     "from {cli} import main\n"
     "sys.exit(main(sys.argv[1:]))\n"
 )
-
-
-def default_ctrl_c() -> None:
-    """In the child: Ctrl-C as in a terminal, even when the tests run as a background job (which ignores SIGINT, a
-    setting its children inherit: Python would then never raise KeyboardInterrupt)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def interrupt(script: str, argv: list[str]) -> subprocess.CompletedProcess:
