@@ -115,6 +115,9 @@ def main() -> None:
     assert accelerator.num_processes == 2 and accelerator.distributed_type == DistributedType.MULTI_CPU
     torch.set_num_threads(1)
     run(args, accelerator)
+    # both ranks done before either closes its gloo connections: a rank still in a collective whose peer has closed
+    # aborts in gloo's I/O thread (SIGABRT, seen once in CI)
+    accelerator.wait_for_everyone()
     # only once the wrapped model is gone: a DDP model outliving its process group can hang at exit
     accelerator.end_training()
 

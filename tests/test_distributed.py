@@ -145,8 +145,12 @@ def two_processes(tmp_path_factory) -> None:
 
 
 def failure_report(launched: subprocess.CompletedProcess) -> str:
-    """The ranks' own error lines (the launcher prints its summary after them), then the end of the output."""
-    rank_lines = [line for line in launched.stderr.splitlines() if line.startswith("[rank")]
+    """The ranks' own error lines and any native abort's message (the launcher prints its summary after them), then
+    the end of the output."""
+    native = ("terminate called", "what():", "Fatal Python error", "gloo")
+    rank_lines = [
+        line for line in launched.stderr.splitlines() if line.startswith("[rank") or any(n in line for n in native)
+    ]
     return "\n".join(rank_lines[-40:]) + "\n...\n" + launched.stderr[-2000:]
 
 
