@@ -53,8 +53,9 @@ def estimate_intrinsics(
         TypeError: When an array is not a `torch.Tensor` (NumPy arrays: `torch.from_numpy(array)`).
         ValueError: On mismatched shapes or a quantile outside `[0, 1)`.
     """
-    for name, value in (("local_points", local_points), ("confidence", confidence), ("valid_mask", valid_mask)):
-        _require_tensor(name, value, optional=name != "local_points")
+    _require_tensor("local_points", local_points)
+    _require_tensor("confidence", confidence, optional=True)
+    _require_tensor("valid_mask", valid_mask, optional=True)
     if local_points.ndim < 3 or local_points.shape[-1] != 3:
         raise ValueError(f"`local_points` must have shape (..., H, W, 3), got {tuple(local_points.shape)}")
     if not 0.0 <= confidence_quantile < 1.0:
