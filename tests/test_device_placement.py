@@ -10,6 +10,9 @@ that default.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
 from conftest import tiny_config, tiny_model
@@ -39,6 +42,13 @@ def model_on(monkeypatch):
     return build
 
 
+def as_is_and_under_meta_default(run: Callable[[], Any]) -> tuple[Any, Any]:
+    """`run()` as it is, then again with torch's default device set to meta."""
+    expected = run()
+    with torch.device("meta"):
+        return expected, run()
+
+
 def test_the_meta_default_catches_a_tensor_made_without_its_inputs_device():
     # the premise of this file: under the meta default, a factory without `device=` meets CPU tensors and fails
     inputs = torch.arange(4)
@@ -53,9 +63,7 @@ def test_the_packed_runs_are_made_on_the_masks_device():
     # operator's function is run here. Row 0: one padded key, past 2, text then a block then text; row 1: a block
     key_valid = torch.tensor([[0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]]).bool()
     block_ids = torch.tensor([[-1, 0, 0, -1, -1], [1, 1, 1, -1, -1]])
-    expected = varlen_runs(key_valid, block_ids)
-    with torch.device("meta"):
-        packed = varlen_runs(key_valid, block_ids)
+    expected, packed = as_is_and_under_meta_default(lambda: varlen_runs(key_valid, block_ids))
     assert {tensor.device.type for tensor in packed} == {"cpu"}
     torch.testing.assert_close(packed, expected)
 
@@ -82,9 +90,7 @@ def test_a_padded_chat_forward_and_a_reconstruction_make_their_tensors_on_the_in
         return [model(**chat).logits, *padded.to_tuple(), *single.to_tuple(), resized]  # every field set
 
     with torch.no_grad():
-        expected = run()
-        with torch.device("meta"):
-            actual = run()
+        expected, actual = as_is_and_under_meta_default(run)
     assert {output.device.type for output in actual} == {"cpu"}
     torch.testing.assert_close(actual, expected)
 
@@ -93,9 +99,7 @@ def test_depth_estimation_makes_its_prompt_on_the_inputs_device():
     model = G2VLMForDepthEstimation(tiny_config(reconstruction_prompt_ids=[1, 5])).eval()
     scenes = views()
     with torch.no_grad():
-        expected = model(geometry_pixel_values=scenes).predicted_depth
-        with torch.device("meta"):
-            actual = model(geometry_pixel_values=scenes).predicted_depth
+        expected, actual = as_is_and_under_meta_default(lambda: model(geometry_pixel_values=scenes).predicted_depth)
     assert actual.device.type == "cpu"
     torch.testing.assert_close(actual, expected)
 
@@ -169,7 +173,5 @@ def test_a_hand_written_decode_step_and_a_prompt_of_embeddings_make_their_tensor
         return [step.logits, from_embeds.logits, text_only.last_hidden_state]
 
     with torch.no_grad():
-        expected = run()
-        with torch.device("meta"):
-            actual = run()
+        expected, actual = as_is_and_under_meta_default(run)
     torch.testing.assert_close(actual, expected)
