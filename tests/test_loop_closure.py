@@ -129,6 +129,14 @@ def test_a_non_finite_descriptor_only_loses_its_own_view():
         find_loop_candidates(descriptors, 0, 5, 0.8, 10)  # each view would be its own best partner
 
 
+def test_candidates_refuse_descriptors_that_are_not_one_tensor_row_per_view():
+    descriptors = torch.nn.functional.normalize(torch.randn(30, 8), dim=1)
+    with pytest.raises(TypeError, match=r"`descriptors` must be a torch.Tensor, got ndarray \(from NumPy"):
+        find_loop_candidates(descriptors.numpy(), 10, 5, 0.8, 10)
+    with pytest.raises(ValueError, match=r"`descriptors` must be \(views, dim\).*\(2, 30, 8\)"):
+        find_loop_candidates(torch.stack([descriptors, descriptors]), 10, 5, 0.8, 10)
+
+
 def brute_force_candidates(descriptors, min_separation, suppression, threshold, max_loops) -> list[tuple[int, int]]:
     """The candidates as the module docstring defines them, from the whole similarity matrix, one pair at a time."""
     scores = (descriptors.double() @ descriptors.double().T).numpy()

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .modeling.tensor_checks import require_tensor
 from .similarity import Similarity
 
 __all__ = [
@@ -144,6 +145,9 @@ def find_loop_candidates(
     The similarity matrix is computed in blocks of rows, so memory stays `O(N)` per block; for each view only its best
     partner at least `min_separation` (>= 1) later in the sequence is considered; a view whose descriptor is not
     finite has no partner."""
+    require_tensor("descriptors", descriptors)
+    if descriptors.ndim != 2:
+        raise ValueError(f"`descriptors` must be (views, dim), one row per view, got {tuple(descriptors.shape)}.")
     if min_separation < 1:
         raise ValueError(f"min_separation must be at least 1 view (a view is not its own loop), got {min_separation}.")
     count = descriptors.shape[0]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .rigid import invert_rigid, transform_points
+from .tensor_checks import require_tensor
 
 
 @dataclass
@@ -172,7 +173,8 @@ def geometry_losses(
 
 
 def check_geometry_targets(targets: dict[str, torch.Tensor], batch: int, views: int, height: int, width: int) -> None:
-    """Raise a ValueError naming the first target whose shape does not match the geometry views."""
+    """Raise an error naming the first target that is missing, not a tensor (TypeError) or not of the geometry
+    views' shape."""
     expected = {
         "world_points": (batch, views, height, width, 3),
         "valid_mask": (batch, views, height, width),
@@ -181,11 +183,7 @@ def check_geometry_targets(targets: dict[str, torch.Tensor], batch: int, views: 
     for name, shape in expected.items():
         if name not in targets:
             raise ValueError(f"geometry_targets needs '{name}' of shape {shape}; it has {sorted(targets)}.")
-        if not isinstance(targets[name], torch.Tensor):
-            raise ValueError(
-                f"geometry_targets['{name}'] must be a torch.Tensor, got {type(targets[name]).__name__} (e.g. "
-                "torch.from_numpy(array))."
-            )
+        require_tensor(f"geometry_targets['{name}']", targets[name])
         if tuple(targets[name].shape) != shape:
             raise ValueError(
                 f"geometry_targets['{name}'] has shape {tuple(targets[name].shape)} but the geometry views "

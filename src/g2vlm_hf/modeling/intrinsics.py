@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .tensor_checks import require_tensor
+
 __all__ = ["estimate_intrinsics", "rescale_intrinsics"]
 
 #: Pixels whose depth is at most this are not used (the ray direction `x / z` is undefined at z = 0).
@@ -53,9 +55,9 @@ def estimate_intrinsics(
         TypeError: When an array is not a `torch.Tensor` (NumPy arrays: `torch.from_numpy(array)`).
         ValueError: On mismatched shapes or a quantile outside `[0, 1)`.
     """
-    _require_tensor("local_points", local_points)
-    _require_tensor("confidence", confidence, optional=True)
-    _require_tensor("valid_mask", valid_mask, optional=True)
+    require_tensor("local_points", local_points)
+    require_tensor("confidence", confidence, optional=True)
+    require_tensor("valid_mask", valid_mask, optional=True)
     if local_points.ndim < 3 or local_points.shape[-1] != 3:
         raise ValueError(f"`local_points` must have shape (..., H, W, 3), got {tuple(local_points.shape)}")
     if not 0.0 <= confidence_quantile < 1.0:
@@ -151,7 +153,7 @@ def rescale_intrinsics(intrinsics: torch.Tensor, from_size: Sequence[int], to_si
         TypeError: When `intrinsics` is not a `torch.Tensor` (NumPy arrays: `torch.from_numpy(array)`).
         ValueError: When a size is not a positive `(height, width)` pair.
     """
-    _require_tensor("intrinsics", intrinsics)
+    require_tensor("intrinsics", intrinsics)
     if len(from_size) != 2 or len(to_size) != 2 or min(*from_size, *to_size) <= 0:
         raise ValueError(f"sizes must be positive (height, width) pairs, got {from_size} and {to_size}")
     if not intrinsics.is_floating_point():  # integer intrinsics: the scale factors would be truncated to 0 or 1
@@ -160,10 +162,3 @@ def rescale_intrinsics(intrinsics: torch.Tensor, from_size: Sequence[int], to_si
     scale[0] = to_size[1] / from_size[1]
     scale[1] = to_size[0] / from_size[0]
     return intrinsics * scale[:, None]
-
-
-def _require_tensor(name: str, value: object, optional: bool = False) -> None:
-    if (value is None and optional) or isinstance(value, torch.Tensor):
-        return
-    hint = " (from NumPy: torch.from_numpy(array))" if type(value).__module__ == "numpy" else ""
-    raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}{hint}.")

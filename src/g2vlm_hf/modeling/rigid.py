@@ -7,6 +7,11 @@ import torch
 
 def invert_rigid(poses: torch.Tensor) -> torch.Tensor:
     """Inverse of rigid transforms `(..., 4, 4)` in closed form (transposed rotation, rotated negative translation)."""
+    if poses.shape[-2:] != (4, 4):
+        raise ValueError(
+            f"Rigid transforms must be (..., 4, 4) matrices, got {tuple(poses.shape)}; complete a 3x4 [R | t] with "
+            "the row [0, 0, 0, 1]."
+        )
     rotation_t = poses[..., :3, :3].transpose(-1, -2)
     inverse = torch.zeros_like(poses)
     inverse[..., :3, :3] = rotation_t
