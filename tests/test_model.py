@@ -241,6 +241,15 @@ def test_image_blocks_are_bidirectional_and_text_is_causal(model):
     assert torch.equal(changed_text[0, :-1], base[0, :-1])
 
 
+def test_a_prompt_whose_view_lost_its_end_marker_is_refused_before_the_encoders_run(model, chat_inputs, monkeypatch):
+    ids = chat_inputs["input_ids"][0].tolist()
+    last_view_end = len(ids) - 1 - ids[::-1].index(TINY_GEO_TOKEN) + 1
+    broken = dict(chat_inputs, input_ids=torch.tensor([ids[:last_view_end] + ids[last_view_end + 1 :]]))
+    monkeypatch.setattr(type(model.model), "get_geometry_features", lambda *args: pytest.fail("encoder ran"))
+    with pytest.raises(ValueError, match="placeholder tokens must sit directly between <\\|vision_start\\|>"):
+        model(**broken)
+
+
 def test_text_only_tokens_never_use_the_geometry_expert(model):
     ids = torch.tensor([[1, 5, 6, 7, 8]])
     with torch.no_grad():

@@ -3,12 +3,20 @@ code (data/data_utils.py get_rope_index_image_3D*, g2vlm.py prepare_*_images).""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from g2vlm_hf.modeling.token_layout import TEXT_BLOCK_ID, block_last_index, get_block_ids, get_rope_index
+from g2vlm_hf.modeling.token_layout import (
+    TEXT_BLOCK_ID,
+    block_last_index,
+    check_placeholders_are_wrapped,
+    get_block_ids,
+    get_rope_index,
+)
 
 IMG, GEO, START, END = 90, 91, 92, 93
 LAYOUT = dict(image_token_id=IMG, geometry_token_id=GEO, spatial_merge_size=2)
@@ -80,6 +88,40 @@ def test_no_media_means_no_blocks():
 def test_placeholders_and_grids_must_agree(ids, grids, message):
     with pytest.raises(ValueError, match=message):
         get_rope_index(torch.tensor([ids]), None, torch.tensor(grids), None, **LAYOUT)
+
+
+WRAPPED = "must sit directly between <|vision_start|> and <|vision_end|>"
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        [5, GEO, GEO, END, 6],  # no start marker
+        [5, START, IMG, IMG, 6],  # no end marker
+        [START, GEO, GEO],  # the row ends inside the view
+        [5, START, IMG, IMG, GEO, GEO, END],  # an image's placeholders run straight into a view's
+        [5, START, GEO, END, GEO, END],  # the second view lost its start marker
+        [5, START, GEO, END, 6, IMG, 7],  # a stray image placeholder in the text
+    ],
+)
+def test_placeholders_outside_their_markers_are_refused(ids):
+    """Layouts the processor never builds have no defined attention block: refused, not guessed."""
+    with pytest.raises(ValueError, match=re.escape(WRAPPED)):
+        check_placeholders_are_wrapped(torch.tensor([ids]), None, **BLOCKS)
+
+
+def test_wrapped_placeholders_padding_and_media_not_given_pass():
+    # two views of a scene, an image, and two images back to back in one wrapped run (told apart by their grids)
+    row = [5, START, GEO, END, START, GEO, END, 6, START, IMG, END, START, IMG, IMG, IMG, END]
+    check_placeholders_are_wrapped(torch.tensor([row]), None, **BLOCKS)
+    # padding that holds placeholder ids is not part of the prompt
+    ids = torch.tensor([[IMG, GEO, 5, START, GEO, END], [5, START, GEO, END, GEO, IMG]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    check_placeholders_are_wrapped(ids, mask, **BLOCKS)
+    # placeholder ids of media that do not come with the call are ordinary tokens (after a cache)
+    check_placeholders_are_wrapped(torch.tensor([[5, IMG, 6]]), None, **dict(BLOCKS, image_token_id=None))
+    with pytest.raises(ValueError, match=re.escape(WRAPPED)):
+        check_placeholders_are_wrapped(ids, torch.ones_like(mask), **BLOCKS)
 
 
 def test_a_batch_gets_the_positions_of_its_rows_laid_out_alone():

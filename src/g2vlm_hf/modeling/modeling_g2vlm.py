@@ -20,7 +20,7 @@ from .layers import ExpertSplit
 from .outputs import G2VLMCausalLMOutputWithPast, G2VLMModelOutputWithPast, G2VLMReconstructionOutput
 from .pretrained import FULL_PRECISION_MODULES, G2VLMPreTrainedModel
 from .text_decoder import G2VLMTextModel
-from .token_layout import get_block_ids, get_rope_index
+from .token_layout import check_placeholders_are_wrapped, get_block_ids, get_rope_index
 
 logger = logging.get_logger(__name__)
 
@@ -240,6 +240,15 @@ class G2VLMModel(G2VLMPreTrainedModel):
         image_mask = input_ids == image_token_id if image_token_id is not None else None
         geometry_mask = input_ids == geometry_token_id if geometry_token_id is not None else None
         self._check_placeholders_have_media(input_ids, past_key_values, pixel_values, geometry_pixel_values)
+        chunk_mask = attention_mask[:, -input_ids.shape[1] :] if is_padding_mask(attention_mask) else None
+        layout = dict(
+            image_token_id=image_token_id,
+            geometry_token_id=geometry_token_id,
+            vision_start_token_id=self.config.vision_start_token_id,
+            vision_end_token_id=self.config.vision_end_token_id,
+        )
+        if image_mask is not None or geometry_mask is not None:
+            check_placeholders_are_wrapped(input_ids, chunk_mask, **layout)
 
         if inputs_embeds is None:
             placeholders = torch.zeros_like(input_ids, dtype=torch.bool)
@@ -265,15 +274,7 @@ class G2VLMModel(G2VLMPreTrainedModel):
                 input_ids, attention_mask, past_key_values, image_grid_thw if image_mask is not None else None,
                 geometry_grid_thw,
             )  # fmt: skip
-        chunk_mask = attention_mask[:, -input_ids.shape[1] :] if is_padding_mask(attention_mask) else None
-        block_ids = get_block_ids(
-            input_ids,
-            chunk_mask,
-            image_token_id=image_token_id,
-            geometry_token_id=geometry_token_id,
-            vision_start_token_id=self.config.vision_start_token_id,
-            vision_end_token_id=self.config.vision_end_token_id,
-        )
+        block_ids = get_block_ids(input_ids, chunk_mask, **layout)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
@@ -290,7 +291,6 @@ class G2VLMModel(G2VLMPreTrainedModel):
         rope_deltas = cached_rope_deltas(cache)
         if rope_deltas is None or image_mask is not None or geometry_mask is not None:
             # a prompt, or a chunk with images: the deltas change; text after them keeps them (no work per step)
-            chunk_mask = attention_mask[:, -input_ids.shape[1] :] if is_padding_mask(attention_mask) else None
             rope_deltas = rope_deltas_of(
                 position_ids, chunk_mask, cache.get_seq_length() if cache is not None else None
             )

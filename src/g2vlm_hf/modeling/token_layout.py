@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers.utils import torch_compilable_check
 
 TEXT_BLOCK_ID = -1
 
@@ -119,6 +120,38 @@ def check_placeholders_match_grids(is_placeholder: torch.BoolTensor, grids: torc
         )
 
 
+def check_placeholders_are_wrapped(
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    image_token_id: int | None,
+    geometry_token_id: int | None,
+    vision_start_token_id: int,
+    vision_end_token_id: int,
+) -> None:
+    """Raise a ValueError unless every run of one kind of placeholder (of the media given) sits directly between a
+    `<|vision_start|>` and a `<|vision_end|>`, as the processor and the official code lay images out: a run without
+    its markers, or an image's placeholders running straight into a geometry view's, has no defined attention block.
+    A runtime assertion under `torch.compile` (no graph break)."""
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    start = (input_ids == vision_start_token_id) & valid
+    end = (input_ids == vision_end_token_id) & valid
+    unwrapped = torch.zeros_like(valid)
+    for token_id in (image_token_id, geometry_token_id):
+        if token_id is None:
+            continue
+        placeholder = (input_ids == token_id) & valid
+        run_begins = placeholder & ~shifted(placeholder, 1)
+        run_ends = placeholder & ~shifted(placeholder, -1)
+        unwrapped = unwrapped | (run_begins & ~shifted(start, 1)) | (run_ends & ~shifted(end, -1))
+    torch_compilable_check(
+        ~unwrapped.any(),
+        "Each run of image or geometry placeholder tokens must sit directly between <|vision_start|> and "
+        "<|vision_end|>, one pair per image (or per geometry view): build the prompt with the processor (or its chat "
+        "template), which lays the markers out.",
+    )
+
+
 def get_block_ids(
     input_ids: torch.LongTensor,
     attention_mask: torch.Tensor | None,
@@ -132,9 +165,10 @@ def get_block_ids(
     with the chunk (both placeholder ids None: text and decode steps).
 
     Each image with its start/end markers is a block; geometry views that follow each other directly (end marker
-    then start marker) share one block, so all views of a scene attend to each other. Computed with tensor
-    operations on the ids' device, without host syncs (padding at either end of a row, as the processor and
-    `generate()` lay it out).
+    then start marker) share one block, so all views of a scene attend to each other. The model refuses prompts
+    whose placeholders are not wrapped so ([`check_placeholders_are_wrapped`]). Computed with tensor operations on
+    the ids' device, without host syncs (padding at either end of a row, as the processor and `generate()` lay it
+    out).
     """
     media_ids = [token for token in (image_token_id, geometry_token_id) if token is not None]
     if not media_ids:
