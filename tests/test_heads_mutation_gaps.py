@@ -102,6 +102,10 @@ def test_heads_without_global_points_or_confidence_still_reconstruct():
     assert output.global_points is None and output.confidence is None
     assert output.world_points.shape == (SCENES, VIEWS, GRID_H * 14, GRID_W * 14, 3)
     assert bool((output.depth > 0).all())
+    # without global points the world points are still each view's local points placed by its camera pose
+    rotation, translation = output.camera_poses[..., :3, :3], output.camera_poses[..., :3, 3]
+    placed = torch.einsum("bnij,bnhwj->bnhwi", rotation, output.local_points) + translation[..., None, None, :]
+    torch.testing.assert_close(output.world_points, placed, rtol=1e-5, atol=1e-5)
 
 
 def test_a_float16_trunk_runs_the_head_decoders_in_float16_and_the_heads_in_float32():
