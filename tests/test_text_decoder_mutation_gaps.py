@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_attention_backends import flash_attention_stand_in
 from transformers import Qwen3Config, Qwen3Model
 from transformers.cache_utils import DynamicCache, StaticCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from g2vlm_hf.modeling.compat import cache_kwargs, output_cache
 from g2vlm_hf.modeling.configuration_g2vlm import G2VLMTextConfig
@@ -89,8 +91,8 @@ def test_each_expert_alone_equals_transformers_qwen3_with_its_weights(implementa
 
 @pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
 def test_cached_decoding_equals_qwen3_step_by_step(cache_kind):
-    """A prompt, then one token at a time without an attention mask (the positions continue from the cache): each
-    step equals Qwen3 decoding under the same kind of cache."""
+    """A prompt, then one token at a time and once three tokens, without an attention mask (the positions continue
+    from the cache): each step equals Qwen3 decoding under the same kind of cache."""
     ours, reference = decoder_and_qwen3("sdpa")
 
     def new_cache(model):
@@ -99,8 +101,8 @@ def test_cached_decoding_equals_qwen3_step_by_step(cache_kind):
         return StaticCache(config=model.config, max_cache_len=12)
 
     caches = new_cache(ours), new_cache(reference)
-    embeds = torch.randn(1, 8, HIDDEN)
-    for start, stop in ((0, 5), (5, 6), (6, 7), (7, 8)):
+    embeds = torch.randn(1, 10, HIDDEN)
+    for start, stop in ((0, 5), (5, 6), (6, 9), (9, 10)):
         with torch.no_grad():
             actual = ours(inputs_embeds=embeds[:, start:stop], use_cache=True, **cache_kwargs(caches[0]))
             expected = reference(inputs_embeds=embeds[:, start:stop], use_cache=True, **cache_kwargs(caches[1]))
@@ -150,3 +152,47 @@ def test_attention_dropout_reaches_sdpas_query_slices_of_an_image_block(attentio
         torch.manual_seed(1)
         trained = ours(**inputs).last_hidden_state
     assert torch.allclose(trained, evaluated, atol=1e-5) == (attention_dropout == 0.0)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa", "flex_attention", "flash_attention_2"])
+def test_an_image_block_after_cached_text_equals_qwen3_under_the_same_mask(implementation, monkeypatch):
+    """A text prompt is cached, then a chunk holding a bidirectional block follows: each token of the chunk equals
+    Qwen3 run once on the whole sequence with the mask written out (causal, plus the block's tokens seeing each other),
+    so the block's position in that mask counts the cached tokens on every backend (flash-attention's packed runs
+    through the PyTorch stand-in of test_attention_backends, flash_attn being absent on CPUs)."""
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "flash_attention_2", flash_attention_stand_in())
+    ours, reference = decoder_and_qwen3("eager")
+    ours.config._attn_implementation_internal = implementation
+    reference.set_attn_implementation("eager")
+    embeds = torch.randn(1, 9, HIDDEN)
+    block_ids = torch.tensor([[-1, -1, -1, -1, 0, 0, 0, -1, -1]])
+    allowed = torch.ones(9, 9).tril().bool()
+    allowed[4:7, 4:7] = True
+    mask = torch.zeros(1, 1, 9, 9).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    cache = DynamicCache(config=ours.config)
+    with torch.no_grad():
+        ours(inputs_embeds=embeds[:, :3], use_cache=True, **cache_kwargs(cache))
+        actual = ours(inputs_embeds=embeds[:, 3:], block_ids=block_ids[:, 3:], use_cache=True, **cache_kwargs(cache))
+        expected = reference(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(actual.last_hidden_state, expected[:, 3:], rtol=1e-5, atol=1e-5)
+
+
+def test_decoding_a_left_padded_batch_equals_qwen3_step_by_step():
+    """A left-padded batch decoded one token at a time with its padding mask growing by one each step (as generate()
+    passes it): the padded keys stay masked in every step, as in Qwen3 under the same cache."""
+    ours, reference = decoder_and_qwen3("sdpa")
+    caches = DynamicCache(config=ours.config), DynamicCache(config=reference.config)
+    embeds = torch.randn(2, 8, HIDDEN)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, :3] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # text positions of the real tokens, as generate() makes them
+    for start, stop in ((0, 5), (5, 6), (6, 7), (7, 8)):
+        step = dict(inputs_embeds=embeds[:, start:stop], attention_mask=mask[:, :stop], use_cache=True)
+        with torch.no_grad():
+            text_positions = positions[:, start:stop]
+            actual = ours(**step, position_ids=text_positions.expand(3, -1, -1), **cache_kwargs(caches[0]))
+            expected = reference(**step, position_ids=text_positions, **cache_kwargs(caches[1]))
+        real = mask[:, start:stop].bool()
+        torch.testing.assert_close(
+            actual.last_hidden_state[real], expected.last_hidden_state[real], rtol=1e-5, atol=1e-5
+        )
