@@ -147,8 +147,8 @@ def check_placeholders_are_wrapped(
     torch_compilable_check(
         ~unwrapped.any(),
         "Each run of image or geometry placeholder tokens must sit directly between <|vision_start|> and "
-        "<|vision_end|>, one pair per image (or per geometry view): build the prompt with the processor (or its chat "
-        "template), which lays the markers out.",
+        "<|vision_end|>, as the processor lays out each image and each geometry view: build the prompt with the "
+        "processor (or its chat template).",
     )
 
 
