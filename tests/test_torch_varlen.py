@@ -11,6 +11,8 @@ import torch
 from conftest import spy_calls, tiny_config, tiny_model
 from test_attention_backends import padded_chat_inputs, reference_varlen_attention
 from transformers import modeling_flash_attention_utils, modeling_utils
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging as transformers_logging
 
 from g2vlm_hf import G2VLMForConditionalGeneration
 from g2vlm_hf.modeling import text_decoder, torch_varlen
@@ -111,6 +113,25 @@ def test_torch_varlen_is_a_registered_backend_and_equals_eager_off_cuda(tmp_path
     valid = inputs["attention_mask"].bool()
     assert not valid.all()
     torch.testing.assert_close(actual[valid], eager_logits(inputs)[valid], rtol=1e-4, atol=1e-5)
+
+
+def test_torch_varlen_off_cuda_says_once_what_it_falls_back_to_and_sdpa_says_nothing():
+    """The one-line note of issue 31: asked for torch's varlen kernel where it cannot run (CPU, float32), the model
+    says so once, naming the device and dtype and what runs instead; the default sdpa, which chose nothing, is quiet."""
+    inputs = padded_chat_inputs()
+    logger = transformers_logging.get_logger(text_decoder.__name__)
+    for implementation, expected_notes in (("torch_varlen", 1), ("sdpa", 0)):
+        model = tiny_model(seed=2)
+        model.set_attn_implementation(implementation)
+        transformers_logging.warning_once.cache_clear()
+        with CaptureLogger(logger) as captured, torch.no_grad():
+            for _ in range(2):
+                model(**inputs)
+        assert (
+            captured.out.count("attn_implementation='torch_varlen' needs CUDA and bfloat16/float16") == expected_notes
+        )
+        if expected_notes:
+            assert "(got cpu, torch.float32): prompts with images use sdpa by query slices instead." in captured.out
 
 
 @pytest.fixture
