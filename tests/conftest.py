@@ -24,8 +24,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 import g2vlm_hf  # noqa: F401  (registers the Auto classes)
-from g2vlm_hf import G2VLMConfig, G2VLMForConditionalGeneration
-from g2vlm_hf.conversion import convert_official_checkpoint
+from g2vlm_hf import G2VLMConfig, G2VLMForConditionalGeneration, G2VLMForReconstruction
+from g2vlm_hf.conversion import convert_official_checkpoint, reconstruction_config
 
 KEYS_2B_FILE = fixtures_root() / "official-2b-keys.json"
 MISSING_FIXTURES = (
@@ -123,6 +123,12 @@ def tiny_config(**overrides) -> G2VLMConfig:
 def tiny_model(seed: int = 0, **overrides) -> G2VLMForConditionalGeneration:
     torch.manual_seed(seed)
     return G2VLMForConditionalGeneration(tiny_config(**overrides)).eval()
+
+
+def tiny_reconstruction_model(seed: int = 0) -> G2VLMForReconstruction:
+    """The reconstruction-only class over the tiny config (no semantic vision tower, no language head)."""
+    torch.manual_seed(seed)
+    return G2VLMForReconstruction(reconstruction_config(tiny_config())).eval()
 
 
 def greedy_answer(model, processor, images: list, question: str, max_new_tokens: int) -> str:

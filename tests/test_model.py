@@ -15,6 +15,7 @@ from conftest import (
     image_patches,
     load_golden,
     tiny_model,
+    tiny_reconstruction_model,
 )
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, Dinov2WithRegistersModel, DynamicCache
@@ -334,17 +335,19 @@ def test_save_pretrained_round_trip(model, chat_inputs, tmp_path):
     torch.testing.assert_close(actual.world_points, expected.world_points, rtol=0, atol=0)
 
 
-def test_initialisation_covers_every_parameter(tmp_path):
-    """Weights missing from a checkpoint are initialised by the model: from_pretrained builds it on the meta device,
-    materialises the missing weights uninitialised and runs the model's initialisation on them. Every parameter but
-    one is missing here: all come out finite, the geometry LayerScale at the config's value."""
-    saved = tiny_model()
+@pytest.mark.parametrize("build", [tiny_model, tiny_reconstruction_model], ids=["chat-model", "reconstruction-model"])
+def test_initialisation_covers_every_parameter(tmp_path, build):
+    """Weights missing from a checkpoint are initialised by the model (the chat model and the reconstruction-only
+    class): from_pretrained builds it on the meta device, materialises the missing weights uninitialised and runs the
+    model's initialisation on them. Every parameter but one is missing here: all come out finite, the geometry
+    LayerScale at the config's value."""
+    saved = build()
     # a value no tensor ever held (the constructor filled gamma with the default): uninitialised memory cannot pass
     saved.config.text_config.geometry_layer_scale_init = 0.375
     saved.save_pretrained(tmp_path)
     kept = "model.geometry_encoder.embeddings.cls_token"
     save_file({kept: load_file(tmp_path / "model.safetensors")[kept]}, tmp_path / "model.safetensors", {"format": "pt"})
-    model = G2VLMForConditionalGeneration.from_pretrained(tmp_path)
+    model = type(saved).from_pretrained(tmp_path)
     scales = {name: p for name, p in model.named_parameters() if name.endswith("layer_scale.gamma")}
     assert len(scales) == 2 * model.config.text_config.num_hidden_layers
     for name, gamma in scales.items():
